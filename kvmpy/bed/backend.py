@@ -1,0 +1,174 @@
+"""The machine-backend interface of the test bed.
+
+A backend boots a prepared kernel + initramfs in some machine (QEMU, Bochs),
+runs one command inside, and returns a :class:`BedResult`.  Everything that is
+not machine-specific (which modules to load, how module parameters reach
+insmod, how the exit status is reported) is shared, so a new backend only has
+to know how to start its machine, carry the command in and the results out.
+
+Console protocol, written by the shared init (see :mod:`kvmpy.bed.initramfs`)
+so that every backend can parse results from the serial log alone::
+
+    KVMPY-BED: param kvm.tdp_mmu=Y        (effective module parameters)
+    KVMPY-BED: ready                      (modules loaded, about to run)
+    KVMPY-BED: exit 0                     (exit status of the command)
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import re
+from pathlib import Path
+from typing import Callable, Dict, List, Mapping, Optional, Sequence
+
+MARKER = "KVMPY-BED:"
+
+# Exit status reported when the harness, not the command, failed.
+STATUS_HARNESS_ERROR = 2
+
+
+class BedError(RuntimeError):
+    """The bed could not be set up or run (missing package, bad kernel, ...)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class BedRequest:
+    """One boot of the bed: what to run and in which machine configuration.
+
+    ``params`` are module parameters in kernel command-line form, e.g.
+    ``{"kvm.tdp_mmu": "N", "kvm_amd.npt": "0"}``; the init passes each one to
+    the insmod of its module (and the kernel applies those of built-in code).
+    """
+
+    command: Sequence[str]
+    params: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    mem: str = "2G"
+    smp: int = 2
+    timeout: float = 600.0
+    # Working directory of the command inside the bed (the host's path: the
+    # host's / is the bed's / for backends that share it).
+    cwd: Optional[str] = None
+    env: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    # Called with each console line as it arrives (for --console).
+    on_console: Optional[Callable[[str], None]] = None
+    # Extra kernel command-line words (besides params and the backend's own).
+    append: Sequence[str] = ()
+
+
+@dataclasses.dataclass
+class BedResult:
+    """What came back from one boot.
+
+    ``status`` is the command's exit status inside the bed, or None when the
+    command never finished (timeout, crash, boot failure; see ``error``).
+    ``files`` maps paths relative to the results directory (``$KVMPY_BED_RESULTS``
+    inside) to their contents, e.g. ``{"junit.xml": b"..."}``.
+    """
+
+    status: Optional[int]
+    console: str
+    files: Dict[str, bytes] = dataclasses.field(default_factory=dict)
+    params: Dict[str, str] = dataclasses.field(default_factory=dict)
+    boot_seconds: Optional[float] = None
+    seconds: float = 0.0
+    timed_out: bool = False
+    error: Optional[str] = None
+
+    @property
+    def ok(self) -> bool:
+        """True when the command ran and exited 0."""
+        return self.status == 0
+
+    @property
+    def exit_code(self) -> int:
+        """A host exit status: the inside one, or STATUS_HARNESS_ERROR."""
+        return self.status if self.status is not None else STATUS_HARNESS_ERROR
+
+
+class Backend(abc.ABC):
+    """A machine that can boot the bed's kernel and initramfs."""
+
+    #: Name used by ``--backend``.
+    name: str = ""
+    #: CPU vendor the guest sees ("amd" or "intel"); picks the matrix.
+    vendor: str = ""
+
+    @abc.abstractmethod
+    def check(self) -> None:
+        """Raise BedError (naming the apt package) if a host tool is missing."""
+
+    @abc.abstractmethod
+    def run(self, request: BedRequest) -> BedResult:
+        """Boot, run ``request.command`` inside, power off; never hang.
+
+        Must kill the machine (by pid, with its process group) once
+        ``request.timeout`` expires and leave no temporary files behind.
+        """
+
+
+_MARKER_RE = re.compile(re.escape(MARKER) + r" (\w+)(?: (.*))?$")
+
+
+def parse_console(console: str) -> BedResult:
+    """Extract status and effective parameters from a console log.
+
+    Returns a partial BedResult (status None if no exit marker was printed).
+    Markers may be preceded by other output on the same line (the serial line
+    is shared with the kernel), so they are searched anywhere in a line.
+    """
+    result = BedResult(status=None, console=console)
+    for line in console.splitlines():
+        idx = line.find(MARKER)
+        if idx < 0:
+            continue
+        m = _MARKER_RE.match(line[idx:].rstrip("\r"))
+        if not m:
+            continue
+        kind, arg = m.group(1), (m.group(2) or "")
+        if kind == "exit":
+            try:
+                result.status = int(arg.strip())
+            except ValueError:
+                pass
+        elif kind == "param" and "=" in arg:
+            key, _, value = arg.partition("=")
+            result.params[key.strip()] = value.strip()
+    return result
+
+
+def params_cmdline(params: Mapping[str, str]) -> List[str]:
+    """Kernel command-line words for module parameters, validated.
+
+    Raises BedError for words the kernel or the init could not route, such
+    as a missing module prefix or whitespace in a value.
+    """
+    words = []
+    for key, value in params.items():
+        module, dot, name = key.partition(".")
+        if not dot or not module or not name:
+            raise BedError(f"module parameter {key!r} must look like MODULE.PARAM")
+        value = str(value)
+        if not value or any(c.isspace() or c in "\"'" for c in value + key):
+            raise BedError(f"module parameter {key}={value!r}: empty value, quotes or spaces")
+        words.append(f"{module.replace('-', '_')}.{name}={value}")
+    return words
+
+
+def parse_param(text: str) -> tuple:
+    """Parse one ``MODULE.PARAM=VALUE`` argument into a (key, value) pair."""
+    key, eq, value = text.partition("=")
+    if not eq:
+        raise BedError(f"--param {text!r}: expected MODULE.PARAM=VALUE")
+    params_cmdline({key: value})  # validate
+    return key.replace("-", "_"), value
+
+
+def results_from_dir(root: Path) -> Dict[str, bytes]:
+    """Read every regular file under ``root`` into a {relative path: bytes} map."""
+    files: Dict[str, bytes] = {}
+    if root.is_dir():
+        for path in sorted(root.rglob("*")):
+            if path.is_file() and not path.is_symlink():
+                files[path.relative_to(root).as_posix()] = path.read_bytes()
+    return files
