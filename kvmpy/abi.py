@@ -1,0 +1,35 @@
+"""The compiled KVM ABI: cffi ``ffi``/``lib`` plus the ioctl call helpers.
+
+Every wrapper here raises :class:`IoctlError` naming the ioctl, the errno and the
+object it was called on, so callers never look at a bare return code.
+"""
+from __future__ import annotations
+
+try:
+    from kvmpy._kvm_abi import ffi, lib  # type: ignore[import-not-found]
+except ImportError as exc:  # pragma: no cover - only without a build
+    raise ImportError(
+        "kvmpy's compiled KVM binding (kvmpy._kvm_abi) is missing: install kvmpy with "
+        "`pip install .` (needs the Debian packages gcc, libffi-dev, python3-dev, linux-libc-dev), "
+        "or build it in place with `python3 kvmpy/_ffi_build.py` from the source tree"
+    ) from exc
+
+from kvmpy.errors import IoctlError
+
+__all__ = ["ffi", "lib", "ioctl", "ioctl_int"]
+
+
+def ioctl(fd: int, name: str, arg=ffi.NULL, target: str = "", context: str = "") -> int:
+    """Issue ioctl ``name`` (a ``lib`` constant name) with a pointer argument."""
+    ret = lib.kvmpy_ioctl_ptr(fd, getattr(lib, name), arg)
+    if ret < 0:
+        raise IoctlError(name, ffi.errno, target or f"fd {fd}", context)
+    return ret
+
+
+def ioctl_int(fd: int, name: str, arg: int = 0, target: str = "", context: str = "") -> int:
+    """Issue ioctl ``name`` with an integer argument."""
+    ret = lib.kvmpy_ioctl_int(fd, getattr(lib, name), arg)
+    if ret < 0:
+        raise IoctlError(name, ffi.errno, target or f"fd {fd}", context)
+    return ret

@@ -1,0 +1,31 @@
+"""Exception types shared by every layer of kvmpy."""
+from __future__ import annotations
+
+import errno as _errno
+import os
+
+
+class KvmError(Exception):
+    """Base class of every kvmpy error."""
+
+
+class IoctlError(KvmError):
+    """A KVM ioctl failed. Carries the ioctl name, the errno and the object it was called on."""
+
+    def __init__(self, ioctl: str, err: int, target: str, context: str = "") -> None:
+        self.ioctl = ioctl
+        self.errno = err
+        self.errno_name = _errno.errorcode.get(err, f"errno {err}")
+        self.target = target
+        self.context = context
+        msg = f"{ioctl} on {target} failed: {self.errno_name} ({os.strerror(err)})"
+        if context:
+            msg += f" [{context}]"
+        super().__init__(msg)
+
+
+class RequirementError(KvmError):
+    """The host lacks something a test needs (capability, CPU feature, huge pages...).
+
+    Selftests turn this into a skip whose reason is ``str(exc)``.
+    """

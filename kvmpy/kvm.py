@@ -1,0 +1,135 @@
+"""The KVM system fd (/dev/kvm): API version, capabilities, CPUID and MSR lists, VM creation."""
+from __future__ import annotations
+
+import errno
+import os
+
+from kvmpy.abi import ffi, ioctl, ioctl_int, lib
+from kvmpy.errors import IoctlError, KvmError, RequirementError
+
+DEFAULT_PATH = "/dev/kvm"
+
+
+def cap_name(cap: int) -> str:
+    """KVM_CAP_* name of ``cap`` (first match), or 'capability N'."""
+    for n in dir(lib):
+        if n.startswith("KVM_CAP_") and getattr(lib, n) == cap:
+            return n
+    return f"capability {cap}"
+
+
+class Kvm:
+    """An open /dev/kvm. Use as a context manager or call ``close()``."""
+
+    def __init__(self, path: str = DEFAULT_PATH) -> None:
+        self.path = path
+        try:
+            self.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise RequirementError(f"{path} does not exist: KVM is not available on this host") from None
+        except PermissionError:
+            raise RequirementError(f"{path}: permission denied (run as root or join the kvm group)") from None
+        try:
+            self.api_version = ioctl_int(self.fd, "KVM_GET_API_VERSION", 0, path)
+            if self.api_version != lib.KVM_API_VERSION:
+                raise KvmError(f"{path}: KVM API version {self.api_version}, expected {lib.KVM_API_VERSION}")
+            self.vcpu_mmap_size = ioctl_int(self.fd, "KVM_GET_VCPU_MMAP_SIZE", 0, path)
+        except BaseException:
+            os.close(self.fd)
+            raise
+        self._cpuid_cache: bytes | None = None
+
+    def __repr__(self) -> str:
+        return f"Kvm({self.path!r}, fd={self.fd})"
+
+    def check_extension(self, cap: int) -> int:
+        """KVM_CHECK_EXTENSION on the system fd: 0 when absent, else a cap-specific value."""
+        return ioctl_int(self.fd, "KVM_CHECK_EXTENSION", cap, self.path, cap_name(cap))
+
+    def require_extension(self, cap: int, why: str = "") -> int:
+        """Like ``check_extension`` but raises RequirementError naming the capability when it is 0."""
+        val = self.check_extension(cap)
+        if not val:
+            raise RequirementError(f"KVM lacks {cap_name(cap)}" + (f" ({why})" if why else ""))
+        return val
+
+    def supported_cpuid(self):
+        """A fresh ``struct kvm_cpuid2 *`` with KVM_GET_SUPPORTED_CPUID (copy: safe to edit)."""
+        if self._cpuid_cache is None:
+            nent = 64
+            while True:
+                buf = ffi.new("char[]", ffi.sizeof("struct kvm_cpuid2") + nent * ffi.sizeof("struct kvm_cpuid_entry2"))
+                cpuid = ffi.cast("struct kvm_cpuid2 *", buf)
+                cpuid.nent = nent
+                try:
+                    ioctl(self.fd, "KVM_GET_SUPPORTED_CPUID", cpuid, self.path)
+                    break
+                except IoctlError as e:
+                    if e.errno != errno.E2BIG or nent >= 4096:
+                        raise
+                    nent *= 2
+            size = ffi.sizeof("struct kvm_cpuid2") + cpuid.nent * ffi.sizeof("struct kvm_cpuid_entry2")
+            self._cpuid_cache = bytes(ffi.buffer(buf, size))
+        buf = ffi.new("char[]", self._cpuid_cache)
+        # Keep the owning buffer alive as long as the returned pointer is.
+        return ffi.gc(ffi.cast("struct kvm_cpuid2 *", buf), lambda _p, _b=buf: None)
+
+    def cpuid_entry(self, function: int, index: int = 0) -> tuple[int, int, int, int] | None:
+        """(eax, ebx, ecx, edx) KVM supports for leaf ``function``/``index``, or None."""
+        c = self.supported_cpuid()
+        for i in range(c.nent):
+            e = c.entries[i]
+            if e.function == function and (e.index == index or not (e.flags & 1)):
+                return (e.eax, e.ebx, e.ecx, e.edx)
+        return None
+
+    def _msr_list(self, name: str) -> list[int]:
+        probe = ffi.new("struct kvm_msr_list *")
+        try:
+            ioctl(self.fd, name, probe, self.path)
+        except IoctlError as e:
+            if e.errno != errno.E2BIG:
+                raise
+        n = probe.nmsrs
+        buf = ffi.new("char[]", ffi.sizeof("struct kvm_msr_list") + 4 * n)
+        lst = ffi.cast("struct kvm_msr_list *", buf)
+        lst.nmsrs = n
+        ioctl(self.fd, name, lst, self.path)
+        return [lst.indices[i] for i in range(lst.nmsrs)]
+
+    def msr_index_list(self) -> list[int]:
+        """MSRs KVM saves/restores for a vCPU (KVM_GET_MSR_INDEX_LIST)."""
+        return self._msr_list("KVM_GET_MSR_INDEX_LIST")
+
+    def msr_feature_index_list(self) -> list[int]:
+        """Feature MSRs readable on the system fd (needs KVM_CAP_GET_MSR_FEATURES)."""
+        self.require_extension(lib.KVM_CAP_GET_MSR_FEATURES)
+        return self._msr_list("KVM_GET_MSR_FEATURE_INDEX_LIST")
+
+    def vm_types(self) -> list[int]:
+        """VM types accepted by KVM_CREATE_VM (from KVM_CAP_VM_TYPES; [0] on older kernels)."""
+        mask = self.check_extension(lib.KVM_CAP_VM_TYPES)
+        if not mask:
+            return [lib.KVM_X86_DEFAULT_VM]
+        return [t for t in range(32) if mask & (1 << t)]
+
+    def create_vm(self, vm_type: int = 0) -> "Vm":
+        """Create a VM (KVM_CREATE_VM)."""
+        from kvmpy.vm import Vm
+
+        fd = ioctl_int(self.fd, "KVM_CREATE_VM", vm_type, self.path, f"type {vm_type}")
+        return Vm(self, fd, vm_type)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self) -> "Kvm":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+from kvmpy.vm import Vm  # noqa: E402  (type name for annotations; vm imports nothing from here at load)
