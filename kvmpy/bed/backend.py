@@ -74,6 +74,9 @@ class BedResult:
     seconds: float = 0.0
     timed_out: bool = False
     error: Optional[str] = None
+    # The bed kernel's log (dmesg) at the end of the run, when the backend
+    # could bring it back; the matrix scans it for splats.
+    kernel_log: str = ""
 
     @property
     def ok(self) -> bool:

@@ -46,25 +46,30 @@ say() { echo "@MARKER@ $*"; }
 
 # Print " param=value" for every "<module>.param=value" word of the command
 # line addressed to module $1 (dashes and underscores are the same, as in
-# the kernel's own parser).
+# the kernel's own parser).  Shell builtins only: every fork costs under TCG.
 module_args() {
-    for w in $(cat "$CMDLINE"); do
+    for w in $CMDLINE_WORDS; do
         key=${w%%=*}
         [ "$key" != "$w" ] || continue
         case "$key" in *.*) ;; *) continue ;; esac
-        mod=$(echo "${key%%.*}" | tr - _)
-        [ "$mod" = "$1" ] && printf ' %s' "${w#*.}"
+        mod=${key%%.*}
+        [ "${mod//-/_}" = "$1" ] && printf ' %s' "${w#*.}"
     done
 }
 
 load_modules() {
+    read -r CMDLINE_WORDS < "$CMDLINE"
+    vendor=none
+    grep -qw svm "$CPUINFO" && vendor=amd
+    grep -qw vmx "$CPUINFO" && vendor=intel
     while read -r path; do
         [ -n "$path" ] || continue
         name=${path##*/}
-        name=$(echo "${name%.ko}" | tr - _)
+        name=${name%.ko}
+        name=${name//-/_}
         case "$name" in
-            kvm_amd) grep -qw svm "$CPUINFO" || continue ;;
-            kvm_intel) grep -qw vmx "$CPUINFO" || continue ;;
+            kvm_amd) [ $vendor = amd ] || continue ;;
+            kvm_intel) [ $vendor = intel ] || continue ;;
         esac
         $INSMOD "$MODDIR/$path" $(module_args "$name") || say "error insmod $name failed"
     done < "$MODLIST"
@@ -74,8 +79,10 @@ report_params() {
     for f in /sys/module/kvm/parameters/* /sys/module/kvm_amd/parameters/* \
              /sys/module/kvm_intel/parameters/*; do
         [ -r "$f" ] || continue
+        v=
+        read -r v < "$f" 2>/dev/null
         m=${f#/sys/module/}
-        say "param ${m%%/*}.${f##*/}=$(cat "$f" 2>/dev/null)"
+        say "param ${m%%/*}.${f##*/}=$v"
     done
 }
 
