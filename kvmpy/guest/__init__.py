@@ -1,0 +1,1 @@
+"""Guest programs: find/build them, load their ELF, decode ucalls, run them."""

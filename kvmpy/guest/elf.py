@@ -1,0 +1,178 @@
+"""Load a static x86-64 guest ELF into guest physical memory (pyelftools).
+
+PT_LOAD segments go to their physical addresses; the symbol table gives
+access to guest globals (the host writes parameters before a run and reads
+results after it, like the kernel selftests' sync_global_to_guest()).
+"""
+from __future__ import annotations
+
+import io
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+from elftools.common.exceptions import ELFError as _PyElfError
+from elftools.elf.elffile import ELFFile
+
+from kvmpy.errors import KvmError
+from kvmpy.x86.physmem import PhysMemory
+
+_EM_NAMES = {3: "EM_386 (i386)", 40: "EM_ARM", 62: "EM_X86_64", 183: "EM_AARCH64", 243: "EM_RISCV"}
+
+
+class ElfError(KvmError):
+    """A guest ELF that cannot be used; the message names the file and the problem."""
+
+    def __init__(self, path: str | Path, problem: str) -> None:
+        self.path = str(path)
+        self.problem = problem
+        super().__init__(f"{path}: {problem}")
+
+
+@dataclass(frozen=True)
+class LoadSegment:
+    """One PT_LOAD segment."""
+
+    paddr: int
+    vaddr: int
+    filesz: int
+    memsz: int
+    flags: int  # PF_X=1, PF_W=2, PF_R=4
+    data: bytes
+
+
+@dataclass(frozen=True)
+class Symbol:
+    """A symbol from .symtab: ``addr`` is its (identity-mapped) guest address."""
+
+    name: str
+    addr: int
+    size: int
+    type: str  # STT_OBJECT, STT_FUNC, ...
+
+
+class GuestElf:
+    """A parsed guest program.  Validation happens here, at construction."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        try:
+            raw = self.path.read_bytes()
+        except OSError as e:
+            raise ElfError(path, f"cannot read: {e.strerror}") from None
+        self._parse(raw)
+
+    def _fail(self, problem: str) -> ElfError:
+        return ElfError(self.path, problem)
+
+    def _parse(self, raw: bytes) -> None:
+        if len(raw) < 4 or raw[:4] != b"\x7fELF":
+            raise self._fail("not an ELF file (bad magic)")
+        if len(raw) < 64:
+            raise self._fail(f"truncated ELF: {len(raw)} bytes, shorter than the ELF header")
+        if raw[4] != 2:
+            raise self._fail("wrong architecture: 32-bit ELF (ELFCLASS32), expected ELFCLASS64 x86-64")
+        if raw[5] != 1:
+            raise self._fail("wrong architecture: big-endian ELF, expected little-endian x86-64")
+        (machine,) = struct.unpack_from("<H", raw, 18)
+        if machine != 62:
+            name = _EM_NAMES.get(machine, f"e_machine {machine}")
+            raise self._fail(f"wrong architecture: {name}, expected EM_X86_64")
+        try:
+            elf = ELFFile(io.BytesIO(raw))
+            if elf["e_type"] != "ET_EXEC":
+                raise self._fail(f"not a static executable (e_type {elf['e_type']})")
+            self.entry = elf["e_entry"]
+            segs = []
+            for seg in elf.iter_segments():
+                if seg["p_type"] != "PT_LOAD":
+                    continue
+                off, filesz, memsz = seg["p_offset"], seg["p_filesz"], seg["p_memsz"]
+                if off + filesz > len(raw):
+                    raise self._fail(f"truncated ELF: segment at offset {off:#x}+{filesz:#x} "
+                                     f"runs past the end of the file ({len(raw):#x} bytes)")
+                if filesz > memsz:
+                    raise self._fail(f"corrupt segment at {seg['p_paddr']:#x}: filesz > memsz")
+                segs.append(LoadSegment(seg["p_paddr"], seg["p_vaddr"], filesz, memsz, seg["p_flags"],
+                                        raw[off: off + filesz]))
+            self.symbols: dict[str, Symbol] = {}
+            symtab = elf.get_section_by_name(".symtab")
+            if symtab is not None:
+                for sym in symtab.iter_symbols():
+                    if sym.name and sym["st_shndx"] != "SHN_UNDEF":
+                        self.symbols[sym.name] = Symbol(sym.name, sym["st_value"], sym["st_size"],
+                                                        sym["st_info"]["type"])
+        except ElfError:
+            raise
+        except (_PyElfError, struct.error, ValueError, KeyError, IndexError, AttributeError) as e:
+            raise self._fail(f"truncated or corrupt ELF: {e}") from None
+        if not segs:
+            raise self._fail("no PT_LOAD segments")
+        self.segments = segs
+
+    def __repr__(self) -> str:
+        return f"GuestElf({str(self.path)!r}, entry={self.entry:#x})"
+
+    @property
+    def end(self) -> int:
+        """First guest physical address after the highest segment."""
+        return max(s.paddr + s.memsz for s in self.segments)
+
+    def symbol(self, name: str) -> Symbol:
+        """The symbol ``name``; ElfError naming the file if it is missing."""
+        try:
+            return self.symbols[name]
+        except KeyError:
+            raise self._fail(f"no symbol {name!r} in the symbol table") from None
+
+    def symbolize(self, addr: int) -> str:
+        """``func+0xoff`` for an address inside a function symbol, else the hex address."""
+        for sym in self.symbols.values():
+            if sym.type == "STT_FUNC" and sym.addr <= addr < sym.addr + max(sym.size, 1):
+                return f"{sym.name}+{addr - sym.addr:#x}"
+        return f"{addr:#x}"
+
+    def load(self, mem: PhysMemory) -> None:
+        """Copy every PT_LOAD segment to guest memory, zero-filling the bss part.
+
+        ElfError if a segment is not wholly inside guest memory (one memslot).
+        """
+        for seg in self.segments:
+            try:
+                view = mem.gpa_view(seg.paddr, seg.memsz)
+            except KvmError as e:
+                raise self._fail(f"segment {seg.paddr:#x}+{seg.memsz:#x} is outside guest memory ({e})") from None
+            view[: seg.filesz] = seg.data
+            view[seg.filesz:] = bytes(seg.memsz - seg.filesz)
+
+    def _global_view(self, mem: PhysMemory, name: str, offset: int, length: int | None) -> memoryview:
+        sym = self.symbol(name)
+        length = sym.size - offset if length is None else length
+        if offset < 0 or length <= 0 or offset + length > sym.size:
+            raise self._fail(f"access {offset:#x}+{length:#x} is outside {name!r} ({sym.size} bytes)")
+        try:
+            return mem.gpa_view(sym.addr + offset, length)
+        except KvmError as e:
+            raise self._fail(f"global {name!r} at {sym.addr:#x} is outside guest memory ({e})") from None
+
+    def write_global(self, mem: PhysMemory, name: str, value: int | bytes, offset: int = 0) -> None:
+        """Set guest global ``name`` (from ``offset``): an int fills the whole symbol (or the
+        rest of it, up to 8 bytes), little endian; bytes are copied as they are."""
+        if isinstance(value, int):
+            size = min(self.symbol(name).size - offset, 8)
+            try:
+                data = value.to_bytes(size, "little", signed=value < 0)
+            except OverflowError:
+                raise self._fail(f"value {value:#x} does not fit in {name!r} ({size} bytes)") from None
+        else:
+            data = bytes(value)
+        self._global_view(mem, name, offset, len(data))[:] = data
+
+    def read_global(self, mem: PhysMemory, name: str, offset: int = 0, size: int | None = None) -> int:
+        """Read guest global ``name`` as an unsigned little-endian int (at most 8 bytes)."""
+        size = min(self.symbol(name).size - offset, 8) if size is None else size
+        return int.from_bytes(self._global_view(mem, name, offset, size), "little")
+
+    def read_global_bytes(self, mem: PhysMemory, name: str) -> bytes:
+        """The whole of guest global ``name`` as bytes."""
+        return bytes(self._global_view(mem, name, 0, None))

@@ -1,0 +1,153 @@
+"""Host side of the ucall ABI defined in guests/lib/ucall_abi.h.
+
+A guest OUTs the GPA of a ``struct ucall`` to UCALL_PORT (32 bits); the host
+decodes it here, never reading outside guest memory.
+"""
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+from kvmpy.errors import KvmError
+from kvmpy.x86.physmem import PhysMemory
+
+# Mirrors guests/lib/ucall_abi.h (tests/test_ucall.py checks they agree).
+UCALL_PORT = 0x1000
+UCALL_MAGIC = 0x4B564D55
+UCALL_MAX_ARGS = 6
+UCALL_BUF_SIZE = 512
+UCALL_SIZE = 584
+
+UCALL_SYNC = 1
+UCALL_DONE = 2
+UCALL_ASSERT = 3
+UCALL_PRINTF = 4
+UCALL_EXCEPTION = 5
+
+UCALL_F_EQ = 1 << 0
+UCALL_F_NE = 1 << 1
+UCALL_F_TRUNCATED = 1 << 2
+
+_HEADER = struct.Struct("<IIIIII6Q")
+assert _HEADER.size + UCALL_BUF_SIZE == UCALL_SIZE
+
+VECTOR_NAMES = {
+    0: "#DE", 1: "#DB", 2: "NMI", 3: "#BP", 4: "#OF", 5: "#BR", 6: "#UD", 7: "#NM", 8: "#DF",
+    10: "#TS", 11: "#NP", 12: "#SS", 13: "#GP", 14: "#PF", 16: "#MF", 17: "#AC", 18: "#MC",
+    19: "#XM", 20: "#VE", 21: "#CP", 29: "#VC", 30: "#SX",
+}
+
+
+class BadUcallError(KvmError):
+    """The guest's ucall pointer or contents are invalid (outside memory, bad magic, bad length)."""
+
+
+@dataclass(frozen=True)
+class Ucall:
+    """Base of decoded ucalls; ``gpa`` is where the struct was."""
+
+    gpa: int
+
+
+@dataclass(frozen=True)
+class SyncCall(Ucall):
+    stage: int
+    args: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class DoneCall(Ucall):
+    pass
+
+
+@dataclass(frozen=True)
+class PrintfCall(Ucall):
+    text: str
+    truncated: bool
+
+
+@dataclass(frozen=True)
+class AssertCall(Ucall):
+    file: str
+    line: int
+    expr: str
+    message: str
+    values: tuple[int, ...]  # (a, b) for GUEST_ASSERT_EQ/NE, else ()
+    op: str                  # "==", "!=" or ""
+
+    def describe(self) -> str:
+        """``file:line: expr`` plus the compared values and the message, for error messages."""
+        s = f"{self.file}:{self.line}: {self.expr}"
+        if self.values:
+            a, b = self.values
+            s += f" (left {a:#x} = {a}, right {b:#x} = {b})"
+        if self.message:
+            s += f": {self.message}"
+        return s
+
+
+@dataclass(frozen=True)
+class ExceptionCall(Ucall):
+    vector: int
+    error_code: int
+    rip: int
+    cr2: int
+    rsp: int
+    cs: int
+
+    @property
+    def vector_name(self) -> str:
+        return VECTOR_NAMES.get(self.vector, f"vector {self.vector}")
+
+
+def ucall_gpa(port: int, size: int, direction: str, data: bytes | memoryview) -> int | None:
+    """The ucall GPA if this port I/O exit is a ucall, else None.
+
+    A non-32-bit access to UCALL_PORT is a broken ucall (BadUcallError).
+    """
+    if port != UCALL_PORT:
+        return None
+    if direction != "out" or size != 4 or len(data) < 4:
+        raise BadUcallError(f"ucall port {UCALL_PORT:#x} used with a {size}-byte {direction!r} access; "
+                            "expected a 32-bit OUT of the ucall GPA")
+    return struct.unpack_from("<I", data)[0]
+
+
+def _text(raw: bytes) -> str:
+    return raw.decode("utf-8", errors="replace")
+
+
+def decode(mem: PhysMemory, gpa: int) -> Ucall:
+    """Read and validate the ``struct ucall`` at ``gpa``."""
+    try:
+        raw = bytes(mem.gpa_view(gpa, UCALL_SIZE))
+    except KvmError as e:
+        raise BadUcallError(f"ucall pointer {gpa:#x} (+{UCALL_SIZE} bytes) is outside guest memory: {e}") from None
+    magic, cmd, line, length, nargs, flags, *args = _HEADER.unpack_from(raw)
+    buf = raw[_HEADER.size:]
+    if magic != UCALL_MAGIC:
+        raise BadUcallError(f"ucall at {gpa:#x}: bad magic {magic:#010x} (expected {UCALL_MAGIC:#010x})")
+    if length > UCALL_BUF_SIZE:
+        raise BadUcallError(f"ucall at {gpa:#x}: len {length} exceeds the {UCALL_BUF_SIZE}-byte buffer")
+    if nargs > UCALL_MAX_ARGS:
+        raise BadUcallError(f"ucall at {gpa:#x}: nargs {nargs} exceeds {UCALL_MAX_ARGS}")
+    args = tuple(args[:nargs])
+    text = buf[:length]
+    if cmd == UCALL_SYNC:
+        if nargs < 1:
+            raise BadUcallError(f"ucall at {gpa:#x}: SYNC without a stage")
+        return SyncCall(gpa, args[0], args[1:])
+    if cmd == UCALL_DONE:
+        return DoneCall(gpa)
+    if cmd == UCALL_PRINTF:
+        return PrintfCall(gpa, _text(text), bool(flags & UCALL_F_TRUNCATED))
+    if cmd == UCALL_ASSERT:
+        parts = text.split(b"\0", 2) + [b"", b""]
+        op = "==" if flags & UCALL_F_EQ else "!=" if flags & UCALL_F_NE else ""
+        return AssertCall(gpa, _text(parts[0]), line, _text(parts[1]), _text(parts[2]).rstrip("\0"),
+                          args[:2] if nargs >= 2 else (), op)
+    if cmd == UCALL_EXCEPTION:
+        if nargs < 6:
+            raise BadUcallError(f"ucall at {gpa:#x}: EXCEPTION with {nargs} of 6 args")
+        return ExceptionCall(gpa, *args[:6])
+    raise BadUcallError(f"ucall at {gpa:#x}: unknown command {cmd}")

@@ -1,0 +1,215 @@
+"""Host-side x86-64 4-level page tables: a builder and a walker.
+
+The builder writes tables into guest memory (anything with ``read``/``write``,
+e.g. a ``Vm`` or a ``FlatMemory``), taking table pages from a pool region of
+guest physical memory.  Intermediate entries are always present, writable and
+user-accessible, so a leaf's own bits decide the permissions.  The walker
+reads tables back the way the CPU does and combines the bits of every level.
+"""
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+from kvmpy.errors import KvmError
+from kvmpy.x86.physmem import PhysMemory
+
+PAGE_4K = 1 << 12
+PAGE_2M = 1 << 21
+PAGE_1G = 1 << 30
+PAGE_SIZES = (PAGE_4K, PAGE_2M, PAGE_1G)
+
+PTE_P = 1 << 0
+PTE_RW = 1 << 1
+PTE_US = 1 << 2
+PTE_PWT = 1 << 3
+PTE_PCD = 1 << 4
+PTE_A = 1 << 5
+PTE_D = 1 << 6
+PTE_PS = 1 << 7
+PTE_G = 1 << 8
+PTE_NX = 1 << 63
+PTE_ADDR_MASK = 0x000F_FFFF_FFFF_F000
+
+# Level 4 = PML4, 3 = PDPT, 2 = PD, 1 = PT; a leaf at level L maps _LEVEL_SIZE[L].
+_LEVEL_SIZE = {1: PAGE_4K, 2: PAGE_2M, 3: PAGE_1G}
+_SIZE_LEVEL = {v: k for k, v in _LEVEL_SIZE.items()}
+
+
+class PagingError(KvmError):
+    """A mapping request that cannot be honoured (alignment, overlap, pool exhausted...)."""
+
+
+def _index(gva: int, level: int) -> int:
+    return (gva >> (12 + 9 * (level - 1))) & 511
+
+
+def is_canonical(gva: int) -> bool:
+    """True if ``gva`` is a canonical 48-bit virtual address."""
+    top = gva >> 47
+    return top == 0 or top == (1 << 17) - 1
+
+
+@dataclass(frozen=True)
+class Translation:
+    """Result of a walk: where ``gva`` lands and with which effective permissions."""
+
+    gva: int
+    gpa: int
+    page_size: int
+    writable: bool
+    user: bool
+    nx: bool
+    pte_gpa: int  # guest physical address of the leaf entry
+    pte: int      # the leaf entry's value
+
+
+def walk(mem: PhysMemory, cr3: int, gva: int) -> Translation | None:
+    """Translate ``gva`` through the tables at ``cr3``; None if not present.
+
+    Raises PagingError for a non-canonical address.
+    """
+    if not is_canonical(gva):
+        raise PagingError(f"GVA {gva:#x} is not canonical")
+    table = cr3 & PTE_ADDR_MASK
+    writable, user, nx = True, True, False
+    for level in (4, 3, 2, 1):
+        pte_gpa = table + 8 * _index(gva, level)
+        (pte,) = struct.unpack("<Q", mem.read(pte_gpa, 8))
+        if not pte & PTE_P:
+            return None
+        writable &= bool(pte & PTE_RW)
+        user &= bool(pte & PTE_US)
+        nx |= bool(pte & PTE_NX)
+        if level == 1 or (level in (2, 3) and pte & PTE_PS):
+            size = _LEVEL_SIZE[level]
+            base = pte & PTE_ADDR_MASK & ~(size - 1)
+            return Translation(gva, base + (gva & (size - 1)), size, writable, user, nx, pte_gpa, pte)
+        table = pte & PTE_ADDR_MASK
+    raise AssertionError("unreachable")
+
+
+class PageTableBuilder:
+    """Builds 4-level page tables in guest memory.
+
+    ``pool_gpa``/``pool_size`` is the page-aligned region that table pages are
+    allocated from (the PML4 is its first page, so ``cr3 == pool_gpa``).
+    ``phys_bits`` bounds the GPAs that can be mapped (CPUID 0x80000008 EAX[7:0]).
+    """
+
+    def __init__(self, mem: PhysMemory, pool_gpa: int, pool_size: int, phys_bits: int = 52) -> None:
+        if pool_gpa % PAGE_4K or pool_size % PAGE_4K or pool_size < PAGE_4K:
+            raise PagingError(f"page-table pool {pool_gpa:#x}+{pool_size:#x} must be page aligned and non-empty")
+        self.mem = mem
+        self.pool_gpa = pool_gpa
+        self.pool_size = pool_size
+        self.phys_bits = phys_bits
+        self._next = pool_gpa
+        # (level, gva of the table's first byte) -> table GPA; saves re-reading entries.
+        self._tables: dict[tuple[int, int], int] = {}
+        self.cr3 = self._alloc_table()
+        self._tables[(4, 0)] = self.cr3
+
+    @property
+    def pages_used(self) -> int:
+        """Number of table pages allocated from the pool so far."""
+        return (self._next - self.pool_gpa) // PAGE_4K
+
+    def _alloc_table(self) -> int:
+        if self._next + PAGE_4K > self.pool_gpa + self.pool_size:
+            raise PagingError(f"page-table pool {self.pool_gpa:#x}+{self.pool_size:#x} is exhausted "
+                              f"({self.pages_used} pages used)")
+        gpa = self._next
+        self._next += PAGE_4K
+        self.mem.write(gpa, bytes(PAGE_4K))
+        return gpa
+
+    def _read(self, gpa: int) -> int:
+        return struct.unpack("<Q", self.mem.read(gpa, 8))[0]
+
+    def _write(self, gpa: int, val: int) -> None:
+        self.mem.write(gpa, struct.pack("<Q", val))
+
+    def _table_for(self, gva: int, leaf_level: int, create: bool) -> int | None:
+        """GPA of the level-``leaf_level`` table covering ``gva``, descending from the PML4."""
+        table = self.cr3
+        for level in range(4, leaf_level, -1):
+            span = 1 << (12 + 9 * (level - 1))  # bytes one entry at `level` covers
+            key = (level - 1, (gva & ~(span - 1)) & ((1 << 48) - 1))
+            child = self._tables.get(key)
+            if child is None:
+                pte_gpa = table + 8 * _index(gva, level)
+                pte = self._read(pte_gpa)
+                if pte & PTE_P:
+                    if level in (2, 3) and pte & PTE_PS:
+                        raise PagingError(f"GVA {gva:#x} is already inside a {span >> 20} MiB page")
+                    child = pte & PTE_ADDR_MASK
+                elif not create:
+                    return None
+                else:
+                    child = self._alloc_table()
+                    self._write(pte_gpa, child | PTE_P | PTE_RW | PTE_US)
+                self._tables[key] = child
+            table = child
+        return table
+
+    def map_page(self, gva: int, gpa: int, page_size: int = PAGE_4K, *, writable: bool = True,
+                 user: bool = False, nx: bool = False, global_: bool = False, extra: int = 0) -> int:
+        """Map one page; returns the GPA of the leaf entry.
+
+        Re-mapping a page of the same size replaces it; a page that would
+        overlap a different-size mapping raises PagingError.
+        """
+        if page_size not in _SIZE_LEVEL:
+            raise PagingError(f"page size {page_size:#x} is not 4K, 2M or 1G")
+        if gva % page_size or gpa % page_size:
+            raise PagingError(f"GVA {gva:#x} / GPA {gpa:#x} not aligned to page size {page_size:#x}")
+        if not is_canonical(gva):
+            raise PagingError(f"GVA {gva:#x} is not canonical")
+        if gpa < 0 or gpa + page_size > 1 << self.phys_bits:
+            raise PagingError(f"GPA {gpa:#x} is beyond the {self.phys_bits}-bit physical address space")
+        level = _SIZE_LEVEL[page_size]
+        table = self._table_for(gva, level, create=True)
+        pte_gpa = table + 8 * _index(gva, level)
+        old = self._read(pte_gpa)
+        if old & PTE_P and level > 1 and not old & PTE_PS:
+            raise PagingError(f"GVA {gva:#x}: a {page_size >> 20} MiB page would replace a page table "
+                              "of smaller mappings")
+        pte = gpa | PTE_P | extra
+        if level > 1:
+            pte |= PTE_PS
+        if writable:
+            pte |= PTE_RW
+        if user:
+            pte |= PTE_US
+        if nx:
+            pte |= PTE_NX
+        if global_:
+            pte |= PTE_G
+        self._write(pte_gpa, pte)
+        return pte_gpa
+
+    def map(self, gva: int, gpa: int, size: int, page_size: int = PAGE_4K, **flags) -> None:
+        """Map ``[gva, gva+size)`` to ``[gpa, gpa+size)`` with pages of ``page_size``.
+
+        ``flags`` are those of :meth:`map_page` (writable, user, nx, global_).
+        """
+        if size <= 0 or size % page_size:
+            raise PagingError(f"size {size:#x} is not a positive multiple of page size {page_size:#x}")
+        for off in range(0, size, page_size):
+            self.map_page(gva + off, gpa + off, page_size, **flags)
+
+    def unmap_page(self, gva: int) -> Translation:
+        """Clear the leaf entry mapping ``gva`` (of any size); returns what it mapped.
+
+        PagingError if ``gva`` is not mapped.  The guest must still flush its TLB.
+        """
+        t = self.translate(gva)
+        if t is None:
+            raise PagingError(f"GVA {gva:#x} is not mapped")
+        self._write(t.pte_gpa, 0)
+        return t
+
+    def translate(self, gva: int) -> Translation | None:
+        """Walk these tables for ``gva`` (see :func:`walk`)."""
+        return walk(self.mem, self.cr3, gva)
