@@ -1,0 +1,259 @@
+"""Facts about this host's KVM that decide which tests can run, and what they mean.
+
+``probe_mmu()`` answers the question every MMU selftest depends on: do a guest's
+memory accesses go through KVM's MMU (creating SPTEs that the ``pages_*`` stats
+count), or is the guest run by the instruction emulator (no SPTEs at all)?
+"""
+from __future__ import annotations
+
+import functools
+import os
+import platform
+from dataclasses import asdict, dataclass, field
+
+from kvmpy.abi import lib
+from kvmpy.errors import RequirementError
+from kvmpy.memory import SIZE_1G, SIZE_2M, hugetlb_pool, thp_mode
+
+VENDOR_MODULES = ("kvm_intel", "kvm_amd", "kvm_pvm")
+
+# Capabilities that matter to kvmpy's selftests, with what their absence means.
+CAPS = [
+    ("KVM_CAP_BINARY_STATS_FD", "stats-based assertions (pages_4k/2m/1g, mmu_unsync) need it"),
+    ("KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2", "KVM_CLEAR_DIRTY_LOG tests need it"),
+    ("KVM_CAP_DIRTY_LOG_RING", "dirty-ring tests need it (value: max ring bytes)"),
+    ("KVM_CAP_DIRTY_LOG_RING_ACQ_REL", "dirty-ring tests use ACQ_REL when offered"),
+    ("KVM_CAP_NESTED_STATE", "nested (VMX/SVM) tests need it"),
+    ("KVM_CAP_IMMEDIATE_EXIT", "vCPU kicks (timeouts) rely on it"),
+    ("KVM_CAP_NR_MEMSLOTS", "maximum memslots per VM"),
+    ("KVM_CAP_MAX_VCPUS", "maximum vCPUs per VM"),
+    ("KVM_CAP_XSAVE2", "size of the xsave area"),
+    ("KVM_CAP_VM_TYPES", "bitmask of VM types (0 before 6.7)"),
+    ("KVM_CAP_USER_MEMORY2", "KVM_SET_USER_MEMORY_REGION2 (6.8+)"),
+]
+
+
+def _read(path: str) -> str | None:
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+def module_params(module: str) -> dict[str, str] | None:
+    """A loaded module's parameters from /sys/module/NAME/parameters, None if not loaded."""
+    base = f"/sys/module/{module}/parameters"
+    if not os.path.isdir(f"/sys/module/{module}"):
+        return None
+    out = {}
+    if os.path.isdir(base):
+        for name in sorted(os.listdir(base)):
+            val = _read(os.path.join(base, name))
+            if val is not None:
+                out[name] = val
+    return out
+
+
+def loaded_vendor_module() -> str | None:
+    for m in VENDOR_MODULES:
+        if os.path.isdir(f"/sys/module/{m}"):
+            return m
+    return None
+
+
+def cpu_flags() -> set[str]:
+    raw = _read("/proc/cpuinfo") or ""
+    for line in raw.splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def cpu_vendor() -> str:
+    raw = _read("/proc/cpuinfo") or ""
+    for line in raw.splitlines():
+        if line.startswith("vendor_id"):
+            v = line.split(":", 1)[1].strip()
+            return {"GenuineIntel": "intel", "AuthenticAMD": "amd", "HygonGenuine": "amd"}.get(v, v)
+    return "unknown"
+
+
+@dataclass
+class MmuProbe:
+    """What a tiny guest touching ``pages`` pages did to the VM and vCPU stats."""
+
+    pages: int
+    spte_pages: int          # pages_4k + pages_2m + pages_1g after the guest ran
+    insn_emulation: int      # vCPU instructions KVM emulated
+    guest_insns: int         # instructions the guest executed
+    error: str = ""
+
+    @property
+    def through_mmu(self) -> bool:
+        return not self.error and self.spte_pages > 0
+
+    @property
+    def instruction_emulated(self) -> bool:
+        return not self.error and self.spte_pages == 0 and self.insn_emulation >= self.guest_insns
+
+    def meaning(self) -> str:
+        if self.error:
+            return f"probe failed: {self.error}"
+        if self.through_mmu:
+            return (f"guest accesses go through KVM's MMU ({self.spte_pages} SPTE pages after touching "
+                    f"{self.pages} pages): SPTE-level assertions (splits, unsync) can run")
+        if self.instruction_emulated:
+            return (f"guest is run by KVM's instruction emulator (insn_emulation={self.insn_emulation} for "
+                    f"{self.guest_insns} guest instructions, pages_4k/2m/1g=0 after touching {self.pages} "
+                    f"pages): SPTE-level assertions cannot be observed on this host")
+        return (f"no SPTEs after touching {self.pages} pages, but only {self.insn_emulation} of "
+                f"{self.guest_insns} instructions emulated: SPTE stats are not observable here")
+
+
+@functools.lru_cache(maxsize=1)
+def probe_mmu(pages: int = 16) -> MmuProbe:
+    """Run a real-mode guest that writes one byte in each of ``pages`` pages; read the stats."""
+    from kvmpy.exits import HltExit
+    from kvmpy.kvm import Kvm
+
+    base = 0x10000
+    # mov ax, seg; mov es, ax; mov byte [es:0], 1  -- per page, then hlt
+    code = bytearray()
+    for p in range(pages):
+        seg = (base + p * 4096) >> 4
+        code += bytes([0xB8, seg & 0xFF, seg >> 8, 0x8E, 0xC0, 0x26, 0xC6, 0x06, 0, 0, 1])
+    code += b"\xF4"
+    guest_insns = 3 * pages + 1
+    try:
+        with Kvm() as kvm, kvm.create_vm() as vm:
+            vm.set_tss_addr(0xFFFBD000)
+            vm.add_memory(0, 0, 1 << 20)
+            vm.write(0x1000, bytes(code))
+            vcpu = vm.create_vcpu(0)
+            s = vcpu.get_sregs()
+            s.cs.base = 0
+            s.cs.selector = 0
+            vcpu.set_sregs(s)
+            r = vcpu.get_regs()
+            r.rip = 0x1000
+            r.rflags = 2
+            vcpu.set_regs(r)
+            for _ in range(8):
+                if isinstance(vcpu.run(), HltExit):
+                    break
+            else:
+                return MmuProbe(pages, 0, 0, guest_insns, "the probe guest did not reach HLT")
+            vs = vm.stats.snapshot()
+            spte = sum(int(vs.get(k, 0)) for k in ("pages_4k", "pages_2m", "pages_1g"))
+            emul = int(vcpu.stats.read("insn_emulation")) if vcpu.stats.has("insn_emulation") else 0
+            return MmuProbe(pages, spte, emul, guest_insns)
+    except Exception as e:  # the probe reports, it never takes the caller down
+        return MmuProbe(pages, 0, 0, guest_insns, f"{type(e).__name__}: {e}")
+
+
+def require_mmu_visible() -> None:
+    """RequirementError unless guest memory accesses create SPTEs that KVM's stats count."""
+    p = probe_mmu()
+    if not p.through_mmu:
+        mod = loaded_vendor_module() or "no vendor module"
+        raise RequirementError(f"SPTE stats not observable on this host ({mod}): {p.meaning()}")
+
+
+def require_nested(vendor: str | None = None) -> None:
+    """RequirementError unless this host can run a nested (L2) guest with ``vendor``'s extension."""
+    flags = cpu_flags()
+    want = {"intel": ["vmx"], "amd": ["svm"], None: ["vmx", "svm"]}[vendor]
+    have = [f for f in want if f in flags]
+    if not have:
+        raise RequirementError(f"CPU exposes no {'/'.join(want)} (nested virtualization unavailable; "
+                               f"vendor module: {loaded_vendor_module() or 'none'}); use `kvmpy bed`")
+    mod = {"vmx": "kvm_intel", "svm": "kvm_amd"}[have[0]]
+    nested = (module_params(mod) or {}).get("nested")
+    if nested not in ("Y", "1"):
+        raise RequirementError(f"{mod} nested={nested!r}: load it with nested=1")
+
+
+@dataclass
+class HostFacts:
+    """Everything `kvmpy info` reports."""
+
+    kernel_release: str
+    cpu_vendor: str
+    vendor_module: str | None
+    api_version: int | None
+    capabilities: dict[str, int] = field(default_factory=dict)
+    kvm_params: dict[str, str] | None = None
+    vendor_params: dict[str, str] | None = None
+    cpu_virt_flags: list[str] = field(default_factory=list)
+    nested: str = ""
+    thp: str | None = None
+    hugetlb_2m: dict | None = None
+    hugetlb_1g: dict | None = None
+    mmu_probe: dict | None = None
+    mmu_meaning: str = ""
+    error: str = ""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def gather(probe: bool = True) -> HostFacts:
+    """Collect host facts; never raises (a missing /dev/kvm is reported in ``error``)."""
+    from kvmpy.kvm import Kvm
+
+    vm_mod = loaded_vendor_module()
+    facts = HostFacts(
+        kernel_release=platform.release(), cpu_vendor=cpu_vendor(), vendor_module=vm_mod, api_version=None,
+        kvm_params=module_params("kvm"), vendor_params=module_params(vm_mod) if vm_mod else None,
+        cpu_virt_flags=sorted(cpu_flags() & {"vmx", "svm", "ept", "npt", "hypervisor"}),
+        thp=thp_mode(), hugetlb_2m=hugetlb_pool(SIZE_2M), hugetlb_1g=hugetlb_pool(SIZE_1G),
+    )
+    try:
+        require_nested()
+        facts.nested = "available"
+    except RequirementError as e:
+        facts.nested = f"unavailable: {e}"
+    try:
+        with Kvm() as kvm:
+            facts.api_version = kvm.api_version
+            for name, _ in CAPS:
+                facts.capabilities[name] = kvm.check_extension(getattr(lib, name))
+    except Exception as e:
+        facts.error = str(e)
+        return facts
+    if probe:
+        p = probe_mmu()
+        facts.mmu_probe = asdict(p)
+        facts.mmu_meaning = p.meaning()
+    return facts
+
+
+def format_facts(f: HostFacts) -> str:
+    """Human-readable report of ``f`` with what each fact means for the tests."""
+    lines = [
+        f"kernel        {f.kernel_release}",
+        f"cpu vendor    {f.cpu_vendor}   virt flags: {' '.join(f.cpu_virt_flags) or 'none'}",
+        f"kvm module    {f.vendor_module or 'no vendor module loaded'}   API {f.api_version}",
+    ]
+    if f.error:
+        lines.append(f"/dev/kvm      {f.error}")
+    lines.append(f"nested        {f.nested}")
+    lines.append(f"THP           {f.thp or 'absent'}" + ("" if f.thp in ("always", "madvise") else
+                                                          "   (THP-backed tests will skip)"))
+    for label, pool in (("hugetlb 2M", f.hugetlb_2m), ("hugetlb 1G", f.hugetlb_1g)):
+        lines.append(f"{label:<13} " + (f"total {pool['total']} free {pool['free']}" if pool else "absent")
+                     + ("   (hugetlb-backed tests will skip)" if not pool or not pool["free"] else ""))
+    if f.mmu_meaning:
+        lines.append(f"MMU probe     {f.mmu_meaning}")
+    if f.capabilities:
+        lines.append("capabilities:")
+        for name, why in CAPS:
+            lines.append(f"  {name:<36} {f.capabilities.get(name, 0):<10} {why}")
+    for label, params in (("kvm", f.kvm_params), (f.vendor_module, f.vendor_params)):
+        if params:
+            keys = ["tdp_mmu", "eager_page_split", "nx_huge_pages", "nested", "ept", "npt",
+                    "enable_unrestricted_guest", "pml"]
+            shown = {k: params[k] for k in keys if k in params}
+            lines.append(f"{label} params: " + " ".join(f"{k}={v}" for k, v in shown.items()))
+    return "\n".join(lines)

@@ -1,0 +1,127 @@
+"""pytest plugin: the known-issues list turns matching failures into strict xfails.
+
+Each entry of ``known_issues.toml`` (beside the selftests) names a test (fnmatch
+on the pytest node id), the kernels it applies to (``kernel_release`` fnmatch on
+``uname -r`` and/or a loaded ``module``), a reason, and the evidence that
+justified it. On a matching host the test still runs: a failure is reported as
+an expected failure with that reason, and a pass fails loudly (strict xfail), so
+a fixed kernel or a broken test never hides behind the list.
+"""
+from __future__ import annotations
+
+import fnmatch
+import os
+import platform
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib  # type: ignore[no-redef]
+
+DEFAULT_FILE = Path(__file__).resolve().parent.parent.parent / "selftests" / "known_issues.toml"
+
+
+@dataclass(frozen=True)
+class KnownIssue:
+    test: str
+    reason: str
+    evidence: str
+    kernel_release: str = "*"
+    module: str = ""
+    # A regex the failure text must contain; a failure without it is a real failure.
+    match: str = ""
+
+    def applies_to_host(self, release: str | None = None, modules: set[str] | None = None) -> bool:
+        release = release if release is not None else platform.release()
+        if not fnmatch.fnmatchcase(release, self.kernel_release):
+            return False
+        if self.module:
+            loaded = modules if modules is not None else set(os.listdir("/sys/module"))
+            return self.module in loaded
+        return True
+
+    def matches(self, nodeid: str) -> bool:
+        # Node ids are relative to the rootdir; entries may be written from selftests/ or not.
+        return fnmatch.fnmatchcase(nodeid, self.test) or fnmatch.fnmatchcase(nodeid, "*" + self.test.lstrip("*"))
+
+    def describe(self) -> str:
+        where = f"kernel {self.kernel_release}" + (f" with {self.module}" if self.module else "")
+        return f"known issue on {where}: {self.reason}"
+
+
+class KnownIssueFileError(Exception):
+    pass
+
+
+def load(path: Path) -> list[KnownIssue]:
+    """Parse the known-issues file; every entry needs test, reason and evidence."""
+    if not path.exists():
+        return []
+    with open(path, "rb") as f:
+        data = tomllib.load(f)
+    out = []
+    for i, raw in enumerate(data.get("issue", [])):
+        missing = [k for k in ("test", "reason", "evidence") if not str(raw.get(k, "")).strip()]
+        if missing:
+            raise KnownIssueFileError(f"{path}: entry {i + 1} lacks {', '.join(missing)}")
+        unknown = set(raw) - {"test", "reason", "evidence", "kernel_release", "module", "match"}
+        if unknown:
+            raise KnownIssueFileError(f"{path}: entry {i + 1} has unknown keys {sorted(unknown)}")
+        out.append(KnownIssue(**{k: str(v) for k, v in raw.items()}))
+    return out
+
+
+def known_issues_file(config: pytest.Config) -> Path:
+    env = os.environ.get("KVMPY_KNOWN_ISSUES")
+    if env:
+        return Path(env)
+    local = Path(str(config.rootpath)) / "known_issues.toml"
+    for candidate in (Path(__file__).resolve().parent.parent / "selftests" / "known_issues.toml", DEFAULT_FILE, local):
+        if candidate.exists():
+            return candidate
+    return DEFAULT_FILE
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    path = known_issues_file(config)
+    try:
+        issues = [k for k in load(path) if k.applies_to_host()]
+    except (KnownIssueFileError, tomllib.TOMLDecodeError) as e:
+        raise pytest.UsageError(f"known-issues file is invalid: {e}") from None
+    for item in items:
+        for k in issues:
+            if k.matches(item.nodeid):
+                item.stash[_KEY] = k
+                item.user_properties.append(("known_issue", k.describe()))
+                break
+
+
+_KEY = pytest.StashKey[KnownIssue]()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    outcome = yield
+    k = item.stash.get(_KEY, None)
+    if k is None or call.when != "call":
+        return
+    rep = outcome.get_result()
+    if rep.failed:
+        text = rep.longreprtext
+        if k.match and not re.search(k.match, text):
+            rep.sections.append(("known issue", f"{k.describe()} -- but the failure does not match "
+                                                f"{k.match!r}, so it is reported as a real failure"))
+            return
+        rep.outcome = "skipped"
+        rep.wasxfail = k.describe()
+    elif rep.passed:
+        # Strict: a known issue that no longer reproduces must be looked at.
+        rep.outcome = "failed"
+        rep.longrepr = (f"[XPASS(strict)] the known issue did not reproduce: {k.describe()}\n"
+                        f"evidence on file: {k.evidence}\nRemove or narrow its entry in known_issues.toml.")

@@ -1,0 +1,89 @@
+"""pytest plugin: record each selftest's outcome, reason and asserted stats deltas as JSON.
+
+Loaded by ``kvmpy selftest`` (``-p kvmpy.selftest.results``); the JSON file is what
+the report, KTAP and ``--json`` outputs are built from, on the host and in the bed.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import pytest
+
+RESULTS_OPTION = "--kvmpy-results"
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(RESULTS_OPTION, default=os.environ.get("KVMPY_RESULTS_JSON"),
+                     help="write per-test outcomes to this JSON file")
+
+
+@pytest.fixture
+def kvmpy_stats(request: pytest.FixtureRequest):
+    """Record the key stats deltas a test asserted, shown in the report: ``kvmpy_stats(pages_2m=-512)``."""
+
+    def record(**deltas: int) -> None:
+        request.node.user_properties.append(("stats", deltas))
+
+    return record
+
+
+def _first_line(text: str) -> str:
+    for line in text.splitlines():
+        line = line.strip()
+        if line:
+            return line[:300]
+    return ""
+
+
+class _Recorder:
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.tests: dict[str, dict] = {}
+        self.started = time.time()
+
+    def _entry(self, report: pytest.TestReport) -> dict:
+        return self.tests.setdefault(report.nodeid, {
+            "nodeid": report.nodeid, "outcome": "passed", "reason": "", "duration": 0.0, "stats": {},
+        })
+
+    @pytest.hookimpl(trylast=True)
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        e = self._entry(report)
+        e["duration"] += report.duration
+        for key, val in report.user_properties:
+            if key == "stats" and isinstance(val, dict):
+                e["stats"].update(val)
+        if report.skipped:
+            if hasattr(report, "wasxfail"):
+                e["outcome"], e["reason"] = "xfailed", report.wasxfail
+            elif e["outcome"] == "passed":
+                reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+                e["outcome"], e["reason"] = "skipped", reason.removeprefix("Skipped: ")
+        elif report.failed:
+            kind = "failed" if report.when == "call" else "error"
+            if e["outcome"] not in ("failed", "error"):
+                e["outcome"] = kind
+                msg = ""
+                crash = getattr(report.longrepr, "reprcrash", None)
+                if crash is not None:
+                    msg = crash.message
+                e["reason"] = _first_line(msg or report.longreprtext)
+                if report.when != "call":
+                    e["reason"] = f"{report.when}: {e['reason']}"
+        elif report.passed and hasattr(report, "wasxfail") and report.when == "call":
+            e["outcome"], e["reason"] = "xpassed", report.wasxfail
+
+    def pytest_sessionfinish(self, session: pytest.Session, exitstatus: int) -> None:
+        data = {"exitstatus": int(exitstatus), "seconds": round(time.time() - self.started, 2),
+                "tests": list(self.tests.values())}
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+        with open(self.path, "w") as f:
+            json.dump(data, f, indent=1)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    path = config.getoption(RESULTS_OPTION)
+    if path:
+        config.pluginmanager.register(_Recorder(path), "kvmpy-results-recorder")
