@@ -90,12 +90,19 @@ class BedResult:
 
 
 class Backend(abc.ABC):
-    """A machine that can boot the bed's kernel and initramfs."""
+    """A machine that can boot the bed's kernel and initramfs.
+
+    Backends are constructed as ``cls(kernel, **options)`` with a
+    :class:`kvmpy.bed.kernel.Kernel`; options are backend-specific (QEMU
+    takes ``accel``) and unknown ones must be rejected with BedError.
+    """
 
     #: Name used by ``--backend``.
     name: str = ""
     #: CPU vendor the guest sees ("amd" or "intel"); picks the matrix.
     vendor: str = ""
+    #: Debian kernel line used when the user names none.
+    default_kernel_line: str = "6.12"
 
     @abc.abstractmethod
     def check(self) -> None:
@@ -108,6 +115,31 @@ class Backend(abc.ABC):
         Must kill the machine (by pid, with its process group) once
         ``request.timeout`` expires and leave no temporary files behind.
         """
+
+
+#: Backend name -> "module:Class"; imported lazily so a backend's host tools
+#: are only needed when it is chosen.
+BACKENDS = {
+    "qemu": "kvmpy.bed.qemu:QemuBackend",
+    "bochs": "kvmpy.bed.bochs:BochsBackend",
+}
+#: --vendor -> backend: TCG gives AMD SVM, Bochs gives Intel VMX.
+VENDOR_BACKENDS = {"amd": "qemu", "intel": "bochs"}
+
+
+def backend_class(name: str) -> type:
+    """The Backend subclass registered as ``name``."""
+    import importlib
+
+    try:
+        module_name, _, cls_name = BACKENDS[name].partition(":")
+    except KeyError:
+        raise BedError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}") from None
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise BedError(f"backend {name} is not available: {exc}") from None
+    return getattr(module, cls_name)
 
 
 _MARKER_RE = re.compile(re.escape(MARKER) + r" (\w+)(?: (.*))?$")

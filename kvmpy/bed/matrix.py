@@ -1,0 +1,262 @@
+"""The module-parameter matrix: one boot per KVM MMU configuration, one table.
+
+Every configuration is checked twice: the command's own result, and that the
+parameters really took effect (the bed reports the values it reads back from
+/sys/module after loading), so a mistyped or read-only parameter cannot make
+two rows of the table silently test the same thing.  The bed kernel's log is
+scanned for splats too: a WARN_ON fails its row even if the command passed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import time
+import xml.etree.ElementTree as ET
+from pathlib import Path
+from typing import Callable, Dict, List, Mapping, Optional, Sequence
+
+from kvmpy.bed.backend import Backend, BedError, BedRequest, BedResult
+from kvmpy.selftest.splat import find_splats_in_text
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """A named set of module parameters."""
+
+    name: str
+    params: Mapping[str, str]
+    why: str = ""
+
+
+#: AMD (QEMU/TCG, SVM + NPT).  npt=0 makes L1 run on shadow paging, the only
+#: configuration in which KVM unsyncs L1's own page tables.
+AMD_MATRIX = (
+    Config("tdp+split", {"kvm.tdp_mmu": "Y", "kvm.eager_page_split": "Y"}, "default MMU"),
+    Config("tdp-split", {"kvm.tdp_mmu": "Y", "kvm.eager_page_split": "N"}, "lazy huge-page split"),
+    Config("legacy-tdp", {"kvm.tdp_mmu": "N"}, "shadow MMU code on TDP"),
+    Config("shadow", {"kvm_amd.npt": "0"}, "shadow paging, unsync"),
+)
+#: Intel (Bochs, VMX + EPT): only what matters, each boot is slow.
+INTEL_MATRIX = (
+    Config("ept+split", {"kvm_intel.ept": "1", "kvm.eager_page_split": "Y"}, "default MMU"),
+    Config("ept-split", {"kvm_intel.ept": "1", "kvm.eager_page_split": "N"}, "lazy huge-page split"),
+    Config("shadow", {"kvm_intel.ept": "0"}, "shadow paging, unsync"),
+)
+
+
+def matrix_for(vendor: str) -> Sequence[Config]:
+    """The configurations worth running on a machine of CPU ``vendor``."""
+    if vendor == "amd":
+        return AMD_MATRIX
+    if vendor == "intel":
+        return INTEL_MATRIX
+    raise BedError(f"no matrix for vendor {vendor!r}")
+
+
+def normalize(value: str) -> str:
+    """Parameter values as /sys/module prints them: booleans become Y/N."""
+    v = str(value).strip()
+    if v.lower() in ("y", "1", "true", "on", "yes"):
+        return "Y"
+    if v.lower() in ("n", "0", "false", "off", "no"):
+        return "N"
+    return v
+
+
+def param_mismatches(requested: Mapping[str, str], effective: Mapping[str, str]) -> List[str]:
+    """Requested parameters the bed did not end up with, as messages.
+
+    A parameter of a module the bed did not load (e.g. kvm_intel on AMD) is
+    not reported; one that was loaded but reads back differently, or is
+    absent from a loaded module, is.
+    """
+    loaded = {key.split(".", 1)[0] for key in effective}
+    problems = []
+    for key, want in requested.items():
+        module = key.split(".", 1)[0].replace("-", "_")
+        if module not in loaded:
+            continue
+        got = effective.get(key.replace("-", "_"))
+        if got is None:
+            problems.append(f"{key}: no such parameter")
+        elif normalize(got) != normalize(want):
+            problems.append(f"{key}={want} did not take effect (reads {got})")
+    return problems
+
+
+@dataclasses.dataclass
+class JUnitSummary:
+    tests: int = 0
+    failures: int = 0
+    errors: int = 0
+    skipped: int = 0
+    failed: List[str] = dataclasses.field(default_factory=list)
+
+    @property
+    def passed(self) -> int:
+        return self.tests - self.failures - self.errors - self.skipped
+
+
+def junit_summary(xml: bytes) -> JUnitSummary:
+    """Count the testcases of a JUnit XML document (pytest's flavour)."""
+    root = ET.fromstring(xml)
+    summary = JUnitSummary()
+    for case in root.iter("testcase"):
+        summary.tests += 1
+        name = f"{case.get('classname', '')}::{case.get('name', '')}".strip(":")
+        if case.find("failure") is not None:
+            summary.failures += 1
+            summary.failed.append(name)
+        elif case.find("error") is not None:
+            summary.errors += 1
+            summary.failed.append(name)
+        elif case.find("skipped") is not None:
+            summary.skipped += 1
+    return summary
+
+
+@dataclasses.dataclass
+class Row:
+    """One configuration's outcome."""
+
+    config: Config
+    result: BedResult
+    junit: Optional[JUnitSummary] = None
+    mismatches: List[str] = dataclasses.field(default_factory=list)
+    splats: List[str] = dataclasses.field(default_factory=list)
+
+    @property
+    def verdict(self) -> str:
+        """PASS, FAIL (the command or the kernel) or ERROR (the bed itself)."""
+        if self.result.status is None or self.mismatches:
+            return "ERROR"
+        if self.result.status != 0 or self.splats:
+            return "FAIL"
+        return "PASS"
+
+    @property
+    def detail(self) -> str:
+        if self.result.status is None:
+            return self.result.error or "no exit status"
+        if self.mismatches:
+            return "; ".join(self.mismatches)
+        if self.splats:
+            return "kernel splat: " + self.splats[0].splitlines()[0]
+        if self.junit and self.junit.failed:
+            more = f" (+{len(self.junit.failed) - 1})" if len(self.junit.failed) > 1 else ""
+            return self.junit.failed[0] + more
+        if self.result.status:
+            return f"exit {self.result.status}"
+        return ""
+
+
+def evaluate(config: Config, result: BedResult) -> Row:
+    """Judge one boot's result against its configuration."""
+    row = Row(config, result)
+    if result.status is not None:
+        row.mismatches = param_mismatches(config.params, result.params)
+    row.splats = find_splats_in_text(result.kernel_log)
+    xmls = [data for name, data in sorted(result.files.items()) if name.endswith(".xml")]
+    if xmls:
+        try:
+            row.junit = junit_summary(xmls[0])
+        except ET.ParseError:
+            row.junit = None
+    return row
+
+
+def run_matrix(
+    backend: Backend,
+    request: BedRequest,
+    configs: Sequence[Config],
+    progress: Optional[Callable[[int, int, Row], None]] = None,
+) -> List[Row]:
+    """Run ``request`` once per configuration (its params added to the request's)."""
+    rows = []
+    for i, config in enumerate(configs):
+        params = {**request.params, **config.params}
+        result = backend.run(dataclasses.replace(request, params=params))
+        row = evaluate(config, result)
+        rows.append(row)
+        if progress:
+            progress(i + 1, len(configs), row)
+    return rows
+
+
+def exit_status(rows: Sequence[Row]) -> int:
+    """2 if the bed failed anywhere, else 1 if any row failed, else 0."""
+    verdicts = {row.verdict for row in rows}
+    if "ERROR" in verdicts:
+        return 2
+    return 1 if "FAIL" in verdicts else 0
+
+
+def format_table(rows: Sequence[Row], title: str = "") -> str:
+    """The matrix as a fixed-width text table."""
+    header = ("config", "parameters", "result", "pass", "fail", "skip", "time", "detail")
+    lines = []
+    for row in rows:
+        j = row.junit
+        params = " ".join(f"{k}={v}" for k, v in row.config.params.items())
+        lines.append((
+            row.config.name, params, row.verdict,
+            str(j.passed) if j else "-", str(j.failures + j.errors) if j else "-",
+            str(j.skipped) if j else "-", f"{row.result.seconds:.0f}s", row.detail,
+        ))
+    widths = [max(len(h), *(len(l[i]) for l in lines)) if lines else len(h)
+              for i, h in enumerate(header)]
+    fmt = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()
+    out = [title] if title else []
+    out += [fmt(header), fmt(tuple("-" * w for w in widths))]
+    out += [fmt(l) for l in lines]
+    return "\n".join(out)
+
+
+def selftests_dir() -> Path:
+    """The selftest suite's directory (installed package, else the source tree)."""
+    try:
+        import kvmpy.selftests as pkg  # packaged from selftests/ by pyproject
+
+        paths = list(getattr(pkg, "__path__", []))
+        if paths:
+            return Path(paths[0])
+    except ImportError:
+        pass
+    here = Path(__file__).resolve().parents[2] / "selftests"
+    if here.is_dir():
+        return here
+    raise BedError("cannot find the selftests (neither kvmpy.selftests nor ./selftests)")
+
+
+def suite_command(extra: Sequence[str] = ()) -> List[str]:
+    """The command that runs the selftest suite inside the bed.
+
+    JUnit XML lands in the results directory because the bed sets
+    PYTEST_ADDOPTS (see kvmpy.bed.qemu.job_script).
+    """
+    return [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+            str(selftests_dir()), *extra]
+
+
+def write_results(rows: Sequence[Row], outdir: Path) -> None:
+    """Save each configuration's returned files under ``outdir/<config>/``."""
+    for row in rows:
+        save_files(row.result, Path(outdir) / row.config.name)
+
+
+def save_files(result: BedResult, outdir: Path) -> List[Path]:
+    """Write a result's files (and console, kernel log) into ``outdir``."""
+    outdir.mkdir(parents=True, exist_ok=True)
+    written = []
+    items: Dict[str, bytes] = dict(result.files)
+    items["console.log"] = result.console.encode()
+    if result.kernel_log:
+        items["kernel.log"] = result.kernel_log.encode()
+    for name, data in items.items():
+        path = outdir / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+        written.append(path)
+    return written
