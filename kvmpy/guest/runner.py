@@ -24,8 +24,8 @@ from kvmpy.errors import KvmError
 from kvmpy.exits import Exit, InterruptedExit, IoExit, MmioExit
 from kvmpy.guest import programs
 from kvmpy.guest.elf import GuestElf
-from kvmpy.guest.ucall import (AssertCall, DoneCall, ExceptionCall, PrintfCall, SyncCall, Ucall,
-                               decode, ucall_gpa)
+from kvmpy.guest.ucall import (AssertCall, BadUcallError, DoneCall, ExceptionCall, PrintfCall, SyncCall,
+                               Ucall, decode, ucall_gpa)
 from kvmpy.x86 import cpu, descriptors
 from kvmpy.x86.paging import PAGE_1G, PAGE_2M, PAGE_4K, PageTableBuilder
 
@@ -260,7 +260,10 @@ class GuestVm:
                     ex = vcpu.run()
                     if isinstance(ex, InterruptedExit):
                         continue  # kicked: the loop condition decides
-                    call = self._ucall_of(ex)
+                    try:
+                        call = self._ucall_of(ex)
+                    except BadUcallError as e:
+                        raise BadUcallError(f"vCPU {i}: {e}") from None
                     if call is None:
                         raise self._crash(i, ex)
                     if isinstance(call, DoneCall):

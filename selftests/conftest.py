@@ -1,0 +1,19 @@
+"""Shared fixtures for selftests that run on the host's /dev/kvm."""
+from __future__ import annotations
+
+import pytest
+
+from kvmpy.errors import RequirementError
+
+
+@pytest.fixture
+def kvm():
+    """An open /dev/kvm, or a skip whose reason is exactly why there is none."""
+    from kvmpy import Kvm
+
+    try:
+        k = Kvm()
+    except RequirementError as e:
+        pytest.skip(str(e))
+    with k:
+        yield k
