@@ -17,3 +17,5 @@ def kvm():
         pytest.skip(str(e))
     with k:
         yield k
+
+pytest_plugins = ["pytester"]

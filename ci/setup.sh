@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# SPDX-License-Identifier: GPL-2.0-only
+#
+# One-step set-up on a fresh Debian machine: the Debian packages kvmpy builds
+# with, a virtualenv in .venv, and kvmpy installed into it (editable, so the
+# compiled binding and the guests are built in this tree). Idempotent and quick
+# when everything is already there.
+#
+# usage: ci/setup.sh [--bed]     --bed also installs the nested test bed's packages
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+PKGS=(gcc libc6-dev libffi-dev python3-dev python3-venv linux-libc-dev)
+if [ "${1:-}" = "--bed" ]; then
+	PKGS+=(qemu-system-x86 busybox-static xz-utils cpio)
+fi
+
+missing=()
+for p in "${PKGS[@]}"; do
+	dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+	echo "ci/setup.sh: installing Debian packages: ${missing[*]}"
+	SUDO=""
+	[ "$(id -u)" -eq 0 ] || SUDO="sudo"
+	$SUDO apt-get update -qq
+	DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+	"$PY" -m venv .venv
+fi
+# Reinstall only when the build inputs changed since the last install.
+stamp=.venv/.kvmpy-installed
+inputs=$(cat pyproject.toml setup.py kvmpy/_ffi_build.py 2>/dev/null | sha256sum | cut -d' ' -f1)
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$inputs" ] || ! .venv/bin/python -c "import kvmpy.abi" 2>/dev/null; then
+	.venv/bin/python -m pip install -q --upgrade pip
+	.venv/bin/python -m pip install -q -e .
+	echo "$inputs" > "$stamp"
+fi
+./build_guest.sh >/dev/null

@@ -1,0 +1,128 @@
+"""The selftest machinery: results plugin, known-issues plugin, report and exit status."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from kvmpy.selftest import known_issues
+from kvmpy.selftest.report import RunResults, exit_status, format_ktap, format_table
+
+SAMPLE = '''
+import pytest
+def test_pass(kvmpy_stats):
+    kvmpy_stats(pages_2m=-3, pages_4k=1536)
+def test_fail():
+    assert 1 + 1 == 3, "arithmetic broke"
+def test_skip():
+    pytest.skip("KVM lacks KVM_CAP_NESTED_STATE")
+def test_known_bad():
+    assert False, "Page 17 should have its dirty bit set in iteration 2 but it is missing"
+def test_known_fixed():
+    pass
+def test_known_other_failure():
+    raise RuntimeError("something unrelated")
+'''
+
+KNOWN = '''
+[[issue]]
+test = "*::test_known_bad"
+reason = "ring loses pages"
+evidence = "page 17 missing in iteration 2"
+match = "should have its dirty bit set"
+
+[[issue]]
+test = "*::test_known_fixed"
+reason = "was broken once"
+evidence = "old log"
+
+[[issue]]
+test = "*::test_known_other_failure"
+reason = "ring loses pages"
+evidence = "x"
+match = "should have its dirty bit set"
+
+[[issue]]
+test = "*::test_pass"
+reason = "only on another kernel"
+evidence = "x"
+kernel_release = "0.0.0-nonexistent"
+'''
+
+
+@pytest.fixture
+def sample_run(pytester, monkeypatch):
+    pytester.makepyfile(test_sample=SAMPLE)
+    kfile = pytester.path / "known.toml"
+    kfile.write_text(KNOWN)
+    monkeypatch.setenv("KVMPY_KNOWN_ISSUES", str(kfile))
+    monkeypatch.setenv("PYTHONPATH", str(Path(__file__).resolve().parent.parent))
+    out = pytester.path / "results.json"
+    pytester.runpytest_subprocess("-p", "kvmpy.selftest.results", "-p", "kvmpy.selftest.known_issues",
+                                  f"--kvmpy-results={out}")
+    data = json.loads(out.read_text())
+    return {t["nodeid"].split("::")[-1]: t for t in data["tests"]}, data
+
+
+def test_results_and_known_issues(sample_run):
+    tests, data = sample_run
+    assert tests["test_pass"]["outcome"] == "passed"
+    assert tests["test_pass"]["stats"] == {"pages_2m": -3, "pages_4k": 1536}
+    assert tests["test_fail"]["outcome"] == "failed"
+    assert "arithmetic broke" in tests["test_fail"]["reason"]
+    assert tests["test_skip"]["outcome"] == "skipped"
+    assert tests["test_skip"]["reason"] == "KVM lacks KVM_CAP_NESTED_STATE"
+    # A matching failure of a known issue is an expected failure with the reason...
+    assert tests["test_known_bad"]["outcome"] == "xfailed"
+    assert "ring loses pages" in tests["test_known_bad"]["reason"]
+    # ...a pass is reported loudly...
+    assert tests["test_known_fixed"]["outcome"] == "failed"
+    assert "did not reproduce" in tests["test_known_fixed"]["reason"]
+    # ...and a different failure stays a failure.
+    assert tests["test_known_other_failure"]["outcome"] == "failed"
+    assert data["exitstatus"] == 1
+
+
+def test_report_of_sample(sample_run):
+    tests, _ = sample_run
+    run = RunResults("host kvm_pvm", list(tests.values()))
+    table = format_table([run], width=200)
+    assert "KVM lacks KVM_CAP_NESTED_STATE" in table
+    assert "XFAIL(known)" in table and "pages_2m=-3" in table
+    assert table.splitlines()[-1] == "1 passed, 3 failed, 1 skipped (1 xfailed)"
+    ktap = format_ktap([run]).splitlines()
+    assert ktap[0] == "KTAP version 1" and ktap[1] == "1..6"
+    assert any(line.startswith("ok ") and "# SKIP KVM lacks" in line for line in ktap)
+    assert any(line.startswith("ok ") and "# XFAIL" in line for line in ktap)
+    assert sum(line.startswith("not ok") for line in ktap) == 3
+    assert exit_status([run]) == 1
+
+
+def test_exit_status_rules():
+    ok = RunResults("c", [{"nodeid": "a", "outcome": "passed"}, {"nodeid": "b", "outcome": "skipped", "reason": "r"},
+                          {"nodeid": "c", "outcome": "xfailed", "reason": "r"}])
+    assert exit_status([ok]) == 0
+    assert exit_status([ok, RunResults("d", harness_error="pytest: no tests collected (exit 5)")]) == 2
+    assert exit_status([RunResults("e", [{"nodeid": "x", "outcome": "xpassed"}])]) == 1
+    assert exit_status([RunResults("e", [{"nodeid": "x", "outcome": "skipped", "reason": ""}])]) == 1
+
+
+def test_known_issue_file_validation(tmp_path):
+    f = tmp_path / "k.toml"
+    f.write_text('[[issue]]\ntest = "x"\nreason = "r"\n')
+    with pytest.raises(known_issues.KnownIssueFileError, match="lacks evidence"):
+        known_issues.load(f)
+    f.write_text('[[issue]]\ntest = "x"\nreason = "r"\nevidence = "e"\nmodul = "kvm_pvm"\n')
+    with pytest.raises(known_issues.KnownIssueFileError, match="unknown keys"):
+        known_issues.load(f)
+
+
+def test_known_issue_host_matching():
+    k = known_issues.KnownIssue("t", "r", "e", kernel_release="6.18.*", module="kvm_pvm")
+    assert k.applies_to_host("6.18.44-fc", {"kvm", "kvm_pvm"})
+    assert not k.applies_to_host("6.18.44-fc", {"kvm", "kvm_amd"})
+    assert not k.applies_to_host("6.12.1", {"kvm_pvm"})
+    assert k.matches("selftests/test_dirty_log.py::t") is False
+    k2 = known_issues.KnownIssue("test_dirty_log.py::test_x[ring]", "r", "e")
+    assert k2.matches("selftests/test_dirty_log.py::test_x[ring]")
