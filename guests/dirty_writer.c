@@ -1,0 +1,90 @@
+// SPDX-License-Identifier: GPL-2.0-only
+/*
+ * Dirty-logging writer.  Each vCPU stores the current stamp (the host-set global
+ * `iteration`) into the first 8 bytes of pages of the test region, in rounds:
+ *
+ *   park:   GUEST_SYNC(STAGE_PARKED, vcpu, writes) -- the host holds the vCPU
+ *           here between rounds (sets iteration, clears stop, collects, checks)
+ *   sweep:  if `stride` is non-zero, every stride-th page of the vCPU's range
+ *   random: pseudo-random pages of the range until the host sets `stop`
+ *           (every `sync_every` writes, GUEST_SYNC(STAGE_PROGRESS) if non-zero)
+ *
+ * `iteration` is re-read for every store, so the host may also change it while
+ * the guest runs (to tell phases apart).  Setting `quit` before releasing a
+ * parked vCPU ends it with GUEST_DONE.  The counters live in the program's
+ * .bss (memslot 0), never in the logged region.
+ */
+#include "lib/guest.h"
+
+#define MAX_VCPUS 16
+#define STAGE_PARKED 1
+#define STAGE_PROGRESS 2
+
+/* Set by the host. */
+uint64_t iteration;
+uint64_t stop;
+uint64_t quit;
+uint64_t test_gva;
+uint64_t test_npages;
+uint64_t stride;
+uint64_t sync_every;
+uint64_t seed = 1;
+uint64_t vcpu_first[MAX_VCPUS];   /* per-vCPU page range; npages 0 = whole region */
+uint64_t vcpu_npages[MAX_VCPUS];
+
+/* Read by the host. */
+uint64_t nr_writes[MAX_VCPUS];
+uint64_t nr_rounds[MAX_VCPUS];
+
+static inline uint64_t next_random(uint64_t *s)
+{
+	/* xorshift64* */
+	uint64_t x = *s;
+
+	x ^= x >> 12;
+	x ^= x << 25;
+	x ^= x >> 27;
+	*s = x;
+	return x * 0x2545f4914f6cdd1dull;
+}
+
+static inline void write_page(uint32_t id, uint64_t page)
+{
+	volatile uint64_t *p = (volatile uint64_t *)(test_gva + page * PAGE_SIZE_4K);
+
+	*p = READ_ONCE(iteration);
+	WRITE_ONCE(nr_writes[id], nr_writes[id] + 1);
+}
+
+void guest_main(uint32_t id, uint64_t arg)
+{
+	uint64_t rng, first, n, since_sync = 0;
+
+	GUEST_ASSERT(id < MAX_VCPUS);
+	rng = (seed ^ (0x9e3779b97f4a7c15ull * (id + 1))) | 1;
+	first = vcpu_npages[id] ? vcpu_first[id] : 0;
+	n = vcpu_npages[id] ? vcpu_npages[id] : test_npages;
+	GUEST_ASSERT(n > 0);
+	GUEST_ASSERT(first + n <= test_npages);
+
+	for (;;) {
+		GUEST_SYNC(STAGE_PARKED, id, READ_ONCE(nr_writes[id]));
+		if (READ_ONCE(quit))
+			break;
+		WRITE_ONCE(nr_rounds[id], nr_rounds[id] + 1);
+
+		uint64_t s = READ_ONCE(stride);
+		if (s) {
+			for (uint64_t p = first; p < first + n && !READ_ONCE(stop); p += s)
+				write_page(id, p);
+		}
+		while (!READ_ONCE(stop)) {
+			write_page(id, first + next_random(&rng) % n);
+			if (sync_every && ++since_sync >= sync_every) {
+				since_sync = 0;
+				GUEST_SYNC(STAGE_PROGRESS, id, READ_ONCE(nr_writes[id]));
+			}
+		}
+	}
+	GUEST_DONE();
+}

@@ -1,0 +1,389 @@
+"""Page-exact verification of KVM dirty logging, and collectors for each logging mode.
+
+The model
+---------
+A writer guest stores a *stamp* (the first u64 of a 4K page) into pages of a test
+slot. The host chooses the stamps: before letting the guest run it sets a guest
+global to a value never used before, and the guest writes whatever that global
+holds. A page's stamp therefore tells the host *whether* the page changed since it
+last looked (the stamp differs from the host's snapshot) and *when* it was written
+(which stamp, i.e. which phase of which round).
+
+Each round the host collects dirty pages (as often as it likes, also while the
+guest runs), then stops every vCPU at a sync point, collects once more, reads every
+page's stamp and calls :meth:`DirtyLogChecker.verify`. The rules, per slot:
+
+1. **No false negatives.** A page whose stamp changed since the previous verify
+   must have been reported by some collection of this round, if it carries a stamp
+   of a phase in which logging was promised (``must_report``; normally every
+   phase). Missing such a page is always a failure.
+2. **Stamps are honest.** A changed page must carry a stamp of this round. The one
+   exception is the race below, where the stamp of the previous round is allowed.
+3. **Nothing reported that did not change**, except:
+
+   * *INITIALLY_SET*: with KVM_DIRTY_LOG_INITIALLY_SET every page starts dirty, so
+     in the first round every page is reported (and KVM must report all of them);
+   * *the in-flight race*: a vCPU can have a write logged that has not retired
+     when the host reads memory. KVM marks the page dirty at the write fault
+     (dirty ring: pushes the gfn), then the vCPU exits before the store completes
+     (KVM_EXIT_DIRTY_RING_FULL, or a kick); the host collects the page and reads
+     the old stamp. The store retires later, after the host read the page in this
+     round, carrying the stamp the vCPU already held in a register. The collector
+     names such pages (:meth:`note_in_flight`: at most the last gfn harvested from
+     a vCPU that left KVM_RUN without reaching its sync point). Such a page may be
+     reported unchanged in this round; in the **next** round it must then change
+     (with this round's or the next round's stamp) and be reported again, since
+     KVM re-protected it when the host cleared/reset it. Any other reported but
+     unchanged page is a failure.
+4. Pages never written are never reported (a consequence of rule 3).
+
+Failures raise :class:`DirtyLogMismatch` whose message names the mode, slot,
+round, stamps and the offending page numbers with their old/new stamps.
+"""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Iterable, Mapping, Sequence
+
+from kvmpy.bitmap import DirtyBitmap
+from kvmpy.errors import KvmError
+
+if TYPE_CHECKING:
+    from kvmpy.memory import Memslot
+    from kvmpy.vm import Vm
+
+PAGE_SIZE = 4096
+_MAX_LISTED = 20  # pages named in a failure message; the count is always given
+
+
+class DirtyLogMismatch(AssertionError):
+    """The dirty log disagrees with the page contents. ``problems`` holds the details."""
+
+    def __init__(self, message: str, problems: dict[str, list[int]]) -> None:
+        super().__init__(message)
+        self.problems = problems
+
+
+def read_stamps(view: memoryview) -> list[int]:
+    """The first u64 of every 4K page of ``view`` (a slot's memory), in page order."""
+    if len(view) % PAGE_SIZE:
+        raise ValueError(f"view of {len(view)} bytes is not a whole number of pages")
+    # A strided memoryview reads one u64 per page without copying the slot.
+    return view.cast("B").cast("Q")[:: PAGE_SIZE // 8].tolist()
+
+
+@dataclass
+class RoundReport:
+    """What one :meth:`DirtyLogChecker.verify` saw (for logging and assertions)."""
+
+    round: int
+    changed: int                 # pages whose stamp changed
+    reported: int                # distinct pages reported this round
+    clean: int                   # pages neither changed nor reported
+    allowed_unchanged: list[int] = field(default_factory=list)  # reported, unchanged, excused
+
+    def __str__(self) -> str:
+        s = f"round {self.round}: changed {self.changed}, reported {self.reported}, clean {self.clean}"
+        if self.allowed_unchanged:
+            s += f", excused unchanged {_fmt_pages(self.allowed_unchanged)}"
+        return s
+
+
+def _fmt_pages(pages: Sequence[int]) -> str:
+    pages = sorted(pages)
+    head = ", ".join(str(p) for p in pages[:_MAX_LISTED])
+    more = f", ... ({len(pages)} in all)" if len(pages) > _MAX_LISTED else ""
+    return f"[{head}{more}]"
+
+
+class DirtyLogChecker:
+    """The host's model of one slot's dirty log, verified page by page each round.
+
+    ``initial`` is each page's stamp when logging starts (default: all zero).
+    ``initially_set`` says KVM_DIRTY_LOG_INITIALLY_SET is in force, so the first
+    round reports every page. ``label`` (mode, backing...) prefixes every message.
+    Thread-safe: collectors may :meth:`record` from any thread.
+    """
+
+    def __init__(self, npages: int, *, initial: Sequence[int] | None = None,
+                 initially_set: bool = False, label: str = "", slot: int | None = None) -> None:
+        if initial is not None and len(initial) != npages:
+            raise ValueError(f"initial stamps for {len(initial)} pages, slot has {npages}")
+        self.npages = npages
+        self.label = label
+        self.slot = slot
+        self.initially_set = initially_set
+        self.round = 0
+        self._snapshot: list[int] = list(initial) if initial is not None else [0] * npages
+        self._max_stamp = max(self._snapshot, default=0)
+        self._lock = threading.Lock()
+        self._reported: set[int] = set()
+        self._collections = 0
+        self._phases: dict[int, bool] = {}      # stamp -> must be reported
+        self._prev_phases: dict[int, bool] = {}
+        self._in_flight: set[int] = set()
+        self._prev_in_flight: set[int] = set()
+        self.total_changed = 0
+        self.total_reported = 0
+
+    # -- a round ----------------------------------------------------------------
+    def begin_round(self, stamp: int, must_report: bool = True) -> None:
+        """Start a new round whose first phase writes ``stamp``."""
+        self.round += 1
+        self._prev_phases, self._phases = self._phases, {}
+        self._prev_in_flight, self._in_flight = self._in_flight, set()
+        with self._lock:
+            self._reported = set()
+            self._collections = 0
+        self.add_phase(stamp, must_report)
+
+    def add_phase(self, stamp: int, must_report: bool = True) -> None:
+        """Declare that the guest may now write ``stamp``.
+
+        ``must_report=False`` for a phase whose writes KVM need not log (logging
+        was off for part of it); writes stamped with a ``must_report`` phase are
+        always required in the log.
+        """
+        if self.round == 0:
+            raise KvmError("begin_round() first")
+        # A stamp equal to a page's old contents would hide the write: stamps only grow.
+        if stamp <= self._max_stamp:
+            raise ValueError(f"stamp {stamp} is not fresh: stamps must grow (last/highest was {self._max_stamp})")
+        self._max_stamp = stamp
+        self._phases[stamp] = must_report
+
+    def record(self, pages: Iterable[int]) -> None:
+        """Add the pages one collection reported (slot-relative page numbers)."""
+        pages = list(pages)
+        bad = [p for p in pages if not 0 <= p < self.npages]
+        if bad:
+            raise DirtyLogMismatch(
+                f"{self._where()}: KVM reported pages outside the slot of {self.npages} pages: {_fmt_pages(bad)}",
+                {"out_of_range": bad})
+        with self._lock:
+            self._reported.update(pages)
+            self._collections += 1
+
+    def record_bitmap(self, bitmap: DirtyBitmap) -> None:
+        if bitmap.npages != self.npages:
+            raise ValueError(f"bitmap of {bitmap.npages} pages for a slot of {self.npages}")
+        self.record(bitmap.pages())
+
+    def note_in_flight(self, page: int) -> None:
+        """``page`` was logged for a write that may not have retired (see the module doc)."""
+        self._in_flight.add(page)
+
+    @property
+    def reported(self) -> set[int]:
+        with self._lock:
+            return set(self._reported)
+
+    def _where(self) -> str:
+        parts = [self.label] if self.label else []
+        if self.slot is not None:
+            parts.append(f"slot {self.slot}")
+        parts.append(f"round {self.round}")
+        return ", ".join(parts)
+
+    # -- the check ----------------------------------------------------------------
+    def verify(self, stamps: Sequence[int]) -> RoundReport:
+        """Check this round's collections against the pages' stamps (vCPUs stopped).
+
+        Raises :class:`DirtyLogMismatch` listing every violated rule; on success the
+        stamps become the snapshot the next round is compared with.
+        """
+        if len(stamps) != self.npages:
+            raise ValueError(f"{len(stamps)} stamps for a slot of {self.npages} pages")
+        with self._lock:
+            reported = set(self._reported)
+        prev = self._snapshot
+        first_initially_set = self.initially_set and self.round == 1
+        phases, prev_phases = self._phases, self._prev_phases
+
+        changed = [p for p in range(self.npages) if stamps[p] != prev[p]]
+        changed_set = set(changed)
+        missing, bad_stamp, spurious, excused, landed_missing = [], [], [], [], []
+        for p in changed:
+            s = stamps[p]
+            if s in phases:
+                must = phases[s]
+            elif p in self._prev_in_flight and s in prev_phases:
+                must = True  # the late store of last round's race: KVM re-logs it
+            else:
+                bad_stamp.append(p)
+                continue
+            if must and p not in reported:
+                missing.append(p)
+        for p in reported - changed_set:
+            if first_initially_set or p in self._in_flight:
+                excused.append(p)
+            else:
+                spurious.append(p)
+        # An in-flight write of last round must have landed by now (or still be in flight).
+        for p in self._prev_in_flight:
+            if p not in changed_set and p not in self._in_flight:
+                landed_missing.append(p)
+        not_all_set = []
+        if first_initially_set:
+            not_all_set = [p for p in range(self.npages) if p not in reported]
+
+        problems = {k: v for k, v in (
+            ("missing", missing), ("bad_stamp", bad_stamp), ("spurious", spurious),
+            ("in_flight_never_landed", landed_missing), ("initially_set_not_reported", not_all_set)) if v}
+        if problems:
+            raise DirtyLogMismatch(self._message(problems, stamps, prev, reported, len(changed)), problems)
+
+        self._snapshot = list(stamps)
+        self.total_changed += len(changed)
+        self.total_reported += len(reported)
+        clean = self.npages - len(changed_set | reported)
+        return RoundReport(self.round, len(changed), len(reported), clean, sorted(excused))
+
+    def _message(self, problems, stamps, prev, reported, nchanged) -> str:
+        phases = ", ".join(f"{s}{'' if m else ' (logging not promised)'}" for s, m in self._phases.items())
+        lines = [f"dirty log mismatch in {self._where()} (this round's stamps: {phases}; "
+                 f"{nchanged} pages changed, {len(reported)} reported in {self._collections} collections)"]
+        text = {
+            "missing": "changed but NOT reported (false negative)",
+            "bad_stamp": "changed to a stamp not written this round",
+            "spurious": "reported but unchanged and not excused (false positive)",
+            "in_flight_never_landed": "in-flight write of the previous round never landed",
+            "initially_set_not_reported": "not reported in the first round although INITIALLY_SET",
+        }
+        for key, pages in problems.items():
+            detail = ", ".join(f"{p}: {prev[p]}->{stamps[p]}" for p in sorted(pages)[:_MAX_LISTED])
+            lines.append(f"  {len(pages)} pages {text[key]}: {_fmt_pages(pages)} (page: old->new stamp: {detail})")
+        return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------
+# Collectors: one per logging mode. Each knows how to set the VM up and how to
+# fetch (and re-arm) the dirty pages of the logged slots.
+# ---------------------------------------------------------------------------
+
+class Collector:
+    """Fetches dirty pages of logged slots; ``collect()`` returns {slot: pages}."""
+
+    name = "collector"
+    initially_set = False
+
+    def setup_vm(self, vm: "Vm") -> None:
+        """Prepare ``vm`` for this mode (before vCPUs are created)."""
+
+    def collect(self, vm: "Vm", slots: Sequence["Memslot"]) -> dict[int, list[int]]:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+class GetDirtyLogCollector(Collector):
+    """KVM_GET_DIRTY_LOG alone: fetching the bitmap also resets it and re-protects."""
+
+    name = "dirty-log"
+
+    def collect(self, vm, slots):
+        return {ms.slot: vm.get_dirty_log(ms.slot).pages() for ms in slots}
+
+
+class ClearDirtyLogCollector(Collector):
+    """KVM_GET_DIRTY_LOG + KVM_CLEAR_DIRTY_LOG under KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2.
+
+    GET only copies the bitmap; CLEAR of exactly the reported pages re-protects them.
+    ``chunk`` (a multiple of 64) clears in several calls, exercising first_page/num_pages.
+    """
+
+    def __init__(self, initially_set: bool = False, chunk: int | None = None) -> None:
+        if chunk is not None and (chunk <= 0 or chunk % 64):
+            raise ValueError("chunk must be a positive multiple of 64 pages")
+        self.initially_set = initially_set
+        self.chunk = chunk
+        self.name = "clear-log-initially-set" if initially_set else "clear-log"
+
+    def setup_vm(self, vm):
+        vm.enable_manual_protect(initially_set=self.initially_set)
+
+    def collect(self, vm, slots):
+        out = {}
+        for ms in slots:
+            bm = vm.get_dirty_log(ms.slot)
+            step = self.chunk or ms.npages
+            for first in range(0, ms.npages, step):
+                vm.clear_dirty_log(ms.slot, bm, first, min(step, ms.npages - first))
+            out[ms.slot] = bm.pages()
+        return out
+
+
+class DirtyRingCollector(Collector):
+    """Per-vCPU dirty rings: harvest every vCPU's ring, then KVM_RESET_DIRTY_RINGS.
+
+    ``acq_rel=None`` uses KVM_CAP_DIRTY_LOG_RING_ACQ_REL when KVM offers it.
+    ``last_entry[vcpu_id]`` keeps the last gfn harvested from each vCPU (for the
+    in-flight race of a RING_FULL exit). Checks that the reset count equals the
+    harvested count and that every entry names a logged slot and an in-range page.
+    """
+
+    def __init__(self, ring_bytes: int = 65536, acq_rel: bool | None = None) -> None:
+        self.ring_bytes = ring_bytes
+        self.acq_rel = acq_rel
+        self.name = "dirty-ring" if acq_rel is None else ("dirty-ring-acq-rel" if acq_rel else "dirty-ring-plain")
+        self.last_entry: dict[int, tuple[int, int]] = {}
+        self.harvested = 0
+        self._lock = threading.Lock()
+
+    def setup_vm(self, vm):
+        vm.enable_dirty_ring(self.ring_bytes, self.acq_rel)
+
+    def collect(self, vm, slots):
+        by_slot = {ms.slot: ms for ms in slots}
+        out: dict[int, list[int]] = {s: [] for s in by_slot}
+        # One harvester at a time: a ring has a single consumer index.
+        with self._lock:
+            count = 0
+            for vcpu in list(vm.vcpus.values()):
+                entries = vcpu.dirty_ring.harvest()
+                for slot, offset in entries:
+                    ms = by_slot.get(slot)
+                    if ms is None:
+                        raise DirtyLogMismatch(
+                            f"{self.name}: vCPU {vcpu.id}'s ring names slot {slot} (offset {offset}), "
+                            f"which is not a logged slot (logged: {sorted(by_slot)})", {"bad_slot": [slot]})
+                    if offset >= ms.npages:
+                        raise DirtyLogMismatch(
+                            f"{self.name}: vCPU {vcpu.id}'s ring names page {offset} of slot {slot}, "
+                            f"which has only {ms.npages} pages", {"out_of_range": [offset]})
+                    out[slot].append(offset)
+                if entries:
+                    self.last_entry[vcpu.id] = entries[-1]
+                count += len(entries)
+            reset = vm.reset_dirty_rings() if count else 0
+            self.harvested += count
+        if reset != count:
+            raise DirtyLogMismatch(
+                f"{self.name}: KVM_RESET_DIRTY_RINGS reset {reset} entries, {count} were harvested",
+                {"reset_mismatch": [reset, count]})
+        return out
+
+
+def collector_by_name(name: str, ring_bytes: int = 65536) -> Collector:
+    """A collector from its mode name (the names used in test ids)."""
+    table = {
+        "dirty-log": GetDirtyLogCollector,
+        "clear-log": lambda: ClearDirtyLogCollector(False),
+        "clear-log-initially-set": lambda: ClearDirtyLogCollector(True),
+        "dirty-ring": lambda: DirtyRingCollector(ring_bytes, None),
+        "dirty-ring-plain": lambda: DirtyRingCollector(ring_bytes, False),
+    }
+    if name not in table:
+        raise KvmError(f"unknown dirty-log mode {name!r}; choose from {', '.join(table)}")
+    return table[name]()
+
+
+MODES = ("dirty-log", "clear-log", "clear-log-initially-set", "dirty-ring")
+
+
+def record_all(checkers: Mapping[int, DirtyLogChecker], collected: Mapping[int, Iterable[int]]) -> None:
+    """Feed one collection ({slot: pages}) to the per-slot checkers."""
+    for slot, pages in collected.items():
+        checkers[slot].record(pages)
