@@ -5,6 +5,10 @@ import pytest
 
 from kvmpy.errors import RequirementError
 
+# Results (JSON for the report, the kvmpy_stats fixture), the known-issues list and
+# the kernel-splat watch apply to every selftest run, by `kvmpy selftest` or plain pytest.
+pytest_plugins = ["kvmpy.selftest.results", "kvmpy.selftest.known_issues", "kvmpy.selftest.splat"]
+
 
 @pytest.fixture
 def kvm():
