@@ -67,7 +67,8 @@ for src in guests/lib/*.c guests/lib/*.S; do
 	if stale "$obj" "$src" "${COMMON[@]}"; then
 		echo "  CC      $src"
 		# shellcheck disable=SC2086
-		run "$CC" $CFLAGS -c "$src" -o "$obj.tmp" && mv -f "$obj.tmp" "$obj"
+		run "$CC" $CFLAGS -c "$src" -o "$obj.tmp" || die "compiling $src failed"
+		mv -f "$obj.tmp" "$obj"
 	fi
 done
 
@@ -90,12 +91,14 @@ for src in "${PROGS[@]}"; do
 	if stale "$obj" "$src" "${COMMON[@]}"; then
 		echo "  CC      $src"
 		# shellcheck disable=SC2086
-		run "$CC" $CFLAGS -c "$src" -o "$obj.tmp" && mv -f "$obj.tmp" "$obj"
+		run "$CC" $CFLAGS -c "$src" -o "$obj.tmp" || die "compiling $src failed"
+		mv -f "$obj.tmp" "$obj"
 	fi
 	if stale "$elf" "$obj" "${LIB_OBJS[@]}" guests/lib/guest.ld; then
 		echo "  LD      $elf"
 		# shellcheck disable=SC2086
-		run "$CC" $LDFLAGS -o "$elf.tmp" "$obj" "${LIB_OBJS[@]}" -lgcc && mv -f "$elf.tmp" "$elf"
+		run "$CC" $LDFLAGS -o "$elf.tmp" "$obj" "${LIB_OBJS[@]}" -lgcc || die "linking $elf failed"
+		mv -f "$elf.tmp" "$elf"
 		built=$((built + 1))
 	fi
 done

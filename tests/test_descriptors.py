@@ -1,0 +1,52 @@
+"""GDT/TSS/IDT encodings against known architectural values (no /dev/kvm)."""
+from __future__ import annotations
+
+import struct
+
+import pytest
+
+from kvmpy.x86 import descriptors as d
+
+
+def test_flat_code_and_data_descriptors():
+    assert struct.unpack("<Q", d.CODE64.descriptor())[0] == 0x00AF9B000000FFFF  # 64-bit code, DPL0
+    assert struct.unpack("<Q", d.DATA.descriptor())[0] == 0x00CF93000000FFFF    # flat data
+
+
+def test_gdt_layout_and_tss_descriptor():
+    gdt = d.build_gdt([0x3000, 0xFFFF_8000_1234_5680])
+    assert len(gdt) == 0x18 + 2 * 16
+    assert gdt[:8] == bytes(8)
+    lo, hi = struct.unpack_from("<QQ", gdt, d.SEL_TSS0 + 16)
+    base = (lo >> 16) & 0xFFFFFF | ((lo >> 56) & 0xFF) << 24 | (hi & 0xFFFFFFFF) << 32
+    assert base == 0xFFFF_8000_1234_5680
+    assert lo & 0xFFFF == d.TSS_SIZE - 1
+    assert (lo >> 40) & 0xFF == 0x80 | d.TYPE_TSS_AVAILABLE  # present, system, available TSS
+    assert d.tss_segment(1, 0x3080).selector == d.SEL_TSS0 + 16
+
+
+def test_tss_fields():
+    tss = d.build_tss(rsp0=0x1000, ist={1: 0x2000, 7: 0x7000})
+    assert len(tss) == 104
+    assert struct.unpack_from("<Q", tss, 4)[0] == 0x1000
+    assert struct.unpack_from("<Q", tss, 36)[0] == 0x2000
+    assert struct.unpack_from("<Q", tss, 84)[0] == 0x7000
+    assert struct.unpack_from("<H", tss, 102)[0] == 104
+    with pytest.raises(d.DescriptorError):
+        d.build_tss(ist={8: 1})
+
+
+def test_idt_gates_roundtrip():
+    handlers = [0x400000 + 16 * v for v in range(32)] + [0xFFFF_FFFF_8123_4567]
+    idt = d.build_idt(handlers, ist={8: 1})
+    assert len(idt) == 256 * 16
+    for v, h in enumerate(handlers):
+        assert d.decode_gate(idt[16 * v: 16 * v + 16]) == (h, d.SEL_CODE64, 1 if v == 8 else 0, 0x8E)
+    assert idt[16 * 33:] == bytes(16 * (256 - 33))  # not present
+    with pytest.raises(d.DescriptorError):
+        d.idt_gate(0, ist=8)
+
+
+def test_limit_overflow_rejected():
+    with pytest.raises(d.DescriptorError):
+        d.Segment(0, limit=0x100000, g=0).descriptor()

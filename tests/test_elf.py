@@ -1,0 +1,106 @@
+"""Guest ELF loader: real guest programs and bad inputs (no /dev/kvm)."""
+from __future__ import annotations
+
+import struct
+
+import pytest
+
+from kvmpy.guest import programs
+from kvmpy.guest.elf import ElfError, GuestElf
+from kvmpy.x86.physmem import FlatMemory
+
+
+@pytest.fixture(scope="module")
+def globals_elf() -> bytes:
+    try:
+        return programs.find("globals").read_bytes()
+    except programs.GuestProgramError as e:
+        pytest.skip(f"cannot build guest programs: {e}")
+
+
+def write(tmp_path, data: bytes, name="g.elf"):
+    p = tmp_path / name
+    p.write_bytes(data)
+    return p
+
+
+def test_loads_segments_and_zeroes_bss(tmp_path, globals_elf):
+    elf = GuestElf(write(tmp_path, globals_elf))
+    assert elf.entry == elf.symbol("_start").addr == 0x400000
+    mem = FlatMemory(8 << 20)
+    mem.buf[:] = b"\xff" * len(mem.buf)
+    elf.load(mem)
+    for seg in elf.segments:
+        assert mem.read(seg.paddr, seg.filesz) == seg.data
+        assert mem.read(seg.paddr + seg.filesz, seg.memsz - seg.filesz) == bytes(seg.memsz - seg.filesz)
+    # .bss globals read as zero after loading, memory outside the segments is untouched
+    assert elf.read_global(mem, "out_value") == 0
+    assert mem.read(0x3FF000, 1) == b"\xff"
+
+
+def test_globals_roundtrip(tmp_path, globals_elf):
+    elf = GuestElf(write(tmp_path, globals_elf))
+    mem = FlatMemory(8 << 20)
+    elf.load(mem)
+    elf.write_global(mem, "in_value", 0x1122334455667788)
+    assert mem.read(elf.symbol("in_value").addr, 8) == struct.pack("<Q", 0x1122334455667788)
+    elf.write_global(mem, "in_array", 7, offset=8)  # in_array[2], a uint32_t
+    assert elf.read_global(mem, "in_array", offset=8) == 7
+    assert elf.read_global(mem, "in_array", offset=0, size=8) == 0
+    with pytest.raises(ElfError, match="does not fit in 'in_array'"):
+        elf.write_global(mem, "in_array", 1 << 32, offset=12)
+    with pytest.raises(ElfError, match="outside 'in_array'"):
+        elf.write_global(mem, "in_array", b"\0" * 17)
+    with pytest.raises(ElfError, match=r"g\.elf: no symbol 'nonexistent'"):
+        elf.read_global(mem, "nonexistent")
+
+
+def test_garbage_and_empty(tmp_path):
+    with pytest.raises(ElfError, match=r"junk\.elf: not an ELF file \(bad magic\)"):
+        GuestElf(write(tmp_path, b"#!/bin/sh\necho hi\n" * 10, "junk.elf"))
+    with pytest.raises(ElfError, match="not an ELF file"):
+        GuestElf(write(tmp_path, b"", "empty.elf"))
+    with pytest.raises(ElfError, match="cannot read"):
+        GuestElf(tmp_path / "missing.elf")
+
+
+def test_truncated(tmp_path, globals_elf):
+    with pytest.raises(ElfError, match="truncated ELF: 40 bytes"):
+        GuestElf(write(tmp_path, globals_elf[:40]))
+    with pytest.raises(ElfError, match="truncated"):
+        GuestElf(write(tmp_path, globals_elf[:0x1800]))  # headers intact, text cut short
+
+
+def test_corrupt_program_header_offset(tmp_path, globals_elf):
+    bad = bytearray(globals_elf)
+    struct.pack_into("<Q", bad, 32, 1 << 40)  # e_phoff far past the end
+    with pytest.raises(ElfError, match="truncated or corrupt"):
+        GuestElf(write(tmp_path, bytes(bad)))
+
+
+@pytest.mark.parametrize("patch,match", [
+    ((4, b"\x01"), "32-bit ELF"),
+    ((5, b"\x02"), "big-endian"),
+    ((18, struct.pack("<H", 183)), "wrong architecture: EM_AARCH64, expected EM_X86_64"),
+    ((18, struct.pack("<H", 3)), "wrong architecture: EM_386"),
+    ((16, struct.pack("<H", 3)), "not a static executable"),  # ET_DYN
+])
+def test_wrong_kind(tmp_path, globals_elf, patch, match):
+    off, data = patch
+    bad = bytearray(globals_elf)
+    bad[off: off + len(data)] = data
+    with pytest.raises(ElfError, match=match):
+        GuestElf(write(tmp_path, bytes(bad)))
+
+
+def test_segment_outside_guest_memory(tmp_path, globals_elf):
+    elf = GuestElf(write(tmp_path, globals_elf))
+    with pytest.raises(ElfError, match=r"g\.elf: segment 0x400000\+0x[0-9a-f]+ is outside guest memory"):
+        elf.load(FlatMemory(4 << 20))  # ends exactly where the program starts
+
+
+def test_symbolize(tmp_path, globals_elf):
+    elf = GuestElf(write(tmp_path, globals_elf))
+    main = elf.symbol("guest_main")
+    assert elf.symbolize(main.addr + 4) == "guest_main+0x4"
+    assert elf.symbolize(0x10) == "0x10"

@@ -1,0 +1,136 @@
+"""Page-table builder and walker, checked translation by translation (no /dev/kvm)."""
+from __future__ import annotations
+
+import struct
+
+import pytest
+
+from kvmpy.x86.paging import (PAGE_1G, PAGE_2M, PAGE_4K, PTE_NX, PTE_P, PTE_PS, PTE_RW, PTE_US,
+                              PageTableBuilder, PagingError, is_canonical, walk)
+from kvmpy.x86.physmem import FlatMemory
+
+POOL = 0x10000
+
+
+def builder(pool_pages: int = 64) -> PageTableBuilder:
+    return PageTableBuilder(FlatMemory(POOL + pool_pages * PAGE_4K), POOL, pool_pages * PAGE_4K, phys_bits=46)
+
+
+def test_every_4k_translation():
+    pt = builder()
+    pt.map(0x7000_0000, 0x20_0000, 300 * PAGE_4K)  # crosses a page-table boundary (512 entries)
+    pt.map(0xFFFF_8000_0000_0000, 0x1234_5000, 3 * PAGE_4K, writable=False, user=True, nx=True)
+    for i in range(300):
+        for off in (0, 0x7FF, 0xFFF):
+            t = pt.translate(0x7000_0000 + i * PAGE_4K + off)
+            assert (t.gpa, t.page_size, t.writable, t.user, t.nx) == (0x20_0000 + i * PAGE_4K + off, PAGE_4K,
+                                                                      True, False, False)
+    for i in range(3):
+        t = pt.translate(0xFFFF_8000_0000_0000 + i * PAGE_4K + 8)
+        assert (t.gpa, t.writable, t.user, t.nx) == (0x1234_5000 + i * PAGE_4K + 8, False, True, True)
+    # neighbours are not mapped
+    assert pt.translate(0x7000_0000 - PAGE_4K) is None
+    assert pt.translate(0x7000_0000 + 300 * PAGE_4K) is None
+    assert pt.translate(0xFFFF_8000_0000_0000 + 3 * PAGE_4K) is None
+
+
+def test_every_2m_translation():
+    pt = builder()
+    pt.map(0x40_0000_0000, 0x1_0000_0000, 4 * PAGE_2M, PAGE_2M)
+    for i in range(4):
+        for off in range(0, PAGE_2M, PAGE_4K):
+            t = pt.translate(0x40_0000_0000 + i * PAGE_2M + off + 5)
+            assert (t.gpa, t.page_size) == (0x1_0000_0000 + i * PAGE_2M + off + 5, PAGE_2M)
+    assert pt.translate(0x40_0000_0000 + 4 * PAGE_2M) is None
+
+
+def test_every_1g_translation():
+    pt = builder()
+    pt.map(0x80_0000_0000, 0x8000_0000, 2 * PAGE_1G, PAGE_1G, nx=True)
+    for i in range(2):
+        for off in range(0, PAGE_1G, PAGE_2M):
+            t = pt.translate(0x80_0000_0000 + i * PAGE_1G + off + 0x123)
+            assert (t.gpa, t.page_size, t.nx) == (0x8000_0000 + i * PAGE_1G + off + 0x123, PAGE_1G, True)
+    # 1G leaves need only a PML4 and a PDPT
+    assert pt.pages_used == 2
+
+
+def test_raw_entries_match_the_architecture():
+    """Decode the tables by hand, independently of walk()."""
+    pt = builder()
+    gva, gpa = 0x1234_5678_9000, 0x3_4567_8000
+    pt.map_page(gva, gpa, writable=False, user=True, nx=True)
+    mem = pt.mem
+    table = pt.cr3
+    for level, shift in ((4, 39), (3, 30), (2, 21)):
+        (e,) = struct.unpack("<Q", mem.read(table + 8 * ((gva >> shift) & 511), 8))
+        assert e & (PTE_P | PTE_RW | PTE_US) == PTE_P | PTE_RW | PTE_US, f"level {level}"
+        assert not e & (PTE_PS | PTE_NX)
+        table = e & 0x000F_FFFF_FFFF_F000
+    (leaf,) = struct.unpack("<Q", mem.read(table + 8 * ((gva >> 12) & 511), 8))
+    assert leaf == gpa | PTE_P | PTE_US | PTE_NX
+    assert pt.pages_used == 4
+
+
+def test_permissions_combine_across_levels():
+    pt = builder()
+    pt.map_page(0x5000, 0x5000)
+    t = pt.translate(0x5000)
+    # Make the PML4 entry read-only and supervisor: the effective bits follow.
+    pml4e = pt.cr3
+    (e,) = struct.unpack("<Q", pt.mem.read(pml4e, 8))
+    pt.mem.write(pml4e, struct.pack("<Q", (e & ~(PTE_RW | PTE_US)) | PTE_NX))
+    t = pt.translate(0x5000)
+    assert (t.writable, t.user, t.nx) == (False, False, True)
+
+
+def test_remap_same_size_replaces_and_unmap_clears():
+    pt = builder()
+    pt.map_page(0x200000, 0x200000, PAGE_2M)
+    pt.map_page(0x200000, 0x600000, PAGE_2M, writable=False)
+    t = pt.translate(0x200010)
+    assert (t.gpa, t.writable) == (0x600010, False)
+    assert pt.unmap_page(0x200010).gpa == 0x600010
+    assert pt.translate(0x200010) is None
+    with pytest.raises(PagingError, match="not mapped"):
+        pt.unmap_page(0x200010)
+
+
+@pytest.mark.parametrize("args,match", [
+    ((0x1001, 0x1000, PAGE_4K), "not aligned"),
+    ((0x200000, 0x201000, PAGE_2M), "not aligned"),
+    ((0x1000, 0x1000, 0x3000), "not 4K, 2M or 1G"),
+    ((0x0000_8000_0000_0000, 0, PAGE_4K), "not canonical"),
+    ((0x1000, 1 << 46, PAGE_4K), "beyond the 46-bit"),
+])
+def test_bad_requests(args, match):
+    with pytest.raises(PagingError, match=match):
+        builder().map_page(*args)
+
+
+def test_overlapping_sizes_rejected():
+    pt = builder()
+    pt.map_page(0x400000, 0x400000, PAGE_2M)
+    with pytest.raises(PagingError, match="already inside a 2 MiB page"):
+        pt.map_page(0x401000, 0x401000, PAGE_4K)
+    pt.map_page(0x800000, 0x800000, PAGE_4K)
+    with pytest.raises(PagingError, match="would replace a page table"):
+        pt.map_page(0x800000, 0x800000, PAGE_2M)
+    with pytest.raises(PagingError, match="not a positive multiple"):
+        pt.map(0x1000, 0x1000, 0x1800)
+
+
+def test_pool_exhaustion():
+    pt = builder(pool_pages=4)
+    pt.map_page(0x1000, 0x1000)  # PML4 + PDPT + PD + PT: pool full
+    pt.map_page(0x2000, 0x2000)  # same PT: no new page
+    with pytest.raises(PagingError, match="exhausted"):
+        pt.map_page(0x400000, 0x400000)  # needs a new PT
+
+
+def test_canonical_and_walk_errors():
+    assert is_canonical(0x7FFF_FFFF_FFFF) and is_canonical(0xFFFF_8000_0000_0000)
+    assert not is_canonical(0x8000_0000_0000)
+    pt = builder()
+    with pytest.raises(PagingError, match="not canonical"):
+        walk(pt.mem, pt.cr3, 0x1_0000_0000_0000)
