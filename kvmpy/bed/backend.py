@@ -77,6 +77,8 @@ class BedResult:
     # The bed kernel's log (dmesg) at the end of the run, when the backend
     # could bring it back; the matrix scans it for splats.
     kernel_log: str = ""
+    # The machine's host pid (already reaped), for logs and tests.
+    pid: Optional[int] = None
 
     @property
     def ok(self) -> bool:

@@ -1,0 +1,324 @@
+"""Unit tests of the test bed that need no QEMU: modules, init, cpio, matrix."""
+
+import dataclasses
+import lzma
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kvmpy.bed import backend as bk
+from kvmpy.bed import initramfs, kernel, matrix, qemu
+from kvmpy.bed.backend import BedError, BedRequest, BedResult
+from kvmpy.bed.cli import ConsolePrinter
+
+MODULES_DEP = """\
+kernel/arch/x86/kvm/kvm.ko.xz: kernel/virt/lib/irqbypass.ko.xz
+kernel/arch/x86/kvm/kvm-amd.ko.xz: kernel/arch/x86/kvm/kvm.ko.xz kernel/drivers/crypto/ccp/ccp.ko.xz kernel/virt/lib/irqbypass.ko.xz
+kernel/arch/x86/kvm/kvm-intel.ko.xz: kernel/arch/x86/kvm/kvm.ko.xz kernel/virt/lib/irqbypass.ko.xz
+kernel/virt/lib/irqbypass.ko.xz:
+kernel/drivers/crypto/ccp/ccp.ko.xz:
+kernel/fs/9p/9p.ko.xz: kernel/net/9p/9pnet.ko.xz kernel/fs/netfs/netfs.ko.xz
+kernel/net/9p/9pnet.ko.xz:
+kernel/net/9p/9pnet_virtio.ko.xz: kernel/net/9p/9pnet.ko.xz
+kernel/fs/netfs/netfs.ko.xz:
+"""
+BUILTIN = "kernel/drivers/virtio/virtio_pci.ko\n"
+
+
+# --- module closure -------------------------------------------------------
+
+def test_closure_puts_dependencies_first_once():
+    order = kernel.module_closure(MODULES_DEP, ["9p", "kvm_amd", "kvm-intel"])
+    names = [kernel.module_name(p) for p in order]
+    assert sorted(names) == sorted(["9pnet", "netfs", "9p", "irqbypass", "kvm", "ccp",
+                                    "kvm_amd", "kvm_intel"])
+    for before, after in [("9pnet", "9p"), ("netfs", "9p"), ("irqbypass", "kvm"),
+                          ("kvm", "kvm_amd"), ("ccp", "kvm_amd"), ("kvm", "kvm_intel")]:
+        assert names.index(before) < names.index(after)
+
+
+def test_closure_skips_builtin_and_names_missing_modules():
+    assert kernel.module_closure(MODULES_DEP, ["virtio_pci"], BUILTIN.split()) == []
+    with pytest.raises(BedError, match="module virtio_pci is neither in modules.dep"):
+        kernel.module_closure(MODULES_DEP, ["virtio_pci"])
+
+
+def test_module_name_normalizes_suffix_and_dashes():
+    assert kernel.module_name("kernel/arch/x86/kvm/kvm-amd.ko.xz") == "kvm_amd"
+    assert kernel.module_name("extra/foo.ko") == "foo"
+
+
+def test_image_release_reads_bzimage_header(tmp_path):
+    image = bytearray(0x4000)
+    image[0x202:0x206] = b"HdrS"
+    image[0x20E:0x210] = (0x1000).to_bytes(2, "little")
+    image[0x1200:0x1200 + 40] = b"6.13.0-rc1-mypatch (me@box) #1 SMP\0".ljust(40, b"\0")
+    path = tmp_path / "bzImage"
+    path.write_bytes(bytes(image))
+    assert kernel.image_release(path) == "6.13.0-rc1-mypatch"
+
+
+def test_user_kernel_accepts_install_mod_path_root(tmp_path):
+    mods = tmp_path / "inst" / "lib" / "modules" / "6.13.0"
+    mods.mkdir(parents=True)
+    (mods / "modules.dep").write_text(MODULES_DEP)
+    (tmp_path / "bzImage").write_bytes(b"\0" * 1024)  # no header: release from the tree
+    k = kernel.user_kernel(tmp_path / "bzImage", tmp_path / "inst", cache=tmp_path / "cache")
+    assert k.release == "6.13.0" and k.modules_dir == mods.resolve()
+    with pytest.raises(BedError, match="--modules"):
+        kernel.user_kernel(tmp_path / "bzImage", tmp_path / "nope", cache=tmp_path / "cache")
+
+
+# --- the init script ----------------------------------------------------------
+
+def _sh():
+    for candidate in ("/bin/busybox", shutil.which("busybox") or ""):
+        if candidate and os.path.exists(candidate):
+            return [candidate, "sh"]
+    pytest.skip("busybox not installed (apt-get install busybox-static)")
+
+
+def run_init_load(tmp_path, cmdline, cpu_flags, modules):
+    """Source the real init and call load_modules with insmod replaced by a logger."""
+    (tmp_path / "cmdline").write_text(cmdline + "\n")
+    (tmp_path / "cpuinfo").write_text(f"flags\t\t: fpu {cpu_flags} sse\n")
+    (tmp_path / "modules").write_text("".join(m + "\n" for m in modules))
+    (tmp_path / "init").write_text(initramfs.INIT_SCRIPT)
+    log = tmp_path / "insmod.log"
+    fake = tmp_path / "insmod"
+    fake.write_text(f'#!/bin/sh\necho "$*" >> {log}\n')
+    fake.chmod(0o755)
+    env = dict(os.environ, KVMPY_INIT_TEST="1", KVMPY_CMDLINE=str(tmp_path / "cmdline"),
+               KVMPY_CPUINFO=str(tmp_path / "cpuinfo"), KVMPY_MODLIST=str(tmp_path / "modules"),
+               KVMPY_MODDIR="/m", KVMPY_INSMOD=str(fake))
+    subprocess.run([*_sh(), "-c", f". {tmp_path / 'init'}; load_modules"], env=env,
+                   check=True, timeout=30)
+    return log.read_text().splitlines() if log.exists() else []
+
+
+MODS = ["kernel/virt/lib/irqbypass.ko", "kernel/arch/x86/kvm/kvm.ko",
+        "kernel/arch/x86/kvm/kvm-amd.ko", "kernel/arch/x86/kvm/kvm-intel.ko"]
+
+
+def test_init_routes_cmdline_params_to_their_modules(tmp_path):
+    calls = run_init_load(
+        tmp_path,
+        "console=ttyS0 panic=-1 quiet kvm.tdp_mmu=N kvm-amd.npt=0 kvm_amd.nested=1 "
+        "kvm_intel.ept=0 kvmfoo.x=1 root=/dev/x.y",
+        "svm npt", MODS)
+    assert calls == [
+        "/m/kernel/virt/lib/irqbypass.ko",
+        "/m/kernel/arch/x86/kvm/kvm.ko tdp_mmu=N",
+        "/m/kernel/arch/x86/kvm/kvm-amd.ko npt=0 nested=1",
+    ]  # kvm_intel is not loaded on a CPU without vmx
+
+
+def test_init_loads_kvm_intel_on_vmx(tmp_path):
+    calls = run_init_load(tmp_path, "kvm_intel.ept=0 kvm.eager_page_split=N", "vmx ept", MODS)
+    assert calls[-2:] == ["/m/kernel/arch/x86/kvm/kvm.ko eager_page_split=N",
+                          "/m/kernel/arch/x86/kvm/kvm-intel.ko ept=0"]
+
+
+def test_params_cmdline_validates():
+    assert bk.params_cmdline({"kvm-amd.npt": "0", "kvm.tdp_mmu": "N"}) == ["kvm_amd.npt=0", "kvm.tdp_mmu=N"]
+    for bad in ({"tdp_mmu": "N"}, {"kvm.tdp_mmu": ""}, {"kvm.x": "a b"}, {".x": "1"}):
+        with pytest.raises(BedError):
+            bk.params_cmdline(bad)
+    assert bk.parse_param("kvm-amd.npt=0") == ("kvm_amd.npt", "0")
+    with pytest.raises(BedError, match="MODULE.PARAM=VALUE"):
+        bk.parse_param("kvm.tdp_mmu")
+
+
+def test_parse_console_markers():
+    console = ("[ 1.0] booting\nKVMPY-BED: param kvm.tdp_mmu=N\n"
+               "garbage KVMPY-BED: param kvm_amd.npt=N\nKVMPY-BED: ready\nhello\nKVMPY-BED: exit 7\n")
+    r = bk.parse_console(console)
+    assert r.status == 7 and r.params == {"kvm.tdp_mmu": "N", "kvm_amd.npt": "N"}
+    assert bk.parse_console("KVMPY-BED: ready\n").status is None
+
+
+# --- cpio ---------------------------------------------------------------------
+
+def test_cpio_archive_is_readable_by_cpio(tmp_path):
+    sh = _sh()
+    out = tmp_path / "a.cpio"
+    with open(out, "wb") as f:
+        w = initramfs.CpioWriter(f)
+        w.file("etc/kvmpy/x.txt", b"hello\n")
+        w.file("init", b"#!/bin/sh\n", 0o755)
+        w.chardev("dev/console", 5, 1)
+        w.symlink("bin/sh", "busybox")
+        w.close()
+    listing = subprocess.run([sh[0], "cpio", "-t", "-v"], stdin=open(out, "rb"),
+                             capture_output=True, text=True, check=True).stdout
+    assert "etc/kvmpy/x.txt" in listing and "dev/console" in listing
+    console_line = next(l for l in listing.splitlines() if l.endswith("dev/console"))
+    assert console_line.startswith("c")
+    dest = tmp_path / "x"
+    dest.mkdir()
+    subprocess.run([sh[0], "cpio", "-i", "-d", "etc/kvmpy/x.txt", "init"], stdin=open(out, "rb"),
+                   cwd=dest, check=True, capture_output=True)
+    assert (dest / "etc/kvmpy/x.txt").read_bytes() == b"hello\n"
+    assert os.stat(dest / "init").st_mode & 0o777 == 0o755
+
+
+def fake_kernel(tmp_path) -> kernel.Kernel:
+    mods = tmp_path / "lib" / "modules" / "6.99"
+    for rel in kernel.parse_modules_dep(MODULES_DEP):
+        path = mods / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(lzma.compress(f"ELF {rel}".encode()))
+    (mods / "modules.dep").write_text(MODULES_DEP)
+    (mods / "modules.builtin").write_text(BUILTIN)
+    return kernel.Kernel("6.99", tmp_path / "vmlinuz", mods, "test", tmp_path / "cache")
+
+
+def test_build_initramfs_holds_decompressed_closure(tmp_path):
+    sh = _sh()
+    k = fake_kernel(tmp_path)
+    out = initramfs.build_initramfs(k, tmp_path / "initrd", "status=0\n",
+                                    ["virtio_pci", "9p", "kvm_amd"], files={"extra/f": (b"x", 0o755)})
+    dest = tmp_path / "x"
+    dest.mkdir()
+    subprocess.run([sh[0], "cpio", "-i", "-d"], stdin=open(out, "rb"), cwd=dest,
+                   check=True, capture_output=True)
+    order = (dest / "etc/kvmpy/modules").read_text().split()
+    assert order[-1] == "kernel/arch/x86/kvm/kvm-amd.ko"
+    assert order.index("kernel/arch/x86/kvm/kvm.ko") < order.index("kernel/arch/x86/kvm/kvm-amd.ko")
+    assert (dest / "lib/modules/kernel/arch/x86/kvm/kvm.ko").read_bytes() == \
+        b"ELF kernel/arch/x86/kvm/kvm.ko.xz"
+    assert (dest / "init").read_text() == initramfs.INIT_SCRIPT
+    assert (dest / "etc/kvmpy/payload.sh").read_text() == "status=0\n"
+    assert (dest / "extra/f").read_bytes() == b"x"
+
+
+# --- QEMU command and job -------------------------------------------------------
+
+def test_job_script_quotes_and_exports(tmp_path):
+    req = BedRequest(command=["python3", "-c", "print('a b')"], cwd="/work/x y",
+                     env={"FOO": "1 2"})
+    script = qemu.job_script(req, inherit_env={"PATH": "/usr/bin"})
+    assert "cd '/work/x y' || exit 2" in script
+    assert "exec python3 -c 'print('\"'\"'a b'\"'\"')'" in script
+    assert "export FOO='1 2'" in script
+    assert f"--junitxml={qemu.INSIDE_RESULTS}/junit.xml" in script
+    assert f"export PATH={os.path.dirname(sys.executable)}:/usr/bin" in script
+    out = subprocess.run(["sh", "-n", "-c", script], capture_output=True)
+    assert out.returncode == 0, out.stderr
+    with pytest.raises(BedError, match="under /tmp"):
+        qemu.job_script(dataclasses.replace(req, cwd="/tmp/foo"), inherit_env={})
+
+
+def test_qemu_command_line(tmp_path):
+    k = kernel.Kernel("6.99", Path("/k/vmlinuz"), Path("/k/mods"), "test", tmp_path)
+    be = qemu.QemuBackend(k)
+    argv = be.command_line(Path("/x/initrd"), Path("/x/share"),
+                           BedRequest(command=["true"], params={"kvm.tdp_mmu": "N"}, mem="4G"))
+    assert argv[argv.index("-accel") + 1].startswith("tcg")
+    assert argv[argv.index("-m") + 1] == "4G"
+    append = argv[argv.index("-append") + 1].split()
+    assert "kvm.tdp_mmu=N" in append and "console=ttyS0" in append and "panic=-1" in append
+    assert any("path=/," in a and "readonly=on" in a for a in argv)
+    with pytest.raises(BedError, match="--mem"):
+        be.command_line(Path("/i"), Path("/s"), BedRequest(command=["true"], mem="lots"))
+    with pytest.raises(BedError, match="--accel"):
+        qemu.QemuBackend(k, accel="hvf")
+
+
+def test_inner_timeout_leaves_headroom():
+    assert qemu.inner_timeout(600) == 570
+    assert qemu.inner_timeout(40) == 30
+    assert qemu.inner_timeout(1) == 1
+
+
+def test_console_printer_shows_only_command_output():
+    lines = []
+
+    class Out:
+        def write(self, s):
+            lines.append(s)
+
+        def flush(self):
+            pass
+
+    p = ConsolePrinter(False, Out())
+    for line in ["[ 0.1] Linux", "KVMPY-BED: param kvm.tdp_mmu=Y", "KVMPY-BED: ready",
+                 "hello", "KVMPY-BED: exit 0", "[ 5.0] reboot: Power down"]:
+        p(line)
+    assert "".join(lines) == "hello\n"
+
+
+# --- matrix ---------------------------------------------------------------------
+
+JUNIT = b"""<?xml version="1.0"?><testsuites><testsuite name="pytest" tests="4">
+<testcase classname="selftests.test_a" name="test_ok"/>
+<testcase classname="selftests.test_a" name="test_skip"><skipped message="no"/></testcase>
+<testcase classname="selftests.test_a" name="test_bad"><failure message="boom"/></testcase>
+<testcase classname="selftests.test_a" name="test_ok2"/>
+</testsuite></testsuites>"""
+
+
+def test_param_mismatches():
+    eff = {"kvm.tdp_mmu": "Y", "kvm.eager_page_split": "N", "kvm_amd.npt": "N"}
+    assert matrix.param_mismatches({"kvm.tdp_mmu": "Y", "kvm_amd.npt": "0"}, eff) == []
+    assert matrix.param_mismatches({"kvm.tdp_mmu": "N"}, eff) == \
+        ["kvm.tdp_mmu=N did not take effect (reads Y)"]
+    assert matrix.param_mismatches({"kvm.tpd_mmu": "N"}, eff) == ["kvm.tpd_mmu: no such parameter"]
+    # kvm_intel was not loaded (AMD bed): nothing to check.
+    assert matrix.param_mismatches({"kvm_intel.ept": "0"}, eff) == []
+
+
+def test_evaluate_and_table():
+    cfgs = matrix.AMD_MATRIX
+    ok = BedResult(0, "", files={"junit.xml": JUNIT.replace(b'<failure message="boom"/>', b"")},
+                   params={"kvm.tdp_mmu": "Y", "kvm.eager_page_split": "Y"}, seconds=12)
+    bad = BedResult(1, "", files={"junit.xml": JUNIT},
+                    params={"kvm.tdp_mmu": "Y", "kvm.eager_page_split": "N"}, seconds=13)
+    splat = BedResult(0, "", params={"kvm.tdp_mmu": "N"}, seconds=9,
+                      kernel_log="[ 3.1] WARNING: CPU: 0 PID: 9 at arch/x86/kvm/mmu/mmu.c:1 f\n")
+    ignored = BedResult(0, "", params={"kvm_amd.npt": "Y"}, seconds=8)
+    rows = [matrix.evaluate(c, r) for c, r in zip(cfgs, [ok, bad, splat, ignored])]
+    assert [r.verdict for r in rows] == ["PASS", "FAIL", "FAIL", "ERROR"]
+    assert rows[1].junit.failed == ["selftests.test_a::test_bad"]
+    assert (rows[1].junit.passed, rows[1].junit.skipped) == (2, 1)
+    assert rows[2].detail.startswith("kernel splat: WARNING: CPU: 0")
+    assert rows[3].detail == "kvm_amd.npt=0 did not take effect (reads Y)"
+    table = matrix.format_table(rows, "T")
+    lines = table.splitlines()
+    assert lines[0] == "T" and lines[1].split()[:3] == ["config", "parameters", "result"]
+    assert lines[4].split()[:4] == ["tdp-split", "kvm.tdp_mmu=Y", "kvm.eager_page_split=N", "FAIL"]
+    assert "selftests.test_a::test_bad" in lines[4]
+    assert matrix.exit_status(rows) == 2
+    assert matrix.exit_status(rows[:3]) == 1
+    assert matrix.exit_status(rows[:1]) == 0
+
+
+def test_run_matrix_merges_params_per_config():
+    seen = []
+
+    class Fake(bk.Backend):
+        name, vendor = "fake", "amd"
+
+        def check(self):
+            pass
+
+        def run(self, request):
+            seen.append(dict(request.params))
+            return BedResult(0, "", params={k: matrix.normalize(v) for k, v in request.params.items()})
+
+    rows = matrix.run_matrix(Fake(), BedRequest(command=["true"], params={"kvm.x": "1"}),
+                             matrix.AMD_MATRIX)
+    assert [r.verdict for r in rows] == ["PASS"] * 4
+    assert seen[3] == {"kvm.x": "1", "kvm_amd.npt": "0"}
+    assert seen[0] == {"kvm.x": "1", "kvm.tdp_mmu": "Y", "kvm.eager_page_split": "Y"}
+
+
+def test_matrices_cover_the_issue_configurations():
+    amd = [dict(c.params) for c in matrix.matrix_for("amd")]
+    assert {"kvm.tdp_mmu": "N"} in amd and {"kvm_amd.npt": "0"} in amd
+    assert {"kvm.tdp_mmu": "Y", "kvm.eager_page_split": "N"} in amd
+    assert {"kvm_intel.ept": "0"} in [dict(c.params) for c in matrix.matrix_for("intel")]
