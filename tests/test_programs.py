@@ -1,0 +1,25 @@
+"""Guest program lookup: automatic build into KVMPY_GUEST_BUILD_DIR (no /dev/kvm)."""
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from kvmpy.guest import programs
+
+
+@pytest.mark.skipif(shutil.which("gcc") is None, reason="gcc not installed")
+def test_find_builds_missing_program_once(tmp_path, monkeypatch):
+    monkeypatch.setenv("KVMPY_GUEST_BUILD_DIR", str(tmp_path))
+    elf = programs.find("hello")
+    assert elf == tmp_path / "hello.elf" and elf.read_bytes()[:4] == b"\x7fELF"
+    mtime = elf.stat().st_mtime_ns
+    assert programs.find("hello") == elf
+    assert elf.stat().st_mtime_ns == mtime  # up to date: not rebuilt
+    elf.unlink()
+    assert programs.find("hello").is_file()  # missing: rebuilt
+
+
+def test_unknown_program_lists_available():
+    with pytest.raises(programs.GuestProgramError, match="no guest program 'no_such_prog'.*available: .*hello"):
+        programs.find("no_such_prog")
