@@ -1,0 +1,235 @@
+"""Unit tests of kvmpy.dirty_check: the page-exact rules, without /dev/kvm."""
+from __future__ import annotations
+
+import struct
+
+import pytest
+
+from kvmpy.bitmap import DirtyBitmap
+from kvmpy.dirty_check import (ClearDirtyLogCollector, DirtyLogChecker, DirtyLogMismatch, DirtyRingCollector,
+                               GetDirtyLogCollector, collector_by_name, read_stamps)
+
+N = 130  # not a multiple of 64 on purpose
+
+
+class FakeGuest:
+    """Page stamps plus a model 'KVM' that logs every write exactly."""
+
+    def __init__(self, npages: int = N) -> None:
+        self.stamps = [0] * npages
+        self.logged: set[int] = set()
+
+    def write(self, page: int, stamp: int, log: bool = True) -> None:
+        self.stamps[page] = stamp
+        if log:
+            self.logged.add(page)
+
+    def harvest(self) -> list[int]:
+        out, self.logged = sorted(self.logged), set()
+        return out
+
+
+def run_round(chk: DirtyLogChecker, g: FakeGuest, stamp: int, pages, harvest=None):
+    chk.begin_round(stamp)
+    for p in pages:
+        g.write(p, stamp)
+    got = g.harvest()
+    chk.record(harvest(got) if harvest else got)
+    return chk.verify(g.stamps)
+
+
+def test_exact_log_passes_several_rounds():
+    chk, g = DirtyLogChecker(N, label="unit"), FakeGuest()
+    for r, pages in enumerate([[0, 5, 129], [5, 64, 65], [], [1, 2, 3, 127]], start=1):
+        rep = run_round(chk, g, r, pages)
+        assert rep.changed == len(set(pages)) and rep.reported == len(set(pages))
+    assert chk.total_changed == 10
+
+
+def test_dropping_one_page_from_the_harvest_fails():
+    """A deliberately broken harvest (one page dropped) must be caught and named."""
+    chk, g = DirtyLogChecker(N, label="dirty-ring-anonymous", slot=1), FakeGuest()
+    run_round(chk, g, 1, [3, 4, 5])
+    with pytest.raises(DirtyLogMismatch) as ei:
+        run_round(chk, g, 2, [10, 77, 128], harvest=lambda got: [p for p in got if p != 77])
+    msg = str(ei.value)
+    assert ei.value.problems == {"missing": [77]}
+    assert "false negative" in msg and "[77]" in msg and "77: 0->2" in msg
+    assert "dirty-ring-anonymous" in msg and "slot 1" in msg and "round 2" in msg
+
+
+def test_dropping_a_page_split_over_collections_still_fails():
+    chk, g = DirtyLogChecker(N), FakeGuest()
+    chk.begin_round(1)
+    g.write(1, 1)
+    chk.record(g.harvest())          # concurrent collection
+    g.write(2, 1)
+    g.harvest()                      # lost collection
+    with pytest.raises(DirtyLogMismatch, match=r"NOT reported.*\[2\]"):
+        chk.verify(g.stamps)
+
+
+def test_reported_but_unchanged_is_a_false_positive():
+    chk, g = DirtyLogChecker(N), FakeGuest()
+    with pytest.raises(DirtyLogMismatch) as ei:
+        run_round(chk, g, 1, [7], harvest=lambda got: got + [100])
+    assert ei.value.problems == {"spurious": [100]}
+    assert "false positive" in str(ei.value)
+
+
+def test_never_written_page_reported_later_fails():
+    chk, g = DirtyLogChecker(N), FakeGuest()
+    run_round(chk, g, 1, [1])
+    run_round(chk, g, 2, [2])
+    with pytest.raises(DirtyLogMismatch, match="spurious|false positive"):
+        run_round(chk, g, 3, [3], harvest=lambda got: got + [99])
+
+
+def test_page_reported_again_after_it_settled_fails():
+    # Reported correctly in round 1, unchanged in round 2: reporting it again is wrong.
+    chk, g = DirtyLogChecker(N), FakeGuest()
+    run_round(chk, g, 1, [9])
+    with pytest.raises(DirtyLogMismatch, match=r"\[9\]"):
+        run_round(chk, g, 2, [], harvest=lambda got: [9])
+
+
+def test_stamp_not_of_this_round_fails():
+    chk, g = DirtyLogChecker(N), FakeGuest()
+    run_round(chk, g, 1, [1])
+    chk.begin_round(2)
+    g.write(4, 7)  # a stamp the host never handed out
+    chk.record(g.harvest())
+    with pytest.raises(DirtyLogMismatch) as ei:
+        chk.verify(g.stamps)
+    assert ei.value.problems == {"bad_stamp": [4]}
+
+
+def test_out_of_range_report_fails():
+    chk = DirtyLogChecker(N)
+    chk.begin_round(1)
+    with pytest.raises(DirtyLogMismatch, match="outside the slot"):
+        chk.record([N])
+
+
+def test_initially_set_first_round_excuses_unchanged_but_requires_all():
+    chk, g = DirtyLogChecker(N, initially_set=True), FakeGuest()
+    chk.begin_round(1)
+    g.write(3, 1)
+    chk.record(range(N))  # KVM: every bit set at first
+    rep = chk.verify(g.stamps)
+    assert rep.changed == 1 and len(rep.allowed_unchanged) == N - 1
+    # Round 2 is strict again.
+    with pytest.raises(DirtyLogMismatch, match="false positive"):
+        run_round(chk, g, 2, [5], harvest=lambda got: got + [6])
+
+
+def test_initially_set_missing_a_bit_fails():
+    chk = DirtyLogChecker(N, initially_set=True)
+    chk.begin_round(1)
+    chk.record(p for p in range(N) if p != 64)
+    with pytest.raises(DirtyLogMismatch) as ei:
+        chk.verify([0] * N)
+    assert ei.value.problems == {"initially_set_not_reported": [64]}
+
+
+def test_in_flight_race_is_excused_once_and_must_land():
+    """The documented race: logged at the fault, store retires after the host read the page."""
+    chk, g = DirtyLogChecker(N), FakeGuest()
+    chk.begin_round(1)
+    g.write(1, 1)
+    g.logged.add(50)                 # logged, store not retired (RING_FULL exit)
+    chk.note_in_flight(50)
+    chk.record(g.harvest())
+    assert chk.verify(g.stamps).allowed_unchanged == [50]
+    # Round 2: the store lands with round 1's stamp; KVM logs it again.
+    chk.begin_round(2)
+    g.write(50, 1)
+    chk.record(g.harvest())
+    assert chk.verify(g.stamps).changed == 1
+
+
+def test_in_flight_late_store_must_be_reported_again():
+    chk, g = DirtyLogChecker(N), FakeGuest()
+    chk.begin_round(1)
+    g.logged.add(50)
+    chk.note_in_flight(50)
+    chk.record(g.harvest())
+    chk.verify(g.stamps)
+    chk.begin_round(2)
+    g.write(50, 1, log=False)        # landed but never re-logged
+    chk.record(g.harvest())
+    with pytest.raises(DirtyLogMismatch) as ei:
+        chk.verify(g.stamps)
+    assert ei.value.problems == {"missing": [50]}
+
+
+def test_in_flight_store_that_never_lands_fails():
+    chk, g = DirtyLogChecker(N), FakeGuest()
+    chk.begin_round(1)
+    g.logged.add(50)
+    chk.note_in_flight(50)
+    chk.record(g.harvest())
+    chk.verify(g.stamps)
+    with pytest.raises(DirtyLogMismatch) as ei:
+        run_round(chk, g, 2, [])
+    assert ei.value.problems == {"in_flight_never_landed": [50]}
+
+
+def test_unpromised_phase_may_go_unreported_but_promised_may_not():
+    """Toggling logging: writes of a phase with logging off need not be reported."""
+    chk, g = DirtyLogChecker(N), FakeGuest()
+    chk.begin_round(1, must_report=False)
+    g.write(1, 1, log=False)
+    g.write(2, 1, log=True)          # reported anyway: it changed, that is fine
+    chk.add_phase(2, must_report=True)
+    g.write(3, 2, log=False)         # logging back on: must be reported
+    chk.record(g.harvest())
+    with pytest.raises(DirtyLogMismatch) as ei:
+        chk.verify(g.stamps)
+    assert ei.value.problems == {"missing": [3]}
+
+
+def test_stamps_must_be_fresh():
+    chk = DirtyLogChecker(N)
+    chk.begin_round(5)
+    with pytest.raises(ValueError, match="fresh"):
+        chk.add_phase(5)
+    with pytest.raises(ValueError, match="fresh"):
+        chk.begin_round(3)
+
+
+def test_failed_verify_lists_counts_and_is_bounded():
+    chk, g = DirtyLogChecker(1000), FakeGuest(1000)
+    with pytest.raises(DirtyLogMismatch) as ei:
+        run_round(chk, g, 1, range(100), harvest=lambda got: [])
+    msg = str(ei.value)
+    assert "100 pages changed but NOT reported" in msg and "(100 in all)" in msg
+    assert len(msg) < 3000
+
+
+def test_read_stamps_reads_first_u64_of_each_page():
+    buf = bytearray(4096 * 3)
+    struct.pack_into("<Q", buf, 0, 11)
+    struct.pack_into("<Q", buf, 4096 * 2, 1 << 63)
+    struct.pack_into("<Q", buf, 8, 99)  # not the stamp
+    assert read_stamps(memoryview(buf)) == [11, 0, 1 << 63]
+    with pytest.raises(ValueError):
+        read_stamps(memoryview(buf)[:100])
+
+
+def test_record_bitmap():
+    chk = DirtyLogChecker(N)
+    chk.begin_round(1)
+    chk.record_bitmap(DirtyBitmap.from_pages(N, [0, 129]))
+    assert chk.reported == {0, 129}
+
+
+def test_collector_names():
+    assert isinstance(collector_by_name("dirty-log"), GetDirtyLogCollector)
+    c = collector_by_name("clear-log-initially-set")
+    assert isinstance(c, ClearDirtyLogCollector) and c.initially_set
+    assert isinstance(collector_by_name("dirty-ring"), DirtyRingCollector)
+    with pytest.raises(Exception, match="unknown dirty-log mode"):
+        collector_by_name("nope")
+    with pytest.raises(ValueError):
+        ClearDirtyLogCollector(chunk=100)
