@@ -254,6 +254,6 @@ def format_facts(f: HostFacts) -> str:
         if params:
             keys = ["tdp_mmu", "eager_page_split", "nx_huge_pages", "nested", "ept", "npt",
                     "enable_unrestricted_guest", "pml"]
-            shown = {k: params[k] for k in keys if k in params}
+            shown = {k: params[k] for k in keys if k in params} or params
             lines.append(f"{label} params: " + " ".join(f"{k}={v}" for k, v in shown.items()))
     return "\n".join(lines)
