@@ -123,6 +123,7 @@ class DirtyLogChecker:
         self._phases: dict[int, bool] = {}      # stamp -> must be reported
         self._prev_phases: dict[int, bool] = {}
         self._in_flight: set[int] = set()
+        self._all_set_round = 0
         self._prev_in_flight: set[int] = set()
         self.total_changed = 0
         self.total_reported = 0
@@ -170,6 +171,11 @@ class DirtyLogChecker:
             raise ValueError(f"bitmap of {bitmap.npages} pages for a slot of {self.npages}")
         self.record(bitmap.pages())
 
+    def expect_all_set(self) -> None:
+        """KVM set every bit of the slot again this round (logging re-enabled under
+        INITIALLY_SET): every page must be reported, unchanged ones are excused."""
+        self._all_set_round = self.round
+
     def note_in_flight(self, page: int) -> None:
         """``page`` was logged for a write that may not have retired (see the module doc)."""
         self._in_flight.add(page)
@@ -198,7 +204,7 @@ class DirtyLogChecker:
         with self._lock:
             reported = set(self._reported)
         prev = self._snapshot
-        first_initially_set = self.initially_set and self.round == 1
+        first_initially_set = (self.initially_set and self.round == 1) or self._all_set_round == self.round
         phases, prev_phases = self._phases, self._prev_phases
 
         changed = [p for p in range(self.npages) if stamps[p] != prev[p]]
