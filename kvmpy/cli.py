@@ -58,7 +58,7 @@ def _cmd_selftest(args: argparse.Namespace) -> int:
         if facts.error and not machine:
             print(f"note: {facts.error}; every selftest will skip", flush=True)
         runs = [runner.run_host(args.junit, args.keyword, args.pytest_args,
-                                config=f"host {facts.vendor_module or ''}".strip())]
+                                config=f"host {facts.vendor_module or ''}".strip(), machine_output=machine)]
     if args.json:
         print(report.to_json(header, runs))
     elif args.ktap:

@@ -35,14 +35,18 @@ def pytest_command(results_json: str, junit: str | None, keyword: str | None,
 
 
 def run_host(junit: str | None = None, keyword: str | None = None, extra: list[str] | None = None,
-             config: str = "host") -> RunResults:
-    """Run the suite against this host's /dev/kvm, streaming pytest's per-test lines."""
+             config: str = "host", machine_output: bool = False) -> RunResults:
+    """Run the suite against this host's /dev/kvm, streaming pytest's per-test lines.
+
+    With ``machine_output`` pytest's own output goes to stderr, keeping stdout for JSON/KTAP.
+    """
     with tempfile.TemporaryDirectory(prefix="kvmpy-selftest-") as tmp:
         results = os.path.join(tmp, "results.json")
         cmd = pytest_command(results, junit, keyword, extra)
         env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
         try:
-            proc = subprocess.run(cmd, env=env, cwd=str(selftests_dir().parent))
+            proc = subprocess.run(cmd, env=env, cwd=str(selftests_dir().parent),
+                                  stdout=sys.stderr if machine_output else None)
         except KeyboardInterrupt:
             return RunResults(config, harness_error="interrupted (Ctrl-C)")
         if not os.path.exists(results):
