@@ -1,0 +1,108 @@
+"""Integration tests that boot the QEMU bed (select with ``pytest -m bed``).
+
+They fetch the Debian 6.12 kernel on first use (about 100 MB, cached under
+~/.cache/kvmpy/bed; ``kvmpy bed setup`` does it ahead of time) and boot it
+under TCG, about 10 s per boot on an idle 2-core machine.
+"""
+
+import os
+import shutil
+import tempfile
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+from kvmpy.bed.backend import BedRequest
+from kvmpy.bed.kernel import busybox, cache_dir, fetch_debian
+from kvmpy.bed.qemu import QEMU, QemuBackend
+
+pytestmark = pytest.mark.bed
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def bed(request):
+    if "bed" not in (request.config.getoption("-m") or ""):
+        pytest.skip("boots QEMU (about a minute): select with pytest -m bed")
+    if not shutil.which(QEMU):
+        pytest.skip(f"{QEMU} not installed: apt-get install --no-install-recommends qemu-system-x86")
+    busybox()  # a clear BedError naming busybox-static if missing
+    return QemuBackend(fetch_debian(os.environ.get("KVMPY_BED_KERNEL", "6.12")))
+
+
+def req(command, **kw):
+    kw.setdefault("timeout", 300)
+    kw.setdefault("cwd", str(REPO))
+    kw.setdefault("env", {"PYTHONPATH": str(REPO)})
+    return BedRequest(command=command, **kw)
+
+
+FACTS = r"""
+import fcntl, os, sys
+flags = open('/proc/cpuinfo').read()
+print('fact svm', ' svm ' in flags or ' svm\n' in flags)
+print('fact nested', open('/sys/module/kvm_amd/parameters/nested').read().strip())
+fd = os.open('/dev/kvm', os.O_RDWR)
+print('fact api', fcntl.ioctl(fd, 0xAE00))
+open(os.path.join(os.environ['KVMPY_BED_RESULTS'], 'facts.txt'), 'w').write('from inside\n')
+sys.exit('inside failure: deliberate')
+"""
+
+
+def test_inside_facts_params_and_failing_status(bed):
+    r = bed.run(req(["python3", "-c", FACTS], params={"kvm.eager_page_split": "N"}))
+    assert r.error is None and not r.timed_out
+    assert r.status == 1
+    assert "fact svm True" in r.console
+    assert "fact nested 1" in r.console
+    assert "fact api 12" in r.console
+    assert "inside failure: deliberate" in r.console
+    assert r.files == {"facts.txt": b"from inside\n"}
+    assert r.params["kvm.eager_page_split"] == "N"
+    assert r.params["kvm_amd.npt"] == "Y"
+    assert r.boot_seconds is not None and r.boot_seconds < r.seconds
+    assert "Linux version" in r.kernel_log
+
+
+INNER_TESTS = r'''
+import fcntl, os
+
+def test_creates_vm():
+    fd = os.open("/dev/kvm", os.O_RDWR)
+    vm = fcntl.ioctl(fd, 0xAE01, 0)  # KVM_CREATE_VM
+    assert vm > 0
+    os.close(vm)
+    os.close(fd)
+
+def test_fails_inside():
+    assert 2 + 2 == 5, "inside-assert-marker"
+'''
+
+
+def test_pytest_inside_brings_junit_back(bed):
+    # The host's /tmp is covered by the bed's tmpfs, so the tests live in the cache.
+    base = cache_dir() / "test-tmp"
+    base.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=base) as d:
+        (Path(d) / "test_inner.py").write_text(INNER_TESTS)
+        r = bed.run(req(["python3", "-m", "pytest", "-p", "kvmpy.selftest.splat", d],
+                        params={"kvm.tdp_mmu": "N"}))
+    assert r.status == 1, r.console[-2000:]
+    assert "kernel splat watch: /dev/kmsg" in r.console
+    assert r.params["kvm.tdp_mmu"] == "N"
+    suite = ET.fromstring(r.files["junit.xml"]).find("testsuite")
+    assert (suite.get("tests"), suite.get("failures")) == ("2", "1")
+    failure = suite.find("testcase[@name='test_fails_inside']/failure")
+    assert "inside-assert-marker" in failure.get("message")
+
+
+def test_timeout_kills_machine_and_cleans_up(bed, tmp_path, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    # An init that never reaches the command: only the outer timeout can end it.
+    r = bed.run(req(["true"], timeout=15, append=["rdinit=/bin/busybox", "--", "sleep", "1000"]))
+    assert r.timed_out and r.status is None
+    assert r.error == "timed out after 15s"
+    assert 15 <= r.seconds < 45
+    assert not os.path.exists(f"/proc/{r.pid}")
+    assert list(tmp_path.iterdir()) == []
