@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import textwrap
 from dataclasses import dataclass, field
 
 # Outcomes that make `kvmpy selftest` exit 1.
@@ -66,13 +67,14 @@ def format_table(runs: list[RunResults], width: int | None = None) -> str:
     w1 = min(max(len(x[1]) for x in rows), 40)
     w2 = max(len(x[2]) for x in rows)
     lines = []
+    indent = w0 + w1 + w2 + 6
+    reason_w = max(width - indent, 40)
     for i, (a, b, c, d, e) in enumerate(rows):
-        reason_w = max(width - w0 - w1 - w2 - 8 - (len(e) + 2 if e else 0), 30)
-        d = d if len(d) <= reason_w else d[: reason_w - 1] + "…"
-        line = f"{a[:w0]:<{w0}}  {b[:w1]:<{w1}}  {c:<{w2}}  {d}"
-        if e:
-            line += f"  [{e}]"
-        lines.append(line.rstrip())
+        # Reasons are what a developer acts on: wrap them, never cut them.
+        text = d + (f"  [{e}]" if e else "")
+        chunks = textwrap.wrap(text, reason_w) or [""]
+        lines.append(f"{a[:w0]:<{w0}}  {b[:w1]:<{w1}}  {c:<{w2}}  {chunks[0]}".rstrip())
+        lines.extend(" " * indent + chunk for chunk in chunks[1:])
         if i == 0:
             lines.append("-" * min(width, max(len(x) for x in lines)))
     totals: dict[str, int] = {}
