@@ -14,9 +14,12 @@ guest runs), then stops every vCPU at a sync point, collects once more, reads ev
 page's stamp and calls :meth:`DirtyLogChecker.verify`. The rules, per slot:
 
 1. **No false negatives.** A page whose stamp changed since the previous verify
-   must have been reported by some collection of this round, if it carries a stamp
-   of a phase in which logging was promised (``must_report``; normally every
-   phase). Missing such a page is always a failure.
+   must have been reported, if it carries a stamp of a phase in which logging was
+   promised (``must_report``; normally every phase) -- and reported by a
+   collection made *after* that stamp was handed out: the host hands out a new
+   stamp after each collection, the guest reads the stamp for every store, so a
+   store carrying it happened after that collection and only a later one can
+   have logged it. Missing such a page is always a failure.
 2. **Stamps are honest.** A changed page must carry a stamp of this round. The one
    exception is the race below, where the stamp of the previous round is allowed.
 3. **Nothing reported that did not change**, except:
@@ -30,7 +33,9 @@ page's stamp and calls :meth:`DirtyLogChecker.verify`. The rules, per slot:
      the old stamp. The store retires later, after the host read the page in this
      round, carrying the stamp the vCPU already held in a register. The collector
      names such pages (:meth:`note_in_flight`: at most the last gfn harvested from
-     a vCPU that left KVM_RUN without reaching its sync point). Such a page may be
+     a vCPU that left KVM_RUN without reaching its sync point, or
+     :meth:`allow_in_flight`: a round ended by kicks excuses at most one such page
+     per vCPU). Such a page may be
      reported unchanged in this round; in the **next** round it must then change
      (with this round's or the next round's stamp) and be reported again, since
      KVM re-protected it when the host cleared/reset it. Any other reported but
@@ -118,12 +123,14 @@ class DirtyLogChecker:
         self._snapshot: list[int] = list(initial) if initial is not None else [0] * npages
         self._max_stamp = max(self._snapshot, default=0)
         self._lock = threading.Lock()
-        self._reported: set[int] = set()
+        self._reported: dict[int, int] = {}    # page -> last collection (1-based, this round) reporting it
         self._collections = 0
-        self._phases: dict[int, bool] = {}      # stamp -> must be reported
-        self._prev_phases: dict[int, bool] = {}
+        self._phases: dict[int, tuple[bool, int]] = {}  # stamp -> (must be reported, collections done before it)
+        self._prev_phases: dict[int, tuple[bool, int]] = {}
         self._in_flight: set[int] = set()
         self._all_set_round = 0
+        self._in_flight_limit = 0
+        self._prev_in_flight_limit = 0
         self._prev_in_flight: set[int] = set()
         self.total_changed = 0
         self.total_reported = 0
@@ -134,8 +141,9 @@ class DirtyLogChecker:
         self.round += 1
         self._prev_phases, self._phases = self._phases, {}
         self._prev_in_flight, self._in_flight = self._in_flight, set()
+        self._prev_in_flight_limit, self._in_flight_limit = self._in_flight_limit, 0
         with self._lock:
-            self._reported = set()
+            self._reported = {}
             self._collections = 0
         self.add_phase(stamp, must_report)
 
@@ -152,7 +160,8 @@ class DirtyLogChecker:
         if stamp <= self._max_stamp:
             raise ValueError(f"stamp {stamp} is not fresh: stamps must grow (last/highest was {self._max_stamp})")
         self._max_stamp = stamp
-        self._phases[stamp] = must_report
+        with self._lock:
+            self._phases[stamp] = (must_report, self._collections)
 
     def record(self, pages: Iterable[int]) -> None:
         """Add the pages one collection reported (slot-relative page numbers)."""
@@ -163,8 +172,10 @@ class DirtyLogChecker:
                 f"{self._where()}: KVM reported pages outside the slot of {self.npages} pages: {_fmt_pages(bad)}",
                 {"out_of_range": bad})
         with self._lock:
-            self._reported.update(pages)
             self._collections += 1
+            n = self._collections
+            for p in pages:
+                self._reported[p] = n
 
     def record_bitmap(self, bitmap: DirtyBitmap) -> None:
         if bitmap.npages != self.npages:
@@ -175,6 +186,12 @@ class DirtyLogChecker:
         """KVM set every bit of the slot again this round (logging re-enabled under
         INITIALLY_SET): every page must be reported, unchanged ones are excused."""
         self._all_set_round = self.round
+
+    def allow_in_flight(self, count: int) -> None:
+        """This round ended by kicking vCPUs out of KVM_RUN (not at a sync point), so up
+        to ``count`` (one per vCPU) logged stores may not have retired: that many
+        reported-but-unchanged pages are excused, and become in flight (see the module doc)."""
+        self._in_flight_limit = count
 
     def note_in_flight(self, page: int) -> None:
         """``page`` was logged for a write that may not have retired (see the module doc)."""
@@ -202,30 +219,45 @@ class DirtyLogChecker:
         if len(stamps) != self.npages:
             raise ValueError(f"{len(stamps)} stamps for a slot of {self.npages} pages")
         with self._lock:
-            reported = set(self._reported)
+            last_seen = dict(self._reported)
+        reported = set(last_seen)
         prev = self._snapshot
         first_initially_set = (self.initially_set and self.round == 1) or self._all_set_round == self.round
         phases, prev_phases = self._phases, self._prev_phases
 
         changed = [p for p in range(self.npages) if stamps[p] != prev[p]]
         changed_set = set(changed)
-        missing, bad_stamp, spurious, excused, landed_missing = [], [], [], [], []
+        missing, bad_stamp, spurious, excused, landed_missing, late = [], [], [], [], [], []
         for p in changed:
             s = stamps[p]
             if s in phases:
-                must = phases[s]
-            elif p in self._prev_in_flight and s in prev_phases:
-                must = True  # the late store of last round's race: KVM re-logs it
+                must, after = phases[s]
+            elif s in prev_phases and (p in self._prev_in_flight or self._prev_in_flight_limit):
+                # The late store of last round's race (KVM must log it now), or, after a
+                # round ended by kicks, a store that read its stamp before the kick.
+                must, after = True, 0
+                if p not in self._prev_in_flight:
+                    late.append(p)
             else:
                 bad_stamp.append(p)
                 continue
-            if must and p not in reported:
+            # The guest read stamp s after the host handed it out, i.e. after collection
+            # number `after` had finished: only a later collection can have logged the store.
+            if must and last_seen.get(p, 0) <= after:
                 missing.append(p)
         for p in reported - changed_set:
             if first_initially_set or p in self._in_flight:
                 excused.append(p)
             else:
                 spurious.append(p)
+        if spurious and len(spurious) <= self._in_flight_limit:
+            # Kicked vCPUs: at most one unretired store each. They must land next round.
+            self._in_flight.update(spurious)
+            excused += spurious
+            spurious = []
+        # One unretired store per kicked vCPU at most.
+        if len(late) + len(self._prev_in_flight) > max(self._prev_in_flight_limit, len(self._prev_in_flight)):
+            bad_stamp += late
         # An in-flight write of last round must have landed by now (or still be in flight).
         for p in self._prev_in_flight:
             if p not in changed_set and p not in self._in_flight:
@@ -238,7 +270,7 @@ class DirtyLogChecker:
             ("missing", missing), ("bad_stamp", bad_stamp), ("spurious", spurious),
             ("in_flight_never_landed", landed_missing), ("initially_set_not_reported", not_all_set)) if v}
         if problems:
-            raise DirtyLogMismatch(self._message(problems, stamps, prev, reported, len(changed)), problems)
+            raise DirtyLogMismatch(self._message(problems, stamps, prev, last_seen, len(changed)), problems)
 
         self._snapshot = list(stamps)
         self.total_changed += len(changed)
@@ -246,8 +278,10 @@ class DirtyLogChecker:
         clean = self.npages - len(changed_set | reported)
         return RoundReport(self.round, len(changed), len(reported), clean, sorted(excused))
 
-    def _message(self, problems, stamps, prev, reported, nchanged) -> str:
-        phases = ", ".join(f"{s}{'' if m else ' (logging not promised)'}" for s, m in self._phases.items())
+    def _message(self, problems, stamps, prev, seen, nchanged) -> str:
+        reported = seen
+        phases = ", ".join(f"{s} from collection {a + 1}{'' if m else ' (logging not promised)'}"
+                           for s, (m, a) in self._phases.items())
         lines = [f"dirty log mismatch in {self._where()} (this round's stamps: {phases}; "
                  f"{nchanged} pages changed, {len(reported)} reported in {self._collections} collections)"]
         text = {
@@ -258,7 +292,8 @@ class DirtyLogChecker:
             "initially_set_not_reported": "not reported in the first round although INITIALLY_SET",
         }
         for key, pages in problems.items():
-            detail = ", ".join(f"{p}: {prev[p]}->{stamps[p]}" for p in sorted(pages)[:_MAX_LISTED])
+            detail = ", ".join(f"{p}: {prev[p]}->{stamps[p]} last reported by collection {seen.get(p, 'none')}"
+                               for p in sorted(pages)[:_MAX_LISTED])
             lines.append(f"  {len(pages)} pages {text[key]}: {_fmt_pages(pages)} (page: old->new stamp: {detail})")
         return "\n".join(lines)
 

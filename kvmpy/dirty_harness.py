@@ -115,6 +115,7 @@ class DirtyWriterVm:
             self.close()
             raise
         self._started = False
+        self._kick_park = False
         self.stamp = 0
 
     # -- vCPU threads -------------------------------------------------------------------
@@ -124,6 +125,13 @@ class DirtyWriterVm:
             while not self._stop.is_set():
                 ex = vcpu.run()
                 if isinstance(ex, InterruptedExit):
+                    if self._kick_park:
+                        # Round ended by a kick: park here, wherever the guest was.
+                        st.go.clear()
+                        st.parked.set()
+                        while not st.go.wait(0.05):
+                            if self._stop.is_set():
+                                return
                     continue
                 if isinstance(ex, DirtyRingFullExit):
                     # KVM stops a vCPU whose ring is (soft) full; it may only run on after a reset.
@@ -213,11 +221,17 @@ class DirtyWriterVm:
 
     def run_round(self, *, min_writes: int = 200, min_time: float = 0.0, collect_every: float | None = 0.01,
                   max_time: float = 30.0, during: Callable[["DirtyWriterVm"], None] | None = None,
-                  must_report: bool = True) -> dict[int, RoundReport]:
+                  must_report: bool = True, end_by_kick: bool = False,
+                  restamp: bool = True) -> dict[int, RoundReport]:
         """Run one round (see the module doc) and verify it; returns {slot: RoundReport}.
 
         ``collect_every=None`` collects while the guest runs only when a ring is full.
         ``during(self)`` runs on the host thread once the guest is writing.
+        ``restamp`` hands out a new stamp after every concurrent collection, so the
+        checker knows which collection must have logged each store.
+        ``end_by_kick`` stops the vCPUs with kicks wherever they are (like upstream's
+        dirty_log_test) instead of at their sync point; unretired stores are then
+        allowed, one per vCPU, and must land and be logged in the next round.
         """
         if not self._started:
             self.start()
@@ -227,6 +241,7 @@ class DirtyWriterVm:
         self.g.write_global("iteration", self.stamp)
         self.g.write_global("stop", 0)
         w0 = self.writes()
+        self._kick_park = False
         for st in self.loops:
             st.parked.clear()
             st.go.set()
@@ -248,10 +263,22 @@ class DirtyWriterVm:
             if collect_every is None:
                 if self._harvest_needed.wait(0.005):
                     self.collect()
+                    if restamp:
+                        self.set_stamp(self.stamp + 1, must_report)
             else:
                 self._harvest_needed.wait(collect_every)
                 self.collect()
-        self.g.write_global("stop", 1)
+                if restamp:
+                    self.set_stamp(self.stamp + 1, must_report)
+        if end_by_kick:
+            self._kick_park = True
+            for v in self.g.vcpus:
+                v.kick()
+            for c in self.checkers.values():
+                c.allow_in_flight(len(self.loops))
+        else:
+            self._kick_park = False
+            self.g.write_global("stop", 1)
         self._wait_parked(max_time, collect=True)
         self.collect()  # quiescent: every vCPU sits at its sync point
         nwrites = self.writes() - w0

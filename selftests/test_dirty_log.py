@@ -244,6 +244,16 @@ def test_two_vcpus_overlapping_pages(mode, scale):
         assert all(n > 100 for n in per_vcpu), f"a vCPU barely ran: writes per vCPU {per_vcpu}"
 
 
+@pytest.mark.parametrize("mode", ALL_MODES)
+def test_rounds_ended_by_kick(mode, scale):
+    """Like upstream dirty_log_test: each round ends by kicking the vCPU out of
+    KVM_RUN wherever it is. A store that was logged (or had read its stamp) before
+    the kick and retires after it must be logged again in the next round."""
+    npages = 2048 * scale
+    with make_writer(mode, [SlotSpec(1, TEST_GPA, npages)]) as d:
+        run_rounds(d, 12 * scale, min_writes=2000 * scale, collect_every=0.005, end_by_kick=True)
+
+
 def test_checker_catches_a_dropped_page_on_real_kvm(scale):
     """End to end: a collector that drops one reported page must make the check fail."""
     with make_writer("dirty-log", [SlotSpec(1, TEST_GPA, 512)]) as d:

@@ -233,3 +233,45 @@ def test_collector_names():
         collector_by_name("nope")
     with pytest.raises(ValueError):
         ClearDirtyLogCollector(chunk=100)
+
+
+def test_kicked_round_allows_one_late_store_per_vcpu_which_must_be_logged():
+    chk, g = DirtyLogChecker(N), FakeGuest()
+    run_round(chk, g, 1, [1])
+    chk.begin_round(2)
+    g.write(2, 2)
+    chk.record(g.harvest())
+    chk.allow_in_flight(1)           # round ended by kicking one vCPU
+    chk.verify(g.stamps)
+    chk.begin_round(3)
+    g.write(7, 2)                    # the store that read stamp 2 before the kick lands now, logged
+    chk.record(g.harvest())
+    chk.verify(g.stamps)
+    # Two late stores for one kicked vCPU are one too many.
+    chk.begin_round(4)
+    chk.allow_in_flight(1)
+    chk.record(g.harvest())
+    chk.verify(g.stamps)
+    chk.begin_round(5)
+    g.write(8, 4)
+    g.write(9, 4)
+    chk.record(g.harvest())
+    with pytest.raises(DirtyLogMismatch) as ei:
+        chk.verify(g.stamps)
+    assert ei.value.problems == {"bad_stamp": [8, 9]}
+
+
+def test_store_after_a_collection_must_be_logged_by_a_later_one():
+    """A page reported early in the round, then written with a stamp handed out after
+    that collection, must appear in a later collection (the union is not enough)."""
+    chk, g = DirtyLogChecker(N), FakeGuest()
+    chk.begin_round(1)
+    g.write(5, 1)
+    chk.record(g.harvest())          # collection 1 reports page 5
+    chk.add_phase(2)
+    g.write(5, 2, log=False)         # store after collection 1, never logged
+    chk.record(g.harvest())          # collection 2: nothing
+    with pytest.raises(DirtyLogMismatch) as ei:
+        chk.verify(g.stamps)
+    assert ei.value.problems == {"missing": [5]}
+    assert "last reported by collection 1" in str(ei.value)
