@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from kvmpy.bed.backend import BedRequest
-from kvmpy.bed.kernel import busybox, cache_dir, fetch_debian
+from kvmpy.bed.kernel import busybox, fetch_debian
 from kvmpy.bed.qemu import QEMU, QemuBackend
 
 pytestmark = pytest.mark.bed
@@ -80,14 +80,11 @@ def test_fails_inside():
 '''
 
 
-def test_pytest_inside_brings_junit_back(bed):
-    # The host's /tmp is covered by the bed's tmpfs, so the tests live in the cache.
-    base = cache_dir() / "test-tmp"
-    base.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=base) as d:
-        (Path(d) / "test_inner.py").write_text(INNER_TESTS)
-        r = bed.run(req(["python3", "-m", "pytest", "-p", "kvmpy.selftest.splat", d],
-                        params={"kvm.tdp_mmu": "N"}))
+def test_pytest_inside_brings_junit_back(bed, tmp_path):
+    # tmp_path is under the host's /tmp: the bed sees it (overlay of the host's /).
+    (tmp_path / "test_inner.py").write_text(INNER_TESTS)
+    r = bed.run(req(["python3", "-m", "pytest", "-p", "kvmpy.selftest.splat", str(tmp_path)],
+                    params={"kvm.tdp_mmu": "N"}))
     assert r.status == 1, r.console[-2000:]
     assert "kernel splat watch: /dev/kmsg" in r.console
     assert r.params["kvm.tdp_mmu"] == "N"

@@ -63,13 +63,16 @@ def parse_modules_dep(text: str) -> Dict[str, List[str]]:
 
 
 def module_closure(
-    modules_dep: str, wanted: Iterable[str], builtin: Iterable[str] = ()
+    modules_dep: str, wanted: Iterable[str], builtin: Iterable[str] = (),
+    optional: Iterable[str] = (),
 ) -> List[str]:
     """Module paths to insmod, dependencies first, for the ``wanted`` modules.
 
     ``builtin`` names modules compiled into the kernel (modules.builtin);
-    those are skipped.  Raises BedError naming a module that is neither.
+    those are skipped.  Raises BedError naming a module that is neither,
+    unless it is also named in ``optional``.
     """
+    optional_names = {name.replace("-", "_") for name in optional}
     deps = parse_modules_dep(modules_dep)
     by_name = {module_name(p): p for p in deps}
     builtin_names = {module_name(p) for p in builtin}
@@ -90,7 +93,7 @@ def module_closure(
         key = name.replace("-", "_")
         if key in by_name:
             visit(by_name[key], [])
-        elif key not in builtin_names:
+        elif key not in builtin_names and key not in optional_names:
             raise BedError(
                 f"module {name} is neither in modules.dep nor in modules.builtin "
                 f"(is it enabled in the kernel config?)"
@@ -115,9 +118,9 @@ class Kernel:
         path = self.modules_dir / "modules.builtin"
         return path.read_text().split() if path.exists() else []
 
-    def closure(self, wanted: Iterable[str]) -> List[str]:
+    def closure(self, wanted: Iterable[str], optional: Iterable[str] = ()) -> List[str]:
         """Relative module paths to load for ``wanted``, dependencies first."""
-        return module_closure(self.modules_dep(), wanted, self.builtin())
+        return module_closure(self.modules_dep(), wanted, self.builtin(), optional)
 
     def plain_module(self, relpath: str) -> Path:
         """A decompressed copy of module ``relpath`` (cached)."""
