@@ -216,9 +216,21 @@ def debian_package(line: str = DEFAULT_LINE) -> str:
 
 def fetch_debian(line: str = DEFAULT_LINE, cache: Optional[Path] = None,
                  log=lambda msg: None) -> Kernel:
-    """Download and unpack the newest Debian kernel of ``line``; idempotent."""
-    package = debian_package(line)
-    root = (cache or cache_dir()) / "kernels" / package
+    """Download and unpack the newest Debian kernel of ``line``; idempotent.
+
+    Without apt metadata (offline, lists cleaned) the newest kernel of that
+    line already in the cache is used.
+    """
+    cache = cache or cache_dir()
+    try:
+        package = debian_package(line)
+    except BedError as exc:
+        cached = _cached_packages(cache, line)
+        if not cached:
+            raise
+        package = cached[-1]
+        log(f"{exc}; using the cached {package}")
+    root = cache / "kernels" / package
     stamp = root / ".complete"
     if not stamp.exists():
         for tool, pkg in (("apt-get", "apt"), ("dpkg-deb", "dpkg")):
@@ -238,6 +250,13 @@ def fetch_debian(line: str = DEFAULT_LINE, cache: Optional[Path] = None,
             _depmod(root / "root", kernel.release)
         stamp.write_text(package + "\n")
     return _debian_kernel(root, package)
+
+
+def _cached_packages(cache: Path, line: str) -> List[str]:
+    """Fully unpacked kernels of ``line`` in the cache, oldest first."""
+    prefix = f"linux-image-{line}."
+    found = [p.name for p in (cache / "kernels").glob(prefix + "*") if (p / ".complete").exists()]
+    return sorted(found, key=_version_key)
 
 
 def _debian_kernel(root: Path, package: str) -> Kernel:
