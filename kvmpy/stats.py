@@ -77,7 +77,7 @@ class StatsLayout:
         if len(buf) < HEADER_SIZE:
             raise StatsFormatError(f"stats header truncated: {len(buf)} < {HEADER_SIZE} bytes")
         hdr = ffi.cast("struct kvm_stats_header *", ffi.from_buffer(buf))
-        flags, name_size, num_desc = hdr.flags, hdr.name_size, hdr.num_desc
+        name_size, num_desc = hdr.name_size, hdr.num_desc
         id_off, desc_off, data_off = hdr.id_offset, hdr.desc_offset, hdr.data_offset
         if name_size == 0:
             raise StatsFormatError("stats header: name_size is 0")

@@ -9,7 +9,7 @@ from kvmpy import dirty_log
 from kvmpy.abi import ffi, ioctl, ioctl_int, lib
 from kvmpy.bitmap import DirtyBitmap
 from kvmpy.errors import KvmError, RequirementError
-from kvmpy.memory import PAGE_SIZE, Anonymous, Backing, Memslot
+from kvmpy.memory import Anonymous, Backing, Memslot
 from kvmpy.stats import Stats
 
 if TYPE_CHECKING:

@@ -28,18 +28,6 @@ TEST_GPA = 1 << 30
 ALL_MODES = MODES + ("dirty-ring-plain",)
 
 
-@pytest.fixture
-def scale(request) -> int:
-    try:
-        opt = request.config.getoption("--kvmpy-scale")
-    except ValueError:  # the options plugin is not loaded
-        opt = None
-    value = opt if opt is not None else int(os.environ.get("KVMPY_SCALE", "1"))
-    if value < 1:
-        raise pytest.UsageError("--kvmpy-scale must be >= 1")
-    return value
-
-
 @pytest.fixture(autouse=True)
 def _need_kvm():
     if not os.path.exists("/dev/kvm"):
