@@ -113,3 +113,19 @@ def test_plugin_can_be_disabled(pytester, tmp_path, monkeypatch):
     _suite(pytester, log)
     result = pytester.runpytest("-p", "kvmpy.selftest.splat", "--no-splat-watch")
     result.assert_outcomes(passed=3, failed=1)
+
+
+def test_plugin_splat_outside_tests_fails_the_session(pytester, tmp_path, monkeypatch):
+    log = tmp_path / "kmsg"
+    log.write_text("")
+    monkeypatch.setenv("KVMPY_KMSG", str(log))
+    # Written at import, i.e. during collection: no test owns it.
+    pytester.makepyfile(test_c=f"""
+        open({str(log)!r}, "a").write({WARN[1]!r} + "\\n")
+        def test_a():
+            pass
+    """)
+    result = pytester.runpytest("-p", "kvmpy.selftest.splat")
+    result.assert_outcomes(passed=1)
+    assert result.ret == 1
+    result.stdout.fnmatch_lines(["*kernel splat outside any test:*", "WARNING: CPU: 1 PID: 77*"])

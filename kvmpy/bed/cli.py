@@ -181,7 +181,7 @@ def cmd_run(args) -> int:
         _err(str(exc))
         return 2
     from kvmpy.selftest.splat import find_splats_in_text
-    from kvmpy.bed.matrix import save_files
+    from kvmpy.bed.matrix import param_mismatches, save_files
 
     if args.results:
         save_files(result, args.results)
@@ -194,6 +194,11 @@ def cmd_run(args) -> int:
     splats = find_splats_in_text(result.kernel_log)
     for splat in splats:
         _err(f"kernel splat in the bed:\n{splat}")
+    mismatches = param_mismatches(request.params, result.params) if result.status is not None else []
+    for problem in mismatches:
+        _err(f"module parameter not applied: {problem}")
+    if mismatches:
+        return 2
     code = result.exit_code
     return 1 if code == 0 and splats else code
 

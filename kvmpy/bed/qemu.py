@@ -127,6 +127,9 @@ class QemuBackend(Backend):
         self.kernel = kernel
         self.accel = accel
         self.qemu = qemu
+        if accel == "kvm":
+            # -cpu host: the guest is whatever the host is.
+            self.vendor = host_vendor()
 
     def check(self) -> None:
         if not shutil.which(self.qemu):
@@ -184,6 +187,16 @@ class QemuBackend(Backend):
         elif result.status is None:
             result.error = _boot_failure(console)
         return result
+
+
+def host_vendor() -> str:
+    """"amd" or "intel", from the host's /proc/cpuinfo."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            info = f.read(4096)
+    except OSError:
+        return "amd"
+    return "intel" if "GenuineIntel" in info else "amd"
 
 
 def _boot_failure(console: str) -> str:
