@@ -1,0 +1,104 @@
+// SPDX-License-Identifier: GPL-2.0-only
+/*
+ * Edit the guest's own last-level page tables, for the unsync selftest.
+ *
+ * The host maps the test region with 4K pages, so each 2M of it has its own
+ * page table (PT) page, and writes into the first 8 bytes of pages 0 and 1
+ * of every 2M the page's GPA.  With shadow paging KVM shadows each PT the
+ * guest walks and write-protects it; the first guest write to such a PT
+ * makes KVM mark the shadow page unsync instead of emulating the write.
+ *
+ *   stage 1: read pages 0 and 1 of every 2M (KVM now shadows every PT)
+ *   stage 2: in the first nr_unsync PTs, swap the frames of the PTEs of
+ *            pages 0 and 1 -- no TLB flush yet
+ *   stage 3: invlpg both pages of each edited PT, check the guest sees the
+ *            swapped frames (and the other PTs are unchanged)
+ *   stage 4: reload CR3 (a full flush: KVM syncs every unsync page) and
+ *            check again
+ *   stage 5: swap back, reload CR3, check the original frames
+ */
+#include "lib/guest.h"
+
+#define MAX_TABLES 64
+
+/* Set by the host. */
+uint64_t test_gva;
+uint64_t test_gpa;
+uint64_t nr_tables;
+uint64_t nr_unsync;
+
+static uint64_t page_gva(uint64_t table, uint64_t page)
+{
+	return test_gva + table * PAGE_SIZE_2M + page * PAGE_SIZE_4K;
+}
+
+static uint64_t page_gpa(uint64_t table, uint64_t page)
+{
+	return test_gpa + table * PAGE_SIZE_2M + page * PAGE_SIZE_4K;
+}
+
+static uint64_t *leaf(uint64_t gva)
+{
+	int level = 0;
+	uint64_t *pte = guest_pte(gva, &level);
+
+	GUEST_ASSERT(pte != NULL);
+	GUEST_ASSERT_EQ(level, 1);
+	return pte;
+}
+
+static void swap_frames(uint64_t table)
+{
+	uint64_t *a = leaf(page_gva(table, 0)), *b = leaf(page_gva(table, 1));
+	uint64_t ea = READ_ONCE(*a), eb = READ_ONCE(*b);
+
+	WRITE_ONCE(*a, (ea & ~PTE_ADDR_MASK) | (eb & PTE_ADDR_MASK));
+	WRITE_ONCE(*b, (eb & ~PTE_ADDR_MASK) | (ea & PTE_ADDR_MASK));
+}
+
+/* What the guest reads at page `page` of `table`, given whether it is swapped. */
+static void check(uint64_t table, bool swapped)
+{
+	for (uint64_t page = 0; page < 2; page++) {
+		uint64_t seen = READ_ONCE(*(volatile uint64_t *)page_gva(table, page));
+		uint64_t want = page_gpa(table, swapped ? 1 - page : page);
+
+		GUEST_ASSERT_EQ(seen, want);
+	}
+}
+
+void guest_main(uint32_t vcpu_id, uint64_t arg)
+{
+	uint64_t t;
+
+	GUEST_ASSERT(nr_tables <= MAX_TABLES && nr_unsync <= nr_tables);
+
+	for (t = 0; t < nr_tables; t++)
+		check(t, false);
+	GUEST_SYNC(1);
+
+	for (t = 0; t < nr_unsync; t++)
+		swap_frames(t);
+	GUEST_SYNC(2);
+
+	for (t = 0; t < nr_unsync; t++) {
+		invlpg(page_gva(t, 0));
+		invlpg(page_gva(t, 1));
+	}
+	for (t = 0; t < nr_tables; t++)
+		check(t, t < nr_unsync);
+	GUEST_SYNC(3);
+
+	reload_cr3();
+	for (t = 0; t < nr_tables; t++)
+		check(t, t < nr_unsync);
+	GUEST_SYNC(4);
+
+	for (t = 0; t < nr_unsync; t++)
+		swap_frames(t);
+	reload_cr3();
+	for (t = 0; t < nr_tables; t++)
+		check(t, false);
+	GUEST_SYNC(5);
+	GUEST_DONE();
+}

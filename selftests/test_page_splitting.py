@@ -1,0 +1,271 @@
+"""Huge-page splitting and recovery around dirty logging, asserted through pages_4k/2m/1g.
+
+A guest (guests/mmu_touch.c) populates a test memslot backed by huge host
+pages, so KVM maps it with 2M or 1G SPTEs.  Then:
+
+* eager split: with the TDP MMU and kvm.eager_page_split=Y, enabling dirty
+  logging splits every huge SPTE of the slot down to 4K at once (no guest
+  access needed); with manual protect + INITIALLY_SET the split happens
+  instead at KVM_CLEAR_DIRTY_LOG, for the cleared range only;
+* lazy split: otherwise enabling dirty logging only write-protects, and the
+  first guest *write* into a huge page breaks it -- the TDP MMU splits it into
+  512 SPTEs of the next level, the shadow MMU drops it and maps the written
+  4K page alone; reads keep using the huge SPTE;
+* recovery: disabling dirty logging zaps the 4K SPTEs that could be huge
+  again (6.13+ may rebuild the huge SPTE in place), and the next guest access
+  maps the region huge again: the counts return to what population gave.
+
+Every count is read while the only vCPU is parked in a GUEST_SYNC, so
+between two reads nothing but the operation under test touched the MMU.
+Memslot 0 (the runtime) is anonymous memory with THP disabled: it only ever
+adds 4K SPTEs, so every 2M/1G SPTE in the VM is the test region's.
+
+Modelled on the kernel's tools/testing/selftests/kvm/x86/dirty_log_page_splitting_test.c.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import pytest
+
+from kvmpy.bitmap import DirtyBitmap
+from kvmpy.errors import RequirementError
+from kvmpy.memory import SIZE_1G, SIZE_2M, Hugetlb, Thp
+
+from .mmu_support import (PAGE, PTES, TEST_SLOT, TouchGuest, delta, eager_page_split, hugetlb_pages,
+                         mmu_flavour, record, require_mmu, sized, thp_chunks)
+
+NR_CHUNKS_2M = 8            # 16 MiB region for the 2M backings
+
+
+@dataclass
+class Region:
+    """The test region of one backing: ``nr`` huge chunks of ``chunk`` bytes."""
+
+    name: str
+    backing: object
+    chunk: int
+    nr: int
+
+    @property
+    def size(self) -> int:
+        return self.chunk * self.nr
+
+    @property
+    def key(self) -> str:
+        return "pages_2m" if self.chunk == SIZE_2M else "pages_1g"
+
+    @property
+    def pages_per_chunk(self) -> int:
+        return self.chunk // PAGE
+
+    @property
+    def write_stride(self) -> int:
+        # Every 4K page of a 2M region; one page per 2M of a 1G region (262144
+        # write faults after a split would take minutes under TCG).
+        return PAGE if self.chunk == SIZE_2M else SIZE_2M
+
+
+@contextlib.contextmanager
+def region(name: str):
+    if name == "thp":
+        try:
+            Thp().check(SIZE_2M)
+        except RequirementError as e:
+            pytest.skip(str(e))
+        yield Region(name, Thp(), SIZE_2M, NR_CHUNKS_2M)
+    elif name == "hugetlb-2M":
+        with hugetlb_pages(SIZE_2M, NR_CHUNKS_2M):
+            yield Region(name, Hugetlb(SIZE_2M), SIZE_2M, NR_CHUNKS_2M)
+    else:
+        with hugetlb_pages(SIZE_1G, 1):
+            yield Region(name, Hugetlb(SIZE_1G), SIZE_1G, 1)
+
+
+@pytest.fixture
+def mmu():
+    require_mmu()
+    return mmu_flavour()
+
+
+def touch_guest(kvm, r: Region) -> TouchGuest:
+    try:
+        return TouchGuest(kvm, r.backing, r.size, guest_page=r.chunk)
+    except RequirementError as e:      # e.g. no pdpe1gb in the vCPU's CPUID for a 1G guest page
+        pytest.skip(str(e))
+
+
+def populate(t: TouchGuest, r: Region) -> tuple[dict[str, int], list[int]]:
+    """Write the whole region; return the counts after it and the chunks mapped huge.
+
+    Hugetlb chunks are always huge on the host; THP chunks are huge where the
+    host gave a transparent huge page (read from /proc/kpageflags), and KVM
+    maps a chunk huge exactly when the host does.
+    """
+    start = t.counts()
+    assert start["pages_2m"] == start["pages_1g"] == 0, f"memslot 0 has huge SPTEs before the test: {start}"
+    t.write(stride=r.write_stride, stamp=1)
+    if r.name == "thp":
+        backed = thp_chunks(t.slot.hva, r.size)
+        if backed is None:
+            pytest.skip("cannot tell which chunks the host backs with THP: /proc/kpageflags and PFNs in "
+                        "/proc/self/pagemap need CAP_SYS_ADMIN")
+        huge = [i for i, b in enumerate(backed) if b]
+        if not huge:
+            pytest.skip(f"the host backed none of the {r.nr} 2M chunks of the THP region with a huge page "
+                        f"(see /sys/kernel/mm/transparent_hugepage/defrag and memory fragmentation)")
+    else:
+        huge = list(range(r.nr))
+    pop = t.counts()
+    assert pop[r.key] == len(huge), (
+        f"{r.name}: {len(huge)} of {r.nr} chunks are huge on the host, but KVM maps {pop[r.key]} "
+        f"{r.key[6:]} SPTEs after the guest wrote the region ({pop})")
+    other = "pages_1g" if r.key == "pages_2m" else "pages_2m"
+    assert pop[other] == 0, f"unexpected {other} after population: {pop}"
+    # The same pass again must not change any mapping.
+    t.write(stride=r.write_stride, stamp=1)
+    assert t.counts() == pop, f"a second write pass over a populated region changed the SPTEs: {pop} -> {t.counts()}"
+    return pop, huge
+
+
+def expected_eager(r: Region, nr_huge: int) -> dict[str, int]:
+    """A TDP MMU eager split of ``nr_huge`` chunks, all the way down to 4K."""
+    return {"pages_4k": nr_huge * r.pages_per_chunk, r.key: -nr_huge,
+            **({"pages_2m": 0} if r.key == "pages_1g" else {"pages_1g": 0})}
+
+
+BACKINGS = ["thp", "hugetlb-2M", "hugetlb-1G"]
+
+
+@pytest.mark.parametrize("backing", BACKINGS)
+def test_eager_split_on_dirty_log_enable(kvm, mmu, backing, request):
+    """Enabling dirty logging splits every huge SPTE of the slot to 4K, before any guest access."""
+    if not mmu.tdp_mmu:
+        pytest.skip(f"eager page splitting is done by the TDP MMU only; new VMs get the {mmu.name} "
+                    f"({mmu.params}); test_lazy_split_on_first_write covers this MMU")
+    with eager_page_split(True), region(backing) as r, touch_guest(kvm, r) as t:
+        pop, huge = populate(t, r)
+        t.vm.enable_dirty_logging(TEST_SLOT)
+        on = t.counts()
+        want = expected_eager(r, len(huge))
+        assert delta(on, pop) == want, (
+            f"{r.name}: enabling dirty logging on a slot with {len(huge)} {r.key[6:]} SPTEs: "
+            f"expected {want}, got {delta(on, pop)}")
+
+        # Writes now only fault on write-protected 4K SPTEs: no mapping changes,
+        # and the log holds exactly the pages written.
+        n = t.write(stride=r.write_stride, stamp=2)
+        assert delta(t.counts(), on) == sized(), f"a dirty pass after the eager split changed the SPTEs: {on} -> {t.counts()}"
+        pages = t.vm.get_dirty_log(TEST_SLOT).pages()
+        written = list(range(0, r.size // PAGE, r.write_stride // PAGE))
+        assert len(written) == n and pages == written, (
+            f"dirty log after writing {n} pages: {len(pages)} set, first differences "
+            f"{sorted(set(pages) ^ set(written))[:8]}")
+    record(request, **delta(on, pop))
+
+
+@pytest.mark.parametrize("backing", BACKINGS)
+def test_lazy_split_on_first_write(kvm, mmu, backing, request):
+    """Without eager splitting, enabling dirty logging keeps huge SPTEs; the first write into
+    one breaks just that one (TDP MMU: into 512 next-level SPTEs; shadow MMU: drops it and
+    maps the written 4K page), reads keep the huge SPTE."""
+    # Only the TDP MMU splits eagerly; the shadow MMU is lazy whatever the parameter says.
+    with (eager_page_split(False) if mmu.tdp_mmu else contextlib.nullcontext()), \
+            region(backing) as r, touch_guest(kvm, r) as t:
+        pop, huge = populate(t, r)
+        t.vm.enable_dirty_logging(TEST_SLOT)
+        on = t.counts()
+        assert on == pop, f"{mmu.name}: enabling dirty logging changed the SPTEs without eager splitting: {pop} -> {on}"
+
+        if r.chunk == SIZE_2M:
+            if len(huge) < 3:
+                pytest.skip(f"only {len(huge)} of {r.nr} THP chunks are huge on the host, the test needs 3")
+            written, kept = [huge[0], huge[2]], huge[1]
+            for c in written:
+                t.write(c * r.chunk + 5 * PAGE, PAGE, PAGE, stamp=3)
+            after_write = t.counts()
+            per_split = sized(pages_4k=PTES if mmu.tdp_mmu else 1, pages_2m=-1)
+            want = {k: v * len(written) for k, v in per_split.items()}
+            assert delta(after_write, on) == want, (
+                f"{mmu.name}: one 4K write into each of {len(written)} huge pages: expected {want}, "
+                f"got {delta(after_write, on)}")
+            t.read(kept * r.chunk, r.chunk)
+            assert t.counts() == after_write, (
+                f"{mmu.name}: reading a whole 2M page under dirty logging changed the SPTEs: "
+                f"{after_write} -> {t.counts()}")
+        else:
+            t.write(3 * SIZE_2M + 5 * PAGE, PAGE, PAGE, stamp=3)
+            after_write = t.counts()
+            # TDP MMU: 1G -> 512 x 2M, then the written 2M -> 512 x 4K.
+            want = (sized(pages_4k=PTES, pages_2m=PTES - 1, pages_1g=-1) if mmu.tdp_mmu
+                    else sized(pages_4k=1, pages_1g=-1))
+            assert delta(after_write, on) == want, (
+                f"{mmu.name}: one 4K write into a 1G page: expected {want}, got {delta(after_write, on)}")
+            if mmu.tdp_mmu:
+                t.read(7 * SIZE_2M, SIZE_2M)
+                assert t.counts() == after_write, (
+                    f"reading a 2M range of the split 1G page changed the SPTEs: {after_write} -> {t.counts()}")
+        pages = t.vm.get_dirty_log(TEST_SLOT).count()
+        assert pages == (2 if r.chunk == SIZE_2M else 1), f"dirty log holds {pages} pages"
+    record(request, **delta(after_write, on))
+
+
+@pytest.mark.parametrize("backing", BACKINGS)
+def test_huge_pages_recovered_after_dirty_logging(kvm, mmu, backing, request):
+    """Disabling dirty logging drops the 4K SPTEs of collapsible ranges; the next guest
+    access maps them huge again, and the counts equal those after population."""
+    with region(backing) as r, touch_guest(kvm, r) as t:
+        pop, huge = populate(t, r)
+        t.vm.enable_dirty_logging(TEST_SLOT)
+        t.write(stride=r.write_stride, stamp=2)
+        dirty = t.counts()
+        assert dirty["pages_2m"] == dirty["pages_1g"] == 0, (
+            f"{mmu.name}: huge SPTEs left after writing every {r.write_stride // 1024}K of a dirty-logged "
+            f"region: {dirty}")
+
+        t.vm.enable_dirty_logging(TEST_SLOT, False)
+        off = t.counts()
+        assert off["pages_4k"] == pop["pages_4k"], (
+            f"{mmu.name}: disabling dirty logging should drop the 4K SPTEs of the {len(huge)} collapsible "
+            f"chunks: pages_4k {pop['pages_4k']} after population, {dirty['pages_4k']} while logging, "
+            f"{off['pages_4k']} after disabling")
+        zapped, in_place = sized(pages_4k=pop["pages_4k"]), dict(pop)
+        assert off in (zapped, in_place), (
+            f"{mmu.name}: after disabling dirty logging expected either the huge SPTEs zapped {zapped} "
+            f"or rebuilt in place {in_place}, got {off}")
+
+        t.read(stride=r.chunk)      # one access per chunk refaults it
+        back = t.counts()
+        assert back == pop, f"{mmu.name}: after the guest touched the region again: {back}, after population: {pop}"
+    record(request, **{"pages_4k": off["pages_4k"] - dirty["pages_4k"], r.key: back[r.key] - dirty[r.key]})
+
+
+def test_clear_dirty_log_splits_only_cleared_range(kvm, mmu, request):
+    """Manual protect with INITIALLY_SET: enabling dirty logging splits nothing; each
+    KVM_CLEAR_DIRTY_LOG splits exactly the huge pages covering the cleared range."""
+    if not mmu.tdp_mmu:
+        pytest.skip(f"splitting at KVM_CLEAR_DIRTY_LOG is done by the TDP MMU only; new VMs get the "
+                    f"{mmu.name} ({mmu.params})")
+    with eager_page_split(True), region("hugetlb-2M") as r, touch_guest(kvm, r) as t:
+        try:
+            t.vm.enable_manual_protect(initially_set=True)
+        except RequirementError as e:
+            pytest.skip(str(e))
+        pop, huge = populate(t, r)
+        t.vm.enable_dirty_logging(TEST_SLOT)
+        on = t.counts()
+        assert on == pop, f"INITIALLY_SET: enabling dirty logging changed the SPTEs: {pop} -> {on}"
+
+        npages = r.size // PAGE
+        everything = DirtyBitmap.full(npages)
+        first = 2
+        t.vm.clear_dirty_log(TEST_SLOT, everything, 0, first * r.pages_per_chunk)
+        part = t.counts()
+        assert delta(part, on) == expected_eager(r, first), (
+            f"clearing the log of the first {first} 2M ranges: expected {expected_eager(r, first)}, "
+            f"got {delta(part, on)}")
+        t.vm.clear_dirty_log(TEST_SLOT, everything, first * r.pages_per_chunk, npages - first * r.pages_per_chunk)
+        assert delta(t.counts(), part) == expected_eager(r, r.nr - first), (
+            f"clearing the rest: expected {expected_eager(r, r.nr - first)}, got {delta(t.counts(), part)}")
+    record(request, **delta(part, on))

@@ -1,0 +1,82 @@
+"""Unsync shadow pages: a guest writing its own page tables under shadow paging.
+
+With shadow paging (kvm_amd.npt=0 / kvm_intel.ept=0) KVM shadows every guest
+page table it walks and write-protects it.  When the guest writes to a
+last-level page table, KVM does not emulate the write: it marks the shadow
+page *unsync* (the ``mmu_unsync`` VM stat counts them), lets the guest write
+freely, and re-reads the guest PTEs when the guest flushes its TLB (INVLPG
+syncs one entry, a CR3 load syncs every unsync page reachable from the root).
+
+guests/unsync.c edits N of the test region's page tables; the test checks
+that exactly N shadow pages go unsync, that the guest sees its new mappings
+after INVLPG, and that a CR3 reload syncs them all again.  Under TDP KVM
+never shadows guest page tables, so the test needs a shadow-paging host: in
+the bed, ``kvmpy bed run --param kvm_amd.npt=0`` (the matrix's {npt=0}).
+"""
+from __future__ import annotations
+
+import pytest
+
+from kvmpy.guest.runner import GuestVm
+from kvmpy.x86.paging import PAGE_2M, PAGE_4K
+
+from .mmu_support import TEST_GPA, TEST_SLOT, mmu_flavour, record, require_mmu
+
+NR_TABLES = 6      # page tables (2M of 4K mappings each) the guest walks
+NR_UNSYNC = 4      # of which it edits the first NR_UNSYNC
+
+
+@pytest.fixture
+def shadow_paging():
+    """Skip unless new VMs get shadow paging (TDP off) and SPTEs are observable."""
+    require_mmu()
+    fl = mmu_flavour()
+    if fl.tdp:
+        param = "kvm_amd.npt" if fl.vendor_module == "kvm_amd" else "kvm_intel.ept"
+        pytest.skip(f"mmu_unsync needs shadow paging, but {param}=Y (TDP never shadows guest page "
+                    f"tables); reload {fl.vendor_module} with {param.split('.')[1]}=0, or run in "
+                    f"the bed with --param {param}=0")
+    return fl
+
+
+def test_guest_page_table_writes_unsync_shadow_pages(kvm, shadow_paging, request):
+    """Writes to N shadowed last-level guest page tables make exactly N shadow pages unsync;
+    INVLPG exposes the new translations, a CR3 reload syncs every one of them."""
+    seen: dict[int, dict[str, int]] = {}
+
+    with GuestVm("unsync", kvm=kvm) as g:
+        size = NR_TABLES * PAGE_2M
+        g.add_memory(TEST_SLOT, TEST_GPA, size)
+        g.map(TEST_GPA, TEST_GPA, size, PAGE_4K)   # one guest PT per 2M
+        for t in range(NR_TABLES):
+            for page in (0, 1):
+                gpa = TEST_GPA + t * PAGE_2M + page * PAGE_4K
+                g.vm.write_u64(gpa, gpa)
+        g.write_global("test_gva", TEST_GPA)
+        g.write_global("test_gpa", TEST_GPA)
+        g.write_global("nr_tables", NR_TABLES)
+        g.write_global("nr_unsync", NR_UNSYNC)
+
+        def on_sync(vcpu_id: int, stage: int, args: tuple) -> None:
+            # The only vCPU is parked here: the stats cannot move under us.
+            snap = g.vm.stats.snapshot()
+            seen[stage] = {"mmu_unsync": int(snap["mmu_unsync"]), "mmu_shadow_zapped": int(snap["mmu_shadow_zapped"])}
+
+        r = g.run(timeout=300, on_sync=on_sync)
+
+    assert [s for _, s, _ in r.syncs] == [1, 2, 3, 4, 5]
+    base = seen[1]["mmu_unsync"]
+    went_unsync = seen[2]["mmu_unsync"] - base
+    assert went_unsync == NR_UNSYNC, (
+        f"{shadow_paging.name}: the guest wrote PTEs in {NR_UNSYNC} of its {NR_TABLES} shadowed page "
+        f"tables, mmu_unsync rose by {went_unsync} (stats per stage: {seen})")
+    # INVLPG syncs single SPTEs of an unsync page, the page itself stays unsync
+    # (the guest already checked it sees the swapped frames).
+    assert seen[3]["mmu_unsync"] - base == NR_UNSYNC, f"after INVLPG: {seen}"
+    # A CR3 load syncs every unsync page reachable from the root.
+    assert seen[4]["mmu_unsync"] == base, f"after the CR3 reload: {seen}"
+    # Edited again and flushed again: back in sync.
+    assert seen[5]["mmu_unsync"] == base, f"after swapping back and reloading CR3: {seen}"
+    # Unsync, not zap: no shadow page was dropped on the way.
+    assert seen[5]["mmu_shadow_zapped"] == seen[1]["mmu_shadow_zapped"], f"shadow pages were zapped: {seen}"
+    record(request, mmu_unsync=went_unsync)
