@@ -103,3 +103,14 @@ def test_timeout_kills_machine_and_cleans_up(bed, tmp_path, monkeypatch):
     assert 15 <= r.seconds < 45
     assert not os.path.exists(f"/proc/{r.pid}")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_run_prints_command_output_and_propagates_status(bed, capsys):
+    from kvmpy.bed import cli
+
+    code = cli.main(["run", "--timeout", "300", "--param", "kvm.tdp_mmu=N", "--",
+                     "sh", "-c", "echo out-$(cat /sys/module/kvm/parameters/tdp_mmu); exit 5"])
+    out, err = capsys.readouterr()
+    assert code == 5
+    assert out.strip() == "out-N"  # only the command's output, not the boot log
+    assert "kvmpy bed: exit 5 (boot" in err

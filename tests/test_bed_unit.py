@@ -73,6 +73,49 @@ def test_user_kernel_accepts_install_mod_path_root(tmp_path):
         kernel.user_kernel(tmp_path / "bzImage", tmp_path / "nope", cache=tmp_path / "cache")
 
 
+def test_closure_from_modinfo_when_tree_has_no_modules_dep(tmp_path):
+    mods = tmp_path / "6.99"
+    for rel, depends in [("kernel/kvm.ko.xz", "irqbypass"), ("kernel/kvm-amd.ko.xz", "kvm,ccp"),
+                         ("kernel/irqbypass.ko.xz", ""), ("kernel/ccp.ko.xz", ""),
+                         ("kernel/unrelated.ko.xz", "kvm")]:
+        (mods / rel).parent.mkdir(parents=True, exist_ok=True)
+        modinfo = f"license=GPL\0depends={depends}\0vermagic=6.99 SMP\0".encode()
+        (mods / rel).write_bytes(lzma.compress(b"\x7fELF...." + modinfo))
+    k = kernel.Kernel("6.99", tmp_path / "vmlinuz", mods, "test", tmp_path / "cache")
+    names = [kernel.module_name(p) for p in k.closure(["kvm-amd"])]
+    assert names.index("irqbypass") < names.index("kvm") < names.index("kvm_amd")
+    assert sorted(names) == ["ccp", "irqbypass", "kvm", "kvm_amd"]
+
+
+def test_plain_module_is_redone_when_the_module_is_rebuilt(tmp_path):
+    k = fake_kernel(tmp_path)
+    rel = "kernel/arch/x86/kvm/kvm.ko.xz"
+    assert k.plain_module(rel).read_bytes() == f"ELF {rel}".encode()
+    src = k.modules_dir / rel
+    src.write_bytes(lzma.compress(b"rebuilt"))
+    os.utime(src, ns=(src.stat().st_mtime_ns + 10**9,) * 2)
+    assert k.plain_module(rel).read_bytes() == b"rebuilt"
+
+
+def test_fetch_debian_falls_back_to_cache_without_apt(tmp_path, monkeypatch):
+    root = tmp_path / "kernels" / "linux-image-6.12.5+deb12-amd64-unsigned"
+    (root / "root/lib/modules/6.12.5+deb12-amd64").mkdir(parents=True)
+    (root / "root/boot").mkdir()
+    (root / "root/boot/vmlinuz-6.12.5+deb12-amd64").write_bytes(b"k")
+    (root / ".complete").write_text("x")
+
+    def no_apt(line):
+        raise BedError("apt-cache: no lists")
+
+    monkeypatch.setattr(kernel, "debian_package", no_apt)
+    notes = []
+    k = kernel.fetch_debian("6.12", cache=tmp_path, log=notes.append)
+    assert k.release == "6.12.5+deb12-amd64"
+    assert "using the cached linux-image-6.12.5+deb12-amd64-unsigned" in notes[0]
+    with pytest.raises(BedError, match="no lists"):
+        kernel.fetch_debian("6.1", cache=tmp_path)
+
+
 # --- the init script ----------------------------------------------------------
 
 def _sh():

@@ -111,8 +111,12 @@ class Kernel:
     origin: str  # "debian:<package>" or "user:<image path>"
     cache: Path  # per-kernel writable cache (decompressed modules, initramfs)
 
-    def modules_dep(self) -> str:
-        return (self.modules_dir / "modules.dep").read_text()
+    def modules_dep(self, wanted: Iterable[str] = ()) -> str:
+        """modules.dep, or (tree without one) its lines for ``wanted`` from .modinfo."""
+        path = self.modules_dir / "modules.dep"
+        if path.exists():
+            return path.read_text()
+        return modinfo_dep(self.modules_dir, wanted)
 
     def builtin(self) -> List[str]:
         path = self.modules_dir / "modules.builtin"
@@ -120,7 +124,8 @@ class Kernel:
 
     def closure(self, wanted: Iterable[str], optional: Iterable[str] = ()) -> List[str]:
         """Relative module paths to load for ``wanted``, dependencies first."""
-        return module_closure(self.modules_dep(), wanted, self.builtin(), optional)
+        wanted = list(wanted)
+        return module_closure(self.modules_dep(wanted), wanted, self.builtin(), optional)
 
     def plain_module(self, relpath: str) -> Path:
         """A decompressed copy of module ``relpath`` (cached)."""
@@ -132,13 +137,43 @@ class Kernel:
         if plain_rel == relpath:
             return src
         dst = self.cache / "ko" / plain_rel
-        if not dst.exists():
+        # The copy carries its source's mtime: a rebuilt module is seen as new.
+        src_mtime = src.stat().st_mtime_ns
+        if not dst.exists() or dst.stat().st_mtime_ns != src_mtime:
             dst.parent.mkdir(parents=True, exist_ok=True)
-            data = _decompress(src)
             tmp = dst.with_suffix(".tmp")
-            tmp.write_bytes(data)
+            tmp.write_bytes(_decompress(src))
+            os.utime(tmp, ns=(src_mtime, src_mtime))
             tmp.replace(dst)
         return dst
+
+
+_DEPENDS_RE = re.compile(rb"(?:^|\0)depends=([^\0]*)\0")
+
+
+def modinfo_dep(modules_dir: Path, wanted: Iterable[str]) -> str:
+    """modules.dep lines for ``wanted`` and their dependencies, from .modinfo.
+
+    For a module tree installed without depmod: each module's ``depends=``
+    entry names its direct dependencies.
+    """
+    by_name: Dict[str, str] = {}
+    for path in sorted(modules_dir.rglob("*.ko*")):
+        rel = path.relative_to(modules_dir).as_posix()
+        if rel.endswith(_MODULE_SUFFIXES):
+            by_name.setdefault(module_name(rel), rel)
+    lines: Dict[str, List[str]] = {}
+    todo = [name.replace("-", "_") for name in wanted]
+    while todo:
+        name = todo.pop()
+        rel = by_name.get(name)
+        if rel is None or rel in lines:
+            continue
+        m = _DEPENDS_RE.search(_decompress(modules_dir / rel))
+        deps = [d.replace("-", "_") for d in (m.group(1).decode().split(",") if m else []) if d]
+        lines[rel] = [by_name[d] for d in deps if d in by_name]
+        todo += deps
+    return "".join(f"{rel}: {' '.join(deps)}\n" for rel, deps in lines.items())
 
 
 def _decompress(path: Path) -> bytes:
@@ -300,9 +335,8 @@ def user_kernel(image: Path, modules: Path, cache: Optional[Path] = None) -> Ker
     """Adopt a kernel the user built (``--kernel bzImage --modules DIR``).
 
     ``modules`` is an ``INSTALL_MOD_PATH`` root (holding lib/modules/<release>)
-    or the ``lib/modules/<release>`` directory itself.  modules.dep is created
-    with busybox depmod when the tree has none (in a cached copy if the tree is
-    not writable).
+    or the ``lib/modules/<release>`` directory itself.  A tree without
+    modules.dep is read through each module's .modinfo instead.
     """
     image = Path(image).resolve()
     modules = Path(modules).resolve()
@@ -331,13 +365,4 @@ def user_kernel(image: Path, modules: Path, cache: Optional[Path] = None) -> Ker
     digest = hashlib.sha256(str(image).encode()).hexdigest()[:12]
     key = re.sub(r"[^A-Za-z0-9_.+-]", "_", f"{release}-{digest}")
     kcache = (cache or cache_dir()) / "user" / key
-    if not (mod_dir / "modules.dep").exists():
-        # depmod wants BASE/lib/modules/<release>; mirror the tree with symlinks.
-        base = kcache / "depmod"
-        shutil.rmtree(base, ignore_errors=True)
-        target = base / "lib" / "modules" / release
-        target.parent.mkdir(parents=True)
-        shutil.copytree(mod_dir, target, symlinks=True)
-        _depmod(base, release)
-        mod_dir = target
     return Kernel(release, image, mod_dir, f"user:{image}", kcache)
