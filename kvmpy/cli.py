@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 from typing import Sequence
 
@@ -86,9 +87,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _terminate(signo: int, _frame) -> None:
+    # SIGTERM/SIGHUP unwind like Ctrl-C, so every finally (QEMU kill, module
+    # parameter restore, temp dirs) runs before the process goes.
+    raise KeyboardInterrupt(f"signal {signo}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    for signo in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signo, _terminate)
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
