@@ -19,7 +19,6 @@ The cpio "newc" archive is written here in Python so that device nodes
 from __future__ import annotations
 
 import gzip
-import io
 import os
 import stat
 from pathlib import Path

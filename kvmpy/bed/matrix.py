@@ -10,9 +10,7 @@ scanned for splats too: a WARN_ON fails its row even if the command passed.
 from __future__ import annotations
 
 import dataclasses
-import os
 import sys
-import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Callable, Dict, List, Mapping, Optional, Sequence
@@ -214,30 +212,19 @@ def format_table(rows: Sequence[Row], title: str = "") -> str:
     return "\n".join(out)
 
 
-def selftests_dir() -> Path:
-    """The selftest suite's directory (installed package, else the source tree)."""
-    try:
-        import kvmpy.selftests as pkg  # packaged from selftests/ by pyproject
-
-        paths = list(getattr(pkg, "__path__", []))
-        if paths:
-            return Path(paths[0])
-    except ImportError:
-        pass
-    here = Path(__file__).resolve().parents[2] / "selftests"
-    if here.is_dir():
-        return here
-    raise BedError("cannot find the selftests (neither kvmpy.selftests nor ./selftests)")
-
-
 def suite_command(extra: Sequence[str] = ()) -> List[str]:
     """The command that runs the selftest suite inside the bed.
 
     JUnit XML lands in the results directory because the bed sets
     PYTEST_ADDOPTS (see kvmpy.bed.qemu.job_script).
     """
-    return [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-            str(selftests_dir()), *extra]
+    from kvmpy.selftest.runner import selftests_dir
+
+    try:
+        tests = selftests_dir()
+    except FileNotFoundError as exc:
+        raise BedError(str(exc)) from None
+    return [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tests), *extra]
 
 
 def write_results(rows: Sequence[Row], outdir: Path) -> None:
