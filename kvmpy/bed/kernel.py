@@ -10,6 +10,7 @@ insmod only loads plain ``.ko`` files.
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import gzip
 import hashlib
 import lzma
@@ -141,10 +142,16 @@ class Kernel:
         src_mtime = src.stat().st_mtime_ns
         if not dst.exists() or dst.stat().st_mtime_ns != src_mtime:
             dst.parent.mkdir(parents=True, exist_ok=True)
-            tmp = dst.with_suffix(".tmp")
-            tmp.write_bytes(_decompress(src))
-            os.utime(tmp, ns=(src_mtime, src_mtime))
-            tmp.replace(dst)
+            # A private temporary name: several beds may start at once.
+            fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=dst.name + ".")
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(_decompress(src))
+                os.utime(tmp, ns=(src_mtime, src_mtime))
+                os.replace(tmp, dst)
+            except BaseException:
+                os.unlink(tmp)
+                raise
         return dst
 
 
@@ -266,6 +273,15 @@ def fetch_debian(line: str = DEFAULT_LINE, cache: Optional[Path] = None,
         package = cached[-1]
         log(f"{exc}; using the cached {package}")
     root = cache / "kernels" / package
+    root.parent.mkdir(parents=True, exist_ok=True)
+    # Several beds may set up at once: one fetches, the others wait for it.
+    with open(root.parent / f"{package}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        _fetch_locked(root, package, log)
+    return _debian_kernel(root, package)
+
+
+def _fetch_locked(root: Path, package: str, log) -> None:
     stamp = root / ".complete"
     if not stamp.exists():
         for tool, pkg in (("apt-get", "apt"), ("dpkg-deb", "dpkg")):
@@ -284,7 +300,6 @@ def fetch_debian(line: str = DEFAULT_LINE, cache: Optional[Path] = None,
         if not (kernel.modules_dir / "modules.dep").exists():
             _depmod(root / "root", kernel.release)
         stamp.write_text(package + "\n")
-    return _debian_kernel(root, package)
 
 
 def _cached_packages(cache: Path, line: str) -> List[str]:
