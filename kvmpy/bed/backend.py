@@ -12,6 +12,18 @@ so that every backend can parse results from the serial log alone::
     KVMPY-BED: param kvm.tdp_mmu=Y        (effective module parameters)
     KVMPY-BED: ready                      (modules loaded, about to run)
     KVMPY-BED: exit 0                     (exit status of the command)
+
+Writing a backend (e.g. ``kvmpy/bed/bochs.py``): subclass :class:`Backend`,
+register it in :data:`BACKENDS`, and in ``run``:
+
+1. build the initramfs with :func:`kvmpy.bed.initramfs.build_initramfs`,
+   passing a payload script that runs the command and sets ``$status`` (the
+   shared init loads the modules with the request's parameters and prints the
+   markers); pass ``params_cmdline(request.params)`` on the kernel command line;
+2. start the machine in its own process group, feed console lines to
+   ``request.on_console``, kill the group when ``request.timeout`` expires;
+3. return ``parse_console(console)`` completed with ``files``, ``kernel_log``,
+   ``seconds``, ``boot_seconds``, ``timed_out``, ``error``.
 """
 
 from __future__ import annotations
