@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 
 from kvmpy.abi import lib
 from kvmpy.errors import RequirementError
-from kvmpy.memory import SIZE_1G, SIZE_2M, hugetlb_pool, thp_mode
+from kvmpy.memory import SIZE_1G, SIZE_2M, hugetlb_pool, read_sysfs, thp_mode
 
 VENDOR_MODULES = ("kvm_intel", "kvm_amd", "kvm_pvm")
 
@@ -33,14 +33,6 @@ CAPS = [
 ]
 
 
-def _read(path: str) -> str | None:
-    try:
-        with open(path) as f:
-            return f.read().strip()
-    except OSError:
-        return None
-
-
 def module_params(module: str) -> dict[str, str] | None:
     """A loaded module's parameters from /sys/module/NAME/parameters, None if not loaded."""
     base = f"/sys/module/{module}/parameters"
@@ -49,7 +41,7 @@ def module_params(module: str) -> dict[str, str] | None:
     out = {}
     if os.path.isdir(base):
         for name in sorted(os.listdir(base)):
-            val = _read(os.path.join(base, name))
+            val = read_sysfs(os.path.join(base, name))
             if val is not None:
                 out[name] = val
     return out
@@ -63,7 +55,7 @@ def loaded_vendor_module() -> str | None:
 
 
 def cpu_flags() -> set[str]:
-    raw = _read("/proc/cpuinfo") or ""
+    raw = read_sysfs("/proc/cpuinfo") or ""
     for line in raw.splitlines():
         if line.startswith("flags"):
             return set(line.split(":", 1)[1].split())
@@ -71,7 +63,7 @@ def cpu_flags() -> set[str]:
 
 
 def cpu_vendor() -> str:
-    raw = _read("/proc/cpuinfo") or ""
+    raw = read_sysfs("/proc/cpuinfo") or ""
     for line in raw.splitlines():
         if line.startswith("vendor_id"):
             v = line.split(":", 1)[1].strip()

@@ -18,6 +18,13 @@ def cap_name(cap: int) -> str:
     return f"capability {cap}"
 
 
+def require_cap(value: int, cap: int, why: str = "") -> int:
+    """``value`` of a KVM_CHECK_EXTENSION, or RequirementError naming ``cap`` when it is 0."""
+    if not value:
+        raise RequirementError(f"KVM lacks {cap_name(cap)}" + (f" ({why})" if why else ""))
+    return value
+
+
 class Kvm:
     """An open /dev/kvm. Use as a context manager or call ``close()``."""
 
@@ -48,10 +55,7 @@ class Kvm:
 
     def require_extension(self, cap: int, why: str = "") -> int:
         """Like ``check_extension`` but raises RequirementError naming the capability when it is 0."""
-        val = self.check_extension(cap)
-        if not val:
-            raise RequirementError(f"KVM lacks {cap_name(cap)}" + (f" ({why})" if why else ""))
-        return val
+        return require_cap(self.check_extension(cap), cap, why)
 
     def supported_cpuid(self):
         """A fresh ``struct kvm_cpuid2 *`` with KVM_GET_SUPPORTED_CPUID (copy: safe to edit)."""

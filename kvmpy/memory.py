@@ -19,7 +19,8 @@ SIZE_1G = 1 << 30
 THP_ENABLED = "/sys/kernel/mm/transparent_hugepage/enabled"
 
 
-def _read_sysfs(path: str) -> str | None:
+def read_sysfs(path: str) -> str | None:
+    """Stripped contents of a sysfs/procfs file, None if it cannot be read."""
     try:
         with open(path) as f:
             return f.read().strip()
@@ -29,7 +30,7 @@ def _read_sysfs(path: str) -> str | None:
 
 def thp_mode() -> str | None:
     """The bracketed THP mode ('always', 'madvise', 'never'), or None if THP is absent."""
-    raw = _read_sysfs(THP_ENABLED)
+    raw = read_sysfs(THP_ENABLED)
     if raw is None or "[" not in raw:
         return None
     return raw[raw.index("[") + 1 : raw.index("]")]
@@ -42,7 +43,7 @@ def hugetlb_pool(page_size: int) -> dict[str, int] | None:
         return None
     out = {}
     for key, name in (("total", "nr_hugepages"), ("free", "free_hugepages"), ("resv", "resv_hugepages")):
-        val = _read_sysfs(os.path.join(base, name))
+        val = read_sysfs(os.path.join(base, name))
         out[key] = int(val) if val is not None else 0
     return out
 
@@ -81,6 +82,18 @@ def _mmap(size: int, prot: int, flags: int, fd: int = -1, addr: int = 0) -> int:
         err = ffi.errno
         raise KvmError(f"mmap of {size:#x} bytes failed: {os.strerror(err)}")
     return int(ffi.cast("uintptr_t", p))
+
+
+def _memfd_mapping(name: str, flags: int, size: int) -> Mapping:
+    """A shared mapping of a new memfd of ``size`` bytes; the Mapping owns the fd."""
+    fd = os.memfd_create(name, os.MFD_CLOEXEC | flags)
+    try:
+        os.ftruncate(fd, size)
+        addr = _mmap(size, lib.PROT_READ | lib.PROT_WRITE, lib.MAP_SHARED, fd)
+    except BaseException:
+        os.close(fd)
+        raise
+    return Mapping(addr, size, fd)
 
 
 class Backing:
@@ -169,14 +182,7 @@ class Hugetlb(Backing):
     def allocate(self, size: int) -> Mapping:
         self.check(size)
         huge_flag = os.MFD_HUGE_2MB if self.page_size == SIZE_2M else os.MFD_HUGE_1GB
-        fd = os.memfd_create(f"kvmpy-{self.name}", os.MFD_CLOEXEC | os.MFD_HUGETLB | huge_flag)
-        try:
-            os.ftruncate(fd, size)
-            addr = _mmap(size, lib.PROT_READ | lib.PROT_WRITE, lib.MAP_SHARED, fd)
-        except BaseException:
-            os.close(fd)
-            raise
-        return Mapping(addr, size, fd)
+        return _memfd_mapping(f"kvmpy-{self.name}", os.MFD_HUGETLB | huge_flag, size)
 
 
 class SharedMemfd(Backing):
@@ -186,14 +192,7 @@ class SharedMemfd(Backing):
 
     def allocate(self, size: int) -> Mapping:
         self.check(size)
-        fd = os.memfd_create("kvmpy-shmem", os.MFD_CLOEXEC)
-        try:
-            os.ftruncate(fd, size)
-            addr = _mmap(size, lib.PROT_READ | lib.PROT_WRITE, lib.MAP_SHARED, fd)
-        except BaseException:
-            os.close(fd)
-            raise
-        return Mapping(addr, size, fd)
+        return _memfd_mapping("kvmpy-shmem", 0, size)
 
 
 def backing_by_name(name: str) -> Backing:

@@ -46,12 +46,9 @@ class Vm:
         return ioctl_int(self.fd, "KVM_CHECK_EXTENSION", cap, self.name, cap_name(cap))
 
     def require_extension(self, cap: int, why: str = "") -> int:
-        from kvmpy.kvm import cap_name
+        from kvmpy.kvm import require_cap
 
-        val = self.check_extension(cap)
-        if not val:
-            raise RequirementError(f"KVM lacks {cap_name(cap)}" + (f" ({why})" if why else ""))
-        return val
+        return require_cap(self.check_extension(cap), cap, why)
 
     def enable_cap(self, cap: int, *args: int, flags: int = 0) -> None:
         """KVM_ENABLE_CAP on the VM with up to four u64 arguments."""
