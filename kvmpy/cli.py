@@ -33,7 +33,9 @@ def _add_selftest(sub) -> None:
     p.add_argument("--kernel", help="with --bed: a bzImage to boot (your patched kernel)")
     p.add_argument("--modules", help="with --bed --kernel: the matching modules directory (lib/modules/VERSION)")
     p.add_argument("--kernel-version", help="with --bed: Debian kernel line to fetch (6.12 or 6.1)")
-    p.add_argument("--backend", help="with --bed: machine backend (qemu or bochs)")
+    p.add_argument("--backend", choices=["qemu", "bochs"], help="with --bed: machine backend (default qemu)")
+    p.add_argument("--accel", choices=["tcg", "kvm"], default="tcg",
+                   help="with --bed and QEMU: kvm where the host has nested virtualization (default tcg)")
     p.add_argument("--param", action="append", default=[], metavar="MODULE.PARAM=VALUE",
                    help="with --bed: a module parameter (repeatable)")
     p.add_argument("--timeout", type=float, help="with --bed: seconds per boot")

@@ -23,7 +23,7 @@ BED_TIMEOUT = 1500.0
 def _bed_args(args: argparse.Namespace) -> argparse.Namespace:
     """The `kvmpy bed` options equivalent to these `kvmpy selftest --bed` options."""
     return argparse.Namespace(
-        backend=args.backend, vendor=None, accel="tcg", kernel_version=args.kernel_version,
+        backend=args.backend, vendor=None, accel=args.accel, kernel_version=args.kernel_version,
         kernel=Path(args.kernel) if args.kernel else None, modules=Path(args.modules) if args.modules else None,
         mem=BED_MEM, smp=2, timeout=args.timeout or BED_TIMEOUT, param=list(args.param), console=False,
     )
