@@ -75,6 +75,8 @@ def register(subparsers) -> argparse.ArgumentParser:
     _add_common(p)
     p.add_argument("--config", action="append", default=[], metavar="NAME",
                    help="only this configuration (repeatable)")
+    p.add_argument("--quiet", action="store_true",
+                   help="do not echo the command's output (only progress and the table)")
     p.add_argument("cmd", nargs=argparse.REMAINDER, help="-- CMD [ARGS...] (default: the selftests)")
     p.set_defaults(func=cmd_matrix)
     return bed
@@ -216,7 +218,8 @@ def cmd_matrix(args) -> int:
                 raise BedError(f"unknown --config {', '.join(sorted(unknown))}; "
                                f"choose from {', '.join(c.name for c in configs)}")
             configs = [c for c in configs if c.name in args.config]
-        printer = ConsolePrinter(True, sys.stderr) if args.console else None
+        # The command's output goes to stderr so that stdout holds the table.
+        printer = None if args.quiet else ConsolePrinter(args.console, sys.stderr)
         request = build_request(args, command, printer)
     except BedError as exc:
         _err(str(exc))
