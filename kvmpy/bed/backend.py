@@ -29,8 +29,12 @@ register it in :data:`BACKENDS`, and in ``run``:
 from __future__ import annotations
 
 import abc
+import contextlib
+import ctypes
 import dataclasses
 import re
+import signal
+import threading
 from pathlib import Path
 from typing import Callable, Dict, List, Mapping, Optional, Sequence
 
@@ -211,6 +215,47 @@ def parse_param(text: str) -> tuple:
         raise BedError(f"--param {text!r}: expected MODULE.PARAM=VALUE")
     params_cmdline({key: value})  # validate
     return key.replace("-", "_"), value
+
+
+def die_with_parent() -> None:
+    """``preexec_fn`` for a machine: SIGKILL it if the harness dies (even by SIGKILL).
+
+    The machine runs in its own session (so a terminal's ^C does not reach it
+    before the harness has killed it cleanly); this is what still ties its
+    life to ours.
+    """
+    PR_SET_PDEATHSIG = 1
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+
+
+@contextlib.contextmanager
+def exit_on_sigterm():
+    """Turn SIGTERM/SIGHUP into SystemExit for the duration, so cleanup runs.
+
+    Python's default SIGTERM action ends the process without running
+    ``finally`` blocks, which would leave the machine's temporary directory
+    behind (``timeout kvmpy bed ...`` sends SIGTERM).  Handlers the program
+    installed itself are left alone; so is everything outside the main thread.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise SystemExit(128 + signum)
+
+    saved = {}
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        if signal.getsignal(sig) == signal.SIG_DFL:
+            saved[sig] = signal.signal(sig, handler)
+    try:
+        yield
+    finally:
+        for sig, old in saved.items():
+            signal.signal(sig, old)
 
 
 def results_from_dir(root: Path) -> Dict[str, bytes]:

@@ -227,13 +227,13 @@ def cmd_matrix(args) -> int:
 
     def progress(i: int, n: int, row) -> None:
         _err(f"[{i}/{n}] {row.config.name}: {row.verdict} {row.detail} ({row.result.seconds:.0f}s)")
+        if args.results:  # now, so a long matrix can be inspected while it runs
+            matrix.save_files(row.result, args.results / row.config.name)
 
     _err(f"matrix of {len(configs)} configurations on {backend.name}, kernel "
          f"{backend.kernel.release}: {' '.join(command)}")
     t0 = time.monotonic()
     rows = matrix.run_matrix(backend, request, configs, progress)
-    if args.results:
-        matrix.write_results(rows, args.results)
     print(matrix.format_table(
         rows, f"kvmpy bed matrix ({backend.name}, {backend.kernel.release}, "
               f"{time.monotonic() - t0:.0f}s)"))

@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import List, Optional
 
 from kvmpy.bed.backend import (
-    MARKER, Backend, BedError, BedRequest, BedResult, params_cmdline, parse_console,
-    results_from_dir,
+    MARKER, Backend, BedError, BedRequest, BedResult, die_with_parent, exit_on_sigterm,
+    params_cmdline, parse_console, results_from_dir,
 )
 from kvmpy.bed.initramfs import KVM_MODULES, SHARE_MODULES, build_initramfs
 from kvmpy.bed.kernel import Kernel, busybox
@@ -165,7 +165,7 @@ class QemuBackend(Backend):
     def run(self, request: BedRequest) -> BedResult:
         self.check()
         start = time.monotonic()
-        with tempfile.TemporaryDirectory(prefix="kvmpy-bed-") as tmp:
+        with exit_on_sigterm(), tempfile.TemporaryDirectory(prefix="kvmpy-bed-") as tmp:
             share = Path(tmp) / "share"
             (share / "results").mkdir(parents=True)
             (share / "job.sh").write_text(job_script(request))
@@ -220,7 +220,8 @@ def _run_machine(argv: List[str], request: BedRequest, start: float):
     """
     deadline = start + request.timeout
     proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, start_new_session=True)
+                            stderr=subprocess.STDOUT, start_new_session=True,
+                            preexec_fn=die_with_parent)
     chunks: List[str] = []
     pending = ""
     boot = None
