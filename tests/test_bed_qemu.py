@@ -114,3 +114,50 @@ def test_cli_run_prints_command_output_and_propagates_status(bed, capsys):
     assert code == 5
     assert out.strip() == "out-N"  # only the command's output, not the boot log
     assert "kvmpy bed: exit 5 (boot" in err
+
+
+def _start_harness(tmp_path):
+    """`kvmpy bed run -- sleep 300` in a child, and its QEMU once started."""
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    env = dict(os.environ, TMPDIR=str(tmp_path), PYTHONPATH=str(REPO))
+    harness = subprocess.Popen([sys.executable, "-m", "kvmpy.bed.cli", "run", "--timeout", "300",
+                                "--", "sleep", "300"], env=env, cwd=str(REPO),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        machines = [p for p in psutil.Process(harness.pid).children() if "qemu" in p.name()]
+        if machines:
+            return harness, machines[0]
+        assert harness.poll() is None, "the harness exited before starting QEMU"
+        time.sleep(0.2)
+    harness.kill()
+    pytest.fail("QEMU did not start within 120 s")
+
+
+def test_sigterm_to_harness_kills_machine_and_removes_temp_dir(bed, tmp_path):
+    import signal
+
+    import psutil
+
+    harness, machine = _start_harness(tmp_path)
+    assert any(p.name.startswith("kvmpy-bed-") for p in tmp_path.iterdir())
+    harness.send_signal(signal.SIGTERM)
+    assert harness.wait(timeout=60) == 128 + signal.SIGTERM
+    psutil.wait_procs([machine], timeout=10)
+    assert not machine.is_running()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_sigkill_to_harness_still_kills_machine(bed, tmp_path):
+    import psutil
+
+    harness, machine = _start_harness(tmp_path)
+    harness.kill()
+    harness.wait(timeout=60)
+    gone, alive = psutil.wait_procs([machine], timeout=10)
+    assert not alive, "QEMU outlived a SIGKILLed harness"
