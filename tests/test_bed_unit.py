@@ -340,6 +340,20 @@ def test_evaluate_and_table():
     assert matrix.exit_status(rows[:1]) == 0
 
 
+def test_crashed_bed_reports_the_oops_from_the_console():
+    console = ("KVMPY-BED: ready\n[  280.1] BUG: unable to handle page fault for address: 0000000000001000\n"
+               "[  280.2] Oops: 0000 [#1] PREEMPT SMP NOPTI\n"
+               "[  288.3] Kernel panic - not syncing: Fatal exception in interrupt\n")
+    crashed = BedResult(None, console, error="[  288.3] Kernel panic - not syncing: Fatal exception")
+    row = matrix.evaluate(matrix.AMD_MATRIX[0], crashed)
+    assert row.verdict == "ERROR"
+    assert row.detail == "bed kernel crashed: BUG: unable to handle page fault for address: 0000000000001000"
+    # A bed that finished is judged by its kernel log only, not by console text.
+    done = BedResult(0, "WARNING: printed by the command\n", params={"kvm.tdp_mmu": "Y",
+                                                                       "kvm.eager_page_split": "Y"})
+    assert matrix.evaluate(matrix.AMD_MATRIX[0], done).verdict == "PASS"
+
+
 def test_run_matrix_merges_params_per_config():
     seen = []
 

@@ -193,7 +193,8 @@ def cmd_run(args) -> int:
         # The user saw only the command's output; show how the boot ended.
         print("\n".join(result.console.splitlines()[-25:]), file=sys.stderr)
     _err(describe(result, backend))
-    splats = find_splats_in_text(result.kernel_log)
+    splats = find_splats_in_text(result.kernel_log if result.kernel_log or
+                                 result.status is not None else result.console)
     for splat in splats:
         _err(f"kernel splat in the bed:\n{splat}")
     mismatches = param_mismatches(request.params, result.params) if result.status is not None else []

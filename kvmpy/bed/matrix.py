@@ -137,6 +137,8 @@ class Row:
     @property
     def detail(self) -> str:
         if self.result.status is None:
+            if self.splats:
+                return "bed kernel crashed: " + self.splats[0].splitlines()[0]
             return self.result.error or "no exit status"
         if self.mismatches:
             return "; ".join(self.mismatches)
@@ -155,7 +157,10 @@ def evaluate(config: Config, result: BedResult) -> Row:
     row = Row(config, result)
     if result.status is not None:
         row.mismatches = param_mismatches(config.params, result.params)
-    row.splats = find_splats_in_text(result.kernel_log)
+    # A bed that crashed brought no kernel log back, but an oops or panic is
+    # printed on the console at full verbosity.
+    row.splats = find_splats_in_text(result.kernel_log if result.kernel_log or
+                                     result.status is not None else result.console)
     xmls = [data for name, data in sorted(result.files.items()) if name.endswith(".xml")]
     if xmls:
         try:
