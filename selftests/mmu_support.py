@@ -52,18 +52,19 @@ class MmuFlavour:
     tdp: bool                   # two-dimensional paging (NPT/EPT) in use
     tdp_mmu: bool               # the TDP MMU (tdp_mmu.c) handles this VM
     eager_page_split: bool
+    tdp_mmu_param: str = "?"
 
     @property
     def name(self) -> str:
         if self.tdp_mmu:
             return "TDP MMU"
-        return "shadow MMU for TDP (kvm.tdp_mmu=N)" if self.tdp else "shadow paging"
+        return "shadow MMU over TDP" if self.tdp else "shadow MMU with shadow paging (TDP off)"
 
     @property
     def params(self) -> str:
         tdp_param = "npt" if self.vendor_module == "kvm_amd" else "ept"
         return (f"{self.vendor_module}.{tdp_param}={'Y' if self.tdp else 'N'} "
-                f"kvm.tdp_mmu={'Y' if self.tdp_mmu or not self.tdp else 'N'} "
+                f"kvm.tdp_mmu={self.tdp_mmu_param} "
                 f"kvm.eager_page_split={'Y' if self.eager_page_split else 'N'}")
 
 
@@ -80,7 +81,8 @@ def mmu_flavour() -> MmuFlavour:
     vp = module_params(vendor) or {}
     tdp = _yes(vp.get("npt" if vendor == "kvm_amd" else "ept"))
     # kvm.tdp_mmu reads Y even with npt=0/ept=0: the TDP MMU needs TDP too.
-    return MmuFlavour(vendor, tdp, tdp and _yes(kvm.get("tdp_mmu")), _yes(kvm.get("eager_page_split")))
+    return MmuFlavour(vendor, tdp, tdp and _yes(kvm.get("tdp_mmu")), _yes(kvm.get("eager_page_split")),
+                      kvm.get("tdp_mmu", "absent"))
 
 
 def counts(vm) -> dict[str, int]:
@@ -97,11 +99,90 @@ def sized(pages_4k: int = 0, pages_2m: int = 0, pages_1g: int = 0) -> dict[str, 
     return {"pages_4k": pages_4k, "pages_2m": pages_2m, "pages_1g": pages_1g}
 
 
+def _mem_total() -> str:
+    try:
+        with open("/proc/meminfo") as f:
+            return f.readline().split(":", 1)[1].strip()
+    except (OSError, IndexError):
+        return "unknown"
+
+
 # -- host state that only the bed may change ------------------------------------------
 
 def _write(path: str, value: str) -> None:
     with open(path, "w") as f:
         f.write(value)
+
+
+@contextlib.contextmanager
+def idle_vm_in_bed():
+    """Inside the bed, hold one idle VM open while the block runs.
+
+    Creating the first VM and destroying the last one flips KVM's preempt-notifier
+    static key, i.e. patches the scheduler's code with int3 + text_poke.  Under
+    QEMU's multi-threaded TCG the other vCPU can then execute a stale int3 and
+    the bed kernel panics ("Oops: int3" in schedule).  An idle VM that outlives
+    the tests keeps the key on, so a module flips it once instead of per test.
+    """
+    if not in_bed():
+        yield
+        return
+    from kvmpy import Kvm
+
+    try:
+        kvm = Kvm()
+        vm = kvm.create_vm()
+    except Exception:       # no /dev/kvm: the tests skip on their own
+        yield
+        return
+    try:
+        yield
+    finally:
+        vm.close()
+        kvm.close()
+
+
+def _pool_path(page_size: int) -> str:
+    return f"/sys/kernel/mm/hugepages/hugepages-{page_size // 1024}kB/nr_hugepages"
+
+
+def _available(page_size: int) -> int:
+    pool = hugetlb_pool(page_size)
+    return 0 if pool is None else pool["free"] - pool["resv"]
+
+
+def _grow_pool(page_size: int, count: int) -> int | None:
+    """Bed only: grow the pool until ``count`` pages are free; returns the old pool size
+    to restore (None if the pool was not touched).  Never skips, never raises on a
+    shortfall: callers check :func:`_available` afterwards."""
+    pool = hugetlb_pool(page_size)
+    if pool is None or not in_bed() or _available(page_size) >= count:
+        return None
+    old = pool["total"]
+    for _ in range(2):
+        _write(_pool_path(page_size), str(old + count - (pool["free"] - pool["resv"])))
+        if _available(page_size) >= count:
+            break
+        # Earlier allocations leave memory fragmented: drop caches and compact, then retry.
+        _write("/proc/sys/vm/drop_caches", "3")
+        _write("/proc/sys/vm/compact_memory", "1")
+    return old
+
+
+@contextlib.contextmanager
+def reserved_in_bed(*wants: tuple[int, int]):
+    """Bed only, best effort: reserve ``(page_size, count)`` hugetlb pages for a whole
+    module (before its tests fragment memory), restore the pools afterwards."""
+    restore: list[tuple[int, int]] = []
+    try:
+        for page_size, count in wants:
+            old = _grow_pool(page_size, count)
+            if old is not None:
+                restore.append((page_size, old))
+        yield
+    finally:
+        for page_size, old in reversed(restore):
+            _write(_pool_path(page_size), str(old))
 
 
 @contextlib.contextmanager
@@ -112,12 +193,10 @@ def hugetlb_pages(page_size: int, count: int):
     naming the command to run.  Inside the bed the pool is grown for the test.
     """
     kb = page_size // 1024
-    pool = hugetlb_pool(page_size)
-    if pool is None:
+    if hugetlb_pool(page_size) is None:
         pytest.skip(f"no hugetlb pool of {kb}kB pages on this kernel "
                     f"(/sys/kernel/mm/hugepages/hugepages-{kb}kB missing)")
-    available = pool["free"] - pool["resv"]
-    if available >= count:
+    if _available(page_size) >= count:
         yield
         return
     if not in_bed():
@@ -125,17 +204,17 @@ def hugetlb_pages(page_size: int, count: int):
             Hugetlb(page_size).check(count * page_size)
         except RequirementError as e:
             pytest.skip(f"{e} (kvmpy reserves hugetlb pages only inside `kvmpy bed`)")
-    path = f"/sys/kernel/mm/hugepages/hugepages-{kb}kB/nr_hugepages"
-    old = pool["total"]
+    old = None
     try:
-        _write(path, str(old + count - available))
-        now = hugetlb_pool(page_size)
-        if now["free"] - now["resv"] < count:
-            pytest.skip(f"bed: asked for {count} more {kb}kB huge pages, the kernel found only "
-                        f"{now['free'] - now['resv']} (memory too fragmented or too small: try --mem 4G)")
+        old = _grow_pool(page_size, count)
+        if _available(page_size) < count:
+            pytest.skip(f"bed: needed {count} free {kb}kB huge pages, the kernel could provide only "
+                        f"{_available(page_size)} even after compaction (bed memory: {_mem_total()}; "
+                        f"run the bed with --mem 4G or more)")
         yield
     finally:
-        _write(path, str(old))
+        if old is not None:
+            _write(_pool_path(page_size), str(old))
 
 
 @contextlib.contextmanager
