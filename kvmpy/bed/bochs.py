@@ -1,0 +1,436 @@
+"""The Bochs backend: the bed on an emulated Intel CPU with VMX and EPT.
+
+QEMU's TCG has no VMX, so the Intel half of KVM (kvm_intel, nested VMX, the
+nested MMU built from EPT tables) can only be exercised here.  Bochs 2.7's
+``corei7_skylake_x`` model offers VMX with EPT, and a Debian kernel loads
+``kvm_intel nested=1 ept=1`` on it.  It is slow (one emulated CPU, about a
+minute to boot), so one boot should run a whole batch of tests.
+
+How a run works:
+
+* Bochs has no virtio: the host's ``/`` cannot be shared.  The command's
+  files are carried in instead (:mod:`kvmpy.bed.carry`): this Python, the
+  packages kvmpy imports, the kvmpy checkout and the working directory, all
+  at their host paths, packed into the initramfs (``payload="initramfs"``,
+  the default and the faster) or onto an ISO 9660 disc on the second ATA
+  channel (``payload="disc"``).
+* Boot medium: an isolinux ISO holding the kernel and the initramfs (Bochs
+  cannot load a kernel directly).
+* Bochs 2.7 is built with its debugger: it only runs when given ``-rc FILE``
+  holding ``c``; its ``term`` display needs a pseudo-terminal, which
+  ``script`` provides.  The serial port goes to a file that is followed for
+  the console, and the results come back through it as a base64 tarball
+  between markers (no disk image to mount on the host).
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import io
+import os
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+from kvmpy.bed import carry
+from kvmpy.bed.backend import (
+    MARKER, Backend, BedError, BedRequest, BedResult, die_with_parent, exit_on_sigterm,
+    params_cmdline, parse_console,
+)
+from kvmpy.bed.initramfs import KVM_MODULES, build_initramfs
+from kvmpy.bed.kernel import Kernel, busybox, cache_dir
+from kvmpy.bed.qemu import INSIDE_RESULTS, INSIDE_SHARE, _boot_failure, inner_timeout, job_script
+
+BOCHS = "bochs-bin"
+BIOS_DIR = Path("/usr/share/bochs")
+ROMIMAGE = BIOS_DIR / "BIOS-bochs-latest"
+VGAROMIMAGE = BIOS_DIR / "VGABIOS-lgpl-latest"
+ISOLINUX_BIN = Path("/usr/lib/ISOLINUX/isolinux.bin")
+LDLINUX_C32 = Path("/usr/lib/syslinux/modules/bios/ldlinux.c32")
+#: Host tool -> the Debian package that provides it.
+TOOLS = {
+    BOCHS: "bochs bochsbios vgabios bochs-term",
+    "xorriso": "xorriso",
+    "script": "bsdutils",
+    "cpio": "cpio",
+}
+#: The CPU model with VMX + EPT (Bochs calls it an i7-7800X).
+CPU_MODEL = "corei7_skylake_x"
+#: Emulated instructions per emulated second.  Only the guest's sense of
+#: time depends on it (measured: 50M and 400M boot in the same host CPU time);
+#: lower makes guest sleeps and BIOS delays cheaper.
+IPS = 50_000_000
+#: Modules to read a payload disc from the second ATA channel.
+DISC_MODULES = ("ata_piix", "sr_mod", "isofs")
+PAYLOADS = ("initramfs", "disc")
+RESULTS_BEGIN = f"{MARKER} files-begin"
+RESULTS_END = f"{MARKER} files-end"
+# After the exit marker the machine powers off; Bochs needs a moment.
+POWEROFF_GRACE = 30.0
+
+#: The payload the shared init sources (it sets $status).  The command runs
+#: chrooted into the carried root (the initramfs itself or the disc), which
+#: gets the usual pseudo-filesystems; the results go back over the serial port.
+PAYLOAD = r"""# Bochs payload (kvmpy.bed.bochs)
+R=/
+run_job() {
+    if [ -n "@DISC@" ]; then
+        R=/mnt/root
+        mkdir -p /mnt/disc $R
+        i=0
+        while [ ! -b /dev/sr1 ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done
+        mount -t iso9660 -o ro /dev/sr1 /mnt/disc || { say "error cannot mount the payload disc"; return 2; }
+        # The disc is read-only: an overlay on a tmpfs makes the root writable.
+        mount -t tmpfs tmpfs /mnt/rw && mkdir -p /mnt/rw/upper /mnt/rw/work &&
+            mount -t overlay overlay -o lowerdir=/mnt/disc,upperdir=/mnt/rw/upper,workdir=/mnt/rw/work $R ||
+            { say "error cannot mount the overlay root"; return 2; }
+        mount -t proc proc $R/proc && mount -t sysfs sysfs $R/sys && mount -t devtmpfs devtmpfs $R/dev ||
+            { say "error cannot mount /proc /sys /dev"; return 2; }
+    fi
+    mkdir -p $R/tmp $R/run $R/dev/pts $R/dev/shm
+    mount -t tmpfs tmpfs $R/tmp
+    mount -t tmpfs tmpfs $R/dev/shm
+    mount -t devpts devpts $R/dev/pts
+    mount -t debugfs debugfs $R/sys/kernel/debug 2>/dev/null
+    mkdir -p $R@RESULTS@
+    cp /etc/kvmpy/job.sh $R@INSIDE@/job.sh
+    timeout -s KILL @TIMEOUT@ chroot $R /bin/sh @INSIDE@/job.sh < /dev/null
+    st=$?
+    dmesg > $R@INSIDE@/dmesg.txt 2>/dev/null
+    dmesg -n 1  # keep kernel messages out of the block below
+    say "files-begin"
+    (cd $R@INSIDE@ && tar -cz results dmesg.txt) | base64
+    say "files-end"
+    # The tty drains at the emulated baud rate; power off only once the
+    # UART's transmit count stops moving, or the tail of the files is lost.
+    a=; while :; do b=$(grep -o 'tx:[0-9]*' /proc/tty/driver/serial | head -n 1); [ "$a" = "$b" ] && break; a=$b; sleep 0.2; done
+    return $st
+}
+run_job
+status=$?
+"""
+
+
+def megabytes(mem: str) -> int:
+    """``2G``/``768M``/``1024`` -> megabytes."""
+    m = re.fullmatch(r"([1-9][0-9]*)([MGmg]?)", mem.strip())
+    if not m:
+        raise BedError(f"--mem {mem!r}: expected e.g. 2G or 768M")
+    n = int(m.group(1))
+    return n * 1024 if m.group(2).lower() == "g" else n
+
+
+def bochsrc(boot_iso: Path, serial: Path, log: Path, megs: int, disc: Optional[Path] = None,
+            ips: int = IPS) -> str:
+    """The Bochs configuration for one boot."""
+    lines = [
+        f"megs: {megs}",
+        f"cpu: model={CPU_MODEL}, count=1, ips={ips}, reset_on_triple_fault=0",
+        f"romimage: file={ROMIMAGE}",
+        f"vgaromimage: file={VGAROMIMAGE}",
+        # nogui is not compiled into Debian's Bochs; term needs a pty (script).
+        "display_library: term",
+        f"ata0-master: type=cdrom, path={boot_iso}, status=inserted",
+    ]
+    if disc is not None:
+        lines.append(f"ata0-slave: type=cdrom, path={disc}, status=inserted")
+    lines += [
+        "boot: cdrom",
+        f"com1: enabled=1, mode=file, dev={serial}",
+        # Guest time follows emulated instructions, not the host's clock:
+        # the same run behaves the same on a loaded host.
+        "clock: sync=none, time0=local",
+        f"log: {log}",
+        "panic: action=fatal",
+        "error: action=ignore",
+        "info: action=ignore",
+        "debug: action=ignore",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def isolinux_cfg(append: List[str]) -> str:
+    """isolinux.cfg booting /vmlinuz with /initrd.img at once."""
+    return ("DEFAULT bed\nPROMPT 0\nTIMEOUT 0\nLABEL bed\n  KERNEL /vmlinuz\n"
+            f"  INITRD /initrd.img\n  APPEND {' '.join(append)}\n")
+
+
+def kernel_append(request: BedRequest) -> List[str]:
+    """The kernel command line (the params reach insmod through the init)."""
+    return ["console=ttyS0,115200", "panic=-1", "quiet", *params_cmdline(request.params),
+            *request.append]
+
+
+def make_iso(out: Path, files: List[Tuple[str, Path]], boot: bool) -> Path:
+    """Write an ISO 9660 image (Rock Ridge: modes, links, mtimes) of ``files``.
+
+    ``files`` pairs paths in the image with host files or directories;
+    directories grafted onto the same path are merged.  With
+    ``boot`` the image is an isolinux El Torito disc.
+    """
+    argv = ["xorriso", "-as", "mkisofs", "-quiet", "-R", "-o", str(out)]
+    if boot:
+        argv += ["-b", "isolinux/isolinux.bin", "-c", "isolinux/boot.cat",
+                 "-no-emul-boot", "-boot-load-size", "4", "-boot-info-table"]
+    argv += ["-graft-points"] + [f"{dest}={src}" for dest, src in files]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0:
+        raise BedError(f"xorriso failed: {proc.stderr.strip()[-1500:]}")
+    return out
+
+
+def append_cpio(initrd: Path, tree: Path) -> None:
+    """Append ``tree`` as a further (uncompressed) cpio archive to ``initrd``.
+
+    The kernel unpacks concatenated archives in order; the cpio tool keeps
+    the files' mtimes, which the carried .pyc files are checked against.
+    """
+    with open(initrd, "ab") as out:
+        find = subprocess.Popen(["find", ".", "-mindepth", "1"], cwd=tree, stdout=subprocess.PIPE)
+        proc = subprocess.run(["cpio", "-o", "-H", "newc", "--quiet"], cwd=tree, stdin=find.stdout,
+                              stdout=out, stderr=subprocess.PIPE, timeout=600)
+        find.stdout.close()
+        find.wait()
+    if proc.returncode != 0:
+        raise BedError(f"cpio failed: {proc.stderr.decode(errors='replace').strip()}")
+
+
+def extract_files(console: str) -> Tuple[Dict[str, bytes], str]:
+    """(results files, kernel log) from the base64 tarball in the console.
+
+    Returns empty results when the block is missing or truncated.
+    """
+    m = re.search(re.escape(RESULTS_BEGIN) + r"\s*\n(.*?)\n[^\n]*" + re.escape(RESULTS_END),
+                  console, re.S)
+    if not m:
+        return {}, ""
+    # Whole base64 lines only: a stray kernel message is a line of its own.
+    data = "".join(line.strip() for line in m.group(1).splitlines()
+                   if re.fullmatch(r"[A-Za-z0-9+/=]+", line.strip()))
+    files: Dict[str, bytes] = {}
+    kernel_log = ""
+    try:
+        with tarfile.open(fileobj=io.BytesIO(base64.b64decode(data)), mode="r:gz") as tar:
+            for member in tar.getmembers():
+                if not member.isfile():
+                    continue
+                content = tar.extractfile(member).read()
+                name = member.name.lstrip("./")
+                if name == "dmesg.txt":
+                    kernel_log = content.decode(errors="replace")
+                elif name.startswith("results/"):
+                    files[name[len("results/"):]] = content
+    except (tarfile.TarError, ValueError, EOFError, OSError):
+        return {}, ""
+    return files, kernel_log
+
+
+def carried_roots(request: BedRequest) -> List[Path]:
+    """Source trees to carry: the kvmpy checkout, and the cwd unless inside it."""
+    import kvmpy
+
+    checkout = Path(kvmpy.__file__).resolve().parents[1]
+    roots = [checkout]
+    cwd = Path(request.cwd or os.getcwd()).resolve()
+    if checkout not in (cwd, *cwd.parents) and cwd != Path("/"):
+        roots.append(cwd)
+    return roots
+
+
+class BochsBackend(Backend):
+    """Boot the bed in Bochs (emulated Intel CPU with VMX + EPT)."""
+
+    name = "bochs"
+    vendor = "intel"
+
+    def __init__(self, kernel: Kernel, payload: str = "initramfs", bochs: str = BOCHS,
+                 ips: int = IPS) -> None:
+        if payload not in PAYLOADS:
+            raise BedError(f"Bochs payload {payload!r}: choose one of {', '.join(PAYLOADS)}")
+        self.kernel = kernel
+        self.payload = payload
+        self.bochs = bochs
+        self.ips = ips
+        self.tools = dict(TOOLS)
+        if bochs != BOCHS:
+            self.tools[bochs] = self.tools.pop(BOCHS)
+        #: Sizes and times of the last run's preparation (for measurements).
+        self.last_prep: Dict[str, float] = {}
+
+    def check(self) -> None:
+        for tool, package in self.tools.items():
+            if not shutil.which(tool):
+                raise BedError(f"{tool} not found: apt-get install --no-install-recommends {package}")
+        for path, package in ((ROMIMAGE, "bochsbios"), (VGAROMIMAGE, "vgabios"),
+                              (ISOLINUX_BIN, "isolinux"), (LDLINUX_C32, "syslinux-common")):
+            if not path.exists():
+                raise BedError(f"{path} not found: apt-get install --no-install-recommends {package}")
+        busybox()
+
+    # -- preparation -----------------------------------------------------
+
+    def prepare(self, request: BedRequest, tmp: Path) -> Tuple[Path, Optional[Path], List[str]]:
+        """Build the boot ISO (and payload disc); returns (boot iso, disc, append)."""
+        t0 = time.monotonic()
+        stage_dir = tmp / "stage"
+        stage = carry.Stage(stage_dir)
+        for root in carried_roots(request):
+            carry.stage_tree(stage, root)
+        cwd = Path(request.cwd or os.getcwd()).resolve()
+        stage.inside(cwd).mkdir(parents=True, exist_ok=True)
+        stage.inside(Path(INSIDE_SHARE)).mkdir(parents=True, exist_ok=True)
+        for d in ("proc", "sys", "dev", "tmp", "run", "bin", "usr/bin", "lib64"):
+            (stage_dir / d).mkdir(parents=True, exist_ok=True)
+        python = carry.python_stage(cache_dir() / "bochs", log=lambda m: None)
+        self.last_prep["stage_s"] = time.monotonic() - t0
+
+        disc = self.payload == "disc"
+        job = job_script(request)
+        payload = (PAYLOAD.replace("@DISC@", "1" if disc else "")
+                   .replace("@RESULTS@", INSIDE_RESULTS).replace("@INSIDE@", INSIDE_SHARE)
+                   .replace("@TIMEOUT@", str(inner_timeout(request.timeout))))
+        files = {"etc/kvmpy/job.sh": (job.encode(), 0o755)}
+        modules = KVM_MODULES + (DISC_MODULES + ("overlay",) if disc else ())
+        initrd = build_initramfs(self.kernel, tmp / "initrd.img", payload, modules, files,
+                                 compress=True)
+        # The carried root needs the busybox tools at /bin and /usr/bin/env
+        # for scripts (inside the initramfs the init installs them itself).
+        if disc:
+            shutil.copy2(busybox(), stage_dir / "bin" / "busybox")
+            applets = subprocess.run([str(busybox()), "--list"], capture_output=True, text=True,
+                                     timeout=30).stdout.split()
+            for applet in applets:
+                if applet != "busybox":
+                    os.symlink("busybox", stage_dir / "bin" / applet)
+        os.symlink("/bin/busybox", stage_dir / "usr/bin/env")
+        t1 = time.monotonic()
+        disc_iso = None
+        if disc:
+            disc_iso = make_iso(tmp / "payload.iso", [("/", python), ("/", stage_dir)], boot=False)
+            self.last_prep["payload_bytes"] = disc_iso.stat().st_size
+        else:
+            append_cpio(initrd, python)
+            append_cpio(initrd, stage_dir)
+        self.last_prep["initrd_bytes"] = initrd.stat().st_size
+        iso_dir = tmp / "iso"
+        (iso_dir / "isolinux").mkdir(parents=True)
+        shutil.copy2(ISOLINUX_BIN, iso_dir / "isolinux")
+        shutil.copy2(LDLINUX_C32, iso_dir / "isolinux")
+        append = kernel_append(request)
+        (iso_dir / "isolinux" / "isolinux.cfg").write_text(isolinux_cfg(append))
+        boot_iso = make_iso(tmp / "boot.iso", [("/isolinux", iso_dir / "isolinux"),
+                                               ("/vmlinuz", self.kernel.image),
+                                               ("/initrd.img", initrd)], boot=True)
+        self.last_prep["boot_bytes"] = boot_iso.stat().st_size
+        self.last_prep["pack_s"] = time.monotonic() - t1
+        self.last_prep["prepare_s"] = time.monotonic() - t0
+        return boot_iso, disc_iso, append
+
+    # -- running -----------------------------------------------------------
+
+    def run(self, request: BedRequest) -> BedResult:
+        self.check()
+        start = time.monotonic()
+        if "PYTHONPATH" not in request.env and "PYTHONPATH" not in os.environ:
+            # The checkout is carried in; make `import kvmpy` find it from any cwd.
+            request = dataclasses.replace(
+                request, env={**request.env, "PYTHONPATH": str(carried_roots(request)[0])})
+        with exit_on_sigterm(), tempfile.TemporaryDirectory(prefix="kvmpy-bochs-") as tmp_name:
+            tmp = Path(tmp_name)
+            boot_iso, disc_iso, _ = self.prepare(request, tmp)
+            serial = tmp / "serial.out"
+            serial.touch()
+            rc = tmp / "bochsrc"
+            rc.write_text(bochsrc(boot_iso, serial, tmp / "bochs.log", megabytes(request.mem),
+                                  disc_iso, self.ips))
+            (tmp / "debugger.rc").write_text("c\n")
+            argv = ["script", "-q", "-e", "-c",
+                    f"{shlex.quote(self.bochs)} -q -f {rc} -rc {tmp / 'debugger.rc'}", "/dev/null"]
+            console, boot, timed_out, pid = _run_machine(argv, serial, request, start, tmp)
+            bochs_log = (tmp / "bochs.log").read_text(errors="replace") if (tmp / "bochs.log").exists() else ""
+        result = parse_console(console)
+        result.files, result.kernel_log = extract_files(console)
+        result.boot_seconds = boot
+        result.seconds = time.monotonic() - start
+        result.timed_out = timed_out
+        result.pid = pid
+        if timed_out:
+            result.error = f"timed out after {request.timeout:.0f}s"
+        elif result.status is None:
+            panic = [l for l in bochs_log.splitlines() if "PANIC" in l and "power off" not in l]
+            result.error = panic[-1].strip() if panic else _boot_failure(console)
+        return result
+
+
+def _run_machine(argv: List[str], serial: Path, request: BedRequest, start: float, cwd: Path):
+    """Run Bochs under ``script``, follow the serial file, kill on timeout.
+
+    Returns (console text, seconds to 'ready' or None, timed_out, pid).
+    """
+    deadline = start + request.timeout
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, cwd=cwd, start_new_session=True,
+                            # script dies with us; Bochs gets SIGHUP when its pty closes
+                            preexec_fn=die_with_parent)
+    chunks: List[str] = []
+    pending = ""
+    boot = None
+    timed_out = False
+    exit_seen_at = None
+    in_files = False  # the base64 block is not console output worth echoing
+    try:
+        with open(serial, "rb") as f:
+            while True:
+                data = f.read(65536)
+                if data:
+                    pending += data.decode("utf-8", "replace").replace("\r", "")
+                    *lines, pending = pending.split("\n")
+                    for line in lines:
+                        chunks.append(line)
+                        if RESULTS_BEGIN in line:
+                            in_files = True
+                        if request.on_console and not in_files:
+                            request.on_console(line)
+                        if RESULTS_END in line:
+                            in_files = False
+                        if MARKER in line:
+                            if boot is None and line.rstrip().endswith(f"{MARKER} ready"):
+                                boot = time.monotonic() - start
+                            if f"{MARKER} exit " in line:
+                                exit_seen_at = time.monotonic()
+                    continue
+                if proc.poll() is not None:
+                    break
+                now = time.monotonic()
+                if exit_seen_at is not None and now > exit_seen_at + POWEROFF_GRACE:
+                    break
+                if now >= deadline:
+                    timed_out = exit_seen_at is None
+                    break
+                time.sleep(0.1)
+            rest = f.read()
+            if rest:
+                pending += rest.decode("utf-8", "replace").replace("\r", "")
+    finally:
+        _kill(proc)
+    if pending:
+        chunks.extend(pending.split("\n"))
+    return "\n".join(chunks) + "\n", boot, timed_out, proc.pid
+
+
+def _kill(proc: subprocess.Popen) -> None:
+    """Stop ``script`` and Bochs under it, by their process group."""
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait(timeout=30)

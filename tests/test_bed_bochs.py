@@ -1,0 +1,240 @@
+"""The Bochs backend of the bed: configuration, media, payload, results.
+
+The unit tests need no Bochs.  The integration test boots Bochs (several
+minutes of emulation): select it with ``pytest -m bed``.
+"""
+
+import base64
+import io
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from kvmpy.bed import carry
+from kvmpy.bed.backend import BedError, BedRequest
+from kvmpy.bed.bochs import (
+    BOCHS, CPU_MODEL, RESULTS_BEGIN, RESULTS_END, BochsBackend, append_cpio, bochsrc,
+    extract_files, isolinux_cfg, kernel_append, make_iso, megabytes,
+)
+from kvmpy.bed.kernel import Kernel
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def fake_kernel(tmp_path):
+    image = tmp_path / "vmlinuz"
+    image.write_bytes(b"not a kernel")
+    mods = tmp_path / "lib/modules/6.12.0-test"
+    mods.mkdir(parents=True)
+    return Kernel("6.12.0-test", image, mods, "user:test", tmp_path / "cache")
+
+
+def test_bochsrc_has_vmx_cpu_media_serial_and_quiet_logging(tmp_path):
+    rc = bochsrc(tmp_path / "boot.iso", tmp_path / "serial.out", tmp_path / "bochs.log",
+                 megs=768, disc=tmp_path / "payload.iso", ips=50_000_000)
+    lines = rc.splitlines()
+    assert "megs: 768" in lines
+    assert f"cpu: model={CPU_MODEL}, count=1, ips=50000000, reset_on_triple_fault=0" in lines
+    assert f"ata0-master: type=cdrom, path={tmp_path / 'boot.iso'}, status=inserted" in lines
+    assert f"ata0-slave: type=cdrom, path={tmp_path / 'payload.iso'}, status=inserted" in lines
+    assert "boot: cdrom" in lines
+    assert f"com1: enabled=1, mode=file, dev={tmp_path / 'serial.out'}" in lines
+    assert "display_library: term" in lines
+    assert any(l.startswith("clock: sync=none") for l in lines)
+    # without a payload disc the second drive is absent
+    assert "ata0-slave" not in bochsrc(tmp_path / "b.iso", tmp_path / "s", tmp_path / "l", 512)
+
+
+def test_megabytes():
+    assert megabytes("2G") == 2048
+    assert megabytes("768M") == 768
+    assert megabytes("1024") == 1024
+    for bad in ("", "0", "2T", "1.5G", "-1G"):
+        with pytest.raises(BedError):
+            megabytes(bad)
+
+
+def test_kernel_command_line_routes_params():
+    req = BedRequest(command=["true"], params={"kvm_intel.ept": "0", "kvm.eager_page_split": "N"},
+                     append=("loglevel=4",))
+    words = kernel_append(req)
+    assert words[:3] == ["console=ttyS0,115200", "panic=-1", "quiet"]
+    assert "kvm_intel.ept=0" in words and "kvm.eager_page_split=N" in words
+    assert words[-1] == "loglevel=4"
+    cfg = isolinux_cfg(words)
+    assert "KERNEL /vmlinuz" in cfg and "INITRD /initrd.img" in cfg
+    assert "APPEND " + " ".join(words) in cfg
+    assert "PROMPT 0" in cfg  # no boot prompt to wait at
+
+
+def test_backend_rejects_unknown_payload(tmp_path):
+    with pytest.raises(BedError, match="initramfs, disc"):
+        BochsBackend(fake_kernel(tmp_path), payload="floppy")
+
+
+def test_check_names_the_apt_package(tmp_path):
+    backend = BochsBackend(fake_kernel(tmp_path), bochs="bochs-bin-that-is-not-installed")
+    with pytest.raises(BedError, match="apt-get install .*bochs bochsbios vgabios bochs-term"):
+        backend.check()
+
+
+def _results_block(files, dmesg="[ 1.0] hello\n"):
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        for name, data in {**{f"results/{k}": v for k, v in files.items()},
+                           "dmesg.txt": dmesg.encode()}.items():
+            info = tarfile.TarInfo("./" + name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    text = base64.encodebytes(buf.getvalue()).decode()
+    return text
+
+
+def test_extract_files_from_console_with_kernel_noise():
+    block = _results_block({"junit.xml": b"<testsuite/>", "sub/x.txt": b"x"}, "[ 2.0] WARNING: x\n")
+    lines = block.splitlines()
+    # The kernel's own printk can land in the middle of the serial stream.
+    noisy = "\r\n".join(lines[:1] + ["[   12.3] random: crng init done"] + lines[1:])
+    console = f"boot\n{RESULTS_BEGIN}\n{noisy}\n{RESULTS_END}\nKVMPY-BED: exit 0\n"
+    files, log = extract_files(console)
+    assert files == {"junit.xml": b"<testsuite/>", "sub/x.txt": b"x"}
+    assert "WARNING: x" in log
+
+
+def test_extract_files_truncated_block_gives_nothing():
+    block = _results_block({"junit.xml": b"<testsuite/>" * 1000})
+    console = f"{RESULTS_BEGIN}\n{block[: len(block) // 2]}\n{RESULTS_END}\n"
+    assert extract_files(console) == ({}, "")
+    assert extract_files("no block at all") == ({}, "")
+
+
+def test_stage_mirrors_host_paths_keeps_links_and_mtimes(tmp_path):
+    src = tmp_path / "host" / "pkg"
+    (src / "__pycache__").mkdir(parents=True)
+    (src / "a.py").write_text("A = 1\n")
+    os.utime(src / "a.py", (1_600_000_000, 1_600_000_000))
+    (src / "__pycache__" / f"a.{sys.implementation.cache_tag}.pyc").write_bytes(b"x")
+    (src / "__pycache__" / f"a.{sys.implementation.cache_tag}.opt-1.pyc").write_bytes(b"x")
+    os.symlink("a.py", src / "link.py")
+    (src / ".git").mkdir()
+    (src / ".git" / "HEAD").write_text("ref\n")
+    stage = carry.Stage(tmp_path / "stage")
+    stage.add_tree(src, exclude=carry.TREE_EXCLUDE, keep=carry._pycache_keep(sys.implementation.cache_tag))
+    inside = stage.inside(src)
+    assert (inside / "a.py").read_text() == "A = 1\n"
+    assert (inside / "a.py").stat().st_mtime == 1_600_000_000  # .pyc validity depends on it
+    assert os.readlink(inside / "link.py") == "a.py"
+    assert not (inside / ".git").exists()
+    assert not (inside / "__pycache__").exists()  # excluded by TREE_EXCLUDE
+
+
+def test_stdlib_pruning():
+    keep = carry._stdlib_keep("cpython-311")
+    assert keep("os.py") and keep("json/__init__.py") and keep("lib-dynload/_ctypes.cpython-311-x86_64-linux-gnu.so")
+    assert keep("__pycache__/os.cpython-311.pyc")
+    assert not keep("__pycache__/os.cpython-311.opt-2.pyc")
+    assert not keep("test/test_os.py") and not keep("tkinter/__init__.py")
+    assert not keep("site-packages/numpy/__init__.py")
+    assert not keep("lib-dynload/_ssl.cpython-311-x86_64-linux-gnu.so")
+    assert not keep("config-3.11-x86_64-linux-gnu/libpython3.11.a")
+
+
+@pytest.mark.skipif(shutil.which("cpio") is None, reason="cpio not installed: apt-get install cpio")
+def test_append_cpio_concatenates_a_tree_with_mtimes(tmp_path):
+    tree = tmp_path / "tree"
+    (tree / "a/b").mkdir(parents=True)
+    (tree / "a/b/f.txt").write_text("data")
+    os.utime(tree / "a/b/f.txt", (1_500_000_000, 1_500_000_000))
+    initrd = tmp_path / "initrd"
+    initrd.write_bytes(b"")
+    append_cpio(initrd, tree)
+    out = tmp_path / "out"
+    out.mkdir()
+    subprocess.run(["cpio", "-idm", "--quiet"], cwd=out, stdin=open(initrd, "rb"), check=True)
+    assert (out / "a/b/f.txt").read_text() == "data"
+    assert (out / "a/b/f.txt").stat().st_mtime == 1_500_000_000
+
+
+@pytest.mark.skipif(shutil.which("xorriso") is None, reason="xorriso not installed: apt-get install xorriso")
+def test_make_iso_merges_grafts_and_is_bootable(tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    (one / "isolinux").mkdir(parents=True)
+    (one / "isolinux" / "isolinux.bin").write_bytes(b"\0" * 2048)
+    (two / "etc").mkdir(parents=True)
+    (two / "etc" / "x").write_text("x")
+    iso = make_iso(tmp_path / "x.iso", [("/", one), ("/", two)], boot=True)
+    data = iso.read_bytes()
+    assert data[0x8001:0x8006] == b"CD001"
+    assert b"EL TORITO SPECIFICATION" in data[0x8800:0x9000]
+    listing = subprocess.run(["xorriso", "-indev", str(iso), "-find", "/", "-type", "f"],
+                             capture_output=True, text=True).stdout
+    assert "/isolinux/isolinux.bin" in listing and "/etc/x" in listing
+
+
+# -- integration: boots Bochs ---------------------------------------------
+
+VMX_PROBE = r"""
+import os, sys
+flags = open('/proc/cpuinfo').read()
+print('fact vmx', ' vmx' in flags, 'ept', ' ept' in flags)
+print('fact nested', open('/sys/module/kvm_intel/parameters/nested').read().strip())
+print('fact ept', open('/sys/module/kvm_intel/parameters/ept').read().strip())
+from kvmpy import Kvm
+kvm = Kvm()
+vm = kvm.create_vm()
+vm.set_tss_addr(0xFFFBD000)  # VMX real mode may need a TSS
+vm.add_memory(0, 0, 1 << 20)
+# real mode at 0x1000: out 0x10, al ; hlt
+vm.write(0x1000, bytes([0xB0, 0x2A, 0xE6, 0x10, 0xF4]))
+vcpu = vm.create_vcpu(0)
+sregs = vcpu.get_sregs()
+sregs.cs.base, sregs.cs.selector = 0, 0
+vcpu.set_sregs(sregs)
+regs = vcpu.get_regs()
+regs.rip, regs.rflags = 0x1000, 2
+vcpu.set_regs(regs)
+exits = [type(vcpu.run()).__name__, type(vcpu.run()).__name__]
+print('fact exits', *exits)
+open(os.path.join(os.environ['KVMPY_BED_RESULTS'], 'exits.txt'), 'w').write(' '.join(exits))
+sys.exit('inside failure: deliberate')
+"""
+
+
+@pytest.fixture(scope="module")
+def bochs_bed(request):
+    if "bed" not in (request.config.getoption("-m") or ""):
+        pytest.skip("boots Bochs (several minutes): select with pytest -m bed")
+    if not shutil.which(BOCHS):
+        pytest.skip(f"{BOCHS} not installed: apt-get install --no-install-recommends "
+                    "bochs bochsbios vgabios bochs-term isolinux syslinux-common xorriso")
+    from kvmpy.bed.kernel import fetch_debian
+
+    backend = BochsBackend(fetch_debian(os.environ.get("KVMPY_BED_KERNEL", "6.12")))
+    try:
+        backend.check()
+    except BedError as exc:
+        pytest.skip(str(exc))
+    return backend
+
+
+@pytest.mark.bed
+def test_bochs_bed_vmx_kvm_guest_and_failing_status(bochs_bed):
+    r = bochs_bed.run(BedRequest(
+        command=["python3", "-c", VMX_PROBE], params={"kvm_intel.nested": "1"}, mem="768M",
+        timeout=float(os.environ.get("KVMPY_BOCHS_TIMEOUT", "900")), cwd=str(REPO),
+        env={"PYTHONPATH": str(REPO)}))
+    assert not r.timed_out, r.console[-3000:]
+    assert r.error is None, r.error
+    assert "fact vmx True ept True" in r.console
+    assert "fact nested Y" in r.console
+    assert r.params.get("kvm_intel.nested") == "Y"
+    assert "fact exits" in r.console, r.console[-3000:]
+    assert "inside failure: deliberate" in r.console
+    assert r.status == 1
+    assert r.files.get("exits.txt", b"").startswith(b"Io")
+    assert "Linux version" in r.kernel_log
