@@ -176,6 +176,15 @@ def test_params_cmdline_validates():
         bk.parse_param("kvm.tdp_mmu")
 
 
+def test_hugepages_at_boot():
+    assert bk.hugepages_cmdline({"1G": 1, "2M": 256}) == \
+        ["hugepagesz=1G", "hugepages=1", "hugepagesz=2M", "hugepages=256"]
+    assert bk.parse_hugepages("1G:2") == ("1G", 2)
+    for bad in ("4K:1", "1G", "1G:x", "2M:-1"):
+        with pytest.raises(BedError):
+            bk.parse_hugepages(bad)
+
+
 def test_parse_console_markers():
     console = ("[ 1.0] booting\nKVMPY-BED: param kvm.tdp_mmu=N\n"
                "garbage KVMPY-BED: param kvm_amd.npt=N\nKVMPY-BED: ready\nhello\nKVMPY-BED: exit 7\n")
@@ -260,11 +269,13 @@ def test_qemu_command_line(tmp_path):
     k = kernel.Kernel("6.99", Path("/k/vmlinuz"), Path("/k/mods"), "test", tmp_path)
     be = qemu.QemuBackend(k)
     argv = be.command_line(Path("/x/initrd"), Path("/x/share"),
-                           BedRequest(command=["true"], params={"kvm.tdp_mmu": "N"}, mem="4G"))
+                           BedRequest(command=["true"], params={"kvm.tdp_mmu": "N"}, mem="4G",
+                                      hugepages={"1G": 1}))
     assert argv[argv.index("-accel") + 1].startswith("tcg")
     assert argv[argv.index("-m") + 1] == "4G"
     append = argv[argv.index("-append") + 1].split()
     assert "kvm.tdp_mmu=N" in append and "console=ttyS0" in append and "panic=-1" in append
+    assert append[append.index("hugepagesz=1G") + 1] == "hugepages=1"
     assert any("path=/," in a and "readonly=on" in a for a in argv)
     with pytest.raises(BedError, match="--mem"):
         be.command_line(Path("/i"), Path("/s"), BedRequest(command=["true"], mem="lots"))

@@ -70,6 +70,9 @@ class BedRequest:
     on_console: Optional[Callable[[str], None]] = None
     # Extra kernel command-line words (besides params and the backend's own).
     append: Sequence[str] = ()
+    # hugetlb pages reserved at boot, e.g. {"1G": 1, "2M": 256}: at boot a
+    # 1 GiB page is always found; later, memory may be too fragmented.
+    hugepages: Mapping[str, int] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
@@ -206,6 +209,27 @@ def params_cmdline(params: Mapping[str, str]) -> List[str]:
             raise BedError(f"module parameter {key}={value!r}: empty value, quotes or spaces")
         words.append(f"{module.replace('-', '_')}.{name}={value}")
     return words
+
+
+def hugepages_cmdline(hugepages: Mapping[str, int]) -> List[str]:
+    """Kernel command-line words reserving hugetlb pages at boot."""
+    words = []
+    for size, count in hugepages.items():
+        if size not in ("2M", "1G"):
+            raise BedError(f"huge page size {size!r}: x86 has 2M and 1G")
+        if int(count) < 0:
+            raise BedError(f"huge page count {count!r} is negative")
+        words += [f"hugepagesz={size}", f"hugepages={int(count)}"]
+    return words
+
+
+def parse_hugepages(text: str) -> tuple:
+    """Parse ``SIZE:COUNT`` (e.g. ``1G:1``) into a (size, count) pair."""
+    size, colon, count = text.partition(":")
+    if not colon or not count.isdigit():
+        raise BedError(f"--hugepages {text!r}: expected SIZE:COUNT, e.g. 1G:1 or 2M:256")
+    hugepages_cmdline({size: int(count)})  # validate
+    return size, int(count)
 
 
 def parse_param(text: str) -> tuple:

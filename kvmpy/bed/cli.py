@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Callable, List, Optional, Sequence
 
 from kvmpy.bed.backend import (
-    MARKER, VENDOR_BACKENDS, Backend, BedError, BedRequest, BedResult, backend_class, parse_param,
+    MARKER, VENDOR_BACKENDS, Backend, BedError, BedRequest, BedResult, backend_class,
+    parse_hugepages, parse_param,
 )
 from kvmpy.bed.kernel import KERNEL_LINES, Kernel, fetch_debian, user_kernel
 
@@ -45,6 +46,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    help="seconds per boot before the machine is killed (default 600)")
     g.add_argument("--param", action="append", default=[], metavar="MODULE.PARAM=VALUE",
                    help="module parameter for the bed's KVM (repeatable)")
+    g.add_argument("--hugepages", action="append", default=[], metavar="SIZE:COUNT",
+                   help="reserve hugetlb pages at boot, e.g. 1G:1 or 2M:256 (repeatable)")
     g.add_argument("--console", action="store_true",
                    help="stream the whole guest console (default: only the command's output)")
     g.add_argument("--results", type=Path, metavar="DIR",
@@ -141,8 +144,9 @@ class ConsolePrinter:
 
 def build_request(args, command: Sequence[str], on_console=None) -> BedRequest:
     params = dict(parse_param(p) for p in args.param)
+    hugepages = dict(parse_hugepages(h) for h in getattr(args, "hugepages", None) or [])
     return BedRequest(command=list(command), params=params, mem=args.mem, smp=args.smp,
-                      timeout=args.timeout, on_console=on_console)
+                      timeout=args.timeout, on_console=on_console, hugepages=hugepages)
 
 
 def describe(result: BedResult, backend: Backend) -> str:

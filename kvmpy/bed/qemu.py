@@ -25,7 +25,7 @@ from typing import List, Optional
 
 from kvmpy.bed.backend import (
     MARKER, Backend, BedError, BedRequest, BedResult, die_with_parent, exit_on_sigterm,
-    params_cmdline, parse_console, results_from_dir,
+    hugepages_cmdline, params_cmdline, parse_console, results_from_dir,
 )
 from kvmpy.bed.initramfs import KVM_MODULES, SHARE_MODULES, build_initramfs
 from kvmpy.bed.kernel import Kernel, busybox
@@ -150,7 +150,7 @@ class QemuBackend(Backend):
             # la57 off: 5-level paging under TCG is slow and not what we test.
             accel = ["-accel", "tcg,thread=multi", "-cpu", "max,la57=off"]
         append = ["console=ttyS0", "panic=-1", "quiet", *params_cmdline(request.params),
-                  *request.append]
+                  *hugepages_cmdline(request.hugepages), *request.append]
         return [
             self.qemu, *accel, "-smp", str(request.smp), "-m", request.mem,
             "-kernel", str(self.kernel.image), "-initrd", str(initrd),
