@@ -209,8 +209,8 @@ def hugetlb_pages(page_size: int, count: int):
         old = _grow_pool(page_size, count)
         if _available(page_size) < count:
             pytest.skip(f"bed: needed {count} free {kb}kB huge pages, the kernel could provide only "
-                        f"{_available(page_size)} even after compaction (bed memory: {_mem_total()}; "
-                        f"run the bed with --mem 4G or more)")
+                        f"{_available(page_size)} even after compaction (bed memory: {_mem_total()}; a 1G page needs "
+                        f"1 GiB of contiguous free memory: boot with hugepagesz=1G hugepages=1, or --mem 4G+)")
         yield
     finally:
         if old is not None:
