@@ -24,7 +24,8 @@ class GuestProgramError(KvmError):
     """A guest program that cannot be found or built."""
 
 
-def _source_root() -> Path | None:
+def source_root() -> Path | None:
+    """The source checkout holding guests/ and build_guest.sh, or None in an installed package."""
     if (SOURCE_ROOT / "build_guest.sh").is_file() and (SOURCE_ROOT / "guests" / "lib").is_dir():
         return SOURCE_ROOT
     return None
@@ -52,7 +53,7 @@ def _stale(elf: Path, inputs: list[Path]) -> bool:
 
 def build(names: list[str] | None = None, out: Path | None = None) -> None:
     """Run build_guest.sh (all programs, or ``names``) into ``out`` (default :func:`build_dir`)."""
-    root = _source_root()
+    root = source_root()
     if root is None:
         raise GuestProgramError("no guest sources here (build_guest.sh / guests/ not found)")
     out = out or build_dir()
@@ -68,7 +69,7 @@ def build(names: list[str] | None = None, out: Path | None = None) -> None:
 
 def find(name: str) -> Path:
     """Path of the ELF of guest program ``name``, building it first if needed."""
-    root = _source_root()
+    root = source_root()
     if root is not None and (root / "guests" / f"{name}.c").is_file():
         elf = build_dir() / f"{name}.elf"
         if _stale(elf, _inputs(root, name)):
@@ -85,7 +86,7 @@ def find(name: str) -> Path:
 def available() -> list[str]:
     """Names of the guest programs that :func:`find` can provide."""
     names: set[str] = set()
-    root = _source_root()
+    root = source_root()
     if root is not None:
         names.update(p.stem for p in (root / "guests").glob("*.c"))
     if PREBUILT_DIR.is_dir():

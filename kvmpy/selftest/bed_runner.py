@@ -57,11 +57,16 @@ def run(args: argparse.Namespace, quiet: bool = False) -> list[RunResults]:
     from kvmpy.bed import cli as bed_cli
     from kvmpy.bed import matrix
 
+    from kvmpy.guest import programs
+
     bargs = _bed_args(args)
     log = (lambda m: None) if quiet else bed_cli._err
     try:
+        # The bed sees the host's / read-only: guests must be built before it boots.
+        if programs.source_root() is not None:
+            programs.build()
         backend = bed_cli.make_backend(bargs, log)
-    except BedError as e:
+    except (BedError, programs.GuestProgramError) as e:
         return [RunResults("bed", harness_error=str(e))]
     inner = pytest_command("$KVMPY_BED_RESULTS/results.json", None, args.keyword, args.pytest_args)
     script = " ".join(shlex.quote(a) if not a.startswith("--kvmpy-results=") else f'"{a}"' for a in inner)
