@@ -5,6 +5,7 @@ minutes of emulation): select it with ``pytest -m bed``.
 """
 
 import base64
+import gzip
 import io
 import os
 import shutil
@@ -18,8 +19,8 @@ import pytest
 from kvmpy.bed import carry
 from kvmpy.bed.backend import BedError, BedRequest
 from kvmpy.bed.bochs import (
-    BOCHS, CPU_MODEL, RESULTS_BEGIN, RESULTS_END, BochsBackend, append_cpio, bochsrc,
-    extract_files, isolinux_cfg, kernel_append, make_iso, megabytes,
+    BOCHS, CPU_MODEL, RESULTS_BEGIN, RESULTS_END, BochsBackend, append_archive, bochsrc,
+    extract_files, isolinux_cfg, kernel_append, make_iso, megabytes, write_cpio,
 )
 from kvmpy.bed.kernel import Kernel
 
@@ -145,17 +146,20 @@ def test_stdlib_pruning():
 
 
 @pytest.mark.skipif(shutil.which("cpio") is None, reason="cpio not installed: apt-get install cpio")
-def test_append_cpio_concatenates_a_tree_with_mtimes(tmp_path):
+def test_archives_concatenate_aligned_with_mtimes(tmp_path):
     tree = tmp_path / "tree"
     (tree / "a/b").mkdir(parents=True)
     (tree / "a/b/f.txt").write_text("data")
     os.utime(tree / "a/b/f.txt", (1_500_000_000, 1_500_000_000))
+    archive = write_cpio(tmp_path / "tree.cpio.gz", tree)
     initrd = tmp_path / "initrd"
-    initrd.write_bytes(b"")
-    append_cpio(initrd, tree)
+    initrd.write_bytes(b"odd")  # a first archive of unaligned length
+    append_archive(initrd, archive)
+    data = initrd.read_bytes()
+    assert data[:4] == b"odd\0" and data[4:6] == b"\x1f\x8b"  # gzip starts 4-aligned
     out = tmp_path / "out"
     out.mkdir()
-    subprocess.run(["cpio", "-idm", "--quiet"], cwd=out, stdin=open(initrd, "rb"), check=True)
+    subprocess.run(["cpio", "-idm", "--quiet"], cwd=out, input=gzip.decompress(data[4:]), check=True)
     assert (out / "a/b/f.txt").read_text() == "data"
     assert (out / "a/b/f.txt").stat().st_mtime == 1_500_000_000
 

@@ -256,6 +256,9 @@ def stage_python(stage: Stage, executable: str = sys.executable,
     for site_dir in {Path(p) for p in sys.path if p.endswith("-packages")}:
         if site_dir.is_dir():
             for entry in site_dir.iterdir():
+                # (setuptools' distutils-precedence.pth needs setuptools: not carried)
+                if entry.name == "distutils-precedence.pth":
+                    continue
                 if entry.suffix == ".pth" or entry.name.startswith("__editable__"):
                     if entry.is_file():
                         stage.add_file(entry)
