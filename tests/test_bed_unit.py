@@ -271,7 +271,7 @@ def test_qemu_command_line(tmp_path):
     argv = be.command_line(Path("/x/initrd"), Path("/x/share"),
                            BedRequest(command=["true"], params={"kvm.tdp_mmu": "N"}, mem="4G",
                                       hugepages={"1G": 1}))
-    assert argv[argv.index("-accel") + 1].startswith("tcg")
+    assert argv[argv.index("-accel") + 1] == "tcg,thread=single"
     assert argv[argv.index("-m") + 1] == "4G"
     append = argv[argv.index("-append") + 1].split()
     assert "kvm.tdp_mmu=N" in append and "console=ttyS0" in append and "panic=-1" in append
