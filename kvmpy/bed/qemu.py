@@ -141,8 +141,12 @@ class QemuBackend(Backend):
                 f"{self.qemu} not found: apt-get install --no-install-recommends qemu-system-x86"
             )
         busybox()
-        if self.accel == "kvm" and not os.access("/dev/kvm", os.R_OK | os.W_OK):
-            raise BedError("--accel kvm needs a usable /dev/kvm on the host; use --accel tcg")
+        if self.accel == "kvm":
+            if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+                raise BedError("--accel kvm needs a usable /dev/kvm on the host; use --accel tcg")
+            if not host_has_nested():
+                raise BedError("--accel kvm: the host CPU shows neither svm nor vmx, so KVM "
+                               "inside the bed would have nothing to run on; use --accel tcg")
 
     def command_line(self, initrd: Path, share: Path, request: BedRequest) -> List[str]:
         """The full QEMU argv for one boot."""
@@ -204,6 +208,19 @@ def host_vendor() -> str:
     except OSError:
         return "amd"
     return "intel" if "GenuineIntel" in info else "amd"
+
+
+def host_has_nested() -> bool:
+    """Whether the host CPU advertises svm or vmx (what -cpu host passes on)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = line.split()
+                    return "svm" in flags or "vmx" in flags
+    except OSError:
+        pass
+    return False
 
 
 def _boot_failure(console: str) -> str:
