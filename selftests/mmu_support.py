@@ -12,16 +12,15 @@ from __future__ import annotations
 
 import contextlib
 import os
-import queue
-import threading
 from dataclasses import dataclass
 
 import pytest
 
-from kvmpy.errors import KvmError, RequirementError
+from kvmpy.errors import RequirementError
 from kvmpy.guest.runner import GuestVm
+from kvmpy.guest.stepper import SteppedGuest
 from kvmpy.hostinfo import loaded_vendor_module, module_params, require_mmu_visible
-from kvmpy.memory import SIZE_1G, SIZE_2M, Hugetlb, hugetlb_pool
+from kvmpy.memory import SIZE_2M, Hugetlb, hugetlb_pool
 
 PAGE = 4096
 PTES = 512                      # entries per page table: a split makes 512 SPTEs of the next level
@@ -68,7 +67,8 @@ class MmuFlavour:
                 f"kvm.eager_page_split={'Y' if self.eager_page_split else 'N'}")
 
 
-def _yes(v: str | None) -> bool:
+def param_on(v: str | None) -> bool:
+    """True for a Y/y/1 module parameter value."""
     return v in ("Y", "y", "1")
 
 
@@ -79,9 +79,9 @@ def mmu_flavour() -> MmuFlavour:
         pytest.skip(f"MMU flavour unknown: vendor module is {vendor or 'not loaded'} (need kvm_amd or kvm_intel)")
     kvm = module_params("kvm") or {}
     vp = module_params(vendor) or {}
-    tdp = _yes(vp.get("npt" if vendor == "kvm_amd" else "ept"))
+    tdp = param_on(vp.get("npt" if vendor == "kvm_amd" else "ept"))
     # kvm.tdp_mmu reads Y even with npt=0/ept=0: the TDP MMU needs TDP too.
-    return MmuFlavour(vendor, tdp, tdp and _yes(kvm.get("tdp_mmu")), _yes(kvm.get("eager_page_split")),
+    return MmuFlavour(vendor, tdp, tdp and param_on(kvm.get("tdp_mmu")), param_on(kvm.get("eager_page_split")),
                       kvm.get("tdp_mmu", "absent"))
 
 
@@ -224,7 +224,7 @@ def eager_page_split(want: bool):
     On a normal host the parameter is global to every VM, so it is never
     changed: a different value is a skip.
     """
-    cur = _yes(module_params("kvm").get("eager_page_split")) if module_params("kvm") else None
+    cur = param_on(module_params("kvm").get("eager_page_split")) if module_params("kvm") else None
     if cur is None:
         pytest.skip(f"{EAGER_PARAM} is missing (kernel older than 6.0 or kvm not loaded)")
     if cur == want:
@@ -283,56 +283,25 @@ class TouchGuest:
     """
 
     def __init__(self, kvm, backing, size: int, guest_page: int = SIZE_2M, timeout: float = 900.0) -> None:
-        self._cmds: queue.Queue = queue.Queue()
-        self._parked: queue.Queue = queue.Queue()
-        self._error: BaseException | None = None
-        self._reported = False
-        self.g = GuestVm("mmu_touch", kvm=kvm)
+        g = GuestVm("mmu_touch", kvm=kvm)
+        self.runner = SteppedGuest(g, "mmu_touch", {"op": OP_QUIT}, timeout)
         try:
-            self.slot = self.g.add_memory(TEST_SLOT, TEST_GPA, size, backing)
-            self.g.map(TEST_GPA, TEST_GPA, size, guest_page)
-            self.g.write_global("test_gva", TEST_GPA)
-            self.g.write_global("test_size", size)
-            self.vm = self.g.vm
-            self.size = size
-            self._thread = threading.Thread(target=self._run, args=(timeout,), name="mmu-touch-runner", daemon=True)
-            self._thread.start()
-            self._wait_parked(timeout=120)
+            self.slot = g.add_memory(TEST_SLOT, TEST_GPA, size, backing)
+            g.map(TEST_GPA, TEST_GPA, size, guest_page)
+            g.write_global("test_gva", TEST_GPA)
+            g.write_global("test_size", size)
+            self.g, self.vm, self.size = g, g.vm, size
+            self.runner.start()
         except BaseException:
-            self.close()
+            self.runner.close()
             raise
-
-    def _run(self, timeout: float) -> None:
-        try:
-            self.g.run(timeout=timeout, on_sync=self._hook)
-        except BaseException as e:  # noqa: BLE001 - reported to the test thread
-            self._error = e
-        finally:
-            self._parked.put(None)
-
-    def _hook(self, vcpu_id: int, stage: int, args: tuple) -> None:
-        self._parked.put(args)
-        cmd = self._cmds.get()
-        for name, value in cmd.items():
-            self.g.write_global(name, value)
-
-    def _wait_parked(self, timeout: float) -> tuple:
-        try:
-            got = self._parked.get(timeout=timeout)
-        except queue.Empty:
-            raise KvmError(f"mmu_touch guest did not park again within {timeout:g} s") from None
-        if got is None:
-            self._reported = True
-            raise KvmError(f"mmu_touch guest stopped: {self._error!r}") from self._error
-        return got
 
     def touch(self, op: int, start: int = 0, length: int | None = None, stride: int = PAGE,
               stamp: int = 0, timeout: float = 600.0) -> int:
         """One guest pass over [start, start+length) of the region; returns how many
         addresses it touched.  Returns with the guest parked again."""
         length = self.size - start if length is None else length
-        self._cmds.put({"op": op, "start": start, "length": length, "stride": stride, "stamp": stamp})
-        self._wait_parked(timeout)
+        self.runner.step({"op": op, "start": start, "length": length, "stride": stride, "stamp": stamp}, timeout)
         return self.g.read_global("touched")
 
     def write(self, start: int = 0, length: int | None = None, stride: int = PAGE, stamp: int = 1) -> int:
@@ -345,16 +314,7 @@ class TouchGuest:
         return counts(self.vm)
 
     def close(self) -> None:
-        t = getattr(self, "_thread", None)
-        if t is not None and t.is_alive():
-            self._cmds.put({"op": OP_QUIT})
-            t.join(60)
-        if t is not None and t.is_alive():
-            raise KvmError("mmu_touch runner thread did not stop")
-        self.g.close()
-        if self._error is not None and not self._reported:
-            self._reported = True
-            raise self._error
+        self.runner.close()
 
     def __enter__(self) -> "TouchGuest":
         return self
@@ -363,10 +323,6 @@ class TouchGuest:
         self.close()
 
 
-def record(request, **deltas: int) -> None:
-    """Record asserted deltas with the kvmpy_stats fixture when the results plugin is loaded."""
-    try:
-        rec = request.getfixturevalue("kvmpy_stats")
-    except pytest.FixtureLookupError:
-        return
-    rec(**deltas)
+def record(request, **deltas) -> None:
+    """Record the stats deltas a test asserted (shown in `kvmpy selftest`'s report)."""
+    request.getfixturevalue("kvmpy_stats")(**deltas)

@@ -15,23 +15,17 @@ them on a 6.12 kernel under QEMU.
 """
 from __future__ import annotations
 
-import contextlib
-import os
-import queue
-import threading
-
 import pytest
 
-from kvmpy.errors import KvmError, RequirementError
+from kvmpy.errors import RequirementError
 from kvmpy.guest.runner import GuestVm
+from kvmpy.guest.stepper import SteppedGuest
 from kvmpy.hostinfo import module_params, require_nested
 from kvmpy.memory import Thp
 from kvmpy.x86 import cpu
 from kvmpy.x86.paging import PAGE_2M
 
-PAGE = 4096
-PTES = 512                       # a 2M SPTE splits into 512 4K SPTEs
-SIZES = ("pages_4k", "pages_2m", "pages_1g")
+from .mmu_support import PAGE, PTES, param_on, counts, delta, eager_page_split, record, sized
 
 # Exit codes and NPF EXITINFO1 bits (AMD APM vol. 2, appendix C and 15.25.6).
 SVM_EXIT_HLT = 0x78
@@ -48,11 +42,6 @@ DATA_L1 = 0xC000_0000
 DATA_SIZE = 32 << 20
 DATA_PAGES = DATA_SIZE // PAGE
 DATA_HUGE = DATA_SIZE // PAGE_2M
-EAGER_PARAM = "/sys/module/kvm/parameters/eager_page_split"
-
-
-def _yes(v: str | None) -> bool:
-    return v in ("Y", "y", "1")
 
 
 @pytest.fixture
@@ -69,57 +58,6 @@ def nested_svm(kvm):
         pytest.skip(f"KVM_GET_SUPPORTED_CPUID lacks NPT (leaf 0x8000000A EDX[0]), so L1 cannot use nested "
                     f"paging; kvm_amd npt={npt}: load kvm_amd with npt=1")
     return kvm
-
-
-def record_stats(request, **deltas: int) -> None:
-    """Record asserted deltas through the kvmpy_stats fixture when its plugin is loaded."""
-    try:
-        rec = request.getfixturevalue("kvmpy_stats")
-    except pytest.FixtureLookupError:
-        return
-    rec(**deltas)
-
-
-def counts(vm) -> dict[str, int]:
-    snap = vm.stats.snapshot()
-    return {k: int(snap[k]) for k in SIZES}
-
-
-def delta(after: dict[str, int], before: dict[str, int]) -> dict[str, int]:
-    return {k: after[k] - before[k] for k in SIZES}
-
-
-def sized(pages_4k: int = 0, pages_2m: int = 0, pages_1g: int = 0) -> dict[str, int]:
-    return {"pages_4k": pages_4k, "pages_2m": pages_2m, "pages_1g": pages_1g}
-
-
-@contextlib.contextmanager
-def eager_page_split(want: bool):
-    """Run with kvm.eager_page_split == ``want``.
-
-    The parameter is global to every VM on the machine, so it is changed only
-    inside ``kvmpy bed`` (KVMPY_BED=1), and restored there even on failure or
-    Ctrl-C; elsewhere a different value is a skip.
-    """
-    params = module_params("kvm")
-    if not params or "eager_page_split" not in params:
-        pytest.skip(f"{EAGER_PARAM} is missing (kernel older than 5.19 or kvm not loaded)")
-    cur = _yes(params["eager_page_split"])
-    if cur == want:
-        yield
-        return
-    yn = "Y" if want else "N"
-    if os.environ.get("KVMPY_BED") != "1":
-        pytest.skip(f"needs kvm.eager_page_split={yn}, this host has {'Y' if cur else 'N'}; kvmpy changes "
-                    f"it only inside `kvmpy bed` (or boot the bed with --param kvm.eager_page_split={yn})")
-    old = "Y" if cur else "N"
-    try:
-        with open(EAGER_PARAM, "w") as f:
-            f.write(yn)
-        yield
-    finally:
-        with open(EAGER_PARAM, "w") as f:
-            f.write(old)
 
 
 def thp_backed_bytes(addr: int, size: int) -> int | None:
@@ -178,10 +116,8 @@ class NestedDirtyGuest:
     """
 
     def __init__(self, kvm, timeout: float = 600.0) -> None:
-        self._cmds: queue.Queue = queue.Queue()
-        self._parked: queue.Queue = queue.Queue()
-        self._error: BaseException | None = None
         self.g = GuestVm("svm_l2_dirty", kvm=kvm)
+        self.runner = SteppedGuest(self.g, "svm_l2_dirty", {"cmd_stop": 1}, timeout)
         try:
             self.slot = self.g.add_memory(DATA_SLOT, DATA_L1, DATA_SIZE, Thp())
             # L2 uses L1's page tables: map L2 GVA == L2 GPA for the data region.
@@ -190,40 +126,20 @@ class NestedDirtyGuest:
                                 ("data_size", DATA_SIZE), ("l1_mem_size", self.g.mem_size)):
                 self.g.write_global(name, value)
             self.vm = self.g.vm
-            self._thread = threading.Thread(target=self._run, args=(timeout,), name="svm-l2-dirty", daemon=True)
-            self._thread.start()
-            self.pass_no, _ = self._wait(120)
+            self.pass_no = self._pass(self.runner.start())[0]
         except BaseException:
-            self.close()
+            self.runner.close()
             raise
 
-    def _run(self, timeout: float) -> None:
-        try:
-            self.g.run(timeout=timeout, on_sync=self._hook)
-        except BaseException as e:  # noqa: BLE001 - handed to the test thread
-            self._error = e
-        finally:
-            self._parked.put(None)
-
-    def _hook(self, vcpu_id: int, stage: int, args: tuple) -> None:
-        self._parked.put((stage, args[0] if args else 0))
-        for name, value in self._cmds.get().items():
-            self.g.write_global(name, value)
-
-    def _wait(self, timeout: float) -> tuple[int, int]:
-        try:
-            got = self._parked.get(timeout=timeout)
-        except queue.Empty:
-            raise KvmError(f"svm_l2_dirty did not reach its next pass within {timeout:g} s") from None
-        if got is None:
-            err, self._error = self._error, None
-            raise KvmError(f"svm_l2_dirty stopped: {err}") from err
-        return got
+    @staticmethod
+    def _pass(parked: tuple[int, tuple]) -> tuple[int, int]:
+        """(pass number, pages written in the pass) from a park's (stage, args)."""
+        stage, args = parked
+        return stage, args[0] if args else 0
 
     def write(self, first: int = 0, stride: int = 1) -> list[int]:
         """One L2 pass writing pages first, first+stride, ... of the region; returns them."""
-        self._cmds.put({"cmd_first": first, "cmd_stride": stride})
-        self.pass_no, written = self._wait(600)
+        self.pass_no, written = self._pass(self.runner.step({"cmd_first": first, "cmd_stride": stride}))
         pages = list(range(first, DATA_PAGES, stride))
         assert written == len(pages), f"L2 reports {written} pages written in pass {self.pass_no - 1}"
         return pages
@@ -239,15 +155,7 @@ class NestedDirtyGuest:
         return counts(self.vm)
 
     def close(self) -> None:
-        t = getattr(self, "_thread", None)
-        if t is not None and t.is_alive():
-            self._cmds.put({"cmd_stop": 1})
-            t.join(60)
-            if t.is_alive():
-                raise KvmError("svm_l2_dirty runner thread did not stop")
-        self.g.close()
-        if self._error is not None:
-            raise self._error
+        self.runner.close()
 
     def __enter__(self) -> "NestedDirtyGuest":
         return self
@@ -282,7 +190,7 @@ def test_nested_mmu_split_on_dirty_logging(nested_svm, request, eager):
     Eager splitting needs the TDP MMU too: kvm_mmu_slot_try_split_huge_pages()
     returns early without it, and then even eager_page_split=Y splits lazily.
     """
-    tdp_mmu = _yes((module_params("kvm") or {}).get("tdp_mmu"))
+    tdp_mmu = param_on((module_params("kvm") or {}).get("tdp_mmu"))
     splits_eagerly = eager and tdp_mmu
     with eager_page_split(eager), NestedDirtyGuest(nested_svm) as guest:
         guest.write(first=DATA_PAGES)                # an empty pass: L2's loop code is now mapped
@@ -324,10 +232,10 @@ def test_nested_mmu_split_on_dirty_logging(nested_svm, request, eager):
         guest.check_data(pages, guest.pass_no - 1)
 
     if splits_eagerly:
-        record_stats(request, when="dirty logging enabled", pages_2m=-DATA_HUGE, pages_4k=DATA_HUGE * PTES)
+        record(request, when="dirty logging enabled", pages_2m=-DATA_HUGE, pages_4k=DATA_HUGE * PTES)
     else:
         # Nothing at enable; this much once L2 wrote every third page.
-        record_stats(request, when="L2 wrote every 3rd page", pages_2m=-DATA_HUGE, pages_4k=sparse_pages)
+        record(request, when="L2 wrote every 3rd page", pages_2m=-DATA_HUGE, pages_4k=sparse_pages)
 
 
 # -- (3) the dirty bitmap sees L2's writes --------------------------------------------------------
