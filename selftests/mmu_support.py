@@ -114,34 +114,6 @@ def _write(path: str, value: str) -> None:
         f.write(value)
 
 
-@contextlib.contextmanager
-def idle_vm_in_bed():
-    """Inside the bed, hold one idle VM open while the block runs.
-
-    Creating the first VM and destroying the last one flips KVM's preempt-notifier
-    static key, i.e. patches the scheduler's code with int3 + text_poke.  Under
-    QEMU's multi-threaded TCG the other vCPU can then execute a stale int3 and
-    the bed kernel panics ("Oops: int3" in schedule).  An idle VM that outlives
-    the tests keeps the key on, so a module flips it once instead of per test.
-    """
-    if not in_bed():
-        yield
-        return
-    from kvmpy import Kvm
-
-    try:
-        kvm = Kvm()
-        vm = kvm.create_vm()
-    except Exception:       # no /dev/kvm: the tests skip on their own
-        yield
-        return
-    try:
-        yield
-    finally:
-        vm.close()
-        kvm.close()
-
-
 def _pool_path(page_size: int) -> str:
     return f"/sys/kernel/mm/hugepages/hugepages-{page_size // 1024}kB/nr_hugepages"
 

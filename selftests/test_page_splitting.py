@@ -34,7 +34,7 @@ from kvmpy.errors import RequirementError
 from kvmpy.memory import SIZE_1G, SIZE_2M, Hugetlb, Thp
 
 from .mmu_support import (PAGE, PTES, TEST_SLOT, TouchGuest, delta, eager_page_split, hugetlb_pages,
-                         idle_vm_in_bed, mmu_flavour, record, require_mmu, reserved_in_bed, sized, thp_chunks)
+                         mmu_flavour, record, require_mmu, reserved_in_bed, sized, thp_chunks)
 
 NR_CHUNKS_2M = 8            # 16 MiB region for the 2M backings
 
@@ -88,7 +88,7 @@ def bed_hugetlb_pools():
     """Inside the bed, reserve the hugetlb pages of the whole module up front: a 1G page
     needs 1 GiB of contiguous free memory, which the earlier tests' allocations break up.
     Restored when the module ends (also on failure or Ctrl-C).  Does nothing elsewhere."""
-    with idle_vm_in_bed(), reserved_in_bed((SIZE_1G, 1), (SIZE_2M, NR_CHUNKS_2M)):
+    with reserved_in_bed((SIZE_1G, 1), (SIZE_2M, NR_CHUNKS_2M)):
         yield
 
 

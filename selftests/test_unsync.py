@@ -20,16 +20,10 @@ import pytest
 from kvmpy.guest.runner import GuestVm
 from kvmpy.x86.paging import PAGE_2M, PAGE_4K
 
-from .mmu_support import TEST_GPA, TEST_SLOT, idle_vm_in_bed, mmu_flavour, record, require_mmu
+from .mmu_support import TEST_GPA, TEST_SLOT, mmu_flavour, record, require_mmu
 
 NR_TABLES = 6      # page tables (2M of 4K mappings each) the guest walks
 NR_UNSYNC = 4      # of which it edits the first NR_UNSYNC
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _idle_vm():
-    with idle_vm_in_bed():
-        yield
 
 
 @pytest.fixture

@@ -15,8 +15,10 @@ from kvmpy.bed.backend import BedError
 from kvmpy.selftest.report import RunResults
 from kvmpy.selftest.runner import PYTEST_HARNESS_ERRORS, pytest_command
 
-# 1 GiB huge-page tests need room for hugetlb pages inside the bed.
+# 1 GiB huge-page tests need room for hugetlb pages inside the bed; the pools are
+# reserved at boot, when 1 GiB of contiguous memory is still there to be had.
 BED_MEM = "4G"
+BED_HUGEPAGES = ["1G:1", "2M:32"]
 BED_TIMEOUT = 1500.0
 
 
@@ -26,6 +28,7 @@ def _bed_args(args: argparse.Namespace) -> argparse.Namespace:
         backend=args.backend, vendor=None, accel=args.accel, kernel_version=args.kernel_version,
         kernel=Path(args.kernel) if args.kernel else None, modules=Path(args.modules) if args.modules else None,
         mem=BED_MEM, smp=2, timeout=args.timeout or BED_TIMEOUT, param=list(args.param), console=False,
+        hugepages=list(BED_HUGEPAGES),
     )
 
 
