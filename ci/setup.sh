@@ -6,13 +6,17 @@
 # compiled binding and the guests are built in this tree). Idempotent and quick
 # when everything is already there.
 #
-# usage: ci/setup.sh [--bed]     --bed also installs the nested test bed's packages
+# usage: ci/setup.sh [--bed]     --bed also sets up the nested test beds: QEMU (AMD)
+#                                and Bochs (Intel) packages and the Debian kernel
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 PKGS=(gcc libc6-dev libffi-dev python3-dev python3-venv linux-libc-dev)
+BED=0
 if [ "${1:-}" = "--bed" ]; then
-	PKGS+=(qemu-system-x86 busybox-static xz-utils cpio)
+	BED=1
+	PKGS+=(qemu-system-x86 busybox-static xz-utils zstd cpio
+	       bochs bochsbios vgabios bochs-term isolinux syslinux-common xorriso)
 fi
 
 missing=()
@@ -40,3 +44,8 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$inputs" ] || ! .venv/bin/python
 	echo "$inputs" > "$stamp"
 fi
 ./build_guest.sh >/dev/null
+if [ $BED -eq 1 ]; then
+	# Fetch and unpack the bed kernel (cached under ~/.cache/kvmpy/bed) for both backends.
+	.venv/bin/kvmpy bed setup --backend qemu >/dev/null
+	.venv/bin/kvmpy bed setup --backend bochs >/dev/null
+fi
