@@ -1,0 +1,108 @@
+// SPDX-License-Identifier: GPL-2.0-only
+/*
+ * L1 runs a 64-bit L2 under VMX and checks each VM exit.
+ *
+ * With EPT (when the VMX capability MSRs offer it), L2 GPAs [0, EPT_IDENT_END)
+ * are identity mapped to L1 GPAs with 2M EPT pages and the 2M above is a hole;
+ * without EPT, L2 uses L1's physical memory directly.  L2 then
+ *   1. VMCALLs with rax = CALL_MAGIC, rdi = ARG_MAGIC, rsi = its arg; L1 answers in rax
+ *   2. sends a GUEST_SYNC itself (L1 does not exit on I/O)
+ *   3. with EPT only: writes into the EPT hole: EPT violation; L1 maps that 4K
+ *      page to its own `target` page, INVEPTs and resumes, L2's write retries
+ *   4. HLTs
+ *   5. says done with a second VMCALL
+ * L1 reports every exit with GUEST_SYNC(stage, exit reason, ...), so the host
+ * can check the whole sequence; stage 0 says whether EPT is in use.
+ */
+#include "lib/guest.h"
+#include "lib/vmx.h"
+
+#define EPT_IDENT_END  0x3e00000ul          /* 62 MiB; the runner's slot 0 is 64 MiB */
+#define HOLE_GPA       (EPT_IDENT_END + 0x123000ul)
+#define CALL_MAGIC     0x1234ul
+#define DONE_MAGIC     0x600dul
+#define ARG_MAGIC      0xabcdef01ul
+#define REPLY_MAGIC    0x5678ul
+#define WRITE_MAGIC    0x5eed5eed5eed5eedul
+#define VMCALL_LEN     3                    /* 0f 01 c1 */
+#define HLT_LEN        1                    /* f4 */
+
+static struct vmx_ctx vmx;
+static uint8_t ept_pool[16][4096] __attribute__((aligned(4096)));
+static struct ept ept;
+static uint8_t l2_stack[16384] __attribute__((aligned(16)));
+static uint8_t target[4096] __attribute__((aligned(4096)));
+static volatile bool use_ept;               /* read by L2 too: same memory */
+
+static void l2_main(uint64_t arg)
+{
+	uint64_t r = vmx_vmcall(CALL_MAGIC, ARG_MAGIC, arg, 0, 0);
+
+	GUEST_ASSERT_EQ(r, REPLY_MAGIC);
+	GUEST_SYNC(100, arg);                   /* straight from L2 to the host */
+	if (use_ept) {
+		WRITE_ONCE(*(volatile uint64_t *)(HOLE_GPA + 8), WRITE_MAGIC);
+		GUEST_ASSERT_EQ(READ_ONCE(*(volatile uint64_t *)(HOLE_GPA + 8)), WRITE_MAGIC);
+	}
+	halt();
+	vmx_vmcall(DONE_MAGIC, 0, 0, 0, 0);
+	GUEST_ASSERT_MSG(0, "L1 resumed L2 after done");
+}
+
+void guest_main(uint32_t vcpu_id, uint64_t arg)
+{
+	uint32_t reason;
+
+	GUEST_ASSERT(EPT_IDENT_END > (uint64_t)(uintptr_t)&target[4096]);
+	vmx_enable(&vmx);
+	vmx_vmcs_init(&vmx, l2_main, l2_stack + sizeof(l2_stack), 0x42);
+	use_ept = vmx_ept_supported();
+	if (use_ept) {
+		ept_init(&ept, ept_pool, 16);
+		ept_map(&ept, 0, 0, EPT_IDENT_END, PAGE_SIZE_2M);
+		vmx_enable_ept(&vmx, &ept);
+	}
+	GUEST_SYNC(0, use_ept, vmx.basic & VMX_BASIC_REVISION_MASK);
+
+	/* 1: L2's VMCALL, with its arguments in L2's saved registers. */
+	reason = vmx_run(&vmx);
+	VMX_ASSERT_EXIT(VMX_EXIT_VMCALL);
+	GUEST_SYNC(1, reason, vmx.gprs.rax, vmx.gprs.rdi, vmx.gprs.rsi, vmx_exit_insn_len());
+	GUEST_ASSERT_EQ(vmx.gprs.rax, CALL_MAGIC);
+	GUEST_ASSERT_EQ(vmx.gprs.rdi, ARG_MAGIC);
+	GUEST_ASSERT_EQ(vmx_exit_insn_len(), VMCALL_LEN);
+	vmx.gprs.rax = REPLY_MAGIC;
+	vmx_skip_insn(&vmx);
+
+	/* 3: the write into the hole is an EPT violation at exactly that L2 GPA. */
+	if (use_ept) {
+		uint64_t qual, gpa;
+
+		reason = vmx_run(&vmx);
+		VMX_ASSERT_EXIT(VMX_EXIT_EPT_VIOLATION);
+		qual = vmx_exit_qual();
+		gpa = vmreadz(GUEST_PHYSICAL_ADDRESS);
+		GUEST_SYNC(2, reason, qual, gpa, vmreadz(GUEST_LINEAR_ADDRESS));
+		GUEST_ASSERT_EQ(gpa, HOLE_GPA + 8);
+		GUEST_ASSERT_EQ(qual & (EPT_VIOL_READ | EPT_VIOL_WRITE | EPT_VIOL_FETCH), EPT_VIOL_WRITE);
+		GUEST_ASSERT(!ept_leaf(&ept, HOLE_GPA, NULL));
+		ept_map(&ept, HOLE_GPA & ~0xffful, (uint64_t)(uintptr_t)target, PAGE_SIZE_4K, PAGE_SIZE_4K);
+		vmx_invept(&vmx);
+		/* An EPT violation is not an instruction exit: L2 retries the write. */
+	}
+
+	/* 4: HLT; with EPT, L2's retried write must have landed in `target` by now. */
+	reason = vmx_run(&vmx);
+	VMX_ASSERT_EXIT(VMX_EXIT_HLT);
+	GUEST_SYNC(3, reason, vmx_exit_insn_len(), READ_ONCE(*(volatile uint64_t *)(target + 8)));
+	GUEST_ASSERT_EQ(vmx_exit_insn_len(), HLT_LEN);
+	if (use_ept)
+		GUEST_ASSERT_EQ(READ_ONCE(*(volatile uint64_t *)(target + 8)), WRITE_MAGIC);
+	vmx_skip_insn(&vmx);
+
+	/* 5: the second VMCALL says done. */
+	reason = vmx_run(&vmx);
+	VMX_ASSERT_EXIT(VMX_EXIT_VMCALL);
+	GUEST_ASSERT_EQ(vmx.gprs.rax, DONE_MAGIC);
+	GUEST_SYNC(4, reason, vmx.gprs.rax, vmx.nr_runs);
+}
