@@ -51,6 +51,13 @@ def test_bochsrc_has_vmx_cpu_media_serial_and_quiet_logging(tmp_path):
     assert "ata0-slave" not in bochsrc(tmp_path / "b.iso", tmp_path / "s", tmp_path / "l", 512)
 
 
+def test_bochsrc_caps_memory_at_what_bochs_accepts(tmp_path):
+    """Bochs 2.7 panics on megs > 2048 before it opens its log; `selftest --bed` asks for 4G."""
+    rc = bochsrc(tmp_path / "b.iso", tmp_path / "s", tmp_path / "l", megabytes("4G"))
+    assert "megs: 2048" in rc.splitlines()
+    assert "megs: 2047" in bochsrc(tmp_path / "b.iso", tmp_path / "s", tmp_path / "l", 2047).splitlines()
+
+
 def test_megabytes():
     assert megabytes("2G") == 2048
     assert megabytes("768M") == 768

@@ -69,6 +69,9 @@ CPU_MODEL = "corei7_skylake_x"
 #: time depends on it (measured: 50M and 400M boot in the same host CPU time);
 #: lower makes guest sleeps and BIOS delays cheaper.
 IPS = 50_000_000
+#: Bochs 2.7 refuses `megs` above this ("host_size ... out of range 1 to 2048");
+#: larger requests (`selftest --bed` asks for 4G) get this much.
+MAX_MEGS = 2048
 #: Modules to read a payload disc from the second ATA channel.
 DISC_MODULES = ("ata_piix", "sr_mod", "isofs")
 PAYLOADS = ("initramfs", "disc")
@@ -131,9 +134,9 @@ def megabytes(mem: str) -> int:
 
 def bochsrc(boot_iso: Path, serial: Path, log: Path, megs: int, disc: Optional[Path] = None,
             ips: int = IPS) -> str:
-    """The Bochs configuration for one boot."""
+    """The Bochs configuration for one boot (``megs`` capped at what Bochs accepts)."""
     lines = [
-        f"megs: {megs}",
+        f"megs: {min(megs, MAX_MEGS)}",
         f"cpu: model={CPU_MODEL}, count=1, ips={ips}, reset_on_triple_fault=0",
         f"romimage: file={ROMIMAGE}",
         f"vgaromimage: file={VGAROMIMAGE}",
@@ -379,7 +382,9 @@ class BochsBackend(Backend):
             argv = ["script", "-q", "-e", "-c",
                     f"{shlex.quote(self.bochs)} -q -f {rc} -rc {tmp / 'debugger.rc'}", "/dev/null"]
             console, boot, timed_out, pid = _run_machine(argv, serial, request, start, tmp)
-            bochs_log = (tmp / "bochs.log").read_text(errors="replace") if (tmp / "bochs.log").exists() else ""
+            # A configuration error panics before bochs.log is open; then only the pty saw it.
+            bochs_log = "".join(p.read_text(errors="replace") for p in (tmp / "bochs.log", tmp / "bochs.out")
+                                if p.exists())
         result = parse_console(console)
         result.files, result.kernel_log = extract_files(console)
         result.boot_seconds = boot
@@ -400,10 +405,11 @@ def _run_machine(argv: List[str], serial: Path, request: BedRequest, start: floa
     Returns (console text, seconds to 'ready' or None, timed_out, pid).
     """
     deadline = start + request.timeout
-    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, cwd=cwd, start_new_session=True,
-                            # script dies with us; Bochs gets SIGHUP when its pty closes
-                            preexec_fn=die_with_parent)
+    with open(cwd / "bochs.out", "wb") as out:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out,
+                                stderr=subprocess.STDOUT, cwd=cwd, start_new_session=True,
+                                # script dies with us; Bochs gets SIGHUP when its pty closes
+                                preexec_fn=die_with_parent)
     chunks: List[str] = []
     pending = ""
     boot = None
