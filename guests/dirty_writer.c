@@ -9,7 +9,7 @@
  *   random: pseudo-random pages of the range until the host sets `stop`
  *           (every `sync_every` writes, GUEST_SYNC(STAGE_PROGRESS) if non-zero)
  *
- * `iteration` is re-read for every store, so the host may also change it while
+ * `iteration` is re-read for every store (see store_stamp), so the host may also change it while
  * the guest runs (to tell phases apart).  Setting `quit` before releasing a
  * parked vCPU ends it with GUEST_DONE.  The counters live in the program's
  * .bss (memslot 0), never in the logged region.
@@ -48,11 +48,29 @@ static inline uint64_t next_random(uint64_t *s)
 	return x * 0x2545f4914f6cdd1dull;
 }
 
+/*
+ * The only store to the test region, in asm so the host can tell exactly which
+ * store a kicked vCPU left unfinished: stopped at `stamp_store`, the vCPU has
+ * loaded the stamp (rax) but not stored it to the page at rdi; when it runs again
+ * that store retires with that (by then old) stamp.  Anywhere else, no store to
+ * the region is pending.
+ */
+void store_stamp(volatile uint64_t *p);
+asm(".pushsection .text\n"
+    ".globl store_stamp\n"
+    ".type store_stamp, @function\n"
+    "store_stamp:\n"
+    "	movq iteration(%rip), %rax\n"
+    ".globl stamp_store\n"
+    "stamp_store:\n"
+    "	movq %rax, (%rdi)\n"
+    "	ret\n"
+    ".size store_stamp, . - store_stamp\n"
+    ".popsection\n");
+
 static inline void write_page(uint32_t id, uint64_t page)
 {
-	volatile uint64_t *p = (volatile uint64_t *)(test_gva + page * PAGE_SIZE_4K);
-
-	*p = READ_ONCE(iteration);
+	store_stamp((volatile uint64_t *)(test_gva + page * PAGE_SIZE_4K));
 	WRITE_ONCE(nr_writes[id], nr_writes[id] + 1);
 }
 

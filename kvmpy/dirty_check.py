@@ -29,17 +29,19 @@ page's stamp and calls :meth:`DirtyLogChecker.verify`. The rules, per slot:
    * *the in-flight race*: a vCPU can have a write logged that has not retired
      when the host reads memory. KVM marks the page dirty at the write fault
      (dirty ring: pushes the gfn), then the vCPU exits before the store completes
-     (KVM_EXIT_DIRTY_RING_FULL, or a kick); the host collects the page and reads
-     the old stamp. The store retires later, after the host read the page in this
-     round, carrying the stamp the vCPU already held in a register. The collector
-     names such pages (:meth:`note_in_flight`: at most the last gfn harvested from
-     a vCPU that left KVM_RUN without reaching its sync point, or
-     :meth:`allow_in_flight`: a round ended by kicks excuses at most one such page
-     per vCPU). Such a page may be
-     reported unchanged in this round; in the **next** round it must then change
-     (with this round's or the next round's stamp) and be reported again, since
-     KVM re-protected it when the host cleared/reset it. Any other reported but
-     unchanged page is a failure.
+     (a kick); the host collects the page and reads the old stamp. The store
+     retires later, after the host read the page in this round, carrying the stamp
+     the vCPU already held in a register. The harness names such stores exactly
+     (:meth:`note_pending_store`: page and stamp, read from the registers of a
+     kicked vCPU stopped between loading its stamp and storing it). Such a page
+     may be reported unchanged in this round. In the **next** round the store
+     retires: KVM re-protected the page when the host cleared/reset it, so the
+     page must be reported again, and it must hold that stamp (or a newer one of
+     the next round). If it already held that very stamp (written earlier with
+     the same stamp), the late store changes nothing: the page is then reported
+     but unchanged, which is excused for that page only.
+     (:meth:`note_in_flight` names such a page without its stamp; it must then
+     change in the next round.) Any other reported but unchanged page is a failure.
 4. Pages never written are never reported (a consequence of rule 3).
 
 Failures raise :class:`DirtyLogMismatch` whose message names the mode, slot,
@@ -127,11 +129,10 @@ class DirtyLogChecker:
         self._collections = 0
         self._phases: dict[int, tuple[bool, int]] = {}  # stamp -> (must be reported, collections done before it)
         self._prev_phases: dict[int, tuple[bool, int]] = {}
-        self._in_flight: set[int] = set()
+        # page -> stamp (None: unknown) of a store logged or begun, not retired at the round's end
+        self._in_flight: dict[int, int | None] = {}
+        self._prev_in_flight: dict[int, int | None] = {}
         self._all_set_round = 0
-        self._in_flight_limit = 0
-        self._prev_in_flight_limit = 0
-        self._prev_in_flight: set[int] = set()
         self.total_changed = 0
         self.total_reported = 0
 
@@ -140,8 +141,7 @@ class DirtyLogChecker:
         """Start a new round whose first phase writes ``stamp``."""
         self.round += 1
         self._prev_phases, self._phases = self._phases, {}
-        self._prev_in_flight, self._in_flight = self._in_flight, set()
-        self._prev_in_flight_limit, self._in_flight_limit = self._in_flight_limit, 0
+        self._prev_in_flight, self._in_flight = self._in_flight, {}
         with self._lock:
             self._reported = {}
             self._collections = 0
@@ -187,15 +187,14 @@ class DirtyLogChecker:
         INITIALLY_SET): every page must be reported, unchanged ones are excused."""
         self._all_set_round = self.round
 
-    def allow_in_flight(self, count: int) -> None:
-        """This round ended by kicking vCPUs out of KVM_RUN (not at a sync point), so up
-        to ``count`` (one per vCPU) logged stores may not have retired: that many
-        reported-but-unchanged pages are excused, and become in flight (see the module doc)."""
-        self._in_flight_limit = count
+    def note_pending_store(self, page: int, stamp: int) -> None:
+        """At the end of this round a vCPU was stopped with a store of ``stamp`` to
+        ``page`` begun but not retired (see the module doc)."""
+        self._in_flight[page] = stamp
 
     def note_in_flight(self, page: int) -> None:
-        """``page`` was logged for a write that may not have retired (see the module doc)."""
-        self._in_flight.add(page)
+        """``page`` was logged for a write that may not have retired, stamp unknown."""
+        self._in_flight.setdefault(page, None)
 
     @property
     def reported(self) -> set[int]:
@@ -227,17 +226,21 @@ class DirtyLogChecker:
 
         changed = [p for p in range(self.npages) if stamps[p] != prev[p]]
         changed_set = set(changed)
-        missing, bad_stamp, spurious, excused, landed_missing, late = [], [], [], [], [], []
+        late = self._prev_in_flight  # last round's unretired stores: they retire in this round
+
+        def is_late(p: int, s: int) -> bool:
+            want = late.get(p, -1)
+            return s == want or (want is None and s in prev_phases)
+
+        missing, bad_stamp, spurious, excused, landed_missing = [], [], [], [], []
         for p in changed:
             s = stamps[p]
             if s in phases:
                 must, after = phases[s]
-            elif s in prev_phases and (p in self._prev_in_flight or self._prev_in_flight_limit):
-                # The late store of last round's race (KVM must log it now), or, after a
-                # round ended by kicks, a store that read its stamp before the kick.
+            elif p in late and is_late(p, s):
+                # Last round's unretired store: it faulted on a re-protected page, so KVM
+                # must have logged it in this round.
                 must, after = True, 0
-                if p not in self._prev_in_flight:
-                    late.append(p)
             else:
                 bad_stamp.append(p)
                 continue
@@ -248,19 +251,18 @@ class DirtyLogChecker:
         for p in reported - changed_set:
             if first_initially_set or p in self._in_flight:
                 excused.append(p)
+            elif p in late and late[p] is not None and stamps[p] == late[p]:
+                # The late store rewrote the stamp the page already held.
+                excused.append(p)
             else:
                 spurious.append(p)
-        if spurious and len(spurious) <= self._in_flight_limit:
-            # Kicked vCPUs: at most one unretired store each. They must land next round.
-            self._in_flight.update(spurious)
-            excused += spurious
-            spurious = []
-        # One unretired store per kicked vCPU at most.
-        if len(late) + len(self._prev_in_flight) > max(self._prev_in_flight_limit, len(self._prev_in_flight)):
-            bad_stamp += late
-        # An in-flight write of last round must have landed by now (or still be in flight).
-        for p in self._prev_in_flight:
-            if p not in changed_set and p not in self._in_flight:
+        for p, s in late.items():
+            if p in changed_set:
+                continue
+            if s is not None and stamps[p] == s:
+                if p not in reported:  # it retired (unchanged value) and must have faulted
+                    missing.append(p)
+            elif p not in self._in_flight:
                 landed_missing.append(p)
         not_all_set = []
         if first_initially_set:
@@ -284,6 +286,11 @@ class DirtyLogChecker:
                            for s, (m, a) in self._phases.items())
         lines = [f"dirty log mismatch in {self._where()} (this round's stamps: {phases}; "
                  f"{nchanged} pages changed, {len(reported)} reported in {self._collections} collections)"]
+        if self._prev_phases:
+            late = ", ".join(f"page {p} stamp {s if s is not None else '?'}"
+                             for p, s in sorted(self._prev_in_flight.items())) or "none"
+            lines.append(f"  previous round's stamps: {min(self._prev_phases)}..{max(self._prev_phases)}; "
+                         f"its unretired stores (retiring in this round): {late}")
         text = {
             "missing": "changed but NOT reported (false negative)",
             "bad_stamp": "changed to a stamp not written this round",
