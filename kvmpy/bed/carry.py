@@ -229,7 +229,7 @@ def python_identity(executable: str = sys.executable, packages: Sequence[str] = 
         "prefix": sys.prefix,
         "packages": [(str(p), p.stat().st_mtime_ns) for p in found],
         "strip": shutil.which("strip") is not None,
-        "version": 1,
+        "version": 2,  # bump when stage_python changes what it carries (2: no distutils-precedence.pth)
     }
 
 
