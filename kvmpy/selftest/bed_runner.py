@@ -19,16 +19,20 @@ from kvmpy.selftest.runner import PYTEST_HARNESS_ERRORS, pytest_command
 # reserved at boot, when 1 GiB of contiguous memory is still there to be had.
 BED_MEM = "4G"
 BED_HUGEPAGES = ["1G:1", "2M:32"]
+# Bochs emulates at most 2 GiB: no room for a 1 GiB page next to Python.
+BOCHS_MEM = "2G"
+BOCHS_HUGEPAGES = ["2M:32"]
 BED_TIMEOUT = 1500.0
 
 
 def _bed_args(args: argparse.Namespace) -> argparse.Namespace:
     """The `kvmpy bed` options equivalent to these `kvmpy selftest --bed` options."""
+    bochs = args.backend == "bochs"
     return argparse.Namespace(
         backend=args.backend, vendor=None, accel=args.accel, kernel_version=args.kernel_version,
         kernel=Path(args.kernel) if args.kernel else None, modules=Path(args.modules) if args.modules else None,
-        mem=BED_MEM, smp=2, timeout=args.timeout or BED_TIMEOUT, param=list(args.param), console=False,
-        hugepages=list(BED_HUGEPAGES),
+        mem=BED_MEM if not bochs else BOCHS_MEM, smp=2, timeout=args.timeout or BED_TIMEOUT,
+        param=list(args.param), console=False, hugepages=list(BED_HUGEPAGES if not bochs else BOCHS_HUGEPAGES),
     )
 
 
