@@ -249,3 +249,27 @@ def test_bochs_bed_vmx_kvm_guest_and_failing_status(bochs_bed):
     assert r.status == 1
     assert r.files.get("exits.txt", b"").startswith(b"Io")
     assert "Linux version" in r.kernel_log
+
+
+def test_guest_elves_are_carried_with_their_symbols(tmp_path):
+    """build/ is excluded from carried trees, but the guests must reach the bed (it has no compiler),
+    with the symbols the runner loads them by (exc_stub_table, globals) and their mtimes."""
+    from kvmpy.guest import programs
+    from kvmpy.guest.elf import GuestElf
+
+    if programs.source_root() is None or not shutil.which("strip"):
+        pytest.skip("needs the guest sources (to build hello.elf) and binutils' strip")
+    build = tmp_path / "checkout" / "build" / "guests"
+    build.mkdir(parents=True)
+    shutil.copy2(programs.find("hello"), build / "hello.elf")
+    (build / "hello.o").write_bytes(b"")
+    stage = carry.Stage(tmp_path / "stage")
+    assert stage.strip  # other ELFs (Python, libraries) are stripped
+    carry.stage_tree(stage, tmp_path / "checkout")
+    assert not stage.inside(build).exists()
+    carry.stage_guests(stage, build)
+    staged = stage.inside(build / "hello.elf")
+    assert GuestElf(staged).symbol("exc_stub_table").size > 0
+    assert staged.stat().st_mtime == (build / "hello.elf").stat().st_mtime
+    assert not stage.inside(build / "hello.o").exists()
+    assert stage.strip

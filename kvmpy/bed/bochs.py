@@ -307,6 +307,7 @@ class BochsBackend(Backend):
         stage = carry.Stage(stage_dir)
         for root in carried_roots(request):
             carry.stage_tree(stage, root)
+        carry.stage_guests(stage)
         cwd = Path(request.cwd or os.getcwd()).resolve()
         stage.inside(cwd).mkdir(parents=True, exist_ok=True)
         stage.inside(Path(INSIDE_SHARE)).mkdir(parents=True, exist_ok=True)

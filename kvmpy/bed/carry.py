@@ -294,6 +294,26 @@ def stage_tree(stage: Stage, src: Path, exclude: Sequence[str] = TREE_EXCLUDE) -
     stage.compile(Path(src))
 
 
+def stage_guests(stage: Stage, build_dir: Optional[Path] = None) -> None:
+    """Carry the built guest programs (``build/`` is excluded from trees), unstripped.
+
+    The runner loads them by symbol (exc_stub_table, globals), which
+    --strip-unneeded removes; their mtimes are kept, so the bed, which has no
+    compiler, sees them as up to date with the carried sources.
+    """
+    if build_dir is None:
+        from kvmpy.guest import programs
+
+        build_dir = programs.build_dir()
+    if not Path(build_dir).is_dir():
+        return
+    strip, stage.strip = stage.strip, False
+    try:
+        stage.add_tree(Path(build_dir), exclude=("*.o", "*.tmp", ".lock", "lib"))
+    finally:
+        stage.strip = strip
+
+
 def tree_size(root: Path) -> int:
     """Bytes of regular files under ``root`` (for messages and measurements)."""
     total = 0
