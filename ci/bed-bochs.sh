@@ -4,7 +4,8 @@
 # CI of the Intel half of the nested test bed: Bochs (VMX + EPT) packages, the
 # Debian kernel (cached under ~/.cache/kvmpy/bed), the Bochs backend's unit tests,
 # then one boot of Bochs that loads kvm_intel nested=1 ept=1 and runs a KVM guest
-# inside through kvmpy (tests/test_bed_bochs.py -m bed).  A Bochs boot is several
+# inside through kvmpy (tests/test_bed_bochs.py -m bed), and one that runs the guest-runtime
+# and nested VMX selftests.  A Bochs boot is several
 # minutes of single-threaded emulation: keep what runs inside batched in one boot.
 #
 # usage: ci/bed-bochs.sh           PYTHON=... picks the interpreter
@@ -38,3 +39,5 @@ step() {
 step setup timeout 900 "$PYTHON" -m kvmpy.cli bed setup --backend bochs
 step unit timeout 300 "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_bed_bochs.py
 step boot timeout 1500 "$PYTHON" -m pytest -q -p no:cacheprovider -m bed tests/test_bed_bochs.py
+# The guest runtime and the nested VMX probe (L1 VMXON/VMLAUNCH of an L2, EPT) in one boot.
+step selftests timeout 1500 "$PYTHON" -m kvmpy.cli selftest --bed --backend bochs -k "guest_runtime or nested_vmx"
