@@ -390,3 +390,18 @@ def test_matrices_cover_the_issue_configurations():
     assert {"kvm.tdp_mmu": "N"} in amd and {"kvm_amd.npt": "0"} in amd
     assert {"kvm.tdp_mmu": "Y", "kvm.eager_page_split": "N"} in amd
     assert {"kvm_intel.ept": "0"} in [dict(c.params) for c in matrix.matrix_for("intel")]
+
+
+def test_boot_splats_are_told_apart_from_kvm_ones():
+    from kvmpy.bed.backend import BedResult, kernel_splats
+    from kvmpy.bed.initramfs import BOOT_DONE
+
+    boot = "[    0.1] WARNING: CPU: 0 PID: 0 at arch/x86/kernel/cpu/topology_common.c:57 parse_legacy+0x10e/0x130\n"
+    kvm = "[    9.0] WARNING: CPU: 1 PID: 77 at arch/x86/kvm/mmu/mmu.c:123 kvm_mmu_split+0x1/0x2\n"
+    r = BedResult(status=0, console="", kernel_log=boot + f"[    3.0] {BOOT_DONE}\n" + kvm)
+    before, after = kernel_splats(r)
+    assert len(before) == 1 and "topology_common" in before[0]
+    assert len(after) == 1 and "kvm/mmu/mmu.c" in after[0]
+    # Without the marker (a kernel log cut short), everything counts.
+    r = BedResult(status=0, console="", kernel_log=boot + kvm)
+    assert kernel_splats(r) == ([], kernel_splats(r)[1]) and len(kernel_splats(r)[1]) == 2

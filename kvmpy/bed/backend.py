@@ -36,7 +36,7 @@ import re
 import signal
 import threading
 from pathlib import Path
-from typing import Callable, Dict, List, Mapping, Optional, Sequence
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 MARKER = "KVMPY-BED:"
 
@@ -290,3 +290,21 @@ def results_from_dir(root: Path) -> Dict[str, bytes]:
             if path.is_file() and not path.is_symlink():
                 files[path.relative_to(root).as_posix()] = path.read_bytes()
     return files
+
+
+def kernel_splats(result: BedResult) -> Tuple[List[str], List[str]]:
+    """(splats while booting, splats from loading KVM on) in a result's kernel log.
+
+    Boot-time splats come from the kernel meeting the emulated CPU before any KVM
+    code ran; they are reported, but only the later ones fail a run. A bed that
+    crashed brought no kernel log back, so its console (printed at full verbosity
+    for an oops or panic) is scanned instead.
+    """
+    from kvmpy.bed.initramfs import BOOT_DONE
+    from kvmpy.selftest.splat import find_splats_in_text
+
+    text = result.kernel_log if result.kernel_log or result.status is not None else result.console
+    head, sep, tail = text.partition(BOOT_DONE)
+    if not sep:
+        return [], find_splats_in_text(text)
+    return find_splats_in_text(head), find_splats_in_text(tail)

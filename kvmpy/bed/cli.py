@@ -18,7 +18,7 @@ from typing import Callable, List, Optional, Sequence
 
 from kvmpy.bed.backend import (
     MARKER, VENDOR_BACKENDS, Backend, BedError, BedRequest, BedResult, backend_class,
-    parse_hugepages, parse_param,
+    kernel_splats, parse_hugepages, parse_param,
 )
 from kvmpy.bed.kernel import KERNEL_LINES, Kernel, fetch_debian, user_kernel
 
@@ -186,7 +186,6 @@ def cmd_run(args) -> int:
     except BedError as exc:
         _err(str(exc))
         return 2
-    from kvmpy.selftest.splat import find_splats_in_text
     from kvmpy.bed.matrix import param_mismatches, save_files
 
     if args.results:
@@ -197,8 +196,9 @@ def cmd_run(args) -> int:
         # The user saw only the command's output; show how the boot ended.
         print("\n".join(result.console.splitlines()[-25:]), file=sys.stderr)
     _err(describe(result, backend))
-    splats = find_splats_in_text(result.kernel_log if result.kernel_log or
-                                 result.status is not None else result.console)
+    boot_splats, splats = kernel_splats(result)
+    for splat in boot_splats:
+        _err(f"note: kernel splat while the bed booted (before KVM was loaded):\n{splat}")
     for splat in splats:
         _err(f"kernel splat in the bed:\n{splat}")
     mismatches = param_mismatches(request.params, result.params) if result.status is not None else []

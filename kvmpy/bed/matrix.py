@@ -15,8 +15,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Callable, Dict, List, Mapping, Optional, Sequence
 
-from kvmpy.bed.backend import Backend, BedError, BedRequest, BedResult
-from kvmpy.selftest.splat import find_splats_in_text
+from kvmpy.bed.backend import Backend, BedError, BedRequest, BedResult, kernel_splats
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,6 +123,7 @@ class Row:
     junit: Optional[JUnitSummary] = None
     mismatches: List[str] = dataclasses.field(default_factory=list)
     splats: List[str] = dataclasses.field(default_factory=list)
+    boot_splats: List[str] = dataclasses.field(default_factory=list)
 
     @property
     def verdict(self) -> str:
@@ -157,10 +157,7 @@ def evaluate(config: Config, result: BedResult) -> Row:
     row = Row(config, result)
     if result.status is not None:
         row.mismatches = param_mismatches(config.params, result.params)
-    # A bed that crashed brought no kernel log back, but an oops or panic is
-    # printed on the console at full verbosity.
-    row.splats = find_splats_in_text(result.kernel_log if result.kernel_log or
-                                     result.status is not None else result.console)
+    row.boot_splats, row.splats = kernel_splats(result)
     xmls = [data for name, data in sorted(result.files.items()) if name.endswith(".xml")]
     if xmls:
         try:

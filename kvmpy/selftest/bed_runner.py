@@ -95,6 +95,9 @@ def run(args: argparse.Namespace, quiet: bool = False) -> list[RunResults]:
     rows = matrix.run_matrix(backend, request, configs, progress)
     runs = []
     for row in rows:
+        for splat in row.boot_splats if not quiet else ():
+            bed_cli._err(f"note: {row.config.name}: kernel splat while the bed booted, before KVM was "
+                         f"loaded (not counted): {splat.splitlines()[0]}")
         params = " ".join(f"{k}={v}" for k, v in row.config.params.items()) or \
             " ".join(args.param) or "defaults"
         label = f"bed {backend.vendor} {row.config.name}" if args.matrix else f"bed {backend.vendor} {params}"

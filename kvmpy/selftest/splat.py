@@ -81,6 +81,9 @@ def find_splats(records: Iterable[Record]) -> List[str]:
                 if _END_RE.match(lines[j]):
                     end = j + 1
                     break
+                if SPLAT_RE.match(lines[j]):  # the next splat starts: this one was cut short
+                    end = j
+                    break
             splats.append("\n".join(lines[i:end]))
             i = end
         else:
