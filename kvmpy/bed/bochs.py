@@ -99,8 +99,10 @@ run_job() {
         mount -t proc proc $R/proc && mount -t sysfs sysfs $R/sys && mount -t devtmpfs devtmpfs $R/dev ||
             { say "error cannot mount /proc /sys /dev"; return 2; }
     fi
+    # No tmpfs over /tmp: the root is RAM (or an overlay on RAM) already, and the
+    # carried checkout may live under /tmp (CI clones there).
     mkdir -p $R/tmp $R/run $R/dev/pts $R/dev/shm
-    mount -t tmpfs tmpfs $R/tmp
+    chmod 1777 $R/tmp
     mount -t tmpfs tmpfs $R/dev/shm
     mount -t devpts devpts $R/dev/pts
     mount -t debugfs debugfs $R/sys/kernel/debug 2>/dev/null
