@@ -94,7 +94,7 @@ def test_l2_vmcall_ept_violation_hlt(nested_vmx):
         (100, (0x42,)),                                         # from L2 itself
     ]
     if ept:
-        qual = syncs[3][1][2] if len(syncs) > 3 and syncs[3][0] == 2 else None
+        qual = syncs[3][1][1] if len(syncs) > 3 and syncs[3][0] == 2 else None   # checked below
         expected.append((2, (EXIT_EPT_VIOLATION, qual, HOLE, HOLE)))   # GPA and linear address (identity)
     expected += [
         (3, (EXIT_HLT, 1, WRITE_MAGIC if ept else 0)),          # the retried write is in L1's page
