@@ -6,6 +6,9 @@
  *   park:   GUEST_SYNC(STAGE_PARKED, vcpu, writes) -- the host holds the vCPU
  *           here between rounds (sets iteration, clears stop, collects, checks)
  *   sweep:  if `stride` is non-zero, every stride-th page of the vCPU's range
+ *           (with `burst` non-zero, in runs of `burst` pages by store_burst: a
+ *           5-instruction loop, as tight as upstream's dirty_log_test writer, so
+ *           many pages are dirtied between two of KVM's request checks)
  *   random: pseudo-random pages of the range until the host sets `stop`
  *           (every `sync_every` writes, GUEST_SYNC(STAGE_PROGRESS) if non-zero)
  *
@@ -28,6 +31,7 @@ uint64_t test_gva;
 uint64_t test_npages;
 uint64_t stride;
 uint64_t sync_every;
+uint64_t burst;
 uint64_t seed = 1;
 uint64_t vcpu_first[MAX_VCPUS];   /* per-vCPU page range; npages 0 = whole region */
 uint64_t vcpu_npages[MAX_VCPUS];
@@ -68,6 +72,29 @@ asm(".pushsection .text\n"
     ".size store_stamp, . - store_stamp\n"
     ".popsection\n");
 
+/*
+ * store_burst(p, n, step): n stores of the (re-read) stamp to p, p + step, ...
+ * Like stamp_store, `burst_store` is the only store: a vCPU stopped there has
+ * loaded the stamp (rax) and not yet stored it to the page at rdi.
+ */
+void store_burst(volatile uint64_t *p, uint64_t n, uint64_t step);
+asm(".pushsection .text\n"
+    ".globl store_burst\n"
+    ".type store_burst, @function\n"
+    "store_burst:\n"
+    "	test %rsi, %rsi\n"
+    "	jz 2f\n"
+    "1:	movq iteration(%rip), %rax\n"
+    ".globl burst_store\n"
+    "burst_store:\n"
+    "	movq %rax, (%rdi)\n"
+    "	addq %rdx, %rdi\n"
+    "	decq %rsi\n"
+    "	jnz 1b\n"
+    "2:	ret\n"
+    ".size store_burst, . - store_burst\n"
+    ".popsection\n");
+
 static inline void write_page(uint32_t id, uint64_t page)
 {
 	store_stamp((volatile uint64_t *)(test_gva + page * PAGE_SIZE_4K));
@@ -92,7 +119,18 @@ void guest_main(uint32_t id, uint64_t arg)
 		WRITE_ONCE(nr_rounds[id], nr_rounds[id] + 1);
 
 		uint64_t s = READ_ONCE(stride);
-		if (s) {
+		uint64_t b = READ_ONCE(burst);
+		if (s && b) {
+			for (uint64_t p = first; p < first + n && !READ_ONCE(stop); ) {
+				uint64_t k = (first + n - p + s - 1) / s;
+
+				if (k > b)
+					k = b;
+				store_burst((volatile uint64_t *)(test_gva + p * PAGE_SIZE_4K), k, s * PAGE_SIZE_4K);
+				WRITE_ONCE(nr_writes[id], nr_writes[id] + k);
+				p += k * s;
+			}
+		} else if (s) {
 			for (uint64_t p = first; p < first + n && !READ_ONCE(stop); p += s)
 				write_page(id, p);
 		}

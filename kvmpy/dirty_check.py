@@ -282,8 +282,12 @@ class DirtyLogChecker:
 
     def _message(self, problems, stamps, prev, seen, nchanged) -> str:
         reported = seen
-        phases = ", ".join(f"{s} from collection {a + 1}{'' if m else ' (logging not promised)'}"
-                           for s, (m, a) in self._phases.items())
+        items = list(self._phases.items())
+        if len(items) > 8:  # e.g. a stamp per collection over thousands of collections
+            items = items[:4] + [None] + items[-4:]
+        phases = ", ".join(f"... ({len(self._phases)} stamps in all)" if it is None else
+                           f"{it[0]} from collection {it[1][1] + 1}{'' if it[1][0] else ' (logging not promised)'}"
+                           for it in items)
         lines = [f"dirty log mismatch in {self._where()} (this round's stamps: {phases}; "
                  f"{nchanged} pages changed, {len(reported)} reported in {self._collections} collections)"]
         if self._prev_phases:
@@ -378,6 +382,11 @@ class DirtyRingCollector(Collector):
         self.name = "dirty-ring" if acq_rel is None else ("dirty-ring-acq-rel" if acq_rel else "dirty-ring-plain")
         self.last_entry: dict[int, tuple[int, int]] = {}
         self.harvested = 0
+        # One row per non-empty harvest of a vCPU's ring: (collection number, vCPU id, entries,
+        # first entry (slot, offset)). A ring-full exit should be followed by a harvest of the
+        # soft limit (ring size - 64) plus a few; exactly the ring size means KVM filled every slot.
+        self.harvests: list[tuple[int, int, int, tuple[int, int]]] = []
+        self.collections = 0
         self._lock = threading.Lock()
 
     def setup_vm(self, vm):
@@ -389,8 +398,11 @@ class DirtyRingCollector(Collector):
         # One harvester at a time: a ring has a single consumer index.
         with self._lock:
             count = 0
+            self.collections += 1
             for vcpu in list(vm.vcpus.values()):
                 entries = vcpu.dirty_ring.harvest()
+                if entries:
+                    self.harvests.append((self.collections, vcpu.id, len(entries), entries[0]))
                 for slot, offset in entries:
                     ms = by_slot.get(slot)
                     if ms is None:

@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
-from kvmpy.dirty_check import Collector, DirtyLogChecker, RoundReport, read_stamps, record_all
+from kvmpy.dirty_check import Collector, DirtyLogChecker, DirtyLogMismatch, RoundReport, read_stamps, record_all
 from kvmpy.errors import KvmError
 from kvmpy.exits import DirtyRingFullExit, InterruptedExit, IoExit
 from kvmpy.guest.runner import GuestAssertError, GuestExceptionError, GuestVm, format_regs
@@ -64,6 +64,7 @@ class _VcpuLoop:
     ring_full: int = 0
     pending: tuple[int, int] | None = None  # (gva, stamp) of a store the kick left unfinished
     unharvested_resumes: int = 0   # KVM_RUN calls since the last RING_FULL exit without a harvest
+    interrupts: int = 0            # KVM_RUN returns with EINTR (kicks)
     done: bool = False
 
 
@@ -73,12 +74,16 @@ class DirtyWriterVm:
     ``label`` prefixes every failure message (mode, backing, test).
     ``ring_full_resumes``: after a KVM_EXIT_DIRTY_RING_FULL, re-enter KVM_RUN that
     many times before waiting for the harvest (a misbehaving VMM's re-entry).
+    ``page_size``: the *guest's* page size for the test slots (PAGE_2M lets a 1 GiB
+    slot fit the runtime's page-table pool, which caps 4K mappings at ~120k pages;
+    dirty logging is per 4K gfn on the host side whatever the guest maps). Slots
+    mapped with 2M pages must start and end 2M-aligned.
     """
 
     def __init__(self, collector: Collector, slots: Sequence[SlotSpec], *, nr_vcpus: int = 1,
                  backing: Backing | None = None, stride: int = 0, seed: int = 1,
                  vcpu_ranges: Sequence[tuple[int, int]] | None = None, label: str = "",
-                 ring_full_resumes: int = 0) -> None:
+                 ring_full_resumes: int = 0, page_size: int = PAGE_SIZE, burst: int = 0) -> None:
         from kvmpy import Kvm
 
         self.collector = collector
@@ -100,7 +105,7 @@ class DirtyWriterVm:
             gva = TEST_GVA
             for spec in slots:
                 ms = self.g.add_memory(spec.slot, spec.gpa, spec.npages * PAGE_SIZE, backing)
-                self.g.map(gva, spec.gpa, spec.npages * PAGE_SIZE)
+                self.g.map(gva, spec.gpa, spec.npages * PAGE_SIZE, page_size)
                 if spec.logged:
                     self.vm.enable_dirty_logging(spec.slot, True)
                 self.slots.append((spec, ms))
@@ -111,13 +116,13 @@ class DirtyWriterVm:
                                                       label=self.label, slot=ms.slot)
                              for ms in self.logged}
             for name, value in (("test_gva", TEST_GVA), ("test_npages", self.npages), ("stride", stride),
-                                ("seed", seed), ("iteration", 0), ("stop", 0), ("quit", 0)):
+                                ("seed", seed), ("burst", burst), ("iteration", 0), ("stop", 0), ("quit", 0)):
                 self.g.write_global(name, value)
             for i, (first, n) in enumerate(vcpu_ranges or []):
                 self.g.write_global("vcpu_first", first, offset=8 * i)
                 self.g.write_global("vcpu_npages", n, offset=8 * i)
             self.loops = [_VcpuLoop() for _ in self.g.vcpus]
-            self._stamp_store_rip = self.g.elf.symbol("stamp_store").addr
+            self._stamp_store_rips = {self.g.elf.symbol(n).addr for n in ("stamp_store", "burst_store")}
         except BaseException:
             self.close()
             raise
@@ -132,11 +137,12 @@ class DirtyWriterVm:
             while not self._stop.is_set():
                 ex = vcpu.run()
                 if isinstance(ex, InterruptedExit):
+                    st.interrupts += 1
                     if self._kick_park:
                         # Round ended by a kick: park here, wherever the guest was, noting
                         # the store it left unfinished (loaded stamp, not yet stored), if any.
                         regs = vcpu.get_regs()
-                        st.pending = (regs.rdi, regs.rax) if regs.rip == self._stamp_store_rip else None
+                        st.pending = (regs.rdi, regs.rax) if regs.rip in self._stamp_store_rips else None
                         st.go.clear()
                         st.parked.set()
                         while not st.go.wait(0.05):
@@ -238,7 +244,8 @@ class DirtyWriterVm:
     def run_round(self, *, min_writes: int = 200, min_time: float = 0.0, collect_every: float | None = 0.01,
                   max_time: float = 30.0, during: Callable[["DirtyWriterVm"], None] | None = None,
                   must_report: bool = True, end_by_kick: bool = False,
-                  restamp: bool = True) -> dict[int, RoundReport]:
+                  restamp: bool = True, kick_collect: bool = False,
+                  stall_time: float | None = None) -> dict[int, RoundReport]:
         """Run one round (see the module doc) and verify it; returns {slot: RoundReport}.
 
         ``collect_every=None`` collects while the guest runs only when a ring is full.
@@ -249,7 +256,18 @@ class DirtyWriterVm:
         dirty_log_test) instead of at their sync point; a vCPU stopped between loading
         its stamp and storing it (its registers say so) leaves exactly that store
         pending: the checker excuses it this round and demands it next round.
+        ``kick_collect`` kicks every vCPU out of KVM_RUN before each concurrent
+        collection and waits for the exit (the vCPU re-enters at once): upstream's
+        dirty_log_test collects the dirty ring this way, racing its kicks with
+        KVM_EXIT_DIRTY_RING_FULL.
+        ``stall_time``: if the guest makes no write for that long (a vCPU KVM keeps
+        from running, e.g. RING_FULL exit after exit with nothing to harvest), end
+        the round there instead of failing on ``max_time``: the page check then
+        shows what the log lost. Needs ``end_by_kick`` (a wedged vCPU never reaches
+        its sync point).
         """
+        if stall_time is not None and not end_by_kick:
+            raise ValueError("stall_time needs end_by_kick")
         if not self._started:
             self.start()
         self.stamp += 1
@@ -264,11 +282,19 @@ class DirtyWriterVm:
             st.pending = None
             st.go.set()
         start = time.monotonic()
+        first_collection = getattr(self.collector, "collections", 0) + 1
+        ring_full0 = self.ring_full_exits
         ran_during = during is None
+        last_n, last_progress, stalled = -1, start, False
         while True:
             self._check_errors()
             now = time.monotonic()
             n = self.writes() - w0
+            if n != last_n:
+                last_n, last_progress = n, now
+            elif stall_time is not None and now - last_progress > stall_time:
+                stalled = True
+                break
             if not ran_during and n >= min_writes // 2:
                 during(self)
                 ran_during = True
@@ -280,11 +306,15 @@ class DirtyWriterVm:
                                f"(wanted {min_writes}): is the guest making progress?")
             if collect_every is None:
                 if self._harvest_needed.wait(0.005):
-                    self.collect()
-                    if restamp:
+                    # A new stamp only after a collection that found something: one after an
+                    # empty one would say nothing more (and a KVM that exits with RING_FULL
+                    # over an empty ring would make thousands).
+                    if any(self.collect().values()) and restamp:
                         self.set_stamp(self.stamp + 1, must_report)
             else:
                 self._harvest_needed.wait(collect_every)
+                if kick_collect:
+                    self._kick_all()
                 self.collect()
                 if restamp:
                     self.set_stamp(self.stamp + 1, must_report)
@@ -303,13 +333,34 @@ class DirtyWriterVm:
         self.collect()  # quiescent: every vCPU sits at its sync point
         nwrites = self.writes() - w0
         reports = {}
-        for ms in self.logged:
-            reports[ms.slot] = self.checkers[ms.slot].verify(read_stamps(ms.view))
+        try:
+            for ms in self.logged:
+                reports[ms.slot] = self.checkers[ms.slot].verify(read_stamps(ms.view))
+        except DirtyLogMismatch as e:
+            extra = self.ring_summary(first_collection, ring_full0)
+            if stalled:
+                extra = (f"  the guest STALLED: no write for {stall_time:g} s after {last_n} writes this round "
+                         f"(ended by kick)" + ("\n" + extra if extra else ""))
+            if not extra:
+                raise
+            raise DirtyLogMismatch(f"{e}\n{extra}", e.problems) from None
         ring_full = sum(st.ring_full for st in self.loops)
-        self.round_log.append(f"{self.label}: round {self.stamp}: {nwrites} writes in "
+        self.round_log.append(f"{self.label}: round {self.stamp}: {nwrites} writes"
+                              + (f" (STALLED: no write for {stall_time:g} s)" if stalled else "") + " in "
                               f"{time.monotonic() - start:.2f} s, ring-full exits so far {ring_full}; "
                               + "; ".join(f"slot {s}: {r}" for s, r in reports.items()))
         return reports
+
+    def _kick_all(self, timeout: float = 1.0) -> None:
+        """Kick every running vCPU and wait until each has left KVM_RUN once (it re-enters)."""
+        before = [st.interrupts for st in self.loops]
+        for v in self.g.vcpus:
+            v.kick()
+        deadline = time.monotonic() + timeout
+        for st, n in zip(self.loops, before):
+            # A vCPU waiting for a harvest after RING_FULL sees the kick when it re-enters.
+            while st.interrupts == n and not self._harvest_needed.is_set() and time.monotonic() < deadline:
+                time.sleep(0.0005)
 
     def _note_pending(self, gva: int, stamp: int) -> None:
         """Tell the checker of the logged slot holding ``gva`` about a pending store."""
@@ -321,6 +372,30 @@ class DirtyWriterVm:
                 return
             first += spec.npages * PAGE_SIZE
         raise KvmError(f"{self.label}: a kicked vCPU was storing to GVA {gva:#x}, outside the test slots")
+
+    def ring_summary(self, first_collection: int = 1, ring_full0: int = 0, limit: int = 24) -> str:
+        """The dirty ring's fill levels since collection ``first_collection`` ('' without a ring).
+
+        A harvest after a KVM_EXIT_DIRTY_RING_FULL should hold the soft limit (ring
+        entries - 64) plus the few entries pushed before the exit; a harvest of the
+        whole ring means KVM pushed past its soft limit and may have overwritten
+        entries the host had not harvested yet (the oldest, i.e. the first pushed).
+        """
+        harvests = getattr(self.collector, "harvests", None)
+        if harvests is None:
+            return ""
+        size = self.collector.ring_bytes // 16
+        rows = [h for h in harvests if h[0] >= first_collection]
+        full = [h for h in rows if h[2] >= size]
+        lines = [f"  dirty ring: {size} entries per vCPU (soft limit {size - 64}); this round "
+                 f"{self.ring_full_exits - ring_full0} KVM_EXIT_DIRTY_RING_FULL exits, {len(rows)} non-empty "
+                 f"harvests, {len(full)} of them the WHOLE ring ({size} entries: pushed past the soft limit, "
+                 f"oldest entries overwritten?)"]
+        shown = rows if len(rows) <= limit else rows[:limit // 2] + rows[-limit // 2:]
+        lines.append("  harvests (collection: vCPU, entries, first entry slot/page): " + "; ".join(
+            f"{c}: vCPU {v}, {n}{' (WHOLE RING)' if n >= size else ''}, first {slot}/{off}"
+            for c, v, n, (slot, off) in shown) + (f" ... ({len(rows)} in all)" if len(rows) > limit else ""))
+        return "\n".join(lines)
 
     @property
     def ring_full_exits(self) -> int:

@@ -330,3 +330,22 @@ def test_store_after_a_collection_must_be_logged_by_a_later_one():
         chk.verify(g.stamps)
     assert ei.value.problems == {"missing": [5]}
     assert "last reported by collection 1" in str(ei.value)
+
+
+def test_overwritten_ring_entries_fail_and_the_message_stays_bounded():
+    """A ring that wrapped over its oldest entries (the first pages pushed) loses them; with a
+    stamp per collection over thousands of collections the message still names the loss briefly."""
+    chk, g = DirtyLogChecker(N, label="ring"), FakeGuest()
+    chk.begin_round(1)
+    for stamp in range(2, 3000):  # thousands of (empty) collections, each handing out a stamp
+        chk.record([])
+        chk.add_phase(stamp)
+    for p in range(N):
+        g.write(p, 2999)
+    got = g.harvest()
+    chk.record(got[12:])  # a ring of N - 12 entries kept only the newest
+    with pytest.raises(DirtyLogMismatch) as ei:
+        chk.verify(g.stamps)
+    msg = str(ei.value)
+    assert ei.value.problems["missing"] == list(range(12))
+    assert "(2999 stamps in all)" in msg and len(msg) < 4000, msg[:500]
