@@ -99,7 +99,7 @@ void svm_enable_npt(struct svm_ctx *svm, struct npt *npt)
 	GUEST_ASSERT_MSG(svm_npt_supported(), "CPUID 0x8000000a edx lacks NPT: the host KVM "
 			 "does not expose nested paging (kvm_amd npt=0?)");
 	svm->vmcb.control.nested_ctl |= SVM_NESTED_CTL_NP_ENABLE;
-	svm->vmcb.control.nested_cr3 = (uint64_t)(uintptr_t)npt->pml4;
+	svm->vmcb.control.nested_cr3 = (uint64_t)(uintptr_t)npt->tdp.pml4;
 }
 
 /*
@@ -219,23 +219,10 @@ const char *svm_exit_name(uint64_t code)
 
 /* ---- nested page tables ------------------------------------------------ */
 
-static uint64_t *npt_alloc(struct npt *npt)
-{
-	GUEST_ASSERT_MSG(npt->used < npt->pool_pages, "NPT pool of %lu pages exhausted",
-			 (uint64_t)npt->pool_pages);
-	uint64_t *table = (uint64_t *)npt->pool[npt->used++];
-
-	memset(table, 0, 4096);
-	return table;
-}
-
 void npt_init(struct npt *npt, void *pool, size_t pool_pages)
 {
-	GUEST_ASSERT(((uintptr_t)pool & 4095) == 0);
-	npt->pool = pool;
-	npt->pool_pages = pool_pages;
-	npt->used = 0;
-	npt->pml4 = npt_alloc(npt);
+	tdp_init(&npt->tdp, "NPT", pool, pool_pages, NPT_P,
+		 NPT_P | NPT_RW | NPT_US | NPT_A, NPT_P | NPT_RW | NPT_US | NPT_A | NPT_D);
 }
 
 static int size_level(uint64_t page_size)
@@ -249,58 +236,14 @@ static int size_level(uint64_t page_size)
 	return 0;
 }
 
-static unsigned int npt_index(uint64_t gpa, int level)
-{
-	return (gpa >> (12 + 9 * (level - 1))) & 511;
-}
-
-static void npt_map_one(struct npt *npt, uint64_t l2_gpa, uint64_t l1_gpa, int level)
-{
-	uint64_t *table = npt->pml4;
-
-	for (int lvl = 4; lvl > level; lvl--) {
-		uint64_t *e = &table[npt_index(l2_gpa, lvl)];
-
-		if (!(*e & NPT_P))
-			*e = (uint64_t)(uintptr_t)npt_alloc(npt) | NPT_P | NPT_RW | NPT_US | NPT_A;
-		GUEST_ASSERT_MSG(!(*e & NPT_PS), "L2 GPA %#lx: a larger NPT page is in the way", l2_gpa);
-		table = (uint64_t *)(*e & PTE_ADDR_MASK);
-	}
-	uint64_t *leaf = &table[npt_index(l2_gpa, level)];
-
-	GUEST_ASSERT_MSG(!(*leaf & NPT_P) || level == 1 || (*leaf & NPT_PS),
-			 "L2 GPA %#lx: smaller NPT pages are in the way", l2_gpa);
-	*leaf = l1_gpa | NPT_P | NPT_RW | NPT_US | NPT_A | NPT_D | (level > 1 ? NPT_PS : 0);
-}
-
 void npt_map(struct npt *npt, uint64_t l2_gpa, uint64_t l1_gpa, uint64_t size, uint64_t page_size)
 {
-	int level = size_level(page_size);
-
-	GUEST_ASSERT_MSG(!(l2_gpa % page_size) && !(l1_gpa % page_size) && !(size % page_size),
-			 "npt_map(%#lx -> %#lx, size %#lx) not aligned to page size %#lx",
-			 l2_gpa, l1_gpa, size, page_size);
-	for (uint64_t off = 0; off < size; off += page_size)
-		npt_map_one(npt, l2_gpa + off, l1_gpa + off, level);
+	tdp_map(&npt->tdp, l2_gpa, l1_gpa, size, size_level(page_size));
 }
 
 uint64_t *npt_leaf(struct npt *npt, uint64_t l2_gpa, int *level)
 {
-	uint64_t *table = npt->pml4;
-
-	for (int lvl = 4; lvl >= 1; lvl--) {
-		uint64_t *e = &table[npt_index(l2_gpa, lvl)];
-
-		if (!(*e & NPT_P))
-			return NULL;
-		if (lvl == 1 || (lvl <= 3 && (*e & NPT_PS))) {
-			if (level)
-				*level = lvl;
-			return e;
-		}
-		table = (uint64_t *)(*e & PTE_ADDR_MASK);
-	}
-	return NULL;
+	return tdp_leaf(&npt->tdp, l2_gpa, level);
 }
 
 /* ---- L2 -> L1 calls ---------------------------------------------------- */

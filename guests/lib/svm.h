@@ -31,6 +31,7 @@
 #define KVMPY_SVM_H
 
 #include "guest.h"
+#include "tdp.h"
 
 /* ---- CPUID / MSRs ------------------------------------------------------ */
 
@@ -255,9 +256,7 @@ const char *svm_exit_name(uint64_t code);
  * nested MMU never has to write them back.
  */
 struct npt {
-	uint64_t *pml4;
-	uint8_t (*pool)[4096];
-	size_t pool_pages, used;
+	struct tdp tdp;
 };
 
 #define NPT_P  (1ul << 0)
@@ -265,7 +264,7 @@ struct npt {
 #define NPT_US (1ul << 2)
 #define NPT_A  (1ul << 5)
 #define NPT_D  (1ul << 6)
-#define NPT_PS (1ul << 7)
+#define NPT_PS TDP_PS
 #define NPT_NX (1ul << 63)
 
 void npt_init(struct npt *npt, void *pool, size_t pool_pages);

@@ -487,25 +487,11 @@ const char *vmx_exit_name(uint32_t reason)
 
 /* ---- extended page tables ---------------------------------------------- */
 
-static uint64_t *ept_alloc(struct ept *ept)
-{
-	GUEST_ASSERT_MSG(ept->used < ept->pool_pages, "EPT pool of %lu pages exhausted",
-			 (uint64_t)ept->pool_pages);
-	uint64_t *table = (uint64_t *)ept->pool[ept->used++];
-
-	memset(table, 0, 4096);
-	return table;
-}
-
 void ept_init(struct ept *ept, void *pool, size_t pool_pages)
 {
 	GUEST_ASSERT_MSG(vmx_ept_supported(), "ept_init: this CPU offers no usable EPT");
-	GUEST_ASSERT(((uintptr_t)pool & 4095) == 0);
-	ept->pool = pool;
-	ept->pool_pages = pool_pages;
-	ept->used = 0;
 	ept->cap = rdmsr(MSR_IA32_VMX_EPT_VPID_CAP);
-	ept->pml4 = ept_alloc(ept);
+	tdp_init(&ept->tdp, "EPT", pool, pool_pages, EPT_RWX, EPT_RWX, EPT_RWX | EPT_MT_WB);
 }
 
 static int ept_size_level(const struct ept *ept, uint64_t page_size)
@@ -526,58 +512,14 @@ static int ept_size_level(const struct ept *ept, uint64_t page_size)
 	return 0;
 }
 
-static unsigned int ept_index(uint64_t gpa, int level)
-{
-	return (gpa >> (12 + 9 * (level - 1))) & 511;
-}
-
-static void ept_map_one(struct ept *ept, uint64_t l2_gpa, uint64_t l1_gpa, int level)
-{
-	uint64_t *table = ept->pml4;
-
-	for (int lvl = 4; lvl > level; lvl--) {
-		uint64_t *e = &table[ept_index(l2_gpa, lvl)];
-
-		if (!(*e & EPT_RWX))
-			*e = (uint64_t)(uintptr_t)ept_alloc(ept) | EPT_RWX;
-		GUEST_ASSERT_MSG(!(*e & EPT_PS), "L2 GPA %#lx: a larger EPT page is in the way", l2_gpa);
-		table = (uint64_t *)(*e & PTE_ADDR_MASK);
-	}
-	uint64_t *leaf = &table[ept_index(l2_gpa, level)];
-
-	GUEST_ASSERT_MSG(!(*leaf & EPT_RWX) || level == 1 || (*leaf & EPT_PS),
-			 "L2 GPA %#lx: smaller EPT pages are in the way", l2_gpa);
-	*leaf = l1_gpa | EPT_RWX | EPT_MT_WB | (level > 1 ? EPT_PS : 0);
-}
-
 void ept_map(struct ept *ept, uint64_t l2_gpa, uint64_t l1_gpa, uint64_t size, uint64_t page_size)
 {
-	int level = ept_size_level(ept, page_size);
-
-	GUEST_ASSERT_MSG(!(l2_gpa % page_size) && !(l1_gpa % page_size) && !(size % page_size),
-			 "ept_map(%#lx -> %#lx, size %#lx) not aligned to page size %#lx",
-			 l2_gpa, l1_gpa, size, page_size);
-	for (uint64_t off = 0; off < size; off += page_size)
-		ept_map_one(ept, l2_gpa + off, l1_gpa + off, level);
+	tdp_map(&ept->tdp, l2_gpa, l1_gpa, size, ept_size_level(ept, page_size));
 }
 
 uint64_t *ept_leaf(struct ept *ept, uint64_t l2_gpa, int *level)
 {
-	uint64_t *table = ept->pml4;
-
-	for (int lvl = 4; lvl >= 1; lvl--) {
-		uint64_t *e = &table[ept_index(l2_gpa, lvl)];
-
-		if (!(*e & EPT_RWX))
-			return NULL;
-		if (lvl == 1 || (lvl <= 3 && (*e & EPT_PS))) {
-			if (level)
-				*level = lvl;
-			return e;
-		}
-		table = (uint64_t *)(*e & PTE_ADDR_MASK);
-	}
-	return NULL;
+	return tdp_leaf(&ept->tdp, l2_gpa, level);
 }
 
 void vmx_enable_ept(struct vmx_ctx *vmx, struct ept *ept)
@@ -587,7 +529,7 @@ void vmx_enable_ept(struct vmx_ctx *vmx, struct ept *ept)
 	GUEST_ASSERT_MSG(vmreadz(CPU_BASED_VM_EXEC_CONTROL) & CPU_BASED_ACTIVATE_SECONDARY,
 			 "secondary controls not activated");
 	/* EPTP: memory type WB (bits 2:0), page-walk length - 1 = 3 (bits 5:3), no A/D. */
-	vmx->eptp = (uint64_t)(uintptr_t)ept->pml4 | 6 | (3 << 3);
+	vmx->eptp = (uint64_t)(uintptr_t)ept->tdp.pml4 | 6 | (3 << 3);
 	vmwritez(EPT_POINTER, vmx->eptp);
 	vmwritez(SECONDARY_VM_EXEC_CONTROL, vmreadz(SECONDARY_VM_EXEC_CONTROL) | SECONDARY_EXEC_ENABLE_EPT);
 }

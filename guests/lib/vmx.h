@@ -36,6 +36,7 @@
 #define KVMPY_VMX_H
 
 #include "guest.h"
+#include "tdp.h"
 
 /* ---- CPUID / MSRs / CR bits ------------------------------------------- */
 
@@ -353,9 +354,7 @@ const char *vmx_exit_name(uint32_t reason);
  * the EPTP, so the nested MMU never writes them.
  */
 struct ept {
-	uint64_t *pml4;
-	uint8_t (*pool)[4096];
-	size_t pool_pages, used;
+	struct tdp tdp;
 	uint64_t cap;           /* IA32_VMX_EPT_VPID_CAP, read once by ept_init */
 };
 
@@ -364,7 +363,7 @@ struct ept {
 #define EPT_X          (1ul << 2)
 #define EPT_RWX        (EPT_R | EPT_W | EPT_X)
 #define EPT_MT_WB      (6ul << 3)   /* leaf memory type */
-#define EPT_PS         (1ul << 7)
+#define EPT_PS         TDP_PS
 
 /* IA32_VMX_EPT_VPID_CAP bits (SDM vol. 3D A.10). */
 #define VMX_EPT_CAP_WALK4       (1ul << 6)
