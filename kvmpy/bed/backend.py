@@ -32,9 +32,12 @@ import abc
 import contextlib
 import ctypes
 import dataclasses
+import os
 import re
 import signal
+import subprocess
 import threading
+import time
 from pathlib import Path
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -308,3 +311,56 @@ def kernel_splats(result: BedResult) -> Tuple[List[str], List[str]]:
     if not sep:
         return [], find_splats_in_text(text)
     return find_splats_in_text(head), find_splats_in_text(tail)
+
+
+class ConsoleLog:
+    """A machine's console, fed in chunks: whole lines, echoed, with the bed's markers noted.
+
+    ``hide`` is an optional (begin, end) pair of markers whose lines, inclusive,
+    are kept but not echoed (e.g. a base64 block of result files).
+    """
+
+    def __init__(self, request: BedRequest, start: float, hide: Optional[Tuple[str, str]] = None) -> None:
+        self.lines: List[str] = []
+        self.boot: Optional[float] = None        # seconds from start to the 'ready' marker
+        self.exit_seen_at: Optional[float] = None
+        self._pending = ""
+        self._start = start
+        self._echo = request.on_console
+        self._hide = hide
+        self._hiding = False
+
+    def feed(self, data: bytes) -> None:
+        self._pending += data.decode("utf-8", "replace").replace("\r", "")
+        *lines, self._pending = self._pending.split("\n")
+        for line in lines:
+            self.lines.append(line)
+            if self._hide and self._hide[0] in line:
+                self._hiding = True
+            if self._echo and not self._hiding:
+                self._echo(line)
+            if self._hide and self._hide[1] in line:
+                self._hiding = False
+            if MARKER in line:
+                if self.boot is None and line.rstrip().endswith(f"{MARKER} ready"):
+                    self.boot = time.monotonic() - self._start
+                if f"{MARKER} exit " in line:
+                    self.exit_seen_at = time.monotonic()
+
+    def text(self) -> str:
+        """Everything received, the unterminated last line included."""
+        return "\n".join(self.lines + ([self._pending] if self._pending else [])) + "\n"
+
+
+def kill_machine(proc: subprocess.Popen) -> None:
+    """Stop a machine and everything it started, by its process group; reap it."""
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    try:
+        proc.wait(timeout=30)
+    finally:
+        if proc.stdout:
+            proc.stdout.close()

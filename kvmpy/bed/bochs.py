@@ -33,7 +33,6 @@ import os
 import re
 import shlex
 import shutil
-import signal
 import subprocess
 import tarfile
 import tempfile
@@ -43,8 +42,8 @@ from typing import Dict, List, Optional, Tuple
 
 from kvmpy.bed import carry
 from kvmpy.bed.backend import (
-    MARKER, Backend, BedError, BedRequest, BedResult, die_with_parent, exit_on_sigterm,
-    params_cmdline, parse_console,
+    MARKER, Backend, BedError, BedRequest, BedResult, ConsoleLog, die_with_parent, exit_on_sigterm,
+    kill_machine, params_cmdline, parse_console,
 )
 from kvmpy.bed.initramfs import KVM_MODULES, build_initramfs
 from kvmpy.bed.kernel import Kernel, busybox, cache_dir
@@ -413,57 +412,26 @@ def _run_machine(argv: List[str], serial: Path, request: BedRequest, start: floa
                                 stderr=subprocess.STDOUT, cwd=cwd, start_new_session=True,
                                 # script dies with us; Bochs gets SIGHUP when its pty closes
                                 preexec_fn=die_with_parent)
-    chunks: List[str] = []
-    pending = ""
-    boot = None
+    # The base64 block of result files is not console output worth echoing.
+    log = ConsoleLog(request, start, hide=(RESULTS_BEGIN, RESULTS_END))
     timed_out = False
-    exit_seen_at = None
-    in_files = False  # the base64 block is not console output worth echoing
     try:
         with open(serial, "rb") as f:
             while True:
                 data = f.read(65536)
                 if data:
-                    pending += data.decode("utf-8", "replace").replace("\r", "")
-                    *lines, pending = pending.split("\n")
-                    for line in lines:
-                        chunks.append(line)
-                        if RESULTS_BEGIN in line:
-                            in_files = True
-                        if request.on_console and not in_files:
-                            request.on_console(line)
-                        if RESULTS_END in line:
-                            in_files = False
-                        if MARKER in line:
-                            if boot is None and line.rstrip().endswith(f"{MARKER} ready"):
-                                boot = time.monotonic() - start
-                            if f"{MARKER} exit " in line:
-                                exit_seen_at = time.monotonic()
+                    log.feed(data)
                     continue
                 if proc.poll() is not None:
                     break
                 now = time.monotonic()
-                if exit_seen_at is not None and now > exit_seen_at + POWEROFF_GRACE:
+                if log.exit_seen_at is not None and now > log.exit_seen_at + POWEROFF_GRACE:
                     break
                 if now >= deadline:
-                    timed_out = exit_seen_at is None
+                    timed_out = log.exit_seen_at is None
                     break
                 time.sleep(0.1)
-            rest = f.read()
-            if rest:
-                pending += rest.decode("utf-8", "replace").replace("\r", "")
+            log.feed(f.read())
     finally:
-        _kill(proc)
-    if pending:
-        chunks.extend(pending.split("\n"))
-    return "\n".join(chunks) + "\n", boot, timed_out, proc.pid
-
-
-def _kill(proc: subprocess.Popen) -> None:
-    """Stop ``script`` and Bochs under it, by their process group."""
-    if proc.poll() is None:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    proc.wait(timeout=30)
+        kill_machine(proc)
+    return log.text(), log.boot, timed_out, proc.pid

@@ -15,7 +15,6 @@ import re
 import selectors
 import shlex
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -24,7 +23,8 @@ from pathlib import Path
 from typing import List, Optional
 
 from kvmpy.bed.backend import (
-    MARKER, Backend, BedError, BedRequest, BedResult, die_with_parent, exit_on_sigterm,
+    MARKER, Backend, BedError, BedRequest, BedResult, ConsoleLog, die_with_parent, exit_on_sigterm,
+    kill_machine,
     hugepages_cmdline, params_cmdline, parse_console, results_from_dir,
 )
 from kvmpy.bed.initramfs import KVM_MODULES, SHARE_MODULES, build_initramfs
@@ -246,53 +246,24 @@ def _run_machine(argv: List[str], request: BedRequest, start: float):
     proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, start_new_session=True,
                             preexec_fn=die_with_parent)
-    chunks: List[str] = []
-    pending = ""
-    boot = None
+    log = ConsoleLog(request, start)
     timed_out = False
-    exit_seen_at = None
     sel = selectors.DefaultSelector()
     sel.register(proc.stdout, selectors.EVENT_READ)
     try:
         while True:
             now = time.monotonic()
-            limit = deadline if exit_seen_at is None else min(deadline, exit_seen_at + POWEROFF_GRACE)
+            limit = deadline if log.exit_seen_at is None else min(deadline, log.exit_seen_at + POWEROFF_GRACE)
             if now >= limit:
-                timed_out = exit_seen_at is None
+                timed_out = log.exit_seen_at is None
                 break
             if not sel.select(timeout=min(1.0, limit - now)):
                 continue
             data = os.read(proc.stdout.fileno(), 65536)
             if not data:
                 break
-            pending += data.decode("utf-8", "replace").replace("\r", "")
-            *lines, pending = pending.split("\n")
-            for line in lines:
-                chunks.append(line)
-                if request.on_console:
-                    request.on_console(line)
-                if MARKER in line:
-                    if boot is None and line.rstrip().endswith(f"{MARKER} ready"):
-                        boot = time.monotonic() - start
-                    if f"{MARKER} exit " in line:
-                        exit_seen_at = time.monotonic()
+            log.feed(data)
     finally:
         sel.close()
-        _kill(proc)
-    if pending:
-        chunks.append(pending)
-    return "\n".join(chunks) + "\n", boot, timed_out, proc.pid
-
-
-def _kill(proc: subprocess.Popen) -> None:
-    """Stop the machine and everything it started, by its process group."""
-    if proc.poll() is None:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    try:
-        proc.wait(timeout=30)
-    finally:
-        if proc.stdout:
-            proc.stdout.close()
+        kill_machine(proc)
+    return log.text(), log.boot, timed_out, proc.pid
