@@ -1,6 +1,7 @@
 """Kvm/Vm/Vcpu against the real /dev/kvm (skipped without it)."""
 from __future__ import annotations
 
+import contextlib
 import errno
 import threading
 
@@ -33,11 +34,18 @@ def _real_mode_vcpu(vm, rip, vcpu_id=0):
     return vcpu
 
 
-def test_real_mode_io_then_hlt(kvm):
+@contextlib.contextmanager
+def real_mode_vm(kvm, code: bytes, mem: int = 1 << 20):
+    """A VM with ``mem`` bytes at GPA 0 and ``code`` at 0x1000, for real-mode vCPUs."""
     with kvm.create_vm() as vm:
         vm.set_tss_addr(0xFFFBD000)
-        vm.add_memory(0, 0, 1 << 20)
-        vm.write(0x1000, OUT_HLT)
+        vm.add_memory(0, 0, mem)
+        vm.write(0x1000, code)
+        yield vm
+
+
+def test_real_mode_io_then_hlt(kvm):
+    with real_mode_vm(kvm, OUT_HLT) as vm:
         vcpu = _real_mode_vcpu(vm, 0x1000)
         ex = vcpu.run()
         assert isinstance(ex, IoExit) and ex.port == 0x10 and ex.direction == "out" and ex.size == 1
@@ -86,10 +94,7 @@ def test_ioctl_error_message(kvm):
 
 
 def test_vm_and_vcpu_stats(kvm):
-    with kvm.create_vm() as vm:
-        vm.set_tss_addr(0xFFFBD000)
-        vm.add_memory(0, 0, 1 << 20)
-        vm.write(0x1000, OUT_HLT)
+    with real_mode_vm(kvm, OUT_HLT) as vm:
         vcpu = _real_mode_vcpu(vm, 0x1000)
         before = vcpu.stats.snapshot()
         vcpu.run()
@@ -127,10 +132,7 @@ def test_dirty_bitmap_of_guest_writes(kvm):
 
 
 def test_kick_stops_a_spinning_vcpu(kvm):
-    with kvm.create_vm() as vm:
-        vm.set_tss_addr(0xFFFBD000)
-        vm.add_memory(0, 0, 1 << 20)
-        vm.write(0x1000, SPIN)
+    with real_mode_vm(kvm, SPIN) as vm:
         vcpu = _real_mode_vcpu(vm, 0x1000)
         t = threading.Timer(0.2, vcpu.kick)
         t.start()
@@ -143,10 +145,7 @@ def test_kick_stops_a_spinning_vcpu(kvm):
 
 
 def test_two_vcpus_run_concurrently(kvm):
-    with kvm.create_vm() as vm:
-        vm.set_tss_addr(0xFFFBD000)
-        vm.add_memory(0, 0, 1 << 20)
-        vm.write(0x1000, SPIN)
+    with real_mode_vm(kvm, SPIN) as vm:
         vcpus = [_real_mode_vcpu(vm, 0x1000, i) for i in range(2)]
         results = {}
         started = threading.Barrier(3)

@@ -364,3 +364,17 @@ def kill_machine(proc: subprocess.Popen) -> None:
     finally:
         if proc.stdout:
             proc.stdout.close()
+
+
+def settle(result: BedResult, request: BedRequest, start: float, boot: Optional[float], timed_out: bool,
+           pid: int, why_no_status: Callable[[], str]) -> BedResult:
+    """Fill a result's timing fields and, when no exit status came back, the reason."""
+    result.boot_seconds = boot
+    result.seconds = time.monotonic() - start
+    result.timed_out = timed_out
+    result.pid = pid
+    if timed_out:
+        result.error = f"timed out after {request.timeout:.0f}s"
+    elif result.status is None:
+        result.error = why_no_status()
+    return result

@@ -43,7 +43,7 @@ from typing import Dict, List, Optional, Tuple
 from kvmpy.bed import carry
 from kvmpy.bed.backend import (
     MARKER, Backend, BedError, BedRequest, BedResult, ConsoleLog, die_with_parent, exit_on_sigterm,
-    kill_machine, params_cmdline, parse_console,
+    kill_machine, params_cmdline, parse_console, settle,
 )
 from kvmpy.bed.initramfs import KVM_MODULES, build_initramfs
 from kvmpy.bed.kernel import Kernel, busybox, cache_dir
@@ -389,16 +389,11 @@ class BochsBackend(Backend):
                                 if p.exists())
         result = parse_console(console)
         result.files, result.kernel_log = extract_files(console)
-        result.boot_seconds = boot
-        result.seconds = time.monotonic() - start
-        result.timed_out = timed_out
-        result.pid = pid
-        if timed_out:
-            result.error = f"timed out after {request.timeout:.0f}s"
-        elif result.status is None:
-            panic = [l for l in bochs_log.splitlines() if "PANIC" in l and "power off" not in l]
-            result.error = panic[-1].strip() if panic else _boot_failure(console)
-        return result
+        def why_no_status() -> str:
+            panic = [line for line in bochs_log.splitlines() if "PANIC" in line and "power off" not in line]
+            return panic[-1].strip() if panic else _boot_failure(console)
+
+        return settle(result, request, start, boot, timed_out, pid, why_no_status)
 
 
 def _run_machine(argv: List[str], serial: Path, request: BedRequest, start: float, cwd: Path):

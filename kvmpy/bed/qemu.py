@@ -24,7 +24,7 @@ from typing import List, Optional
 
 from kvmpy.bed.backend import (
     MARKER, Backend, BedError, BedRequest, BedResult, ConsoleLog, die_with_parent, exit_on_sigterm,
-    kill_machine,
+    kill_machine, settle,
     hugepages_cmdline, params_cmdline, parse_console, results_from_dir,
 )
 from kvmpy.bed.initramfs import KVM_MODULES, SHARE_MODULES, build_initramfs
@@ -189,15 +189,7 @@ class QemuBackend(Backend):
             result.files = results_from_dir(share / "results")
             dmesg = share / "dmesg.txt"
             result.kernel_log = dmesg.read_text(errors="replace") if dmesg.exists() else ""
-        result.boot_seconds = boot
-        result.seconds = time.monotonic() - start
-        result.timed_out = timed_out
-        result.pid = pid
-        if timed_out:
-            result.error = f"timed out after {request.timeout:.0f}s"
-        elif result.status is None:
-            result.error = _boot_failure(console)
-        return result
+        return settle(result, request, start, boot, timed_out, pid, lambda: _boot_failure(console))
 
 
 def host_vendor() -> str:
