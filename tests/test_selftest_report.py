@@ -23,6 +23,8 @@ def test_known_fixed():
     pass
 def test_known_other_failure():
     raise RuntimeError("something unrelated")
+def test_known_intermittent():
+    pass
 '''
 
 KNOWN = '''
@@ -42,6 +44,12 @@ test = "*::test_known_other_failure"
 reason = "ring loses pages"
 evidence = "x"
 match = "should have its dirty bit set"
+
+[[issue]]
+test = "*::test_known_intermittent"
+reason = "a race"
+evidence = "failed 9 of 10 runs"
+intermittent = true
 
 [[issue]]
 test = "*::test_pass"
@@ -81,6 +89,9 @@ def test_results_and_known_issues(sample_run):
     assert "did not reproduce" in tests["test_known_fixed"]["reason"]
     # ...and a different failure stays a failure.
     assert tests["test_known_other_failure"]["outcome"] == "failed"
+    # An intermittent known issue that did not show: said so, not a failure.
+    assert tests["test_known_intermittent"]["outcome"] == "known-absent"
+    assert "did not reproduce this run" in tests["test_known_intermittent"]["reason"]
     assert data["exitstatus"] == 1
 
 
@@ -90,9 +101,10 @@ def test_report_of_sample(sample_run):
     table = format_table([run], width=200)
     assert "KVM lacks KVM_CAP_NESTED_STATE" in table
     assert "XFAIL(known)" in table and "pages_2m=-3" in table
-    assert table.splitlines()[-1] == "1 passed, 3 failed, 1 skipped (1 xfailed)"
+    assert "PASS(known issue absent)" in table
+    assert table.splitlines()[-1] == "2 passed, 3 failed, 1 skipped (1 xfailed, 1 intermittent known issue absent)"
     ktap = format_ktap([run]).splitlines()
-    assert ktap[0] == "KTAP version 1" and ktap[1] == "1..6"
+    assert ktap[0] == "KTAP version 1" and ktap[1] == "1..7"
     assert any(line.startswith("ok ") and "# SKIP KVM lacks" in line for line in ktap)
     assert any(line.startswith("ok ") and "# XFAIL" in line for line in ktap)
     assert sum(line.startswith("not ok") for line in ktap) == 3
@@ -115,6 +127,9 @@ def test_known_issue_file_validation(tmp_path):
         known_issues.load(f)
     f.write_text('[[issue]]\ntest = "x"\nreason = "r"\nevidence = "e"\nmodul = "kvm_pvm"\n')
     with pytest.raises(known_issues.KnownIssueFileError, match="unknown keys"):
+        known_issues.load(f)
+    f.write_text('[[issue]]\ntest = "x"\nreason = "r"\nevidence = "e"\nintermittent = "yes"\n')
+    with pytest.raises(known_issues.KnownIssueFileError, match="true or false"):
         known_issues.load(f)
 
 

@@ -36,6 +36,9 @@ class KnownIssue:
     module: str = ""
     # A regex the failure text must contain; a failure without it is a real failure.
     match: str = ""
+    # A race that does not show on every run (the evidence must say how often):
+    # a pass is then reported as "known issue absent", loudly but not as a failure.
+    intermittent: bool = False
 
     def applies_to_host(self, release: str | None = None, modules: set[str] | None = None) -> bool:
         release = release if release is not None else platform.release()
@@ -72,10 +75,12 @@ def load(path: Path) -> list[KnownIssue]:
         missing = [k for k in ("test", "reason", "evidence") if not str(raw.get(k, "")).strip()]
         if missing:
             raise KnownIssueFileError(f"{path}: entry {i + 1} lacks {', '.join(missing)}")
-        unknown = set(raw) - {"test", "reason", "evidence", "kernel_release", "module", "match"}
+        unknown = set(raw) - {"test", "reason", "evidence", "kernel_release", "module", "match", "intermittent"}
         if unknown:
             raise KnownIssueFileError(f"{path}: entry {i + 1} has unknown keys {sorted(unknown)}")
-        out.append(KnownIssue(**{k: str(v) for k, v in raw.items()}))
+        if not isinstance(raw.get("intermittent", False), bool):
+            raise KnownIssueFileError(f"{path}: entry {i + 1}: intermittent must be true or false")
+        out.append(KnownIssue(**{k: v if k == "intermittent" else str(v) for k, v in raw.items()}))
     return out
 
 
@@ -122,6 +127,8 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
             return
         rep.outcome = "skipped"
         rep.wasxfail = k.describe()
+    elif rep.passed and k.intermittent:
+        rep.user_properties.append(("known_issue_absent", f"did not reproduce this run: {k.describe()}"))
     elif rep.passed:
         # Strict: a known issue that no longer reproduces must be looked at.
         rep.outcome = "failed"

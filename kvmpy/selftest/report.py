@@ -9,7 +9,8 @@ from dataclasses import dataclass, field
 # Outcomes that make `kvmpy selftest` exit 1.
 FAILING = {"failed", "error", "xpassed"}
 RESULT_LABEL = {"passed": "PASS", "failed": "FAIL", "error": "ERROR", "skipped": "SKIP",
-                "xfailed": "XFAIL(known)", "xpassed": "XPASS(strict)"}
+                "xfailed": "XFAIL(known)", "xpassed": "XPASS(strict)",
+                "known-absent": "PASS(known issue absent)"}
 
 
 @dataclass
@@ -88,8 +89,10 @@ def format_table(runs: list[RunResults], width: int | None = None) -> str:
 
 def summary_line(totals: dict[str, int]) -> str:
     """'N passed, N failed, N skipped' plus xfail/xpass/error counts when present."""
-    s = f"{totals.get('passed', 0)} passed, {totals.get('failed', 0) + totals.get('error', 0) + totals.get('xpassed', 0)} failed, {totals.get('skipped', 0)} skipped"
+    s = f"{totals.get('passed', 0) + totals.get('known-absent', 0)} passed, {totals.get('failed', 0) + totals.get('error', 0) + totals.get('xpassed', 0)} failed, {totals.get('skipped', 0)} skipped"
     extra = [f"{totals[k]} {k}" for k in ("xfailed", "xpassed", "error") if totals.get(k)]
+    if totals.get("known-absent"):
+        extra.append(f"{totals['known-absent']} intermittent known issue absent")
     return s + (f" ({', '.join(extra)})" if extra else "")
 
 
@@ -109,6 +112,8 @@ def format_ktap(runs: list[RunResults]) -> str:
         o = t["outcome"]
         if o == "passed":
             out.append(f"ok {n} {name}")
+        elif o == "known-absent":
+            out.append(f"ok {n} {name} # {reason}")
         elif o == "skipped":
             out.append(f"ok {n} {name} # SKIP {reason}")
         elif o == "xfailed":

@@ -74,6 +74,10 @@ class _Recorder:
                     e["reason"] = f"{report.when}: {e['reason']}"
         elif report.passed and hasattr(report, "wasxfail") and report.when == "call":
             e["outcome"], e["reason"] = "xpassed", report.wasxfail
+        elif report.passed and report.when == "call":
+            absent = [v for k, v in report.user_properties if k == "known_issue_absent"]
+            if absent:
+                e["outcome"], e["reason"] = "known-absent", absent[0]
 
     def pytest_sessionfinish(self, session: pytest.Session, exitstatus: int) -> None:
         data = {"exitstatus": int(exitstatus), "seconds": round(time.time() - self.started, 2),
