@@ -14,9 +14,9 @@ except ImportError as exc:  # pragma: no cover - only without a build
         "or build it in place with `python3 kvmpy/_ffi_build.py` from the source tree"
     ) from exc
 
-from kvmpy.errors import IoctlError
+from kvmpy.errors import IoctlError, RequirementError
 
-__all__ = ["ffi", "lib", "ioctl", "ioctl_int"]
+__all__ = ["ffi", "lib", "ioctl", "ioctl_int", "cap_name", "require_cap"]
 
 
 def ioctl(fd: int, name: str, arg=ffi.NULL, target: str = "", context: str = "") -> int:
@@ -33,3 +33,18 @@ def ioctl_int(fd: int, name: str, arg: int = 0, target: str = "", context: str =
     if ret < 0:
         raise IoctlError(name, ffi.errno, target or f"fd {fd}", context)
     return ret
+
+
+def cap_name(cap: int) -> str:
+    """KVM_CAP_* name of ``cap`` (first match), or 'capability N'."""
+    for n in dir(lib):
+        if n.startswith("KVM_CAP_") and getattr(lib, n) == cap:
+            return n
+    return f"capability {cap}"
+
+
+def require_cap(value: int, cap: int, why: str = "") -> int:
+    """``value`` of a KVM_CHECK_EXTENSION, or RequirementError naming ``cap`` when it is 0."""
+    if not value:
+        raise RequirementError(f"KVM lacks {cap_name(cap)}" + (f" ({why})" if why else ""))
+    return value

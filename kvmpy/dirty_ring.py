@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING
 
 from kvmpy.abi import ffi, lib
 from kvmpy.errors import KvmError, RequirementError
+from kvmpy.memory import mmap
 
 if TYPE_CHECKING:
     from kvmpy.vcpu import Vcpu
@@ -48,10 +49,8 @@ class DirtyRing:
         page = os.sysconf("SC_PAGE_SIZE")
         offset = lib.KVM_DIRTY_LOG_PAGE_OFFSET * page
 
-        try:
-            self.addr = _mmap_at_offset(size_bytes, vcpu.fd, offset)
-        except KvmError as e:
-            raise KvmError(f"vCPU {vcpu.id}: mmap of the dirty ring failed: {e}") from None
+        self.addr = mmap(size_bytes, lib.PROT_READ | lib.PROT_WRITE, lib.MAP_SHARED, vcpu.fd, offset,
+                         f"vCPU {vcpu.id}'s dirty ring")
         self.gfns = ffi.cast("struct kvm_dirty_gfn *", self.addr)
         self.fetch_index = 0
 
@@ -76,9 +75,3 @@ class DirtyRing:
             self.addr = 0
             self.gfns = None
 
-
-def _mmap_at_offset(size: int, fd: int, offset: int) -> int:
-    p = lib.kvmpy_mmap(ffi.NULL, size, lib.PROT_READ | lib.PROT_WRITE, lib.MAP_SHARED, fd, offset)
-    if p == ffi.NULL:
-        raise KvmError(os.strerror(ffi.errno))
-    return int(ffi.cast("uintptr_t", p))

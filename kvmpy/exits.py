@@ -109,7 +109,7 @@ def decode(run, run_buf: memoryview) -> Exit:
     if r == lib.KVM_EXIT_HLT:
         return HltExit(r)
     if r == lib.KVM_EXIT_MMIO:
-        off = ffi.offsetof("struct kvm_run", "mmio") + 8
+        off = ffi.offsetof("struct kvm_run", "mmio", "data")
         return MmioExit(r, run.mmio.phys_addr, run.mmio.len, bool(run.mmio.is_write),
                         run_buf[off: off + run.mmio.len])
     if r == lib.KVM_EXIT_SHUTDOWN:

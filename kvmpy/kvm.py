@@ -4,25 +4,11 @@ from __future__ import annotations
 import errno
 import os
 
-from kvmpy.abi import ffi, ioctl, ioctl_int, lib
+from kvmpy.abi import cap_name, ffi, ioctl, ioctl_int, lib, require_cap
 from kvmpy.errors import IoctlError, KvmError, RequirementError
+from kvmpy.vm import Vm
 
 DEFAULT_PATH = "/dev/kvm"
-
-
-def cap_name(cap: int) -> str:
-    """KVM_CAP_* name of ``cap`` (first match), or 'capability N'."""
-    for n in dir(lib):
-        if n.startswith("KVM_CAP_") and getattr(lib, n) == cap:
-            return n
-    return f"capability {cap}"
-
-
-def require_cap(value: int, cap: int, why: str = "") -> int:
-    """``value`` of a KVM_CHECK_EXTENSION, or RequirementError naming ``cap`` when it is 0."""
-    if not value:
-        raise RequirementError(f"KVM lacks {cap_name(cap)}" + (f" ({why})" if why else ""))
-    return value
 
 
 class Kvm:
@@ -117,10 +103,8 @@ class Kvm:
             return [lib.KVM_X86_DEFAULT_VM]
         return [t for t in range(32) if mask & (1 << t)]
 
-    def create_vm(self, vm_type: int = 0) -> "Vm":
+    def create_vm(self, vm_type: int = 0) -> Vm:
         """Create a VM (KVM_CREATE_VM)."""
-        from kvmpy.vm import Vm
-
         fd = ioctl_int(self.fd, "KVM_CREATE_VM", vm_type, self.path, f"type {vm_type}")
         return Vm(self, fd, vm_type)
 
@@ -135,5 +119,3 @@ class Kvm:
     def __exit__(self, *exc) -> None:
         self.close()
 
-
-from kvmpy.vm import Vm  # noqa: E402  (type name for annotations; vm imports nothing from here at load)

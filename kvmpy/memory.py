@@ -76,11 +76,12 @@ class Mapping:
             self.fd = -1
 
 
-def _mmap(size: int, prot: int, flags: int, fd: int = -1, addr: int = 0) -> int:
-    p = lib.kvmpy_mmap(ffi.cast("void *", addr), size, prot, flags, fd, 0)
+def mmap(size: int, prot: int, flags: int, fd: int = -1, offset: int = 0, what: str = "") -> int:
+    """mmap(2) returning the address; KvmError naming ``what`` and the errno on failure."""
+    p = lib.kvmpy_mmap(ffi.NULL, size, prot, flags, fd, offset)
     if p == ffi.NULL:
         err = ffi.errno
-        raise KvmError(f"mmap of {size:#x} bytes failed: {os.strerror(err)}")
+        raise KvmError(f"mmap of {what or 'memory'} ({size:#x} bytes) failed: {os.strerror(err)}")
     return int(ffi.cast("uintptr_t", p))
 
 
@@ -89,7 +90,7 @@ def _memfd_mapping(name: str, flags: int, size: int) -> Mapping:
     fd = os.memfd_create(name, os.MFD_CLOEXEC | flags)
     try:
         os.ftruncate(fd, size)
-        addr = _mmap(size, lib.PROT_READ | lib.PROT_WRITE, lib.MAP_SHARED, fd)
+        addr = mmap(size, lib.PROT_READ | lib.PROT_WRITE, lib.MAP_SHARED, fd)
     except BaseException:
         os.close(fd)
         raise
@@ -121,7 +122,7 @@ class Anonymous(Backing):
 
     def allocate(self, size: int) -> Mapping:
         self.check(size)
-        addr = _mmap(size, lib.PROT_READ | lib.PROT_WRITE, lib.MAP_PRIVATE | lib.MAP_ANONYMOUS | lib.MAP_NORESERVE)
+        addr = mmap(size, lib.PROT_READ | lib.PROT_WRITE, lib.MAP_PRIVATE | lib.MAP_ANONYMOUS | lib.MAP_NORESERVE)
         # Keep this backing honest: 4K host pages even when THP mode is 'always'.
         lib.kvmpy_madvise(ffi.cast("void *", addr), size, lib.MADV_NOHUGEPAGE)
         return Mapping(addr, size)
@@ -144,7 +145,7 @@ class Thp(Backing):
     def allocate(self, size: int) -> Mapping:
         self.check(size)
         span = size + SIZE_2M
-        raw = _mmap(span, lib.PROT_READ | lib.PROT_WRITE, lib.MAP_PRIVATE | lib.MAP_ANONYMOUS | lib.MAP_NORESERVE)
+        raw = mmap(span, lib.PROT_READ | lib.PROT_WRITE, lib.MAP_PRIVATE | lib.MAP_ANONYMOUS | lib.MAP_NORESERVE)
         aligned = (raw + SIZE_2M - 1) & ~(SIZE_2M - 1)
         # Trim the unaligned head and tail so the mapping is exactly the aligned range.
         if aligned > raw:

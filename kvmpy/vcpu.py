@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Iterable
 from kvmpy import exits
 from kvmpy.abi import ffi, ioctl, ioctl_int, lib
 from kvmpy.errors import IoctlError, KvmError
+from kvmpy.memory import mmap
 from kvmpy.stats import Stats
 
 if TYPE_CHECKING:
@@ -35,11 +36,12 @@ class Vcpu:
         self._kicked = False
         self._lock = threading.Lock()
         size = vm.kvm.vcpu_mmap_size
-        p = lib.kvmpy_mmap(ffi.NULL, size, lib.PROT_READ | lib.PROT_WRITE, lib.MAP_SHARED, fd, 0)
-        if p == ffi.NULL:
-            err = ffi.errno
+        try:
+            p = ffi.cast("void *", mmap(size, lib.PROT_READ | lib.PROT_WRITE, lib.MAP_SHARED, fd,
+                                        what=f"vCPU {vcpu_id}'s kvm_run"))
+        except KvmError:
             os.close(fd)
-            raise KvmError(f"vCPU {vcpu_id}: mmap of kvm_run failed: {os.strerror(err)}")
+            raise
         self._run_addr, self._run_size = p, size
         self.run_struct = ffi.cast("struct kvm_run *", p)
         self._run_buf = memoryview(ffi.buffer(p, size))

@@ -6,9 +6,9 @@ import struct
 from typing import TYPE_CHECKING
 
 from kvmpy import dirty_log
-from kvmpy.abi import ffi, ioctl, ioctl_int, lib
+from kvmpy.abi import cap_name, ffi, ioctl, ioctl_int, lib, require_cap
 from kvmpy.bitmap import DirtyBitmap
-from kvmpy.errors import KvmError, RequirementError
+from kvmpy.errors import KvmError
 from kvmpy.memory import Anonymous, Backing, Memslot
 from kvmpy.stats import Stats
 
@@ -41,19 +41,13 @@ class Vm:
     # -- capabilities ---------------------------------------------------------
     def check_extension(self, cap: int) -> int:
         """KVM_CHECK_EXTENSION on the VM fd (answers can differ per VM type)."""
-        from kvmpy.kvm import cap_name
-
         return ioctl_int(self.fd, "KVM_CHECK_EXTENSION", cap, self.name, cap_name(cap))
 
     def require_extension(self, cap: int, why: str = "") -> int:
-        from kvmpy.kvm import require_cap
-
         return require_cap(self.check_extension(cap), cap, why)
 
     def enable_cap(self, cap: int, *args: int, flags: int = 0) -> None:
         """KVM_ENABLE_CAP on the VM with up to four u64 arguments."""
-        from kvmpy.kvm import cap_name
-
         ec = ffi.new("struct kvm_enable_cap *")
         ec.cap = cap
         ec.flags = flags
