@@ -3,7 +3,6 @@
 import dataclasses
 import lzma
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -19,19 +18,7 @@ from kvmpy.bed.protocol import INSIDE_RESULTS, BedError
 from kvmpy.bed.request import BedRequest, BedResult, Job
 from kvmpy.bed.testbed import Bed
 
-MODULES_DEP = """\
-kernel/arch/x86/kvm/kvm.ko.xz: kernel/virt/lib/irqbypass.ko.xz
-kernel/arch/x86/kvm/kvm-amd.ko.xz: kernel/arch/x86/kvm/kvm.ko.xz kernel/drivers/crypto/ccp/ccp.ko.xz kernel/virt/lib/irqbypass.ko.xz
-kernel/arch/x86/kvm/kvm-intel.ko.xz: kernel/arch/x86/kvm/kvm.ko.xz kernel/virt/lib/irqbypass.ko.xz
-kernel/virt/lib/irqbypass.ko.xz:
-kernel/drivers/crypto/ccp/ccp.ko.xz:
-kernel/fs/9p/9p.ko.xz: kernel/net/9p/9pnet.ko.xz kernel/fs/netfs/netfs.ko.xz
-kernel/net/9p/9pnet.ko.xz:
-kernel/net/9p/9pnet_virtio.ko.xz: kernel/net/9p/9pnet.ko.xz
-kernel/fs/netfs/netfs.ko.xz:
-"""
-BUILTIN = "kernel/drivers/virtio/virtio_pci.ko\n"
-
+from bed_fakes import BUILTIN, MODULES_DEP, busybox_sh, bzimage, fake_kernel, module_tree
 
 # --- module closure -------------------------------------------------------
 
@@ -54,28 +41,6 @@ def test_closure_skips_builtin_and_names_missing_modules():
 def test_module_name_normalizes_suffix_and_dashes():
     assert kernel.module_name("kernel/arch/x86/kvm/kvm-amd.ko.xz") == "kvm_amd"
     assert kernel.module_name("extra/foo.ko") == "foo"
-
-
-def bzimage(path, release=None):
-    """A file with an x86 boot header ("HdrS") naming ``release`` (or none)."""
-    image = bytearray(0x4000)
-    image[0x202:0x206] = b"HdrS"
-    if release:
-        image[0x20E:0x210] = (0x1000).to_bytes(2, "little")
-        image[0x1200:0x1200 + 60] = f"{release} (me@box) #1 SMP\0".encode().ljust(60, b"\0")
-    path.write_bytes(bytes(image))
-    return path
-
-
-def module_tree(mods, vermagic, modules_dep=MODULES_DEP, builtin=""):
-    """A lib/modules/<release> tree whose modules were built for ``vermagic``."""
-    mods.mkdir(parents=True, exist_ok=True)
-    for rel in kernel.parse_modules_dep(modules_dep):
-        (mods / rel).parent.mkdir(parents=True, exist_ok=True)
-        (mods / rel).write_bytes(lzma.compress(f"\x7fELF\0vermagic={vermagic} SMP mod_unload\0".encode()))
-    (mods / "modules.dep").write_text(modules_dep)
-    (mods / "modules.builtin").write_text(builtin)
-    return mods
 
 
 def test_image_release_reads_bzimage_header(tmp_path):
@@ -137,13 +102,6 @@ def test_fetch_debian_falls_back_to_cache_without_apt(tmp_path, monkeypatch):
 
 # --- the init script ----------------------------------------------------------
 
-def _sh():
-    for candidate in ("/bin/busybox", shutil.which("busybox") or ""):
-        if candidate and os.path.exists(candidate):
-            return [candidate, "sh"]
-    pytest.skip("busybox not installed (apt-get install busybox-static)")
-
-
 def run_init_load(tmp_path, cmdline, cpu_flags, modules):
     """Source the real init and call load_modules with insmod replaced by a logger."""
     (tmp_path / "cmdline").write_text(cmdline + "\n")
@@ -157,7 +115,7 @@ def run_init_load(tmp_path, cmdline, cpu_flags, modules):
     env = dict(os.environ, KVMPY_INIT_TEST="1", KVMPY_CMDLINE=str(tmp_path / "cmdline"),
                KVMPY_CPUINFO=str(tmp_path / "cpuinfo"), KVMPY_MODLIST=str(tmp_path / "modules"),
                KVMPY_MODDIR="/m", KVMPY_INSMOD=str(fake))
-    subprocess.run([*_sh(), "-c", f". {tmp_path / 'init'}; load_modules"], env=env,
+    subprocess.run([*busybox_sh(), "-c", f". {tmp_path / 'init'}; load_modules"], env=env,
                    check=True, timeout=30)
     return log.read_text().splitlines() if log.exists() else []
 
@@ -218,7 +176,7 @@ def test_parse_console_markers():
 # --- cpio ---------------------------------------------------------------------
 
 def test_cpio_archive_is_readable_by_cpio(tmp_path):
-    sh = _sh()
+    sh = busybox_sh()
     out = tmp_path / "a.cpio"
     with open(out, "wb") as f:
         w = initramfs.CpioWriter(f)
@@ -240,19 +198,8 @@ def test_cpio_archive_is_readable_by_cpio(tmp_path):
     assert os.stat(dest / "init").st_mode & 0o777 == 0o755
 
 
-def fake_kernel(tmp_path) -> kernel.Kernel:
-    mods = tmp_path / "lib" / "modules" / "6.99"
-    for rel in kernel.parse_modules_dep(MODULES_DEP):
-        path = mods / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(lzma.compress(f"ELF {rel}".encode()))
-    (mods / "modules.dep").write_text(MODULES_DEP)
-    (mods / "modules.builtin").write_text(BUILTIN)
-    return kernel.Kernel("6.99", tmp_path / "vmlinuz", mods, "test", tmp_path / "cache")
-
-
 def test_build_initramfs_holds_decompressed_closure(tmp_path):
-    sh = _sh()
+    sh = busybox_sh()
     k = fake_kernel(tmp_path)
     out = initramfs.build_initramfs(k, tmp_path / "initrd", "status=0\n",
                                     ["virtio_pci", "9p", "kvm_amd"], files={"extra/f": (b"x", 0o755)})

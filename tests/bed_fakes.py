@@ -1,0 +1,62 @@
+"""Fakes shared by the bed's unit tests: module trees, bzImage headers, a kernel, busybox sh."""
+
+import lzma
+import os
+import shutil
+
+import pytest
+
+from kvmpy.bed import kernel
+
+MODULES_DEP = """\
+kernel/arch/x86/kvm/kvm.ko.xz: kernel/virt/lib/irqbypass.ko.xz
+kernel/arch/x86/kvm/kvm-amd.ko.xz: kernel/arch/x86/kvm/kvm.ko.xz kernel/drivers/crypto/ccp/ccp.ko.xz kernel/virt/lib/irqbypass.ko.xz
+kernel/arch/x86/kvm/kvm-intel.ko.xz: kernel/arch/x86/kvm/kvm.ko.xz kernel/virt/lib/irqbypass.ko.xz
+kernel/virt/lib/irqbypass.ko.xz:
+kernel/drivers/crypto/ccp/ccp.ko.xz:
+kernel/fs/9p/9p.ko.xz: kernel/net/9p/9pnet.ko.xz kernel/fs/netfs/netfs.ko.xz
+kernel/net/9p/9pnet.ko.xz:
+kernel/net/9p/9pnet_virtio.ko.xz: kernel/net/9p/9pnet.ko.xz
+kernel/fs/netfs/netfs.ko.xz:
+"""
+BUILTIN = "kernel/drivers/virtio/virtio_pci.ko\n"
+
+
+def bzimage(path, release=None):
+    """A file with an x86 boot header ("HdrS") naming ``release`` (or none)."""
+    image = bytearray(0x4000)
+    image[0x202:0x206] = b"HdrS"
+    if release:
+        image[0x20E:0x210] = (0x1000).to_bytes(2, "little")
+        image[0x1200:0x1200 + 60] = f"{release} (me@box) #1 SMP\0".encode().ljust(60, b"\0")
+    path.write_bytes(bytes(image))
+    return path
+
+
+def module_tree(mods, vermagic, modules_dep=MODULES_DEP, builtin=""):
+    """A lib/modules/<release> tree whose modules were built for ``vermagic``."""
+    mods.mkdir(parents=True, exist_ok=True)
+    for rel in kernel.parse_modules_dep(modules_dep):
+        (mods / rel).parent.mkdir(parents=True, exist_ok=True)
+        (mods / rel).write_bytes(lzma.compress(f"\x7fELF\0vermagic={vermagic} SMP mod_unload\0".encode()))
+    (mods / "modules.dep").write_text(modules_dep)
+    (mods / "modules.builtin").write_text(builtin)
+    return mods
+
+
+def busybox_sh():
+    for candidate in ("/bin/busybox", shutil.which("busybox") or ""):
+        if candidate and os.path.exists(candidate):
+            return [candidate, "sh"]
+    pytest.skip("busybox not installed (apt-get install busybox-static)")
+
+
+def fake_kernel(tmp_path) -> kernel.Kernel:
+    mods = tmp_path / "lib" / "modules" / "6.99"
+    for rel in kernel.parse_modules_dep(MODULES_DEP):
+        path = mods / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(lzma.compress(f"ELF {rel}".encode()))
+    (mods / "modules.dep").write_text(MODULES_DEP)
+    (mods / "modules.builtin").write_text(BUILTIN)
+    return kernel.Kernel("6.99", tmp_path / "vmlinuz", mods, "test", tmp_path / "cache")
