@@ -3,10 +3,11 @@
 import lzma
 import os
 import shutil
+import subprocess
 
 import pytest
 
-from kvmpy.bed import kernel
+from kvmpy.bed import initramfs, kernel
 
 MODULES_DEP = """\
 kernel/arch/x86/kvm/kvm.ko.xz: kernel/virt/lib/irqbypass.ko.xz
@@ -60,3 +61,26 @@ def fake_kernel(tmp_path) -> kernel.Kernel:
     (mods / "modules.dep").write_text(MODULES_DEP)
     (mods / "modules.builtin").write_text(BUILTIN)
     return kernel.Kernel("6.99", tmp_path / "vmlinuz", mods, "test", tmp_path / "cache")
+
+
+def run_init_load(tmp_path, cmdline, cpu_flags, modules, each_arg=False):
+    """Source the real init and call load_modules (in ``tmp_path``) with insmod replaced by a logger.
+
+    Returns a line per insmod: its arguments joined by spaces, or with ``each_arg``
+    each one in brackets (to see where one ends).
+    """
+    (tmp_path / "cmdline").write_text(cmdline + "\n")
+    (tmp_path / "cpuinfo").write_text(f"flags\t\t: fpu {cpu_flags} sse\n")
+    (tmp_path / "modules").write_text("".join(m + "\n" for m in modules))
+    (tmp_path / "init").write_text(initramfs.INIT_SCRIPT)
+    log = tmp_path / "insmod.log"
+    fake = tmp_path / "insmod"
+    logger = 'for a; do printf "[%s]" "$a"; done; echo' if each_arg else 'echo "$*"'
+    fake.write_text(f"#!/bin/sh\n{{ {logger}; }} >> {log}\n")
+    fake.chmod(0o755)
+    env = dict(os.environ, KVMPY_INIT_TEST="1", KVMPY_CMDLINE=str(tmp_path / "cmdline"),
+               KVMPY_CPUINFO=str(tmp_path / "cpuinfo"), KVMPY_MODLIST=str(tmp_path / "modules"),
+               KVMPY_MODDIR="/m", KVMPY_INSMOD=str(fake))
+    subprocess.run([*busybox_sh(), "-c", f". {tmp_path / 'init'}; load_modules"], env=env,
+                   cwd=tmp_path, check=True, timeout=30)
+    return log.read_text().splitlines() if log.exists() else []

@@ -26,7 +26,7 @@ from kvmpy.bed.request import BedFacts, BedRequest, BedResult, params_cmdline, p
 from kvmpy.bed.results import files_from_dir, files_from_tar, read_log, save_result
 from kvmpy.bed.testbed import Bed
 
-from bed_fakes import MODULES_DEP, busybox_sh, bzimage, fake_kernel, module_tree
+from bed_fakes import MODULES_DEP, busybox_sh, bzimage, fake_kernel, module_tree, run_init_load
 
 AMD_MISSING = "\n".join(l for l in MODULES_DEP.splitlines() if "kvm-amd" not in l) + "\n"
 INTEL_MISSING = "\n".join(l for l in MODULES_DEP.splitlines() if "kvm-intel" not in l) + "\n"
@@ -133,22 +133,11 @@ def test_bad_options_are_named_before_anything_is_fetched(guarded, argv, message
 def test_init_passes_values_with_glob_characters_and_spaces_as_one_argument(tmp_path):
     """The kernel command line from params_cmdline, parsed by the real init, a fake insmod."""
     words = params_cmdline({"kvm.name": "a b*", "kvm.glob": "*", "kvm_amd.npt": "0"})
-    (tmp_path / "cmdline").write_text(" ".join(["console=ttyS0", *words, "quiet"]) + "\n")
-    (tmp_path / "cpuinfo").write_text("flags\t\t: fpu svm\n")
-    (tmp_path / "modules").write_text("kvm.ko\nkvm-amd.ko\n")
     (tmp_path / "glob=expanded").write_text("")  # what an unquoted glob=* would turn into
-    (tmp_path / "init").write_text(initramfs.INIT_SCRIPT)
-    log = tmp_path / "insmod.log"
-    fake = tmp_path / "insmod"
-    fake.write_text(f'#!/bin/sh\nfor a; do printf "[%s]" "$a" >> {log}; done; echo >> {log}\n')
-    fake.chmod(0o755)
-    env = dict(os.environ, KVMPY_INIT_TEST="1", KVMPY_CMDLINE=str(tmp_path / "cmdline"),
-               KVMPY_CPUINFO=str(tmp_path / "cpuinfo"), KVMPY_MODLIST=str(tmp_path / "modules"),
-               KVMPY_MODDIR="/m", KVMPY_INSMOD=str(fake))
-    subprocess.run([*busybox_sh(), "-c", f". {tmp_path / 'init'}; load_modules"], env=env, cwd=tmp_path,
-                   check=True, timeout=30)
+    calls = run_init_load(tmp_path, " ".join(["console=ttyS0", *words, "quiet"]), "svm",
+                          ["kvm.ko", "kvm-amd.ko"], each_arg=True)
     # insmod joins its arguments into the string the kernel parses: the quotes keep the spaces.
-    assert log.read_text().splitlines() == ['[/m/kvm.ko][name="a b*"][glob=*]', "[/m/kvm-amd.ko][npt=0]"]
+    assert calls == ['[/m/kvm.ko][name="a b*"][glob=*]', "[/m/kvm-amd.ko][npt=0]"]
 
 
 # --- issue 13.8: result files confined to the results directory -----------------------
@@ -279,8 +268,8 @@ def test_console_facts_and_machine_facts():
     f = result.facts
     assert (f.kernel, f.cpu_model, f.vendor_module) == ("6.12.9-amd64", "AMD EPYC (QEMU TCG)", "kvm_amd")
     assert f.hugepages == {"2M": 32, "1G": 1} and f.params == result.params
-    assert f.summary() == ("qemu/tcg (max,la57=off), kernel 6.12.9-amd64, kvm_amd nested=1, "
-                           "hugepages 1G:1 2M:32")
+    assert f.summary() == ("qemu/tcg (max,la57=off), kernel 6.12.9-amd64, kvm_amd kvm_amd.nested=1 "
+                           "kvm.tdp_mmu=Y, hugepages 1G:1 2M:32")
     assert f.to_dict()["kernel_origin"] == "debian:linux-image-6.12"
 
 

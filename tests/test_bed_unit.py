@@ -18,7 +18,7 @@ from kvmpy.bed.protocol import INSIDE_RESULTS, BedError
 from kvmpy.bed.request import BedRequest, BedResult, Job
 from kvmpy.bed.testbed import Bed
 
-from bed_fakes import BUILTIN, MODULES_DEP, busybox_sh, bzimage, fake_kernel, module_tree
+from bed_fakes import BUILTIN, MODULES_DEP, busybox_sh, bzimage, fake_kernel, module_tree, run_init_load
 
 # --- module closure -------------------------------------------------------
 
@@ -101,24 +101,6 @@ def test_fetch_debian_falls_back_to_cache_without_apt(tmp_path, monkeypatch):
 
 
 # --- the init script ----------------------------------------------------------
-
-def run_init_load(tmp_path, cmdline, cpu_flags, modules):
-    """Source the real init and call load_modules with insmod replaced by a logger."""
-    (tmp_path / "cmdline").write_text(cmdline + "\n")
-    (tmp_path / "cpuinfo").write_text(f"flags\t\t: fpu {cpu_flags} sse\n")
-    (tmp_path / "modules").write_text("".join(m + "\n" for m in modules))
-    (tmp_path / "init").write_text(initramfs.INIT_SCRIPT)
-    log = tmp_path / "insmod.log"
-    fake = tmp_path / "insmod"
-    fake.write_text(f'#!/bin/sh\necho "$*" >> {log}\n')
-    fake.chmod(0o755)
-    env = dict(os.environ, KVMPY_INIT_TEST="1", KVMPY_CMDLINE=str(tmp_path / "cmdline"),
-               KVMPY_CPUINFO=str(tmp_path / "cpuinfo"), KVMPY_MODLIST=str(tmp_path / "modules"),
-               KVMPY_MODDIR="/m", KVMPY_INSMOD=str(fake))
-    subprocess.run([*busybox_sh(), "-c", f". {tmp_path / 'init'}; load_modules"], env=env,
-                   check=True, timeout=30)
-    return log.read_text().splitlines() if log.exists() else []
-
 
 MODS = ["kernel/virt/lib/irqbypass.ko", "kernel/arch/x86/kvm/kvm.ko",
         "kernel/arch/x86/kvm/kvm-amd.ko", "kernel/arch/x86/kvm/kvm-intel.ko"]

@@ -61,6 +61,11 @@ class BedRequest:
     hugepages: Mapping[str, int] = dataclasses.field(default_factory=dict)
 
 
+#: The module parameters a one-line summary shows: what decides the MMU under test.
+SUMMARY_PARAMS = ("kvm_amd.nested", "kvm_amd.npt", "kvm_intel.nested", "kvm_intel.ept",
+                  "kvm.tdp_mmu", "kvm.eager_page_split")
+
+
 @dataclasses.dataclass
 class BedFacts:
     """What the bed was: the machine (from the host) and what its kernel reported.
@@ -89,17 +94,14 @@ class BedFacts:
         return dataclasses.asdict(self)
 
     def summary(self) -> str:
-        """One line for logs and reports: machine, kernel, vendor module, pools."""
+        """One line for logs: machine, kernel, the MMU-relevant parameters, hugetlb pools."""
         machine = self.backend + (f"/{self.accel}" if self.accel else "")
         if self.cpu:
             machine += f" ({self.cpu})"
-        module = self.vendor_module or "no vendor module"
-        own = sorted((k.split(".", 1)[1], v) for k, v in self.params.items()
-                     if k.split(".", 1)[0] == self.vendor_module)
-        if own:
-            module += " " + " ".join(f"{k}={v}" for k, v in own)
+        shown = [f"{key}={self.params[key]}" for key in SUMMARY_PARAMS if key in self.params]
         pools = " ".join(f"{size}:{n}" for size, n in sorted(self.hugepages.items())) or "none"
-        return f"{machine}, kernel {self.kernel or '?'}, {module}, hugepages {pools}"
+        return (f"{machine}, kernel {self.kernel or '?'}, {self.vendor_module or 'no vendor module'}"
+                f"{' ' + ' '.join(shown) if shown else ''}, hugepages {pools}")
 
 
 @dataclasses.dataclass
