@@ -145,8 +145,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     parser = build_parser()
     args = parser.parse_args(argv)
-    for signo in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(signo, _terminate)
+    from kvmpy.selftest.runner import stop_signals
+
+    for signo in stop_signals():
+        signal.signal(signo, signal.default_int_handler if signo == signal.SIGINT else _terminate)
     try:
         return int(args.func(args) or 0)
     except UsageError as e:

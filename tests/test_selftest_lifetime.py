@@ -36,14 +36,18 @@ def test_lifetime_probe_waits():
 pytestmark = pytest.mark.skipif(bool(kvm_unusable()), reason=f"needs a usable /dev/kvm: {kvm_unusable()}")
 
 
-def _start(tmp_path: Path, *args: str) -> tuple[subprocess.Popen, int]:
-    """`kvmpy selftest` on the probe, run from ``tmp_path``; returns it and the pid of its pytest child."""
+def _start(tmp_path: Path, *args: str, sigint_ignored: bool = False) -> tuple[subprocess.Popen, int]:
+    """`kvmpy selftest` on the probe, run from ``tmp_path``; returns it and the pid of its pytest child.
+
+    ``sigint_ignored``: started as a shell starts a background job (`kvmpy selftest &` in a script).
+    """
     probe = tmp_path / "test_lifetime_probe.py"
     probe.write_text(PROBE)
     env = dict(os.environ, PYTHONPATH=str(ROOT), PROBE_DIR=str(tmp_path))
     proc = subprocess.Popen([sys.executable, "-m", "kvmpy.cli", "selftest", "-k", "lifetime_probe", *args,
                              "--", str(probe)], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+                            stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=(lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if sigint_ignored else None)
     pid_file = tmp_path / "pid"
     deadline = time.monotonic() + 120
     while not pid_file.exists() or not pid_file.read_text():
@@ -61,10 +65,12 @@ def _alive(pid: int) -> bool:
         return False
 
 
-@pytest.mark.parametrize("signo, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
-def test_stop_signal_unwinds_and_keeps_partial_results(tmp_path, signo, status):
+@pytest.mark.parametrize("signo, status, sigint_ignored", [(signal.SIGINT, 130, False), (signal.SIGTERM, 143, False),
+                                                          (signal.SIGINT, 130, True)],
+                         ids=["SIGINT", "SIGTERM", "SIGINT-background-job"])
+def test_stop_signal_unwinds_and_keeps_partial_results(tmp_path, signo, status, sigint_ignored):
     (tmp_path / "out").mkdir()
-    proc, child = _start(tmp_path, "--junit", "out/junit.xml")
+    proc, child = _start(tmp_path, "--junit", "out/junit.xml", sigint_ignored=sigint_ignored)
     proc.send_signal(signo)
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == status, out

@@ -73,7 +73,7 @@ def test_splat_between_tests_is_a_failed_row_of_its_own(pytester, monkeypatch):
             pass
         def test_b():
             pass
-    """)
+    """, known="")
     assert tests["test_a"]["outcome"] == tests["test_b"]["outcome"] == "passed"
     rows = {t["nodeid"]: t for t in data["tests"] if t["nodeid"].startswith("(kernel log")}
     # One after test_a (seen when test_b starts), one after the last test (seen at session end).

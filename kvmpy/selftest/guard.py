@@ -66,7 +66,8 @@ _saved = pytest.StashKey[dict]()
 
 def pytest_configure(config: pytest.Config) -> None:
     if threading.current_thread() is threading.main_thread():
-        config.stash[_saved] = {signo: signal.signal(signo, _unwind) for signo in _STOP_SIGNALS}
+        config.stash[_saved] = {signo: signal.signal(signo, _unwind) for signo in _STOP_SIGNALS
+                                if signal.getsignal(signo) != signal.SIG_IGN}  # nohup: leave SIGHUP ignored
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:

@@ -22,6 +22,15 @@ from kvmpy.selftest.report import RunResults, signal_name
 PYTEST_HARNESS_ERRORS = {2: "interrupted", 3: "internal error", 4: "usage error", 5: "no tests collected"}
 # Signals that stop a run: forwarded to pytest, which then unwinds (see kvmpy.selftest.guard).
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+def stop_signals() -> list[int]:
+    """The stop signals to act on: all but a SIGHUP the user ignored (``nohup``).
+
+    SIGINT counts even when a shell started us in the background with it ignored:
+    a harness asked to stop stops, with its partial results.
+    """
+    return [s for s in STOP_SIGNALS if s != signal.SIGHUP or signal.getsignal(s) != signal.SIG_IGN]
 # Seconds pytest gets to unwind after a forwarded signal (fixture teardowns, host restores).
 GRACE_SECONDS = 15.0
 
@@ -49,10 +58,15 @@ def pytest_command(results_json: str, junit: str | None, keyword: str | None,
 
 
 def _child_setup(parent: int):
-    """``preexec_fn`` of the pytest child: own process group, SIGTERM when the parent dies."""
+    """``preexec_fn`` of the pytest child: own process group, SIGTERM when the parent dies.
+
+    SIGINT gets its default back: a shell starts background jobs with it ignored, and
+    the child must see the SIGINT we forward (its own process group shields it from others).
+    """
 
     def setup() -> None:
         os.setpgid(0, 0)
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
         PR_SET_PDEATHSIG = 1
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
         if os.getppid() != parent:  # the parent died before the line above took effect
@@ -77,7 +91,7 @@ def _wait(proc: subprocess.Popen) -> tuple[int, str]:
         proc.send_signal(signal.SIGINT if signo == signal.SIGINT else signal.SIGTERM)
 
     main = threading.current_thread() is threading.main_thread()
-    saved = {signo: signal.signal(signo, forward) for signo in STOP_SIGNALS} if main else {}
+    saved = {signo: signal.signal(signo, forward) for signo in stop_signals()} if main else {}
     problem = ""
     try:
         deadline = None
