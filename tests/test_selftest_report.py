@@ -172,16 +172,18 @@ def test_kvm_unusable_names_the_cause(tmp_path):
     assert "KVM_GET_API_VERSION on /dev/null failed: ENOTTY" in guard.kvm_unusable("/dev/null")
 
 
-def test_known_issue_file_validation(tmp_path):
+@pytest.mark.parametrize("entry, error", [
+    ('test = "x"\nreason = "r"\n', "lacks evidence"),
+    ('test = "x"\nreason = "r"\nevidence = "e"\nmodul = "kvm_pvm"\n', "unknown keys"),
+    ('test = "x"\nreason = "r"\nevidence = "e"\nintermittent = "yes"\n', "true or false"),
+    ('test = "x"\nreason = "r"\nevidence = "e"\nsplats = "^WARNING"\n', "list of regexes"),
+    ('test = "x"\nreason = "r"\nevidence = "e"\nsplats = ["(unclosed"]\n', "bad regex"),
+    ('test = "x"\nreason = "r"\nevidence = "e"\nmatch = "[a-"\n', "bad regex"),
+])
+def test_known_issue_file_validation(tmp_path, entry, error):
     f = tmp_path / "k.toml"
-    f.write_text('[[issue]]\ntest = "x"\nreason = "r"\n')
-    with pytest.raises(known_issues.KnownIssueFileError, match="lacks evidence"):
-        known_issues.load(f)
-    f.write_text('[[issue]]\ntest = "x"\nreason = "r"\nevidence = "e"\nmodul = "kvm_pvm"\n')
-    with pytest.raises(known_issues.KnownIssueFileError, match="unknown keys"):
-        known_issues.load(f)
-    f.write_text('[[issue]]\ntest = "x"\nreason = "r"\nevidence = "e"\nintermittent = "yes"\n')
-    with pytest.raises(known_issues.KnownIssueFileError, match="true or false"):
+    f.write_text("[[issue]]\n" + entry)
+    with pytest.raises(known_issues.KnownIssueFileError, match=error):
         known_issues.load(f)
 
 

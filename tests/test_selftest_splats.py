@@ -125,14 +125,8 @@ def test_known_issue_names_its_splat_in_that_test_only(pytester, monkeypatch):
     assert data["exitstatus"] == 1
 
 
-def test_known_issue_splats_field_is_validated(tmp_path):
+def test_known_issue_splat_patterns(tmp_path):
     f = tmp_path / "k.toml"
-    f.write_text('[[issue]]\ntest = "x"\nreason = "r"\nevidence = "e"\nsplats = "^WARNING"\n')
-    with pytest.raises(known_issues.KnownIssueFileError, match="list of regexes"):
-        known_issues.load(f)
-    f.write_text('[[issue]]\ntest = "x"\nreason = "r"\nevidence = "e"\nsplats = ["(unclosed"]\n')
-    with pytest.raises(known_issues.KnownIssueFileError, match="bad regex"):
-        known_issues.load(f)
     f.write_text(KNOWN)
     (k,) = known_issues.load(f)
     first = RING_WARN[1].split(";", 1)[1]
