@@ -142,11 +142,10 @@ def _terminate(signo: int, _frame) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     from kvmpy.selftest.report import EXIT_NOT_TESTED, exit_for_signal, signal_name
+    from kvmpy.selftest.runner import stop_signals
 
     parser = build_parser()
     args = parser.parse_args(argv)
-    from kvmpy.selftest.runner import stop_signals
-
     for signo in stop_signals():
         signal.signal(signo, signal.default_int_handler if signo == signal.SIGINT else _terminate)
     try:

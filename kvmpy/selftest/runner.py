@@ -33,6 +33,8 @@ def stop_signals() -> list[int]:
     return [s for s in STOP_SIGNALS if s != signal.SIGHUP or signal.getsignal(s) != signal.SIG_IGN]
 # Seconds pytest gets to unwind after a forwarded signal (fixture teardowns, host restores).
 GRACE_SECONDS = 15.0
+# Seconds to wait, once pytest has exited, for the end of its results.
+RESULTS_WAIT_SECONDS = 10.0
 
 
 def selftests_dir() -> Path:
@@ -134,13 +136,16 @@ def run_host(junit: str | None = None, keyword: str | None = None, extra: list[s
     reader = threading.Thread(target=_read_all, args=(read_end, chunks), daemon=True)
     reader.start()
     signo, problem = _wait(proc)
-    reader.join()
-    raw = b"".join(chunks).decode()
-    if not raw:
+    reader.join(timeout=RESULTS_WAIT_SECONDS)  # a process pytest left behind may still hold the pipe
+    raw = b"".join(chunks).decode(errors="replace")
+    try:
+        run = RunResults.from_json(config, raw) if raw else None
+    except ValueError as e:
+        run, problem = None, problem or f"pytest's results are unreadable ({e})"
+    if run is None:
         how = f"killed by {signal_name(-proc.returncode)}" if proc.returncode < 0 else "see output above"
         return RunResults(config, exitstatus=proc.returncode, interrupted=signo,
                           harness_error=problem or f"pytest exited {proc.returncode} without results ({how})")
-    run = RunResults.from_json(config, raw)
     run.interrupted = signo
     if problem:
         run.harness_error = problem
@@ -150,5 +155,12 @@ def run_host(junit: str | None = None, keyword: str | None = None, extra: list[s
 
 
 def _read_all(fd: int, chunks: list[bytes]) -> None:
-    with os.fdopen(fd, "rb") as f:
-        chunks.append(f.read())
+    # Chunk by chunk: what arrived is there even if the pipe never reaches EOF.
+    try:
+        while True:
+            data = os.read(fd, 65536)
+            if not data:
+                break
+            chunks.append(data)
+    finally:
+        os.close(fd)
