@@ -5,6 +5,7 @@ import argparse
 import json
 import signal
 import sys
+from pathlib import Path
 from typing import Sequence
 
 
@@ -22,31 +23,71 @@ def _cmd_info(args: argparse.Namespace) -> int:
 def _add_selftest(sub) -> None:
     p = sub.add_parser("selftest", help="run the KVM selftest suite and print its report",
                        description="Run kvmpy's selftests against this host's KVM (or inside the test bed) "
-                                   "and print one table. Exit 0: all passed or skipped with a reason; "
-                                   "1: a failure; 2: harness error.")
+                                   "and print one table. Exit 0: tested, and everything passed, skipped with "
+                                   "a reason or failed as a listed known issue; 1: a failure or an unexplained "
+                                   "kernel splat; 2: not tested (no usable /dev/kvm), harness or usage error; "
+                                   "128+N: stopped by signal N (130 Ctrl-C, 143 SIGTERM), partial results.")
     p.add_argument("-k", dest="keyword", help="only tests matching this pytest -k expression")
-    p.add_argument("--junit", metavar="FILE", help="write JUnit XML here")
+    p.add_argument("--junit", metavar="FILE", help="write JUnit XML here (relative to the current directory; "
+                                                   "its directory must exist)")
     p.add_argument("--ktap", action="store_true", help="print KTAP instead of the table")
     p.add_argument("--json", action="store_true", help="print the report as JSON instead of the table")
     p.add_argument("--bed", action="store_true", help="run inside the nested test bed instead of on this host")
-    p.add_argument("--matrix", action="store_true", help="with --bed: once per module-parameter configuration")
-    p.add_argument("--kernel", help="with --bed: a bzImage to boot (your patched kernel)")
-    p.add_argument("--modules", help="with --bed --kernel: the matching modules directory (lib/modules/VERSION)")
-    p.add_argument("--kernel-version", help="with --bed: Debian kernel line to fetch (6.12 or 6.1)")
-    p.add_argument("--backend", choices=["qemu", "bochs"], help="with --bed: machine backend (default qemu)")
-    p.add_argument("--accel", choices=["tcg", "kvm"], default="tcg",
-                   help="with --bed and QEMU: kvm where the host has nested virtualization (default tcg)")
-    p.add_argument("--param", action="append", default=[], metavar="MODULE.PARAM=VALUE",
-                   help="with --bed: a module parameter (repeatable)")
-    p.add_argument("--timeout", type=float, help="with --bed: seconds per boot")
+    bed = p.add_argument_group("test bed options (need --bed)")
+    bed_only = [
+        bed.add_argument("--matrix", action="store_true", help="once per module-parameter configuration"),
+        bed.add_argument("--kernel", help="a bzImage to boot (your patched kernel)"),
+        bed.add_argument("--modules", help="with --kernel: the matching modules directory (lib/modules/VERSION)"),
+        bed.add_argument("--kernel-version", help="Debian kernel line to fetch (6.12 or 6.1)"),
+        bed.add_argument("--backend", choices=["qemu", "bochs"], help="machine backend (default qemu)"),
+        bed.add_argument("--accel", choices=["tcg", "kvm"],
+                         help="with QEMU: kvm where the host has nested virtualization (default tcg)"),
+        bed.add_argument("--param", action="append", metavar="MODULE.PARAM=VALUE",
+                         help="a module parameter (repeatable)"),
+        bed.add_argument("--timeout", type=float, help="seconds per boot"),
+    ]
     p.add_argument("pytest_args", nargs="*", help="extra pytest arguments (after --)")
-    p.set_defaults(func=_cmd_selftest)
+    p.set_defaults(func=_cmd_selftest, bed_only=bed_only)
+
+
+class UsageError(Exception):
+    """Bad command-line input, found before anything ran (exit 2)."""
+
+
+def _check_selftest_args(args: argparse.Namespace) -> None:
+    """Reject what would be silently ignored; resolve --junit against the user's directory."""
+    if not args.bed:
+        given = [a.option_strings[0] for a in args.bed_only if getattr(args, a.dest) not in (None, False)]
+        if given:
+            raise UsageError(f"{', '.join(given)}: test bed option{'s' if len(given) > 1 else ''}, "
+                             f"ignored without --bed (add --bed, or drop {'them' if len(given) > 1 else 'it'})")
+    args.accel = args.accel or "tcg"
+    args.param = args.param or []
+    if args.junit:
+        args.junit = str(_writable_file(args.junit, "--junit"))
+
+
+def _writable_file(text: str, option: str) -> Path:
+    """``text`` as an absolute path that can be written now, or UsageError saying why not."""
+    path = Path(text).expanduser().absolute()
+    if not path.parent.is_dir():
+        raise UsageError(f"{option} {text}: directory {path.parent} does not exist")
+    existed = path.exists()
+    try:
+        with open(path, "a"):
+            pass
+    except OSError as e:
+        raise UsageError(f"{option} {text}: cannot write {path}: {e.strerror}") from None
+    if not existed:
+        path.unlink()
+    return path
 
 
 def _cmd_selftest(args: argparse.Namespace) -> int:
     from kvmpy import hostinfo
     from kvmpy.selftest import report, runner
 
+    _check_selftest_args(args)
     facts = hostinfo.gather(probe=True)
     header = facts.to_dict()
     machine = args.json or args.ktap
@@ -58,8 +99,6 @@ def _cmd_selftest(args: argparse.Namespace) -> int:
 
         runs = bed_runner.run(args, quiet=machine)
     else:
-        if facts.error and not machine:
-            print(f"note: {facts.error}; every selftest will skip", flush=True)
         runs = [runner.run_host(args.junit, args.keyword, args.pytest_args,
                                 config=f"host {facts.vendor_module or ''}".strip(), machine_output=machine)]
     if args.json:
@@ -89,22 +128,35 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _Stopped(KeyboardInterrupt):
+    def __init__(self, signo: int) -> None:
+        super().__init__(f"signal {signo}")
+        self.signo = signo
+
+
 def _terminate(signo: int, _frame) -> None:
     # SIGTERM/SIGHUP unwind like Ctrl-C, so every finally (QEMU kill, module
     # parameter restore, temp dirs) runs before the process goes.
-    raise KeyboardInterrupt(f"signal {signo}")
+    raise _Stopped(signo)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from kvmpy.selftest.report import EXIT_NOT_TESTED, exit_for_signal, signal_name
+    from kvmpy.selftest.runner import stop_signals
+
     parser = build_parser()
     args = parser.parse_args(argv)
-    for signo in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(signo, _terminate)
+    for signo in stop_signals():
+        signal.signal(signo, signal.default_int_handler if signo == signal.SIGINT else _terminate)
     try:
         return int(args.func(args) or 0)
-    except KeyboardInterrupt:
-        print("kvmpy: interrupted", file=sys.stderr)
-        return 130
+    except UsageError as e:
+        print(f"kvmpy {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_NOT_TESTED
+    except KeyboardInterrupt as e:
+        signo = e.signo if isinstance(e, _Stopped) else signal.SIGINT
+        print(f"kvmpy: interrupted by {signal_name(signo)}", file=sys.stderr)
+        return exit_for_signal(signo)
 
 
 if __name__ == "__main__":

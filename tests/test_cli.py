@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -50,3 +52,58 @@ def test_selftest_no_match_is_a_harness_error():
     data = json.loads(p.stdout)
     assert p.returncode == 2
     assert "no tests collected" in data["runs"][0]["harness_error"]
+
+
+BED_ONLY = [["--kernel", "bzImage"], ["--modules", "lib/modules/6.12"], ["--kernel-version", "6.12"],
+            ["--matrix"], ["--backend", "qemu"], ["--accel", "tcg"], ["--param", "kvm.tdp_mmu=0"],
+            ["--timeout", "60"]]
+
+
+@pytest.mark.parametrize("flag", BED_ONLY, ids=lambda f: f[0])
+def test_bed_only_flag_without_bed_is_a_usage_error(flag):
+    # Without the check the suite would run on the host, ignoring the flag, and pass.
+    p = kvmpy("selftest", *flag, "-k", "test_hello_syncs")
+    assert p.returncode == 2, p.stdout + p.stderr
+    assert f"{flag[0]}: test bed option, ignored without --bed" in p.stderr
+    assert "test_hello_syncs" not in p.stdout  # nothing ran
+
+
+def test_junit_in_a_missing_directory_is_a_usage_error(tmp_path):
+    target = tmp_path / "missing" / "junit.xml"
+    p = kvmpy("selftest", "--junit", str(target), "-k", "test_hello_syncs")
+    assert p.returncode == 2, p.stdout + p.stderr
+    assert f"directory {target.parent} does not exist" in p.stderr
+    assert not target.parent.exists()  # not created behind the user's back
+    assert "test_hello_syncs" not in p.stdout
+
+
+def test_junit_that_cannot_be_written_is_a_usage_error(tmp_path):
+    p = kvmpy("selftest", "--junit", str(tmp_path), "-k", "test_hello_syncs")  # a directory
+    assert p.returncode == 2, p.stdout + p.stderr
+    assert f"cannot write {tmp_path}: Is a directory" in p.stderr
+
+
+# /dev as `kvmpy selftest` may find it, set up in a private mount namespace (needs root and unshare).
+NO_KVM = {
+    "absent": ("mount -t tmpfs none /dev && mknod -m 666 /dev/null c 1 3", "",
+               "/dev/kvm does not exist: KVM is not available on this host"),
+    "not-kvm": ("mount --bind /dev/null /dev/kvm", "",
+                "KVM_GET_API_VERSION on /dev/kvm failed: ENOTTY"),
+    "no-permission": ("mount -t tmpfs none /dev && mknod -m 666 /dev/null c 1 3 && mknod -m 000 /dev/kvm c 10 232",
+                      "setpriv --inh-caps=-all --bounding-set=-all",
+                      "/dev/kvm: permission denied"),
+}
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("unshare") or not shutil.which("setpriv"),
+                    reason="needs root, unshare and setpriv to hide /dev/kvm in a mount namespace")
+@pytest.mark.parametrize("keyword", [None, "test_hello_syncs or test_dirty_log"], ids=["all", "-k"])
+@pytest.mark.parametrize("case", list(NO_KVM))
+def test_no_usable_kvm_is_not_tested(case, keyword):
+    setup, wrap, cause = NO_KVM[case]
+    cmd = f"{shlex.quote(sys.executable)} -m kvmpy.cli selftest" + (f" -k {shlex.quote(keyword)}" if keyword else "")
+    p = subprocess.run(["unshare", "-m", "sh", "-c", f"{setup} && exec {wrap} {cmd}"], capture_output=True,
+                       text=True, timeout=300, env=dict(os.environ, PYTHONPATH=str(ROOT)), cwd=str(ROOT))
+    assert p.returncode == 2, p.stdout + p.stderr
+    assert f"NOT TESTED  not tested: {cause}" in p.stdout
+    assert p.stdout.splitlines()[-1].startswith("NOT TESTED: 0 passed, 0 failed, 0 skipped")

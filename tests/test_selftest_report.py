@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import json
+import signal
 from pathlib import Path
 
 import pytest
 
-from kvmpy.selftest import known_issues
+from kvmpy.selftest import guard, known_issues
 from kvmpy.selftest.report import RunResults, exit_status, format_ktap, format_table
 
 SAMPLE = '''
@@ -118,18 +119,71 @@ def test_exit_status_rules():
     assert exit_status([ok, RunResults("d", harness_error="pytest: no tests collected (exit 5)")]) == 2
     assert exit_status([RunResults("e", [{"nodeid": "x", "outcome": "xpassed"}])]) == 1
     assert exit_status([RunResults("e", [{"nodeid": "x", "outcome": "skipped", "reason": ""}])]) == 1
+    # Nothing tested is never green, even next to a green run.
+    not_tested = RunResults("f", [{"nodeid": "(not tested)", "outcome": "not-tested", "reason": "no /dev/kvm"}])
+    assert exit_status([ok, not_tested]) == 2
+    # A stopped run's partial results: 128 + the signal, whatever they say.
+    stopped = RunResults("g", [{"nodeid": "a", "outcome": "failed"}], interrupted=signal.SIGTERM)
+    assert exit_status([ok, stopped]) == 143
+    assert exit_status([RunResults("h", interrupted=signal.SIGINT)]) == 130
 
 
-def test_known_issue_file_validation(tmp_path):
+def test_report_of_a_stopped_run():
+    run = RunResults("host", [{"nodeid": "a", "outcome": "passed"},
+                              {"nodeid": "b", "outcome": "interrupted", "reason": "the run was stopped during this test"}],
+                     interrupted=signal.SIGINT, collected=96)
+    table = format_table([run], width=200)
+    assert "INTERRUPTED  stopped by SIGINT after 1 of 96 tests: the results are partial" in table
+    assert table.splitlines()[-1] == "1 passed, 0 failed, 0 skipped (1 interrupted)"
+    ktap = format_ktap([run]).splitlines()
+    assert ktap[1] == "1..3" and ktap[2].startswith("not ok 1 harness host # stopped by SIGINT")
+
+
+def test_not_tested_report():
+    run = RunResults("host", [{"nodeid": "(not tested)", "outcome": "not-tested",
+                               "reason": "not tested: /dev/kvm does not exist"}])
+    table = format_table([run], width=200)
+    assert "NOT TESTED  not tested: /dev/kvm does not exist" in table
+    assert table.splitlines()[-1].startswith("NOT TESTED: 0 passed, 0 failed, 0 skipped")
+
+
+def test_a_test_stopped_midway_is_not_recorded_as_passed(pytester, monkeypatch):
+    # Before: its passing setup made it "passed" although its call never finished.
+    pytester.makepyfile(test_stop="""
+        import pytest
+        def test_done():
+            pass
+        def test_stopped():
+            raise KeyboardInterrupt
+        def test_never_ran():
+            pass
+    """)
+    monkeypatch.setenv("PYTHONPATH", str(Path(__file__).resolve().parent.parent))
+    out = pytester.path / "results.json"
+    pytester.runpytest_subprocess("-p", "kvmpy.selftest.results", f"--kvmpy-results={out}")
+    data = json.loads(out.read_text())
+    tests = {t["nodeid"].split("::")[-1]: t["outcome"] for t in data["tests"]}
+    assert tests == {"test_done": "passed", "test_stopped": "interrupted"}
+    assert data["collected"] == 3 and data["exitstatus"] == 2
+
+
+def test_kvm_unusable_names_the_cause(tmp_path):
+    assert "does not exist" in guard.kvm_unusable(str(tmp_path / "kvm"))
+    assert "KVM_GET_API_VERSION on /dev/null failed: ENOTTY" in guard.kvm_unusable("/dev/null")
+
+
+@pytest.mark.parametrize("entry, error", [
+    ('test = "x"\nreason = "r"\n', "lacks evidence"),
+    ('test = "x"\nreason = "r"\nevidence = "e"\nmodul = "kvm_pvm"\n', "unknown keys"),
+    ('test = "x"\nreason = "r"\nevidence = "e"\nintermittent = "yes"\n', "true or false"),
+    ('test = "x"\nreason = "r"\nevidence = "e"\nsplats = "^WARNING"\n', "list of regexes"),
+    ('test = "x"\nreason = "r"\nevidence = "e"\nsplats = ["(unclosed"]\n', "bad regex"),
+    ('test = "x"\nreason = "r"\nevidence = "e"\nmatch = "[a-"\n', "bad regex"),
+])
+def test_known_issue_file_validation(tmp_path, entry, error):
     f = tmp_path / "k.toml"
-    f.write_text('[[issue]]\ntest = "x"\nreason = "r"\n')
-    with pytest.raises(known_issues.KnownIssueFileError, match="lacks evidence"):
-        known_issues.load(f)
-    f.write_text('[[issue]]\ntest = "x"\nreason = "r"\nevidence = "e"\nmodul = "kvm_pvm"\n')
-    with pytest.raises(known_issues.KnownIssueFileError, match="unknown keys"):
-        known_issues.load(f)
-    f.write_text('[[issue]]\ntest = "x"\nreason = "r"\nevidence = "e"\nintermittent = "yes"\n')
-    with pytest.raises(known_issues.KnownIssueFileError, match="true or false"):
+    f.write_text("[[issue]]\n" + entry)
+    with pytest.raises(known_issues.KnownIssueFileError, match=error):
         known_issues.load(f)
 
 

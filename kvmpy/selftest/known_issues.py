@@ -6,6 +6,12 @@ on the pytest node id), the kernels it applies to (``kernel_release`` fnmatch on
 justified it. On a matching host the test still runs: a failure is reported as
 an expected failure with that reason, and a pass fails loudly (strict xfail), so
 a fixed kernel or a broken test never hides behind the list.
+
+An entry may also name the kernel splats that are the same defect's signature
+(``splats``: regexes searched in the splat's quote, ``^`` anchoring its first
+line). The splat watch (kvmpy.selftest.splat) leaves such a splat, in that test's
+call only, to this plugin: it counts as the issue reproducing. Any other splat
+fails the test whatever the known issue says.
 """
 from __future__ import annotations
 
@@ -39,6 +45,8 @@ class KnownIssue:
     # A race that does not show on every run (the evidence must say how often):
     # a pass is then reported as "known issue absent", loudly but not as a failure.
     intermittent: bool = False
+    # Regexes of the kernel splats this defect logs (searched in the splat's quote).
+    splats: tuple[str, ...] = ()
 
     def applies_to_host(self, release: str | None = None, modules: set[str] | None = None) -> bool:
         release = release if release is not None else platform.release()
@@ -54,6 +62,9 @@ class KnownIssue:
         # '[' is literal (parametrize ids use it); only '*' and '?' are wildcards.
         pat = self.test.replace("[", "[[]")
         return fnmatch.fnmatchcase(nodeid, pat) or fnmatch.fnmatchcase(nodeid, "*/" + pat)
+
+    def explains_splat(self, splat: str) -> bool:
+        return any(re.search(pattern, splat) for pattern in self.splats)
 
     def describe(self) -> str:
         where = f"kernel {self.kernel_release}" + (f" with {self.module}" if self.module else "")
@@ -75,12 +86,22 @@ def load(path: Path) -> list[KnownIssue]:
         missing = [k for k in ("test", "reason", "evidence") if not str(raw.get(k, "")).strip()]
         if missing:
             raise KnownIssueFileError(f"{path}: entry {i + 1} lacks {', '.join(missing)}")
-        unknown = set(raw) - {"test", "reason", "evidence", "kernel_release", "module", "match", "intermittent"}
+        unknown = set(raw) - {"test", "reason", "evidence", "kernel_release", "module", "match", "intermittent",
+                              "splats"}
         if unknown:
             raise KnownIssueFileError(f"{path}: entry {i + 1} has unknown keys {sorted(unknown)}")
         if not isinstance(raw.get("intermittent", False), bool):
             raise KnownIssueFileError(f"{path}: entry {i + 1}: intermittent must be true or false")
-        out.append(KnownIssue(**{k: v if k == "intermittent" else str(v) for k, v in raw.items()}))
+        splats = raw.get("splats", [])
+        if not isinstance(splats, list) or not all(isinstance(x, str) and x for x in splats):
+            raise KnownIssueFileError(f"{path}: entry {i + 1}: splats must be a list of regexes")
+        for pattern in [raw.get("match", "")] + splats:
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise KnownIssueFileError(f"{path}: entry {i + 1}: bad regex {pattern!r}: {e}") from None
+        fields = {k: str(v) for k, v in raw.items() if k not in ("intermittent", "splats")}
+        out.append(KnownIssue(**fields, intermittent=raw.get("intermittent", False), splats=tuple(splats)))
     return out
 
 
@@ -110,15 +131,28 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 _KEY = pytest.StashKey[KnownIssue]()
+# Report user property set by the splat watch, one per splat: (first line, explained by the known issue).
+SPLAT_PROPERTY = "kernel_splat"
 
 
-@pytest.hookimpl(hookwrapper=True)
+def explains_splat(item: pytest.Item, splat: str) -> bool:
+    """Whether ``item``'s known issue (if any applies on this host) names ``splat``."""
+    k = item.stash.get(_KEY, None)
+    return k is not None and k.explains_splat(splat)
+
+
+# tryfirst: the outermost wrapper, so it decides after the splat watch has looked at the kernel log.
+@pytest.hookimpl(hookwrapper=True, tryfirst=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
     outcome = yield
     k = item.stash.get(_KEY, None)
     if k is None or call.when != "call":
         return
     rep = outcome.get_result()
+    splats = [v for key, v in rep.user_properties if key == SPLAT_PROPERTY]
+    if any(not explained for _, explained in splats):
+        return  # a splat the entry does not name: a real failure, whatever else happened
+    shown = "".join(f"; its kernel splat: {first}" for first, _ in splats)
     if rep.failed:
         text = rep.longreprtext
         if k.match and not re.search(k.match, text):
@@ -126,7 +160,11 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
                                                 f"{k.match!r}, so it is reported as a real failure"))
             return
         rep.outcome = "skipped"
-        rep.wasxfail = k.describe()
+        rep.wasxfail = k.describe() + shown
+    elif splats:
+        # The test's checks held, but the kernel logged this defect's signature: it reproduced.
+        rep.outcome = "skipped"
+        rep.wasxfail = k.describe() + shown
     elif rep.passed and k.intermittent:
         rep.user_properties.append(("known_issue_absent", f"did not reproduce this run: {k.describe()}"))
     elif rep.passed:

@@ -3,14 +3,36 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import textwrap
 from dataclasses import dataclass, field
 
+# The exit status of `kvmpy selftest` (see exit_status()).
+EXIT_OK = 0            # tested, and everything behaved as expected (or as already known)
+EXIT_FAILED = 1        # a test failed, or the kernel logged a splat nothing explains
+EXIT_NOT_TESTED = 2    # nothing (or not what was asked) was tested: no usable KVM, harness or usage error
+EXIT_SIGNAL_BASE = 128  # stopped by signal N: 128 + N (130 SIGINT, 143 SIGTERM)
+
 # Outcomes that make `kvmpy selftest` exit 1.
 FAILING = {"failed", "error", "xpassed"}
+# The outcome of the row that says the run tested nothing (kvmpy.selftest.guard).
+NOT_TESTED = "not-tested"
 RESULT_LABEL = {"passed": "PASS", "failed": "FAIL", "error": "ERROR", "skipped": "SKIP",
                 "xfailed": "XFAIL(known)", "xpassed": "XPASS(strict)",
-                "known-absent": "PASS(known issue absent)"}
+                "known-absent": "PASS(known issue absent)", NOT_TESTED: "NOT TESTED",
+                "interrupted": "INTERRUPTED"}
+
+
+def signal_name(signo: int) -> str:
+    try:
+        return signal.Signals(signo).name
+    except ValueError:
+        return f"signal {signo}"
+
+
+def exit_for_signal(signo: int) -> int:
+    """The exit status of a run stopped by ``signo``."""
+    return EXIT_SIGNAL_BASE + signo
 
 
 @dataclass
@@ -22,11 +44,16 @@ class RunResults:
     exitstatus: int | None = None
     harness_error: str = ""
     seconds: float = 0.0
+    # The signal that stopped the run (its tests are the partial results); 0 if it ran to the end.
+    interrupted: int = 0
+    # Tests pytest collected (selected by -k); more than len(tests) when the run was stopped.
+    collected: int | None = None
 
     @classmethod
     def from_json(cls, config: str, text: str) -> "RunResults":
         data = json.loads(text)
-        return cls(config, data.get("tests", []), data.get("exitstatus"), seconds=data.get("seconds", 0.0))
+        return cls(config, data.get("tests", []), data.get("exitstatus"), seconds=data.get("seconds", 0.0),
+                   collected=data.get("collected"))
 
     def counts(self) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -36,14 +63,31 @@ class RunResults:
 
 
 def exit_status(runs: list[RunResults]) -> int:
-    """0: all passed or skipped with a reason; 1: any failure; 2: harness error."""
-    if any(r.harness_error for r in runs):
-        return 2
+    """The one rule for `kvmpy selftest`'s exit status, first match wins.
+
+    128+N: stopped by signal N (the results are partial); 2: not tested (no usable
+    KVM) or a harness error; 1: a failure, an unexplained kernel splat, a strict
+    known issue that did not reproduce, or a skip without a reason; 0 otherwise.
+    """
+    for r in runs:
+        if r.interrupted:
+            return exit_for_signal(r.interrupted)
+    if any(r.harness_error for r in runs) or any(t["outcome"] == NOT_TESTED for r in runs for t in r.tests):
+        return EXIT_NOT_TESTED
     if any(t["outcome"] in FAILING for r in runs for t in r.tests):
-        return 1
+        return EXIT_FAILED
     if any(t["outcome"] == "skipped" and not t.get("reason") for r in runs for t in r.tests):
-        return 1  # a skip without a reason hides something
-    return 0
+        return EXIT_FAILED  # a skip without a reason hides something
+    return EXIT_OK
+
+
+def stop_note(r: RunResults) -> str:
+    """Why ``r``'s results are partial, or ''."""
+    if not r.interrupted:
+        return ""
+    ran = sum(1 for t in r.tests if t["outcome"] not in ("interrupted", NOT_TESTED))
+    of = f" of {r.collected}" if r.collected is not None else ""
+    return f"stopped by {signal_name(r.interrupted)} after {ran}{of} tests: the results are partial"
 
 
 def _short_id(nodeid: str) -> str:
@@ -61,6 +105,8 @@ def format_table(runs: list[RunResults], width: int | None = None) -> str:
     for r in runs:
         if r.harness_error:
             rows.append(("(harness)", r.config, "ERROR", r.harness_error, ""))
+        if r.interrupted:
+            rows.append(("(run)", r.config, "INTERRUPTED", stop_note(r), ""))
         for t in r.tests:
             rows.append((_short_id(t["nodeid"]), r.config, RESULT_LABEL.get(t["outcome"], t["outcome"]),
                          t.get("reason", "") or "", _fmt_stats(t.get("stats", {}))))
@@ -88,23 +134,27 @@ def format_table(runs: list[RunResults], width: int | None = None) -> str:
 
 
 def summary_line(totals: dict[str, int]) -> str:
-    """'N passed, N failed, N skipped' plus xfail/xpass/error counts when present."""
+    """'N passed, N failed, N skipped' plus xfail/xpass/error counts when present.
+
+    A run that tested nothing says so first: 0 failures is not a pass there.
+    """
     s = f"{totals.get('passed', 0) + totals.get('known-absent', 0)} passed, {totals.get('failed', 0) + totals.get('error', 0) + totals.get('xpassed', 0)} failed, {totals.get('skipped', 0)} skipped"
-    extra = [f"{totals[k]} {k}" for k in ("xfailed", "xpassed", "error") if totals.get(k)]
+    extra = [f"{totals[k]} {k}" for k in ("xfailed", "xpassed", "error", "interrupted") if totals.get(k)]
     if totals.get("known-absent"):
         extra.append(f"{totals['known-absent']} intermittent known issue absent")
-    return s + (f" ({', '.join(extra)})" if extra else "")
+    s += f" ({', '.join(extra)})" if extra else ""
+    return f"NOT TESTED: {s}" if totals.get(NOT_TESTED) else s
 
 
 def format_ktap(runs: list[RunResults]) -> str:
     """KTAP v1: one line per test and configuration, SKIP/XFAIL directives with reasons."""
     entries = [(r.config, t) for r in runs for t in r.tests]
-    out = ["KTAP version 1", f"1..{len(entries) + sum(1 for r in runs if r.harness_error)}"]
+    notes = [(r.config, r.harness_error or stop_note(r)) for r in runs if r.harness_error or r.interrupted]
+    out = ["KTAP version 1", f"1..{len(entries) + len(notes)}"]
     n = 0
-    for r in runs:
-        if r.harness_error:
-            n += 1
-            out.append(f"not ok {n} harness {r.config} # {r.harness_error}")
+    for config, note in notes:
+        n += 1
+        out.append(f"not ok {n} harness {config} # {note}")
     for config, t in entries:
         n += 1
         name = f"{_short_id(t['nodeid'])} {config}".replace("#", "")
@@ -128,5 +178,6 @@ def to_json(header: dict, runs: list[RunResults]) -> str:
         "host": header,
         "exit_status": exit_status(runs),
         "runs": [{"config": r.config, "exitstatus": r.exitstatus, "harness_error": r.harness_error,
-                  "seconds": r.seconds, "tests": r.tests} for r in runs],
+                  "interrupted": signal_name(r.interrupted) if r.interrupted else "",
+                  "collected": r.collected, "seconds": r.seconds, "tests": r.tests} for r in runs],
     }, indent=1)

@@ -12,6 +12,8 @@ import time
 import pytest
 
 RESULTS_OPTION = "--kvmpy-results"
+# A row's user property that sets its recorded outcome (e.g. report.NOT_TESTED).
+OUTCOME_PROPERTY = "kvmpy_outcome"
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -29,6 +31,18 @@ def kvmpy_stats(request: pytest.FixtureRequest):
     return record
 
 
+def report_session_row(config: pytest.Config, name: str, text: str, outcome: str = "failed") -> None:
+    """Report a failure that belongs to no test: a kernel splat between tests, a run that tested nothing.
+
+    It goes through pytest's own report hook, so the terminal, ``--junitxml`` and the
+    results JSON all show it as a failed row named ``name`` (reason: ``text``'s first
+    line), and pytest counts it. ``outcome`` is the outcome the results JSON records.
+    """
+    report = pytest.TestReport(nodeid=name, location=(name, None, name), keywords={}, outcome="failed",
+                               longrepr=text, when="call", user_properties=[(OUTCOME_PROPERTY, outcome)])
+    config.hook.pytest_runtest_logreport(report=report)
+
+
 def _first_line(text: str) -> str:
     for line in text.splitlines():
         line = line.strip()
@@ -44,8 +58,9 @@ class _Recorder:
         self.started = time.time()
 
     def _entry(self, report: pytest.TestReport) -> dict:
+        # The outcome stays "" until a phase decides it: a test stopped mid-call has none.
         return self.tests.setdefault(report.nodeid, {
-            "nodeid": report.nodeid, "outcome": "passed", "reason": "", "duration": 0.0, "stats": {},
+            "nodeid": report.nodeid, "outcome": "", "reason": "", "duration": 0.0, "stats": {},
         })
 
     @pytest.hookimpl(trylast=True)
@@ -58,7 +73,7 @@ class _Recorder:
         if report.skipped:
             if hasattr(report, "wasxfail"):
                 e["outcome"], e["reason"] = "xfailed", report.wasxfail
-            elif e["outcome"] == "passed":
+            elif e["outcome"] in ("", "passed"):
                 reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
                 e["outcome"], e["reason"] = "skipped", reason.removeprefix("Skipped: ")
         elif report.failed:
@@ -72,19 +87,31 @@ class _Recorder:
                 e["reason"] = _first_line(msg or report.longreprtext)
                 if report.when != "call":
                     e["reason"] = f"{report.when}: {e['reason']}"
+                override = [v for k, v in report.user_properties if k == OUTCOME_PROPERTY]
+                if override:
+                    e["outcome"] = override[0]
         elif report.passed and hasattr(report, "wasxfail") and report.when == "call":
             e["outcome"], e["reason"] = "xpassed", report.wasxfail
         elif report.passed and report.when == "call":
             absent = [v for k, v in report.user_properties if k == "known_issue_absent"]
             if absent:
                 e["outcome"], e["reason"] = "known-absent", absent[0]
+            else:
+                e["outcome"] = "passed"
 
+    @pytest.hookimpl(trylast=True)  # after the rows other plugins report at session end
     def pytest_sessionfinish(self, session: pytest.Session, exitstatus: int) -> None:
-        data = {"exitstatus": int(exitstatus), "seconds": round(time.time() - self.started, 2),
-                "tests": list(self.tests.values())}
-        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-        with open(self.path, "w") as f:
-            json.dump(data, f, indent=1)
+        for e in self.tests.values():
+            if not e["outcome"]:
+                e["outcome"], e["reason"] = "interrupted", "the run was stopped during this test"
+        data = {"exitstatus": int(session.exitstatus), "seconds": round(time.time() - self.started, 2),
+                "collected": session.testscollected, "tests": list(self.tests.values())}
+        try:
+            os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+            with open(self.path, "w") as f:
+                json.dump(data, f, indent=1)
+        except BrokenPipeError:
+            pass  # `kvmpy selftest` reads them through a pipe and has died: nobody is left to tell
 
 
 def pytest_configure(config: pytest.Config) -> None:

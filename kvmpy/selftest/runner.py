@@ -1,16 +1,40 @@
-"""`kvmpy selftest`: run the packaged selftests through pytest and build the report."""
+"""`kvmpy selftest`: run the packaged selftests through pytest and build the report.
+
+The host run's pytest is a child that lives no longer than `kvmpy selftest`: it is
+in its own process group (a terminal's Ctrl-C reaches only us, and we forward it
+once), it gets SIGTERM when we die (even by SIGKILL), and its results come back
+through a pipe, so nothing is left on disk either.
+"""
 from __future__ import annotations
 
+import ctypes
 import os
+import signal
 import subprocess
 import sys
-import tempfile
+import threading
+import time
 from pathlib import Path
 
-from kvmpy.selftest.report import RunResults
+from kvmpy.selftest.report import RunResults, signal_name
 
 # pytest exit codes that mean the harness, not a test, went wrong.
 PYTEST_HARNESS_ERRORS = {2: "interrupted", 3: "internal error", 4: "usage error", 5: "no tests collected"}
+# Signals that stop a run: forwarded to pytest, which then unwinds (see kvmpy.selftest.guard).
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+def stop_signals() -> list[int]:
+    """The stop signals to act on: all but a SIGHUP the user ignored (``nohup``).
+
+    SIGINT counts even when a shell started us in the background with it ignored:
+    a harness asked to stop stops, with its partial results.
+    """
+    return [s for s in STOP_SIGNALS if s != signal.SIGHUP or signal.getsignal(s) != signal.SIG_IGN]
+# Seconds pytest gets to unwind after a forwarded signal (fixture teardowns, host restores).
+GRACE_SECONDS = 15.0
+# Seconds to wait, once pytest has exited, for the end of its results.
+RESULTS_WAIT_SECONDS = 10.0
 
 
 def selftests_dir() -> Path:
@@ -26,7 +50,8 @@ def pytest_command(results_json: str, junit: str | None, keyword: str | None,
                    extra: list[str] | None = None, python: str | None = None) -> list[str]:
     """The pytest command line used on the host and inside the bed."""
     cmd = [python or sys.executable, "-m", "pytest", str(selftests_dir()), "-v", "-rN", "--tb=short",
-           "-p", "no:cacheprovider", "-p", "kvmpy.selftest.results", f"--kvmpy-results={results_json}"]
+           "-p", "no:cacheprovider", "-p", "kvmpy.selftest.results", "-p", "kvmpy.selftest.guard",
+           f"--kvmpy-results={results_json}"]
     if junit:
         cmd.append(f"--junitxml={junit}")
     if keyword:
@@ -34,27 +59,108 @@ def pytest_command(results_json: str, junit: str | None, keyword: str | None,
     return cmd + list(extra or [])
 
 
+def _child_setup(parent: int):
+    """``preexec_fn`` of the pytest child: own process group, SIGTERM when the parent dies.
+
+    SIGINT gets its default back: a shell starts background jobs with it ignored, and
+    the child must see the SIGINT we forward (its own process group shields it from others).
+    """
+
+    def setup() -> None:
+        os.setpgid(0, 0)
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        if os.getppid() != parent:  # the parent died before the line above took effect
+            os._exit(128 + signal.SIGTERM)
+
+    return setup
+
+
+def _wait(proc: subprocess.Popen) -> tuple[int, str]:
+    """Wait for ``proc``, forwarding the first stop signal; return (that signal or 0, what went wrong).
+
+    The child gets a grace period to unwind (GRACE_SECONDS); a second signal, or the
+    end of the grace period, kills it.
+    """
+    got: list[int] = []
+
+    def forward(signo: int, _frame) -> None:
+        if got:
+            proc.kill()  # asked twice: stop waiting for the cleanup
+            return
+        got.append(signo)
+        proc.send_signal(signal.SIGINT if signo == signal.SIGINT else signal.SIGTERM)
+
+    main = threading.current_thread() is threading.main_thread()
+    saved = {signo: signal.signal(signo, forward) for signo in stop_signals()} if main else {}
+    problem = ""
+    try:
+        deadline = None
+        while True:
+            try:
+                proc.wait(timeout=0.2)
+                break
+            except subprocess.TimeoutExpired:
+                if got and deadline is None:
+                    deadline = time.monotonic() + GRACE_SECONDS
+                if deadline is not None and time.monotonic() > deadline:
+                    problem = f"pytest did not stop within {GRACE_SECONDS:.0f} s of {signal_name(got[0])}: killed"
+                    proc.kill()
+    finally:
+        for signo, handler in saved.items():
+            signal.signal(signo, handler)
+    if got and proc.returncode == -signal.SIGKILL and not problem:
+        problem = f"pytest killed on a second {signal_name(got[-1])}"
+    return (got[0] if got else 0), problem
+
+
 def run_host(junit: str | None = None, keyword: str | None = None, extra: list[str] | None = None,
              config: str = "host", machine_output: bool = False) -> RunResults:
     """Run the suite against this host's /dev/kvm, streaming pytest's per-test lines.
 
     With ``machine_output`` pytest's own output goes to stderr, keeping stdout for JSON/KTAP.
+    A stop signal (SIGINT, SIGTERM, SIGHUP) is forwarded to pytest; the results it recorded
+    until then come back marked as interrupted by that signal.
     """
-    with tempfile.TemporaryDirectory(prefix="kvmpy-selftest-") as tmp:
-        results = os.path.join(tmp, "results.json")
-        cmd = pytest_command(results, junit, keyword, extra)
-        env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
-        try:
-            proc = subprocess.run(cmd, env=env, cwd=str(selftests_dir().parent),
-                                  stdout=sys.stderr if machine_output else None)
-        except KeyboardInterrupt:
-            return RunResults(config, harness_error="interrupted (Ctrl-C)")
-        if not os.path.exists(results):
-            return RunResults(config, exitstatus=proc.returncode,
-                              harness_error=f"pytest exited {proc.returncode} without results "
-                                            f"({'killed by signal %d' % -proc.returncode if proc.returncode < 0 else 'see output above'})")
-        with open(results) as f:
-            run = RunResults.from_json(config, f.read())
-    if run.exitstatus in PYTEST_HARNESS_ERRORS:
+    read_end, write_end = os.pipe()
+    cmd = pytest_command(f"/proc/self/fd/{write_end}", junit, keyword, extra)
+    env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
+    try:
+        proc = subprocess.Popen(cmd, env=env, cwd=str(selftests_dir().parent), pass_fds=(write_end,),
+                                stdout=sys.stderr if machine_output else None,
+                                preexec_fn=_child_setup(os.getpid()))
+    finally:
+        os.close(write_end)
+    chunks: list[bytes] = []
+    reader = threading.Thread(target=_read_all, args=(read_end, chunks), daemon=True)
+    reader.start()
+    signo, problem = _wait(proc)
+    reader.join(timeout=RESULTS_WAIT_SECONDS)  # a process pytest left behind may still hold the pipe
+    raw = b"".join(chunks).decode(errors="replace")
+    try:
+        run = RunResults.from_json(config, raw) if raw else None
+    except ValueError as e:
+        run, problem = None, problem or f"pytest's results are unreadable ({e})"
+    if run is None:
+        how = f"killed by {signal_name(-proc.returncode)}" if proc.returncode < 0 else "see output above"
+        return RunResults(config, exitstatus=proc.returncode, interrupted=signo,
+                          harness_error=problem or f"pytest exited {proc.returncode} without results ({how})")
+    run.interrupted = signo
+    if problem:
+        run.harness_error = problem
+    elif not signo and run.exitstatus in PYTEST_HARNESS_ERRORS:
         run.harness_error = f"pytest: {PYTEST_HARNESS_ERRORS[run.exitstatus]} (exit {run.exitstatus})"
     return run
+
+
+def _read_all(fd: int, chunks: list[bytes]) -> None:
+    # Chunk by chunk: what arrived is there even if the pipe never reaches EOF.
+    try:
+        while True:
+            data = os.read(fd, 65536)
+            if not data:
+                break
+            chunks.append(data)
+    finally:
+        os.close(fd)
