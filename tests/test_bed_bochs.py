@@ -71,10 +71,12 @@ def test_megabytes():
 
 def test_kernel_command_line_routes_params():
     req = BedRequest(command=["true"], params={"kvm_intel.ept": "0", "kvm.eager_page_split": "N"},
-                     append=("loglevel=4",))
+                     append=("loglevel=4",), hugepages={"2M": 32})
     words = kernel_append(req)
     assert words[:3] == ["console=ttyS0,115200", "panic=-1", "quiet"]
     assert "kvm_intel.ept=0" in words and "kvm.eager_page_split=N" in words
+    # `selftest --bed --backend bochs` asks for 2M pages: they are reserved at boot.
+    assert words[words.index("hugepagesz=2M") + 1] == "hugepages=32"
     assert words[-1] == "loglevel=4"
     cfg = isolinux_cfg(words)
     assert "KERNEL /vmlinuz" in cfg and "INITRD /initrd.img" in cfg

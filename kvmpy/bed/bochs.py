@@ -47,7 +47,7 @@ from kvmpy.bed.kernel import Kernel, cache_dir
 from kvmpy.bed.machine import ConsoleLog, boot_failure, die_with_parent, exit_on_sigterm, kill_machine, settle
 from kvmpy.bed.media import append_archive, make_iso, write_cpio
 from kvmpy.bed.protocol import INSIDE_RESULTS, INSIDE_SHARE, MARKER, BedError
-from kvmpy.bed.request import BedFacts, BedRequest, BedResult, megabytes, params_cmdline, parse_console
+from kvmpy.bed.request import BedFacts, BedRequest, BedResult, kernel_cmdline, megabytes, parse_console
 from kvmpy.bed.results import files_from_tar
 
 BOCHS = "bochs-bin"
@@ -161,9 +161,8 @@ def isolinux_cfg(append: List[str]) -> str:
 
 
 def kernel_append(request: BedRequest) -> List[str]:
-    """The kernel command line (the params reach insmod through the init)."""
-    return ["console=ttyS0,115200", "panic=-1", "quiet", *params_cmdline(request.params),
-            *request.append]
+    """The kernel command line, its serial console at the speed Bochs's UART is set to."""
+    return kernel_cmdline(request, console="ttyS0,115200")
 
 
 def extract_files(console: str) -> Tuple[Dict[str, bytes], str, List[str]]:

@@ -25,9 +25,7 @@ from kvmpy.bed.job import inner_timeout, job_script
 from kvmpy.bed.kernel import Kernel
 from kvmpy.bed.machine import ConsoleLog, boot_failure, die_with_parent, exit_on_sigterm, kill_machine, settle
 from kvmpy.bed.protocol import INSIDE_SHARE, BedError
-from kvmpy.bed.request import (
-    BedFacts, BedRequest, BedResult, hugepages_cmdline, megabytes, params_cmdline, parse_console,
-)
+from kvmpy.bed.request import BedFacts, BedRequest, BedResult, kernel_cmdline, megabytes, parse_console
 from kvmpy.bed.results import files_from_dir, read_log
 
 QEMU = "qemu-system-x86_64"
@@ -123,8 +121,7 @@ class QemuBackend(Backend):
             # then in "Oops: int3" while patching its own code (static keys;
             # text_poke_bp) as another vCPU runs it.
             accel = ["-accel", f"tcg,thread={self.tcg_thread}", "-cpu", TCG_CPU]
-        append = ["console=ttyS0", "panic=-1", "quiet", *params_cmdline(request.params),
-                  *hugepages_cmdline(request.hugepages), *request.append]
+        append = kernel_cmdline(request)
         return [
             self.qemu, *accel, "-smp", str(request.smp), "-m", request.mem,
             "-kernel", str(self.kernel.image), "-initrd", str(initrd),

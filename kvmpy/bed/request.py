@@ -236,6 +236,13 @@ def hugepages_cmdline(hugepages: Mapping[str, int]) -> List[str]:
     return words
 
 
+def kernel_cmdline(request: BedRequest, console: str = "ttyS0") -> List[str]:
+    """The bed kernel's command line: serial console, no reboot on panic, the request's
+    module parameters (the init hands them to insmod) and huge pages, then its extra words."""
+    return [f"console={console}", "panic=-1", "quiet", *params_cmdline(request.params),
+            *hugepages_cmdline(request.hugepages), *request.append]
+
+
 def parse_hugepages(text: str) -> Tuple[str, int]:
     """Parse ``SIZE:COUNT`` (e.g. ``1G:1``) into a (size, count) pair."""
     size, colon, count = text.partition(":")
