@@ -107,6 +107,12 @@ def test_modules_of_another_release_are_refused(guarded, tmp_path):
     image, mods = user_build(tmp_path, release="6.13.0", built_for="6.12.0-other")
     with pytest.raises(BedError, match="release 6.13.0.*built for 6.12.0-other"):
         Bed(BedOptions(kernel=image, modules=mods))
+    # KVM built in: the other modules the bed loads (9p, overlay) must match too.
+    no_kvm = "".join(l + "\n" for l in MODULES_DEP.splitlines() if "/kvm/" not in l)
+    image, mods = user_build(tmp_path / "b", no_kvm, release="6.13.0", built_for="6.12.0-other",
+                             builtin="kernel/arch/x86/kvm/kvm.ko\nkernel/arch/x86/kvm/kvm-amd.ko\n")
+    with pytest.raises(BedError, match="built for 6.12.0-other"):
+        Bed(BedOptions(kernel=image, modules=mods))
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -246,13 +246,14 @@ _VERMAGIC_RE = re.compile(rb"(?:^|\0)vermagic=([^\0 ]+)")
 
 
 def modules_release(kernel: "Kernel") -> Optional[str]:
-    """The release the tree's modules were built for (kvm's vermagic), or None."""
-    for name in ("kvm", "kvm_amd", "kvm_intel"):
-        rel = kernel.module_path(name)
-        if rel is not None:
-            m = _VERMAGIC_RE.search(_decompress(kernel.modules_dir / rel))
-            return m.group(1).decode(errors="replace") if m else None
-    return None
+    """The release the tree's modules were built for (kvm's vermagic, else any module's), or None."""
+    paths = [kernel.module_path(name) for name in ("kvm", "kvm_amd", "kvm_intel")]
+    paths += list(parse_modules_dep(kernel.modules_dep()))  # KVM built in: any module will do
+    rel = next((p for p in paths if p is not None), None)
+    if rel is None:
+        return None
+    m = _VERMAGIC_RE.search(_decompress(kernel.modules_dir / rel))
+    return m.group(1).decode(errors="replace") if m else None
 
 
 def user_kernel(image: Path, modules: Path, cache: Optional[Path] = None) -> Kernel:
