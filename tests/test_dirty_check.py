@@ -1,4 +1,4 @@
-"""Unit tests of kvmpy.dirty_check: the page-exact rules, without /dev/kvm."""
+"""Unit tests of kvmpy.dirtylog's checker and collectors: the page-exact rules, without /dev/kvm."""
 from __future__ import annotations
 
 import struct
@@ -6,8 +6,9 @@ import struct
 import pytest
 
 from kvmpy.bitmap import DirtyBitmap
-from kvmpy.dirty_check import (ClearDirtyLogCollector, DirtyLogChecker, DirtyLogMismatch, DirtyRingCollector,
-                               GetDirtyLogCollector, collector_by_name, read_stamps)
+from kvmpy.dirtylog.checker import DirtyLogChecker, DirtyLogMismatch, read_stamps
+from kvmpy.dirtylog.collectors import (LOG_MODES, ClearDirtyLogCollector, DirtyRingCollector, GetDirtyLogCollector,
+                                       collector_by_name)
 
 N = 130  # not a multiple of 64 on purpose
 
@@ -226,9 +227,11 @@ def test_record_bitmap():
 
 def test_collector_names():
     assert isinstance(collector_by_name("dirty-log"), GetDirtyLogCollector)
-    c = collector_by_name("clear-log-initially-set")
-    assert isinstance(c, ClearDirtyLogCollector) and c.initially_set
+    c = collector_by_name("clear-log-initially-set", chunk=64)
+    assert isinstance(c, ClearDirtyLogCollector) and c.initially_set and c.chunk == 64
     assert isinstance(collector_by_name("dirty-ring"), DirtyRingCollector)
+    # Every mode of the table makes a collector that calls itself by the mode's name.
+    assert [collector_by_name(m.name).name for m in LOG_MODES] == [m.name for m in LOG_MODES]
     with pytest.raises(Exception, match="unknown dirty-log mode"):
         collector_by_name("nope")
     with pytest.raises(ValueError):
