@@ -179,25 +179,25 @@ def require_nested(vendor: str | None = None) -> None:
         raise RequirementError(f"{mod} nested={nested!r}: load it with nested=1")
 
 
-def require_nested_svm(kvm: Kvm) -> None:
-    """RequirementError unless ``kvm``'s guests can run an L2 with SVM and nested paging (NPT)."""
-    require_nested("amd")
-    # KVM offers NPT to L1 only when it uses NPT itself (kvm_amd npt=1).
-    if not cpu.cpuid_has(kvm.supported_cpuid(), cpu.FEATURE_NPT):
-        npt = (module_params("kvm_amd") or {}).get("npt")
-        raise RequirementError(f"KVM_GET_SUPPORTED_CPUID lacks NPT (leaf 0x8000000A EDX[0]), so L1 cannot use "
-                               f"nested paging; kvm_amd npt={npt}: load kvm_amd with npt=1")
+# What L1 needs in KVM_GET_SUPPORTED_CPUID (GuestVm hands it to the vCPU unchanged) to run
+# an L2: the feature, the vendor module parameter that makes KVM offer it, and what is lost.
+_NESTED_CPUID = {
+    # kvm_amd offers NPT to L1 only when it uses NPT itself.
+    "amd": (cpu.FEATURE_NPT, "kvm_amd", "npt", "L1 cannot use nested paging"),
+    # kvm_intel sets CPUID.1:ECX.VMX only with nested=1.
+    "intel": (cpu.FEATURE_VMX, "kvm_intel", "nested", "L1 cannot VMXON"),
+}
 
 
-def require_nested_vmx(kvm: Kvm) -> None:
-    """RequirementError unless ``kvm``'s guests can VMXON (kvm_intel nested=1)."""
-    require_nested("intel")
-    # kvm_intel sets CPUID.1:ECX.VMX in KVM_GET_SUPPORTED_CPUID only with nested=1;
-    # GuestVm hands the supported CPUID to the vCPU unchanged.
-    if not cpu.cpuid_has(kvm.supported_cpuid(), cpu.FEATURE_VMX):
-        nested = (module_params("kvm_intel") or {}).get("nested")
-        raise RequirementError(f"KVM_GET_SUPPORTED_CPUID lacks VMX (leaf 1 ECX[5]), so L1 cannot VMXON; "
-                               f"kvm_intel nested={nested}: load kvm_intel with nested=1")
+def require_nested_guest(kvm: Kvm, vendor: str) -> None:
+    """RequirementError unless ``kvm``'s guests can run an L2: SVM with NPT ("amd") or VMX ("intel")."""
+    require_nested(vendor)
+    feature, module, param, lost = _NESTED_CPUID[vendor]
+    if not cpu.cpuid_has(kvm.supported_cpuid(), feature):
+        value = (module_params(module) or {}).get(param)
+        raise RequirementError(f"KVM_GET_SUPPORTED_CPUID lacks {feature.name.upper()} (leaf {feature.leaf:#x} "
+                               f"{feature.reg.upper()}[{feature.bit}]), so {lost}; {module} {param}={value}: "
+                               f"load {module} with {param}=1")
 
 
 @dataclass(frozen=True)

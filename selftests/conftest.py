@@ -62,12 +62,12 @@ def shadow_paging() -> MmuFlavour:
 @pytest.fixture
 def nested_svm(kvm: Kvm) -> Kvm:
     """/dev/kvm whose guests can use SVM with NPT (kvm_amd nested=1 npt=1)."""
-    hostinfo.require_nested_svm(kvm)
+    hostinfo.require_nested_guest(kvm, "amd")
     return kvm
 
 
 @pytest.fixture
 def nested_vmx(kvm: Kvm) -> Kvm:
     """/dev/kvm whose guests can use VMX (kvm_intel nested=1)."""
-    hostinfo.require_nested_vmx(kvm)
+    hostinfo.require_nested_guest(kvm, "intel")
     return kvm
