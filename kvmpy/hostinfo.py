@@ -18,7 +18,7 @@ from kvmpy.abi import lib
 from kvmpy.errors import RequirementError
 from kvmpy.exits import HltExit
 from kvmpy.kvm import Kvm
-from kvmpy.memory import PAGE_1G, PAGE_2M, hugetlb_pool, read_sysfs, thp_mode
+from kvmpy.memory import PAGE_1G, PAGE_2M, PAGE_4K, hugetlb_pool, read_sysfs, thp_mode
 from kvmpy.x86 import cpu
 
 VENDOR_MODULES = ("kvm_intel", "kvm_amd", "kvm_pvm")
@@ -126,7 +126,7 @@ def probe_mmu(pages: int = 16) -> MmuProbe:
     # mov ax, seg; mov es, ax; mov byte [es:0], 1  -- per page, then hlt
     code = bytearray()
     for p in range(pages):
-        seg = (base + p * 4096) >> 4
+        seg = (base + p * PAGE_4K) >> 4
         code += bytes([0xB8, seg & 0xFF, seg >> 8, 0x8E, 0xC0, 0x26, 0xC6, 0x06, 0, 0, 1])
     code += b"\xF4"
     guest_insns = 3 * pages + 1

@@ -166,7 +166,7 @@ def test_1g_mapping_reads_host_values(kvm):
         g.map(0x80_0000_0000, gpa, PAGE_1G, PAGE_1G)   # no pdpe1gb in the vCPU's CPUID: a skip
     # Two small slots inside the 1G page: near its start and 768 MiB in.
     _check_mapping(kvm, PAGE_1G, (0x80_0000_0000, gpa, [0x10, 0x1FFFF0, 0x3000_0000 + 0x800],
-                                  [(1, gpa, 2 << 20), (2, gpa + 0x3000_0000, 2 << 20)]))
+                                  [(1, gpa, PAGE_2M), (2, gpa + 0x3000_0000, PAGE_2M)]))
 
 
 def test_globals_both_ways(kvm):

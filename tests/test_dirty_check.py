@@ -7,6 +7,7 @@ import pytest
 
 from kvmpy.bitmap import DirtyBitmap
 from kvmpy.dirtylog.checker import DirtyLogChecker, DirtyLogMismatch, read_stamps
+from kvmpy.memory import PAGE_4K
 from kvmpy.dirtylog.collectors import (LOG_MODES, ClearDirtyLogCollector, DirtyRingCollector, GetDirtyLogCollector,
                                        collector_by_name)
 
@@ -209,9 +210,9 @@ def test_failed_verify_lists_counts_and_is_bounded():
 
 
 def test_read_stamps_reads_first_u64_of_each_page():
-    buf = bytearray(4096 * 3)
+    buf = bytearray(PAGE_4K * 3)
     struct.pack_into("<Q", buf, 0, 11)
-    struct.pack_into("<Q", buf, 4096 * 2, 1 << 63)
+    struct.pack_into("<Q", buf, PAGE_4K * 2, 1 << 63)
     struct.pack_into("<Q", buf, 8, 99)  # not the stamp
     assert read_stamps(memoryview(buf)) == [11, 0, 1 << 63]
     with pytest.raises(ValueError):
