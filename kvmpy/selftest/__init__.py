@@ -1,1 +1,2 @@
-"""Running kvmpy's selftests: pytest plugins (results, known issues, splat watch) and the report."""
+"""Running kvmpy's selftests: pytest plugins (fixtures and TEST_REQUIRE, results, known issues,
+splat watch) and the report."""
