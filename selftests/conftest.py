@@ -23,10 +23,11 @@ from kvmpy import hostinfo
 from kvmpy.hostinfo import MmuFlavour
 from kvmpy.kvm import Kvm
 
-# Results (JSON for the report, the kvmpy_stats fixture), the known-issues list and
-# the kernel-splat watch apply to every selftest run, by `kvmpy selftest` or plain pytest.
-pytest_plugins = ["kvmpy.selftest.fixtures", "kvmpy.selftest.results", "kvmpy.selftest.known_issues",
-                  "kvmpy.selftest.splat"]
+# The usable-KVM guard (no KVM: not tested), results (JSON for the report, the kvmpy_stats
+# fixture), the known-issues list and the kernel-splat watch apply to every selftest run,
+# by `kvmpy selftest` or plain pytest.
+pytest_plugins = ["kvmpy.selftest.guard", "kvmpy.selftest.fixtures", "kvmpy.selftest.results",
+                  "kvmpy.selftest.known_issues", "kvmpy.selftest.splat"]
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
