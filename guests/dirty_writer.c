@@ -3,14 +3,14 @@
  * Dirty-logging writer.  Each vCPU stores the current stamp (the host-set global
  * `iteration`) into the first 8 bytes of pages of the test region, in rounds:
  *
- *   park:   GUEST_SYNC(STAGE_PARKED, vcpu, writes) -- the host holds the vCPU
+ *   park:   GUEST_SYNC(DIRTY_WRITER_PARKED, vcpu, writes) -- the host holds the vCPU
  *           here between rounds (sets iteration, clears stop, collects, checks)
  *   sweep:  if `stride` is non-zero, every stride-th page of the vCPU's range
  *           (with `burst` non-zero, in runs of `burst` pages by store_burst: a
  *           5-instruction loop, as tight as upstream's dirty_log_test writer, so
  *           many pages are dirtied between two of KVM's request checks)
  *   random: pseudo-random pages of the range until the host sets `stop`
- *           (every `sync_every` writes, GUEST_SYNC(STAGE_PROGRESS) if non-zero)
+ *           (every `sync_every` writes, GUEST_SYNC(DIRTY_WRITER_PROGRESS) if non-zero)
  *
  * `iteration` is re-read for every store (see store_stamp), so the host may also change it while
  * the guest runs (to tell phases apart).  Setting `quit` before releasing a
@@ -20,8 +20,6 @@
 #include "lib/guest.h"
 
 #define MAX_VCPUS 16
-#define STAGE_PARKED 1
-#define STAGE_PROGRESS 2
 
 /* Set by the host. */
 uint64_t iteration;
@@ -113,7 +111,7 @@ void guest_main(uint32_t id, uint64_t arg)
 	GUEST_ASSERT(first + n <= test_npages);
 
 	for (;;) {
-		GUEST_SYNC(STAGE_PARKED, id, READ_ONCE(nr_writes[id]));
+		GUEST_SYNC(DIRTY_WRITER_PARKED, id, READ_ONCE(nr_writes[id]));
 		if (READ_ONCE(quit))
 			break;
 		WRITE_ONCE(nr_rounds[id], nr_rounds[id] + 1);
@@ -138,7 +136,7 @@ void guest_main(uint32_t id, uint64_t arg)
 			write_page(id, first + next_random(&rng) % n);
 			if (sync_every && ++since_sync >= sync_every) {
 				since_sync = 0;
-				GUEST_SYNC(STAGE_PROGRESS, id, READ_ONCE(nr_writes[id]));
+				GUEST_SYNC(DIRTY_WRITER_PROGRESS, id, READ_ONCE(nr_writes[id]));
 			}
 		}
 	}

@@ -3,27 +3,21 @@
  * Touch a region page by page, one pass per host command, for the MMU
  * (page splitting / huge page recovery) selftests.
  *
- * The guest parks at GUEST_SYNC(STAGE_PARKED, passes, sum) between passes;
+ * The guest parks at GUEST_SYNC(MMU_TOUCH_PARKED, passes, sum) between passes;
  * while it is parked the VM is quiescent, so the host can read the stats,
  * toggle dirty logging and set up the next pass:
  *
- *   op        OP_READ, OP_WRITE or OP_QUIT
+ *   op        MMU_TOUCH_OP_READ, _WRITE or _QUIT (lib/stages.h)
  *   start     byte offset of the first page touched, from test_gva
  *   length    bytes covered by the pass
  *   stride    bytes between touched addresses (a multiple of 8)
- *   stamp     OP_WRITE stores stamp ^ offset in the first 8 bytes at each
- *             touched address; OP_READ sums what it finds there into `sum`
+ *   stamp     a write pass stores stamp ^ offset in the first 8 bytes at each
+ *             touched address; a read pass sums what it finds there into `sum`
  *
  * The region itself holds nothing but test data: the counters live in this
  * program's .bss, in memslot 0.
  */
 #include "lib/guest.h"
-
-#define STAGE_PARKED 1
-
-#define OP_QUIT  0
-#define OP_READ  1
-#define OP_WRITE 2
 
 /* Set by the host. */
 uint64_t test_gva;
@@ -46,7 +40,7 @@ static void touch(uint64_t o, uint64_t first, uint64_t len, uint64_t step, uint6
 
 	for (off = first; off < first + len; off += step, n++) {
 		p = (volatile uint64_t *)(test_gva + off);
-		if (o == OP_WRITE)
+		if (o == MMU_TOUCH_OP_WRITE)
 			*p = s ^ off;
 		else
 			acc += *p;
@@ -58,15 +52,15 @@ static void touch(uint64_t o, uint64_t first, uint64_t len, uint64_t step, uint6
 void guest_main(uint32_t vcpu_id, uint64_t arg)
 {
 	for (;;) {
-		GUEST_SYNC(STAGE_PARKED, READ_ONCE(passes), READ_ONCE(sum));
+		GUEST_SYNC(MMU_TOUCH_PARKED, READ_ONCE(passes), READ_ONCE(sum));
 
 		uint64_t o = READ_ONCE(op);
 		uint64_t first = READ_ONCE(start), len = READ_ONCE(length);
 		uint64_t step = READ_ONCE(stride);
 
-		if (o == OP_QUIT)
+		if (o == MMU_TOUCH_OP_QUIT)
 			break;
-		GUEST_ASSERT(o == OP_READ || o == OP_WRITE);
+		GUEST_ASSERT(o == MMU_TOUCH_OP_READ || o == MMU_TOUCH_OP_WRITE);
 		GUEST_ASSERT(step >= 8 && step % 8 == 0);
 		GUEST_ASSERT(first + len <= test_size && first + len >= first);
 		touch(o, first, len, step, READ_ONCE(stamp));

@@ -16,12 +16,15 @@
 #include "lib/guest.h"
 #include "lib/svm.h"
 
-#define NPT_IDENT_END  0x3e00000ul          /* 62 MiB; the runner's slot 0 is 64 MiB */
-#define HOLE_GPA       (NPT_IDENT_END + 0x123000ul)
-#define CALL_MAGIC     0x1234ul
-#define ARG_MAGIC      0xabcdef01ul
-#define REPLY_MAGIC    0x5678ul
-#define WRITE_MAGIC    0x5eed5eed5eed5eedul
+/* 62 MiB (the runner's slot 0 is 64 MiB), the hole and the magic values: lib/stages.h */
+#define NPT_IDENT_END  ((uint64_t)NESTED_SMOKE_IDENT_END)
+#define HOLE_GPA       ((uint64_t)NESTED_SMOKE_HOLE_GPA)
+#define CALL_MAGIC     ((uint64_t)NESTED_SMOKE_CALL_MAGIC)
+#define ARG_MAGIC      ((uint64_t)NESTED_SMOKE_ARG_MAGIC)
+#define REPLY_MAGIC    ((uint64_t)NESTED_SMOKE_REPLY_MAGIC)
+#define WRITE_MAGIC    ((uint64_t)NESTED_SMOKE_WRITE_MAGIC)
+
+_Static_assert(HOLE_GPA >= NPT_IDENT_END && HOLE_GPA < NPT_IDENT_END + PAGE_SIZE_2M, "hole: the 2M above the identity map");
 
 static struct svm_ctx svm;
 static uint8_t npt_pool[16][4096] __attribute__((aligned(4096)));
@@ -34,7 +37,7 @@ static void l2_main(uint64_t arg)
 	uint64_t r = svm_vmmcall(CALL_MAGIC, ARG_MAGIC, arg, 0, 0);
 
 	GUEST_ASSERT_EQ(r, REPLY_MAGIC);
-	GUEST_SYNC(100, arg);                   /* straight from L2 to the host */
+	GUEST_SYNC(NESTED_SMOKE_FROM_L2, arg);  /* straight from L2 to the host */
 	WRITE_ONCE(*(volatile uint64_t *)(HOLE_GPA + 8), WRITE_MAGIC);
 	GUEST_ASSERT_EQ(READ_ONCE(*(volatile uint64_t *)(HOLE_GPA + 8)), WRITE_MAGIC);
 	halt();
@@ -51,13 +54,13 @@ void guest_main(uint32_t vcpu_id, uint64_t arg)
 	svm_enable(&svm);
 	npt_init(&npt, npt_pool, 16);
 	npt_map(&npt, 0, 0, NPT_IDENT_END, PAGE_SIZE_2M);
-	svm_vmcb_init(&svm, l2_main, l2_stack + sizeof(l2_stack), 0x42);
+	svm_vmcb_init(&svm, l2_main, l2_stack + sizeof(l2_stack), NESTED_SMOKE_L2_ARG);
 	svm_enable_npt(&svm, &npt);
 
 	/* 1: L2's VMMCALL, with its arguments in L2's saved registers. */
 	code = svm_run(&svm);
 	SVM_ASSERT_EXIT(&svm, SVM_EXIT_VMMCALL);
-	GUEST_SYNC(1, code, vmcb->save.rax, svm.gprs.rdi, svm.gprs.rsi);
+	GUEST_SYNC(NESTED_SMOKE_CALL, code, vmcb->save.rax, svm.gprs.rdi, svm.gprs.rsi);
 	GUEST_ASSERT_EQ(vmcb->save.rax, CALL_MAGIC);
 	GUEST_ASSERT_EQ(svm.gprs.rdi, ARG_MAGIC);
 	vmcb->save.rax = REPLY_MAGIC;
@@ -66,7 +69,7 @@ void guest_main(uint32_t vcpu_id, uint64_t arg)
 	/* 3: the write into the hole is a nested page fault at exactly that L2 GPA. */
 	code = svm_run(&svm);
 	SVM_ASSERT_EXIT(&svm, SVM_EXIT_NPF);
-	GUEST_SYNC(2, code, vmcb->control.exit_info_1, vmcb->control.exit_info_2);
+	GUEST_SYNC(NESTED_SMOKE_FAULT, code, vmcb->control.exit_info_1, vmcb->control.exit_info_2);
 	GUEST_ASSERT_EQ(vmcb->control.exit_info_2, HOLE_GPA + 8);
 	GUEST_ASSERT_EQ(vmcb->control.exit_info_1 & (SVM_NPF_PRESENT | SVM_NPF_WRITE), SVM_NPF_WRITE);
 	GUEST_ASSERT(vmcb->control.exit_info_1 & SVM_NPF_FINAL_GPA);
@@ -76,12 +79,12 @@ void guest_main(uint32_t vcpu_id, uint64_t arg)
 	/* 4: HLT; by now L2's retried write must have landed in `target`. */
 	code = svm_run(&svm);
 	SVM_ASSERT_EXIT(&svm, SVM_EXIT_HLT);
-	GUEST_SYNC(3, code, READ_ONCE(*(volatile uint64_t *)(target + 8)));
+	GUEST_SYNC(NESTED_SMOKE_HLT, code, READ_ONCE(*(volatile uint64_t *)(target + 8)));
 	GUEST_ASSERT_EQ(READ_ONCE(*(volatile uint64_t *)(target + 8)), WRITE_MAGIC);
 	svm_skip_insn(&svm, 1);
 
 	/* 5: done. */
 	code = svm_run(&svm);
 	GUEST_ASSERT_EQ(svm_forward_l2_call(&svm), SVM_L2_DONE);
-	GUEST_SYNC(4, code, svm.nr_runs);
+	GUEST_SYNC(NESTED_SMOKE_DONE, code, svm.nr_runs);
 }

@@ -8,14 +8,14 @@
  * guest walks and write-protects it; the first guest write to such a PT
  * makes KVM mark the shadow page unsync instead of emulating the write.
  *
- *   stage 1: read pages 0 and 1 of every 2M (KVM now shadows every PT)
- *   stage 2: in the first nr_unsync PTs, swap the frames of the PTEs of
- *            pages 0 and 1 -- no TLB flush yet
- *   stage 3: invlpg both pages of each edited PT, check the guest sees the
- *            swapped frames (and the other PTs are unchanged)
- *   stage 4: reload CR3 (a full flush: KVM syncs every unsync page) and
- *            check again
- *   stage 5: swap back, reload CR3, check the original frames
+ *   UNSYNC_SHADOWED: read pages 0 and 1 of every 2M (KVM now shadows every PT)
+ *   UNSYNC_EDITED:   in the first nr_unsync PTs, swap the frames of the PTEs
+ *                    of pages 0 and 1 -- no TLB flush yet
+ *   UNSYNC_INVLPG:   invlpg both pages of each edited PT, check the guest sees
+ *                    the swapped frames (and the other PTs are unchanged)
+ *   UNSYNC_CR3:      reload CR3 (a full flush: KVM syncs every unsync page)
+ *                    and check again
+ *   UNSYNC_RESTORED: swap back, reload CR3, check the original frames
  */
 #include "lib/guest.h"
 
@@ -75,11 +75,11 @@ void guest_main(uint32_t vcpu_id, uint64_t arg)
 
 	for (t = 0; t < nr_tables; t++)
 		check(t, false);
-	GUEST_SYNC(1);
+	GUEST_SYNC(UNSYNC_SHADOWED);
 
 	for (t = 0; t < nr_unsync; t++)
 		swap_frames(t);
-	GUEST_SYNC(2);
+	GUEST_SYNC(UNSYNC_EDITED);
 
 	for (t = 0; t < nr_unsync; t++) {
 		invlpg(page_gva(t, 0));
@@ -87,18 +87,18 @@ void guest_main(uint32_t vcpu_id, uint64_t arg)
 	}
 	for (t = 0; t < nr_tables; t++)
 		check(t, t < nr_unsync);
-	GUEST_SYNC(3);
+	GUEST_SYNC(UNSYNC_INVLPG);
 
 	reload_cr3();
 	for (t = 0; t < nr_tables; t++)
 		check(t, t < nr_unsync);
-	GUEST_SYNC(4);
+	GUEST_SYNC(UNSYNC_CR3);
 
 	for (t = 0; t < nr_unsync; t++)
 		swap_frames(t);
 	reload_cr3();
 	for (t = 0; t < nr_tables; t++)
 		check(t, false);
-	GUEST_SYNC(5);
+	GUEST_SYNC(UNSYNC_RESTORED);
 	GUEST_DONE();
 }

@@ -17,13 +17,16 @@
 #include "lib/guest.h"
 #include "lib/vmx.h"
 
-#define EPT_IDENT_END  0x3e00000ul          /* 62 MiB; the runner's slot 0 is 64 MiB */
-#define HOLE_GPA       (EPT_IDENT_END + 0x123000ul)
-#define CALL_MAGIC     0x1234ul
-#define DONE_MAGIC     0x600dul
-#define ARG_MAGIC      0xabcdef01ul
-#define REPLY_MAGIC    0x5678ul
-#define WRITE_MAGIC    0x5eed5eed5eed5eedul
+/* 62 MiB (the runner's slot 0 is 64 MiB), the hole and the magic values: lib/stages.h */
+#define EPT_IDENT_END  ((uint64_t)NESTED_SMOKE_IDENT_END)
+#define HOLE_GPA       ((uint64_t)NESTED_SMOKE_HOLE_GPA)
+#define CALL_MAGIC     ((uint64_t)NESTED_SMOKE_CALL_MAGIC)
+#define DONE_MAGIC     ((uint64_t)NESTED_SMOKE_DONE_MAGIC)
+#define ARG_MAGIC      ((uint64_t)NESTED_SMOKE_ARG_MAGIC)
+#define REPLY_MAGIC    ((uint64_t)NESTED_SMOKE_REPLY_MAGIC)
+#define WRITE_MAGIC    ((uint64_t)NESTED_SMOKE_WRITE_MAGIC)
+
+_Static_assert(HOLE_GPA >= EPT_IDENT_END && HOLE_GPA < EPT_IDENT_END + PAGE_SIZE_2M, "hole: the 2M above the identity map");
 #define VMCALL_LEN     3                    /* 0f 01 c1 */
 #define HLT_LEN        1                    /* f4 */
 
@@ -39,7 +42,7 @@ static void l2_main(uint64_t arg)
 	uint64_t r = vmx_vmcall(CALL_MAGIC, ARG_MAGIC, arg, 0, 0);
 
 	GUEST_ASSERT_EQ(r, REPLY_MAGIC);
-	GUEST_SYNC(100, arg);                   /* straight from L2 to the host */
+	GUEST_SYNC(NESTED_SMOKE_FROM_L2, arg);  /* straight from L2 to the host */
 	if (use_ept) {
 		WRITE_ONCE(*(volatile uint64_t *)(HOLE_GPA + 8), WRITE_MAGIC);
 		GUEST_ASSERT_EQ(READ_ONCE(*(volatile uint64_t *)(HOLE_GPA + 8)), WRITE_MAGIC);
@@ -55,19 +58,19 @@ void guest_main(uint32_t vcpu_id, uint64_t arg)
 
 	GUEST_ASSERT(EPT_IDENT_END > (uint64_t)(uintptr_t)&target[4096]);
 	vmx_enable(&vmx);
-	vmx_vmcs_init(&vmx, l2_main, l2_stack + sizeof(l2_stack), 0x42);
+	vmx_vmcs_init(&vmx, l2_main, l2_stack + sizeof(l2_stack), NESTED_SMOKE_L2_ARG);
 	use_ept = vmx_ept_supported();
 	if (use_ept) {
 		ept_init(&ept, ept_pool, 16);
 		ept_map(&ept, 0, 0, EPT_IDENT_END, PAGE_SIZE_2M);
 		vmx_enable_ept(&vmx, &ept);
 	}
-	GUEST_SYNC(0, use_ept, vmx.basic & VMX_BASIC_REVISION_MASK);
+	GUEST_SYNC(NESTED_SMOKE_SETUP, use_ept, vmx.basic & VMX_BASIC_REVISION_MASK);
 
 	/* 1: L2's VMCALL, with its arguments in L2's saved registers. */
 	reason = vmx_run(&vmx);
 	VMX_ASSERT_EXIT(VMX_EXIT_VMCALL);
-	GUEST_SYNC(1, reason, vmx.gprs.rax, vmx.gprs.rdi, vmx.gprs.rsi, vmx_exit_insn_len());
+	GUEST_SYNC(NESTED_SMOKE_CALL, reason, vmx.gprs.rax, vmx.gprs.rdi, vmx.gprs.rsi, vmx_exit_insn_len());
 	GUEST_ASSERT_EQ(vmx.gprs.rax, CALL_MAGIC);
 	GUEST_ASSERT_EQ(vmx.gprs.rdi, ARG_MAGIC);
 	GUEST_ASSERT_EQ(vmx_exit_insn_len(), VMCALL_LEN);
@@ -82,7 +85,7 @@ void guest_main(uint32_t vcpu_id, uint64_t arg)
 		VMX_ASSERT_EXIT(VMX_EXIT_EPT_VIOLATION);
 		qual = vmx_exit_qual();
 		gpa = vmreadz(GUEST_PHYSICAL_ADDRESS);
-		GUEST_SYNC(2, reason, qual, gpa, vmreadz(GUEST_LINEAR_ADDRESS));
+		GUEST_SYNC(NESTED_SMOKE_FAULT, reason, qual, gpa, vmreadz(GUEST_LINEAR_ADDRESS));
 		GUEST_ASSERT_EQ(gpa, HOLE_GPA + 8);
 		GUEST_ASSERT_EQ(qual & (EPT_VIOL_READ | EPT_VIOL_WRITE | EPT_VIOL_FETCH), EPT_VIOL_WRITE);
 		GUEST_ASSERT(!ept_leaf(&ept, HOLE_GPA, NULL));
@@ -94,7 +97,7 @@ void guest_main(uint32_t vcpu_id, uint64_t arg)
 	/* 4: HLT; with EPT, L2's retried write must have landed in `target` by now. */
 	reason = vmx_run(&vmx);
 	VMX_ASSERT_EXIT(VMX_EXIT_HLT);
-	GUEST_SYNC(3, reason, vmx_exit_insn_len(), READ_ONCE(*(volatile uint64_t *)(target + 8)));
+	GUEST_SYNC(NESTED_SMOKE_HLT, reason, vmx_exit_insn_len(), READ_ONCE(*(volatile uint64_t *)(target + 8)));
 	GUEST_ASSERT_EQ(vmx_exit_insn_len(), HLT_LEN);
 	if (use_ept)
 		GUEST_ASSERT_EQ(READ_ONCE(*(volatile uint64_t *)(target + 8)), WRITE_MAGIC);
@@ -104,5 +107,5 @@ void guest_main(uint32_t vcpu_id, uint64_t arg)
 	reason = vmx_run(&vmx);
 	VMX_ASSERT_EXIT(VMX_EXIT_VMCALL);
 	GUEST_ASSERT_EQ(vmx.gprs.rax, DONE_MAGIC);
-	GUEST_SYNC(4, reason, vmx.gprs.rax, vmx.nr_runs);
+	GUEST_SYNC(NESTED_SMOKE_DONE, reason, vmx.gprs.rax, vmx.nr_runs);
 }

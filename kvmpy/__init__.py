@@ -1,4 +1,19 @@
-"""kvmpy: drive Linux KVM through /dev/kvm ioctls, for KVM MMU selftests."""
+"""kvmpy: drive Linux KVM through /dev/kvm ioctls, for KVM MMU selftests.
+
+One home per concept, in layers; a module imports only from its own layer or
+those listed before it (tests/test_structure.py checks there is no import cycle):
+
+    errors, abi       the exception types (all KvmError); the cffi binding, ioctl helpers
+                      (checked, and unchecked for tests that expect an errno)
+    kernel objects    kvm (/dev/kvm), vm (VM fd: memslots, dirty log, dirty ring), vcpu
+                      (KVM_RUN, kicks), dirty_ring (a vCPU's ring), exits, stats, bitmap,
+                      memory (backings, and the page sizes PAGE_4K/2M/1G)
+    x86/              page tables, descriptor tables, CPUID, long-mode vCPU setup
+    guest/            guest programs: ELF, ucall, GuestVm, the one vCPU loop, SteppedGuest
+    dirtylog/         the page-exact dirty-log checker, a collector per mode, the writer
+    hostinfo          host facts and the require_* checks behind the selftest fixtures
+    selftest/, bed/   pytest plugins and the report; the nested test bed; cli
+"""
 from kvmpy.errors import IoctlError, KvmError, RequirementError
 from kvmpy.kvm import Kvm
 from kvmpy.memory import Anonymous, Hugetlb, Memslot, SharedMemfd, Thp

@@ -1,38 +1,19 @@
-"""The per-vCPU dirty ring (KVM_CAP_DIRTY_LOG_RING / _ACQ_REL): enable, harvest, reset."""
+"""One vCPU's dirty ring (KVM_CAP_DIRTY_LOG_RING / _ACQ_REL): the mmapped entries and their harvest.
+
+The VM enables the ring (``Vm.enable_dirty_ring``) and re-protects harvested
+entries (``Vm.reset_dirty_rings``); each vCPU maps its own ring at creation.
+"""
 from __future__ import annotations
 
-import os
 from typing import TYPE_CHECKING
 
 from kvmpy.abi import ffi, lib
-from kvmpy.errors import KvmError, RequirementError
-from kvmpy.memory import mmap
+from kvmpy.memory import PAGE_4K, mmap
 
 if TYPE_CHECKING:
     from kvmpy.vcpu import Vcpu
-    from kvmpy.vm import Vm
 
 GFN_SIZE = ffi.sizeof("struct kvm_dirty_gfn")
-
-
-def enable(vm: "Vm", size_bytes: int, acq_rel: bool | None = None) -> None:
-    """Enable the dirty ring of ``size_bytes`` per vCPU on ``vm`` (before any vCPU exists)."""
-    if vm.vcpus:
-        raise KvmError(f"{vm.name}: the dirty ring must be enabled before creating vCPUs")
-    max_plain = vm.check_extension(lib.KVM_CAP_DIRTY_LOG_RING)
-    max_acq = vm.check_extension(lib.KVM_CAP_DIRTY_LOG_RING_ACQ_REL)
-    if acq_rel is None:
-        acq_rel = bool(max_acq)
-    cap = lib.KVM_CAP_DIRTY_LOG_RING_ACQ_REL if acq_rel else lib.KVM_CAP_DIRTY_LOG_RING
-    limit = max_acq if acq_rel else max_plain
-    name = "KVM_CAP_DIRTY_LOG_RING" + ("_ACQ_REL" if acq_rel else "")
-    if not limit:
-        raise RequirementError(f"KVM lacks {name}")
-    if size_bytes > limit:
-        raise RequirementError(f"{name}: ring of {size_bytes} bytes exceeds KVM's maximum {limit}")
-    vm.enable_cap(cap, size_bytes)
-    vm.dirty_ring_size = size_bytes
-    vm.dirty_ring_acq_rel = acq_rel
 
 
 class DirtyRing:
@@ -46,8 +27,7 @@ class DirtyRing:
         self.vcpu = vcpu
         self.size_bytes = size_bytes
         self.nentries = size_bytes // GFN_SIZE
-        page = os.sysconf("SC_PAGE_SIZE")
-        offset = lib.KVM_DIRTY_LOG_PAGE_OFFSET * page
+        offset = lib.KVM_DIRTY_LOG_PAGE_OFFSET * PAGE_4K
 
         self.addr = mmap(size_bytes, lib.PROT_READ | lib.PROT_WRITE, lib.MAP_SHARED, vcpu.fd, offset,
                          f"vCPU {vcpu.id}'s dirty ring")

@@ -27,5 +27,12 @@ class IoctlError(KvmError):
 class RequirementError(KvmError):
     """The host lacks something a test needs (capability, CPU feature, huge pages...).
 
-    Selftests turn this into a skip whose reason is ``str(exc)``.
+    The selftest plugin (kvmpy.selftest.fixtures) turns it into a skip whose reason is
+    ``str(exc)``, wherever in a test or fixture it is raised.
     """
+
+
+def require(condition: object, reason: str) -> None:
+    """The kernel selftests' TEST_REQUIRE: RequirementError(``reason``) unless ``condition``."""
+    if not condition:
+        raise RequirementError(reason)

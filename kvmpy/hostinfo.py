@@ -3,6 +3,9 @@
 ``probe_mmu()`` answers the question every MMU selftest depends on: do a guest's
 memory accesses go through KVM's MMU (creating SPTEs that the ``pages_*`` stats
 count), or is the guest run by the instruction emulator (no SPTEs at all)?
+``mmu_flavour()`` says which MMU a new VM gets. The ``require_*`` functions raise
+:class:`RequirementError` naming what is missing and how to get it (the
+selftest fixtures in selftests/conftest.py are built on them).
 """
 from __future__ import annotations
 
@@ -13,7 +16,10 @@ from dataclasses import asdict, dataclass, field
 
 from kvmpy.abi import lib
 from kvmpy.errors import RequirementError
-from kvmpy.memory import SIZE_1G, SIZE_2M, hugetlb_pool, read_sysfs, thp_mode
+from kvmpy.exits import HltExit
+from kvmpy.kvm import Kvm
+from kvmpy.memory import PAGE_1G, PAGE_2M, PAGE_4K, hugetlb_pool, read_sysfs, thp_mode
+from kvmpy.x86 import cpu
 
 VENDOR_MODULES = ("kvm_intel", "kvm_amd", "kvm_pvm")
 
@@ -31,6 +37,11 @@ CAPS = [
     ("KVM_CAP_VM_TYPES", "bitmask of VM types (0 before 6.7)"),
     ("KVM_CAP_USER_MEMORY2", "KVM_SET_USER_MEMORY_REGION2 (6.8+)"),
 ]
+
+
+def param_on(value: str | None) -> bool:
+    """True for a boolean module parameter that is on ("Y", "y" or "1")."""
+    return value in ("Y", "y", "1")
 
 
 def module_params(module: str) -> dict[str, str] | None:
@@ -54,21 +65,26 @@ def loaded_vendor_module() -> str | None:
     return None
 
 
+def cpuinfo() -> dict[str, str]:
+    """The first processor's fields of /proc/cpuinfo ({} if unreadable)."""
+    out: dict[str, str] = {}
+    for line in (read_sysfs("/proc/cpuinfo") or "").splitlines():
+        if not line.strip():
+            break
+        key, sep, value = line.partition(":")
+        if sep:
+            out.setdefault(key.strip(), value.strip())
+    return out
+
+
 def cpu_flags() -> set[str]:
-    raw = read_sysfs("/proc/cpuinfo") or ""
-    for line in raw.splitlines():
-        if line.startswith("flags"):
-            return set(line.split(":", 1)[1].split())
-    return set()
+    return set(cpuinfo().get("flags", "").split())
 
 
 def cpu_vendor() -> str:
-    raw = read_sysfs("/proc/cpuinfo") or ""
-    for line in raw.splitlines():
-        if line.startswith("vendor_id"):
-            v = line.split(":", 1)[1].strip()
-            return {"GenuineIntel": "intel", "AuthenticAMD": "amd", "HygonGenuine": "amd"}.get(v, v)
-    return "unknown"
+    """"intel", "amd" or the raw vendor_id ("unknown" without one)."""
+    v = cpuinfo().get("vendor_id", "unknown")
+    return {"GenuineIntel": "intel", "AuthenticAMD": "amd", "HygonGenuine": "amd"}.get(v, v)
 
 
 @dataclass
@@ -106,14 +122,11 @@ class MmuProbe:
 @functools.lru_cache(maxsize=1)
 def probe_mmu(pages: int = 16) -> MmuProbe:
     """Run a real-mode guest that writes one byte in each of ``pages`` pages; read the stats."""
-    from kvmpy.exits import HltExit
-    from kvmpy.kvm import Kvm
-
     base = 0x10000
     # mov ax, seg; mov es, ax; mov byte [es:0], 1  -- per page, then hlt
     code = bytearray()
     for p in range(pages):
-        seg = (base + p * 4096) >> 4
+        seg = (base + p * PAGE_4K) >> 4
         code += bytes([0xB8, seg & 0xFF, seg >> 8, 0x8E, 0xC0, 0x26, 0xC6, 0x06, 0, 0, 1])
     code += b"\xF4"
     guest_insns = 3 * pages + 1
@@ -162,8 +175,82 @@ def require_nested(vendor: str | None = None) -> None:
                                f"vendor module: {loaded_vendor_module() or 'none'}); use `kvmpy bed`")
     mod = {"vmx": "kvm_intel", "svm": "kvm_amd"}[have[0]]
     nested = (module_params(mod) or {}).get("nested")
-    if nested not in ("Y", "1"):
+    if not param_on(nested):
         raise RequirementError(f"{mod} nested={nested!r}: load it with nested=1")
+
+
+# What L1 needs in KVM_GET_SUPPORTED_CPUID (GuestVm hands it to the vCPU unchanged) to run
+# an L2: the feature, the vendor module parameter that makes KVM offer it, and what is lost.
+_NESTED_CPUID = {
+    # kvm_amd offers NPT to L1 only when it uses NPT itself.
+    "amd": (cpu.FEATURE_NPT, "kvm_amd", "npt", "L1 cannot use nested paging"),
+    # kvm_intel sets CPUID.1:ECX.VMX only with nested=1.
+    "intel": (cpu.FEATURE_VMX, "kvm_intel", "nested", "L1 cannot VMXON"),
+}
+
+
+def require_nested_guest(kvm: Kvm, vendor: str) -> None:
+    """RequirementError unless ``kvm``'s guests can run an L2: SVM with NPT ("amd") or VMX ("intel")."""
+    require_nested(vendor)
+    feature, module, param, lost = _NESTED_CPUID[vendor]
+    if not cpu.cpuid_has(kvm.supported_cpuid(), feature):
+        value = (module_params(module) or {}).get(param)
+        raise RequirementError(f"KVM_GET_SUPPORTED_CPUID lacks {feature.name.upper()} (leaf {feature.leaf:#x} "
+                               f"{feature.reg.upper()}[{feature.bit}]), so {lost}; {module} {param}={value}: "
+                               f"load {module} with {param}=1")
+
+
+@dataclass(frozen=True)
+class MmuFlavour:
+    """Which of KVM's MMUs backs a VM created now, from the module parameters."""
+
+    vendor_module: str
+    tdp: bool                   # two-dimensional paging (NPT/EPT) in use
+    tdp_mmu: bool               # the TDP MMU (tdp_mmu.c) handles this VM
+    eager_page_split: bool
+    tdp_mmu_param: str = "?"
+
+    @property
+    def name(self) -> str:
+        if self.tdp_mmu:
+            return "TDP MMU"
+        return "shadow MMU over TDP" if self.tdp else "shadow MMU with shadow paging (TDP off)"
+
+    @property
+    def tdp_param(self) -> str:
+        """The vendor module's TDP parameter: kvm_amd.npt or kvm_intel.ept."""
+        return f"{self.vendor_module}.{'npt' if self.vendor_module == 'kvm_amd' else 'ept'}"
+
+    @property
+    def params(self) -> str:
+        return (f"{self.tdp_param}={'Y' if self.tdp else 'N'} kvm.tdp_mmu={self.tdp_mmu_param} "
+                f"kvm.eager_page_split={'Y' if self.eager_page_split else 'N'}")
+
+
+def mmu_flavour() -> MmuFlavour:
+    """The MMU a VM created now gets; RequirementError when the vendor module is unknown."""
+    vendor = loaded_vendor_module()
+    if vendor not in ("kvm_amd", "kvm_intel"):
+        raise RequirementError(f"MMU flavour unknown: vendor module is {vendor or 'not loaded'} "
+                               f"(need kvm_amd or kvm_intel)")
+    kvm = module_params("kvm") or {}
+    vp = module_params(vendor) or {}
+    tdp = param_on(vp.get("npt" if vendor == "kvm_amd" else "ept"))
+    # kvm.tdp_mmu reads Y even with npt=0/ept=0: the TDP MMU needs TDP too.
+    return MmuFlavour(vendor, tdp, tdp and param_on(kvm.get("tdp_mmu")), param_on(kvm.get("eager_page_split")),
+                      kvm.get("tdp_mmu", "absent"))
+
+
+def require_shadow_paging() -> MmuFlavour:
+    """The MMU flavour, if new VMs get shadow paging (TDP off) with observable SPTEs."""
+    require_mmu_visible()
+    fl = mmu_flavour()
+    if fl.tdp:
+        param = fl.tdp_param
+        raise RequirementError(f"needs shadow paging, but {param}=Y (TDP never shadows guest page tables); "
+                               f"reload {fl.vendor_module} with {param.split('.')[1]}=0, or run in the bed "
+                               f"with --param {param}=0")
+    return fl
 
 
 @dataclass
@@ -192,14 +279,12 @@ class HostFacts:
 
 def gather(probe: bool = True) -> HostFacts:
     """Collect host facts; never raises (a missing /dev/kvm is reported in ``error``)."""
-    from kvmpy.kvm import Kvm
-
     vm_mod = loaded_vendor_module()
     facts = HostFacts(
         kernel_release=platform.release(), cpu_vendor=cpu_vendor(), vendor_module=vm_mod, api_version=None,
         kvm_params=module_params("kvm"), vendor_params=module_params(vm_mod) if vm_mod else None,
         cpu_virt_flags=sorted(cpu_flags() & {"vmx", "svm", "ept", "npt", "hypervisor"}),
-        thp=thp_mode(), hugetlb_2m=hugetlb_pool(SIZE_2M), hugetlb_1g=hugetlb_pool(SIZE_1G),
+        thp=thp_mode(), hugetlb_2m=hugetlb_pool(PAGE_2M), hugetlb_1g=hugetlb_pool(PAGE_1G),
     )
     try:
         require_nested()

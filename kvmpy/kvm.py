@@ -64,15 +64,6 @@ class Kvm:
         # Keep the owning buffer alive as long as the returned pointer is.
         return ffi.gc(ffi.cast("struct kvm_cpuid2 *", buf), lambda _p, _b=buf: None)
 
-    def cpuid_entry(self, function: int, index: int = 0) -> tuple[int, int, int, int] | None:
-        """(eax, ebx, ecx, edx) KVM supports for leaf ``function``/``index``, or None."""
-        c = self.supported_cpuid()
-        for i in range(c.nent):
-            e = c.entries[i]
-            if e.function == function and (e.index == index or not (e.flags & 1)):
-                return (e.eax, e.ebx, e.ecx, e.edx)
-        return None
-
     def _msr_list(self, name: str) -> list[int]:
         probe = ffi.new("struct kvm_msr_list *")
         try:

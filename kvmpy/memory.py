@@ -12,9 +12,10 @@ from dataclasses import dataclass
 from kvmpy.abi import ffi, lib
 from kvmpy.errors import KvmError, RequirementError
 
-PAGE_SIZE = 4096
-SIZE_2M = 2 << 20
-SIZE_1G = 1 << 30
+# The x86 page sizes, for host backings and guest mappings alike (the one definition).
+PAGE_4K = 1 << 12
+PAGE_2M = 1 << 21
+PAGE_1G = 1 << 30
 
 THP_ENABLED = "/sys/kernel/mm/transparent_hugepage/enabled"
 
@@ -45,6 +46,32 @@ def hugetlb_pool(page_size: int) -> dict[str, int] | None:
     for key, name in (("total", "nr_hugepages"), ("free", "free_hugepages"), ("resv", "resv_hugepages")):
         val = read_sysfs(os.path.join(base, name))
         out[key] = int(val) if val is not None else 0
+    return out
+
+
+def thp_backed_chunks(addr: int, size: int) -> list[bool] | None:
+    """For each 2M chunk of the host range [addr, addr+size): is a transparent huge page behind it?
+
+    Reads /proc/self/pagemap and /proc/kpageflags (root only); None when the PFNs
+    are hidden from this process.
+    """
+    kpf_thp = 1 << 22
+    out = []
+    try:
+        with open("/proc/self/pagemap", "rb") as pm, open("/proc/kpageflags", "rb") as kf:
+            for chunk in range(addr, addr + size, PAGE_2M):
+                pm.seek(chunk // PAGE_4K * 8)
+                ent = int.from_bytes(pm.read(8), "little")
+                pfn = ent & ((1 << 55) - 1)
+                if not ent >> 63 & 1:
+                    out.append(False)
+                    continue
+                if pfn == 0:
+                    return None
+                kf.seek(pfn * 8)
+                out.append(bool(int.from_bytes(kf.read(8), "little") & kpf_thp))
+    except OSError:
+        return None
     return out
 
 
@@ -101,7 +128,7 @@ class Backing:
     """How guest memory is provided. Subclasses define ``page_size`` and ``allocate``."""
 
     name = "backing"
-    page_size = PAGE_SIZE
+    page_size = PAGE_4K
 
     def check(self, size: int) -> None:
         """Raise RequirementError if the host cannot provide ``size`` bytes of this backing."""
@@ -132,7 +159,7 @@ class Thp(Backing):
     """Anonymous memory, 2M-aligned and madvised for transparent huge pages."""
 
     name = "thp"
-    page_size = PAGE_SIZE  # THP is best effort: any page-multiple size works
+    page_size = PAGE_4K  # THP is best effort: any page-multiple size works
 
     def check(self, size: int) -> None:
         super().check(size)
@@ -144,9 +171,9 @@ class Thp(Backing):
 
     def allocate(self, size: int) -> Mapping:
         self.check(size)
-        span = size + SIZE_2M
+        span = size + PAGE_2M
         raw = mmap(span, lib.PROT_READ | lib.PROT_WRITE, lib.MAP_PRIVATE | lib.MAP_ANONYMOUS | lib.MAP_NORESERVE)
-        aligned = (raw + SIZE_2M - 1) & ~(SIZE_2M - 1)
+        aligned = (raw + PAGE_2M - 1) & ~(PAGE_2M - 1)
         # Trim the unaligned head and tail so the mapping is exactly the aligned range.
         if aligned > raw:
             lib.kvmpy_munmap(ffi.cast("void *", raw), aligned - raw)
@@ -160,11 +187,11 @@ class Thp(Backing):
 class Hugetlb(Backing):
     """hugetlbfs pages (2M or 1G) through memfd_create(MFD_HUGETLB)."""
 
-    def __init__(self, page_size: int = SIZE_2M) -> None:
-        if page_size not in (SIZE_2M, SIZE_1G):
+    def __init__(self, page_size: int = PAGE_2M) -> None:
+        if page_size not in (PAGE_2M, PAGE_1G):
             raise KvmError(f"hugetlb page size must be 2M or 1G, not {page_size:#x}")
         self.page_size = page_size
-        self.name = "hugetlb-" + ("2M" if page_size == SIZE_2M else "1G")
+        self.name = "hugetlb-" + ("2M" if page_size == PAGE_2M else "1G")
 
     def check(self, size: int) -> None:
         super().check(size)
@@ -182,7 +209,7 @@ class Hugetlb(Backing):
 
     def allocate(self, size: int) -> Mapping:
         self.check(size)
-        huge_flag = os.MFD_HUGE_2MB if self.page_size == SIZE_2M else os.MFD_HUGE_1GB
+        huge_flag = os.MFD_HUGE_2MB if self.page_size == PAGE_2M else os.MFD_HUGE_1GB
         return _memfd_mapping(f"kvmpy-{self.name}", os.MFD_HUGETLB | huge_flag, size)
 
 
@@ -200,7 +227,7 @@ def backing_by_name(name: str) -> Backing:
     """Backing from a short name: anonymous, thp, hugetlb-2M, hugetlb-1G, shared-memfd."""
     table = {
         "anonymous": Anonymous, "thp": Thp, "shared-memfd": SharedMemfd,
-        "hugetlb-2M": lambda: Hugetlb(SIZE_2M), "hugetlb-1G": lambda: Hugetlb(SIZE_1G),
+        "hugetlb-2M": lambda: Hugetlb(PAGE_2M), "hugetlb-1G": lambda: Hugetlb(PAGE_1G),
     }
     if name not in table:
         raise KvmError(f"unknown backing {name!r}; choose from {', '.join(table)}")
@@ -225,7 +252,7 @@ class Memslot:
 
     @property
     def npages(self) -> int:
-        return self.size // PAGE_SIZE
+        return self.size // PAGE_4K
 
     @property
     def hva(self) -> int:

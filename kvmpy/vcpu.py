@@ -9,12 +9,12 @@ from typing import TYPE_CHECKING, Iterable
 
 from kvmpy import exits
 from kvmpy.abi import ffi, ioctl, ioctl_int, lib
+from kvmpy.dirty_ring import DirtyRing
 from kvmpy.errors import IoctlError, KvmError
 from kvmpy.memory import mmap
 from kvmpy.stats import Stats
 
 if TYPE_CHECKING:
-    from kvmpy.dirty_ring import DirtyRing
     from kvmpy.vm import Vm
 
 # A realtime signal whose no-op C handler interrupts KVM_RUN (no SA_RESTART).
@@ -31,7 +31,7 @@ class Vcpu:
         self.id = vcpu_id
         self.fd = fd
         self._stats: Stats | None = None
-        self.dirty_ring: "DirtyRing | None" = None
+        self.dirty_ring: DirtyRing | None = None
         self._run_thread: int | None = None
         self._kicked = False
         self._lock = threading.Lock()
@@ -46,8 +46,6 @@ class Vcpu:
         self.run_struct = ffi.cast("struct kvm_run *", p)
         self._run_buf = memoryview(ffi.buffer(p, size))
         if vm.dirty_ring_size:
-            from kvmpy.dirty_ring import DirtyRing
-
             try:
                 self.dirty_ring = DirtyRing(self, vm.dirty_ring_size)
             except BaseException:

@@ -1,20 +1,25 @@
-"""A KVM virtual machine: memslots, capabilities, stats, dirty logging and vCPUs."""
+"""A KVM virtual machine: memslots, capabilities, stats, dirty logging and vCPUs.
+
+The VM fd owns its ioctls, like the kernel selftests' one-line ``vm_*`` wrappers:
+each method issues one ioctl and raises IoctlError on failure; the dirty-log
+ioctls also have an ``*_unchecked`` variant that returns the kernel's
+:class:`~kvmpy.abi.IoctlResult` for tests that expect an errno.
+"""
 from __future__ import annotations
 
 import os
 import struct
 from typing import TYPE_CHECKING
 
-from kvmpy import dirty_log
-from kvmpy.abi import cap_name, ffi, ioctl, ioctl_int, lib, require_cap
+from kvmpy.abi import IoctlResult, cap_name, ffi, ioctl, ioctl_int, ioctl_unchecked, lib, require_cap
 from kvmpy.bitmap import DirtyBitmap
-from kvmpy.errors import KvmError
+from kvmpy.errors import IoctlError, KvmError, RequirementError
 from kvmpy.memory import Anonymous, Backing, Memslot
 from kvmpy.stats import Stats
+from kvmpy.vcpu import Vcpu
 
 if TYPE_CHECKING:
     from kvmpy.kvm import Kvm
-    from kvmpy.vcpu import Vcpu
 
 
 class Vm:
@@ -25,7 +30,7 @@ class Vm:
         self.fd = fd
         self.vm_type = vm_type
         self.memslots: dict[int, Memslot] = {}
-        self.vcpus: dict[int, "Vcpu"] = {}
+        self.vcpus: dict[int, Vcpu] = {}
         self._stats: Stats | None = None
         self.dirty_ring_size = 0          # bytes per vCPU ring, 0 when not enabled
         self.dirty_ring_acq_rel = False
@@ -142,34 +147,105 @@ class Vm:
         self.set_memory_flags(slot, flags)
 
     def get_dirty_log(self, slot: int, into: DirtyBitmap | None = None) -> DirtyBitmap:
-        """KVM_GET_DIRTY_LOG for ``slot``."""
-        return dirty_log.get(self, self._slot(slot), into)
+        """KVM_GET_DIRTY_LOG for ``slot``, which must have KVM_MEM_LOG_DIRTY_PAGES.
+
+        Without manual protect this also write-protects the reported pages again.
+        """
+        ms = self._slot(slot)
+        if not ms.flags & lib.KVM_MEM_LOG_DIRTY_PAGES:
+            raise KvmError(f"{self.name}: slot {slot} does not have KVM_MEM_LOG_DIRTY_PAGES set")
+        bm = into if into is not None else DirtyBitmap(ms.npages)
+        if bm.npages != ms.npages:
+            raise KvmError(f"bitmap has {bm.npages} pages, slot {slot} has {ms.npages}")
+        self._check(self.get_dirty_log_unchecked(slot, bm), "KVM_GET_DIRTY_LOG", f"slot {slot}")
+        return bm
+
+    def get_dirty_log_unchecked(self, slot: int, into: DirtyBitmap | None = None) -> IoctlResult:
+        """KVM_GET_DIRTY_LOG as asked (any slot, logged or not); the kernel's answer, never raised.
+
+        The only check is the one that keeps the kernel inside our memory: ``into``
+        must cover the slot when it is one of ours.
+        """
+        ms = self.memslots.get(slot)
+        bm = into if into is not None else DirtyBitmap(ms.npages if ms else 64)
+        if ms is not None and bm.npages < ms.npages:
+            raise KvmError(f"bitmap of {bm.npages} pages cannot hold slot {slot}'s {ms.npages}")
+        log = ffi.new("struct kvm_dirty_log *")
+        log.slot = slot
+        buf = bm.cdata()
+        log.dirty_bitmap = buf
+        return ioctl_unchecked(self.fd, "KVM_GET_DIRTY_LOG", log)
 
     def clear_dirty_log(self, slot: int, bitmap: DirtyBitmap, first_page: int = 0, num_pages: int | None = None) -> None:
-        """KVM_CLEAR_DIRTY_LOG: write-protect again the set pages of ``bitmap`` in the range."""
-        dirty_log.clear(self, self._slot(slot), bitmap, first_page, num_pages)
+        """KVM_CLEAR_DIRTY_LOG: write-protect again the pages set in ``bitmap`` within
+        [first_page, first_page+num_pages) (default: to the slot's end).
+
+        ``bitmap`` is indexed from page 0 of the slot; the kernel wants first_page a
+        multiple of 64 (EINVAL otherwise, raised as IoctlError).
+        """
+        if num_pages is None:
+            num_pages = self._slot(slot).npages - first_page
+        self._check(self.clear_dirty_log_unchecked(slot, bitmap, first_page, num_pages), "KVM_CLEAR_DIRTY_LOG",
+                    f"slot {slot} first_page {first_page} num_pages {num_pages}")
+
+    def clear_dirty_log_unchecked(self, slot: int, bitmap: DirtyBitmap, first_page: int,
+                                  num_pages: int) -> IoctlResult:
+        """KVM_CLEAR_DIRTY_LOG as asked; the kernel's answer (e.g. EINVAL), never raised."""
+        ms = self.memslots.get(slot)
+        if ms is not None and bitmap.npages < ms.npages:
+            raise KvmError(f"bitmap of {bitmap.npages} pages cannot hold slot {slot}'s {ms.npages}")
+        cl = ffi.new("struct kvm_clear_dirty_log *")
+        cl.slot, cl.first_page, cl.num_pages = slot, first_page, num_pages
+        # The kernel reads the bits from first_page on, after refusing an unaligned first_page
+        # or a range past the slot's end: the rest of our bitmap always covers what it reads.
+        sub = bytearray(bitmap.buffer[first_page // 8:]) or bytearray(8)
+        buf = ffi.from_buffer(sub)
+        cl.dirty_bitmap = buf
+        return ioctl_unchecked(self.fd, "KVM_CLEAR_DIRTY_LOG", cl)
 
     def enable_manual_protect(self, initially_set: bool = False) -> None:
-        """Enable KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 (optionally with INITIALLY_SET)."""
-        dirty_log.enable_manual_protect(self, initially_set)
+        """Enable KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, with INITIALLY_SET if asked (and offered)."""
+        offered = self.require_extension(lib.KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, "manual dirty-log protect")
+        flags = lib.KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE
+        if initially_set:
+            if not offered & lib.KVM_DIRTY_LOG_INITIALLY_SET:
+                raise RequirementError("KVM lacks KVM_DIRTY_LOG_INITIALLY_SET for KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2")
+            flags |= lib.KVM_DIRTY_LOG_INITIALLY_SET
+        self.enable_cap(lib.KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, flags)
+        self.manual_protect_flags = flags
 
     def enable_dirty_ring(self, size_bytes: int, acq_rel: bool | None = None) -> None:
-        """Enable the per-vCPU dirty ring; must precede vCPU creation.
+        """Enable the per-vCPU dirty ring of ``size_bytes``; must precede vCPU creation.
 
         ``acq_rel=None`` picks KVM_CAP_DIRTY_LOG_RING_ACQ_REL when offered.
         """
-        from kvmpy.dirty_ring import enable
-
-        enable(self, size_bytes, acq_rel)
+        if self.vcpus:
+            raise KvmError(f"{self.name}: the dirty ring must be enabled before creating vCPUs")
+        max_plain = self.check_extension(lib.KVM_CAP_DIRTY_LOG_RING)
+        max_acq = self.check_extension(lib.KVM_CAP_DIRTY_LOG_RING_ACQ_REL)
+        if acq_rel is None:
+            acq_rel = bool(max_acq)
+        cap = lib.KVM_CAP_DIRTY_LOG_RING_ACQ_REL if acq_rel else lib.KVM_CAP_DIRTY_LOG_RING
+        limit = max_acq if acq_rel else max_plain
+        if not limit:
+            raise RequirementError(f"KVM lacks {cap_name(cap)}")
+        if size_bytes > limit:
+            raise RequirementError(f"{cap_name(cap)}: ring of {size_bytes} bytes exceeds KVM's maximum {limit}")
+        self.enable_cap(cap, size_bytes)
+        self.dirty_ring_size = size_bytes
+        self.dirty_ring_acq_rel = acq_rel
 
     def reset_dirty_rings(self) -> int:
         """KVM_RESET_DIRTY_RINGS: re-protect harvested entries; returns how many were reset."""
         return ioctl_int(self.fd, "KVM_RESET_DIRTY_RINGS", 0, self.name)
 
-    # -- vCPUs and stats --------------------------------------------------------
-    def create_vcpu(self, vcpu_id: int) -> "Vcpu":
-        from kvmpy.vcpu import Vcpu
+    def _check(self, res: IoctlResult, ioctl_name: str, context: str) -> None:
+        if not res.ok:
+            raise IoctlError(ioctl_name, res.errno, self.name, context)
 
+    # -- vCPUs and stats --------------------------------------------------------
+    def create_vcpu(self, vcpu_id: int) -> Vcpu:
+        """KVM_CREATE_VCPU; the vCPU maps its kvm_run (and dirty ring, if enabled)."""
         if vcpu_id in self.vcpus:
             raise KvmError(f"{self.name}: vCPU {vcpu_id} already exists")
         fd = ioctl_int(self.fd, "KVM_CREATE_VCPU", vcpu_id, self.name, f"vcpu {vcpu_id}")

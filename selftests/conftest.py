@@ -1,14 +1,33 @@
-"""Shared fixtures for selftests that run on the host's /dev/kvm."""
+"""The selftests' fixtures: each says what a test needs from the host.
+
+An unmet need is a RequirementError naming what is missing and how to get it;
+the kvmpy.selftest.fixtures plugin turns it into a skip (the kernel selftests'
+TEST_REQUIRE), so fixtures and tests never catch it themselves.
+
+    kvm            an open /dev/kvm (from the kvmpy.selftest.fixtures plugin)
+    scale          the size multiplier (--kvmpy-scale N or KVMPY_SCALE)
+    mmu            guest accesses create SPTEs the pages_* stats count; the MmuFlavour
+                   (TDP MMU, shadow MMU over TDP, shadow paging) new VMs get
+    shadow_paging  like mmu, and new VMs use shadow paging (TDP off)
+    nested_svm     kvm, whose guests can run an L2 with SVM and nested paging (NPT)
+    nested_vmx     kvm, whose guests can enter VMX operation
+    kvmpy_stats    record the stats deltas a test asserted, for the report
+"""
 from __future__ import annotations
 
 import os
 
 import pytest
 
-# Results (JSON for the report, the kvmpy_stats fixture), the known-issues list and
-# the kernel-splat watch apply to every selftest run, by `kvmpy selftest` or plain pytest.
-pytest_plugins = ["kvmpy.selftest.fixtures", "kvmpy.selftest.results", "kvmpy.selftest.known_issues",
-                  "kvmpy.selftest.splat"]
+from kvmpy import hostinfo
+from kvmpy.hostinfo import MmuFlavour
+from kvmpy.kvm import Kvm
+
+# The usable-KVM guard (no KVM: not tested), results (JSON for the report, the kvmpy_stats
+# fixture), the known-issues list and the kernel-splat watch apply to every selftest run,
+# by `kvmpy selftest` or plain pytest.
+pytest_plugins = ["kvmpy.selftest.guard", "kvmpy.selftest.fixtures", "kvmpy.selftest.results",
+                  "kvmpy.selftest.known_issues", "kvmpy.selftest.splat"]
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -26,3 +45,30 @@ def scale(request: pytest.FixtureRequest) -> int:
     if value < 1:
         raise pytest.UsageError("--kvmpy-scale must be >= 1")
     return value
+
+
+@pytest.fixture
+def mmu() -> MmuFlavour:
+    """The MMU new VMs get, where guest memory accesses make SPTEs the stats can show."""
+    hostinfo.require_mmu_visible()
+    return hostinfo.mmu_flavour()
+
+
+@pytest.fixture
+def shadow_paging() -> MmuFlavour:
+    """The MMU flavour, where new VMs use shadow paging (kvm_amd.npt=0 / kvm_intel.ept=0)."""
+    return hostinfo.require_shadow_paging()
+
+
+@pytest.fixture
+def nested_svm(kvm: Kvm) -> Kvm:
+    """/dev/kvm whose guests can use SVM with NPT (kvm_amd nested=1 npt=1)."""
+    hostinfo.require_nested_guest(kvm, "amd")
+    return kvm
+
+
+@pytest.fixture
+def nested_vmx(kvm: Kvm) -> Kvm:
+    """/dev/kvm whose guests can use VMX (kvm_intel nested=1)."""
+    hostinfo.require_nested_guest(kvm, "intel")
+    return kvm

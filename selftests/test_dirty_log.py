@@ -1,4 +1,4 @@
-"""Dirty logging on /dev/kvm, verified page by page (see kvmpy.dirty_check for the rules).
+"""Dirty logging on /dev/kvm, verified page by page (see kvmpy.dirtylog.checker for the rules).
 
 The dirty_writer guest stores a fresh stamp into pseudo-random pages of the test
 slot(s) while the host collects concurrently; at the end of every round the
@@ -12,113 +12,81 @@ minutes); ``--kvmpy-scale N`` (or KVMPY_SCALE=N) multiplies them for real hardwa
 from __future__ import annotations
 
 import errno
-import os
 import time
 
 import pytest
 
-from kvmpy.abi import ffi, lib
-from kvmpy.dirty_check import MODES, DirtyLogMismatch, collector_by_name, read_stamps
-from kvmpy.dirty_harness import DirtyWriterVm, SlotSpec
-from kvmpy.errors import IoctlError, RequirementError
-from kvmpy.memory import PAGE_SIZE, backing_by_name
+from kvmpy.abi import lib
+from kvmpy.dirtylog import (MODE_NAMES, DirtyLogMismatch, DirtyWriterVm, RoundPlan, SlotSpec, collector_by_name,
+                            read_stamps)
+from kvmpy.memory import PAGE_2M, PAGE_4K, backing_by_name
+from kvmpy.x86 import cpu
 
 BACKINGS = ("anonymous", "thp", "hugetlb-2M")
 TEST_GPA = 1 << 30
-ALL_MODES = MODES + ("dirty-ring-plain",)
-
-
-@pytest.fixture(autouse=True)
-def _need_kvm():
-    if not os.path.exists("/dev/kvm"):
-        pytest.skip("/dev/kvm does not exist on this host")
 
 
 def make_writer(mode: str, slots, *, backing: str = "anonymous", ring_bytes: int = 65536,
                 chunk: int | None = None, **kw) -> DirtyWriterVm:
-    """A DirtyWriterVm for ``mode``, turning a missing capability or backing into a skip."""
-    collector = collector_by_name(mode, ring_bytes=ring_bytes)
-    if chunk is not None:
-        collector.chunk = chunk
-    b = backing_by_name(backing)
-    try:
-        for s in slots:
-            b.check(s.npages * PAGE_SIZE)
-        return DirtyWriterVm(collector, slots, backing=b, label=f"{mode}-{backing}", **kw)
-    except RequirementError as e:
-        pytest.skip(str(e))
+    """A DirtyWriterVm for ``mode`` (a missing capability or backing is a skip, like everywhere)."""
+    return DirtyWriterVm(collector_by_name(mode, ring_bytes=ring_bytes, chunk=chunk), slots,
+                         backing=backing_by_name(backing), label=f"{mode}-{backing}", **kw)
 
 
-def run_rounds(d: DirtyWriterVm, rounds: int, **kw) -> None:
+def run_rounds(d: DirtyWriterVm, rounds: int, plan: RoundPlan) -> None:
     for _ in range(rounds):
-        d.run_round(**kw)
+        d.run_round(plan)
     print("\n".join(d.round_log))
 
 
 # -- the mode x backing matrix ------------------------------------------------------------
 @pytest.mark.parametrize("backing", BACKINGS)
-@pytest.mark.parametrize("mode", ALL_MODES)
+@pytest.mark.parametrize("mode", MODE_NAMES)
 def test_dirty_log(mode, backing, scale):
     """Random writes, concurrent collection every few ms, page-exact check per round."""
     npages = 2048 * scale  # 8 MiB: whole 2M pages for THP/hugetlb
     with make_writer(mode, [SlotSpec(1, TEST_GPA, npages)], backing=backing) as d:
-        run_rounds(d, 6 * scale, min_writes=3000 * scale, collect_every=0.005)
+        run_rounds(d, 6 * scale, RoundPlan(min_writes=3000 * scale, collect_every=0.005))
         c = d.checkers[1]
         assert c.total_changed > 0 and c.total_reported >= c.total_changed
 
 
-@pytest.mark.parametrize("mode", ALL_MODES)
+@pytest.mark.parametrize("mode", MODE_NAMES)
 def test_every_page_written(mode, scale):
     """stride 1: each round every page is written first; all of them must be reported."""
     npages = 1024 * scale
     with make_writer(mode, [SlotSpec(1, TEST_GPA, npages)], stride=1) as d:
         for _ in range(3 * scale):
-            reports = d.run_round(min_writes=npages + 100, collect_every=0.005)
+            reports = d.run_round(RoundPlan(min_writes=npages + 100, collect_every=0.005))
             assert reports[1].changed == npages and reports[1].reported == npages, reports[1]
         print("\n".join(d.round_log))
 
 
 # -- edge cases ------------------------------------------------------------------------------
-@pytest.mark.parametrize("mode", ALL_MODES)
+@pytest.mark.parametrize("mode", MODE_NAMES)
 def test_slot_not_multiple_of_64_pages(mode, scale):
     """1027 pages: the last bitmap word is partial; the 3 tail pages must be logged too."""
     npages = 1024 * scale + 3
     with make_writer(mode, [SlotSpec(1, TEST_GPA, npages)], stride=1) as d:
         for _ in range(3):
-            d.run_round(min_writes=npages + 200, collect_every=0.005)
+            d.run_round(RoundPlan(min_writes=npages + 200, collect_every=0.005))
             tail = {p for p in d.checkers[1].reported if p >= npages - 3}
             assert tail == {npages - 3, npages - 2, npages - 1}, f"tail pages reported: {sorted(tail)}"
         print("\n".join(d.round_log))
 
 
-@pytest.mark.parametrize("mode", ALL_MODES)
-def test_slot_at_high_gpa(mode, scale):
+@pytest.mark.parametrize("mode", MODE_NAMES)
+def test_slot_at_high_gpa(kvm, mode, scale):
     """The test slot ends at the top of the guest physical address space."""
-    from kvmpy import Kvm
-    from kvmpy.x86 import cpu
-
-    with Kvm() as k:
-        bits = cpu.phys_bits(cpu.vcpu_cpuid(k, 0))
+    bits = cpu.phys_bits(kvm.supported_cpuid())
     npages = 1024 * scale
-    gpa = (1 << bits) - npages * PAGE_SIZE
+    gpa = (1 << bits) - npages * PAGE_4K
     with make_writer(mode, [SlotSpec(1, gpa, npages)]) as d:
         print(f"slot at GPA {gpa:#x} ({bits}-bit guest physical addresses)")
-        run_rounds(d, 4, min_writes=2000 * scale, collect_every=0.005)
+        run_rounds(d, 4, RoundPlan(min_writes=2000 * scale, collect_every=0.005))
 
 
-def _raw_get_dirty_log(vm, slot: int, npages: int) -> None:
-    """KVM_GET_DIRTY_LOG straight to the kernel (kvmpy's wrapper refuses unlogged slots itself)."""
-    from kvmpy.abi import ioctl
-
-    buf = bytearray(((npages + 63) // 64) * 8)
-    log = ffi.new("struct kvm_dirty_log *")
-    log.slot = slot
-    cbuf = ffi.from_buffer(buf)
-    log.dirty_bitmap = cbuf
-    ioctl(vm.fd, "KVM_GET_DIRTY_LOG", log, vm.name, f"slot {slot}")
-
-
-@pytest.mark.parametrize("mode", ALL_MODES)
+@pytest.mark.parametrize("mode", MODE_NAMES)
 def test_several_slots_logging_on_some(mode, scale):
     """Slots 1 and 3 logged, 2 and 4 not, contiguous in GPA and GVA; the guest writes all four.
 
@@ -126,26 +94,25 @@ def test_several_slots_logging_on_some(mode, scale):
     change) but never appear in a ring, and KVM_GET_DIRTY_LOG on them fails.
     """
     n = 256 * scale
-    specs = [SlotSpec(1, TEST_GPA, n), SlotSpec(2, TEST_GPA + n * PAGE_SIZE, n + 3, logged=False),
-             SlotSpec(3, TEST_GPA + (2 * n + 3) * PAGE_SIZE, n + 61),
-             SlotSpec(4, TEST_GPA + (3 * n + 64) * PAGE_SIZE, n, logged=False)]
+    specs = [SlotSpec(1, TEST_GPA, n), SlotSpec(2, TEST_GPA + n * PAGE_4K, n + 3, logged=False),
+             SlotSpec(3, TEST_GPA + (2 * n + 3) * PAGE_4K, n + 61),
+             SlotSpec(4, TEST_GPA + (3 * n + 64) * PAGE_4K, n, logged=False)]
     with make_writer(mode, specs) as d:
         unlogged = {spec.slot: ms for spec, ms in d.slots if not spec.logged}
         before = {s: read_stamps(ms.view) for s, ms in unlogged.items()}
-        run_rounds(d, 4, min_writes=3000 * scale, collect_every=0.005)
+        run_rounds(d, 4, RoundPlan(min_writes=3000 * scale, collect_every=0.005))
         for s, ms in unlogged.items():
             changed = sum(a != b for a, b in zip(before[s], read_stamps(ms.view)))
             assert changed > 0, f"the guest never wrote unlogged slot {s}: the test would prove nothing"
-            with pytest.raises(IoctlError) as ei:
-                _raw_get_dirty_log(d.vm, s, ms.npages)
             # No dirty bitmap for an unlogged slot: ENOENT; in dirty-ring mode the ioctl itself is refused.
             want = errno.ENXIO if mode.startswith("dirty-ring") else errno.ENOENT
-            assert ei.value.errno == want, f"slot {s}: {ei.value}"
+            res = d.vm.get_dirty_log_unchecked(s)
+            assert res.errno == want, f"slot {s}: KVM_GET_DIRTY_LOG returned {res}"
         for s in (1, 3):
             assert d.checkers[s].total_changed > 0, f"logged slot {s} was never written"
 
 
-@pytest.mark.parametrize("mode", ALL_MODES)
+@pytest.mark.parametrize("mode", MODE_NAMES)
 def test_toggle_logging_while_guest_runs(mode, scale):
     """Turn KVM_MEM_LOG_DIRTY_PAGES off and on again while the vCPU writes.
 
@@ -172,31 +139,25 @@ def test_toggle_logging_while_guest_runs(mode, scale):
 
     with make_writer(mode, [SlotSpec(1, TEST_GPA, npages)]) as d:
         for _ in range(4):
-            d.run_round(min_writes=1000, collect_every=0.005, during=toggle, must_report=False)
-        d.run_round(min_writes=1000, collect_every=0.005)  # and a plain round afterwards
+            d.run_round(RoundPlan(min_writes=1000, collect_every=0.005, during=toggle, must_report=False))
+        d.run_round(RoundPlan(min_writes=1000, collect_every=0.005))  # and a plain round afterwards
         print("\n".join(d.round_log))
 
 
-def test_clear_dirty_log_alignment_errnos():
+def test_clear_dirty_log_alignment_errnos(kvm):
     """KVM_CLEAR_DIRTY_LOG: first_page must be 64-aligned, num_pages too unless it reaches the slot end."""
-    from kvmpy import Kvm
-
     npages = 1024 + 3
-    with Kvm() as k, k.create_vm() as vm:
-        try:
-            vm.enable_manual_protect()
-        except RequirementError as e:
-            pytest.skip(str(e))
-        ms = vm.add_memory(1, TEST_GPA, npages * PAGE_SIZE, flags=lib.KVM_MEM_LOG_DIRTY_PAGES)
+    with kvm.create_vm() as vm:
+        vm.enable_manual_protect()
+        ms = vm.add_memory(1, TEST_GPA, npages * PAGE_4K, flags=lib.KVM_MEM_LOG_DIRTY_PAGES)
         bm = vm.get_dirty_log(1)
         bad = [(1, 64, "first_page not a multiple of 64"), (63, 1, "first_page not a multiple of 64"),
                (0, 63, "num_pages not a multiple of 64 and short of the slot end"),
                (64, 100, "num_pages not a multiple of 64 and short of the slot end"),
                (1024, 4, "range beyond the slot end"), (1088, 0, "first_page beyond the slot end")]
         for first, num, why in bad:
-            with pytest.raises(IoctlError) as ei:
-                vm.clear_dirty_log(1, bm, first, num)
-            assert ei.value.errno == errno.EINVAL, f"first_page {first} num_pages {num} ({why}): {ei.value}"
+            res = vm.clear_dirty_log_unchecked(1, bm, first, num)
+            assert res.errno == errno.EINVAL, f"first_page {first} num_pages {num} ({why}): {res}"
         # Accepted: aligned chunks, and an unaligned count that ends exactly at the slot end.
         for first, num in [(0, 64), (64, 960), (1024, 3), (0, npages), (1024, 0)]:
             vm.clear_dirty_log(1, bm, first, num)
@@ -208,7 +169,7 @@ def test_clear_dirty_log_in_64_page_chunks(mode, scale):
     """CLEAR in 64-page calls, the last one (3 pages) unaligned but ending at the slot end."""
     npages = 1024 * scale + 3
     with make_writer(mode, [SlotSpec(1, TEST_GPA, npages)], chunk=64, stride=1) as d:
-        run_rounds(d, 4, min_writes=npages + 500, collect_every=0.005)
+        run_rounds(d, 4, RoundPlan(min_writes=npages + 500, collect_every=0.005))
 
 
 @pytest.mark.parametrize("resumes", [0, 1], ids=["reset-first", "reentered-unreset"])
@@ -222,29 +183,29 @@ def test_dirty_ring_full(mode, resumes, scale):
     without running the guest into the full ring."""
     npages = 2048 * scale
     with make_writer(mode, [SlotSpec(1, TEST_GPA, npages)], ring_bytes=4096, ring_full_resumes=resumes) as d:
-        run_rounds(d, 5, min_writes=4000 * scale, collect_every=None)
+        run_rounds(d, 5, RoundPlan(min_writes=4000 * scale, collect_every=None))
         assert d.ring_full_exits >= 5, f"only {d.ring_full_exits} ring-full exits: the ring never filled"
         print(f"{d.ring_full_exits} KVM_EXIT_DIRTY_RING_FULL exits, {d.collector.harvested} entries harvested")
 
 
-@pytest.mark.parametrize("mode", ALL_MODES)
+@pytest.mark.parametrize("mode", MODE_NAMES)
 def test_two_vcpus_overlapping_pages(mode, scale):
     """Two vCPUs write random pages of the same small range (many pages hit by both)."""
     npages = 512 * scale
     with make_writer(mode, [SlotSpec(1, TEST_GPA, npages)], nr_vcpus=2) as d:
-        run_rounds(d, 5, min_writes=2000 * scale, collect_every=0.005)
+        run_rounds(d, 5, RoundPlan(min_writes=2000 * scale, collect_every=0.005))
         per_vcpu = [d.g.read_global("nr_writes", offset=8 * i) for i in range(2)]
         assert all(n > 100 for n in per_vcpu), f"a vCPU barely ran: writes per vCPU {per_vcpu}"
 
 
-@pytest.mark.parametrize("mode", ALL_MODES)
+@pytest.mark.parametrize("mode", MODE_NAMES)
 def test_rounds_ended_by_kick(mode, scale):
     """Like upstream dirty_log_test: each round ends by kicking the vCPU out of
     KVM_RUN wherever it is. A store that was logged (or had read its stamp) before
     the kick and retires after it must be logged again in the next round."""
     npages = 2048 * scale
     with make_writer(mode, [SlotSpec(1, TEST_GPA, npages)]) as d:
-        run_rounds(d, 12 * scale, min_writes=2000 * scale, collect_every=0.005, end_by_kick=True)
+        run_rounds(d, 12 * scale, RoundPlan(min_writes=2000 * scale, collect_every=0.005, end_by_kick=True))
 
 
 def test_checker_catches_a_dropped_page_on_real_kvm(scale):
@@ -261,7 +222,7 @@ def test_checker_catches_a_dropped_page_on_real_kvm(scale):
 
         d.collector.collect = lossy
         with pytest.raises(DirtyLogMismatch, match="false negative"):
-            d.run_round(min_writes=500, collect_every=None)
+            d.run_round(RoundPlan(min_writes=500, collect_every=None))
 
 
 @pytest.mark.parametrize("mode", ["dirty-ring", "dirty-ring-plain"])
@@ -279,8 +240,6 @@ def test_dirty_ring_full_1g_slot(mode, scale):
     Rounds end by kick, early if the guest stalls (a vCPU that KVM keeps exiting
     with RING_FULL although nothing is left to harvest): it still parks and its
     pages are checked."""
-    from kvmpy.x86.paging import PAGE_2M
-
     npages = 262144
     ring_entries = 65536
     with make_writer(mode, [SlotSpec(1, TEST_GPA, npages)], ring_bytes=ring_entries * 16, stride=1,
@@ -289,8 +248,8 @@ def test_dirty_ring_full_1g_slot(mode, scale):
         # passed ~1 run in 10 with two rounds); a KVM that loses nothing passes them all.
         for _ in range(4 * scale):
             # Two ring fills per round (the sweep restarts at page 0 each round).
-            d.run_round(min_writes=2 * ring_entries + 8192, collect_every=None, end_by_kick=True,
-                        stall_time=3.0, max_time=60)
+            d.run_round(RoundPlan(min_writes=2 * ring_entries + 8192, collect_every=None, end_by_kick=True,
+                                  stall_time=3.0, max_time=60))
         print("\n".join(d.round_log))
         print(d.ring_summary())
         assert d.ring_full_exits >= 4, f"only {d.ring_full_exits} ring-full exits: the ring never filled"

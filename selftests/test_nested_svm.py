@@ -17,64 +17,22 @@ from __future__ import annotations
 
 import pytest
 
-from kvmpy.errors import RequirementError
-from kvmpy.guest.runner import GuestVm
-from kvmpy.guest.stepper import SteppedGuest
-from kvmpy.hostinfo import module_params, require_nested
-from kvmpy.memory import Thp
-from kvmpy.x86 import cpu
-from kvmpy.x86.paging import PAGE_2M
+from kvmpy.errors import require
+from kvmpy.guest import stages
+from kvmpy.guest.vm import GuestVm
+from kvmpy.hostinfo import module_params, param_on
+from kvmpy.memory import thp_backed_chunks
+from kvmpy.x86.paging import ENTRIES_PER_TABLE
 
-from .mmu_support import PAGE, PTES, param_on, counts, delta, eager_page_split, record, sized
+from .drivers import DATA_HUGE, DATA_PAGES, DATA_SIZE, DATA_SLOT, NestedDirtyGuest
+from .host_state import eager_page_split
+from .sptes import delta, sized
 
 # Exit codes and NPF EXITINFO1 bits (AMD APM vol. 2, appendix C and 15.25.6).
 SVM_EXIT_HLT = 0x78
 SVM_EXIT_VMMCALL = 0x81
 SVM_EXIT_NPF = 0x400
 NPF_WRITE, NPF_USER, NPF_FINAL_GPA = 1 << 1, 1 << 2, 1 << 32
-
-# svm_l2_dirty.c's data region: L2 GPA DATA_L2 -> (L1's NPT, 2M pages) -> L1 GPA DATA_L1,
-# which is memslot DATA_SLOT.  Different numbers, so a dirty bit or stat at the
-# wrong level of translation cannot pass for the right one.
-DATA_SLOT = 1
-DATA_L2 = 0x4000_0000
-DATA_L1 = 0xC000_0000
-DATA_SIZE = 32 << 20
-DATA_PAGES = DATA_SIZE // PAGE
-DATA_HUGE = DATA_SIZE // PAGE_2M
-
-
-@pytest.fixture
-def nested_svm(kvm):
-    """/dev/kvm whose guests can use SVM with NPT, or a skip naming what is missing."""
-    try:
-        require_nested("amd")
-    except RequirementError as e:
-        pytest.skip(str(e))
-    # KVM offers NPT to L1 only when it uses NPT itself (kvm_amd npt=1).
-    leaf = cpu.cpuid_lookup(kvm.supported_cpuid(), 0x8000000A)
-    if leaf is None or not leaf.edx & 1:
-        npt = (module_params("kvm_amd") or {}).get("npt")
-        pytest.skip(f"KVM_GET_SUPPORTED_CPUID lacks NPT (leaf 0x8000000A EDX[0]), so L1 cannot use nested "
-                    f"paging; kvm_amd npt={npt}: load kvm_amd with npt=1")
-    return kvm
-
-
-def thp_backed_bytes(addr: int, size: int) -> int | None:
-    """AnonHugePages of the host mapping at ``addr`` (from /proc/self/smaps), None if not found."""
-    found = False
-    try:
-        with open("/proc/self/smaps") as f:
-            for line in f:
-                head = line.split(None, 1)[0]
-                if "-" in head and not head.endswith(":"):
-                    start, end = (int(x, 16) for x in head.split("-"))
-                    found = start <= addr < end
-                elif found and head == "AnonHugePages:":
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
 
 
 # -- (1) smoke ---------------------------------------------------------------------------
@@ -89,79 +47,21 @@ def test_l2_vmmcall_npf_hlt(nested_svm):
     (0x78), and finishes with a VMMCALL.  L1 checks each exit itself and
     reports it with GUEST_SYNC(stage, exit code, ...).
     """
-    hole = 0x3E00000 + 0x123000 + 8
+    hole = stages.NESTED_SMOKE_HOLE_GPA + 8
     with GuestVm("svm_l2_smoke", kvm=nested_svm) as g:
         r = g.run(timeout=120)
     assert [(s[1], s[2]) for s in r.syncs] == [
-        (1, (SVM_EXIT_VMMCALL, 0x1234, 0xABCDEF01, 0x42)),   # rax, rdi, rsi (L2's arg) as L1 saw them
-        (100, (0x42,)),                                      # from L2 itself
+        # rax, rdi, rsi (L2's arg) as L1 saw them
+        (stages.NESTED_SMOKE_CALL, (SVM_EXIT_VMMCALL, stages.NESTED_SMOKE_CALL_MAGIC,
+                                    stages.NESTED_SMOKE_ARG_MAGIC, stages.NESTED_SMOKE_L2_ARG)),
+        (stages.NESTED_SMOKE_FROM_L2, (stages.NESTED_SMOKE_L2_ARG,)),
         # EXITINFO1 of the NPF: a write (W), NPT walks are user accesses (U), not
         # present (P=0), faulted on the final GPA rather than an L2 page-table read.
-        (2, (SVM_EXIT_NPF, NPF_FINAL_GPA | NPF_USER | NPF_WRITE, hole)),
-        (3, (SVM_EXIT_HLT, 0x5EED5EED5EED5EED)),            # the retried write is in L1's page
-        (4, (SVM_EXIT_VMMCALL, 4)),                          # 4 VMRUNs in all
+        (stages.NESTED_SMOKE_FAULT, (SVM_EXIT_NPF, NPF_FINAL_GPA | NPF_USER | NPF_WRITE, hole)),
+        # The retried write is in L1's page.
+        (stages.NESTED_SMOKE_HLT, (SVM_EXIT_HLT, stages.NESTED_SMOKE_WRITE_MAGIC)),
+        (stages.NESTED_SMOKE_DONE, (SVM_EXIT_VMMCALL, 4)),   # 4 VMRUNs in all
     ]
-
-
-# -- the dirty-logging guest, driven pass by pass -------------------------------------------
-
-class NestedDirtyGuest:
-    """guests/svm_l2_dirty.c with its data region in memslot DATA_SLOT (THP-backed).
-
-    The guest runs on a thread; at each L2 pass boundary it is parked in a
-    GUEST_SYNC forwarded by L1, so the VM is quiescent while the test reads
-    stats and dirty logs.  Slot 0 (L1's runtime) is anonymous memory with THP
-    off, so it never adds 2M SPTEs, and L1 never touches the data region, so
-    every SPTE of DATA_SLOT is the nested MMU's.
-    """
-
-    def __init__(self, kvm, timeout: float = 600.0) -> None:
-        self.g = GuestVm("svm_l2_dirty", kvm=kvm)
-        self.runner = SteppedGuest(self.g, "svm_l2_dirty", {"cmd_stop": 1}, timeout)
-        try:
-            self.slot = self.g.add_memory(DATA_SLOT, DATA_L1, DATA_SIZE, Thp())
-            # L2 uses L1's page tables: map L2 GVA == L2 GPA for the data region.
-            self.g.map(DATA_L2, DATA_L2, DATA_SIZE, PAGE_2M)
-            for name, value in (("data_l2_gpa", DATA_L2), ("data_l1_gpa", DATA_L1),
-                                ("data_size", DATA_SIZE), ("l1_mem_size", self.g.mem_size)):
-                self.g.write_global(name, value)
-            self.vm = self.g.vm
-            self.pass_no = self._pass(self.runner.start())[0]
-        except BaseException:
-            self.runner.close()
-            raise
-
-    @staticmethod
-    def _pass(parked: tuple[int, tuple]) -> tuple[int, int]:
-        """(pass number, pages written in the pass) from a park's (stage, args)."""
-        stage, args = parked
-        return stage, args[0] if args else 0
-
-    def write(self, first: int = 0, stride: int = 1) -> list[int]:
-        """One L2 pass writing pages first, first+stride, ... of the region; returns them."""
-        self.pass_no, written = self._pass(self.runner.step({"cmd_first": first, "cmd_stride": stride}))
-        pages = list(range(first, DATA_PAGES, stride))
-        assert written == len(pages), f"L2 reports {written} pages written in pass {self.pass_no - 1}"
-        return pages
-
-    def check_data(self, pages: list[int], pass_no: int) -> None:
-        """Each page's first u64 is what L2 wrote in ``pass_no``: the NPT offset mapping held."""
-        view = self.slot.view
-        bad = [p for p in pages
-               if int.from_bytes(view[p * PAGE: p * PAGE + 8], "little") != (pass_no << 32 | p)]
-        assert not bad, f"{len(bad)} pages lack pass {pass_no}'s stamp, first {bad[:8]}"
-
-    def counts(self) -> dict[str, int]:
-        return counts(self.vm)
-
-    def close(self) -> None:
-        self.runner.close()
-
-    def __enter__(self) -> "NestedDirtyGuest":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 def _huge_mapped(guest: NestedDirtyGuest, before: dict[str, int]) -> dict[str, int]:
@@ -170,11 +70,11 @@ def _huge_mapped(guest: NestedDirtyGuest, before: dict[str, int]) -> dict[str, i
     after = guest.counts()
     got = delta(after, before)
     if got["pages_2m"] < DATA_HUGE:
-        thp = thp_backed_bytes(guest.slot.hva, DATA_SIZE)
-        if thp is not None and thp < DATA_SIZE:
-            pytest.skip(f"host THP backs only {thp >> 20} of the data slot's {DATA_SIZE >> 20} MiB "
-                        "(see /sys/kernel/mm/transparent_hugepage/{enabled,defrag}); the nested MMU "
-                        "maps 2M only where the host does")
+        thp = thp_backed_chunks(guest.slot.hva, DATA_SIZE)
+        require(thp is None or all(thp),
+                f"host THP backs only {2 * sum(thp or [])} of the data slot's {DATA_SIZE >> 20} MiB "
+                "(see /sys/kernel/mm/transparent_hugepage/{enabled,defrag}); the nested MMU "
+                "maps 2M only where the host does")
     # One 2M SPTE per 2M of the slot (L1's NPT maps it with 2M pages, the host
     # with THPs); slot 0 adds nothing, L2 ran the same code before this pass.
     assert got == sized(pages_2m=DATA_HUGE), f"after L2 wrote the whole region: {got}"
@@ -184,7 +84,7 @@ def _huge_mapped(guest: NestedDirtyGuest, before: dict[str, int]) -> dict[str, i
 # -- (2) eager vs lazy splitting of the nested MMU ---------------------------------------------
 
 @pytest.mark.parametrize("eager", [True, False], ids=["eager", "lazy"])
-def test_nested_mmu_split_on_dirty_logging(nested_svm, request, eager):
+def test_nested_mmu_split_on_dirty_logging(nested_svm, kvmpy_stats, eager):
     """Enabling dirty logging splits the nested MMU's 2M SPTEs: all at once (eager) or on L2's writes.
 
     Eager splitting needs the TDP MMU too: kvm_mmu_slot_try_split_huge_pages()
@@ -202,7 +102,7 @@ def test_nested_mmu_split_on_dirty_logging(nested_svm, request, eager):
         if splits_eagerly:
             # Each 2M SPTE is replaced by a shadow page of 512 4K SPTEs; the guest is
             # parked, so the whole change is the split.
-            assert at_enable == sized(pages_4k=DATA_HUGE * PTES, pages_2m=-DATA_HUGE), \
+            assert at_enable == sized(pages_4k=DATA_HUGE * ENTRIES_PER_TABLE, pages_2m=-DATA_HUGE), \
                 f"enabling dirty logging (eager_page_split=Y, tdp_mmu=Y): {at_enable}"
         else:
             # Only write-protected: the 2M SPTEs stay until L2 writes through them.
@@ -227,20 +127,20 @@ def test_nested_mmu_split_on_dirty_logging(nested_svm, request, eager):
         # Every page: either way the slot ends up mapped by exactly 512 4K SPTEs per 2M.
         pages = guest.write()
         final = delta(guest.counts(), huge)
-        assert final == sized(pages_4k=DATA_HUGE * PTES, pages_2m=-DATA_HUGE), \
+        assert final == sized(pages_4k=DATA_HUGE * ENTRIES_PER_TABLE, pages_2m=-DATA_HUGE), \
             f"after L2 wrote every page under dirty logging: {final}"
         guest.check_data(pages, guest.pass_no - 1)
 
     if splits_eagerly:
-        record(request, when="dirty logging enabled", pages_2m=-DATA_HUGE, pages_4k=DATA_HUGE * PTES)
+        kvmpy_stats(when="dirty logging enabled", pages_2m=-DATA_HUGE, pages_4k=DATA_HUGE * ENTRIES_PER_TABLE)
     else:
         # Nothing at enable; this much once L2 wrote every third page.
-        record(request, when="L2 wrote every 3rd page", pages_2m=-DATA_HUGE, pages_4k=sparse_pages)
+        kvmpy_stats(when="L2 wrote every 3rd page", pages_2m=-DATA_HUGE, pages_4k=sparse_pages)
 
 
 # -- (3) the dirty bitmap sees L2's writes --------------------------------------------------------
 
-def test_dirty_log_reports_l2_writes(nested_svm, request):
+def test_dirty_log_reports_l2_writes(nested_svm):
     """KVM_GET_DIRTY_LOG reports exactly the L1 pages L2 wrote through L1's NPT, pass after pass.
 
     Each pass writes a different pattern, so a page reported without being

@@ -12,12 +12,9 @@ runs it on a 6.12 kernel under Bochs (an emulated Skylake-X with VMX and EPT).
 """
 from __future__ import annotations
 
-import pytest
-
-from kvmpy.errors import RequirementError
-from kvmpy.guest.runner import GuestVm
-from kvmpy.hostinfo import module_params, require_nested
-from kvmpy.x86 import cpu
+from kvmpy.guest import stages
+from kvmpy.guest.vm import GuestVm
+from kvmpy.hostinfo import module_params, param_on
 
 # Basic exit reasons (SDM vol. 3D appendix C) and EPT-violation qualification bits (vol. 3C table 28-7).
 EXIT_HLT = 12
@@ -27,32 +24,11 @@ EPT_READ, EPT_WRITE, EPT_FETCH = 1 << 0, 1 << 1, 1 << 2
 EPT_READABLE, EPT_WRITABLE, EPT_EXECUTABLE = 1 << 3, 1 << 4, 1 << 5
 EPT_GLA_VALID, EPT_GLA_TRANSLATED = 1 << 7, 1 << 8
 
-FEATURE_VMX = cpu.CpuidFeature("vmx", 1, 0, "ecx", 5)
 MSR_IA32_VMX_BASIC = 0x480
 MSR_IA32_VMX_PROCBASED_CTLS = 0x482
 MSR_IA32_VMX_PROCBASED_CTLS2 = 0x48B
 MSR_IA32_VMX_EPT_VPID_CAP = 0x48C
 MSR_IA32_VMX_TRUE_PROCBASED_CTLS = 0x48E
-
-# vmx_probe.c's constants.
-HOLE = 0x3E00000 + 0x123000 + 8
-WRITE_MAGIC = 0x5EED5EED5EED5EED
-
-
-@pytest.fixture
-def nested_vmx(kvm):
-    """/dev/kvm whose guests can use VMX, or a skip naming what is missing."""
-    try:
-        require_nested("intel")
-    except RequirementError as e:
-        pytest.skip(str(e))
-    # kvm_intel sets CPUID.1:ECX.VMX in KVM_GET_SUPPORTED_CPUID only with nested=1;
-    # GuestVm hands the supported CPUID to the vCPU unchanged.
-    if not cpu.cpuid_has(kvm.supported_cpuid(), FEATURE_VMX):
-        nested = (module_params("kvm_intel") or {}).get("nested")
-        pytest.skip(f"KVM_GET_SUPPORTED_CPUID lacks VMX (leaf 1 ECX[5]), so L1 cannot VMXON; "
-                    f"kvm_intel nested={nested}: load kvm_intel with nested=1")
-    return kvm
 
 
 def vmx_caps(vcpu) -> tuple[int, bool]:
@@ -85,20 +61,27 @@ def test_l2_vmcall_ept_violation_hlt(nested_vmx):
         r = g.run(timeout=300)
     # KVM offers nested EPT exactly when it uses EPT itself.
     kvm_ept = (module_params("kvm_intel") or {}).get("ept")
-    assert ept == (kvm_ept in ("Y", "1")), f"nested EPT offered={ept} but kvm_intel ept={kvm_ept}"
+    assert ept == param_on(kvm_ept), f"nested EPT offered={ept} but kvm_intel ept={kvm_ept}"
 
     syncs = [(s[1], s[2]) for s in r.syncs]
+    hole = stages.NESTED_SMOKE_HOLE_GPA + 8
     expected = [
-        (0, (int(ept), revision)),                              # L1 saw the same EPT offer and revision
-        (1, (EXIT_VMCALL, 0x1234, 0xABCDEF01, 0x42, 3)),        # rax, rdi, rsi (L2's arg), insn length
-        (100, (0x42,)),                                         # from L2 itself
+        (stages.NESTED_SMOKE_SETUP, (int(ept), revision)),     # L1 saw the same EPT offer and revision
+        # rax, rdi, rsi (L2's arg), insn length
+        (stages.NESTED_SMOKE_CALL, (EXIT_VMCALL, stages.NESTED_SMOKE_CALL_MAGIC, stages.NESTED_SMOKE_ARG_MAGIC,
+                                    stages.NESTED_SMOKE_L2_ARG, 3)),
+        (stages.NESTED_SMOKE_FROM_L2, (stages.NESTED_SMOKE_L2_ARG,)),
     ]
     if ept:
-        qual = syncs[3][1][1] if len(syncs) > 3 and syncs[3][0] == 2 else None   # checked below
-        expected.append((2, (EXIT_EPT_VIOLATION, qual, HOLE, HOLE)))   # GPA and linear address (identity)
+        fault = syncs[3] if len(syncs) > 3 and syncs[3][0] == stages.NESTED_SMOKE_FAULT else None
+        qual = fault[1][1] if fault else None   # checked below
+        # GPA and linear address (identity mapped)
+        expected.append((stages.NESTED_SMOKE_FAULT, (EXIT_EPT_VIOLATION, qual, hole, hole)))
     expected += [
-        (3, (EXIT_HLT, 1, WRITE_MAGIC if ept else 0)),          # the retried write is in L1's page
-        (4, (EXIT_VMCALL, 0x600D, 4 if ept else 3)),            # VM entries in all
+        # The retried write is in L1's page.
+        (stages.NESTED_SMOKE_HLT, (EXIT_HLT, 1, stages.NESTED_SMOKE_WRITE_MAGIC if ept else 0)),
+        # The second VMCALL, and the VM entries in all.
+        (stages.NESTED_SMOKE_DONE, (EXIT_VMCALL, stages.NESTED_SMOKE_DONE_MAGIC, 4 if ept else 3)),
     ]
     assert syncs == expected
     if ept:

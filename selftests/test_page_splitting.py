@@ -30,11 +30,13 @@ from dataclasses import dataclass
 import pytest
 
 from kvmpy.bitmap import DirtyBitmap
-from kvmpy.errors import RequirementError
-from kvmpy.memory import SIZE_1G, SIZE_2M, Hugetlb, Thp
+from kvmpy.errors import require
+from kvmpy.memory import PAGE_1G, PAGE_2M, PAGE_4K, Hugetlb, Thp, thp_backed_chunks
+from kvmpy.x86.paging import ENTRIES_PER_TABLE
 
-from .mmu_support import (PAGE, PTES, TEST_SLOT, TouchGuest, delta, eager_page_split, hugetlb_pages,
-                         mmu_flavour, record, require_mmu, reserved_in_bed, sized, thp_chunks)
+from .drivers import TEST_SLOT, TouchGuest
+from .host_state import eager_page_split, hugetlb_pages, reserved_in_bed
+from .sptes import delta, sized
 
 NR_CHUNKS_2M = 8            # 16 MiB region for the 2M backings
 
@@ -54,33 +56,30 @@ class Region:
 
     @property
     def key(self) -> str:
-        return "pages_2m" if self.chunk == SIZE_2M else "pages_1g"
+        return "pages_2m" if self.chunk == PAGE_2M else "pages_1g"
 
     @property
     def pages_per_chunk(self) -> int:
-        return self.chunk // PAGE
+        return self.chunk // PAGE_4K
 
     @property
     def write_stride(self) -> int:
         # Every 4K page of a 2M region; one page per 2M of a 1G region (262144
         # write faults after a split would take minutes under TCG).
-        return PAGE if self.chunk == SIZE_2M else SIZE_2M
+        return PAGE_4K if self.chunk == PAGE_2M else PAGE_2M
 
 
 @contextlib.contextmanager
 def region(name: str):
     if name == "thp":
-        try:
-            Thp().check(SIZE_2M)
-        except RequirementError as e:
-            pytest.skip(str(e))
-        yield Region(name, Thp(), SIZE_2M, NR_CHUNKS_2M)
+        Thp().check(PAGE_2M)
+        yield Region(name, Thp(), PAGE_2M, NR_CHUNKS_2M)
     elif name == "hugetlb-2M":
-        with hugetlb_pages(SIZE_2M, NR_CHUNKS_2M):
-            yield Region(name, Hugetlb(SIZE_2M), SIZE_2M, NR_CHUNKS_2M)
+        with hugetlb_pages(PAGE_2M, NR_CHUNKS_2M):
+            yield Region(name, Hugetlb(PAGE_2M), PAGE_2M, NR_CHUNKS_2M)
     else:
-        with hugetlb_pages(SIZE_1G, 1):
-            yield Region(name, Hugetlb(SIZE_1G), SIZE_1G, 1)
+        with hugetlb_pages(PAGE_1G, 1):
+            yield Region(name, Hugetlb(PAGE_1G), PAGE_1G, 1)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -88,21 +87,13 @@ def bed_hugetlb_pools():
     """Inside the bed, reserve the hugetlb pages of the whole module up front: a 1G page
     needs 1 GiB of contiguous free memory, which the earlier tests' allocations break up.
     Restored when the module ends (also on failure or Ctrl-C).  Does nothing elsewhere."""
-    with reserved_in_bed((SIZE_1G, 1), (SIZE_2M, NR_CHUNKS_2M)):
+    with reserved_in_bed((PAGE_1G, 1), (PAGE_2M, NR_CHUNKS_2M)):
         yield
 
 
-@pytest.fixture
-def mmu():
-    require_mmu()
-    return mmu_flavour()
-
-
 def touch_guest(kvm, r: Region) -> TouchGuest:
-    try:
-        return TouchGuest(kvm, r.backing, r.size, guest_page=r.chunk)
-    except RequirementError as e:      # e.g. no pdpe1gb in the vCPU's CPUID for a 1G guest page
-        pytest.skip(str(e))
+    """mmu_touch over the region, mapped in the guest with pages of the region's chunk size."""
+    return TouchGuest(kvm, r.backing, r.size, guest_page=r.chunk)
 
 
 def populate(t: TouchGuest, r: Region) -> tuple[dict[str, int], list[int]]:
@@ -116,14 +107,12 @@ def populate(t: TouchGuest, r: Region) -> tuple[dict[str, int], list[int]]:
     assert start["pages_2m"] == start["pages_1g"] == 0, f"memslot 0 has huge SPTEs before the test: {start}"
     t.write(stride=r.write_stride, stamp=1)
     if r.name == "thp":
-        backed = thp_chunks(t.slot.hva, r.size)
-        if backed is None:
-            pytest.skip("cannot tell which chunks the host backs with THP: /proc/kpageflags and PFNs in "
-                        "/proc/self/pagemap need CAP_SYS_ADMIN")
+        backed = thp_backed_chunks(t.slot.hva, r.size)
+        require(backed is not None, "cannot tell which chunks the host backs with THP: /proc/kpageflags and PFNs "
+                                    "in /proc/self/pagemap need CAP_SYS_ADMIN")
         huge = [i for i, b in enumerate(backed) if b]
-        if not huge:
-            pytest.skip(f"the host backed none of the {r.nr} 2M chunks of the THP region with a huge page "
-                        f"(see /sys/kernel/mm/transparent_hugepage/defrag and memory fragmentation)")
+        require(huge, f"the host backed none of the {r.nr} 2M chunks of the THP region with a huge page "
+                      f"(see /sys/kernel/mm/transparent_hugepage/defrag and memory fragmentation)")
     else:
         huge = list(range(r.nr))
     pop = t.counts()
@@ -148,11 +137,10 @@ BACKINGS = ["thp", "hugetlb-2M", "hugetlb-1G"]
 
 
 @pytest.mark.parametrize("backing", BACKINGS)
-def test_eager_split_on_dirty_log_enable(kvm, mmu, backing, request):
+def test_eager_split_on_dirty_log_enable(kvm, mmu, backing, kvmpy_stats):
     """Enabling dirty logging splits every huge SPTE of the slot to 4K, before any guest access."""
-    if not mmu.tdp_mmu:
-        pytest.skip(f"eager page splitting is done by the TDP MMU only; new VMs get the {mmu.name} "
-                    f"({mmu.params}); test_lazy_split_on_first_write covers this MMU")
+    require(mmu.tdp_mmu, f"eager page splitting is done by the TDP MMU only; new VMs get the {mmu.name} "
+                         f"({mmu.params}); test_lazy_split_on_first_write covers this MMU")
     with eager_page_split(True), region(backing) as r, touch_guest(kvm, r) as t:
         pop, huge = populate(t, r)
         t.vm.enable_dirty_logging(TEST_SLOT)
@@ -167,15 +155,15 @@ def test_eager_split_on_dirty_log_enable(kvm, mmu, backing, request):
         n = t.write(stride=r.write_stride, stamp=2)
         assert delta(t.counts(), on) == sized(), f"a dirty pass after the eager split changed the SPTEs: {on} -> {t.counts()}"
         pages = t.vm.get_dirty_log(TEST_SLOT).pages()
-        written = list(range(0, r.size // PAGE, r.write_stride // PAGE))
+        written = list(range(0, r.size // PAGE_4K, r.write_stride // PAGE_4K))
         assert len(written) == n and pages == written, (
             f"dirty log after writing {n} pages: {len(pages)} set, first differences "
             f"{sorted(set(pages) ^ set(written))[:8]}")
-    record(request, **delta(on, pop))
+    kvmpy_stats(**delta(on, pop))
 
 
 @pytest.mark.parametrize("backing", BACKINGS)
-def test_lazy_split_on_first_write(kvm, mmu, backing, request):
+def test_lazy_split_on_first_write(kvm, mmu, backing, kvmpy_stats):
     """Without eager splitting, enabling dirty logging keeps huge SPTEs; the first write into
     one breaks just that one (TDP MMU: into 512 next-level SPTEs; shadow MMU: drops it and
     maps the written 4K page), reads keep the huge SPTE."""
@@ -187,14 +175,13 @@ def test_lazy_split_on_first_write(kvm, mmu, backing, request):
         on = t.counts()
         assert on == pop, f"{mmu.name}: enabling dirty logging changed the SPTEs without eager splitting: {pop} -> {on}"
 
-        if r.chunk == SIZE_2M:
-            if len(huge) < 3:
-                pytest.skip(f"only {len(huge)} of {r.nr} THP chunks are huge on the host, the test needs 3")
+        if r.chunk == PAGE_2M:
+            require(len(huge) >= 3, f"only {len(huge)} of {r.nr} THP chunks are huge on the host, the test needs 3")
             written, kept = [huge[0], huge[2]], huge[1]
             for c in written:
-                t.write(c * r.chunk + 5 * PAGE, PAGE, PAGE, stamp=3)
+                t.write(c * r.chunk + 5 * PAGE_4K, PAGE_4K, PAGE_4K, stamp=3)
             after_write = t.counts()
-            per_split = sized(pages_4k=PTES if mmu.tdp_mmu else 1, pages_2m=-1)
+            per_split = sized(pages_4k=ENTRIES_PER_TABLE if mmu.tdp_mmu else 1, pages_2m=-1)
             want = {k: v * len(written) for k, v in per_split.items()}
             assert delta(after_write, on) == want, (
                 f"{mmu.name}: one 4K write into each of {len(written)} huge pages: expected {want}, "
@@ -204,24 +191,24 @@ def test_lazy_split_on_first_write(kvm, mmu, backing, request):
                 f"{mmu.name}: reading a whole 2M page under dirty logging changed the SPTEs: "
                 f"{after_write} -> {t.counts()}")
         else:
-            t.write(3 * SIZE_2M + 5 * PAGE, PAGE, PAGE, stamp=3)
+            t.write(3 * PAGE_2M + 5 * PAGE_4K, PAGE_4K, PAGE_4K, stamp=3)
             after_write = t.counts()
             # TDP MMU: 1G -> 512 x 2M, then the written 2M -> 512 x 4K.
-            want = (sized(pages_4k=PTES, pages_2m=PTES - 1, pages_1g=-1) if mmu.tdp_mmu
+            want = (sized(pages_4k=ENTRIES_PER_TABLE, pages_2m=ENTRIES_PER_TABLE - 1, pages_1g=-1) if mmu.tdp_mmu
                     else sized(pages_4k=1, pages_1g=-1))
             assert delta(after_write, on) == want, (
                 f"{mmu.name}: one 4K write into a 1G page: expected {want}, got {delta(after_write, on)}")
             if mmu.tdp_mmu:
-                t.read(7 * SIZE_2M, SIZE_2M)
+                t.read(7 * PAGE_2M, PAGE_2M)
                 assert t.counts() == after_write, (
                     f"reading a 2M range of the split 1G page changed the SPTEs: {after_write} -> {t.counts()}")
         pages = t.vm.get_dirty_log(TEST_SLOT).count()
-        assert pages == (2 if r.chunk == SIZE_2M else 1), f"dirty log holds {pages} pages"
-    record(request, **delta(after_write, on))
+        assert pages == (2 if r.chunk == PAGE_2M else 1), f"dirty log holds {pages} pages"
+    kvmpy_stats(**delta(after_write, on))
 
 
 @pytest.mark.parametrize("backing", BACKINGS)
-def test_huge_pages_recovered_after_dirty_logging(kvm, mmu, backing, request):
+def test_huge_pages_recovered_after_dirty_logging(kvm, mmu, backing, kvmpy_stats):
     """Disabling dirty logging drops the 4K SPTEs of collapsible ranges; the next guest
     access maps them huge again, and the counts equal those after population."""
     with region(backing) as r, touch_guest(kvm, r) as t:
@@ -247,26 +234,22 @@ def test_huge_pages_recovered_after_dirty_logging(kvm, mmu, backing, request):
         t.read(stride=r.chunk)      # one access per chunk refaults it
         back = t.counts()
         assert back == pop, f"{mmu.name}: after the guest touched the region again: {back}, after population: {pop}"
-    record(request, **{"pages_4k": off["pages_4k"] - dirty["pages_4k"], r.key: back[r.key] - dirty[r.key]})
+    kvmpy_stats(**{"pages_4k": off["pages_4k"] - dirty["pages_4k"], r.key: back[r.key] - dirty[r.key]})
 
 
-def test_clear_dirty_log_splits_only_cleared_range(kvm, mmu, request):
+def test_clear_dirty_log_splits_only_cleared_range(kvm, mmu, kvmpy_stats):
     """Manual protect with INITIALLY_SET: enabling dirty logging splits nothing; each
     KVM_CLEAR_DIRTY_LOG splits exactly the huge pages covering the cleared range."""
-    if not mmu.tdp_mmu:
-        pytest.skip(f"splitting at KVM_CLEAR_DIRTY_LOG is done by the TDP MMU only; new VMs get the "
-                    f"{mmu.name} ({mmu.params})")
+    require(mmu.tdp_mmu, f"splitting at KVM_CLEAR_DIRTY_LOG is done by the TDP MMU only; new VMs get the "
+                         f"{mmu.name} ({mmu.params})")
     with eager_page_split(True), region("hugetlb-2M") as r, touch_guest(kvm, r) as t:
-        try:
-            t.vm.enable_manual_protect(initially_set=True)
-        except RequirementError as e:
-            pytest.skip(str(e))
+        t.vm.enable_manual_protect(initially_set=True)
         pop, huge = populate(t, r)
         t.vm.enable_dirty_logging(TEST_SLOT)
         on = t.counts()
         assert on == pop, f"INITIALLY_SET: enabling dirty logging changed the SPTEs: {pop} -> {on}"
 
-        npages = r.size // PAGE
+        npages = r.size // PAGE_4K
         everything = DirtyBitmap.full(npages)
         first = 2
         t.vm.clear_dirty_log(TEST_SLOT, everything, 0, first * r.pages_per_chunk)
@@ -277,4 +260,4 @@ def test_clear_dirty_log_splits_only_cleared_range(kvm, mmu, request):
         t.vm.clear_dirty_log(TEST_SLOT, everything, first * r.pages_per_chunk, npages - first * r.pages_per_chunk)
         assert delta(t.counts(), part) == expected_eager(r, r.nr - first), (
             f"clearing the rest: expected {expected_eager(r, r.nr - first)}, got {delta(t.counts(), part)}")
-    record(request, **delta(part, on))
+    kvmpy_stats(**delta(part, on))

@@ -15,31 +15,17 @@ the bed, ``kvmpy bed run --param kvm_amd.npt=0`` (the matrix's {npt=0}).
 """
 from __future__ import annotations
 
-import pytest
+from kvmpy.guest import stages
+from kvmpy.guest.vm import GuestVm
+from kvmpy.memory import PAGE_2M, PAGE_4K
 
-from kvmpy.guest.runner import GuestVm
-from kvmpy.x86.paging import PAGE_2M, PAGE_4K
-
-from .mmu_support import TEST_GPA, TEST_SLOT, mmu_flavour, record, require_mmu
+from .drivers import TEST_GPA, TEST_SLOT
 
 NR_TABLES = 6      # page tables (2M of 4K mappings each) the guest walks
 NR_UNSYNC = 4      # of which it edits the first NR_UNSYNC
 
 
-@pytest.fixture
-def shadow_paging():
-    """Skip unless new VMs get shadow paging (TDP off) and SPTEs are observable."""
-    require_mmu()
-    fl = mmu_flavour()
-    if fl.tdp:
-        param = "kvm_amd.npt" if fl.vendor_module == "kvm_amd" else "kvm_intel.ept"
-        pytest.skip(f"mmu_unsync needs shadow paging, but {param}=Y (TDP never shadows guest page "
-                    f"tables); reload {fl.vendor_module} with {param.split('.')[1]}=0, or run in "
-                    f"the bed with --param {param}=0")
-    return fl
-
-
-def test_guest_page_table_writes_unsync_shadow_pages(kvm, shadow_paging, request):
+def test_guest_page_table_writes_unsync_shadow_pages(kvm, shadow_paging, kvmpy_stats):
     """Writes to N shadowed last-level guest page tables make exactly N shadow pages unsync;
     INVLPG exposes the new translations, a CR3 reload syncs every one of them."""
     seen: dict[int, dict[str, int]] = {}
@@ -64,19 +50,21 @@ def test_guest_page_table_writes_unsync_shadow_pages(kvm, shadow_paging, request
 
         r = g.run(timeout=300, on_sync=on_sync)
 
-    assert [s for _, s, _ in r.syncs] == [1, 2, 3, 4, 5]
-    base = seen[1]["mmu_unsync"]
-    went_unsync = seen[2]["mmu_unsync"] - base
+    shadowed, edited, invlpg, cr3, restored = (stages.UNSYNC_SHADOWED, stages.UNSYNC_EDITED, stages.UNSYNC_INVLPG,
+                                               stages.UNSYNC_CR3, stages.UNSYNC_RESTORED)
+    assert [s for _, s, _ in r.syncs] == [shadowed, edited, invlpg, cr3, restored]
+    base = seen[shadowed]["mmu_unsync"]
+    went_unsync = seen[edited]["mmu_unsync"] - base
     assert went_unsync == NR_UNSYNC, (
         f"{shadow_paging.name}: the guest wrote PTEs in {NR_UNSYNC} of its {NR_TABLES} shadowed page "
         f"tables, mmu_unsync rose by {went_unsync} (stats per stage: {seen})")
     # INVLPG syncs single SPTEs of an unsync page, the page itself stays unsync
     # (the guest already checked it sees the swapped frames).
-    assert seen[3]["mmu_unsync"] - base == NR_UNSYNC, f"after INVLPG: {seen}"
+    assert seen[invlpg]["mmu_unsync"] - base == NR_UNSYNC, f"after INVLPG: {seen}"
     # A CR3 load syncs every unsync page reachable from the root.
-    assert seen[4]["mmu_unsync"] == base, f"after the CR3 reload: {seen}"
+    assert seen[cr3]["mmu_unsync"] == base, f"after the CR3 reload: {seen}"
     # Edited again and flushed again: back in sync.
-    assert seen[5]["mmu_unsync"] == base, f"after swapping back and reloading CR3: {seen}"
+    assert seen[restored]["mmu_unsync"] == base, f"after swapping back and reloading CR3: {seen}"
     # Unsync, not zap: no shadow page was dropped on the way.
-    assert seen[5]["mmu_shadow_zapped"] == seen[1]["mmu_shadow_zapped"], f"shadow pages were zapped: {seen}"
-    record(request, mmu_unsync=went_unsync)
+    assert seen[restored]["mmu_shadow_zapped"] == seen[shadowed]["mmu_shadow_zapped"], f"shadow pages were zapped: {seen}"
+    kvmpy_stats(mmu_unsync=went_unsync)

@@ -1,4 +1,4 @@
-"""Unit tests of kvmpy.dirty_check: the page-exact rules, without /dev/kvm."""
+"""Unit tests of kvmpy.dirtylog's checker and collectors: the page-exact rules, without /dev/kvm."""
 from __future__ import annotations
 
 import struct
@@ -6,8 +6,10 @@ import struct
 import pytest
 
 from kvmpy.bitmap import DirtyBitmap
-from kvmpy.dirty_check import (ClearDirtyLogCollector, DirtyLogChecker, DirtyLogMismatch, DirtyRingCollector,
-                               GetDirtyLogCollector, collector_by_name, read_stamps)
+from kvmpy.dirtylog.checker import DirtyLogChecker, DirtyLogMismatch, read_stamps
+from kvmpy.memory import PAGE_4K
+from kvmpy.dirtylog.collectors import (LOG_MODES, ClearDirtyLogCollector, DirtyRingCollector, GetDirtyLogCollector,
+                                       collector_by_name)
 
 N = 130  # not a multiple of 64 on purpose
 
@@ -208,9 +210,9 @@ def test_failed_verify_lists_counts_and_is_bounded():
 
 
 def test_read_stamps_reads_first_u64_of_each_page():
-    buf = bytearray(4096 * 3)
+    buf = bytearray(PAGE_4K * 3)
     struct.pack_into("<Q", buf, 0, 11)
-    struct.pack_into("<Q", buf, 4096 * 2, 1 << 63)
+    struct.pack_into("<Q", buf, PAGE_4K * 2, 1 << 63)
     struct.pack_into("<Q", buf, 8, 99)  # not the stamp
     assert read_stamps(memoryview(buf)) == [11, 0, 1 << 63]
     with pytest.raises(ValueError):
@@ -226,9 +228,11 @@ def test_record_bitmap():
 
 def test_collector_names():
     assert isinstance(collector_by_name("dirty-log"), GetDirtyLogCollector)
-    c = collector_by_name("clear-log-initially-set")
-    assert isinstance(c, ClearDirtyLogCollector) and c.initially_set
+    c = collector_by_name("clear-log-initially-set", chunk=64)
+    assert isinstance(c, ClearDirtyLogCollector) and c.initially_set and c.chunk == 64
     assert isinstance(collector_by_name("dirty-ring"), DirtyRingCollector)
+    # Every mode of the table makes a collector that calls itself by the mode's name.
+    assert [collector_by_name(m.name).name for m in LOG_MODES] == [m.name for m in LOG_MODES]
     with pytest.raises(Exception, match="unknown dirty-log mode"):
         collector_by_name("nope")
     with pytest.raises(ValueError):

@@ -10,8 +10,9 @@ import pytest
 
 from kvmpy import IoctlError, KvmError
 from kvmpy.abi import lib
+from kvmpy.bitmap import DirtyBitmap
 from kvmpy.exits import HltExit, InterruptedExit, IoExit
-from kvmpy.memory import PAGE_SIZE, Anonymous, SharedMemfd
+from kvmpy.memory import PAGE_4K, SharedMemfd
 
 # Real mode: mov al,0x42; out 0x10,al; hlt
 OUT_HLT = bytes([0xB0, 0x42, 0xE6, 0x10, 0xF4])
@@ -57,7 +58,7 @@ def test_real_mode_io_then_hlt(kvm):
 
 def test_slot_add_move_delete(kvm):
     with kvm.create_vm() as vm:
-        ms = vm.add_memory(1, 0x100000, 16 * PAGE_SIZE, SharedMemfd())
+        ms = vm.add_memory(1, 0x100000, 16 * PAGE_4K, SharedMemfd())
         vm.write(0x100000, b"hello")
         vm.move_memory(1, 0x200000)
         assert vm.read(0x200000, 5) == b"hello"
@@ -65,12 +66,12 @@ def test_slot_add_move_delete(kvm):
             vm.read(0x100000, 5)
         # Overlapping slot: the kernel's EEXIST is surfaced with the ioctl name.
         with pytest.raises(IoctlError) as ei:
-            vm.add_memory(2, 0x200000 + PAGE_SIZE, PAGE_SIZE)
+            vm.add_memory(2, 0x200000 + PAGE_4K, PAGE_4K)
         assert ei.value.errno == errno.EEXIST and "KVM_SET_USER_MEMORY_REGION" in str(ei.value)
         assert 2 not in vm.memslots
         # Misaligned GPA: EINVAL.
         with pytest.raises(IoctlError) as ei:
-            vm.add_memory(3, 0x300010, PAGE_SIZE)
+            vm.add_memory(3, 0x300010, PAGE_4K)
         assert ei.value.errno == errno.EINVAL
         vm.delete_memory(1)
         assert not vm.memslots
@@ -79,18 +80,31 @@ def test_slot_add_move_delete(kvm):
 
 def test_ioctl_error_message(kvm):
     with kvm.create_vm() as vm:
+        vm.add_memory(1, 0, 64 * PAGE_4K, flags=lib.KVM_MEM_LOG_DIRTY_PAGES)
+        bm = vm.get_dirty_log(1)
         with pytest.raises(IoctlError) as ei:
-            from kvmpy import dirty_log
-            from kvmpy.memory import Memslot
-
-            fake = Memslot(7, 0, PAGE_SIZE, lib.KVM_MEM_LOG_DIRTY_PAGES, Anonymous(), Anonymous().allocate(PAGE_SIZE))
-            try:
-                dirty_log.get(vm, fake)
-            finally:
-                fake.mapping.close()
+            vm.clear_dirty_log(1, bm, first_page=1, num_pages=63)
         msg = str(ei.value)
-        assert msg.startswith("KVM_GET_DIRTY_LOG on VM fd")
-        assert "ENOENT" in msg and "slot 7" in msg
+        assert msg.startswith("KVM_CLEAR_DIRTY_LOG on VM fd")
+        assert "EINVAL" in msg and "[slot 1 first_page 1 num_pages 63]" in msg
+        assert (ei.value.ioctl, ei.value.errno) == ("KVM_CLEAR_DIRTY_LOG", errno.EINVAL)
+
+
+def test_unchecked_ioctl_returns_the_kernels_errno(kvm):
+    with kvm.create_vm() as vm:
+        vm.add_memory(1, 0, 64 * PAGE_4K)
+        # A slot KVM does not know and a slot without dirty logging: ENOENT, not an exception.
+        assert vm.get_dirty_log_unchecked(7) == (-1, errno.ENOENT)
+        assert vm.get_dirty_log_unchecked(1).errno == errno.ENOENT
+        # The checked call refuses the unlogged slot itself, before asking the kernel.
+        with pytest.raises(KvmError, match="does not have KVM_MEM_LOG_DIRTY_PAGES"):
+            vm.get_dirty_log(1)
+        vm.enable_dirty_logging(1)
+        res = vm.get_dirty_log_unchecked(1)
+        assert res.ok and res.errno == 0
+        # Our bitmap must hold the slot: the kernel would write past a smaller one.
+        with pytest.raises(KvmError, match="cannot hold slot 1"):
+            vm.get_dirty_log_unchecked(1, DirtyBitmap(8))
 
 
 def test_vm_and_vcpu_stats(kvm):
@@ -115,11 +129,11 @@ def test_dirty_bitmap_of_guest_writes(kvm):
     with kvm.create_vm() as vm:
         vm.set_tss_addr(0xFFFBD000)
         vm.add_memory(0, 0, 0x80000)
-        vm.add_memory(1, 0x80000, 64 * PAGE_SIZE, flags=lib.KVM_MEM_LOG_DIRTY_PAGES)
+        vm.add_memory(1, 0x80000, 64 * PAGE_4K, flags=lib.KVM_MEM_LOG_DIRTY_PAGES)
         code = bytearray()
         for page in (3, 5, 9):
             # mov ax, seg; mov es, ax; mov byte [es:0], 1   (segment = (0x100000 + page*4K) >> 4)
-            seg = (0x80000 + page * PAGE_SIZE) >> 4
+            seg = (0x80000 + page * PAGE_4K) >> 4
             code += bytes([0xB8, seg & 0xFF, seg >> 8, 0x8E, 0xC0, 0x26, 0xC6, 0x06, 0, 0, 1])
         code += b"\xF4"
         vm.write(0x1000, bytes(code))
@@ -174,7 +188,7 @@ def test_create_close_1000_vms_leaks_nothing(kvm):
     def cycle(n):
         for _ in range(n):
             with kvm.create_vm() as vm:
-                vm.add_memory(0, 0, 64 * PAGE_SIZE)
+                vm.add_memory(0, 0, 64 * PAGE_4K)
                 vm.create_vcpu(0)
 
     cycle(50)  # warm up allocator caches before the baseline

@@ -5,8 +5,8 @@ import struct
 
 import pytest
 
-from kvmpy.x86.paging import (PAGE_1G, PAGE_2M, PAGE_4K, PTE_NX, PTE_P, PTE_PS, PTE_RW, PTE_US,
-                              PageTableBuilder, PagingError, is_canonical, walk)
+from kvmpy.memory import PAGE_1G, PAGE_2M, PAGE_4K
+from kvmpy.x86.paging import PTE_NX, PTE_P, PTE_PS, PTE_RW, PTE_US, PageTableBuilder, PagingError, is_canonical, walk
 from kvmpy.x86.physmem import FlatMemory
 
 POOL = 0x10000

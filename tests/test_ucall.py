@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from kvmpy.abi import lib
+from kvmpy.exits import IoExit, MmioExit
 from kvmpy.guest import ucall as u
 from kvmpy.x86.physmem import FlatMemory
 
@@ -82,13 +84,37 @@ def test_bad_ucalls(mem, gpa, kw, match):
         u.decode(mem, gpa)
 
 
+def io(port, size, direction, data):
+    return IoExit(lib.KVM_EXIT_IO, port, size, direction, 1, memoryview(data))
+
+
+def mmio(addr, length, is_write, data):
+    return MmioExit(lib.KVM_EXIT_MMIO, addr, length, is_write, memoryview(data))
+
+
 def test_unknown_command_and_port_checks(mem):
     put(mem, 0x100, 99)
     with pytest.raises(u.BadUcallError, match="unknown command 99"):
         u.decode(mem, 0x100)
-    assert u.ucall_gpa(0x3F8, 1, "out", b"a") is None
-    assert u.ucall_gpa(u.UCALL_PORT, 4, "out", struct.pack("<I", 0x1234)) == 0x1234
+    port = u.PORT_IO
+    assert port.address_of(io(0x3F8, 1, "out", b"a")) is None
+    assert port.address_of(io(u.UCALL_PORT, 4, "out", struct.pack("<I", 0x1234))) == 0x1234
     with pytest.raises(u.BadUcallError, match="1-byte 'out'"):
-        u.ucall_gpa(u.UCALL_PORT, 1, "out", b"\0")
+        port.address_of(io(u.UCALL_PORT, 1, "out", b"\0"))
     with pytest.raises(u.BadUcallError, match="'in'"):
-        u.ucall_gpa(u.UCALL_PORT, 4, "in", b"\0\0\0\0")
+        port.address_of(io(u.UCALL_PORT, 4, "in", b"\0\0\0\0"))
+    # The port transport ignores MMIO, whatever the address.
+    assert port.address_of(mmio(0xFEE00000, 8, True, struct.pack("<Q", 0x100))) is None
+
+
+def test_mmio_transport_decodes_through_the_same_decoder(mem):
+    """A CPL3 guest stores the ucall GPA to an unbacked MMIO address instead of OUT."""
+    t = u.UcallTransport(port=None, mmio_gpa=0xFEB0_0000)
+    put(mem, 0x200, u.UCALL_SYNC, args=(5, 6))
+    assert u.ucall_of(mmio(0xFEB0_0000, 8, True, struct.pack("<Q", 0x200)), mem, t) == u.SyncCall(0x200, 5, (6,))
+    assert u.ucall_of(mmio(0xFEB0_1000, 8, True, struct.pack("<Q", 0x200)), mem, t) is None
+    assert u.ucall_of(io(u.UCALL_PORT, 4, "out", struct.pack("<I", 0x200)), mem, t) is None
+    with pytest.raises(u.BadUcallError, match="4-byte write"):
+        t.address_of(mmio(0xFEB0_0000, 4, True, b"\0" * 4))
+    with pytest.raises(u.BadUcallError, match="8-byte read"):
+        t.address_of(mmio(0xFEB0_0000, 8, False, b"\0" * 8))

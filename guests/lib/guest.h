@@ -20,6 +20,7 @@
 #include <stdbool.h>
 
 #include "ucall_abi.h"
+#include "stages.h"
 #include "processor.h"
 
 void guest_main(uint32_t vcpu_id, uint64_t arg);
@@ -102,11 +103,22 @@ void guest_install_handler(unsigned int vector, exception_handler_t handler);
 #define PTE_NX       (1ul << 63)
 #define PTE_ADDR_MASK 0x000ffffffffff000ul
 
+/* Index of addr's entry in a table of `level` (1 = PT, 2 = PD, 3 = PDPT, 4 = PML4). */
+static inline unsigned int pt_index(uint64_t addr, int level)
+{
+	return (addr >> (12 + 9 * (level - 1))) & 511;
+}
+
 /*
- * Find the leaf entry mapping gva.  Returns a pointer to it (tables are
- * identity mapped) and stores its level (1 = 4K, 2 = 2M, 3 = 1G) in *level,
- * or returns NULL if a non-present entry is met on the way.
+ * The one page-table walker: x86 page tables, NPT and EPT share the 4-level
+ * shape, with bit 7 (PTE_HUGE) marking a 2M/1G leaf.  Walks the tables at root
+ * (identity mapped) for addr; an entry is present when any bit of `present` is
+ * set.  Returns the leaf entry and stores its level (1 = 4K, 2 = 2M, 3 = 1G) in
+ * *level, or returns NULL at the first non-present entry.
  */
+uint64_t *pt_walk(uint64_t *root, uint64_t addr, uint64_t present, int *level);
+
+/* The leaf entry mapping gva in the current page tables (see pt_walk), or NULL. */
 uint64_t *guest_pte(uint64_t gva, int *level);
 
 /* Set and clear bits in gva's leaf entry, then invlpg gva.  Asserts it exists. */

@@ -154,14 +154,14 @@ void exception_dispatch(struct ex_regs *regs)
 
 /* ---- page tables ------------------------------------------------------- */
 
-uint64_t *guest_pte(uint64_t gva, int *level)
+uint64_t *pt_walk(uint64_t *root, uint64_t addr, uint64_t present, int *level)
 {
-	uint64_t *table = (uint64_t *)(read_cr3() & PTE_ADDR_MASK);
+	uint64_t *table = root;
 
 	for (int lvl = 4; lvl >= 1; lvl--) {
-		uint64_t *e = &table[(gva >> (12 + 9 * (lvl - 1))) & 511];
+		uint64_t *e = &table[pt_index(addr, lvl)];
 
-		if (!(*e & PTE_PRESENT))
+		if (!(*e & present))
 			return NULL;
 		if (lvl == 1 || (lvl <= 3 && (*e & PTE_HUGE))) {
 			if (level)
@@ -171,6 +171,11 @@ uint64_t *guest_pte(uint64_t gva, int *level)
 		table = (uint64_t *)(*e & PTE_ADDR_MASK);
 	}
 	return NULL;
+}
+
+uint64_t *guest_pte(uint64_t gva, int *level)
+{
+	return pt_walk((uint64_t *)(read_cr3() & PTE_ADDR_MASK), gva, PTE_PRESENT, level);
 }
 
 void guest_pte_update(uint64_t gva, uint64_t set, uint64_t clear)

@@ -26,24 +26,19 @@ void tdp_init(struct tdp *t, const char *name, void *pool, size_t pool_pages,
 	t->pml4 = tdp_alloc(t);
 }
 
-static unsigned int tdp_index(uint64_t gpa, int level)
-{
-	return (gpa >> (12 + 9 * (level - 1))) & 511;
-}
-
 static void tdp_map_one(struct tdp *t, uint64_t l2_gpa, uint64_t l1_gpa, int level)
 {
 	uint64_t *table = t->pml4;
 
 	for (int lvl = 4; lvl > level; lvl--) {
-		uint64_t *e = &table[tdp_index(l2_gpa, lvl)];
+		uint64_t *e = &table[pt_index(l2_gpa, lvl)];
 
 		if (!(*e & t->present))
 			*e = (uint64_t)(uintptr_t)tdp_alloc(t) | t->table_bits;
 		GUEST_ASSERT_MSG(!(*e & TDP_PS), "L2 GPA %#lx: a larger %s page is in the way", l2_gpa, t->name);
 		table = (uint64_t *)(*e & PTE_ADDR_MASK);
 	}
-	uint64_t *leaf = &table[tdp_index(l2_gpa, level)];
+	uint64_t *leaf = &table[pt_index(l2_gpa, level)];
 
 	GUEST_ASSERT_MSG(!(*leaf & t->present) || level == 1 || (*leaf & TDP_PS),
 			 "L2 GPA %#lx: smaller %s pages are in the way", l2_gpa, t->name);
@@ -63,19 +58,5 @@ void tdp_map(struct tdp *t, uint64_t l2_gpa, uint64_t l1_gpa, uint64_t size, int
 
 uint64_t *tdp_leaf(struct tdp *t, uint64_t l2_gpa, int *level)
 {
-	uint64_t *table = t->pml4;
-
-	for (int lvl = 4; lvl >= 1; lvl--) {
-		uint64_t *e = &table[tdp_index(l2_gpa, lvl)];
-
-		if (!(*e & t->present))
-			return NULL;
-		if (lvl == 1 || (lvl <= 3 && (*e & TDP_PS))) {
-			if (level)
-				*level = lvl;
-			return e;
-		}
-		table = (uint64_t *)(*e & PTE_ADDR_MASK);
-	}
-	return NULL;
+	return pt_walk(t->pml4, l2_gpa, t->present, level);
 }

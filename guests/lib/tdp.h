@@ -12,7 +12,7 @@
 
 #include "guest.h"
 
-#define TDP_PS (1ul << 7)
+#define TDP_PS PTE_HUGE	/* bit 7: a 2M/1G leaf, as in x86 page tables */
 
 struct tdp {
 	uint64_t *pml4;

@@ -1,78 +1,195 @@
-"""Drive a guest pass by pass from the test thread.
+"""Drive a guest pass by pass from the test thread: the one pass-by-pass driver.
 
-The guest runs on its own thread; at every GUEST_SYNC it parks, the test reads
-stats and dirty logs of a quiescent VM, then sends the next command (guest
-globals to write) and the guest runs its next pass.
+Each vCPU runs on its own thread (GuestVm's one vCPU loop) and *parks* at a
+GUEST_SYNC: its thread waits there. While every vCPU is parked the VM is
+quiescent: the test reads stats and dirty logs, then :meth:`SteppedGuest.release`
+writes the next command (guest globals) and lets the vCPUs run their next pass;
+:meth:`SteppedGuest.wait_parked` waits for them to park again (:meth:`step` does
+both). A driver may also park the vCPUs wherever they are with a kick
+(:meth:`park_by_kick`) and handle exits that are not ucalls (``on_exit``).
 """
 from __future__ import annotations
 
-import queue
 import threading
+import time
+from typing import Callable, NamedTuple
 
 from kvmpy.errors import KvmError
-from kvmpy.guest.runner import GuestVm
+from kvmpy.exits import Exit, InterruptedExit
+from kvmpy.guest.vcpu_loop import ExitHook, VcpuThreads
+from kvmpy.guest.vm import GuestVm
+
+QUIT_TIMEOUT = 60.0   # for the guest to finish after the stop command
+
+
+class Park(NamedTuple):
+    """Where a vCPU parked: at GUEST_SYNC(stage, args...), or stage None when a kick parked it."""
+
+    stage: int | None
+    args: tuple = ()
+
+
+class _VcpuPark:
+    def __init__(self) -> None:
+        self.parked = threading.Event()
+        self.go = threading.Event()
+        self.park: Park | None = None
+        self.interrupts = 0            # KVM_RUN returns with EINTR (kicks)
 
 
 class SteppedGuest:
-    """Runs ``g`` on a thread; ``step(cmd)`` writes ``cmd``'s globals and waits for the next park.
+    """Runs ``g``'s vCPUs and parks each at every GUEST_SYNC (of ``park_stage`` only, if given).
 
-    ``stop`` is the command that makes the guest finish (used by ``close``).
+    ``stop`` is the command (guest globals) that makes the guest finish, sent by
+    :meth:`close`. ``on_exit(vcpu, exit)`` sees the exits that are neither ucalls
+    nor kicks (return True when handled). A vCPU failure is raised on the test
+    thread by the next wait (or by :meth:`close`).
     """
 
-    def __init__(self, g: GuestVm, name: str, stop: dict[str, int], timeout: float = 900.0) -> None:
+    def __init__(self, g: GuestVm, *, stop: dict[str, int], park_stage: int | None = None,
+                 on_exit: ExitHook | None = None, name: str | None = None) -> None:
         self.g = g
-        self.name = name
-        self._stop = stop
-        self._timeout = timeout
-        self._cmds: queue.Queue = queue.Queue()
-        self._parked: queue.Queue = queue.Queue()
-        self._error: BaseException | None = None
+        self.name = name or g.elf.path.stem
+        self._stop_cmd = stop
+        self._park_stage = park_stage
+        self._user_on_exit = on_exit
+        self._vcpus = [_VcpuPark() for _ in g.vcpus]
+        self._kick_park = False
+        self._changed = threading.Condition()
+        self._threads: VcpuThreads | None = None
         self._reported = False
-        self._thread: threading.Thread | None = None
 
-    def start(self, timeout: float = 120.0) -> tuple[int, tuple]:
-        """Start the guest and wait for its first park; returns (stage, args) of that sync."""
-        self._thread = threading.Thread(target=self._run, name=f"stepped-{self.name}", daemon=True)
-        self._thread.start()
-        return self._wait(timeout)
+    # -- the vCPU side (hooks of the one vCPU loop) -------------------------------------
+    def _park(self, i: int, park: Park) -> None:
+        st = self._vcpus[i]
+        st.park = park
+        st.go.clear()
+        st.parked.set()
+        with self._changed:
+            self._changed.notify_all()
+        while not st.go.wait(0.05):
+            if self.stopping.is_set():
+                return
 
-    def _run(self) -> None:
-        try:
-            self.g.run(timeout=self._timeout, on_sync=self._hook)
-        except BaseException as e:  # noqa: BLE001 - handed to the test thread
-            self._error = e
-        finally:
-            self._parked.put(None)
+    def _on_sync(self, i: int, stage: int, args: tuple) -> None:
+        if self._park_stage is None or stage == self._park_stage:
+            self._park(i, Park(stage, args))
 
-    def _hook(self, vcpu_id: int, stage: int, args: tuple) -> None:
-        self._parked.put((stage, args))
-        for name, value in self._cmds.get().items():
-            self.g.write_global(name, value)
+    def _on_exit(self, i: int, ex: Exit) -> bool:
+        if isinstance(ex, InterruptedExit):
+            self._vcpus[i].interrupts += 1
+            if self._kick_park:
+                self._park(i, Park(None))
+            return True
+        return self._user_on_exit is not None and self._user_on_exit(i, ex)
 
-    def _wait(self, timeout: float) -> tuple[int, tuple]:
-        try:
-            got = self._parked.get(timeout=timeout)
-        except queue.Empty:
-            raise KvmError(f"guest {self.name} did not park again within {timeout:g} s") from None
-        if got is None:
+    # -- the test side ------------------------------------------------------------------
+    @property
+    def stopping(self) -> threading.Event:
+        """Set once the run is ending (a failure or close): blocking hooks must return."""
+        assert self._threads is not None, "start() first"
+        return self._threads.stopping
+
+    @property
+    def parks(self) -> list[Park | None]:
+        """Where each vCPU parked last (valid while it is parked)."""
+        return [st.park for st in self._vcpus]
+
+    @property
+    def interrupts(self) -> list[int]:
+        """How often each vCPU's KVM_RUN returned because of a kick."""
+        return [st.interrupts for st in self._vcpus]
+
+    def start(self, timeout: float = 120.0) -> Park:
+        """Start the vCPUs and wait until each has parked once; returns vCPU 0's park."""
+        self._threads = self.g.start(on_sync=self._on_sync, on_exit=self._on_exit)
+        return self.wait_parked(timeout)
+
+    def check(self) -> None:
+        """Raise the first vCPU failure, if any."""
+        if self._threads is not None and self._threads.errors:
             self._reported = True
-            raise KvmError(f"guest {self.name} stopped: {self._error!r}") from self._error
-        return got
+            raise self._threads.errors[0]
 
-    def step(self, cmd: dict[str, int], timeout: float = 600.0) -> tuple[int, tuple]:
-        """Send ``cmd`` (guest globals) to the parked guest; wait for its next park."""
-        self._cmds.put(cmd)
-        return self._wait(timeout)
+    def all_parked(self) -> bool:
+        return all(st.parked.is_set() for st in self._vcpus)
+
+    def release(self, cmd: dict[str, int] | None = None) -> None:
+        """Write ``cmd`` (guest globals) while every vCPU is parked, then let them all run."""
+        if not self.all_parked():
+            raise KvmError(f"{self.name}: release() while vCPUs are running")
+        for name, value in (cmd or {}).items():
+            self.g.write_global(name, value)
+        self._kick_park = False
+        for st in self._vcpus:
+            st.parked.clear()
+            st.go.set()
+
+    def wait_parked(self, timeout: float = 600.0, poll: Callable[[], None] | None = None) -> Park:
+        """Wait until every vCPU has parked again; returns vCPU 0's park.
+
+        ``poll()``, if given, is called over and over while waiting (e.g. to collect
+        a dirty ring that a vCPU needs harvested before it can reach its sync point).
+        """
+        deadline = time.monotonic() + timeout
+        while not self.all_parked():
+            self.check()
+            for i, st in enumerate(self._vcpus):
+                if not st.parked.is_set() and not self._threads.alive(i):
+                    raise KvmError(f"{self.name}: vCPU {i} finished (GUEST_DONE) instead of parking")
+            if time.monotonic() > deadline:
+                where = ", ".join(f"vCPU {i}: {'parked' if st.parked.is_set() else 'running'} at {self.g.where(i)}"
+                                  for i, st in enumerate(self._vcpus))
+                raise KvmError(f"{self.name}: vCPUs did not park within {timeout:g} s ({where})")
+            if poll is not None:
+                poll()
+            else:
+                with self._changed:
+                    self._changed.wait(0.05)
+        self.check()
+        return self._vcpus[0].park
+
+    def step(self, cmd: dict[str, int], timeout: float = 600.0) -> Park:
+        """Send ``cmd`` to the parked guest and wait for its next park (vCPU 0's)."""
+        self.release(cmd)
+        return self.wait_parked(timeout)
+
+    def park_by_kick(self) -> None:
+        """Kick every vCPU: each parks at its next exit, wherever the guest was (wait_parked next)."""
+        self._kick_park = True
+        for v in self.g.vcpus:
+            v.kick()
+
+    def kick_all(self, timeout: float = 1.0, give_up: Callable[[], bool] | None = None) -> None:
+        """Kick every running vCPU and wait until each has left KVM_RUN once (it re-enters at once),
+        or ``give_up()`` says a vCPU cannot (e.g. it waits for the host in a hook)."""
+        before = self.interrupts
+        for v in self.g.vcpus:
+            v.kick()
+        deadline = time.monotonic() + timeout
+        for st, n in zip(self._vcpus, before):
+            while st.interrupts == n and not (give_up and give_up()) and time.monotonic() < deadline:
+                time.sleep(0.0005)
 
     def close(self) -> None:
-        """Stop the guest (sending ``stop``), join its thread, close the VM; re-raise a guest error."""
-        t = self._thread
-        if t is not None and t.is_alive():
-            self._cmds.put(self._stop)
-            t.join(60)
-            if t.is_alive():
-                raise KvmError(f"guest {self.name} runner thread did not stop")
-        self.g.close()
-        if self._error is not None and not self._reported:
-            self._reported = True
-            raise self._error
+        """Send ``stop`` to a guest parked at its sync points and let it finish; stop the vCPUs
+        (kick and join), close the VM; re-raise a vCPU failure not raised yet."""
+        finished = True
+        # Only a guest parked at its sync points reads a command; one parked by a kick is just stopped.
+        at_sync = self.all_parked() and all(st.park is not None and st.park.stage is not None for st in self._vcpus)
+        try:
+            if self._threads is not None and self._threads.running and at_sync and not self._threads.errors:
+                self.release(self._stop_cmd)
+                finished = self._threads.wait(QUIT_TIMEOUT)
+        finally:
+            self.g.close()
+        if not self._reported:
+            self.check()
+        if not finished:
+            raise KvmError(f"guest {self.name} did not finish within {QUIT_TIMEOUT:g} s of its stop command")
+
+    def __enter__(self) -> "SteppedGuest":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,7 +1,9 @@
 """Host side of the ucall ABI defined in guests/lib/ucall_abi.h.
 
-A guest OUTs the GPA of a ``struct ucall`` to UCALL_PORT (32 bits); the host
-decodes it here, never reading outside guest memory.
+A guest hands the host the GPA of a ``struct ucall`` through a transport: a 32-bit
+OUT to UCALL_PORT (ring 0), or an 8-byte store to an MMIO address no memslot backs.
+:func:`ucall_of` is the one decoder every vCPU loop uses for either; it never
+reads outside guest memory.
 """
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ import struct
 from dataclasses import dataclass
 
 from kvmpy.errors import KvmError
+from kvmpy.exits import Exit, IoExit, MmioExit
 from kvmpy.x86.physmem import PhysMemory
 
 # Mirrors guests/lib/ucall_abi.h (tests/test_ucall.py checks they agree).
@@ -100,17 +103,43 @@ class ExceptionCall(Ucall):
         return VECTOR_NAMES.get(self.vector, f"vector {self.vector}")
 
 
-def ucall_gpa(port: int, size: int, direction: str, data: bytes | memoryview) -> int | None:
-    """The ucall GPA if this port I/O exit is a ucall, else None.
+@dataclass(frozen=True)
+class UcallTransport:
+    """How a guest hands over the GPA of its ``struct ucall``.
 
-    A non-32-bit access to UCALL_PORT is a broken ucall (BadUcallError).
+    ``port``: a 32-bit OUT of the GPA to this I/O port (the runtime's way, ring 0);
+    ``mmio_gpa``: an 8-byte store of the GPA to this guest physical address, which
+    no memslot may back, so that the store exits as KVM_EXIT_MMIO (works at CPL3).
     """
-    if port != UCALL_PORT:
+
+    port: int | None = UCALL_PORT
+    mmio_gpa: int | None = None
+
+    def address_of(self, ex: Exit) -> int | None:
+        """The ucall GPA if ``ex`` is a ucall on this transport, else None.
+
+        A ucall with the wrong access size or direction is a BadUcallError.
+        """
+        if isinstance(ex, IoExit) and self.port is not None and ex.port == self.port:
+            if ex.direction != "out" or ex.size != 4 or len(ex.data) < 4:
+                raise BadUcallError(f"ucall port {self.port:#x} used with a {ex.size}-byte {ex.direction!r} "
+                                    f"access; expected a 32-bit OUT of the ucall GPA")
+            return struct.unpack_from("<I", ex.data)[0]
+        if isinstance(ex, MmioExit) and self.mmio_gpa is not None and ex.addr == self.mmio_gpa:
+            if not ex.is_write or ex.length != 8:
+                raise BadUcallError(f"ucall MMIO address {self.mmio_gpa:#x} used with a {ex.length}-byte "
+                                    f"{'write' if ex.is_write else 'read'}; expected an 8-byte store of the ucall GPA")
+            return struct.unpack_from("<Q", ex.data)[0]
         return None
-    if direction != "out" or size != 4 or len(data) < 4:
-        raise BadUcallError(f"ucall port {UCALL_PORT:#x} used with a {size}-byte {direction!r} access; "
-                            "expected a 32-bit OUT of the ucall GPA")
-    return struct.unpack_from("<I", data)[0]
+
+
+PORT_IO = UcallTransport()
+
+
+def ucall_of(ex: Exit, mem: PhysMemory, transport: UcallTransport = PORT_IO) -> Ucall | None:
+    """The decoded ucall if ``ex`` is one on ``transport``, else None (any other exit)."""
+    gpa = transport.address_of(ex)
+    return None if gpa is None else decode(mem, gpa)
 
 
 def _text(raw: bytes) -> str:

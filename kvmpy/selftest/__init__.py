@@ -1,4 +1,5 @@
-"""Running kvmpy's selftests: pytest plugins (results, known issues, splat watch) and the report.
+"""Running kvmpy's selftests: pytest plugins (fixtures and TEST_REQUIRE, results, known issues,
+splat watch) and the report.
 
 :mod:`~kvmpy.selftest.runner` runs the suite on this host; :mod:`~kvmpy.selftest.bed_runner`
 runs it inside the nested test bed through the bed's library entry point

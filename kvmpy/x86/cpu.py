@@ -62,6 +62,8 @@ FEATURE_PGE = CpuidFeature("pge", 1, 0, "edx", 13)
 FEATURE_NX = CpuidFeature("nx", 0x80000001, 0, "edx", 20)
 FEATURE_GBPAGES = CpuidFeature("pdpe1gb", 0x80000001, 0, "edx", 26)
 FEATURE_LM = CpuidFeature("lm", 0x80000001, 0, "edx", 29)
+FEATURE_VMX = CpuidFeature("vmx", 1, 0, "ecx", 5)
+FEATURE_NPT = CpuidFeature("npt", 0x8000000A, 0, "edx", 0)
 
 
 def cpuid_lookup(cpuid2, leaf: int, subleaf: int = 0):

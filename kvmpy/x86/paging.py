@@ -12,12 +12,10 @@ import struct
 from dataclasses import dataclass
 
 from kvmpy.errors import KvmError
+from kvmpy.memory import PAGE_1G, PAGE_2M, PAGE_4K
 from kvmpy.x86.physmem import PhysMemory
 
-PAGE_4K = 1 << 12
-PAGE_2M = 1 << 21
-PAGE_1G = 1 << 30
-PAGE_SIZES = (PAGE_4K, PAGE_2M, PAGE_1G)
+ENTRIES_PER_TABLE = 512     # a split of one page makes 512 mappings of the next size down
 
 PTE_P = 1 << 0
 PTE_RW = 1 << 1

@@ -1,4 +1,4 @@
-"""Page-exact verification of KVM dirty logging, and collectors for each logging mode.
+"""Page-exact verification of KVM dirty logging: the host's model of a slot, checked each round.
 
 The model
 ---------
@@ -51,20 +51,16 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Iterable, Mapping, Sequence
+from typing import Iterable, Mapping, Sequence
 
 from kvmpy.bitmap import DirtyBitmap
 from kvmpy.errors import KvmError
+from kvmpy.memory import PAGE_4K
 
-if TYPE_CHECKING:
-    from kvmpy.memory import Memslot
-    from kvmpy.vm import Vm
-
-PAGE_SIZE = 4096
 _MAX_LISTED = 20  # pages named in a failure message; the count is always given
 
 
-class DirtyLogMismatch(AssertionError):
+class DirtyLogMismatch(KvmError, AssertionError):
     """The dirty log disagrees with the page contents. ``problems`` holds the details."""
 
     def __init__(self, message: str, problems: dict[str, list[int]]) -> None:
@@ -74,10 +70,10 @@ class DirtyLogMismatch(AssertionError):
 
 def read_stamps(view: memoryview) -> list[int]:
     """The first u64 of every 4K page of ``view`` (a slot's memory), in page order."""
-    if len(view) % PAGE_SIZE:
+    if len(view) % PAGE_4K:
         raise ValueError(f"view of {len(view)} bytes is not a whole number of pages")
     # A strided memoryview reads one u64 per page without copying the slot.
-    return view.cast("B").cast("Q")[:: PAGE_SIZE // 8].tolist()
+    return view.cast("B").cast("Q")[:: PAGE_4K // 8].tolist()
 
 
 @dataclass
@@ -307,140 +303,6 @@ class DirtyLogChecker:
                                for p in sorted(pages)[:_MAX_LISTED])
             lines.append(f"  {len(pages)} pages {text[key]}: {_fmt_pages(pages)} (page: old->new stamp: {detail})")
         return "\n".join(lines)
-
-
-# ---------------------------------------------------------------------------
-# Collectors: one per logging mode. Each knows how to set the VM up and how to
-# fetch (and re-arm) the dirty pages of the logged slots.
-# ---------------------------------------------------------------------------
-
-class Collector:
-    """Fetches dirty pages of logged slots; ``collect()`` returns {slot: pages}."""
-
-    name = "collector"
-    initially_set = False
-
-    def setup_vm(self, vm: "Vm") -> None:
-        """Prepare ``vm`` for this mode (before vCPUs are created)."""
-
-    def collect(self, vm: "Vm", slots: Sequence["Memslot"]) -> dict[int, list[int]]:
-        raise NotImplementedError
-
-    def __repr__(self) -> str:
-        return self.name
-
-
-class GetDirtyLogCollector(Collector):
-    """KVM_GET_DIRTY_LOG alone: fetching the bitmap also resets it and re-protects."""
-
-    name = "dirty-log"
-
-    def collect(self, vm, slots):
-        return {ms.slot: vm.get_dirty_log(ms.slot).pages() for ms in slots}
-
-
-class ClearDirtyLogCollector(Collector):
-    """KVM_GET_DIRTY_LOG + KVM_CLEAR_DIRTY_LOG under KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2.
-
-    GET only copies the bitmap; CLEAR of exactly the reported pages re-protects them.
-    ``chunk`` (a multiple of 64) clears in several calls, exercising first_page/num_pages.
-    """
-
-    def __init__(self, initially_set: bool = False, chunk: int | None = None) -> None:
-        if chunk is not None and (chunk <= 0 or chunk % 64):
-            raise ValueError("chunk must be a positive multiple of 64 pages")
-        self.initially_set = initially_set
-        self.chunk = chunk
-        self.name = "clear-log-initially-set" if initially_set else "clear-log"
-
-    def setup_vm(self, vm):
-        vm.enable_manual_protect(initially_set=self.initially_set)
-
-    def collect(self, vm, slots):
-        out = {}
-        for ms in slots:
-            bm = vm.get_dirty_log(ms.slot)
-            step = self.chunk or ms.npages
-            for first in range(0, ms.npages, step):
-                vm.clear_dirty_log(ms.slot, bm, first, min(step, ms.npages - first))
-            out[ms.slot] = bm.pages()
-        return out
-
-
-class DirtyRingCollector(Collector):
-    """Per-vCPU dirty rings: harvest every vCPU's ring, then KVM_RESET_DIRTY_RINGS.
-
-    ``acq_rel=None`` uses KVM_CAP_DIRTY_LOG_RING_ACQ_REL when KVM offers it.
-    ``last_entry[vcpu_id]`` keeps the last gfn harvested from each vCPU (for the
-    in-flight race of a RING_FULL exit). Checks that the reset count equals the
-    harvested count and that every entry names a logged slot and an in-range page.
-    """
-
-    def __init__(self, ring_bytes: int = 65536, acq_rel: bool | None = None) -> None:
-        self.ring_bytes = ring_bytes
-        self.acq_rel = acq_rel
-        self.name = "dirty-ring" if acq_rel is None else ("dirty-ring-acq-rel" if acq_rel else "dirty-ring-plain")
-        self.last_entry: dict[int, tuple[int, int]] = {}
-        self.harvested = 0
-        # One row per non-empty harvest of a vCPU's ring: (collection number, vCPU id, entries,
-        # first entry (slot, offset)). A ring-full exit should be followed by a harvest of the
-        # soft limit (ring size - 64) plus a few; exactly the ring size means KVM filled every slot.
-        self.harvests: list[tuple[int, int, int, tuple[int, int]]] = []
-        self.collections = 0
-        self._lock = threading.Lock()
-
-    def setup_vm(self, vm):
-        vm.enable_dirty_ring(self.ring_bytes, self.acq_rel)
-
-    def collect(self, vm, slots):
-        by_slot = {ms.slot: ms for ms in slots}
-        out: dict[int, list[int]] = {s: [] for s in by_slot}
-        # One harvester at a time: a ring has a single consumer index.
-        with self._lock:
-            count = 0
-            self.collections += 1
-            for vcpu in list(vm.vcpus.values()):
-                entries = vcpu.dirty_ring.harvest()
-                if entries:
-                    self.harvests.append((self.collections, vcpu.id, len(entries), entries[0]))
-                for slot, offset in entries:
-                    ms = by_slot.get(slot)
-                    if ms is None:
-                        raise DirtyLogMismatch(
-                            f"{self.name}: vCPU {vcpu.id}'s ring names slot {slot} (offset {offset}), "
-                            f"which is not a logged slot (logged: {sorted(by_slot)})", {"bad_slot": [slot]})
-                    if offset >= ms.npages:
-                        raise DirtyLogMismatch(
-                            f"{self.name}: vCPU {vcpu.id}'s ring names page {offset} of slot {slot}, "
-                            f"which has only {ms.npages} pages", {"out_of_range": [offset]})
-                    out[slot].append(offset)
-                if entries:
-                    self.last_entry[vcpu.id] = entries[-1]
-                count += len(entries)
-            reset = vm.reset_dirty_rings() if count else 0
-            self.harvested += count
-        if reset != count:
-            raise DirtyLogMismatch(
-                f"{self.name}: KVM_RESET_DIRTY_RINGS reset {reset} entries, {count} were harvested",
-                {"reset_mismatch": [reset, count]})
-        return out
-
-
-def collector_by_name(name: str, ring_bytes: int = 65536) -> Collector:
-    """A collector from its mode name (the names used in test ids)."""
-    table = {
-        "dirty-log": GetDirtyLogCollector,
-        "clear-log": lambda: ClearDirtyLogCollector(False),
-        "clear-log-initially-set": lambda: ClearDirtyLogCollector(True),
-        "dirty-ring": lambda: DirtyRingCollector(ring_bytes, None),
-        "dirty-ring-plain": lambda: DirtyRingCollector(ring_bytes, False),
-    }
-    if name not in table:
-        raise KvmError(f"unknown dirty-log mode {name!r}; choose from {', '.join(table)}")
-    return table[name]()
-
-
-MODES = ("dirty-log", "clear-log", "clear-log-initially-set", "dirty-ring")
 
 
 def record_all(checkers: Mapping[int, DirtyLogChecker], collected: Mapping[int, Iterable[int]]) -> None:

@@ -1,0 +1,45 @@
+/* SPDX-License-Identifier: GPL-2.0-only */
+/*
+ * Numbers a guest program and the host must agree on: GUEST_SYNC stages,
+ * commands, addresses and magic values.  One section per program, each line
+ * `#define NAME literal  [comment]`.  build_guest.sh generates the host's copy,
+ * kvmpy/guest/stages.py, from this file (tests/test_stages.py checks that the
+ * two agree): edit here, rebuild, commit both.
+ */
+#ifndef KVMPY_STAGES_H
+#define KVMPY_STAGES_H
+
+/* dirty_writer.c: stamps pages in rounds; the host holds each vCPU at PARKED between them */
+#define DIRTY_WRITER_PARKED    1  /* GUEST_SYNC(PARKED, vcpu, writes): between rounds */
+#define DIRTY_WRITER_PROGRESS  2  /* GUEST_SYNC(PROGRESS, vcpu, writes): every sync_every writes */
+
+/* mmu_touch.c: one pass over the test region per host command */
+#define MMU_TOUCH_PARKED    1  /* GUEST_SYNC(PARKED, passes, sum): between passes */
+#define MMU_TOUCH_OP_QUIT   0  /* values of the global `op` */
+#define MMU_TOUCH_OP_READ   1
+#define MMU_TOUCH_OP_WRITE  2
+
+/* svm_l2_smoke.c, vmx_probe.c: L1 reports each exit of its L2 in a GUEST_SYNC of this stage */
+#define NESTED_SMOKE_SETUP      0  /* vmx_probe.c only: (EPT in use, VMCS revision id) */
+#define NESTED_SMOKE_CALL       1  /* L2's VMMCALL/VMCALL */
+#define NESTED_SMOKE_FAULT      2  /* L2's write into the hole: NPF / EPT violation */
+#define NESTED_SMOKE_HLT        3  /* L2's HLT, after its retried write landed */
+#define NESTED_SMOKE_DONE       4  /* L2 said done */
+#define NESTED_SMOKE_FROM_L2    100  /* L2's own GUEST_SYNC, straight to the host */
+#define NESTED_SMOKE_IDENT_END  0x3e00000  /* L2 GPAs below are identity mapped (2M NPT/EPT pages) */
+#define NESTED_SMOKE_HOLE_GPA   0x3f23000  /* an unmapped L2 GPA above them; L2 writes at +8 */
+#define NESTED_SMOKE_CALL_MAGIC   0x1234  /* L2's rax at its first call */
+#define NESTED_SMOKE_ARG_MAGIC    0xabcdef01  /* L2's rdi at its first call */
+#define NESTED_SMOKE_REPLY_MAGIC  0x5678  /* L1's answer in L2's rax */
+#define NESTED_SMOKE_DONE_MAGIC   0x600d  /* vmx_probe.c: L2's rax at its last VMCALL */
+#define NESTED_SMOKE_L2_ARG       0x42  /* L2's argument (rsi at its first call) */
+#define NESTED_SMOKE_WRITE_MAGIC  0x5eed5eed5eed5eed  /* what L2 writes into the hole */
+
+/* unsync.c: edits its own last-level page tables under shadow paging */
+#define UNSYNC_SHADOWED  1  /* every page table read: KVM shadows them all */
+#define UNSYNC_EDITED    2  /* PTEs swapped in the first nr_unsync tables, no flush */
+#define UNSYNC_INVLPG    3  /* both edited pages of each table flushed with INVLPG */
+#define UNSYNC_CR3       4  /* CR3 reloaded: a full flush */
+#define UNSYNC_RESTORED  5  /* swapped back and CR3 reloaded */
+
+#endif

@@ -1,0 +1,121 @@
+"""One round of the dirty writer, described by a :class:`RoundPlan` (see kvmpy.dirtylog.writer).
+
+The host hands out a stamp, lets the vCPUs write while it collects (every
+``collect_every`` seconds, or only when a ring is full), ends the round at the
+guest's sync point or by kicking the vCPUs wherever they are, and checks every
+page of every logged slot.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable
+
+from kvmpy.dirtylog.checker import DirtyLogMismatch, RoundReport
+from kvmpy.errors import KvmError
+
+if TYPE_CHECKING:
+    from kvmpy.dirtylog.writer import DirtyWriterVm
+
+
+@dataclass(frozen=True)
+class RoundPlan:
+    """How one round runs.
+
+    ``min_writes``/``min_time``: the guest writes at least that much before the
+    round ends; ``max_time``: a round taking longer fails (no guest progress).
+    ``collect_every`` seconds between concurrent collections; None collects while
+    the guest runs only when a ring is full.
+    ``during(writer)`` runs on the host thread once the guest has done half its writes.
+    ``must_report=False``: writes of the round's first stamp may go unlogged (the
+    test turns logging off during it).
+    ``restamp`` hands out a new stamp after every concurrent collection, so the
+    checker knows which collection must have logged each store.
+    ``end_by_kick`` stops the vCPUs with kicks wherever they are (like upstream's
+    dirty_log_test) instead of at their sync point; a vCPU stopped between loading
+    its stamp and storing it (its registers say so) leaves exactly that store
+    pending: the checker excuses it this round and demands it next round.
+    ``kick_collect`` kicks every vCPU out of KVM_RUN before each concurrent
+    collection and waits for the exit (the vCPU re-enters at once): upstream's
+    dirty_log_test collects the dirty ring this way, racing its kicks with
+    KVM_EXIT_DIRTY_RING_FULL.
+    ``stall_time``: if the guest makes no write for that long (a vCPU KVM keeps
+    from running, e.g. RING_FULL exit after exit with nothing to harvest), end
+    the round there instead of failing on ``max_time``: the page check then
+    shows what the log lost. Needs ``end_by_kick`` (a wedged vCPU never reaches
+    its sync point).
+    """
+
+    min_writes: int = 200
+    min_time: float = 0.0
+    collect_every: float | None = 0.01
+    max_time: float = 30.0
+    during: Callable[["DirtyWriterVm"], None] | None = None
+    must_report: bool = True
+    end_by_kick: bool = False
+    restamp: bool = True
+    kick_collect: bool = False
+    stall_time: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.stall_time is not None and not self.end_by_kick:
+            raise ValueError("stall_time needs end_by_kick")
+
+
+def run_round(d: "DirtyWriterVm", plan: RoundPlan) -> dict[int, RoundReport]:
+    """Run one round of ``d`` as ``plan`` says and verify it; returns {slot: RoundReport}."""
+    first_collection = d.collections + 1
+    ring_full0 = d.ring_full_exits
+    w0 = d.begin_round(plan.must_report)
+    start = time.monotonic()
+    ran_during = plan.during is None
+    last_n, last_progress, stalled = -1, start, False
+    while True:
+        d.guest.check()
+        now = time.monotonic()
+        n = d.writes() - w0
+        if n != last_n:
+            last_n, last_progress = n, now
+        elif plan.stall_time is not None and now - last_progress > plan.stall_time:
+            stalled = True
+            break
+        if not ran_during and n >= plan.min_writes // 2:
+            plan.during(d)
+            ran_during = True
+            continue
+        if ran_during and n >= plan.min_writes and now - start >= plan.min_time:
+            break
+        if now - start > plan.max_time:
+            raise KvmError(f"{d.label}: round {d.stamp}: only {n} guest writes in {plan.max_time:g} s "
+                           f"(wanted {plan.min_writes}): is the guest making progress?")
+        if plan.collect_every is None:
+            if d.harvest_needed.wait(0.005):
+                # A new stamp only after a collection that found something: one after an
+                # empty one would say nothing more (and a KVM that exits with RING_FULL
+                # over an empty ring would make thousands).
+                if any(d.collect().values()) and plan.restamp:
+                    d.set_stamp(d.stamp + 1, plan.must_report)
+        else:
+            d.harvest_needed.wait(plan.collect_every)
+            if plan.kick_collect:
+                d.kick_all()
+            d.collect()
+            if plan.restamp:
+                d.set_stamp(d.stamp + 1, plan.must_report)
+    d.end_round(plan.end_by_kick, plan.max_time)
+    nwrites = d.writes() - w0
+    try:
+        reports = d.verify()
+    except DirtyLogMismatch as e:
+        extra = d.ring_summary(first_collection, ring_full0)
+        if stalled:
+            extra = (f"  the guest STALLED: no write for {plan.stall_time:g} s after {last_n} writes this round "
+                     f"(ended by kick)" + ("\n" + extra if extra else ""))
+        if not extra:
+            raise
+        raise DirtyLogMismatch(f"{e}\n{extra}", e.problems) from None
+    d.round_log.append(f"{d.label}: round {d.stamp}: {nwrites} writes"
+                       + (f" (STALLED: no write for {plan.stall_time:g} s)" if stalled else "") + " in "
+                       f"{time.monotonic() - start:.2f} s, ring-full exits so far {d.ring_full_exits}; "
+                       + "; ".join(f"slot {s}: {r}" for s, r in reports.items()))
+    return reports

@@ -1,0 +1,228 @@
+"""guests/dirty_writer.c with test slots, driven round by round against a collector.
+
+A :class:`DirtyWriterVm` is a :class:`~kvmpy.guest.vm.GuestVm` (the collector sets
+up its mode before the vCPUs exist) plus test memslots mapped contiguously at
+:data:`TEST_GVA`, driven by :class:`~kvmpy.guest.stepper.SteppedGuest`: every vCPU
+parks at GUEST_SYNC(DIRTY_WRITER_PARKED) between rounds. The exit hook handles
+KVM_EXIT_DIRTY_RING_FULL (the vCPU waits for a harvest). A round, as a
+:class:`~kvmpy.dirtylog.rounds.RoundPlan` describes it:
+
+1. set the stamp (guest global ``iteration``) and clear ``stop`` while every
+   vCPU is parked, then release them;
+2. collect while they write (concurrently), at least ``min_writes`` writes;
+3. set ``stop`` (or kick them); keep collecting (a vCPU blocked on a full ring
+   needs it) until every vCPU is parked again; collect once more, quiescent;
+4. read every page's stamp and verify each logged slot page by page.
+"""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Sequence
+
+from kvmpy.dirtylog.checker import DirtyLogChecker, RoundReport, read_stamps, record_all
+from kvmpy.dirtylog.collectors import Collector
+from kvmpy.dirtylog.rounds import RoundPlan, run_round
+from kvmpy.errors import KvmError
+from kvmpy.exits import DirtyRingFullExit, Exit
+from kvmpy.guest import stages
+from kvmpy.guest.stepper import SteppedGuest
+from kvmpy.guest.vm import GuestVm
+from kvmpy.memory import PAGE_4K, Backing
+
+TEST_GVA = 0xC000_0000
+
+
+@dataclass
+class SlotSpec:
+    """A test memslot: ``npages`` 4K pages at ``gpa``; ``logged`` turns on KVM_MEM_LOG_DIRTY_PAGES."""
+
+    slot: int
+    gpa: int
+    npages: int
+    logged: bool = True
+
+
+class DirtyWriterVm:
+    """A dirty_writer guest with test slots, run round by round against a collector.
+
+    ``label`` prefixes every failure message (mode, backing, test).
+    ``ring_full_resumes``: after a KVM_EXIT_DIRTY_RING_FULL, re-enter KVM_RUN that
+    many times before waiting for the harvest (a misbehaving VMM's re-entry).
+    ``page_size``: the *guest's* page size for the test slots (PAGE_2M lets a 1 GiB
+    slot fit the runtime's page-table pool, which caps 4K mappings at ~120k pages;
+    dirty logging is per 4K gfn on the host side whatever the guest maps). Slots
+    mapped with 2M pages must start and end 2M-aligned.
+    """
+
+    def __init__(self, collector: Collector, slots: Sequence[SlotSpec], *, nr_vcpus: int = 1,
+                 backing: Backing | None = None, stride: int = 0, seed: int = 1,
+                 vcpu_ranges: Sequence[tuple[int, int]] | None = None, label: str = "",
+                 ring_full_resumes: int = 0, page_size: int = PAGE_4K, burst: int = 0) -> None:
+        self.collector = collector
+        self.ring_full_resumes = ring_full_resumes
+        self.label = label or collector.name
+        self.round_log: list[str] = []
+        self.stamp = 0
+        self.harvest_needed = threading.Event()   # a vCPU waits for a harvest (its ring is full)
+        self._harvest_gen = 0
+        self._harvest_cv = threading.Condition()
+        self._ring_full = [0] * nr_vcpus
+        self._unharvested_resumes = [0] * nr_vcpus   # KVM_RUNs since the last RING_FULL without a harvest
+        self._started = False
+        self.g = GuestVm("dirty_writer", nr_vcpus=nr_vcpus, mem_size=16 << 20, before_vcpus=collector.setup_vm)
+        try:
+            self.vm = self.g.vm
+            self.slots = []
+            gva = TEST_GVA
+            for spec in slots:
+                ms = self.g.add_memory(spec.slot, spec.gpa, spec.npages * PAGE_4K, backing)
+                self.g.map(gva, spec.gpa, spec.npages * PAGE_4K, page_size)
+                if spec.logged:
+                    self.vm.enable_dirty_logging(spec.slot, True)
+                self.slots.append((spec, ms))
+                gva += spec.npages * PAGE_4K
+            self.npages = sum(s.npages for s in slots)
+            self.logged = [ms for spec, ms in self.slots if spec.logged]
+            self.checkers = {ms.slot: DirtyLogChecker(ms.npages, initially_set=collector.initially_set,
+                                                      label=self.label, slot=ms.slot)
+                             for ms in self.logged}
+            for name, value in (("test_gva", TEST_GVA), ("test_npages", self.npages), ("stride", stride),
+                                ("seed", seed), ("burst", burst), ("iteration", 0), ("stop", 0), ("quit", 0)):
+                self.g.write_global(name, value)
+            for i, (first, n) in enumerate(vcpu_ranges or []):
+                self.g.write_global("vcpu_first", first, offset=8 * i)
+                self.g.write_global("vcpu_npages", n, offset=8 * i)
+            self._stamp_store_rips = {self.g.elf.symbol(n).addr for n in ("stamp_store", "burst_store")}
+            self.guest = SteppedGuest(self.g, stop={"quit": 1}, park_stage=stages.DIRTY_WRITER_PARKED,
+                                      on_exit=self._on_exit, name=self.label)
+        except BaseException:
+            self.g.close()
+            raise
+
+    # -- the vCPU side: exits that are not ucalls ------------------------------------------
+    def _on_exit(self, i: int, ex: Exit) -> bool:
+        if not isinstance(ex, DirtyRingFullExit):
+            return False
+        # KVM stops a vCPU whose ring is (soft) full; it may only run on after a reset.
+        self._ring_full[i] += 1
+        if self._unharvested_resumes[i] < self.ring_full_resumes:
+            # A VMM may re-enter by mistake (upstream's dirty_log_test does, after a
+            # stray wakeup): KVM must refuse to run the guest into a full ring.
+            self._unharvested_resumes[i] += 1
+            return True
+        self._unharvested_resumes[i] = 0
+        with self._harvest_cv:
+            gen = self._harvest_gen
+            self.harvest_needed.set()
+            while self._harvest_gen == gen and not self.guest.stopping.is_set():
+                self._harvest_cv.wait(0.05)
+        return True
+
+    # -- the host side: the steps of a round ---------------------------------------------------
+    def collect(self) -> dict[int, list[int]]:
+        """One collection of every logged slot, fed to the checkers; wakes ring-full vCPUs."""
+        got = self.collector.collect(self.vm, self.logged)
+        record_all(self.checkers, got)
+        with self._harvest_cv:
+            self.harvest_needed.clear()
+            self._harvest_gen += 1
+            self._harvest_cv.notify_all()
+        return got
+
+    def writes(self) -> int:
+        """Writes done so far by all vCPUs (guest counters)."""
+        return sum(self.g.read_global("nr_writes", offset=8 * i) for i in range(len(self.g.vcpus)))
+
+    def set_stamp(self, stamp: int, must_report: bool = True) -> None:
+        """Start a new phase inside the running round: the guest now writes ``stamp``."""
+        for c in self.checkers.values():
+            c.add_phase(stamp, must_report)
+        self.stamp = stamp
+        self.g.write_global("iteration", stamp)
+
+    def begin_round(self, must_report: bool = True) -> int:
+        """Hand out a new stamp and release the parked vCPUs; returns the writes done before."""
+        if not self._started:
+            self.guest.start()
+            self._started = True
+        self.stamp += 1
+        for c in self.checkers.values():
+            c.begin_round(self.stamp, must_report)
+        w0 = self.writes()
+        self.guest.release({"iteration": self.stamp, "stop": 0})
+        return w0
+
+    def end_round(self, by_kick: bool, timeout: float) -> None:
+        """Stop every vCPU (at its sync point, or wherever a kick finds it), collecting
+        while they stop, then once more with the guest quiescent."""
+        if by_kick:
+            self.guest.park_by_kick()
+        else:
+            self.g.write_global("stop", 1)
+        # A vCPU stopped by a full ring reaches its sync point only after a harvest.
+        self.guest.wait_parked(timeout, poll=self._collect_when_needed)
+        if by_kick:
+            self._note_pending_stores()
+        self.collect()
+
+    def _collect_when_needed(self) -> None:
+        self.harvest_needed.wait(0.005)
+        self.collect()
+
+    def kick_all(self) -> None:
+        """Kick every vCPU out of KVM_RUN once (it re-enters at once), as upstream collects a ring."""
+        # A vCPU waiting for a harvest after RING_FULL sees the kick when it re-enters.
+        self.guest.kick_all(give_up=self.harvest_needed.is_set)
+
+    def _note_pending_stores(self) -> None:
+        """Tell the checkers about stores that kicked vCPUs left unfinished (loaded stamp, not stored)."""
+        for i, park in enumerate(self.guest.parks):
+            if park is not None and park.stage is None:
+                regs = self.g.vcpus[i].get_regs()
+                if regs.rip in self._stamp_store_rips:
+                    self._note_pending(regs.rdi, regs.rax)
+
+    def _note_pending(self, gva: int, stamp: int) -> None:
+        first = TEST_GVA
+        for spec, ms in self.slots:
+            if first <= gva < first + spec.npages * PAGE_4K:
+                if spec.logged:
+                    self.checkers[ms.slot].note_pending_store((gva - first) // PAGE_4K, stamp)
+                return
+            first += spec.npages * PAGE_4K
+        raise KvmError(f"{self.label}: a kicked vCPU was storing to GVA {gva:#x}, outside the test slots")
+
+    def verify(self) -> dict[int, RoundReport]:
+        """Check every logged slot page by page (vCPUs parked); {slot: RoundReport}."""
+        return {ms.slot: self.checkers[ms.slot].verify(read_stamps(ms.view)) for ms in self.logged}
+
+    def run_round(self, plan: RoundPlan | None = None) -> dict[int, RoundReport]:
+        """Run one round as ``plan`` says (see :mod:`kvmpy.dirtylog.rounds`) and verify it."""
+        return run_round(self, plan or RoundPlan())
+
+    # -- diagnostics -----------------------------------------------------------------------
+    @property
+    def ring_full_exits(self) -> int:
+        return sum(self._ring_full)
+
+    @property
+    def collections(self) -> int:
+        """Collections made so far, for collectors that count them (0 otherwise)."""
+        return getattr(self.collector, "collections", 0)
+
+    def ring_summary(self, first_collection: int = 1, ring_full0: int = 0) -> str:
+        """The dirty ring's fill levels since collection ``first_collection`` ('' without a ring)."""
+        summary = getattr(self.collector, "summary", None)
+        return "" if summary is None else summary(first_collection, self.ring_full_exits - ring_full0)
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def close(self) -> None:
+        """Let the guest quit at its sync point (else stop it) and release everything."""
+        self.guest.close()
+
+    def __enter__(self) -> "DirtyWriterVm":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,241 @@
+"""A VM running a guest program in long mode: memory, tables, vCPUs, and the run lifecycle.
+
+Guest physical layout of memslot 0 (identity mapped, GVA == GPA):
+
+    0x000000  page 0: not mapped, so NULL dereferences fault
+    0x001000  GDT
+    0x002000  IDT (256 gates)
+    0x003000  TSSs, TSS_STRIDE bytes per vCPU
+    0x010000  page-table pool (PT_POOL_SIZE)
+    0x100000  per-vCPU stack blocks of STACK_BLOCK bytes:
+              [guard][#DF IST stack][guard][stack ......]  (guards unmapped)
+    0x400000  the guest ELF (guests/lib/guest.ld), then free memory
+
+Lifecycle, with a hook at each step for the driver (like QEMUMachine's
+_pre_launch/_post_launch): construction creates the VM, runs ``before_vcpus(vm)``
+(e.g. enable the dirty ring), builds memory and tables, creates the vCPUs; the
+test then adds memslots, maps them and sets globals; :meth:`GuestVm.run` (or
+:meth:`GuestVm.start` for a driver such as :class:`~kvmpy.guest.stepper.SteppedGuest`)
+runs the vCPUs through the one vCPU loop, with ``on_exit`` for exits that are
+not ucalls.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+from kvmpy.errors import KvmError
+from kvmpy.guest import programs
+from kvmpy.guest.elf import GuestElf
+from kvmpy.guest.errors import GuestTimeoutError
+from kvmpy.guest.ucall import PORT_IO, UcallTransport
+from kvmpy.guest.vcpu_loop import ExitHook, PrintHook, RunResult, SyncHook, VcpuThreads
+from kvmpy.kvm import Kvm
+from kvmpy.memory import PAGE_1G, PAGE_2M, PAGE_4K, Backing, Memslot
+from kvmpy.vcpu import Vcpu
+from kvmpy.vm import Vm
+from kvmpy.x86 import cpu, descriptors
+from kvmpy.x86.paging import PageTableBuilder
+
+GDT_GPA = 0x1000
+IDT_GPA = 0x2000
+TSS_GPA = 0x3000
+TSS_STRIDE = 128
+PT_POOL_GPA = 0x10000
+PT_POOL_SIZE = 0xF0000
+STACKS_GPA = 0x100000
+STACK_BLOCK = 0x8000
+IST_OFFSET = 0x1000      # #DF stack page inside a block
+STACK_OFFSET = 0x3000    # main stack from here to the end of the block
+MAX_VCPUS = 16
+ELF_MIN_GPA = 0x200000
+DF_VECTOR = 8
+
+
+class GuestVm:
+    """A VM running guest program ``program`` (a name from guests/ or a path to an ELF).
+
+    Construction creates the VM (then calls ``before_vcpus(vm)``), memslot 0
+    (``mem_size`` bytes at GPA 0), loads the program, builds GDT/TSS/IDT and
+    identity-mapping page tables, and creates ``nr_vcpus`` vCPUs in 64-bit mode at
+    the ELF entry with their own stacks; vCPU i gets ``vcpu_args[i]`` as
+    guest_main's second argument. ``ucall`` is how the guest hands over its
+    ucalls (port I/O by default). Before the run a test can add memslots, map
+    more memory and set globals.
+    """
+
+    def __init__(self, program: str | Path, *, nr_vcpus: int = 1, mem_size: int = 64 << 20,
+                 vcpu_args: Sequence[int] | None = None, kvm: Kvm | None = None, backing: Backing | None = None,
+                 ucall: UcallTransport = PORT_IO, before_vcpus: Callable[[Vm], None] | None = None) -> None:
+        if not 1 <= nr_vcpus <= MAX_VCPUS:
+            raise KvmError(f"nr_vcpus must be 1..{MAX_VCPUS}, got {nr_vcpus}")
+        if vcpu_args is not None and len(vcpu_args) != nr_vcpus:
+            raise KvmError(f"{len(vcpu_args)} vcpu_args for {nr_vcpus} vCPUs")
+        path = Path(program) if "/" in str(program) or str(program).endswith(".elf") else programs.find(str(program))
+        self.elf = GuestElf(path)
+        if min(s.paddr for s in self.elf.segments) < ELF_MIN_GPA:
+            raise KvmError(f"{path}: loads below {ELF_MIN_GPA:#x}, into the runtime's reserved area")
+        if mem_size % PAGE_4K or self.elf.end > mem_size:
+            raise KvmError(f"mem_size {mem_size:#x} must be page aligned and hold the program (ends {self.elf.end:#x})")
+
+        self.ucall = ucall
+        self._own_kvm = kvm is None
+        self.kvm = Kvm() if kvm is None else kvm
+        self.vm: Vm | None = None
+        self.vcpus: list[Vcpu] = []
+        self.threads: VcpuThreads | None = None
+        try:
+            self.vm = self.kvm.create_vm()
+            if before_vcpus is not None:
+                before_vcpus(self.vm)
+            self.mem_size = mem_size
+            self.vm.add_memory(slot=0, gpa=0, size=mem_size, backing=backing)
+            self.elf.load(self.vm)
+            self.cpuid = cpu.vcpu_cpuid(self.kvm, 0)
+            self.has_nx = cpu.cpuid_has(self.cpuid, cpu.FEATURE_NX)
+            self.pt = PageTableBuilder(self.vm, PT_POOL_GPA, PT_POOL_SIZE, cpu.phys_bits(self.cpuid))
+            self._identity_map(nr_vcpus)
+            self._build_tables(nr_vcpus)
+            args = list(vcpu_args) if vcpu_args is not None else [0] * nr_vcpus
+            for i in range(nr_vcpus):
+                self._create_vcpu(i, args[i])
+        except BaseException:
+            self.close()
+            raise
+
+    # -- setup ----------------------------------------------------------------------
+    def _identity_map(self, nr_vcpus: int) -> None:
+        guards = set()
+        for i in range(nr_vcpus):
+            block = STACKS_GPA + i * STACK_BLOCK
+            guards.update({block, block + IST_OFFSET + PAGE_4K})
+        low_end = min(ELF_MIN_GPA, self.mem_size)
+        for gpa in range(PAGE_4K, low_end, PAGE_4K):
+            if gpa not in guards:
+                self.pt.map_page(gpa, gpa, PAGE_4K)
+        gpa = low_end
+        while gpa < self.mem_size:
+            size = PAGE_2M if gpa % PAGE_2M == 0 and gpa + PAGE_2M <= self.mem_size else PAGE_4K
+            self.pt.map_page(gpa, gpa, size)
+            gpa += size
+
+    def _build_tables(self, nr_vcpus: int) -> None:
+        tss_bases = [TSS_GPA + i * TSS_STRIDE for i in range(nr_vcpus)]
+        self._gdt = descriptors.build_gdt(tss_bases)
+        self.vm.write(GDT_GPA, self._gdt)
+        for i, base in enumerate(tss_bases):
+            ist_top = STACKS_GPA + i * STACK_BLOCK + IST_OFFSET + PAGE_4K
+            self.vm.write(base, descriptors.build_tss(ist={1: ist_top}))
+        table = self.elf.symbol("exc_stub_table")
+        handlers = [self.vm.read_u64(table.addr + 8 * v) for v in range(table.size // 8)]
+        self._idt = descriptors.build_idt(handlers, ist={DF_VECTOR: 1})
+        self.vm.write(IDT_GPA, self._idt)
+
+    def _create_vcpu(self, i: int, arg: int) -> None:
+        vcpu = self.vm.create_vcpu(i)
+        self.vcpus.append(vcpu)
+        vcpu.set_cpuid(cpu.vcpu_cpuid(self.kvm, i))
+        cpu.setup_long_mode(vcpu, cr3=self.pt.cr3, gdt_base=GDT_GPA, gdt_limit=len(self._gdt) - 1,
+                            idt_base=IDT_GPA, idt_limit=len(self._idt) - 1,
+                            tss=descriptors.tss_segment(i, TSS_GPA + i * TSS_STRIDE), nx=self.has_nx)
+        r = vcpu.get_regs()
+        r.rip = self.elf.entry
+        r.rsp = STACKS_GPA + (i + 1) * STACK_BLOCK
+        r.rdi, r.rsi = i, arg
+        r.rflags = cpu.RFLAGS_FIXED
+        vcpu.set_regs(r)
+
+    # -- test-facing helpers ------------------------------------------------------------
+    def add_memory(self, slot: int, gpa: int, size: int, backing: Backing | None = None) -> Memslot:
+        """Add a memslot (see ``Vm.add_memory``); map it with :meth:`map` to use it."""
+        return self.vm.add_memory(slot=slot, gpa=gpa, size=size, backing=backing)
+
+    def map(self, gva: int, gpa: int, size: int, page_size: int = PAGE_4K, *, writable: bool = True,
+            user: bool = False, nx: bool = False) -> None:
+        """Map ``[gva, gva+size)`` to ``[gpa, gpa+size)``; RequirementError if the vCPU's
+        CPUID lacks 1G pages (pdpe1gb) or NX when they are asked for."""
+        if page_size == PAGE_1G:
+            cpu.require_feature(self.cpuid, cpu.FEATURE_GBPAGES, "1 GiB guest pages")
+        if nx:
+            cpu.require_feature(self.cpuid, cpu.FEATURE_NX, "non-executable mappings")
+        self.pt.map(gva, gpa, size, page_size, writable=writable, user=user, nx=nx)
+
+    def write_global(self, name: str, value: int | bytes, offset: int = 0) -> None:
+        """Set a guest global before the run (see ``GuestElf.write_global``)."""
+        self.elf.write_global(self.vm, name, value, offset)
+
+    def read_global(self, name: str, offset: int = 0, size: int | None = None) -> int:
+        """Read a guest global (int) after or during a run."""
+        return self.elf.read_global(self.vm, name, offset, size)
+
+    def read_global_bytes(self, name: str) -> bytes:
+        return self.elf.read_global_bytes(self.vm, name)
+
+    # -- running ----------------------------------------------------------------------
+    def start(self, *, on_sync: SyncHook | None = None, on_print: PrintHook | None = None,
+              on_exit: ExitHook | None = None) -> VcpuThreads:
+        """Start every vCPU on its own thread (the one vCPU loop, see :mod:`kvmpy.guest.vcpu_loop`).
+
+        For drivers that watch the run themselves; a guest runs once.
+        """
+        if self.threads is not None:
+            raise KvmError("a GuestVm runs once: start()/run() was already called")
+        self.threads = VcpuThreads(self.vcpus, self.vm, self.ucall, self.elf.symbolize,
+                                   on_sync=on_sync, on_print=on_print, on_exit=on_exit)
+        self.threads.start()
+        return self.threads
+
+    def run(self, timeout: float = 30.0, on_sync: SyncHook | None = None, on_print: PrintHook | None = None,
+            on_exit: ExitHook | None = None) -> RunResult:
+        """Run every vCPU until all reach GUEST_DONE.
+
+        ``on_sync(vcpu_id, stage, args)`` runs on the vCPU's thread at each
+        GUEST_SYNC, with that vCPU paused (the others keep running); an exception
+        it raises ends the run and is re-raised here.  Guest failures raise
+        GuestAssertError / GuestExceptionError / GuestCrashError / BadUcallError;
+        GuestTimeoutError after ``timeout`` seconds, by which time every vCPU has
+        been kicked out of KVM_RUN and its thread joined.
+        """
+        start = time.monotonic()
+        threads = self.start(on_sync=on_sync, on_print=on_print, on_exit=on_exit)
+        try:
+            finished = threads.wait(timeout)
+        finally:
+            # Stop whatever is still running (timeout, a failing vCPU, ^C) before returning.
+            threads.stop()
+        threads.result.elapsed = time.monotonic() - start
+        if threads.errors:
+            raise threads.errors[0]
+        if not finished:
+            where = ", ".join(f"vCPU {i} at {self.where(i)}" for i in range(len(self.vcpus)))
+            raise GuestTimeoutError(f"guest {self.elf.path.name} did not reach GUEST_DONE within {timeout:g} s; "
+                                    f"stopped {where}")
+        return threads.result
+
+    def where(self, i: int) -> str:
+        """vCPU ``i``'s RIP as symbol+offset ('?' if unreadable)."""
+        try:
+            return self.elf.symbolize(self.vcpus[i].get_regs().rip)
+        except KvmError:
+            return "?"
+
+    # -- lifecycle --------------------------------------------------------------------
+    def close(self) -> None:
+        """Stop any vCPU still running, close the VM (and the Kvm handle if this object opened it)."""
+        try:
+            if self.threads is not None:
+                self.threads.stop()
+        finally:
+            if self.vm is not None:
+                self.vm.close()
+                self.vm = None
+            if self._own_kvm and self.kvm is not None:
+                self.kvm.close()
+                self.kvm = None
+
+    def __enter__(self) -> "GuestVm":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
