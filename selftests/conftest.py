@@ -11,6 +11,8 @@ TEST_REQUIRE), so fixtures and tests never catch it themselves.
     shadow_paging  like mmu, and new VMs use shadow paging (TDP off)
     nested_svm     kvm, whose guests can run an L2 with SVM and nested paging (NPT)
     nested_vmx     kvm, whose guests can enter VMX operation
+    nested         'svm' or 'vmx', each test once per vendor: kvm's guests can run an L2 on
+                   KVM's nested MMU (SVM with NPT, VMX with EPT)
     kvmpy_stats    record the stats deltas a test asserted, for the report
 """
 from __future__ import annotations
@@ -20,6 +22,7 @@ import os
 import pytest
 
 from kvmpy import hostinfo
+from kvmpy.errors import RequirementError
 from kvmpy.hostinfo import MmuFlavour
 from kvmpy.kvm import Kvm
 
@@ -72,3 +75,28 @@ def nested_vmx(kvm: Kvm) -> Kvm:
     """/dev/kvm whose guests can use VMX (kvm_intel nested=1)."""
     hostinfo.require_nested_guest(kvm, "intel")
     return kvm
+
+
+# nested vendor -> (CPU vendor, vendor module, its TDP parameter, how to get there)
+_NESTED_VENDORS = {
+    "svm": ("amd", "kvm_amd", "npt", "the AMD bed: kvmpy selftest --bed -k nested"),
+    "vmx": ("intel", "kvm_intel", "ept", "the Intel bed: kvmpy selftest --bed --backend bochs -k nested"),
+}
+
+
+@pytest.fixture(params=sorted(_NESTED_VENDORS))
+def nested(request: pytest.FixtureRequest, kvm: Kvm) -> str:
+    """'svm' or 'vmx', the test running once for each: kvm's guests can run an L2 under SVM with
+    NPT / VMX with EPT, so that L2's memory goes through KVM's nested (shadow NPT/EPT) MMU."""
+    vendor = request.param
+    cpu_vendor, module, param, where = _NESTED_VENDORS[vendor]
+    loaded = hostinfo.loaded_vendor_module()
+    if loaded != module:
+        raise RequirementError(f"the {vendor.upper()} variant needs {module}, this host has "
+                               f"{loaded or 'no vendor module'}: run it in {where}")
+    hostinfo.require_nested_guest(kvm, cpu_vendor)
+    value = (hostinfo.module_params(module) or {}).get(param)
+    if not hostinfo.param_on(value):
+        raise RequirementError(f"{module} {param}={value}: KVM offers nested {param.upper()} (and runs "
+                               f"L2 on its nested MMU) only with {param}=1")
+    return vendor

@@ -99,6 +99,7 @@ run_job() {
         mount -t proc proc $R/proc && mount -t sysfs sysfs $R/sys && mount -t devtmpfs devtmpfs $R/dev ||
             { say "error cannot mount /proc /sys /dev"; return 2; }
     fi
+    mount_cgroup2 $R
     # No tmpfs over /tmp: the root is RAM (or an overlay on RAM) already, and the
     # carried checkout may live under /tmp (CI clones there).
     mkdir -p $R/tmp $R/run $R/dev/pts $R/dev/shm
