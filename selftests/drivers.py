@@ -17,15 +17,13 @@ from __future__ import annotations
 
 from typing import Callable, NamedTuple
 
+from kvmpy.errors import require
 from kvmpy.guest import stages
 from kvmpy.guest.stepper import Park, SteppedGuest
 from kvmpy.guest.vm import GuestVm
 from kvmpy.kvm import Kvm
-from kvmpy.memory import PAGE_2M, PAGE_4K, Backing, Thp
+from kvmpy.memory import PAGE_2M, PAGE_4K, Backing, Thp, thp_backed_chunks
 from kvmpy.vm import Vm
-
-from kvmpy.errors import require
-from kvmpy.memory import thp_backed_chunks
 
 from .sptes import counts, delta, sized
 
@@ -150,9 +148,9 @@ class StageLog:
 DATA_SLOT = 1
 DATA_L2 = 0x4000_0000
 DATA_L1 = 0xC000_0000
-DATA_SIZE = 32 << 20
-DATA_PAGES = DATA_SIZE // PAGE_4K
-DATA_HUGE = DATA_SIZE // PAGE_2M
+# Two 2M pages: every L2 write the tests make is a nested fault, which costs tens of
+# milliseconds in the Bochs bed; --kvmpy-scale N multiplies it on real hardware.
+DATA_SIZE = 4 << 20
 
 
 class NestedDirtyGuest(SteppedDriver):

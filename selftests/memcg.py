@@ -80,7 +80,14 @@ class MemoryCgroup:
     @contextlib.contextmanager
     def limited(self, margin: int) -> Iterator[int]:
         """Run the block under memory.max = memory.current + ``margin`` (yielded); the helper
-        lifts it again right after (or after LIFT_TIMEOUT s: ``lifted_by_timeout``)."""
+        lifts it again right after (or after LIFT_TIMEOUT s: ``lifted_by_timeout``).
+
+        Reclaimable memory of the group (page cache) is reclaimed first, so the block cannot
+        get more by reclaiming it.  Charges the kernel batches per CPU (up to 64 pages each,
+        MEMCG_CHARGE_BATCH) are in memory.current already but unused: the block may get up to
+        that much more than ``margin``."""
+        with contextlib.suppress(OSError):      # EAGAIN: not all of it was reclaimable
+            _write(f"{self.path}/memory.reclaim", str(1 << 30))
         limit = self.current() + margin
         _write(f"{self.path}/memory.max", str(limit))
         os.kill(self._lifter.pid, signal.SIGUSR1)

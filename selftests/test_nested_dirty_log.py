@@ -15,7 +15,7 @@ from __future__ import annotations
 from kvmpy.guest import stages
 from kvmpy.memory import PAGE_4K, Anonymous
 
-from .drivers import DATA_SLOT, NestedDirtyGuest, StageLog, nested_guest
+from .drivers import DATA_SIZE, DATA_SLOT, NestedDirtyGuest, StageLog, nested_guest
 
 SVM_EXIT_VMMCALL = 0x81
 VMX_EXIT_VMCALL = 18
@@ -27,7 +27,7 @@ def _pages_diff(got: list[int], want: list[int]) -> str:
             f"extra {extra[:8]}{'...' if len(extra) > 8 else ''}")
 
 
-def test_dirty_log_reports_l2_writes(kvm, nested):
+def test_dirty_log_reports_l2_writes(kvm, nested, scale):
     """KVM_GET_DIRTY_LOG reports exactly the L1 pages L2 wrote through L1's NPT/EPT, pass after pass.
 
     Pins the nested MMU's write faults (FNAME(page_fault) -> make_spte ->
@@ -38,7 +38,7 @@ def test_dirty_log_reports_l2_writes(kvm, nested):
     GET_DIRTY_LOG) and a write not reported both fail.  The pages are L1 GPAs of
     the memslot; L2 wrote them at other L2 GPAs (DATA_L2 != DATA_L1).
     """
-    with NestedDirtyGuest(kvm, nested) as guest:
+    with NestedDirtyGuest(kvm, nested, DATA_SIZE * scale) as guest:
         guest.map_huge()
         guest.vm.enable_dirty_logging(DATA_SLOT)
         assert guest.vm.get_dirty_log(DATA_SLOT).pages() == [], "dirty pages before L2 wrote under logging"

@@ -19,13 +19,13 @@ import pytest
 from kvmpy.hostinfo import module_params, param_on
 from kvmpy.x86.paging import ENTRIES_PER_TABLE
 
-from .drivers import DATA_SLOT, NestedDirtyGuest
+from .drivers import DATA_SIZE, DATA_SLOT, NestedDirtyGuest
 from .host_state import eager_page_split
 from .sptes import delta, sized
 
 
 @pytest.mark.parametrize("eager", [True, False], ids=["eager", "lazy"])
-def test_nested_mmu_split_on_dirty_logging(kvm, nested, kvmpy_stats, eager):
+def test_nested_mmu_split_on_dirty_logging(kvm, nested, kvmpy_stats, scale, eager):
     """Enabling dirty logging splits the nested MMU's 2M SPTEs: all at once (eager) or on L2's writes.
 
     Pins kvm_mmu_slot_try_split_huge_pages() / shadow_mmu_try_split_huge_pages() (eager: each 2M
@@ -37,7 +37,7 @@ def test_nested_mmu_split_on_dirty_logging(kvm, nested, kvmpy_stats, eager):
     """
     tdp_mmu = param_on((module_params("kvm") or {}).get("tdp_mmu"))
     splits_eagerly = eager and tdp_mmu
-    with eager_page_split(eager), NestedDirtyGuest(kvm, nested) as guest:
+    with eager_page_split(eager), NestedDirtyGuest(kvm, nested, DATA_SIZE * scale) as guest:
         huge = guest.map_huge()
         n = guest.huge
 

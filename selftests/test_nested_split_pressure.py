@@ -19,11 +19,11 @@ from .host_state import eager_page_split
 from .memcg import memory_cgroup
 from .sptes import SIZES, sized
 
-SIZE = 128 << 20                 # 64 2M pages: more than one top-up of 40 shadow pages
-# memory.max above memory.current for the enable ioctl: the new memslot and its two dirty
-# bitmaps (8 KiB), rmap descriptors (topup_split_caches wants 513 of ~128 bytes before any
-# split) and shadow page headers, then 4 KiB per split; what is left after those ends the
-# split part way.
+SIZE = 512 << 20                 # 256 2M pages: 1 MiB of shadow pages to split them all
+# memory.max above memory.current for the enable ioctl.  It pays for the new memslot and its
+# two dirty bitmaps (32 KiB), the rmap descriptors topup_split_caches() wants before any split
+# (513 + 40 of 128 bytes), shadow page headers, then 4 KiB per split.  Up to 128 pages the
+# kernel charged ahead per CPU come on top (MemoryCgroup.limited): still far below 1 MiB.
 MARGIN = 256 << 10
 STATS = SIZES + ("mmu_unsync", "mmu_shadow_zapped", "mmu_cache_miss")
 
@@ -43,10 +43,10 @@ def test_nested_eager_split_stops_part_way_under_memory_limit(kvm, nested, kvmpy
     fails the same way), the ioctl still succeeds, and the unsplit 2M SPTEs stay, write-protected.
     With the test process at oom_score_adj -1000 the memcg OOM killer finds no victim: no OOM
     kill, the allocation fails.  Asserted: no splat, the enable succeeded, memory.events "max"
-    rose and "oom_kill" did not, s splits with 0 < s < 64 and exactly {4k:+512*s, 2m:-s},
+    rose and "oom_kill" did not, s splits with 0 < s < 256 and exactly {4k:+512*s, 2m:-s},
     mmu_cache_miss +s, nothing unsync or zapped.  Then, the limit lifted (before L2 runs: with
     it KVM_RUN's own top-up, mmu_topup_memory_caches(), could fail with ENOMEM), L2 writes one
-    page in every 2M: FNAME(fetch) replaces each of the 64 - s huge SPTEs left by one 4K SPTE
+    page in every 2M: FNAME(fetch) replaces each of the 256 - s huge SPTEs left by one 4K SPTE
     ({4k:+1, 2m:-1} each), the split ones only get writable; the dirty log is exactly those
     pages, and no 2M SPTE of the slot is left.
     """
