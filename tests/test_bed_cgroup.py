@@ -1,29 +1,22 @@
 """The bed's init mounts cgroup v2 with the memory controller for child groups (mount_cgroup2)."""
 from __future__ import annotations
 
-import os
-import subprocess
-
-from kvmpy.bed import initramfs
 from kvmpy.bed.protocol import MARKER
 
-from bed_fakes import busybox_sh
+from bed_fakes import run_init_function
 
 
 def _mount_cgroup2(tmp_path, mount_works: bool) -> tuple[str, str]:
-    """Source the real init and call mount_cgroup2 ROOT with a fake mount; (mount's arguments, output)."""
+    """Call the real init's mount_cgroup2 ROOT twice with a fake mount; (mount's arguments, output)."""
     root = tmp_path / "root"
     (root / "sys" / "fs" / "cgroup").mkdir(parents=True)
-    (tmp_path / "init").write_text(initramfs.INIT_SCRIPT)
     log = tmp_path / "mount.log"
     fake = tmp_path / "mount"
     # A working mount makes the cgroup2 files appear, as the kernel would.
     action = 'touch "$4/cgroup.controllers" "$4/cgroup.subtree_control"' if mount_works else "exit 32"
     fake.write_text(f'#!/bin/sh\necho "$*" >> {log}\n{action}\n')
     fake.chmod(0o755)
-    env = dict(os.environ, KVMPY_INIT_TEST="1", KVMPY_MOUNT=str(fake))
-    out = subprocess.run([*busybox_sh(), "-c", f". {tmp_path / 'init'}; mount_cgroup2 {root}; mount_cgroup2 {root}"],
-                         env=env, capture_output=True, text=True, check=True, timeout=30).stdout
+    out = run_init_function(tmp_path, f"mount_cgroup2 {root}; mount_cgroup2 {root}", KVMPY_MOUNT=str(fake))
     return (log.read_text() if log.exists() else ""), out
 
 
