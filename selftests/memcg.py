@@ -40,7 +40,12 @@ path, timeout = sys.argv[1], float(sys.argv[2])
 USR1, USR2, TERM = signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM
 signal.pthread_sigmask(signal.SIG_BLOCK, {USR1, USR2, TERM})
 print("ready", flush=True)
-while signal.sigwait({USR1, USR2, TERM}) != TERM:   # a stale USR2 is dropped here
+while True:
+    sig = signal.sigwait({USR1, USR2, TERM})
+    if sig == TERM:
+        break
+    if sig == USR2:             # late: the timeout closed its window already
+        continue
     info = signal.sigtimedwait({USR2, TERM}, timeout)
     with open(path, "w") as f:
         f.write("max")
@@ -102,6 +107,21 @@ class MemoryCgroup:
                 raise RuntimeError(f"memory.max lifter answered {answer!r} (exit {self._lifter.poll()})")
 
 
+def start_lifter(max_path: str, timeout: float = LIFT_TIMEOUT) -> subprocess.Popen:
+    """The helper that writes "max" to ``max_path`` when signalled (see MemoryCgroup.limited)."""
+    lifter = subprocess.Popen([sys.executable, "-c", _LIFTER, max_path, str(timeout)],
+                              stdout=subprocess.PIPE, text=True)
+    if lifter.stdout.readline().strip() != "ready":
+        raise RuntimeError(f"memory.max lifter did not start (exit {lifter.wait()})")
+    return lifter
+
+
+def stop_lifter(lifter: subprocess.Popen) -> None:
+    lifter.terminate()
+    lifter.wait(30)
+    lifter.stdout.close()
+
+
 def _own_cgroup() -> str:
     for line in _read("/proc/self/cgroup").splitlines():
         if line.startswith("0::"):
@@ -126,10 +146,7 @@ def memory_cgroup() -> Iterator[MemoryCgroup]:
     moved = False
     try:
         # Started before this process moves, so it stays outside the group it will rescue.
-        lifter = subprocess.Popen([sys.executable, "-c", _LIFTER, f"{path}/memory.max", str(LIFT_TIMEOUT)],
-                                  stdout=subprocess.PIPE, text=True)
-        if lifter.stdout.readline().strip() != "ready":
-            raise RuntimeError(f"memory.max lifter did not start (exit {lifter.wait()})")
+        lifter = start_lifter(f"{path}/memory.max")
         _write("/proc/self/oom_score_adj", "-1000")
         _write(f"{path}/cgroup.procs", str(os.getpid()))
         moved = True
@@ -141,7 +158,5 @@ def memory_cgroup() -> Iterator[MemoryCgroup]:
             _write(f"{home}/cgroup.procs", str(os.getpid()))
         _write("/proc/self/oom_score_adj", oom_adj)
         if lifter is not None:
-            lifter.terminate()
-            lifter.wait(30)
-            lifter.stdout.close()
+            stop_lifter(lifter)
         os.rmdir(path)
