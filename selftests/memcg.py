@@ -152,11 +152,15 @@ def memory_cgroup() -> Iterator[MemoryCgroup]:
         moved = True
         yield MemoryCgroup(path, lifter)
     finally:
-        with contextlib.suppress(OSError):
-            _write(f"{path}/memory.max", "max")
-        if moved:
-            _write(f"{home}/cgroup.procs", str(os.getpid()))
-        _write("/proc/self/oom_score_adj", oom_adj)
-        if lifter is not None:
-            stop_lifter(lifter)
-        os.rmdir(path)
+        try:
+            with contextlib.suppress(OSError):
+                _write(f"{path}/memory.max", "max")
+            if moved:
+                _write(f"{home}/cgroup.procs", str(os.getpid()))
+        finally:
+            try:
+                _write("/proc/self/oom_score_adj", oom_adj)
+            finally:
+                if lifter is not None:
+                    stop_lifter(lifter)
+                os.rmdir(path)
