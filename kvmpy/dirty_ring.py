@@ -49,6 +49,14 @@ class DirtyRing:
             self.fetch_index += 1
         return out
 
+    def count_harvested(self, first_index: int, n: int) -> int:
+        """How many of the ``n`` entries from ring index ``first_index`` on still carry the
+        RESET flag that :meth:`harvest` set: after KVM_RESET_DIRTY_RINGS, none should
+        (KVM resets an entry to flags 0, which re-arms it)."""
+        mask = self.nentries - 1
+        flag = lib.KVM_DIRTY_GFN_F_RESET
+        return sum(1 for i in range(first_index, first_index + n) if self.gfns[i & mask].flags & flag)
+
     def close(self) -> None:
         if self.addr:
             lib.kvmpy_munmap(ffi.cast("void *", self.addr), self.size_bytes)

@@ -14,6 +14,7 @@ import os
 import platform
 from dataclasses import asdict, dataclass, field
 
+from kvmpy import faults
 from kvmpy.abi import lib
 from kvmpy.errors import RequirementError
 from kvmpy.exits import HltExit
@@ -131,6 +132,7 @@ def probe_mmu(pages: int = 16) -> MmuProbe:
     code += b"\xF4"
     guest_insns = 3 * pages + 1
     try:
+        faults.check("probe-fails")  # FAULT: probe-fails
         with Kvm() as kvm, kvm.create_vm() as vm:
             vm.set_tss_addr(0xFFFBD000)
             vm.add_memory(0, 0, 1 << 20)

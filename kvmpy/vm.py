@@ -11,6 +11,7 @@ import os
 import struct
 from typing import TYPE_CHECKING
 
+from kvmpy import faults
 from kvmpy.abi import IoctlResult, cap_name, ffi, ioctl, ioctl_int, ioctl_unchecked, lib, require_cap
 from kvmpy.bitmap import DirtyBitmap
 from kvmpy.errors import IoctlError, KvmError, RequirementError
@@ -143,6 +144,7 @@ class Vm:
     def enable_dirty_logging(self, slot: int, on: bool = True) -> None:
         """Set or clear KVM_MEM_LOG_DIRTY_PAGES on ``slot``."""
         ms = self._slot(slot)
+        on = on or faults.active("logging-never-disabled")  # FAULT: logging-never-disabled
         flags = ms.flags | lib.KVM_MEM_LOG_DIRTY_PAGES if on else ms.flags & ~lib.KVM_MEM_LOG_DIRTY_PAGES
         self.set_memory_flags(slot, flags)
 

@@ -191,6 +191,49 @@ def test_unpromised_phase_may_go_unreported_but_promised_may_not():
     assert ei.value.problems == {"missing": [3]}
 
 
+def test_report_counts_unlogged_writes_of_unpromised_phases():
+    """``unlogged``: writes of a phase KVM need not log that no later collection reported
+    (the toggle test's proof that logging was off)."""
+    chk, g = DirtyLogChecker(N), FakeGuest()
+    chk.begin_round(1, must_report=False)
+    g.write(1, 1, log=False)
+    g.write(2, 1)
+    chk.add_phase(2, must_report=False)
+    g.write(3, 2, log=False)
+    g.write(4, 2, log=False)
+    chk.add_phase(3)
+    g.write(5, 3)
+    chk.record(g.harvest())
+    assert chk.verify(g.stamps).unlogged == 3
+    assert run_round(chk, g, 4, [6]).unlogged == 0
+
+
+def test_report_counts_pages_reported_by_two_collections():
+    chk, g = DirtyLogChecker(N), FakeGuest()
+    chk.begin_round(1)
+    for p in (1, 2, 3):
+        g.write(p, 1)
+    chk.record(g.harvest())
+    chk.add_phase(2)
+    g.write(2, 2)
+    g.write(9, 2)
+    chk.record(g.harvest())
+    chk.record([])
+    rep = chk.verify(g.stamps)
+    assert (rep.reported, rep.rereported) == (4, 1)
+    assert run_round(chk, g, 3, [2]).rereported == 0
+
+
+def test_report_counts_late_stores_logged_in_the_next_round():
+    chk, g = DirtyLogChecker(N), FakeGuest()
+    run_round(chk, g, 1, [1])
+    assert _kicked_round(chk, g, 2, [2], (7, 2, False)).late_stores == 0
+    chk.begin_round(3)
+    g.write(7, 2)                    # the pending store retires, logged
+    chk.record(g.harvest())
+    assert chk.verify(g.stamps).late_stores == 1
+
+
 def test_stamps_must_be_fresh():
     chk = DirtyLogChecker(N)
     chk.begin_round(5)

@@ -6,12 +6,14 @@ through the bed's results directory and becomes one RunResults per configuration
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import shlex
 import sys
 import time
 from pathlib import Path
 
-from kvmpy.bed.backend import BedError
+from kvmpy import faults
+from kvmpy.bed.backend import BedError, BedRequest
 from kvmpy.selftest.report import RunResults
 from kvmpy.selftest.runner import PYTEST_HARNESS_ERRORS, pytest_command
 
@@ -59,6 +61,17 @@ def _results(config_label: str, row) -> RunResults:
     return run
 
 
+def suite_request(args: argparse.Namespace, bargs: argparse.Namespace, printer=None) -> BedRequest:
+    """The bed request that runs the suite's pytest command inside."""
+    from kvmpy.bed import cli as bed_cli
+
+    inner = pytest_command("$KVMPY_BED_RESULTS/results.json", None, args.keyword, args.pytest_args)
+    script = " ".join(shlex.quote(a) if not a.startswith("--kvmpy-results=") else f'"{a}"' for a in inner)
+    request = bed_cli.build_request(bargs, ["sh", "-c", script], printer)
+    # The bed passes on no environment of ours but what the request names: injected faults too.
+    return dataclasses.replace(request, env={**request.env, **faults.env()})
+
+
 def run(args: argparse.Namespace, quiet: bool = False) -> list[RunResults]:
     """Boot the bed once (or once per matrix configuration) and run the suite inside."""
     from kvmpy.bed import cli as bed_cli
@@ -75,10 +88,8 @@ def run(args: argparse.Namespace, quiet: bool = False) -> list[RunResults]:
         backend = bed_cli.make_backend(bargs, log)
     except (BedError, programs.GuestProgramError) as e:
         return [RunResults("bed", harness_error=str(e))]
-    inner = pytest_command("$KVMPY_BED_RESULTS/results.json", None, args.keyword, args.pytest_args)
-    script = " ".join(shlex.quote(a) if not a.startswith("--kvmpy-results=") else f'"{a}"' for a in inner)
     printer = None if quiet else bed_cli.ConsolePrinter(False, sys.stdout)
-    request = bed_cli.build_request(bargs, ["sh", "-c", script], printer)
+    request = suite_request(args, bargs, printer)
     if args.matrix:
         configs = list(matrix.matrix_for(backend.vendor))
     else:
