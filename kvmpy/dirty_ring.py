@@ -49,7 +49,7 @@ class DirtyRing:
             self.fetch_index += 1
         return out
 
-    def count_harvested(self, first_index: int, n: int) -> int:
+    def not_reset(self, first_index: int, n: int) -> int:
         """How many of the ``n`` entries from ring index ``first_index`` on still carry the
         RESET flag that :meth:`harvest` set: after KVM_RESET_DIRTY_RINGS, none should
         (KVM resets an entry to flags 0, which re-arms it)."""

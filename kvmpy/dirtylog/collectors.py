@@ -135,7 +135,7 @@ class DirtyRingCollector(Collector):
                 reset = vm.reset_dirty_rings() if count else 0
             self.harvested += count
             # KVM re-arms an entry it resets by clearing its flags (harvested 1X -> invalid 00).
-            unreset = [(v.id, n) for v, first, k in harvested if (n := v.dirty_ring.count_harvested(first, k))]
+            unreset = [(v.id, n) for v, first, k in harvested if (n := v.dirty_ring.not_reset(first, k))]
         if reset != count:
             raise DirtyLogMismatch(
                 f"{self.name}: KVM_RESET_DIRTY_RINGS reset {reset} entries, {count} were harvested",

@@ -34,8 +34,8 @@ from kvmpy.guest.vm import GuestVm
 from kvmpy.memory import PAGE_4K, Backing
 
 TEST_GVA = 0xC000_0000
-# Kicks to end a round with a vCPU caught between loading its stamp and storing it: in a
-# store loop of 5 instructions one kick in 5 does, wherever kicks land.
+# Kicks to end a round with a vCPU caught between loading its stamp and storing it: a kick
+# that lands in the guest's 5-instruction store loop (store_burst) catches it there 1 time in 5.
 MID_STORE_KICKS = 200
 MID_STORE_DELAY = 0.002
 
