@@ -5,7 +5,9 @@ import struct
 
 import pytest
 
+from kvmpy.abi import ffi, lib
 from kvmpy.bitmap import DirtyBitmap
+from kvmpy.dirty_ring import GFN_SIZE, DirtyRing
 from kvmpy.dirtylog.checker import DirtyLogChecker, DirtyLogMismatch, read_stamps
 from kvmpy.memory import PAGE_4K
 from kvmpy.dirtylog.collectors import (LOG_MODES, ClearDirtyLogCollector, DirtyRingCollector, GetDirtyLogCollector,
@@ -396,3 +398,36 @@ def test_overwritten_ring_entries_fail_and_the_message_stays_bounded():
     msg = str(ei.value)
     assert ei.value.problems["missing"] == list(range(12))
     assert "(2999 stamps in all)" in msg and len(msg) < 4000, msg[:500]
+
+
+class FakeRing(DirtyRing):
+    """A DirtyRing over plain memory instead of a vCPU's mmap (the entries' flags set by hand)."""
+
+    def __init__(self, nentries: int) -> None:
+        self.nentries, self.size_bytes, self.fetch_index, self.addr = nentries, nentries * GFN_SIZE, 0, 0
+        self.gfns = self._mem = ffi.new("struct kvm_dirty_gfn[]", nentries)
+
+    def publish(self, *indexes: int) -> None:
+        for i in indexes:
+            self.gfns[i].flags = lib.KVM_DIRTY_GFN_F_DIRTY
+            self.gfns[i].offset = i
+
+
+def test_ring_published_entries_and_reset_check_across_the_wrap():
+    r = FakeRing(8)
+    assert r.published() == 0
+    r.publish(0, 1, 2)
+    assert r.published() == 3
+    assert r.harvest() == [(0, 0), (0, 1), (0, 2)] and r.published() == 0
+    assert r.not_reset(0, 3) == 3          # harvested, flagged RESET, not reset by KVM yet
+    for i in range(3):
+        r.gfns[i].flags = 0                # KVM_RESET_DIRTY_RINGS re-arms them
+    assert r.not_reset(0, 3) == 0
+    r.fetch_index = 6
+    r.publish(6, 7, 0, 1)
+    assert r.published() == 4
+    assert [off for _, off in r.harvest()] == [6, 7, 0, 1]
+    r.gfns[6].flags = r.gfns[7].flags = 0  # KVM reset only the first two
+    assert r.not_reset(6, 4) == 2
+    r.publish(*range(8))
+    assert r.published() == 8              # a full ring

@@ -30,6 +30,11 @@ class Collector:
     def collect(self, vm: Vm, slots: Sequence[Memslot]) -> dict[int, list[int]]:
         raise NotImplementedError
 
+    def pending(self, vm: Vm) -> int:
+        """Dirty pages KVM has published but no collection has fetched yet, where that can be
+        seen without collecting (0 otherwise): a sign of guest progress."""
+        return 0
+
     def __repr__(self) -> str:
         return self.name
 
@@ -147,6 +152,9 @@ class DirtyRingCollector(Collector):
                 + " still carry the RESET flag: KVM did not hand them back to the ring",
                 {"not_reset": [n for _, n in unreset]})
         return out
+
+    def pending(self, vm):
+        return sum(v.dirty_ring.published() for v in list(vm.vcpus.values()))
 
     def summary(self, first_collection: int, ring_full_exits: int, limit: int = 24) -> str:
         """The ring's fill levels since collection ``first_collection``, for a failure message.

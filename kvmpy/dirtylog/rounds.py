@@ -76,13 +76,14 @@ def run_round(d: "DirtyWriterVm", plan: RoundPlan) -> dict[int, RoundReport]:
     start = time.monotonic()
     ran_during = plan.during is None
     must = plan.must_report
-    last_n, last_progress, stalled = -1, start, False
+    last_seen, last_progress, stalled = None, start, False
     while True:
         d.guest.check()
         now = time.monotonic()
+        seen = d.progress() if plan.stall_time is not None else None
         n = d.writes() - w0
-        if n != last_n:
-            last_n, last_progress = n, now
+        if seen != last_seen:
+            last_seen, last_progress = seen, now
         elif plan.stall_time is not None and now - last_progress > plan.stall_time:
             stalled = True
             break
@@ -101,8 +102,11 @@ def run_round(d: "DirtyWriterVm", plan: RoundPlan) -> dict[int, RoundReport]:
                 # A new stamp only after a collection that found something: one after an
                 # empty one would say nothing more (and a KVM that exits with RING_FULL
                 # over an empty ring would make thousands).
-                if any(d.collect().values()) and plan.restamp:
-                    d.set_stamp(d.stamp + 1, must)
+                if any(d.collect().values()):
+                    # The vCPU waited for this harvest: no progress was due meanwhile.
+                    last_progress = time.monotonic()
+                    if plan.restamp:
+                        d.set_stamp(d.stamp + 1, must)
         else:
             d.harvest_needed.wait(plan.collect_every)
             if plan.kick_collect:
@@ -117,7 +121,7 @@ def run_round(d: "DirtyWriterVm", plan: RoundPlan) -> dict[int, RoundReport]:
     except DirtyLogMismatch as e:
         extra = d.ring_summary(first_collection, ring_full0)
         if stalled:
-            extra = (f"  the guest STALLED: no write for {plan.stall_time:g} s after {last_n} writes this round "
+            extra = (f"  the guest STALLED: no write for {plan.stall_time:g} s after {n} writes this round "
                      f"(ended by kick)" + ("\n" + extra if extra else ""))
         if not extra:
             raise

@@ -160,6 +160,11 @@ class DirtyWriterVm:
         """Writes done so far by all vCPUs (guest counters)."""
         return sum(self.g.read_global("nr_writes", offset=8 * i) for i in range(len(self.g.vcpus)))
 
+    def progress(self) -> tuple[int, int]:
+        """What changes while the guest makes progress: its write counters (bumped after each
+        burst of stores) and the dirty pages KVM published and nobody collected yet."""
+        return self.writes(), self.collector.pending(self.vm)
+
     def set_stamp(self, stamp: int, must_report: bool = True) -> None:
         """Start a new phase inside the running round: the guest now writes ``stamp``."""
         for c in self.checkers.values():
