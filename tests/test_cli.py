@@ -31,8 +31,12 @@ def test_info_json_has_the_facts():
         assert p.returncode == 0
         assert facts["api_version"] == 12
         probe = facts["mmu_probe"]
-        # The probe always lands on one side: SPTEs seen, or an explanation why not.
-        assert probe["spte_pages"] > 0 or "SPTE" in facts["mmu_meaning"]
+        # The probe always lands on one side per level: SPTEs seen, or an explanation why not.
+        assert facts["mmu_probe_error"] == ""
+        for level, cpl in (("ring0", 0), ("cpl3", 3)):
+            seen = sum(probe[level]["sptes"].values()) > 0
+            assert (cpl in probe["levels"]) <= seen
+            assert cpl in probe["levels"] or "not observable" in facts["mmu_meaning"] or "emulator" in facts["mmu_meaning"]
 
 
 @pytest.mark.skipif(not os.path.exists("/dev/kvm"), reason="/dev/kvm does not exist on this host")
