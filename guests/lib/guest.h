@@ -100,13 +100,7 @@ void guest_install_handler(unsigned int vector, exception_handler_t handler);
  */
 typedef uint64_t (*kernel_fn_t)(uint64_t arg);
 
-static inline bool guest_user_mode(void)
-{
-	uint16_t cs;
-
-	__asm__ volatile("mov %%cs, %0" : "=r"(cs));
-	return (cs & 3) == 3;
-}
+static inline bool guest_user_mode(void) { return (read_cs() & 3) == 3; }
 
 uint64_t kernel_call(kernel_fn_t fn, uint64_t arg);
 uint64_t guest_read_cr3(void);

@@ -130,13 +130,13 @@ void guest_printf(const char *fmt, ...)
 
 /* ---- kernel calls: privileged steps of a user-mode guest ---------------- */
 
-#define KERNEL_CALL_MAGIC 0x6b63616c6c4b564dul	/* "MVKllack": in rax at the ud2 */
+#define KERNEL_CALL_RAX 0x6b63616c6c4b564dul	/* in rax at a kernel call's ud2 */
 #define UD2_BYTES 0x0b0f
 
 /* Is this #UD the ud2 of kernel_call() at CPL3? Then run its function and return past it. */
 static bool kernel_call_trap(struct ex_regs *regs)
 {
-	if (regs->vector != UD_VECTOR || (regs->cs & 3) != 3 || regs->rax != KERNEL_CALL_MAGIC ||
+	if (regs->vector != UD_VECTOR || (regs->cs & 3) != 3 || regs->rax != KERNEL_CALL_RAX ||
 	    *(const uint16_t *)regs->rip != UD2_BYTES)
 		return false;
 	regs->rax = ((kernel_fn_t)regs->rdi)(regs->rsi);
@@ -146,7 +146,7 @@ static bool kernel_call_trap(struct ex_regs *regs)
 
 uint64_t kernel_call(kernel_fn_t fn, uint64_t arg)
 {
-	uint64_t rax = KERNEL_CALL_MAGIC;
+	uint64_t rax = KERNEL_CALL_RAX;
 
 	if (!guest_user_mode())
 		return fn(arg);
