@@ -15,9 +15,9 @@ import os
 import platform
 from dataclasses import asdict, dataclass, field
 
+from kvmpy import mmu_probe
 from kvmpy.abi import lib
 from kvmpy.errors import RequirementError
-from kvmpy import mmu_probe
 from kvmpy.kvm import Kvm
 from kvmpy.memory import PAGE_1G, PAGE_2M, hugetlb_pool, read_sysfs, thp_mode
 from kvmpy.mmu_probe import LevelProbe, MmuProbeError
@@ -96,9 +96,6 @@ class MmuProbe:
     ring0: LevelProbe
     cpl3: LevelProbe
 
-    def level(self, cpl: int) -> LevelProbe:
-        return self.ring0 if cpl == 0 else self.cpl3
-
     @property
     def levels(self) -> tuple[int, ...]:
         """The privilege levels (0, 3) at which guest accesses go through KVM's MMU."""
@@ -128,10 +125,13 @@ def probe_mmu() -> MmuProbe:
     try:
         with Kvm() as kvm:
             return MmuProbe(mmu_probe.probe_ring0(kvm), mmu_probe.probe_cpl3(kvm))
-    except MmuProbeError:
-        raise
     except Exception as e:
-        raise MmuProbeError(f"MMU probe failed: {type(e).__name__}: {e}") from e
+        raise probe_error(e) from e
+
+
+def probe_error(e: Exception) -> MmuProbeError:
+    """``e``, raised while probing, as the harness error it is."""
+    return e if isinstance(e, MmuProbeError) else MmuProbeError(f"MMU probe failed: {type(e).__name__}: {e}")
 
 
 def require_mmu_visible(cpl: int = 0) -> MmuProbe:
@@ -142,10 +142,8 @@ def require_mmu_visible(cpl: int = 0) -> MmuProbe:
     """
     try:
         p = probe_mmu()
-    except MmuProbeError:
-        raise
     except Exception as e:
-        raise MmuProbeError(f"MMU probe failed: {type(e).__name__}: {e}") from e
+        raise probe_error(e) from e
     if cpl not in p.levels:
         mod = loaded_vendor_module() or "no vendor module"
         raise RequirementError(f"SPTE stats not observable at CPL{cpl} on this host ({mod}): {p.meaning()}")
@@ -308,7 +306,7 @@ def gather(probe: bool = True) -> HostFacts:
         try:
             p = probe_mmu()
         except Exception as e:  # a harness error: reported, and `kvmpy info` exits 1
-            facts.mmu_probe_error = str(e) if isinstance(e, MmuProbeError) else f"MMU probe failed: {e!r}"
+            facts.mmu_probe_error = str(probe_error(e))
             return facts
         facts.mmu_probe = {"levels": list(p.levels), "ring0": asdict(p.ring0), "cpl3": asdict(p.cpl3)}
         facts.mmu_meaning = p.meaning()
