@@ -17,12 +17,14 @@ from pathlib import Path
 import pytest
 
 from kvmpy.bed import carry
-from kvmpy.bed.backend import BedError, BedRequest
 from kvmpy.bed.bochs import (
-    BOCHS, CPU_MODEL, RESULTS_BEGIN, RESULTS_END, BochsBackend, append_archive, bochsrc,
-    extract_files, isolinux_cfg, kernel_append, make_iso, megabytes, write_cpio,
+    BOCHS, CPU_MODEL, RESULTS_BEGIN, RESULTS_END, BochsBackend, bochsrc, extract_files, isolinux_cfg,
+    kernel_append,
 )
 from kvmpy.bed.kernel import Kernel
+from kvmpy.bed.media import append_archive, make_iso, write_cpio
+from kvmpy.bed.protocol import BedError
+from kvmpy.bed.request import BedRequest, megabytes
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -69,10 +71,12 @@ def test_megabytes():
 
 def test_kernel_command_line_routes_params():
     req = BedRequest(command=["true"], params={"kvm_intel.ept": "0", "kvm.eager_page_split": "N"},
-                     append=("loglevel=4",))
+                     append=("loglevel=4",), hugepages={"2M": 32})
     words = kernel_append(req)
     assert words[:3] == ["console=ttyS0,115200", "panic=-1", "quiet"]
     assert "kvm_intel.ept=0" in words and "kvm.eager_page_split=N" in words
+    # `selftest --bed --backend bochs` asks for 2M pages: they are reserved at boot.
+    assert words[words.index("hugepagesz=2M") + 1] == "hugepages=32"
     assert words[-1] == "loglevel=4"
     cfg = isolinux_cfg(words)
     assert "KERNEL /vmlinuz" in cfg and "INITRD /initrd.img" in cfg
@@ -109,16 +113,17 @@ def test_extract_files_from_console_with_kernel_noise():
     # The kernel's own printk can land in the middle of the serial stream.
     noisy = "\r\n".join(lines[:1] + ["[   12.3] random: crng init done"] + lines[1:])
     console = f"boot\n{RESULTS_BEGIN}\n{noisy}\n{RESULTS_END}\nKVMPY-BED: exit 0\n"
-    files, log = extract_files(console)
+    files, log, dropped = extract_files(console)
     assert files == {"junit.xml": b"<testsuite/>", "sub/x.txt": b"x"}
     assert "WARNING: x" in log
+    assert dropped == []
 
 
 def test_extract_files_truncated_block_gives_nothing():
     block = _results_block({"junit.xml": b"<testsuite/>" * 1000})
     console = f"{RESULTS_BEGIN}\n{block[: len(block) // 2]}\n{RESULTS_END}\n"
-    assert extract_files(console) == ({}, "")
-    assert extract_files("no block at all") == ({}, "")
+    assert extract_files(console) == ({}, "", [])
+    assert extract_files("no block at all") == ({}, "", [])
 
 
 def test_stage_mirrors_host_paths_keeps_links_and_mtimes(tmp_path):
@@ -223,7 +228,7 @@ def bochs_bed(request):
     if not shutil.which(BOCHS):
         pytest.skip(f"{BOCHS} not installed: apt-get install --no-install-recommends "
                     "bochs bochsbios vgabios bochs-term isolinux syslinux-common xorriso")
-    from kvmpy.bed.kernel import fetch_debian
+    from kvmpy.bed.debian import fetch_debian
 
     backend = BochsBackend(fetch_debian(os.environ.get("KVMPY_BED_KERNEL", "6.12")))
     try:

@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from kvmpy.bed.backend import BedRequest
-from kvmpy.bed.kernel import busybox, fetch_debian
+from kvmpy.bed.debian import fetch_debian
+from kvmpy.bed.initramfs import busybox
+from kvmpy.bed.request import BedRequest
 from kvmpy.bed.qemu import QEMU, QemuBackend
 
 pytestmark = pytest.mark.bed

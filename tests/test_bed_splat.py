@@ -1,10 +1,10 @@
-"""The kernel-splat watch, driven through a fake kernel log file."""
+"""The kernel-log splat parser (kvmpy.kernel_log) and the splat watch plugin, through a fake kernel log file."""
 
 import textwrap
 
 import pytest
 
-from kvmpy.selftest.splat import Record, find_splats, find_splats_in_text, parse_kmsg_line
+from kvmpy.kernel_log import Record, find_splats, find_splats_in_text, parse_kmsg_line
 
 pytest_plugins = ["pytester"]
 

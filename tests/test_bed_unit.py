@@ -3,7 +3,6 @@
 import dataclasses
 import lzma
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -11,23 +10,15 @@ from pathlib import Path
 import pytest
 
 from kvmpy.bed import backend as bk
-from kvmpy.bed import initramfs, kernel, matrix, qemu
-from kvmpy.bed.backend import BedError, BedRequest, BedResult
-from kvmpy.bed.cli import ConsolePrinter
+from kvmpy.bed import debian, initramfs, job, kernel, matrix, qemu
+from kvmpy.bed import request as rq
+from kvmpy.bed.machine import ConsolePrinter
+from kvmpy.bed.options import BedOptions
+from kvmpy.bed.protocol import INSIDE_RESULTS, BedError
+from kvmpy.bed.request import BedRequest, BedResult, Job
+from kvmpy.bed.testbed import Bed
 
-MODULES_DEP = """\
-kernel/arch/x86/kvm/kvm.ko.xz: kernel/virt/lib/irqbypass.ko.xz
-kernel/arch/x86/kvm/kvm-amd.ko.xz: kernel/arch/x86/kvm/kvm.ko.xz kernel/drivers/crypto/ccp/ccp.ko.xz kernel/virt/lib/irqbypass.ko.xz
-kernel/arch/x86/kvm/kvm-intel.ko.xz: kernel/arch/x86/kvm/kvm.ko.xz kernel/virt/lib/irqbypass.ko.xz
-kernel/virt/lib/irqbypass.ko.xz:
-kernel/drivers/crypto/ccp/ccp.ko.xz:
-kernel/fs/9p/9p.ko.xz: kernel/net/9p/9pnet.ko.xz kernel/fs/netfs/netfs.ko.xz
-kernel/net/9p/9pnet.ko.xz:
-kernel/net/9p/9pnet_virtio.ko.xz: kernel/net/9p/9pnet.ko.xz
-kernel/fs/netfs/netfs.ko.xz:
-"""
-BUILTIN = "kernel/drivers/virtio/virtio_pci.ko\n"
-
+from bed_fakes import BUILTIN, MODULES_DEP, busybox_sh, bzimage, fake_kernel, module_tree, run_init_load
 
 # --- module closure -------------------------------------------------------
 
@@ -53,20 +44,13 @@ def test_module_name_normalizes_suffix_and_dashes():
 
 
 def test_image_release_reads_bzimage_header(tmp_path):
-    image = bytearray(0x4000)
-    image[0x202:0x206] = b"HdrS"
-    image[0x20E:0x210] = (0x1000).to_bytes(2, "little")
-    image[0x1200:0x1200 + 40] = b"6.13.0-rc1-mypatch (me@box) #1 SMP\0".ljust(40, b"\0")
-    path = tmp_path / "bzImage"
-    path.write_bytes(bytes(image))
+    path = bzimage(tmp_path / "bzImage", "6.13.0-rc1-mypatch")
     assert kernel.image_release(path) == "6.13.0-rc1-mypatch"
 
 
 def test_user_kernel_accepts_install_mod_path_root(tmp_path):
-    mods = tmp_path / "inst" / "lib" / "modules" / "6.13.0"
-    mods.mkdir(parents=True)
-    (mods / "modules.dep").write_text(MODULES_DEP)
-    (tmp_path / "bzImage").write_bytes(b"\0" * 1024)  # no header: release from the tree
+    mods = module_tree(tmp_path / "inst" / "lib" / "modules" / "6.13.0", "6.13.0")
+    bzimage(tmp_path / "bzImage")  # a header without a version string: release from the tree
     k = kernel.user_kernel(tmp_path / "bzImage", tmp_path / "inst", cache=tmp_path / "cache")
     assert k.release == "6.13.0" and k.modules_dir == mods.resolve()
     with pytest.raises(BedError, match="--modules"):
@@ -107,41 +91,16 @@ def test_fetch_debian_falls_back_to_cache_without_apt(tmp_path, monkeypatch):
     def no_apt(line):
         raise BedError("apt-cache: no lists")
 
-    monkeypatch.setattr(kernel, "debian_package", no_apt)
+    monkeypatch.setattr(debian, "debian_package", no_apt)
     notes = []
-    k = kernel.fetch_debian("6.12", cache=tmp_path, log=notes.append)
+    k = debian.fetch_debian("6.12", cache=tmp_path, log=notes.append)
     assert k.release == "6.12.5+deb12-amd64"
     assert "using the cached linux-image-6.12.5+deb12-amd64-unsigned" in notes[0]
     with pytest.raises(BedError, match="no lists"):
-        kernel.fetch_debian("6.1", cache=tmp_path)
+        debian.fetch_debian("6.1", cache=tmp_path)
 
 
 # --- the init script ----------------------------------------------------------
-
-def _sh():
-    for candidate in ("/bin/busybox", shutil.which("busybox") or ""):
-        if candidate and os.path.exists(candidate):
-            return [candidate, "sh"]
-    pytest.skip("busybox not installed (apt-get install busybox-static)")
-
-
-def run_init_load(tmp_path, cmdline, cpu_flags, modules):
-    """Source the real init and call load_modules with insmod replaced by a logger."""
-    (tmp_path / "cmdline").write_text(cmdline + "\n")
-    (tmp_path / "cpuinfo").write_text(f"flags\t\t: fpu {cpu_flags} sse\n")
-    (tmp_path / "modules").write_text("".join(m + "\n" for m in modules))
-    (tmp_path / "init").write_text(initramfs.INIT_SCRIPT)
-    log = tmp_path / "insmod.log"
-    fake = tmp_path / "insmod"
-    fake.write_text(f'#!/bin/sh\necho "$*" >> {log}\n')
-    fake.chmod(0o755)
-    env = dict(os.environ, KVMPY_INIT_TEST="1", KVMPY_CMDLINE=str(tmp_path / "cmdline"),
-               KVMPY_CPUINFO=str(tmp_path / "cpuinfo"), KVMPY_MODLIST=str(tmp_path / "modules"),
-               KVMPY_MODDIR="/m", KVMPY_INSMOD=str(fake))
-    subprocess.run([*_sh(), "-c", f". {tmp_path / 'init'}; load_modules"], env=env,
-                   check=True, timeout=30)
-    return log.read_text().splitlines() if log.exists() else []
-
 
 MODS = ["kernel/virt/lib/irqbypass.ko", "kernel/arch/x86/kvm/kvm.ko",
         "kernel/arch/x86/kvm/kvm-amd.ko", "kernel/arch/x86/kvm/kvm-intel.ko"]
@@ -167,36 +126,39 @@ def test_init_loads_kvm_intel_on_vmx(tmp_path):
 
 
 def test_params_cmdline_validates():
-    assert bk.params_cmdline({"kvm-amd.npt": "0", "kvm.tdp_mmu": "N"}) == ["kvm_amd.npt=0", "kvm.tdp_mmu=N"]
-    for bad in ({"tdp_mmu": "N"}, {"kvm.tdp_mmu": ""}, {"kvm.x": "a b"}, {".x": "1"}):
+    assert rq.params_cmdline({"kvm-amd.npt": "0", "kvm.tdp_mmu": "N"}) == ["kvm_amd.npt=0", "kvm.tdp_mmu=N"]
+    # A value with spaces is quoted as the kernel's parser expects.
+    assert rq.params_cmdline({"kvm.x": "a b*"}) == ['kvm.x="a b*"']
+    for bad in ({"tdp_mmu": "N"}, {"kvm.tdp_mmu": ""}, {".x": "1"}, {"kvm.x": 'a"b'}, {"kvm.x": "a  b"},
+                {"kvm.x": " a"}, {"kvm.x": "a\tb"}, {"kvm.x": "a\nb"}, {"kvm x.y": "1"}):
         with pytest.raises(BedError):
-            bk.params_cmdline(bad)
-    assert bk.parse_param("kvm-amd.npt=0") == ("kvm_amd.npt", "0")
+            rq.params_cmdline(bad)
+    assert rq.parse_param("kvm-amd.npt=0") == ("kvm_amd.npt", "0")
     with pytest.raises(BedError, match="MODULE.PARAM=VALUE"):
-        bk.parse_param("kvm.tdp_mmu")
+        rq.parse_param("kvm.tdp_mmu")
 
 
 def test_hugepages_at_boot():
-    assert bk.hugepages_cmdline({"1G": 1, "2M": 256}) == \
+    assert rq.hugepages_cmdline({"1G": 1, "2M": 256}) == \
         ["hugepagesz=1G", "hugepages=1", "hugepagesz=2M", "hugepages=256"]
-    assert bk.parse_hugepages("1G:2") == ("1G", 2)
+    assert rq.parse_hugepages("1G:2") == ("1G", 2)
     for bad in ("4K:1", "1G", "1G:x", "2M:-1"):
         with pytest.raises(BedError):
-            bk.parse_hugepages(bad)
+            rq.parse_hugepages(bad)
 
 
 def test_parse_console_markers():
     console = ("[ 1.0] booting\nKVMPY-BED: param kvm.tdp_mmu=N\n"
                "garbage KVMPY-BED: param kvm_amd.npt=N\nKVMPY-BED: ready\nhello\nKVMPY-BED: exit 7\n")
-    r = bk.parse_console(console)
+    r = rq.parse_console(console)
     assert r.status == 7 and r.params == {"kvm.tdp_mmu": "N", "kvm_amd.npt": "N"}
-    assert bk.parse_console("KVMPY-BED: ready\n").status is None
+    assert rq.parse_console("KVMPY-BED: ready\n").status is None
 
 
 # --- cpio ---------------------------------------------------------------------
 
 def test_cpio_archive_is_readable_by_cpio(tmp_path):
-    sh = _sh()
+    sh = busybox_sh()
     out = tmp_path / "a.cpio"
     with open(out, "wb") as f:
         w = initramfs.CpioWriter(f)
@@ -218,19 +180,8 @@ def test_cpio_archive_is_readable_by_cpio(tmp_path):
     assert os.stat(dest / "init").st_mode & 0o777 == 0o755
 
 
-def fake_kernel(tmp_path) -> kernel.Kernel:
-    mods = tmp_path / "lib" / "modules" / "6.99"
-    for rel in kernel.parse_modules_dep(MODULES_DEP):
-        path = mods / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(lzma.compress(f"ELF {rel}".encode()))
-    (mods / "modules.dep").write_text(MODULES_DEP)
-    (mods / "modules.builtin").write_text(BUILTIN)
-    return kernel.Kernel("6.99", tmp_path / "vmlinuz", mods, "test", tmp_path / "cache")
-
-
 def test_build_initramfs_holds_decompressed_closure(tmp_path):
-    sh = _sh()
+    sh = busybox_sh()
     k = fake_kernel(tmp_path)
     out = initramfs.build_initramfs(k, tmp_path / "initrd", "status=0\n",
                                     ["virtio_pci", "9p", "kvm_amd"], files={"extra/f": (b"x", 0o755)})
@@ -253,16 +204,16 @@ def test_build_initramfs_holds_decompressed_closure(tmp_path):
 def test_job_script_quotes_and_exports(tmp_path):
     req = BedRequest(command=["python3", "-c", "print('a b')"], cwd="/work/x y",
                      env={"FOO": "1 2"})
-    script = qemu.job_script(req, inherit_env={"PATH": "/usr/bin"})
+    script = job.job_script(req, inherit_env={"PATH": "/usr/bin"})
     assert "cd '/work/x y' || {" in script
     assert "exec python3 -c 'print('\"'\"'a b'\"'\"')'" in script
     assert "export FOO='1 2'" in script
-    assert f"--junitxml={qemu.INSIDE_RESULTS}/junit.xml" in script
+    assert f"--junitxml={INSIDE_RESULTS}/junit.xml" in script
     assert f"export PATH={os.path.dirname(sys.executable)}:/usr/bin" in script
     out = subprocess.run(["sh", "-n", "-c", script], capture_output=True)
     assert out.returncode == 0, out.stderr
     with pytest.raises(BedError, match="its own /run"):
-        qemu.job_script(dataclasses.replace(req, cwd="/run/foo"), inherit_env={})
+        job.job_script(dataclasses.replace(req, cwd="/run/foo"), inherit_env={})
 
 
 def test_qemu_command_line(tmp_path):
@@ -284,9 +235,9 @@ def test_qemu_command_line(tmp_path):
 
 
 def test_inner_timeout_leaves_headroom():
-    assert qemu.inner_timeout(600) == 570
-    assert qemu.inner_timeout(40) == 30
-    assert qemu.inner_timeout(1) == 1
+    assert job.inner_timeout(600) == 570
+    assert job.inner_timeout(40) == 30
+    assert job.inner_timeout(1) == 1
 
 
 def test_console_printer_shows_only_command_output():
@@ -365,21 +316,28 @@ def test_crashed_bed_reports_the_oops_from_the_console():
     assert matrix.evaluate(matrix.AMD_MATRIX[0], done).verdict == "PASS"
 
 
-def test_run_matrix_merges_params_per_config():
+class FakeBackend(bk.Backend):
+    """A machine that boots nothing: the module parameters it was asked for read back as set."""
+
+    name, vendor = "fake", "amd"
+
+    def __init__(self, kernel, seen):
+        super().__init__(kernel)
+        self.seen = seen
+
+    def check(self):
+        pass
+
+    def run(self, request):
+        self.seen.append(dict(request.params))
+        return BedResult(0, "", params={k: matrix.normalize(v) for k, v in request.params.items()})
+
+
+def test_run_matrix_merges_params_per_config(tmp_path):
     seen = []
-
-    class Fake(bk.Backend):
-        name, vendor = "fake", "amd"
-
-        def check(self):
-            pass
-
-        def run(self, request):
-            seen.append(dict(request.params))
-            return BedResult(0, "", params={k: matrix.normalize(v) for k, v in request.params.items()})
-
-    rows = matrix.run_matrix(Fake(), BedRequest(command=["true"], params={"kvm.x": "1"}),
-                             matrix.AMD_MATRIX)
+    fake = FakeBackend(fake_kernel(tmp_path), seen)
+    bed = Bed(BedOptions(params={"kvm.x": "1"}), backend=fake)
+    rows = matrix.run_matrix([(bed, c) for c in matrix.AMD_MATRIX], Job(["true"]))
     assert [r.verdict for r in rows] == ["PASS"] * 4
     assert seen[3] == {"kvm.x": "1", "kvm_amd.npt": "0"}
     assert seen[0] == {"kvm.x": "1", "kvm.tdp_mmu": "Y", "kvm.eager_page_split": "Y"}
@@ -393,8 +351,8 @@ def test_matrices_cover_the_issue_configurations():
 
 
 def test_boot_splats_are_told_apart_from_kvm_ones():
-    from kvmpy.bed.backend import BedResult, kernel_splats
-    from kvmpy.bed.initramfs import BOOT_DONE
+    from kvmpy.bed.protocol import BOOT_DONE
+    from kvmpy.bed.request import kernel_splats
 
     boot = "[    0.1] WARNING: CPU: 0 PID: 0 at arch/x86/kernel/cpu/topology_common.c:57 parse_legacy+0x10e/0x130\n"
     kvm = "[    9.0] WARNING: CPU: 1 PID: 77 at arch/x86/kvm/mmu/mmu.c:123 kvm_mmu_split+0x1/0x2\n"

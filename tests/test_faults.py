@@ -92,16 +92,17 @@ def test_clear_misses_last_word_keeps_the_last_partial_word_dirty(chunk):
 
 
 def test_faults_reach_the_suite_inside_the_bed():
-    """The bed passes on only the environment its request names: KVMPY_FAULTS must be in it."""
+    """The bed passes on only the environment its job names: KVMPY_FAULTS must be in it."""
     import argparse
 
-    from kvmpy.bed.qemu import job_script
+    from kvmpy.bed.job import job_script
+    from kvmpy.bed.testbed import Bed
     from kvmpy.selftest import bed_runner
 
     args = argparse.Namespace(backend="qemu", accel="tcg", kernel_version=None, kernel=None, modules=None,
                               timeout=None, param=[], keyword="splitting", pytest_args=[])
-    bargs = bed_runner._bed_args(args)
-    assert faults.ENV not in job_script(bed_runner.suite_request(args, bargs), inherit_env={})
+    bed = Bed(bed_runner.bed_options(args))
+    assert faults.ENV not in job_script(bed.request(bed_runner.suite_job(args)), inherit_env={})
     with faults.injected("stats-names-swapped"):
-        script = job_script(bed_runner.suite_request(args, bargs), inherit_env={})
+        script = job_script(bed.request(bed_runner.suite_job(args)), inherit_env={})
     assert f"export {faults.ENV}=stats-names-swapped\n" in script

@@ -27,8 +27,6 @@ from __future__ import annotations
 
 import base64
 import dataclasses
-import gzip
-import io
 import os
 import re
 import shlex
@@ -37,17 +35,20 @@ import subprocess
 import tarfile
 import tempfile
 import time
+import zlib
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 from kvmpy.bed import carry
-from kvmpy.bed.backend import (
-    MARKER, Backend, BedError, BedRequest, BedResult, ConsoleLog, die_with_parent, exit_on_sigterm,
-    kill_machine, params_cmdline, parse_console, settle,
-)
-from kvmpy.bed.initramfs import KVM_MODULES, build_initramfs
-from kvmpy.bed.kernel import Kernel, busybox, cache_dir
-from kvmpy.bed.qemu import INSIDE_RESULTS, INSIDE_SHARE, _boot_failure, inner_timeout, job_script
+from kvmpy.bed.backend import Backend
+from kvmpy.bed.initramfs import KVM_MODULES, build_initramfs, busybox
+from kvmpy.bed.job import inner_timeout, job_script
+from kvmpy.bed.kernel import Kernel, cache_dir
+from kvmpy.bed.machine import ConsoleLog, boot_failure, die_with_parent, exit_on_sigterm, kill_machine, settle
+from kvmpy.bed.media import append_archive, make_iso, write_cpio
+from kvmpy.bed.protocol import INSIDE_RESULTS, INSIDE_SHARE, MARKER, BedError
+from kvmpy.bed.request import BedFacts, BedRequest, BedResult, kernel_cmdline, megabytes, parse_console
+from kvmpy.bed.results import files_from_tar
 
 BOCHS = "bochs-bin"
 BIOS_DIR = Path("/usr/share/bochs")
@@ -124,15 +125,6 @@ status=$?
 """
 
 
-def megabytes(mem: str) -> int:
-    """``2G``/``768M``/``1024`` -> megabytes."""
-    m = re.fullmatch(r"([1-9][0-9]*)([MGmg]?)", mem.strip())
-    if not m:
-        raise BedError(f"--mem {mem!r}: expected e.g. 2G or 768M")
-    n = int(m.group(1))
-    return n * 1024 if m.group(2).lower() == "g" else n
-
-
 def bochsrc(boot_iso: Path, serial: Path, log: Path, megs: int, disc: Optional[Path] = None,
             ips: int = IPS) -> str:
     """The Bochs configuration for one boot (``megs`` capped at what Bochs accepts)."""
@@ -169,92 +161,34 @@ def isolinux_cfg(append: List[str]) -> str:
 
 
 def kernel_append(request: BedRequest) -> List[str]:
-    """The kernel command line (the params reach insmod through the init)."""
-    return ["console=ttyS0,115200", "panic=-1", "quiet", *params_cmdline(request.params),
-            *request.append]
+    """The kernel command line, its serial console at the speed Bochs's UART is set to."""
+    return kernel_cmdline(request, console="ttyS0,115200")
 
 
-def make_iso(out: Path, files: List[Tuple[str, Path]], boot: bool) -> Path:
-    """Write an ISO 9660 image (Rock Ridge: modes, links, mtimes) of ``files``.
+def extract_files(console: str) -> Tuple[Dict[str, bytes], str, List[str]]:
+    """(results files, kernel log, dropped files) from the base64 tarball in the console.
 
-    ``files`` pairs paths in the image with host files or directories;
-    directories grafted onto the same path are merged.  With
-    ``boot`` the image is an isolinux El Torito disc.
-    """
-    argv = ["xorriso", "-as", "mkisofs", "-quiet", "-R", "-o", str(out)]
-    if boot:
-        argv += ["-b", "isolinux/isolinux.bin", "-c", "isolinux/boot.cat",
-                 "-no-emul-boot", "-boot-load-size", "4", "-boot-info-table"]
-    argv += ["-graft-points"] + [f"{dest}={src}" for dest, src in files]
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=600)
-    if proc.returncode != 0:
-        raise BedError(f"xorriso failed: {proc.stderr.strip()[-1500:]}")
-    return out
-
-
-def write_cpio(out: Path, tree: Path) -> Path:
-    """Write ``tree`` as a gzipped cpio "newc" archive to ``out``.
-
-    The cpio tool keeps the files' mtimes, which the carried .pyc files are
-    checked against (Python recompiles, slowly under Bochs, when they differ).
-    """
-    tmp = out.with_name(out.name + f".{os.getpid()}.tmp")
-    with open(tmp, "wb") as raw:
-        find = subprocess.Popen(["find", ".", "-mindepth", "1"], cwd=tree, stdout=subprocess.PIPE)
-        cpio = subprocess.Popen(["cpio", "-o", "-H", "newc", "--quiet"], cwd=tree,
-                                stdin=find.stdout, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        find.stdout.close()
-        # Level 1: as small as level 6 give or take 10%, several times faster.
-        with gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=1, mtime=0) as gz:
-            shutil.copyfileobj(cpio.stdout, gz, 1 << 20)
-        err = cpio.stderr.read()
-        if cpio.wait(timeout=600) != 0 or find.wait(timeout=600) != 0:
-            tmp.unlink()
-            raise BedError(f"cpio failed: {err.decode(errors='replace').strip()}")
-    os.replace(tmp, out)
-    return out
-
-
-def append_archive(initrd: Path, archive: Path) -> None:
-    """Append a further (compressed) cpio archive to ``initrd``.
-
-    The kernel unpacks concatenated archives in order, but it only looks for
-    the next one at a 4-byte boundary (zero bytes in between are skipped).
-    """
-    with open(initrd, "ab") as out:
-        out.write(b"\0" * (-out.tell() % 4))
-        with open(archive, "rb") as src:
-            shutil.copyfileobj(src, out, 1 << 20)
-
-
-def extract_files(console: str) -> Tuple[Dict[str, bytes], str]:
-    """(results files, kernel log) from the base64 tarball in the console.
-
-    Returns empty results when the block is missing or truncated.
+    Anything that can print to the console can forge this block, so the
+    archive is read through :func:`kvmpy.bed.results.files_from_tar`: regular
+    files with safe names and bounded sizes only.  Returns empty results when
+    the block is missing or truncated.
     """
     m = re.search(re.escape(RESULTS_BEGIN) + r"\s*\n(.*?)\n[^\n]*" + re.escape(RESULTS_END),
                   console, re.S)
     if not m:
-        return {}, ""
+        return {}, "", []
     # Whole base64 lines only: a stray kernel message is a line of its own.
     data = "".join(line.strip() for line in m.group(1).splitlines()
                    if re.fullmatch(r"[A-Za-z0-9+/=]+", line.strip()))
-    files: Dict[str, bytes] = {}
-    kernel_log = ""
     try:
-        with tarfile.open(fileobj=io.BytesIO(base64.b64decode(data)), mode="r:gz") as tar:
-            for member in tar.getmembers():
-                if not member.isfile():
-                    continue
-                content = tar.extractfile(member).read()
-                name = member.name.lstrip("./")
-                if name == "dmesg.txt":
-                    kernel_log = content.decode(errors="replace")
-                elif name.startswith("results/"):
-                    files[name[len("results/"):]] = content
-    except (tarfile.TarError, ValueError, EOFError, OSError):
-        return {}, ""
-    return files, kernel_log
+        members, dropped = files_from_tar(base64.b64decode(data))
+    except (tarfile.TarError, ValueError, EOFError, OSError, zlib.error):
+        return {}, "", []
+    files = {name[len("results/"):]: content for name, content in members.items()
+             if name.startswith("results/")}
+    dropped += [f"{name}: not in results/" for name in members
+                if not name.startswith("results/") and name != "dmesg.txt"]
+    return files, members.get("dmesg.txt", b"").decode(errors="replace"), dropped
 
 
 def carried_roots(request: BedRequest) -> List[Path]:
@@ -279,7 +213,7 @@ class BochsBackend(Backend):
                  ips: int = IPS) -> None:
         if payload not in PAYLOADS:
             raise BedError(f"Bochs payload {payload!r}: choose one of {', '.join(PAYLOADS)}")
-        self.kernel = kernel
+        super().__init__(kernel)
         self.payload = payload
         self.bochs = bochs
         self.ips = ips
@@ -288,6 +222,11 @@ class BochsBackend(Backend):
             self.tools[bochs] = self.tools.pop(BOCHS)
         #: Sizes and times of the last run's preparation (for measurements).
         self.last_prep: Dict[str, float] = {}
+
+    def machine_facts(self) -> BedFacts:
+        facts = super().machine_facts()
+        facts.cpu = CPU_MODEL
+        return facts
 
     def check(self) -> None:
         for tool, package in self.tools.items():
@@ -388,12 +327,13 @@ class BochsBackend(Backend):
             bochs_log = "".join(p.read_text(errors="replace") for p in (tmp / "bochs.log", tmp / "bochs.out")
                                 if p.exists())
         result = parse_console(console)
-        result.files, result.kernel_log = extract_files(console)
+        result.files, result.kernel_log, result.dropped = extract_files(console)
+
         def why_no_status() -> str:
             panic = [line for line in bochs_log.splitlines() if "PANIC" in line and "power off" not in line]
-            return panic[-1].strip() if panic else _boot_failure(console)
+            return panic[-1].strip() if panic else boot_failure(console)
 
-        return settle(result, request, start, boot, timed_out, pid, why_no_status)
+        return settle(result, request, self.machine_facts(), start, boot, timed_out, pid, why_no_status)
 
 
 def _run_machine(argv: List[str], serial: Path, request: BedRequest, start: float, cwd: Path):

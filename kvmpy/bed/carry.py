@@ -31,7 +31,7 @@ import tempfile
 from pathlib import Path
 from typing import Iterable, List, Optional, Sequence, Set
 
-from kvmpy.bed.backend import BedError
+from kvmpy.bed.protocol import BedError
 
 #: Import names of what kvmpy and its test suites import at run time.
 PACKAGES = ("cffi", "_cffi_backend", "pycparser", "elftools", "pytest", "_pytest", "py",

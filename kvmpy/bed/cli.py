@@ -2,25 +2,35 @@
 
     kvmpy bed setup [--kernel-version 6.12|6.1|all]
     kvmpy bed run [--param kvm.tdp_mmu=N ...] [--mem 2G] [--console] -- CMD...
-    kvmpy bed matrix [--results DIR] [-- CMD...]     (default CMD: the selftests)
+    kvmpy bed matrix [--results DIR] [-- CMD...]     (default CMD: kvmpy selftest)
 
-The lead's ``kvmpy/cli.py`` calls :func:`register`; :func:`main` runs the
-``bed`` command on its own (``python -m kvmpy.bed.cli run -- true``).
+A thin front end of the library (:mod:`kvmpy.bed.testbed`): the arguments
+become :class:`~kvmpy.bed.options.BedOptions`, checked before anything is
+fetched or booted.  ``kvmpy/cli.py`` calls :func:`register`; :func:`main`
+runs the ``bed`` command on its own (``python -m kvmpy.bed.cli run -- true``).
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 import time
 from pathlib import Path
-from typing import Callable, List, Optional, Sequence
+from typing import List, Optional, Sequence
 
-from kvmpy.bed.backend import (
-    MARKER, VENDOR_BACKENDS, Backend, BedError, BedRequest, BedResult, backend_class,
-    kernel_splats, parse_hugepages, parse_param,
-)
-from kvmpy.bed.kernel import KERNEL_LINES, Kernel, fetch_debian, user_kernel
+from kvmpy.bed.backend import VENDOR_BACKENDS
+from kvmpy.bed.debian import KERNEL_LINES
+from kvmpy.bed.machine import ConsolePrinter
+from kvmpy.bed.options import BedOptions
+from kvmpy.bed.protocol import BedError
+from kvmpy.bed.request import BedResult, Job, kernel_splats
+from kvmpy.bed.results import save_result
+from kvmpy.bed.testbed import Bed
+
+#: What ``kvmpy bed matrix`` runs when given no command: the selftest suite,
+#: by the same command as on a host (a process, so the bed imports no runner).
+SELFTEST_COMMAND = (sys.executable, "-m", "kvmpy.cli", "selftest")
 
 
 def _err(msg: str) -> None:
@@ -92,85 +102,51 @@ def _command(args) -> List[str]:
     return cmd
 
 
-def pick_backend(args) -> type:
-    name = args.backend or (VENDOR_BACKENDS[args.vendor] if getattr(args, "vendor", None) else "qemu")
-    return backend_class(name)
+def bed_options(args) -> BedOptions:
+    """The options of ``kvmpy bed run|matrix`` arguments (BedError if malformed)."""
+    backend = args.backend or (VENDOR_BACKENDS[args.vendor] if args.vendor else "qemu")
+    return BedOptions.parse(
+        backend=backend, kernel_line=args.kernel_version, kernel=args.kernel, modules=args.modules,
+        accel=args.accel, mem=args.mem, smp=args.smp, timeout=args.timeout,
+        params=args.param, hugepages=args.hugepages)
 
 
-def prepare_kernel(args, cls: type, log: Callable[[str], None] = _err) -> Kernel:
-    """The kernel named by --kernel/--modules or --kernel-version (fetched if needed)."""
-    if args.kernel or args.modules:
-        if not (args.kernel and args.modules):
-            raise BedError("--kernel and --modules go together")
-        return user_kernel(args.kernel, args.modules)
-    return fetch_debian(args.kernel_version or cls.default_kernel_line, log=log)
+def _prepared_bed(args) -> Bed:
+    bed = Bed(bed_options(args), log=_err)
+    bed.prepare()
+    return bed
 
 
-def make_backend(args, log: Callable[[str], None] = _err) -> Backend:
-    """Backend instance for the parsed arguments (kernel fetched, tools checked)."""
-    cls = pick_backend(args)
-    kernel = prepare_kernel(args, cls, log)
-    options = {"accel": args.accel} if cls.name == "qemu" else {}
-    if cls.name != "qemu" and args.accel != "tcg":
-        raise BedError(f"--accel applies to QEMU only, not {cls.name}")
-    backend = cls(kernel, **options)
-    backend.check()
-    return backend
-
-
-class ConsolePrinter:
-    """Echo console lines: everything, or only the command's own output."""
-
-    def __init__(self, everything: bool, stream=None) -> None:
-        self.everything = everything
-        self.stream = stream or sys.stdout
-        self.inside = False
-
-    def __call__(self, line: str) -> None:
-        if self.everything:
-            print(line, file=self.stream, flush=True)
-            return
-        if MARKER in line:
-            if line.rstrip().endswith(f"{MARKER} ready"):
-                self.inside = True
-            elif f"{MARKER} exit " in line:
-                self.inside = False
-            elif f"{MARKER} error" in line:
-                print(line, file=self.stream, flush=True)
-            return
-        if self.inside:
-            print(line, file=self.stream, flush=True)
-
-
-def build_request(args, command: Sequence[str], on_console=None) -> BedRequest:
-    params = dict(parse_param(p) for p in args.param)
-    hugepages = dict(parse_hugepages(h) for h in getattr(args, "hugepages", None) or [])
-    return BedRequest(command=list(command), params=params, mem=args.mem, smp=args.smp,
-                      timeout=args.timeout, on_console=on_console, hugepages=hugepages)
-
-
-def describe(result: BedResult, backend: Backend) -> str:
+def describe(result: BedResult) -> str:
     boot = f"boot {result.boot_seconds:.1f}s, " if result.boot_seconds is not None else ""
     status = result.status if result.status is not None else f"none ({result.error})"
-    accel = f"/{backend.accel}" if hasattr(backend, "accel") else ""
-    return (f"exit {status} ({boot}total {result.seconds:.1f}s; "
-            f"{backend.name}{accel}, kernel {backend.kernel.release})")
+    facts = result.facts
+    machine = facts.backend + (f"/{facts.accel}" if facts.accel else "")
+    return f"exit {status} ({boot}total {result.seconds:.1f}s; {machine}, kernel {facts.kernel})"
+
+
+def _report_dropped(result: BedResult) -> None:
+    for why in result.dropped:
+        _err(f"result file not brought back: {why}")
 
 
 def cmd_setup(args) -> int:
     from kvmpy.bed.initramfs import KVM_MODULES, SHARE_MODULES, build_initramfs
-    import tempfile
 
-    cls = backend_class(args.backend)
-    lines = KERNEL_LINES if args.kernel_version == "all" else [args.kernel_version or cls.default_kernel_line]
-    for line in lines:
-        t0 = time.monotonic()
-        kernel = fetch_debian(line, log=_err)
-        cls(kernel).check()
-        # Building the initramfs once decompresses and caches the modules.
-        with tempfile.TemporaryDirectory(prefix="kvmpy-bed-setup-") as tmp:
-            build_initramfs(kernel, Path(tmp) / "initrd", "status=0\n", SHARE_MODULES + KVM_MODULES)
-        print(f"{line}: {kernel.release} ready ({time.monotonic() - t0:.1f}s) {kernel.image}")
+    lines = KERNEL_LINES if args.kernel_version == "all" else [args.kernel_version]
+    try:
+        for line in lines:
+            t0 = time.monotonic()
+            bed = Bed(BedOptions(backend=args.backend, kernel_line=line), log=_err)
+            kernel = bed.prepare().kernel
+            # Building the initramfs once decompresses and caches the modules.
+            with tempfile.TemporaryDirectory(prefix="kvmpy-bed-setup-") as tmp:
+                build_initramfs(kernel, Path(tmp) / "initrd", "status=0\n", SHARE_MODULES + KVM_MODULES)
+            print(f"{line or bed.kernel_line}: {kernel.release} ready ({time.monotonic() - t0:.1f}s) "
+                  f"{kernel.image}")
+    except BedError as exc:
+        _err(str(exc))
+        return 2
     return 0
 
 
@@ -180,28 +156,28 @@ def cmd_run(args) -> int:
         _err("nothing to run: kvmpy bed run [options] -- CMD [ARGS...]")
         return 2
     try:
-        backend = make_backend(args)
-        request = build_request(args, command, ConsolePrinter(args.console))
-        result = backend.run(request)
+        bed = _prepared_bed(args)
+        result = bed.run(Job(command, on_console=ConsolePrinter(args.console)))
+        if args.results:
+            save_result(result, args.results)
     except BedError as exc:
         _err(str(exc))
         return 2
-    from kvmpy.bed.matrix import param_mismatches, save_files
+    from kvmpy.bed.matrix import param_mismatches
 
-    if args.results:
-        save_files(result, args.results)
-    elif result.files:
+    if not args.results and result.files:
         _err(f"returned {', '.join(sorted(result.files))} (use --results DIR to keep them)")
+    _report_dropped(result)
     if result.status is None and not args.console:
         # The user saw only the command's output; show how the boot ended.
         print("\n".join(result.console.splitlines()[-25:]), file=sys.stderr)
-    _err(describe(result, backend))
+    _err(describe(result))
     boot_splats, splats = kernel_splats(result)
     for splat in boot_splats:
         _err(f"note: kernel splat while the bed booted (before KVM was loaded):\n{splat}")
     for splat in splats:
         _err(f"kernel splat in the bed:\n{splat}")
-    mismatches = param_mismatches(request.params, result.params) if result.status is not None else []
+    mismatches = param_mismatches(bed.options.params, result.params) if result.status is not None else []
     for problem in mismatches:
         _err(f"module parameter not applied: {problem}")
     if mismatches:
@@ -214,34 +190,29 @@ def cmd_matrix(args) -> int:
     from kvmpy.bed import matrix
 
     try:
-        backend = make_backend(args)
-        command = _command(args) or matrix.suite_command()
-        configs = list(matrix.matrix_for(backend.vendor))
-        if args.config:
-            unknown = set(args.config) - {c.name for c in configs}
-            if unknown:
-                raise BedError(f"unknown --config {', '.join(sorted(unknown))}; "
-                               f"choose from {', '.join(c.name for c in configs)}")
-            configs = [c for c in configs if c.name in args.config]
-        # The command's output goes to stderr so that stdout holds the table.
-        printer = None if args.quiet else ConsolePrinter(args.console, sys.stderr)
-        request = build_request(args, command, printer)
+        bed = _prepared_bed(args)
+        command = _command(args) or list(SELFTEST_COMMAND)
+        configs = matrix.select_configs(bed.vendor, args.config)
     except BedError as exc:
         _err(str(exc))
         return 2
+    # The command's output goes to stderr so that stdout holds the table.
+    job = Job(command, on_console=None if args.quiet else ConsolePrinter(args.console, sys.stderr))
 
     def progress(i: int, n: int, row) -> None:
-        _err(f"[{i}/{n}] {row.config.name}: {row.verdict} {row.detail} ({row.result.seconds:.0f}s)")
+        _err(row.progress_line(i, n))
+        _report_dropped(row.result)
         if args.results:  # now, so a long matrix can be inspected while it runs
-            matrix.save_files(row.result, args.results / row.config.name)
+            save_result(row.result, args.results / row.config.name)
 
-    _err(f"matrix of {len(configs)} configurations on {backend.name}, kernel "
-         f"{backend.kernel.release}: {' '.join(command)}")
+    _err(f"matrix of {len(configs)} configurations on {bed.describe()}: {' '.join(command)}")
     t0 = time.monotonic()
-    rows = matrix.run_matrix(backend, request, configs, progress)
-    print(matrix.format_table(
-        rows, f"kvmpy bed matrix ({backend.name}, {backend.kernel.release}, "
-              f"{time.monotonic() - t0:.0f}s)"))
+    try:
+        rows = matrix.run_matrix([(bed, config) for config in configs], job, progress)
+    except BedError as exc:
+        _err(str(exc))
+        return 2
+    print(matrix.format_table(rows, f"kvmpy bed matrix ({bed.describe()}, {time.monotonic() - t0:.0f}s)"))
     for row in rows:
         for splat in row.splats:
             print(f"\n{row.config.name}: kernel splat\n{splat}")

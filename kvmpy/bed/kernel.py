@@ -1,16 +1,17 @@
-"""Kernels for the test bed: Debian's packaged ones, or one the user built.
+"""Kernels for the test bed: a bootable image and its KVM modules.
 
-A :class:`Kernel` is a bootable image plus its ``lib/modules/<release>`` tree
-with a ``modules.dep``.  Debian kernels are fetched with ``apt-get download``
-into the user cache directory and unpacked with ``dpkg-deb -x``; nothing is
-installed on the host.  Modules are decompressed on demand because busybox
-insmod only loads plain ``.ko`` files.
+A :class:`Kernel` is a bzImage plus its ``lib/modules/<release>`` tree (with a
+``modules.dep``, or read through each module's .modinfo).  Debian's packaged
+kernels are fetched by :mod:`kvmpy.bed.debian`; one the user built is adopted
+by :func:`user_kernel`, which refuses, before anything boots, an image that is
+no bzImage and modules of another release; :func:`require_kvm` refuses a
+kernel without KVM for the bed's CPU vendor.  Modules are decompressed on
+demand because busybox insmod only loads plain ``.ko`` files.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import fcntl
 import gzip
 import hashlib
 import lzma
@@ -22,15 +23,9 @@ import tempfile
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence
 
-from kvmpy.bed.backend import BedError
-
-#: Kernel lines offered; 6.12 is the default because the upstream selftests
-#: of that era need KVM_SET_USER_MEMORY_REGION2 (v6.8+).
-KERNEL_LINES = ("6.12", "6.1")
-DEFAULT_LINE = "6.12"
+from kvmpy.bed.protocol import BedError
 
 _MODULE_SUFFIXES = (".ko.xz", ".ko.gz", ".ko.zst", ".ko")
-_TOOL_TIMEOUT = 900  # apt-get download of ~100 MB on a slow mirror
 
 
 def cache_dir() -> Path:
@@ -128,6 +123,19 @@ class Kernel:
         wanted = list(wanted)
         return module_closure(self.modules_dep(wanted), wanted, self.builtin(), optional)
 
+    def module_path(self, name: str) -> Optional[str]:
+        """The relative path of module ``name`` in the tree, or None."""
+        key = name.replace("-", "_")
+        for path in parse_modules_dep(self.modules_dep([key])):
+            if module_name(path) == key:
+                return path
+        return None
+
+    def has_module(self, name: str) -> bool:
+        """Whether ``name`` is a module of the tree or built into the kernel."""
+        key = name.replace("-", "_")
+        return self.module_path(key) is not None or key in {module_name(p) for p in self.builtin()}
+
     def plain_module(self, relpath: str) -> Path:
         """A decompressed copy of module ``relpath`` (cached)."""
         src = self.modules_dir / relpath
@@ -200,136 +208,12 @@ def _decompress(path: Path) -> bytes:
     return raw
 
 
-def _run(cmd: Sequence[str], cwd: Optional[Path] = None, timeout: float = _TOOL_TIMEOUT) -> str:
-    try:
-        proc = subprocess.run(
-            list(cmd), cwd=cwd, capture_output=True, text=True, timeout=timeout
-        )
-    except FileNotFoundError as exc:
-        raise BedError(f"{cmd[0]} not found: {exc}") from None
-    except subprocess.TimeoutExpired:
-        raise BedError(f"{' '.join(cmd)} timed out after {timeout:.0f}s") from None
-    if proc.returncode != 0:
-        raise BedError(f"{' '.join(cmd)} failed ({proc.returncode}): {proc.stderr.strip()[-2000:]}")
-    return proc.stdout
-
-
-def busybox() -> Path:
-    """The static busybox binary (it goes into the initramfs, so it must be static)."""
-    for candidate in ("/bin/busybox", "/usr/bin/busybox"):
-        path = Path(candidate)
-        if path.exists() and _is_static(path):
-            return path
-    raise BedError("a static busybox is needed: apt-get install busybox-static")
-
-
-def _is_static(path: Path) -> bool:
-    # A dynamically linked ELF has a PT_INTERP program header; its path string
-    # "/lib64/ld-linux" appears early in the file.  Cheap and good enough here.
-    with open(path, "rb") as f:
-        head = f.read(4096)
-    return head[:4] == b"\x7fELF" and b"ld-linux" not in head
-
-
-def _version_key(version: str) -> tuple:
-    return tuple(int(x) for x in re.findall(r"\d+", version))
-
-
-def debian_package(line: str = DEFAULT_LINE) -> str:
-    """The newest Debian kernel image package of ``line`` ("6.12" or "6.1")."""
-    if line == "6.1":
-        out = _run(["apt-cache", "depends", "linux-image-amd64"], timeout=60)
-        m = re.search(r"Depends:\s*(linux-image-6\.1\.\S+-amd64)\b", out)
-        if not m:
-            raise BedError("apt-cache depends linux-image-amd64 names no 6.1 kernel; run apt-get update")
-        return m.group(1)
-    if line == "6.12":
-        pattern = r"^linux-image-6\.12\.[0-9]+\+deb[0-9]+-amd64-unsigned$"
-        out = _run(["apt-cache", "search", "--names-only", pattern], timeout=60)
-        names = [l.split(" ", 1)[0] for l in out.splitlines() if l.strip()]
-        if not names:
-            raise BedError(
-                "no linux-image-6.12.N+debNN-amd64-unsigned package is known to apt; "
-                "run apt-get update (bookworm-backports or the bookworm 6.12 line is needed)"
-            )
-        return max(names, key=_version_key)
-    raise BedError(f"unknown kernel line {line!r}; choose one of {', '.join(KERNEL_LINES)}")
-
-
-def fetch_debian(line: str = DEFAULT_LINE, cache: Optional[Path] = None,
-                 log=lambda msg: None) -> Kernel:
-    """Download and unpack the newest Debian kernel of ``line``; idempotent.
-
-    Without apt metadata (offline, lists cleaned) the newest kernel of that
-    line already in the cache is used.
-    """
-    cache = cache or cache_dir()
-    try:
-        package = debian_package(line)
-    except BedError as exc:
-        cached = _cached_packages(cache, line)
-        if not cached:
-            raise
-        package = cached[-1]
-        log(f"{exc}; using the cached {package}")
-    root = cache / "kernels" / package
-    root.parent.mkdir(parents=True, exist_ok=True)
-    # Several beds may set up at once: one fetches, the others wait for it.
-    with open(root.parent / f"{package}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        _fetch_locked(root, package, log)
-    return _debian_kernel(root, package)
-
-
-def _fetch_locked(root: Path, package: str, log) -> None:
-    stamp = root / ".complete"
-    if not stamp.exists():
-        for tool, pkg in (("apt-get", "apt"), ("dpkg-deb", "dpkg")):
-            if not shutil.which(tool):
-                raise BedError(f"{tool} not found: apt-get install {pkg}")
-        log(f"fetching {package} (about 100 MB) ...")
-        shutil.rmtree(root, ignore_errors=True)
-        root.mkdir(parents=True)
-        with tempfile.TemporaryDirectory(prefix="kvmpy-bed-deb-", dir=root) as tmp:
-            _run(["apt-get", "download", package], cwd=Path(tmp))
-            debs = list(Path(tmp).glob("*.deb"))
-            if len(debs) != 1:
-                raise BedError(f"apt-get download {package} left {len(debs)} .deb files")
-            _run(["dpkg-deb", "-x", str(debs[0]), str(root / "root")], timeout=300)
-        kernel = _debian_kernel(root, package)
-        if not (kernel.modules_dir / "modules.dep").exists():
-            _depmod(root / "root", kernel.release)
-        stamp.write_text(package + "\n")
-
-
-def _cached_packages(cache: Path, line: str) -> List[str]:
-    """Fully unpacked kernels of ``line`` in the cache, oldest first."""
-    prefix = f"linux-image-{line}."
-    found = [p.name for p in (cache / "kernels").glob(prefix + "*") if (p / ".complete").exists()]
-    return sorted(found, key=_version_key)
-
-
-def _debian_kernel(root: Path, package: str) -> Kernel:
-    mods = _find_modules_dirs(root / "root")
-    if len(mods) != 1:
-        raise BedError(f"{package}: expected one lib/modules/<release>, found {len(mods)}")
-    release = mods[0].name
-    image = root / "root" / "boot" / f"vmlinuz-{release}"
-    if not image.exists():
-        raise BedError(f"{package} holds no boot/vmlinuz-{release}")
-    return Kernel(release, image, mods[0], f"debian:{package}", root / "cache")
-
-
-def _find_modules_dirs(root: Path) -> List[Path]:
+def find_modules_dirs(root: Path) -> List[Path]:
     found = []
     for base in (root / "lib" / "modules", root / "usr" / "lib" / "modules"):
         if base.is_dir():
             found += [p for p in sorted(base.iterdir()) if p.is_dir()]
     return found
-
-
-def _depmod(root: Path, release: str) -> None:
-    _run([str(busybox()), "depmod", "-b", str(root), release], timeout=300)
 
 
 def image_release(image: Path) -> Optional[str]:
@@ -346,6 +230,32 @@ def image_release(image: Path) -> Optional[str]:
     return text.split(" ", 1)[0] or None
 
 
+def check_image(image: Path) -> None:
+    """Raise BedError unless ``image`` is a bzImage (an x86 boot header, not an ELF vmlinux)."""
+    with open(image, "rb") as f:
+        head = f.read(0x210)
+    if head[:4] == b"\x7fELF":
+        raise BedError(f"--kernel {image} is an ELF vmlinux, which the bed cannot boot: "
+                       "use arch/x86/boot/bzImage")
+    if len(head) < 0x210 or head[0x202:0x206] != b"HdrS":
+        raise BedError(f"--kernel {image} is not a bzImage (no x86 boot header): "
+                       "use arch/x86/boot/bzImage")
+
+
+_VERMAGIC_RE = re.compile(rb"(?:^|\0)vermagic=([^\0 ]+)")
+
+
+def modules_release(kernel: "Kernel") -> Optional[str]:
+    """The release the tree's modules were built for (kvm's vermagic, else any module's), or None."""
+    paths = [kernel.module_path(name) for name in ("kvm", "kvm_amd", "kvm_intel")]
+    paths += list(parse_modules_dep(kernel.modules_dep()))  # KVM built in: any module will do
+    rel = next((p for p in paths if p is not None), None)
+    if rel is None:
+        return None
+    m = _VERMAGIC_RE.search(_decompress(kernel.modules_dir / rel))
+    return m.group(1).decode(errors="replace") if m else None
+
+
 def user_kernel(image: Path, modules: Path, cache: Optional[Path] = None) -> Kernel:
     """Adopt a kernel the user built (``--kernel bzImage --modules DIR``).
 
@@ -359,13 +269,14 @@ def user_kernel(image: Path, modules: Path, cache: Optional[Path] = None) -> Ker
         raise BedError(f"--kernel {image}: no such file")
     if not modules.is_dir():
         raise BedError(f"--modules {modules}: no such directory")
+    check_image(image)
     release = image_release(image)
     if (modules / "modules.order").exists() or (modules / "modules.dep").exists() or (
         modules / "kernel"
     ).is_dir():
         mod_dir = modules
     else:
-        candidates = _find_modules_dirs(modules)
+        candidates = find_modules_dirs(modules)
         if release:
             candidates = [c for c in candidates if c.name == release] or candidates
         if len(candidates) != 1:
@@ -380,4 +291,30 @@ def user_kernel(image: Path, modules: Path, cache: Optional[Path] = None) -> Ker
     digest = hashlib.sha256(str(image).encode()).hexdigest()[:12]
     key = re.sub(r"[^A-Za-z0-9_.+-]", "_", f"{release}-{digest}")
     kcache = (cache or cache_dir()) / "user" / key
-    return Kernel(release, image, mod_dir, f"user:{image}", kcache)
+    kernel = Kernel(release, image, mod_dir, f"user:{image}", kcache)
+    # What the kernel checks when loading a module is its vermagic, not a name.
+    built_for = modules_release(kernel)
+    if built_for is not None and built_for != release:
+        raise BedError(f"--kernel {image} is release {release}, but the modules in {mod_dir} were "
+                       f"built for {built_for}: they would not load; pass the modules of this build")
+    return kernel
+
+
+#: CPU vendor -> its KVM module and the kernel option that builds it.
+VENDOR_MODULES = {"amd": ("kvm_amd", "CONFIG_KVM_AMD"), "intel": ("kvm_intel", "CONFIG_KVM_INTEL")}
+
+
+def require_kvm(kernel: Kernel, vendor: str) -> None:
+    """Raise BedError unless ``kernel`` has kvm and ``vendor``'s module, loadable or built in.
+
+    Without them every selftest in the bed would skip ("no /dev/kvm"): that
+    is a wrong kernel, to be named before booting, not a run.
+    """
+    if vendor not in VENDOR_MODULES:
+        raise BedError(f"no KVM module for CPU vendor {vendor!r}")
+    for name, option in (("kvm", "CONFIG_KVM"), VENDOR_MODULES[vendor]):
+        if not kernel.has_module(name):
+            raise BedError(
+                f"kernel {kernel.release} ({kernel.origin}) has no {name.replace('_', '-')}.ko in "
+                f"{kernel.modules_dir} and does not have {name} built in (modules.builtin): "
+                f"build it with {option}=m or =y")

@@ -1,21 +1,23 @@
 """The module-parameter matrix: one boot per KVM MMU configuration, one table.
 
-Every configuration is checked twice: the command's own result, and that the
-parameters really took effect (the bed reports the values it reads back from
-/sys/module after loading), so a mistyped or read-only parameter cannot make
-two rows of the table silently test the same thing.  The bed kernel's log is
-scanned for splats too: a WARN_ON fails its row even if the command passed.
+The matrix runs (bed, configuration) pairs (:func:`run_matrix`), so beds of
+several kernels can share one table.  Every configuration is checked twice:
+the command's own result, and that the parameters really took effect (the
+bed reports the values it reads back from /sys/module after loading), so a
+mistyped or read-only parameter cannot make two rows of the table silently
+test the same thing.  The bed kernel's log is scanned for splats too: a
+WARN_ON fails its row even if the command passed.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import sys
 import xml.etree.ElementTree as ET
-from pathlib import Path
-from typing import Callable, Dict, List, Mapping, Optional, Sequence
+from typing import Callable, Iterable, List, Mapping, Optional, Sequence, Tuple
 
-from kvmpy.bed.backend import Backend, BedError, BedRequest, BedResult, kernel_splats
+from kvmpy.bed.protocol import BedError
+from kvmpy.bed.request import BedResult, Job, kernel_splats
+from kvmpy.bed.testbed import Bed
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +52,17 @@ def matrix_for(vendor: str) -> Sequence[Config]:
     if vendor == "intel":
         return INTEL_MATRIX
     raise BedError(f"no matrix for vendor {vendor!r}")
+
+
+def select_configs(vendor: str, names: Iterable[str] = ()) -> List[Config]:
+    """The configurations of ``vendor``'s matrix named in ``names`` (all when none)."""
+    configs = list(matrix_for(vendor))
+    names = list(names)
+    unknown = set(names) - {c.name for c in configs}
+    if unknown:
+        raise BedError(f"unknown --config {', '.join(sorted(unknown))}; "
+                       f"choose from {', '.join(c.name for c in configs)}")
+    return [c for c in configs if c.name in names] if names else configs
 
 
 def normalize(value: str) -> str:
@@ -151,12 +164,21 @@ class Row:
             return f"exit {self.result.status}"
         return ""
 
+    def progress_line(self, i: int, n: int) -> str:
+        """``[2/4] tdp-split: PASS  (37s)``, for a matrix in progress."""
+        return f"[{i}/{n}] {self.config.name}: {self.verdict} {self.detail} ({self.result.seconds:.0f}s)"
 
-def evaluate(config: Config, result: BedResult) -> Row:
-    """Judge one boot's result against its configuration."""
+
+def evaluate(config: Config, result: BedResult, requested: Optional[Mapping[str, str]] = None) -> Row:
+    """Judge one boot's result against its configuration.
+
+    ``requested`` are all the module parameters the boot asked for (default:
+    the configuration's); each must read back as asked.
+    """
     row = Row(config, result)
     if result.status is not None:
-        row.mismatches = param_mismatches(config.params, result.params)
+        row.mismatches = param_mismatches(config.params if requested is None else requested,
+                                          result.params)
     row.boot_splats, row.splats = kernel_splats(result)
     xmls = [data for name, data in sorted(result.files.items()) if name.endswith(".xml")]
     if xmls:
@@ -168,20 +190,18 @@ def evaluate(config: Config, result: BedResult) -> Row:
 
 
 def run_matrix(
-    backend: Backend,
-    request: BedRequest,
-    configs: Sequence[Config],
+    pairs: Sequence[Tuple[Bed, Config]],
+    job: Job,
     progress: Optional[Callable[[int, int, Row], None]] = None,
 ) -> List[Row]:
-    """Run ``request`` once per configuration (its params added to the request's)."""
+    """Run ``job`` once per (bed, configuration) pair, the configuration's params added to the bed's."""
     rows = []
-    for i, config in enumerate(configs):
-        params = {**request.params, **config.params}
-        result = backend.run(dataclasses.replace(request, params=params))
-        row = evaluate(config, result)
+    for i, (bed, config) in enumerate(pairs):
+        result = bed.run(job, config.params)
+        row = evaluate(config, result, {**bed.options.params, **config.params})
         rows.append(row)
         if progress:
-            progress(i + 1, len(configs), row)
+            progress(i + 1, len(pairs), row)
     return rows
 
 
@@ -194,14 +214,16 @@ def exit_status(rows: Sequence[Row]) -> int:
 
 
 def format_table(rows: Sequence[Row], title: str = "") -> str:
-    """The matrix as a fixed-width text table."""
-    header = ("config", "parameters", "result", "pass", "fail", "skip", "time", "detail")
+    """The matrix as a fixed-width text table (with a kernel column when rows differ in kernel)."""
+    kernels = len({row.result.facts.kernel for row in rows}) > 1
+    header = ("config", *(("kernel",) if kernels else ()), "parameters", "result", "pass", "fail",
+              "skip", "time", "detail")
     lines = []
     for row in rows:
         j = row.junit
         params = " ".join(f"{k}={v}" for k, v in row.config.params.items())
         lines.append((
-            row.config.name, params, row.verdict,
+            row.config.name, *((row.result.facts.kernel,) if kernels else ()), params, row.verdict,
             str(j.passed) if j else "-", str(j.failures + j.errors) if j else "-",
             str(j.skipped) if j else "-", f"{row.result.seconds:.0f}s", row.detail,
         ))
@@ -212,40 +234,3 @@ def format_table(rows: Sequence[Row], title: str = "") -> str:
     out += [fmt(header), fmt(tuple("-" * w for w in widths))]
     out += [fmt(l) for l in lines]
     return "\n".join(out)
-
-
-def suite_command(extra: Sequence[str] = ()) -> List[str]:
-    """The command that runs the selftest suite inside the bed.
-
-    JUnit XML lands in the results directory because the bed sets
-    PYTEST_ADDOPTS (see kvmpy.bed.qemu.job_script).
-    """
-    from kvmpy.selftest.runner import selftests_dir
-
-    try:
-        tests = selftests_dir()
-    except FileNotFoundError as exc:
-        raise BedError(str(exc)) from None
-    return [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tests), *extra]
-
-
-def write_results(rows: Sequence[Row], outdir: Path) -> None:
-    """Save each configuration's returned files under ``outdir/<config>/``."""
-    for row in rows:
-        save_files(row.result, Path(outdir) / row.config.name)
-
-
-def save_files(result: BedResult, outdir: Path) -> List[Path]:
-    """Write a result's files (and console, kernel log) into ``outdir``."""
-    outdir.mkdir(parents=True, exist_ok=True)
-    written = []
-    items: Dict[str, bytes] = dict(result.files)
-    items["console.log"] = result.console.encode()
-    if result.kernel_log:
-        items["kernel.log"] = result.kernel_log.encode()
-    for name, data in items.items():
-        path = outdir / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(data)
-        written.append(path)
-    return written

@@ -1,19 +1,26 @@
 """`kvmpy selftest --bed [--matrix]`: the selftest suite inside the nested test bed.
 
-Each boot runs the same pytest command as on the host; the results JSON comes back
-through the bed's results directory and becomes one RunResults per configuration.
+The selftest options become :class:`kvmpy.bed.options.BedOptions` (checked before the
+guests are built or a kernel is fetched) and the suite runs through the bed's library
+entry point, :class:`kvmpy.bed.testbed.Bed`.  Each boot runs the same pytest command
+as on the host; the results JSON comes back through the bed's results directory and
+becomes one RunResults per configuration.
 """
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import shlex
 import sys
 import time
 from pathlib import Path
+from typing import Callable, List
 
 from kvmpy import faults
-from kvmpy.bed.backend import BedError, BedRequest
+from kvmpy.bed import matrix
+from kvmpy.bed.machine import ConsolePrinter
+from kvmpy.bed.options import BedOptions
+from kvmpy.bed.protocol import BedError
+from kvmpy.bed.request import Job
+from kvmpy.bed.testbed import Bed
 from kvmpy.selftest.report import RunResults
 from kvmpy.selftest.runner import PYTEST_HARNESS_ERRORS, pytest_command
 
@@ -27,18 +34,17 @@ BOCHS_HUGEPAGES = ["2M:32"]
 BED_TIMEOUT = 1500.0
 
 
-def _bed_args(args: argparse.Namespace) -> argparse.Namespace:
-    """The `kvmpy bed` options equivalent to these `kvmpy selftest --bed` options."""
+def bed_options(args) -> BedOptions:
+    """The bed options of these `kvmpy selftest --bed` arguments (BedError if malformed)."""
     bochs = args.backend == "bochs"
-    return argparse.Namespace(
-        backend=args.backend, vendor=None, accel=args.accel, kernel_version=args.kernel_version,
-        kernel=Path(args.kernel) if args.kernel else None, modules=Path(args.modules) if args.modules else None,
-        mem=BED_MEM if not bochs else BOCHS_MEM, smp=2, timeout=args.timeout or BED_TIMEOUT,
-        param=list(args.param), console=False, hugepages=list(BED_HUGEPAGES if not bochs else BOCHS_HUGEPAGES),
-    )
+    return BedOptions.parse(
+        backend=args.backend or "qemu", kernel_line=args.kernel_version, kernel=args.kernel,
+        modules=args.modules, accel=args.accel, mem=BOCHS_MEM if bochs else BED_MEM, smp=2,
+        timeout=args.timeout or BED_TIMEOUT, params=args.param,
+        hugepages=BOCHS_HUGEPAGES if bochs else BED_HUGEPAGES)
 
 
-def _results(config_label: str, row) -> RunResults:
+def _results(config_label: str, row: matrix.Row) -> RunResults:
     """RunResults of one boot, with bed-level problems as harness errors or failures."""
     result = row.result
     raw = result.files.get("results.json")
@@ -61,57 +67,63 @@ def _results(config_label: str, row) -> RunResults:
     return run
 
 
-def suite_request(args: argparse.Namespace, bargs: argparse.Namespace, printer=None) -> BedRequest:
-    """The bed request that runs the suite's pytest command inside."""
-    from kvmpy.bed import cli as bed_cli
-
-    inner = pytest_command("$KVMPY_BED_RESULTS/results.json", None, args.keyword, args.pytest_args)
-    script = " ".join(shlex.quote(a) if not a.startswith("--kvmpy-results=") else f'"{a}"' for a in inner)
-    request = bed_cli.build_request(bargs, ["sh", "-c", script], printer)
-    # The bed passes on no environment of ours but what the request names: injected faults too.
-    return dataclasses.replace(request, env={**request.env, **faults.env()})
+def _note(msg: str) -> None:
+    print(f"kvmpy bed: {msg}", file=sys.stderr, flush=True)
 
 
-def run(args: argparse.Namespace, quiet: bool = False) -> list[RunResults]:
-    """Boot the bed once (or once per matrix configuration) and run the suite inside."""
-    from kvmpy.bed import cli as bed_cli
-    from kvmpy.bed import matrix
-
+def _prepare(args, log: Callable[[str], None]) -> Bed:
+    """The bed, its options checked first, then the guests built, then the kernel fetched."""
     from kvmpy.guest import programs
 
-    bargs = _bed_args(args)
-    log = (lambda m: None) if quiet else bed_cli._err
+    bed = Bed(bed_options(args), log=log)
+    # The bed sees the host's / read-only: guests must be built before it boots.
+    if programs.source_root() is not None:
+        programs.build()
+    bed.prepare()
+    return bed
+
+
+def suite_job(args, on_console: Callable[[str], None] | None = None) -> Job:
+    """The job that runs the suite's pytest command inside the bed."""
+    inner = pytest_command("$KVMPY_BED_RESULTS/results.json", None, args.keyword, args.pytest_args)
+    script = " ".join(shlex.quote(a) if not a.startswith("--kvmpy-results=") else f'"{a}"' for a in inner)
+    # The bed passes on no environment of ours but the job's: injected faults go in it.
+    return Job(["sh", "-c", script], env=faults.env(), on_console=on_console)
+
+
+def run(args, quiet: bool = False) -> List[RunResults]:
+    """Boot the bed once (or once per matrix configuration) and run the suite inside."""
+    from kvmpy.guest import programs
+
+    log = (lambda m: None) if quiet else _note
     try:
-        # The bed sees the host's / read-only: guests must be built before it boots.
-        if programs.source_root() is not None:
-            programs.build()
-        backend = bed_cli.make_backend(bargs, log)
+        bed = _prepare(args, log)
+        configs = (matrix.select_configs(bed.vendor) if args.matrix
+                   else [matrix.Config("params" if args.param else "default", {})])
     except (BedError, programs.GuestProgramError) as e:
         return [RunResults("bed", harness_error=str(e))]
-    printer = None if quiet else bed_cli.ConsolePrinter(False, sys.stdout)
-    request = suite_request(args, bargs, printer)
-    if args.matrix:
-        configs = list(matrix.matrix_for(backend.vendor))
-    else:
-        configs = [matrix.Config("params" if args.param else "default", {})]
+    job = suite_job(args, on_console=None if quiet else ConsolePrinter(False, sys.stdout))
 
-    def progress(i: int, n: int, row) -> None:
-        if not quiet:
-            bed_cli._err(f"[{i}/{n}] {row.config.name}: {row.verdict} {row.detail} ({row.result.seconds:.0f}s)")
+    def progress(i: int, n: int, row: matrix.Row) -> None:
+        log(row.progress_line(i, n))
+        log(f"bed: {row.result.facts.summary()}")
+        for why in row.result.dropped:
+            log(f"result file not brought back: {why}")
+        for splat in row.boot_splats:
+            log(f"note: {row.config.name}: kernel splat while the bed booted, before KVM was "
+                f"loaded (not counted): {splat.splitlines()[0]}")
 
     t0 = time.monotonic()
-    if not quiet:
-        bed_cli._err(f"bed: {backend.name}, kernel {backend.kernel.release}, "
-                     f"{len(configs)} configuration(s)")
-    rows = matrix.run_matrix(backend, request, configs, progress)
+    log(f"bed: {bed.describe()}, {len(configs)} configuration(s)")
+    try:
+        rows = matrix.run_matrix([(bed, config) for config in configs], job, progress)
+    except BedError as e:
+        return [RunResults("bed", harness_error=str(e))]
     runs = []
     for row in rows:
-        for splat in row.boot_splats if not quiet else ():
-            bed_cli._err(f"note: {row.config.name}: kernel splat while the bed booted, before KVM was "
-                         f"loaded (not counted): {splat.splitlines()[0]}")
         params = " ".join(f"{k}={v}" for k, v in row.config.params.items()) or \
             " ".join(args.param) or "defaults"
-        label = f"bed {backend.vendor} {row.config.name}" if args.matrix else f"bed {backend.vendor} {params}"
+        label = f"bed {bed.vendor} {row.config.name}" if args.matrix else f"bed {bed.vendor} {params}"
         runs.append(_results(label, row))
         if args.junit and "junit.xml" in row.result.files:
             path = Path(args.junit)
@@ -119,6 +131,5 @@ def run(args: argparse.Namespace, quiet: bool = False) -> list[RunResults]:
                 path = path.with_name(f"{path.stem}-{row.config.name}{path.suffix}")
             path.write_bytes(row.result.files["junit.xml"])
     if not quiet and args.matrix:
-        print(matrix.format_table(rows, f"bed matrix ({backend.name}, {backend.kernel.release}, "
-                                        f"{time.monotonic() - t0:.0f}s)"))
+        print(matrix.format_table(rows, f"bed matrix ({bed.describe()}, {time.monotonic() - t0:.0f}s)"))
     return runs

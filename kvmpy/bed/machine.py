@@ -1,0 +1,173 @@
+"""Running a machine process: tied to the harness's life, its console followed, killed by group.
+
+Both backends start their emulator through these helpers, so that every
+machine dies with the harness (even a SIGKILLed one), a SIGTERM to the harness
+still cleans up, and a result is completed the same way (:func:`settle`).
+:class:`ConsoleLog` collects the console; :class:`ConsolePrinter` is what a
+front end echoes of it (everything, or the command's own output).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from typing import Callable, List, Optional, Tuple
+
+from kvmpy.bed.protocol import MARKER
+from kvmpy.bed.request import BedFacts, BedRequest, BedResult
+
+
+def die_with_parent() -> None:
+    """``preexec_fn`` for a machine: SIGKILL it if the harness dies (even by SIGKILL).
+
+    The machine runs in its own session (so a terminal's ^C does not reach it
+    before the harness has killed it cleanly); this is what still ties its
+    life to ours.
+    """
+    PR_SET_PDEATHSIG = 1
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+
+
+@contextlib.contextmanager
+def exit_on_sigterm():
+    """Turn SIGTERM/SIGHUP into SystemExit for the duration, so cleanup runs.
+
+    Python's default SIGTERM action ends the process without running
+    ``finally`` blocks, which would leave the machine's temporary directory
+    behind (``timeout kvmpy bed ...`` sends SIGTERM).  Handlers the program
+    installed itself are left alone; so is everything outside the main thread.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise SystemExit(128 + signum)
+
+    saved = {}
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        if signal.getsignal(sig) == signal.SIG_DFL:
+            saved[sig] = signal.signal(sig, handler)
+    try:
+        yield
+    finally:
+        for sig, old in saved.items():
+            signal.signal(sig, old)
+
+
+class ConsoleLog:
+    """A machine's console, fed in chunks: whole lines, echoed, with the bed's markers noted.
+
+    ``hide`` is an optional (begin, end) pair of markers whose lines, inclusive,
+    are kept but not echoed (e.g. a base64 block of result files).
+    """
+
+    def __init__(self, request: BedRequest, start: float, hide: Optional[Tuple[str, str]] = None) -> None:
+        self.lines: List[str] = []
+        self.boot: Optional[float] = None        # seconds from start to the 'ready' marker
+        self.exit_seen_at: Optional[float] = None
+        self._pending = ""
+        self._start = start
+        self._echo = request.on_console
+        self._hide = hide
+        self._hiding = False
+
+    def feed(self, data: bytes) -> None:
+        self._pending += data.decode("utf-8", "replace").replace("\r", "")
+        *lines, self._pending = self._pending.split("\n")
+        for line in lines:
+            self.lines.append(line)
+            if self._hide and self._hide[0] in line:
+                self._hiding = True
+            if self._echo and not self._hiding:
+                self._echo(line)
+            if self._hide and self._hide[1] in line:
+                self._hiding = False
+            if MARKER in line:
+                if self.boot is None and line.rstrip().endswith(f"{MARKER} ready"):
+                    self.boot = time.monotonic() - self._start
+                if f"{MARKER} exit " in line:
+                    self.exit_seen_at = time.monotonic()
+
+    def text(self) -> str:
+        """Everything received, the unterminated last line included."""
+        return "\n".join(self.lines + ([self._pending] if self._pending else [])) + "\n"
+
+
+class ConsolePrinter:
+    """Echo console lines: everything, or only the command's own output."""
+
+    def __init__(self, everything: bool, stream=None) -> None:
+        self.everything = everything
+        self.stream = stream or sys.stdout
+        self.inside = False
+
+    def __call__(self, line: str) -> None:
+        if self.everything:
+            print(line, file=self.stream, flush=True)
+            return
+        if MARKER in line:
+            if line.rstrip().endswith(f"{MARKER} ready"):
+                self.inside = True
+            elif f"{MARKER} exit " in line:
+                self.inside = False
+            elif f"{MARKER} error" in line:
+                print(line, file=self.stream, flush=True)
+            return
+        if self.inside:
+            print(line, file=self.stream, flush=True)
+
+
+def kill_machine(proc: subprocess.Popen) -> None:
+    """Stop a machine and everything it started, by its process group; reap it."""
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    try:
+        proc.wait(timeout=30)
+    finally:
+        if proc.stdout:
+            proc.stdout.close()
+
+
+def boot_failure(console: str) -> str:
+    """The most telling line of a console log that never reached the exit marker."""
+    for line in console.splitlines():
+        if f"{MARKER} error" in line:
+            return line[line.index(MARKER) + len(MARKER):].strip()
+    for pattern in ("Kernel panic", "qemu-system", "BUG:", "not syncing"):
+        for line in console.splitlines():
+            if pattern in line:
+                return line.strip()
+    tail = console.strip().splitlines()[-1:] or ["(no console output)"]
+    return f"the bed stopped before the command finished; last console line: {tail[0]}"
+
+
+def settle(result: BedResult, request: BedRequest, machine: BedFacts, start: float, boot: Optional[float],
+           timed_out: bool, pid: int, why_no_status: Callable[[], str]) -> BedResult:
+    """Fill a result's timing fields, its facts and, when no exit status came back, the reason.
+
+    ``machine`` holds the facts the backend knows from the host side (backend,
+    CPU, kernel image); what the bed's kernel reported takes precedence.
+    """
+    result.facts.complete(machine)
+    result.boot_seconds = boot
+    result.seconds = time.monotonic() - start
+    result.timed_out = timed_out
+    result.pid = pid
+    if timed_out:
+        result.error = f"timed out after {request.timeout:.0f}s"
+    elif result.status is None:
+        result.error = why_no_status()
+    return result
