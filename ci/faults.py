@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [n for n in names if n not in faults.FAULTS]
     if unknown:
         p.error(f"unknown fault(s) {', '.join(unknown)}")
-    missed = []
+    missed, nruns = [], 0
     for name in names:
         f = faults.FAULTS[name]
         runs = [("unit", lambda: unit_run(name, f.unit))] if f.unit and not args.bed else []
@@ -83,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         if f.bed and args.bed:
             runs.append((f"bed -k '{f.bed}'", lambda: selftest_run(name, f.bed, True)))
         for where, run in runs:
+            nruns += 1
             t0 = time.monotonic()
             caught, what = run()
             print(f"{'caught' if caught else 'MISSED':7} {name:24} {where:50} {what} ({time.monotonic() - t0:.0f}s)",
@@ -92,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     if missed:
         print(f"\n{len(missed)} run(s) passed with a fault on: the suite does not catch {'; '.join(missed)}")
         return 1
-    print(f"\nevery fault caught ({len(names)} fault(s))")
+    print(f"\nevery fault caught ({nruns} run(s) of {len(names)} fault(s), each failed)")
     return 0
 
 

@@ -16,8 +16,8 @@ import time
 
 import pytest
 
-from kvmpy.abi import lib
 from kvmpy import faults
+from kvmpy.abi import lib
 from kvmpy.dirtylog import (MODE_NAMES, DirtyLogMismatch, DirtyWriterVm, RoundPlan, RoundReport, SlotSpec,
                             collector_by_name, read_stamps)
 from kvmpy.memory import PAGE_2M, PAGE_4K, backing_by_name
@@ -143,7 +143,9 @@ def test_toggle_logging_while_guest_runs(mode, scale):
     Each round starts with a stamp whose writes may be lost (logging goes off
     during it); after logging is back on, the host hands out a new stamp, and
     every page carrying it must be reported. Under INITIALLY_SET re-enabling sets
-    every bit again, which the checker is told and then demands.
+    every bit again, which the checker is told and then demands. That logging really
+    went off shows too: writes made meanwhile went unlogged (or, under INITIALLY_SET,
+    re-enabling gave the slot a fresh, all-set bitmap).
     """
     npages = 1024 * scale
 
