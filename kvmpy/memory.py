@@ -41,16 +41,34 @@ def thp_mode() -> str | None:
     return raw[raw.index("[") + 1 : raw.index("]")]
 
 
-def hugetlb_pool(page_size: int) -> dict[str, int] | None:
+def hugetlb_pool_dir(page_size: int, root: str = "/") -> str:
+    """The sysfs directory of the hugetlb pool of ``page_size`` pages (under ``root``)."""
+    return os.path.join(root, f"sys/kernel/mm/hugepages/hugepages-{page_size // 1024}kB")
+
+
+def hugetlb_pool(page_size: int, root: str = "/") -> dict[str, int] | None:
     """Counters of the hugetlb pool for ``page_size`` (total/free/resv), None if absent."""
-    base = f"/sys/kernel/mm/hugepages/hugepages-{page_size // 1024}kB"
+    base = hugetlb_pool_dir(page_size, root)
     if not os.path.isdir(base):
         return None
     out = {}
     for key, name in (("total", "nr_hugepages"), ("free", "free_hugepages"), ("resv", "resv_hugepages")):
         val = read_sysfs(os.path.join(base, name))
-        out[key] = int(val) if val is not None else 0
+        out[key] = int(val) if val is not None and val.isdigit() else 0
     return out
+
+
+def hugetlb_shortfall(page_size: int, count: int, root: str = "/") -> str | None:
+    """Why the host cannot provide ``count`` huge pages of ``page_size`` now (None: it can)."""
+    pool = hugetlb_pool(page_size, root)
+    kb = page_size // 1024
+    if pool is None:
+        return f"no hugetlb pool of {kb}kB pages on this host"
+    available = pool["free"] - pool["resv"]
+    if available >= count:
+        return None
+    return (f"needs {count} free {kb}kB huge pages, the pool has {available} available ({pool['total']} total); "
+            f"reserve them with `echo N > /sys/kernel/mm/hugepages/hugepages-{kb}kB/nr_hugepages`")
 
 
 def thp_backed_chunks(addr: int, size: int) -> list[bool] | None:
@@ -292,17 +310,9 @@ class Hugetlb(Backing):
 
     def check(self, size: int) -> None:
         super().check(size)
-        pool = hugetlb_pool(self.page_size)
-        kb = self.page_size // 1024
-        if pool is None:
-            raise RequirementError(f"{self.name} backing: no hugetlb pool of {kb}kB pages on this host")
-        need = size // self.page_size
-        if pool["free"] - pool["resv"] < need:
-            raise RequirementError(
-                f"{self.name} backing: needs {need} free {kb}kB huge pages, the pool has "
-                f"{pool['free'] - pool['resv']} available ({pool['total']} total); reserve them with "
-                f"`echo N > /sys/kernel/mm/hugepages/hugepages-{kb}kB/nr_hugepages`"
-            )
+        why = hugetlb_shortfall(self.page_size, size // self.page_size)
+        if why is not None:
+            raise RequirementError(f"{self.name} backing: {why}")
 
     def allocate(self, size: int) -> Mapping:
         self.check(size)

@@ -108,6 +108,7 @@ run_job() {
     mount -t debugfs debugfs $R/sys/kernel/debug 2>/dev/null
     mkdir -p $R@RESULTS@
     cp /etc/kvmpy/job.sh $R@INSIDE@/job.sh
+    mark_bed $R || return 2
     timeout -s KILL @TIMEOUT@ chroot $R /bin/sh @INSIDE@/job.sh < /dev/null
     st=$?
     dmesg > $R@INSIDE@/dmesg.txt 2>/dev/null

@@ -60,6 +60,7 @@ run_job() {
     mount -t tmpfs tmpfs $R/dev/shm
     mount -t debugfs debugfs $R/sys/kernel/debug 2>/dev/null
     mount -t 9p -o $O,cache=none @SHARE@ $R@INSIDE@ || { say "error cannot mount the job share"; return 2; }
+    mark_bed $R || return 2
     timeout -s KILL "$(cat $R@INSIDE@/timeout)" chroot $R /bin/sh @INSIDE@/job.sh < /dev/null
     st=$?
     dmesg > $R@INSIDE@/dmesg.txt 2>/dev/null
