@@ -13,10 +13,10 @@ import pytest
 
 from kvmpy.errors import KvmError
 from kvmpy.exits import IoExit, MmioExit
-from kvmpy.guest import programs
 from kvmpy.guest import ucall as u
 from kvmpy.guest.elf import GuestElf
 from kvmpy.x86.physmem import FlatMemory
+from test_elf import globals_elf  # noqa: F401 - the fixture: the built "globals" guest
 
 SEED = 13
 ELF_CASES = 1000   # ~10 ms each: pyelftools parses every symbol
@@ -73,14 +73,6 @@ def mutate_elf(raw: bytes, rng: random.Random) -> tuple[bytes, str]:
     return bytes(buf[:off] + bytes(rng.getrandbits(8) for _ in range(n)) + buf[off:]), f"{n} bytes inserted at {off:#x}"
 
 
-@pytest.fixture(scope="module")
-def guest_elf() -> bytes:
-    try:
-        return programs.find("globals").read_bytes()
-    except programs.GuestProgramError as e:
-        pytest.skip(f"cannot build guest programs: {e}")
-
-
 def _use(path, mem: FlatMemory) -> None:
     """Everything a caller does with a guest ELF."""
     elf = GuestElf(path)
@@ -94,13 +86,13 @@ def _use(path, mem: FlatMemory) -> None:
         elf.write_global(mem, name, 1)
 
 
-def test_mutated_elfs_raise_only_kvmpy_errors(tmp_path, guest_elf):
+def test_mutated_elfs_raise_only_kvmpy_errors(tmp_path, globals_elf):
     rng = random.Random(SEED)
     path = tmp_path / "m.elf"
     mem = FlatMemory(8 << 20)
     escaped = []
     for case in range(ELF_CASES):
-        data, how = mutate_elf(guest_elf, rng)
+        data, how = mutate_elf(globals_elf, rng)
         path.write_bytes(data)
         try:
             _use(path, mem)
@@ -111,8 +103,8 @@ def test_mutated_elfs_raise_only_kvmpy_errors(tmp_path, guest_elf):
     assert not escaped, f"{len(escaped)} of {ELF_CASES} mutated ELFs (seed {SEED}) escaped:\n" + "\n".join(escaped[:20])
 
 
-def test_huge_program_header_offset(tmp_path, guest_elf):
-    bad = bytearray(guest_elf)
+def test_huge_program_header_offset(tmp_path, globals_elf):
+    bad = bytearray(globals_elf)
     struct.pack_into("<Q", bad, 32, (1 << 64) - 1)
     (tmp_path / "g.elf").write_bytes(bad)
     with pytest.raises(KvmError, match="g.elf: truncated or corrupt ELF"):

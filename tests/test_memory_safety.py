@@ -196,3 +196,17 @@ def test_stats_parse_reads_no_freed_memory():
         print(len(layout.descs), {d.type for d in layout.descs.values()})
         """, env={"PYTHONMALLOC": "debug"})
     assert "64 {'cumulative'}" in out
+
+
+def test_views_dropped_by_their_users_are_forgotten_held_ones_released():
+    from kvmpy.memory import PAGE_4K, Anonymous
+
+    mapping = Anonymous().allocate(4 * PAGE_4K)
+    held = [mapping.view(i * 8, 8) for i in range(10)]
+    for i in range(1000):
+        mapping.view(i % PAGE_4K, 1)[0] = 1       # used once, dropped
+    assert len(mapping._views._views) < 100      # not 1010: the dropped ones were forgotten
+    mapping.close()
+    for v in held:
+        with pytest.raises(ValueError, match="released memoryview"):
+            v[0]
