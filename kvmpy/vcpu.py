@@ -205,11 +205,12 @@ class Vcpu:
             self._stats = self._owned.stats = Stats(fd, self.name)
         return self._stats
 
-    def _stop(self, timeout: float = STOP_TIMEOUT) -> None:
+    def _stop(self) -> None:
         """Refuse new runs, then kick a run in progress on another thread until it returns.
 
-        KvmError (and nothing released) if it is still in KVM_RUN after ``timeout`` s.
+        KvmError (and nothing released) if it is still in KVM_RUN after STOP_TIMEOUT s.
         """
+        timeout = STOP_TIMEOUT
         deadline = time.monotonic() + timeout
         with self._lock:
             self._closing = True

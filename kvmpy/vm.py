@@ -90,8 +90,6 @@ class Vm:
         if slot in self.memslots:
             raise KvmError(f"{self.name}: slot {slot} is already in use")
         check_u32(slot, "memslot id")
-        if gpa < 0:
-            raise KvmError(f"{self.name}: slot {slot}: negative guest physical address {gpa:#x}")
         backing = backing or Anonymous()
         mapping = backing.allocate(size)
         try:
