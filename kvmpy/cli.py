@@ -17,7 +17,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
         print(json.dumps(facts.to_dict(), indent=1))
     else:
         print(hostinfo.format_facts(facts))
-    return 0 if not facts.error else 1
+    return 0 if not (facts.error or facts.mmu_probe_error) else 1
 
 
 def _add_selftest(sub) -> None:

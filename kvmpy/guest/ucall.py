@@ -1,7 +1,8 @@
 """Host side of the ucall ABI defined in guests/lib/ucall_abi.h.
 
 A guest hands the host the GPA of a ``struct ucall`` through a transport: a 32-bit
-OUT to UCALL_PORT (ring 0), or an 8-byte store to an MMIO address no memslot backs.
+OUT to UCALL_PORT (ring 0), or an 8-byte store to an MMIO address no memslot backs
+(any CPL; the runtime stores there when the host sets its ``ucall_mmio_gpa``).
 :func:`ucall_of` is the one decoder every vCPU loop uses for either; it never
 reads outside guest memory.
 """
@@ -134,6 +135,9 @@ class UcallTransport:
 
 
 PORT_IO = UcallTransport()
+# No memslot may back this page (kvmpy's test memory lies below it): it is what a
+# user-mode (CPL3) guest stores its ucall addresses to.
+MMIO = UcallTransport(port=None, mmio_gpa=0xF000_0000)
 
 
 def ucall_of(ex: Exit, mem: PhysMemory, transport: UcallTransport = PORT_IO) -> Ucall | None:
