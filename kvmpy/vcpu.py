@@ -224,7 +224,7 @@ class Vcpu:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise KvmError(f"{self.name} is still in KVM_RUN on thread {self._run_thread} after "
-                                   f"{timeout:.0f} s of kicks: not closed")
+                                   f"{timeout:g} s of kicks: not closed")
                 self._left_run.wait(min(left, 0.1))
 
     def close(self) -> None:

@@ -292,8 +292,9 @@ class Vm:
         """Close vCPUs, the stats fd and the VM fd, then unmap all guest memory. Idempotent.
 
         A vCPU another thread is running is kicked out of KVM_RUN first; if one does
-        not come out (KvmError), nothing is closed. Views of guest memory are released
-        (see :meth:`gpa_view`).
+        not come out (KvmError), nothing is released yet (the vCPUs refuse new runs) and
+        ``close()`` may be called again. Views of guest memory are released (see
+        :meth:`gpa_view`).
         """
         if not self._release.alive:
             return
