@@ -8,7 +8,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from kvmpy.abi import ffi, lib
-from kvmpy.memory import PAGE_4K, mmap
+from kvmpy.errors import KvmError
+from kvmpy.memory import PAGE_4K, Mapping, map_memory
 
 if TYPE_CHECKING:
     from kvmpy.vcpu import Vcpu
@@ -27,15 +28,17 @@ class DirtyRing:
         self.vcpu = vcpu
         self.size_bytes = size_bytes
         self.nentries = size_bytes // GFN_SIZE
-        offset = lib.KVM_DIRTY_LOG_PAGE_OFFSET * PAGE_4K
-
-        self.addr = mmap(size_bytes, lib.PROT_READ | lib.PROT_WRITE, lib.MAP_SHARED, vcpu.fd, offset,
-                         f"vCPU {vcpu.id}'s dirty ring")
+        what = f"vCPU {vcpu.id}'s dirty ring"
+        self.mapping = Mapping(map_memory(size_bytes, vcpu.fd, lib.KVM_DIRTY_LOG_PAGE_OFFSET * PAGE_4K, what=what),
+                               what=what)
+        self.addr = self.mapping.addr
         self.gfns = ffi.cast("struct kvm_dirty_gfn *", self.addr)
         self.fetch_index = 0
 
     def harvest(self, limit: int | None = None) -> list[tuple[int, int]]:
         """Collect published entries as (slot, gfn offset) pairs and mark them for reset."""
+        if self.mapping.closed:
+            raise KvmError(f"vCPU {self.vcpu.id}'s dirty ring used after close")
         out = []
         mask = self.nentries - 1
         dirty, reset = lib.KVM_DIRTY_GFN_F_DIRTY, lib.KVM_DIRTY_GFN_F_RESET
@@ -50,8 +53,5 @@ class DirtyRing:
         return out
 
     def close(self) -> None:
-        if self.addr:
-            lib.kvmpy_munmap(ffi.cast("void *", self.addr), self.size_bytes)
-            self.addr = 0
-            self.gfns = None
+        self.mapping.close()
 
