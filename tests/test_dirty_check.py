@@ -403,9 +403,19 @@ def test_overwritten_ring_entries_fail_and_the_message_stays_bounded():
 class FakeRing(DirtyRing):
     """A DirtyRing over plain memory instead of a vCPU's mmap (the entries' flags set by hand)."""
 
+    class Memory:
+        closed = False
+
+        def __init__(self, cdata, size: int) -> None:
+            self.cdata, self.size = cdata, size
+
+        def read(self, offset: int, length: int) -> bytes:
+            return ffi.buffer(self.cdata, self.size)[offset:offset + length]
+
     def __init__(self, nentries: int) -> None:
         self.nentries, self.size_bytes, self.fetch_index, self.addr = nentries, nentries * GFN_SIZE, 0, 0
-        self.gfns = self._mem = ffi.new("struct kvm_dirty_gfn[]", nentries)
+        self.gfns = ffi.new("struct kvm_dirty_gfn[]", nentries)
+        self.mapping = self.Memory(self.gfns, self.size_bytes)
 
     def publish(self, *indexes: int) -> None:
         for i in indexes:
