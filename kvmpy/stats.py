@@ -9,9 +9,10 @@ from __future__ import annotations
 import os
 import struct
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Union
 
+from kvmpy import faults
 from kvmpy.abi import ffi, lib
 from kvmpy.errors import KvmError
 
@@ -119,6 +120,9 @@ class StatsLayout:
                 raise StatsFormatError(f"stat {name!r} described twice")
             descs[name] = StatDesc(name, TYPE_NAMES[stype], UNIT_NAMES[unit], BASE_NAMES[base],
                                    exponent, size, offset, bucket_size, flags)
+        if faults.active("stats-names-swapped") and {"pages_4k", "pages_2m"} <= descs.keys():
+            a, b = descs["pages_4k"], descs["pages_2m"]   # FAULT: stats-names-swapped
+            descs["pages_4k"], descs["pages_2m"] = replace(a, offset=b.offset), replace(b, offset=a.offset)
         return cls(ident, data_off, descs)
 
     def decode(self, data: bytes) -> dict[str, Value]:
