@@ -8,14 +8,21 @@
  * guest walks and write-protects it; the first guest write to such a PT
  * makes KVM mark the shadow page unsync instead of emulating the write.
  *
- *   UNSYNC_SHADOWED: read pages 0 and 1 of every 2M (KVM now shadows every PT)
- *   UNSYNC_EDITED:   in the first nr_unsync PTs, swap the frames of the PTEs
- *                    of pages 0 and 1 -- no TLB flush yet
- *   UNSYNC_INVLPG:   invlpg both pages of each edited PT, check the guest sees
- *                    the swapped frames (and the other PTs are unchanged)
- *   UNSYNC_CR3:      reload CR3 (a full flush: KVM syncs every unsync page)
- *                    and check again
- *   UNSYNC_RESTORED: swap back, reload CR3, check the original frames
+ *   UNSYNC_READY:        the leaf PTEs of pages 0 and 1 of every 2M looked up
+ *   UNSYNC_SHADOWED:     read pages 0 and 1 of every 2M (KVM now shadows every PT)
+ *   UNSYNC_EDITED:       in the first nr_unsync PTs, swap the frames of the PTEs
+ *                        of pages 0 and 1 -- no TLB flush yet
+ *   UNSYNC_INVLPG:       invlpg both pages of each edited PT, check the guest sees
+ *                        the swapped frames (and the other PTs are unchanged)
+ *   UNSYNC_CR3:          reload CR3 (a full flush: KVM syncs every unsync page)
+ *                        and check again
+ *   UNSYNC_SWAPPED_BACK: swap the frames back, no flush yet
+ *   UNSYNC_RESTORED:     reload CR3, check the original frames
+ *
+ * In user mode the privileged steps (CR3 read, invlpg, CR3 reload) are kernel
+ * calls, which KVM may emulate; the steps that KVM must see as native guest
+ * accesses (SHADOWED, EDITED, SWAPPED_BACK) make none, so the host can check
+ * from insn_emulation that each of those ran natively.
  */
 #include "lib/guest.h"
 
@@ -27,6 +34,9 @@ uint64_t test_gpa;
 uint64_t nr_tables;
 uint64_t nr_unsync;
 
+/* The leaf PTEs of pages 0 and 1 of each table. */
+static uint64_t *ptes[MAX_TABLES][2];
+
 static uint64_t page_gva(uint64_t table, uint64_t page)
 {
 	return test_gva + table * PAGE_SIZE_2M + page * PAGE_SIZE_4K;
@@ -37,10 +47,10 @@ static uint64_t page_gpa(uint64_t table, uint64_t page)
 	return test_gpa + table * PAGE_SIZE_2M + page * PAGE_SIZE_4K;
 }
 
-static uint64_t *leaf(uint64_t gva)
+static uint64_t *leaf(uint64_t *root, uint64_t gva)
 {
 	int level = 0;
-	uint64_t *pte = guest_pte(gva, &level);
+	uint64_t *pte = pt_walk(root, gva, PTE_PRESENT, &level);
 
 	GUEST_ASSERT(pte != NULL);
 	GUEST_ASSERT_EQ(level, 1);
@@ -49,7 +59,7 @@ static uint64_t *leaf(uint64_t gva)
 
 static void swap_frames(uint64_t table)
 {
-	uint64_t *a = leaf(page_gva(table, 0)), *b = leaf(page_gva(table, 1));
+	uint64_t *a = ptes[table][0], *b = ptes[table][1];
 	uint64_t ea = READ_ONCE(*a), eb = READ_ONCE(*b);
 
 	WRITE_ONCE(*a, (ea & ~PTE_ADDR_MASK) | (eb & PTE_ADDR_MASK));
@@ -69,9 +79,15 @@ static void check(uint64_t table, bool swapped)
 
 void guest_main(uint32_t vcpu_id, uint64_t arg)
 {
+	uint64_t *root = (uint64_t *)(guest_read_cr3() & PTE_ADDR_MASK);
 	uint64_t t;
 
 	GUEST_ASSERT(nr_tables <= MAX_TABLES && nr_unsync <= nr_tables);
+	for (t = 0; t < nr_tables; t++) {
+		ptes[t][0] = leaf(root, page_gva(t, 0));
+		ptes[t][1] = leaf(root, page_gva(t, 1));
+	}
+	GUEST_SYNC(UNSYNC_READY);
 
 	for (t = 0; t < nr_tables; t++)
 		check(t, false);
@@ -82,21 +98,23 @@ void guest_main(uint32_t vcpu_id, uint64_t arg)
 	GUEST_SYNC(UNSYNC_EDITED);
 
 	for (t = 0; t < nr_unsync; t++) {
-		invlpg(page_gva(t, 0));
-		invlpg(page_gva(t, 1));
+		guest_invlpg(page_gva(t, 0));
+		guest_invlpg(page_gva(t, 1));
 	}
 	for (t = 0; t < nr_tables; t++)
 		check(t, t < nr_unsync);
 	GUEST_SYNC(UNSYNC_INVLPG);
 
-	reload_cr3();
+	guest_reload_cr3();
 	for (t = 0; t < nr_tables; t++)
 		check(t, t < nr_unsync);
 	GUEST_SYNC(UNSYNC_CR3);
 
 	for (t = 0; t < nr_unsync; t++)
 		swap_frames(t);
-	reload_cr3();
+	GUEST_SYNC(UNSYNC_SWAPPED_BACK);
+
+	guest_reload_cr3();
 	for (t = 0; t < nr_tables; t++)
 		check(t, false);
 	GUEST_SYNC(UNSYNC_RESTORED);

@@ -2,7 +2,8 @@
 
 ``probe_mmu()`` answers the question every MMU selftest depends on: do a guest's
 memory accesses go through KVM's MMU (creating SPTEs that the ``pages_*`` stats
-count), or is the guest run by the instruction emulator (no SPTEs at all)?
+count), or is the guest run by the instruction emulator (no SPTEs at all)? It asks
+at ring 0 and at CPL3 (kvm_pvm emulates ring 0 but runs CPL3 natively).
 ``mmu_flavour()`` says which MMU a new VM gets. The ``require_*`` functions raise
 :class:`RequirementError` naming what is missing and how to get it (the
 selftest fixtures in selftests/conftest.py are built on them).
@@ -14,11 +15,12 @@ import os
 import platform
 from dataclasses import asdict, dataclass, field
 
+from kvmpy import faults, mmu_probe
 from kvmpy.abi import lib
 from kvmpy.errors import RequirementError
-from kvmpy.exits import HltExit
 from kvmpy.kvm import Kvm
-from kvmpy.memory import PAGE_1G, PAGE_2M, PAGE_4K, hugetlb_pool, read_sysfs, thp_mode
+from kvmpy.memory import PAGE_1G, PAGE_2M, hugetlb_pool, read_sysfs, thp_mode
+from kvmpy.mmu_probe import LevelProbe, MmuProbeError
 from kvmpy.x86 import cpu
 
 VENDOR_MODULES = ("kvm_intel", "kvm_amd", "kvm_pvm")
@@ -89,80 +91,64 @@ def cpu_vendor() -> str:
 
 @dataclass
 class MmuProbe:
-    """What a tiny guest touching ``pages`` pages did to the VM and vCPU stats."""
+    """What the probe guests did at ring 0 and at CPL3 (see :mod:`kvmpy.mmu_probe`)."""
 
-    pages: int
-    spte_pages: int          # pages_4k + pages_2m + pages_1g after the guest ran
-    insn_emulation: int      # vCPU instructions KVM emulated
-    guest_insns: int         # instructions the guest executed
-    error: str = ""
+    ring0: LevelProbe
+    cpl3: LevelProbe
 
     @property
-    def through_mmu(self) -> bool:
-        return not self.error and self.spte_pages > 0
+    def levels(self) -> tuple[int, ...]:
+        """The privilege levels (0, 3) at which guest accesses go through KVM's MMU."""
+        return tuple(p.cpl for p in (self.ring0, self.cpl3) if p.through_mmu)
 
     @property
-    def instruction_emulated(self) -> bool:
-        return not self.error and self.spte_pages == 0 and self.insn_emulation >= self.guest_insns
+    def emulates_ring0(self) -> bool:
+        """KVM runs ring-0 guests with its instruction emulator (kvm_pvm): whether a guest
+        runs natively is KVM's choice, so native execution needs evidence at every step."""
+        return self.ring0.instruction_emulated
 
     def meaning(self) -> str:
-        if self.error:
-            return f"probe failed: {self.error}"
-        if self.through_mmu:
-            return (f"guest accesses go through KVM's MMU ({self.spte_pages} SPTE pages after touching "
-                    f"{self.pages} pages): SPTE-level assertions (splits, unsync) can run")
-        if self.instruction_emulated:
-            return (f"guest is run by KVM's instruction emulator (insn_emulation={self.insn_emulation} for "
-                    f"{self.guest_insns} guest instructions, pages_4k/2m/1g=0 after touching {self.pages} "
-                    f"pages): SPTE-level assertions cannot be observed on this host")
-        return (f"no SPTEs after touching {self.pages} pages, but only {self.insn_emulation} of "
-                f"{self.guest_insns} instructions emulated: SPTE stats are not observable here")
+        mmu = "KVM's MMU"
+        try:
+            mmu = "TDP MMU" if mmu_flavour().tdp_mmu else "shadow MMU"
+        except RequirementError:
+            pass
+        return f"{self.ring0.meaning(mmu)}; {self.cpl3.meaning(mmu)}"
 
 
 @functools.lru_cache(maxsize=1)
-def probe_mmu(pages: int = 16) -> MmuProbe:
-    """Run a real-mode guest that writes one byte in each of ``pages`` pages; read the stats."""
-    base = 0x10000
-    # mov ax, seg; mov es, ax; mov byte [es:0], 1  -- per page, then hlt
-    code = bytearray()
-    for p in range(pages):
-        seg = (base + p * PAGE_4K) >> 4
-        code += bytes([0xB8, seg & 0xFF, seg >> 8, 0x8E, 0xC0, 0x26, 0xC6, 0x06, 0, 0, 1])
-    code += b"\xF4"
-    guest_insns = 3 * pages + 1
+def probe_mmu() -> MmuProbe:
+    """Run the probe guests once per process: do guest writes create SPTEs, at ring 0 and at CPL3?
+
+    Raises MmuProbeError when a probe cannot run (the answer is unknown: a harness error).
+    """
     try:
-        with Kvm() as kvm, kvm.create_vm() as vm:
-            vm.set_tss_addr(0xFFFBD000)
-            vm.add_memory(0, 0, 1 << 20)
-            vm.write(0x1000, bytes(code))
-            vcpu = vm.create_vcpu(0)
-            s = vcpu.get_sregs()
-            s.cs.base = 0
-            s.cs.selector = 0
-            vcpu.set_sregs(s)
-            r = vcpu.get_regs()
-            r.rip = 0x1000
-            r.rflags = 2
-            vcpu.set_regs(r)
-            for _ in range(8):
-                if isinstance(vcpu.run(), HltExit):
-                    break
-            else:
-                return MmuProbe(pages, 0, 0, guest_insns, "the probe guest did not reach HLT")
-            vs = vm.stats.snapshot()
-            spte = sum(int(vs.get(k, 0)) for k in ("pages_4k", "pages_2m", "pages_1g"))
-            emul = int(vcpu.stats.read("insn_emulation")) if vcpu.stats.has("insn_emulation") else 0
-            return MmuProbe(pages, spte, emul, guest_insns)
-    except Exception as e:  # the probe reports, it never takes the caller down
-        return MmuProbe(pages, 0, 0, guest_insns, f"{type(e).__name__}: {e}")
+        faults.check("probe-fails")  # FAULT: probe-fails
+        with Kvm() as kvm:
+            return MmuProbe(mmu_probe.probe_ring0(kvm), mmu_probe.probe_cpl3(kvm))
+    except Exception as e:
+        raise probe_error(e) from e
 
 
-def require_mmu_visible() -> None:
-    """RequirementError unless guest memory accesses create SPTEs that KVM's stats count."""
-    p = probe_mmu()
-    if not p.through_mmu:
+def probe_error(e: Exception) -> MmuProbeError:
+    """``e``, raised while probing, as the harness error it is."""
+    return e if isinstance(e, MmuProbeError) else MmuProbeError(f"MMU probe failed: {type(e).__name__}: {e}")
+
+
+def require_mmu_visible(cpl: int = 0) -> MmuProbe:
+    """The probe, if guest memory accesses at ``cpl`` create SPTEs that KVM's stats count.
+
+    RequirementError when they do not; MmuProbeError when the probe failed, however it
+    failed (a requirement can only be judged from a probe that ran).
+    """
+    try:
+        p = probe_mmu()
+    except Exception as e:
+        raise probe_error(e) from e
+    if cpl not in p.levels:
         mod = loaded_vendor_module() or "no vendor module"
-        raise RequirementError(f"SPTE stats not observable on this host ({mod}): {p.meaning()}")
+        raise RequirementError(f"SPTE stats not observable at CPL{cpl} on this host ({mod}): {p.meaning()}")
+    return p
 
 
 def require_nested(vendor: str | None = None) -> None:
@@ -211,39 +197,50 @@ class MmuFlavour:
     tdp_mmu_param: str = "?"
 
     @property
+    def has_tdp(self) -> bool:
+        """Whether the vendor module can use TDP at all (kvm_pvm always shadows guest page tables)."""
+        return self.vendor_module in TDP_PARAM
+
+    @property
     def name(self) -> str:
         if self.tdp_mmu:
             return "TDP MMU"
+        if not self.has_tdp:
+            return f"shadow MMU, no TDP ({self.vendor_module})"
         return "shadow MMU over TDP" if self.tdp else "shadow MMU with shadow paging (TDP off)"
 
     @property
     def tdp_param(self) -> str:
-        """The vendor module's TDP parameter: kvm_amd.npt or kvm_intel.ept."""
-        return f"{self.vendor_module}.{'npt' if self.vendor_module == 'kvm_amd' else 'ept'}"
+        """The vendor module's TDP parameter: kvm_amd.npt or kvm_intel.ept ('' without TDP)."""
+        return f"{self.vendor_module}.{TDP_PARAM[self.vendor_module]}" if self.has_tdp else ""
 
     @property
     def params(self) -> str:
-        return (f"{self.tdp_param}={'Y' if self.tdp else 'N'} kvm.tdp_mmu={self.tdp_mmu_param} "
-                f"kvm.eager_page_split={'Y' if self.eager_page_split else 'N'}")
+        tdp = f"{self.tdp_param}={'Y' if self.tdp else 'N'} " if self.has_tdp else ""
+        return f"{tdp}kvm.tdp_mmu={self.tdp_mmu_param} kvm.eager_page_split={'Y' if self.eager_page_split else 'N'}"
+
+
+# The vendor modules that can use two-dimensional paging, and the parameter that turns it on.
+TDP_PARAM = {"kvm_amd": "npt", "kvm_intel": "ept"}
 
 
 def mmu_flavour() -> MmuFlavour:
     """The MMU a VM created now gets; RequirementError when the vendor module is unknown."""
     vendor = loaded_vendor_module()
-    if vendor not in ("kvm_amd", "kvm_intel"):
+    if vendor not in VENDOR_MODULES:
         raise RequirementError(f"MMU flavour unknown: vendor module is {vendor or 'not loaded'} "
-                               f"(need kvm_amd or kvm_intel)")
+                               f"(need one of {', '.join(VENDOR_MODULES)})")
     kvm = module_params("kvm") or {}
     vp = module_params(vendor) or {}
-    tdp = param_on(vp.get("npt" if vendor == "kvm_amd" else "ept"))
+    tdp = vendor in TDP_PARAM and param_on(vp.get(TDP_PARAM[vendor]))
     # kvm.tdp_mmu reads Y even with npt=0/ept=0: the TDP MMU needs TDP too.
     return MmuFlavour(vendor, tdp, tdp and param_on(kvm.get("tdp_mmu")), param_on(kvm.get("eager_page_split")),
                       kvm.get("tdp_mmu", "absent"))
 
 
-def require_shadow_paging() -> MmuFlavour:
-    """The MMU flavour, if new VMs get shadow paging (TDP off) with observable SPTEs."""
-    require_mmu_visible()
+def require_shadow_paging(cpl: int = 0) -> MmuFlavour:
+    """The MMU flavour, if new VMs get shadow paging (TDP off) with SPTEs observable at ``cpl``."""
+    require_mmu_visible(cpl)
     fl = mmu_flavour()
     if fl.tdp:
         param = fl.tdp_param
@@ -269,8 +266,10 @@ class HostFacts:
     thp: str | None = None
     hugetlb_2m: dict | None = None
     hugetlb_1g: dict | None = None
+    mmu_flavour: str = ""
     mmu_probe: dict | None = None
     mmu_meaning: str = ""
+    mmu_probe_error: str = ""
     error: str = ""
 
     def to_dict(self) -> dict:
@@ -299,9 +298,18 @@ def gather(probe: bool = True) -> HostFacts:
     except Exception as e:
         facts.error = str(e)
         return facts
+    try:
+        fl = mmu_flavour()
+        facts.mmu_flavour = f"{fl.name}   {fl.params}"
+    except RequirementError as e:
+        facts.mmu_flavour = str(e)
     if probe:
-        p = probe_mmu()
-        facts.mmu_probe = asdict(p)
+        try:
+            p = probe_mmu()
+        except Exception as e:  # a harness error: reported, and `kvmpy info` exits 1
+            facts.mmu_probe_error = str(probe_error(e))
+            return facts
+        facts.mmu_probe = {"levels": list(p.levels), "ring0": asdict(p.ring0), "cpl3": asdict(p.cpl3)}
         facts.mmu_meaning = p.meaning()
     return facts
 
@@ -321,8 +329,10 @@ def format_facts(f: HostFacts) -> str:
     for label, pool in (("hugetlb 2M", f.hugetlb_2m), ("hugetlb 1G", f.hugetlb_1g)):
         lines.append(f"{label:<13} " + (f"total {pool['total']} free {pool['free']}" if pool else "absent")
                      + ("   (hugetlb-backed tests will skip)" if not pool or not pool["free"] else ""))
-    if f.mmu_meaning:
-        lines.append(f"MMU probe     {f.mmu_meaning}")
+    if f.mmu_flavour:
+        lines.append(f"MMU           {f.mmu_flavour}")
+    if f.mmu_meaning or f.mmu_probe_error:
+        lines.append(f"MMU probe     {f.mmu_meaning or f.mmu_probe_error}")
     if f.capabilities:
         lines.append("capabilities:")
         for name, why in CAPS:

@@ -2,12 +2,18 @@
 
 An unmet need is a RequirementError naming what is missing and how to get it;
 the kvmpy.selftest.fixtures plugin turns it into a skip (the kernel selftests'
-TEST_REQUIRE), so fixtures and tests never catch it themselves.
+TEST_REQUIRE), so fixtures and tests never catch it themselves. Two exceptions to
+"unmet need = skip", for ``mmu`` and ``shadow_paging``: an MMU probe that failed is
+an error (nothing is known about the host), and inside the bed, where KVM's MMU is
+known to be observable, "not observable" is a failure.
 
     kvm            an open /dev/kvm (from the kvmpy.selftest.fixtures plugin)
     scale          the size multiplier (--kvmpy-scale N or KVMPY_SCALE)
-    mmu            guest accesses create SPTEs the pages_* stats count; the MmuFlavour
-                   (TDP MMU, shadow MMU over TDP, shadow paging) new VMs get
+    cpl            the privilege level (0 or 3) of the test's guest: the test runs once per
+                   level at which the MMU probe sees SPTEs (selftests/privilege.py)
+    mmu            guest accesses (at ``cpl`` if the test asks for it, else CPL0) create
+                   SPTEs the pages_* stats count; the MmuFlavour (TDP MMU, shadow MMU
+                   over TDP, shadow paging) new VMs get
     shadow_paging  like mmu, and new VMs use shadow paging (TDP off)
     nested_svm     kvm, whose guests can run an L2 with SVM and nested paging (NPT)
     nested_vmx     kvm, whose guests can enter VMX operation
@@ -21,10 +27,12 @@ import os
 
 import pytest
 
-from kvmpy import hostinfo
+from kvmpy import bed_mark, hostinfo
 from kvmpy.errors import RequirementError
 from kvmpy.hostinfo import MmuFlavour
 from kvmpy.kvm import Kvm
+
+from . import privilege
 
 # The usable-KVM guard (no KVM: not tested), results (JSON for the report, the kvmpy_stats
 # fixture), the known-issues list and the kernel-splat watch apply to every selftest run,
@@ -50,17 +58,38 @@ def scale(request: pytest.FixtureRequest) -> int:
     return value
 
 
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "cpl" in metafunc.fixturenames:
+        metafunc.parametrize("cpl", privilege.levels(), ids=privilege.CPL_IDS.get)
+
+
+def _cpl(request: pytest.FixtureRequest) -> int:
+    return request.getfixturevalue("cpl") if "cpl" in request.fixturenames else 0
+
+
+def _observable(cpl: int) -> None:
+    """hostinfo.require_mmu_visible(cpl); in the bed, not observable is a failure, not a skip.
+    A probe failure (MmuProbeError) propagates: the test errors."""
+    try:
+        hostinfo.require_mmu_visible(cpl)
+    except RequirementError as e:
+        if bed_mark.in_bed():
+            pytest.fail(f"inside the bed KVM's MMU must be observable, but: {e}", pytrace=False)
+        raise
+
+
 @pytest.fixture
-def mmu() -> MmuFlavour:
-    """The MMU new VMs get, where guest memory accesses make SPTEs the stats can show."""
-    hostinfo.require_mmu_visible()
+def mmu(request: pytest.FixtureRequest) -> MmuFlavour:
+    """The MMU new VMs get, where guest memory accesses (at ``cpl``) make SPTEs the stats can show."""
+    _observable(_cpl(request))
     return hostinfo.mmu_flavour()
 
 
 @pytest.fixture
-def shadow_paging() -> MmuFlavour:
-    """The MMU flavour, where new VMs use shadow paging (kvm_amd.npt=0 / kvm_intel.ept=0)."""
-    return hostinfo.require_shadow_paging()
+def shadow_paging(request: pytest.FixtureRequest) -> MmuFlavour:
+    """The MMU flavour, where new VMs use shadow paging (kvm_amd.npt=0 / kvm_intel.ept=0; kvm_pvm)."""
+    _observable(_cpl(request))
+    return hostinfo.require_shadow_paging(_cpl(request))
 
 
 @pytest.fixture

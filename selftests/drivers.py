@@ -7,7 +7,8 @@ Construction runs the guest to its first park; ``close()`` (or ``with``) lets it
 finish and releases the VM.
 
     SteppedDriver     a program's GuestVm + SteppedGuest, its SPTE counts, close (the base)
-    TouchGuest        guests/mmu_touch.c: read/write passes over a test memslot
+    TouchGuest        guests/mmu_touch.c at CPL0 or CPL3: read/write passes over a test
+                      memslot, each checked to have run natively (selftests/privilege.py)
     NestedDirtyGuest  guests/nested_dirty.c: L2 writes a region L1 maps with NPT/EPT 2M pages
 
 and, for nested programs (guests/lib/nested.h) run in one go, :func:`nested_guest` and
@@ -25,6 +26,7 @@ from kvmpy.kvm import Kvm
 from kvmpy.memory import PAGE_2M, PAGE_4K, Backing, Thp, thp_backed_chunks
 from kvmpy.vm import Vm
 
+from .privilege import NativeSteps
 from .sptes import counts, delta, sized
 
 TEST_SLOT = 1
@@ -34,8 +36,9 @@ TEST_GPA = 1 << 30              # 1 GiB aligned, so 1G mappings are possible
 class SteppedDriver:
     """A guest program stepped pass by pass: ``g`` (the GuestVm), ``guest`` (its SteppedGuest)."""
 
-    def __init__(self, kvm: Kvm, program: str, *, stop: dict[str, int], park_stage: int | None = None) -> None:
-        self.g = GuestVm(program, kvm=kvm)
+    def __init__(self, kvm: Kvm, program: str, *, stop: dict[str, int], park_stage: int | None = None,
+                 user_mode: bool = False) -> None:
+        self.g = GuestVm(program, kvm=kvm, user_mode=user_mode)
         self.vm = self.g.vm
         self.guest = SteppedGuest(self.g, stop=stop, park_stage=park_stage)
 
@@ -63,16 +66,18 @@ class SteppedDriver:
 
 
 class TouchGuest(SteppedDriver):
-    """guests/mmu_touch.c with a test memslot at TEST_GPA, driven from the test thread.
+    """guests/mmu_touch.c at privilege level ``cpl`` with a test memslot at TEST_GPA, driven
+    from the test thread.
 
     The test region is slot ``TEST_SLOT`` (``size`` bytes of ``backing``),
     identity-mapped in the guest with ``guest_page``-sized pages.  Slot 0 (the
     runtime) is anonymous memory with THP off, so it never contributes 2M/1G
-    SPTEs.
+    SPTEs.  Every pass is checked to have run natively (:class:`NativeSteps`).
     """
 
-    def __init__(self, kvm: Kvm, backing: Backing, size: int, guest_page: int = PAGE_2M) -> None:
-        super().__init__(kvm, "mmu_touch", stop={"op": stages.MMU_TOUCH_OP_QUIT}, park_stage=stages.MMU_TOUCH_PARKED)
+    def __init__(self, kvm: Kvm, backing: Backing, size: int, guest_page: int = PAGE_2M, cpl: int = 0) -> None:
+        super().__init__(kvm, "mmu_touch", stop={"op": stages.MMU_TOUCH_OP_QUIT}, park_stage=stages.MMU_TOUCH_PARKED,
+                         user_mode=cpl == 3)
         self.size = size
 
         def setup() -> None:
@@ -82,6 +87,7 @@ class TouchGuest(SteppedDriver):
             self.g.write_global("test_size", size)
 
         self._start(setup)
+        self.native = NativeSteps(self.g.vcpus[0], cpl)
 
     def touch(self, op: int, start: int = 0, length: int | None = None, stride: int = PAGE_4K,
               stamp: int = 0, timeout: float = 600.0) -> int:
@@ -89,6 +95,8 @@ class TouchGuest(SteppedDriver):
         addresses it touched.  Returns with the guest parked again."""
         length = self.size - start if length is None else length
         self.guest.step({"op": op, "start": start, "length": length, "stride": stride, "stamp": stamp}, timeout)
+        kind = "write" if op == stages.MMU_TOUCH_OP_WRITE else "read"
+        self.native.check(f"{kind} pass over [{start:#x}, {start + length:#x}) of the region, stride {stride:#x}")
         return self.g.read_global("touched")
 
     def write(self, start: int = 0, length: int | None = None, stride: int = PAGE_4K, stamp: int = 1) -> int:

@@ -5,9 +5,9 @@ the caches they come from, rmap descriptors, dirty bitmaps) to the memory cgroup
 of the task in the ioctl.  :func:`memory_cgroup` moves this process (all its
 threads: the VM's vCPU threads too) into a new child of the cgroup v2 root,
 which the bed's init mounts with the memory controller on, sets its
-oom_score_adj to -1000 so that a charge over memory.max fails with ENOMEM
-instead of OOM-killing pytest, and puts everything back afterwards, also on
-failure and Ctrl-C.
+oom_score_adj to -1000 (through host_state's journal) so that a charge over
+memory.max fails with ENOMEM instead of OOM-killing pytest, and puts
+everything back afterwards, also on failure and Ctrl-C.
 
 :meth:`MemoryCgroup.limited` runs one operation under memory.max =
 memory.current + margin.  A small helper process outside the group lifts the
@@ -25,9 +25,10 @@ import subprocess
 import sys
 from typing import Iterator
 
+from kvmpy.bed_mark import in_bed
 from kvmpy.errors import RequirementError, require
 
-from .host_state import in_bed
+from .host_state import HostChanges
 
 CGROUP_ROOT = "/sys/fs/cgroup"
 LIFT_TIMEOUT = 300.0
@@ -140,26 +141,23 @@ def memory_cgroup() -> Iterator[MemoryCgroup]:
             "cgroup2 on /sys/fs/cgroup and enables it")
     home = _own_cgroup()
     path = f"{CGROUP_ROOT}/kvmpy-{os.getpid()}"
-    os.mkdir(path)
-    oom_adj = _read("/proc/self/oom_score_adj").strip()
-    lifter = None
-    moved = False
-    try:
-        # Started before this process moves, so it stays outside the group it will rescue.
-        lifter = start_lifter(f"{path}/memory.max")
-        _write("/proc/self/oom_score_adj", "-1000")
-        _write(f"{path}/cgroup.procs", str(os.getpid()))
-        moved = True
-        yield MemoryCgroup(path, lifter)
-    finally:
+    with HostChanges() as changes:                  # restores oom_score_adj last
+        os.mkdir(path)
+        lifter = None
+        moved = False
         try:
-            with contextlib.suppress(OSError):
-                _write(f"{path}/memory.max", "max")
-            if moved:
-                _write(f"{home}/cgroup.procs", str(os.getpid()))
+            # Started before this process moves, so it stays outside the group it will rescue.
+            lifter = start_lifter(f"{path}/memory.max")
+            changes.set("/proc/self/oom_score_adj", "-1000")
+            _write(f"{path}/cgroup.procs", str(os.getpid()))
+            moved = True
+            yield MemoryCgroup(path, lifter)
         finally:
             try:
-                _write("/proc/self/oom_score_adj", oom_adj)
+                with contextlib.suppress(OSError):
+                    _write(f"{path}/memory.max", "max")
+                if moved:
+                    _write(f"{home}/cgroup.procs", str(os.getpid()))
             finally:
                 if lifter is not None:
                     stop_lifter(lifter)

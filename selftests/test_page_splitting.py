@@ -16,7 +16,10 @@ pages, so KVM maps it with 2M or 1G SPTEs.  Then:
   maps the region huge again: the counts return to what population gave.
 
 Every count is read while the only vCPU is parked in a GUEST_SYNC, so
-between two reads nothing but the operation under test touched the MMU.
+between two reads nothing but the operation under test touched the MMU.  Each
+test runs once per privilege level (``cpl``) at which the host's KVM maps guest
+accesses with SPTEs (CPL3 only on kvm_pvm), and every guest pass is checked to
+have run natively (selftests/privilege.py).
 Memslot 0 (the runtime) is anonymous memory with THP disabled: it only ever
 adds 4K SPTEs, so every 2M/1G SPTE in the VM is the test region's.
 
@@ -91,9 +94,9 @@ def bed_hugetlb_pools():
         yield
 
 
-def touch_guest(kvm, r: Region) -> TouchGuest:
-    """mmu_touch over the region, mapped in the guest with pages of the region's chunk size."""
-    return TouchGuest(kvm, r.backing, r.size, guest_page=r.chunk)
+def touch_guest(kvm, r: Region, cpl: int) -> TouchGuest:
+    """mmu_touch at ``cpl`` over the region, mapped in the guest with pages of the region's chunk size."""
+    return TouchGuest(kvm, r.backing, r.size, guest_page=r.chunk, cpl=cpl)
 
 
 def populate(t: TouchGuest, r: Region) -> tuple[dict[str, int], list[int]]:
@@ -137,11 +140,11 @@ BACKINGS = ["thp", "hugetlb-2M", "hugetlb-1G"]
 
 
 @pytest.mark.parametrize("backing", BACKINGS)
-def test_eager_split_on_dirty_log_enable(kvm, mmu, backing, kvmpy_stats):
+def test_eager_split_on_dirty_log_enable(kvm, cpl, mmu, backing, kvmpy_stats):
     """Enabling dirty logging splits every huge SPTE of the slot to 4K, before any guest access."""
     require(mmu.tdp_mmu, f"eager page splitting is done by the TDP MMU only; new VMs get the {mmu.name} "
                          f"({mmu.params}); test_lazy_split_on_first_write covers this MMU")
-    with eager_page_split(True), region(backing) as r, touch_guest(kvm, r) as t:
+    with eager_page_split(True), region(backing) as r, touch_guest(kvm, r, cpl) as t:
         pop, huge = populate(t, r)
         t.vm.enable_dirty_logging(TEST_SLOT)
         on = t.counts()
@@ -163,13 +166,13 @@ def test_eager_split_on_dirty_log_enable(kvm, mmu, backing, kvmpy_stats):
 
 
 @pytest.mark.parametrize("backing", BACKINGS)
-def test_lazy_split_on_first_write(kvm, mmu, backing, kvmpy_stats):
+def test_lazy_split_on_first_write(kvm, cpl, mmu, backing, kvmpy_stats):
     """Without eager splitting, enabling dirty logging keeps huge SPTEs; the first write into
     one breaks just that one (TDP MMU: into 512 next-level SPTEs; shadow MMU: drops it and
     maps the written 4K page), reads keep the huge SPTE."""
     # Only the TDP MMU splits eagerly; the shadow MMU is lazy whatever the parameter says.
     with (eager_page_split(False) if mmu.tdp_mmu else contextlib.nullcontext()), \
-            region(backing) as r, touch_guest(kvm, r) as t:
+            region(backing) as r, touch_guest(kvm, r, cpl) as t:
         pop, huge = populate(t, r)
         t.vm.enable_dirty_logging(TEST_SLOT)
         on = t.counts()
@@ -208,10 +211,10 @@ def test_lazy_split_on_first_write(kvm, mmu, backing, kvmpy_stats):
 
 
 @pytest.mark.parametrize("backing", BACKINGS)
-def test_huge_pages_recovered_after_dirty_logging(kvm, mmu, backing, kvmpy_stats):
+def test_huge_pages_recovered_after_dirty_logging(kvm, cpl, mmu, backing, kvmpy_stats):
     """Disabling dirty logging drops the 4K SPTEs of collapsible ranges; the next guest
     access maps them huge again, and the counts equal those after population."""
-    with region(backing) as r, touch_guest(kvm, r) as t:
+    with region(backing) as r, touch_guest(kvm, r, cpl) as t:
         pop, huge = populate(t, r)
         t.vm.enable_dirty_logging(TEST_SLOT)
         t.write(stride=r.write_stride, stamp=2)
@@ -237,12 +240,12 @@ def test_huge_pages_recovered_after_dirty_logging(kvm, mmu, backing, kvmpy_stats
     kvmpy_stats(**{"pages_4k": off["pages_4k"] - dirty["pages_4k"], r.key: back[r.key] - dirty[r.key]})
 
 
-def test_clear_dirty_log_splits_only_cleared_range(kvm, mmu, kvmpy_stats):
+def test_clear_dirty_log_splits_only_cleared_range(kvm, cpl, mmu, kvmpy_stats):
     """Manual protect with INITIALLY_SET: enabling dirty logging splits nothing; each
     KVM_CLEAR_DIRTY_LOG splits exactly the huge pages covering the cleared range."""
     require(mmu.tdp_mmu, f"splitting at KVM_CLEAR_DIRTY_LOG is done by the TDP MMU only; new VMs get the "
                          f"{mmu.name} ({mmu.params})")
-    with eager_page_split(True), region("hugetlb-2M") as r, touch_guest(kvm, r) as t:
+    with eager_page_split(True), region("hugetlb-2M") as r, touch_guest(kvm, r, cpl) as t:
         t.vm.enable_manual_protect(initially_set=True)
         pop, huge = populate(t, r)
         t.vm.enable_dirty_logging(TEST_SLOT)

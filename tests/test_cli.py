@@ -31,13 +31,17 @@ def test_info_json_has_the_facts():
         assert p.returncode == 0
         assert facts["api_version"] == 12
         probe = facts["mmu_probe"]
-        # The probe always lands on one side: SPTEs seen, or an explanation why not.
-        assert probe["spte_pages"] > 0 or "SPTE" in facts["mmu_meaning"]
+        # The probe lands on one side per level: SPTEs seen, or an explanation why not.
+        assert facts["mmu_probe_error"] == ""
+        for level, cpl, observable in (("ring0", 0, "ring 0: guest accesses go through"),
+                                       ("cpl3", 3, "observable at CPL3")):
+            assert (cpl in probe["levels"]) <= (sum(probe[level]["sptes"].values()) > 0)
+            assert (observable in facts["mmu_meaning"]) == (cpl in probe["levels"])
 
 
 @pytest.mark.skipif(not os.path.exists("/dev/kvm"), reason="/dev/kvm does not exist on this host")
 def test_selftest_ktap_and_exit_status():
-    p = kvmpy("selftest", "--ktap", "-k", "test_hello_syncs or test_1g_mapping")
+    p = kvmpy("selftest", "--ktap", "-k", "test_hello_syncs and cpl3 or test_1g_mapping")
     lines = p.stdout.splitlines()
     assert lines[0] == "KTAP version 1"  # stdout is KTAP only; pytest's chatter goes to stderr
     assert lines[1] == "1..2"

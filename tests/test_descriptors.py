@@ -11,12 +11,17 @@ from kvmpy.x86 import descriptors as d
 def test_flat_code_and_data_descriptors():
     assert struct.unpack("<Q", d.CODE64.descriptor())[0] == 0x00AF9B000000FFFF  # 64-bit code, DPL0
     assert struct.unpack("<Q", d.DATA.descriptor())[0] == 0x00CF93000000FFFF    # flat data
+    assert struct.unpack("<Q", d.USER_CODE64.descriptor())[0] == 0x00AFFB000000FFFF  # 64-bit code, DPL3
+    assert struct.unpack("<Q", d.USER_DATA.descriptor())[0] == 0x00CFF3000000FFFF    # flat data, DPL3
 
 
 def test_gdt_layout_and_tss_descriptor():
     gdt = d.build_gdt([0x3000, 0xFFFF_8000_1234_5680])
-    assert len(gdt) == 0x18 + 2 * 16
+    assert len(gdt) == 0x38 + 2 * 16
     assert gdt[:8] == bytes(8)
+    # Linux's user selectors: __USER_DS 0x2b (index 5), __USER_CS 0x33 (index 6)
+    assert (d.SEL_USER_DATA, d.SEL_USER_CODE64) == (0x2B, 0x33)
+    assert gdt[0x28:0x30] == d.USER_DATA.descriptor() and gdt[0x30:0x38] == d.USER_CODE64.descriptor()
     lo, hi = struct.unpack_from("<QQ", gdt, d.SEL_TSS0 + 16)
     base = (lo >> 16) & 0xFFFFFF | ((lo >> 56) & 0xFF) << 24 | (hi & 0xFFFFFFFF) << 32
     assert base == 0xFFFF_8000_1234_5680

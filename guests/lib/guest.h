@@ -5,8 +5,9 @@
  *
  *     void guest_main(uint32_t vcpu_id, uint64_t arg);
  *
- * which every vCPU enters on its own stack, in 64-bit mode, with interrupts
- * disabled.  Returning from guest_main is GUEST_DONE().  Memory below the end
+ * which every vCPU enters on its own stack, in 64-bit mode, at CPL0 with
+ * interrupts disabled, or at CPL3 in user mode (see kernel_call below).
+ * Returning from guest_main is GUEST_DONE().  Memory below the end
  * of the first memslot is identity mapped (GVA == GPA) except page 0 and the
  * stack guard pages; the page tables themselves live in that identity map, so
  * the pte helpers below can edit them directly.
@@ -86,6 +87,28 @@ typedef void (*exception_handler_t)(struct ex_regs *regs);
  * stops.  NULL uninstalls.
  */
 void guest_install_handler(unsigned int vector, exception_handler_t handler);
+
+/* ---- privilege: user-mode guests and kernel calls ------------------------ */
+
+/*
+ * A guest runs guest_main at CPL0, or at CPL3 when the host built it in user
+ * mode (GuestVm(user_mode=True)).  Code that must run at CPL0 (a privileged
+ * step) goes through kernel_call(fn, arg): at CPL0 it is fn(arg); at CPL3 a ud2
+ * traps to the runtime's #UD handler, which runs fn(arg) at CPL0 on the
+ * kernel stack and returns to the instruction after the ud2.  The helpers
+ * below work at either level.
+ */
+typedef uint64_t (*kernel_fn_t)(uint64_t arg);
+
+static inline bool guest_user_mode(void) { return (read_cs() & 3) == 3; }
+
+uint64_t kernel_call(kernel_fn_t fn, uint64_t arg);
+uint64_t guest_read_cr3(void);
+void guest_write_cr3(uint64_t cr3);
+void guest_invlpg(uint64_t gva);
+
+/* Writing CR3 flushes all non-global TLB entries (and makes KVM sync unsync shadow pages). */
+static inline void guest_reload_cr3(void) { guest_write_cr3(guest_read_cr3()); }
 
 /* ---- page tables ------------------------------------------------------- */
 

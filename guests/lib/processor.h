@@ -63,9 +63,14 @@ DEFINE_CR(3)
 DEFINE_CR(4)
 #undef DEFINE_CR
 
+static inline uint16_t read_cs(void)
+{
+	uint16_t cs;
+	__asm__ volatile("mov %%cs, %0" : "=r"(cs));
+	return cs;
+}
+
 static inline void invlpg(uint64_t gva) { __asm__ volatile("invlpg (%0)" :: "r"(gva) : "memory"); }
-/* Writing CR3 flushes all non-global TLB entries. */
-static inline void reload_cr3(void) { write_cr3(read_cr3()); }
 static inline void cpu_relax(void) { __asm__ volatile("pause" ::: "memory"); }
 static inline void halt(void) { __asm__ volatile("hlt" ::: "memory"); }
 static inline void cli(void) { __asm__ volatile("cli" ::: "memory"); }

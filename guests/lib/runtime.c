@@ -13,11 +13,29 @@ void guest_start(uint32_t vcpu_id, uint64_t arg)
 
 /* ---- ucalls ------------------------------------------------------------ */
 
+/* Set by the host for the MMIO transport (user mode): the unbacked GPA (== GVA) to store to. */
+uint64_t ucall_mmio_gpa;
+
 void ucall_send(struct ucall *uc)
 {
+	uint64_t mmio = READ_ONCE(ucall_mmio_gpa);
+
 	/* Everything else must be visible before the host sees the magic. */
 	__atomic_store_n(&uc->magic, UCALL_MAGIC, __ATOMIC_RELEASE);
-	outl(UCALL_PORT, (uint32_t)(uintptr_t)uc);
+	if (mmio)
+		WRITE_ONCE(*(volatile uint64_t *)mmio, (uint64_t)(uintptr_t)uc);
+	else
+		outl(UCALL_PORT, (uint32_t)(uintptr_t)uc);
+}
+
+/* Hand over a final ucall (the host never resumes after it) and stop here for good. */
+static void __attribute__((noreturn)) ucall_final(struct ucall *uc)
+{
+	for (;;) {
+		ucall_send(uc);
+		if (!guest_user_mode())
+			halt();
+	}
 }
 
 static void ucall_init(struct ucall *uc, uint32_t cmd)
@@ -44,11 +62,7 @@ void __guest_done(void)
 	struct ucall uc;
 
 	ucall_init(&uc, UCALL_DONE);
-	for (;;) {
-		/* The host never resumes after DONE; loop in case it does. */
-		ucall_send(&uc);
-		halt();
-	}
+	ucall_final(&uc);
 }
 
 /* Append a NUL-terminated string to uc->buf, truncating to what fits. */
@@ -93,10 +107,7 @@ void __guest_assert_fail(const char *file, uint32_t line, const char *expr,
 		}
 		uc.len += n;
 	}
-	for (;;) {
-		ucall_send(&uc);
-		halt();
-	}
+	ucall_final(&uc);
 }
 
 void guest_printf(const char *fmt, ...)
@@ -117,6 +128,41 @@ void guest_printf(const char *fmt, ...)
 	ucall_send(&uc);
 }
 
+/* ---- kernel calls: privileged steps of a user-mode guest ---------------- */
+
+#define KERNEL_CALL_RAX 0x6b63616c6c4b564dul	/* in rax at a kernel call's ud2 */
+#define UD2_BYTES 0x0b0f
+
+/* Is this #UD the ud2 of kernel_call() at CPL3? Then run its function and return past it. */
+static bool kernel_call_trap(struct ex_regs *regs)
+{
+	if (regs->vector != UD_VECTOR || (regs->cs & 3) != 3 || regs->rax != KERNEL_CALL_RAX ||
+	    *(const uint16_t *)regs->rip != UD2_BYTES)
+		return false;
+	regs->rax = ((kernel_fn_t)regs->rdi)(regs->rsi);
+	regs->rip += 2;
+	return true;
+}
+
+uint64_t kernel_call(kernel_fn_t fn, uint64_t arg)
+{
+	uint64_t rax = KERNEL_CALL_RAX;
+
+	if (!guest_user_mode())
+		return fn(arg);
+	/* The #UD handler (CPL0, on the TSS's RSP0 stack) puts fn(arg) in rax. */
+	__asm__ volatile("ud2" : "+a"(rax) : "D"(fn), "S"(arg) : "memory");
+	return rax;
+}
+
+static uint64_t k_read_cr3(uint64_t unused) { return read_cr3(); }
+static uint64_t k_write_cr3(uint64_t cr3) { write_cr3(cr3); return 0; }
+static uint64_t k_invlpg(uint64_t gva) { invlpg(gva); return 0; }
+
+uint64_t guest_read_cr3(void) { return kernel_call(k_read_cr3, 0); }
+void guest_write_cr3(uint64_t cr3) { kernel_call(k_write_cr3, cr3); }
+void guest_invlpg(uint64_t gva) { kernel_call(k_invlpg, gva); }
+
 /* ---- exceptions -------------------------------------------------------- */
 
 static exception_handler_t handlers[32];
@@ -132,6 +178,8 @@ void exception_dispatch(struct ex_regs *regs)
 	exception_handler_t h = NULL;
 	struct ucall uc;
 
+	if (kernel_call_trap(regs))
+		return;
 	if (regs->vector < 32)
 		h = __atomic_load_n(&handlers[regs->vector], __ATOMIC_ACQUIRE);
 	if (h) {
@@ -146,10 +194,7 @@ void exception_dispatch(struct ex_regs *regs)
 	uc.args[3] = read_cr2();
 	uc.args[4] = regs->rsp;
 	uc.args[5] = regs->cs;
-	for (;;) {
-		ucall_send(&uc);
-		halt();
-	}
+	ucall_final(&uc);
 }
 
 /* ---- page tables ------------------------------------------------------- */
@@ -175,7 +220,7 @@ uint64_t *pt_walk(uint64_t *root, uint64_t addr, uint64_t present, int *level)
 
 uint64_t *guest_pte(uint64_t gva, int *level)
 {
-	return pt_walk((uint64_t *)(read_cr3() & PTE_ADDR_MASK), gva, PTE_PRESENT, level);
+	return pt_walk((uint64_t *)(guest_read_cr3() & PTE_ADDR_MASK), gva, PTE_PRESENT, level);
 }
 
 void guest_pte_update(uint64_t gva, uint64_t set, uint64_t clear)
@@ -184,7 +229,7 @@ void guest_pte_update(uint64_t gva, uint64_t set, uint64_t clear)
 
 	GUEST_ASSERT_MSG(e, "no mapping for gva %lx", gva);
 	*e = (*e & ~clear) | set;
-	invlpg(gva);
+	guest_invlpg(gva);
 }
 
 /* ---- small libc -------------------------------------------------------- */

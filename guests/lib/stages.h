@@ -35,12 +35,22 @@
 #define NESTED_SMOKE_L2_ARG       0x42  /* L2's argument (rsi at its first call) */
 #define NESTED_SMOKE_WRITE_MAGIC  0x5eed5eed5eed5eed  /* what L2 writes into the hole */
 
+/* kernel_call.c: the privilege helpers of guest.h at CPL0 or CPL3 */
+#define KERNEL_CALL_WHERE    1  /* GUEST_SYNC(WHERE, cs, user mode) */
+#define KERNEL_CALL_CR3      2  /* GUEST_SYNC(CR3, guest_read_cr3()) */
+#define KERNEL_CALL_RESULT   3  /* GUEST_SYNC(RESULT, kernel_call's result, CS of the called function) */
+#define KERNEL_CALL_FLUSHED  4  /* GUEST_SYNC(FLUSHED, value read through the remapped page) */
+#define KERNEL_CALL_RAW_CR3  5  /* GUEST_SYNC(RAW_CR3, mov %cr3 without a kernel call) */
+#define KERNEL_CALL_TEST_MAGIC    0x600dca11  /* the called function returns arg ^ MAGIC; written through the remap */
+
 /* unsync.c: edits its own last-level page tables under shadow paging */
-#define UNSYNC_SHADOWED  1  /* every page table read: KVM shadows them all */
-#define UNSYNC_EDITED    2  /* PTEs swapped in the first nr_unsync tables, no flush */
-#define UNSYNC_INVLPG    3  /* both edited pages of each table flushed with INVLPG */
-#define UNSYNC_CR3       4  /* CR3 reloaded: a full flush */
-#define UNSYNC_RESTORED  5  /* swapped back and CR3 reloaded */
+#define UNSYNC_READY        1  /* leaf PTEs looked up (CR3 read: a kernel call at CPL3) */
+#define UNSYNC_SHADOWED     2  /* every page table read: KVM shadows them all */
+#define UNSYNC_EDITED       3  /* PTEs swapped in the first nr_unsync tables, no flush */
+#define UNSYNC_INVLPG       4  /* both edited pages of each table flushed with INVLPG */
+#define UNSYNC_CR3          5  /* CR3 reloaded: a full flush */
+#define UNSYNC_SWAPPED_BACK 6  /* the edited PTEs swapped back, no flush */
+#define UNSYNC_RESTORED     7  /* CR3 reloaded again */
 
 /* nested.h: which extension L1 uses (the global nested_vendor, set by the host) */
 #define NESTED_VENDOR_SVM  1  /* AMD SVM with NPT */

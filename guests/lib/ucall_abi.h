@@ -8,8 +8,11 @@
  * --------
  * 1. The guest fills a `struct ucall` in memory that is identity mapped
  *    (GVA == GPA) and lies below 4 GiB: its stack or its .data/.bss.
- * 2. It sets `magic` last and executes a 32-bit OUT of the struct's GPA to
- *    port UCALL_PORT (`outl %eax, %dx`).  The OUT exits to the host.
+ * 2. It sets `magic` last and hands the struct's GPA over: a 32-bit OUT to
+ *    port UCALL_PORT (`outl %eax, %dx`), or -- when the host set the runtime's
+ *    `ucall_mmio_gpa`, as it does for a user-mode (CPL3) guest, where OUT
+ *    faults -- an 8-byte store to that address, which no memslot backs.
+ *    Either exits to the host (KVM_EXIT_IO / KVM_EXIT_MMIO).
  * 3. The host reads UCALL_SIZE bytes at that GPA.  A GPA whose struct is not
  *    wholly inside one memslot, a wrong magic, an unknown command, or a
  *    `len`/`nargs` above its bound is rejected (BadUcallError); the host

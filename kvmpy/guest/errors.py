@@ -27,7 +27,8 @@ class GuestExceptionError(GuestError):
         self.vcpu_id, self.call = vcpu_id, call
         self.vector, self.error_code, self.rip, self.cr2 = call.vector, call.error_code, call.rip, call.cr2
         super().__init__(f"vCPU {vcpu_id}: unexpected guest exception {call.vector_name} (vector {call.vector}) "
-                         f"at RIP {call.rip:#x} ({where}), error code {call.error_code:#x}, CR2 {call.cr2:#x}")
+                         f"at RIP {call.rip:#x} ({where}, CPL{call.cs & 3}), error code {call.error_code:#x}, "
+                         f"CR2 {call.cr2:#x}")
 
 
 class GuestCrashError(GuestError):

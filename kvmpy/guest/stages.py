@@ -30,12 +30,22 @@ NESTED_SMOKE_DONE_MAGIC = 0x600d  # L2's rax at its last VMMCALL/VMCALL
 NESTED_SMOKE_L2_ARG = 0x42  # L2's argument (rsi at its first call)
 NESTED_SMOKE_WRITE_MAGIC = 0x5eed5eed5eed5eed  # what L2 writes into the hole
 
+# kernel_call.c: the privilege helpers of guest.h at CPL0 or CPL3
+KERNEL_CALL_WHERE = 1  # GUEST_SYNC(WHERE, cs, user mode)
+KERNEL_CALL_CR3 = 2  # GUEST_SYNC(CR3, guest_read_cr3())
+KERNEL_CALL_RESULT = 3  # GUEST_SYNC(RESULT, kernel_call's result, CS of the called function)
+KERNEL_CALL_FLUSHED = 4  # GUEST_SYNC(FLUSHED, value read through the remapped page)
+KERNEL_CALL_RAW_CR3 = 5  # GUEST_SYNC(RAW_CR3, mov %cr3 without a kernel call)
+KERNEL_CALL_TEST_MAGIC = 0x600dca11  # the called function returns arg ^ MAGIC; written through the remap
+
 # unsync.c: edits its own last-level page tables under shadow paging
-UNSYNC_SHADOWED = 1  # every page table read: KVM shadows them all
-UNSYNC_EDITED = 2  # PTEs swapped in the first nr_unsync tables, no flush
-UNSYNC_INVLPG = 3  # both edited pages of each table flushed with INVLPG
-UNSYNC_CR3 = 4  # CR3 reloaded: a full flush
-UNSYNC_RESTORED = 5  # swapped back and CR3 reloaded
+UNSYNC_READY = 1  # leaf PTEs looked up (CR3 read: a kernel call at CPL3)
+UNSYNC_SHADOWED = 2  # every page table read: KVM shadows them all
+UNSYNC_EDITED = 3  # PTEs swapped in the first nr_unsync tables, no flush
+UNSYNC_INVLPG = 4  # both edited pages of each table flushed with INVLPG
+UNSYNC_CR3 = 5  # CR3 reloaded: a full flush
+UNSYNC_SWAPPED_BACK = 6  # the edited PTEs swapped back, no flush
+UNSYNC_RESTORED = 7  # CR3 reloaded again
 NESTED_VENDOR_SVM = 1  # AMD SVM with NPT
 NESTED_VENDOR_VMX = 2  # Intel VMX with EPT
 

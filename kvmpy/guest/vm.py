@@ -7,9 +7,15 @@ Guest physical layout of memslot 0 (identity mapped, GVA == GPA):
     0x002000  IDT (256 gates)
     0x003000  TSSs, TSS_STRIDE bytes per vCPU
     0x010000  page-table pool (PT_POOL_SIZE)
-    0x100000  per-vCPU stack blocks of STACK_BLOCK bytes:
-              [guard][#DF IST stack][guard][stack ......]  (guards unmapped)
+    0x100000  per-vCPU stack blocks of STACK_BLOCK bytes (guards unmapped):
+              [guard][#DF IST stack][guard][kernel stack (TSS.RSP0)][guard][stack ......]
     0x400000  the guest ELF (guests/lib/guest.ld), then free memory
+
+A user-mode guest (``user_mode=True``) runs guest_main at CPL3: every mapping is
+user-accessible with the accessed/dirty bits preset, the vCPU starts with the user
+selectors, exceptions switch to the kernel stack, ucalls are stores to an
+unbacked GPA (KVM_EXIT_MMIO), and privileged steps are kernel calls (guest.h).
+On kvm_pvm this is what makes a guest run natively, through KVM's shadow MMU.
 
 Lifecycle, with a hook at each step for the driver (like QEMUMachine's
 _pre_launch/_post_launch): construction creates the VM, runs ``before_vcpus(vm)``
@@ -29,7 +35,7 @@ from kvmpy.errors import KvmError
 from kvmpy.guest import programs
 from kvmpy.guest.elf import GuestElf
 from kvmpy.guest.errors import GuestTimeoutError
-from kvmpy.guest.ucall import PORT_IO, UcallTransport
+from kvmpy.guest.ucall import MMIO, PORT_IO, UcallTransport
 from kvmpy.guest.vcpu_loop import ExitHook, PrintHook, RunResult, SyncHook, VcpuThreads
 from kvmpy.kvm import Kvm
 from kvmpy.memory import PAGE_1G, PAGE_2M, PAGE_4K, Backing, Memslot
@@ -45,9 +51,12 @@ TSS_STRIDE = 128
 PT_POOL_GPA = 0x10000
 PT_POOL_SIZE = 0xF0000
 STACKS_GPA = 0x100000
-STACK_BLOCK = 0x8000
+STACK_BLOCK = 0x10000
 IST_OFFSET = 0x1000      # #DF stack page inside a block
-STACK_OFFSET = 0x3000    # main stack from here to the end of the block
+KSTACK_OFFSET = 0x3000   # kernel stack (exceptions from CPL3) up to KSTACK_TOP
+KSTACK_TOP = 0x7000
+STACK_OFFSET = 0x8000    # main stack from here to the end of the block
+GUARD_OFFSETS = (0, IST_OFFSET + PAGE_4K, KSTACK_TOP)
 MAX_VCPUS = 16
 ELF_MIN_GPA = 0x200000
 DF_VECTOR = 8
@@ -60,18 +69,27 @@ class GuestVm:
     (``mem_size`` bytes at GPA 0), loads the program, builds GDT/TSS/IDT and
     identity-mapping page tables, and creates ``nr_vcpus`` vCPUs in 64-bit mode at
     the ELF entry with their own stacks; vCPU i gets ``vcpu_args[i]`` as
-    guest_main's second argument. ``ucall`` is how the guest hands over its
-    ucalls (port I/O by default). Before the run a test can add memslots, map
-    more memory and set globals.
+    guest_main's second argument. ``user_mode`` runs guest_main at CPL3 (see the
+    module docstring). ``ucall`` is how the guest hands over its ucalls: port I/O
+    by default, MMIO (:data:`~kvmpy.guest.ucall.MMIO`) in user mode. Before the
+    run a test can add memslots, map more memory and set globals.
     """
 
     def __init__(self, program: str | Path, *, nr_vcpus: int = 1, mem_size: int = 64 << 20,
                  vcpu_args: Sequence[int] | None = None, kvm: Kvm | None = None, backing: Backing | None = None,
-                 ucall: UcallTransport = PORT_IO, before_vcpus: Callable[[Vm], None] | None = None) -> None:
+                 user_mode: bool = False, ucall: UcallTransport | None = None,
+                 before_vcpus: Callable[[Vm], None] | None = None) -> None:
         if not 1 <= nr_vcpus <= MAX_VCPUS:
             raise KvmError(f"nr_vcpus must be 1..{MAX_VCPUS}, got {nr_vcpus}")
         if vcpu_args is not None and len(vcpu_args) != nr_vcpus:
             raise KvmError(f"{len(vcpu_args)} vcpu_args for {nr_vcpus} vCPUs")
+        ucall = ucall or (MMIO if user_mode else PORT_IO)
+        if user_mode and ucall.mmio_gpa is None:
+            raise KvmError("a user-mode (CPL3) guest hands over ucalls by MMIO (an OUT at CPL3 faults): "
+                           "pass a UcallTransport with mmio_gpa, or leave ucall unset")
+        if ucall.mmio_gpa is not None and (ucall.mmio_gpa % 8 or ucall.mmio_gpa < mem_size):
+            raise KvmError(f"ucall MMIO address {ucall.mmio_gpa:#x} must be 8-byte aligned and above "
+                           f"memslot 0 (mem_size {mem_size:#x})")
         path = Path(program) if "/" in str(program) or str(program).endswith(".elf") else programs.find(str(program))
         self.elf = GuestElf(path)
         if min(s.paddr for s in self.elf.segments) < ELF_MIN_GPA:
@@ -80,6 +98,7 @@ class GuestVm:
             raise KvmError(f"mem_size {mem_size:#x} must be page aligned and hold the program (ends {self.elf.end:#x})")
 
         self.ucall = ucall
+        self.user_mode = user_mode
         self._own_kvm = kvm is None
         self.kvm = Kvm() if kvm is None else kvm
         self.vm: Vm | None = None
@@ -94,8 +113,13 @@ class GuestVm:
             self.elf.load(self.vm)
             self.cpuid = cpu.vcpu_cpuid(self.kvm, 0)
             self.has_nx = cpu.cpuid_has(self.cpuid, cpu.FEATURE_NX)
-            self.pt = PageTableBuilder(self.vm, PT_POOL_GPA, PT_POOL_SIZE, cpu.phys_bits(self.cpuid))
+            self.pt = PageTableBuilder(self.vm, PT_POOL_GPA, PT_POOL_SIZE, cpu.phys_bits(self.cpuid),
+                                       preset_ad=user_mode)
             self._identity_map(nr_vcpus)
+            if ucall.mmio_gpa is not None:
+                # The page stays without a memslot: the guest's store to it exits as MMIO.
+                self.pt.map_page(ucall.mmio_gpa & ~(PAGE_4K - 1), ucall.mmio_gpa & ~(PAGE_4K - 1), user=user_mode)
+                self.write_global("ucall_mmio_gpa", ucall.mmio_gpa)
             self._build_tables(nr_vcpus)
             args = list(vcpu_args) if vcpu_args is not None else [0] * nr_vcpus
             for i in range(nr_vcpus):
@@ -106,18 +130,15 @@ class GuestVm:
 
     # -- setup ----------------------------------------------------------------------
     def _identity_map(self, nr_vcpus: int) -> None:
-        guards = set()
-        for i in range(nr_vcpus):
-            block = STACKS_GPA + i * STACK_BLOCK
-            guards.update({block, block + IST_OFFSET + PAGE_4K})
+        guards = {STACKS_GPA + i * STACK_BLOCK + off for i in range(nr_vcpus) for off in GUARD_OFFSETS}
         low_end = min(ELF_MIN_GPA, self.mem_size)
         for gpa in range(PAGE_4K, low_end, PAGE_4K):
             if gpa not in guards:
-                self.pt.map_page(gpa, gpa, PAGE_4K)
+                self.pt.map_page(gpa, gpa, PAGE_4K, user=self.user_mode)
         gpa = low_end
         while gpa < self.mem_size:
             size = PAGE_2M if gpa % PAGE_2M == 0 and gpa + PAGE_2M <= self.mem_size else PAGE_4K
-            self.pt.map_page(gpa, gpa, size)
+            self.pt.map_page(gpa, gpa, size, user=self.user_mode)
             gpa += size
 
     def _build_tables(self, nr_vcpus: int) -> None:
@@ -125,8 +146,8 @@ class GuestVm:
         self._gdt = descriptors.build_gdt(tss_bases)
         self.vm.write(GDT_GPA, self._gdt)
         for i, base in enumerate(tss_bases):
-            ist_top = STACKS_GPA + i * STACK_BLOCK + IST_OFFSET + PAGE_4K
-            self.vm.write(base, descriptors.build_tss(ist={1: ist_top}))
+            block = STACKS_GPA + i * STACK_BLOCK
+            self.vm.write(base, descriptors.build_tss(rsp0=block + KSTACK_TOP, ist={1: block + IST_OFFSET + PAGE_4K}))
         table = self.elf.symbol("exc_stub_table")
         handlers = [self.vm.read_u64(table.addr + 8 * v) for v in range(table.size // 8)]
         self._idt = descriptors.build_idt(handlers, ist={DF_VECTOR: 1})
@@ -138,12 +159,14 @@ class GuestVm:
         vcpu.set_cpuid(cpu.vcpu_cpuid(self.kvm, i))
         cpu.setup_long_mode(vcpu, cr3=self.pt.cr3, gdt_base=GDT_GPA, gdt_limit=len(self._gdt) - 1,
                             idt_base=IDT_GPA, idt_limit=len(self._idt) - 1,
-                            tss=descriptors.tss_segment(i, TSS_GPA + i * TSS_STRIDE), nx=self.has_nx)
+                            tss=descriptors.tss_segment(i, TSS_GPA + i * TSS_STRIDE), nx=self.has_nx,
+                            user=self.user_mode)
         r = vcpu.get_regs()
         r.rip = self.elf.entry
         r.rsp = STACKS_GPA + (i + 1) * STACK_BLOCK
         r.rdi, r.rsi = i, arg
-        r.rflags = cpu.RFLAGS_FIXED
+        # A user process runs with interrupts enabled (nothing here raises one).
+        r.rflags = cpu.RFLAGS_FIXED | (cpu.RFLAGS_IF if self.user_mode else 0)
         vcpu.set_regs(r)
 
     # -- test-facing helpers ------------------------------------------------------------
@@ -152,9 +175,11 @@ class GuestVm:
         return self.vm.add_memory(slot=slot, gpa=gpa, size=size, backing=backing)
 
     def map(self, gva: int, gpa: int, size: int, page_size: int = PAGE_4K, *, writable: bool = True,
-            user: bool = False, nx: bool = False) -> None:
-        """Map ``[gva, gva+size)`` to ``[gpa, gpa+size)``; RequirementError if the vCPU's
-        CPUID lacks 1G pages (pdpe1gb) or NX when they are asked for."""
+            user: bool | None = None, nx: bool = False) -> None:
+        """Map ``[gva, gva+size)`` to ``[gpa, gpa+size)`` (user-accessible if ``user``, by default
+        in user mode); RequirementError if the vCPU's CPUID lacks 1G pages (pdpe1gb) or NX when
+        they are asked for."""
+        user = self.user_mode if user is None else user
         if page_size == PAGE_1G:
             cpu.require_feature(self.cpuid, cpu.FEATURE_GBPAGES, "1 GiB guest pages")
         if nx:

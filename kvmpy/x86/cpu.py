@@ -4,7 +4,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from kvmpy.errors import RequirementError
-from kvmpy.x86.descriptors import CODE64, DATA, Segment
+from kvmpy.x86.descriptors import CODE64, DATA, USER_CODE64, USER_DATA, Segment
 
 CR0_PE = 1 << 0
 CR0_MP = 1 << 1
@@ -44,6 +44,7 @@ MSR_GS_BASE = 0xC0000101
 MSR_KERNEL_GS_BASE = 0xC0000102
 
 RFLAGS_FIXED = 1 << 1  # bit 1 always reads as one
+RFLAGS_IF = 1 << 9
 
 
 class CpuidFeature(NamedTuple):
@@ -114,21 +115,24 @@ def load_segment(kseg, seg: Segment) -> None:
 
 
 def setup_long_mode(vcpu, *, cr3: int, gdt_base: int, gdt_limit: int, idt_base: int, idt_limit: int,
-                    tss: Segment, nx: bool = True, cr0_extra: int = 0, cr4_extra: int = 0) -> None:
+                    tss: Segment, nx: bool = True, user: bool = False, cr0_extra: int = 0,
+                    cr4_extra: int = 0) -> None:
     """Put ``vcpu`` in 64-bit mode: flat CS/DS, the given GDT/IDT/TR, paging on with ``cr3``.
 
+    ``user``: start at CPL3 (user code and data selectors), with CR0.AM and EFER.SCE
+    set as a Linux user process has them (kvm_pvm runs such a vCPU natively).
     CPUID must already be set (KVM checks EFER.NXE against it).
     """
     s = vcpu.get_sregs()
-    load_segment(s.cs, CODE64)
+    load_segment(s.cs, USER_CODE64 if user else CODE64)
     for name in ("ds", "es", "fs", "gs", "ss"):
-        load_segment(getattr(s, name), DATA)
+        load_segment(getattr(s, name), USER_DATA if user else DATA)
     load_segment(s.tr, tss)
     load_segment(s.ldt, Segment(0, limit=0, s=0, g=0, type=2, present=0, unusable=1))
     s.gdt.base, s.gdt.limit = gdt_base, gdt_limit
     s.idt.base, s.idt.limit = idt_base, idt_limit
-    s.cr0 = CR0_PE | CR0_MP | CR0_ET | CR0_NE | CR0_WP | CR0_PG | cr0_extra
+    s.cr0 = CR0_PE | CR0_MP | CR0_ET | CR0_NE | CR0_WP | CR0_PG | (CR0_AM if user else 0) | cr0_extra
     s.cr4 = CR4_PAE | cr4_extra
     s.cr3 = cr3
-    s.efer = EFER_LME | EFER_LMA | (EFER_NXE if nx else 0)
+    s.efer = EFER_LME | EFER_LMA | (EFER_NXE if nx else 0) | (EFER_SCE if user else 0)
     vcpu.set_sregs(s)

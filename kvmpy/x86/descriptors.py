@@ -11,11 +11,14 @@ from typing import Mapping, Sequence
 
 from kvmpy.errors import KvmError
 
-# Fixed GDT layout used by kvmpy guests.
+# Fixed GDT layout used by kvmpy guests. The user (DPL3) selectors are Linux's __USER_DS and
+# __USER_CS: kvm_pvm runs CPL3 code natively only with those.
 SEL_NULL = 0x00
 SEL_CODE64 = 0x08
 SEL_DATA = 0x10
-SEL_TSS0 = 0x18  # one 16-byte TSS descriptor per vCPU from here on
+SEL_USER_DATA = 0x2B    # GDT index 5, RPL 3
+SEL_USER_CODE64 = 0x33  # GDT index 6, RPL 3
+SEL_TSS0 = 0x38         # one 16-byte TSS descriptor per vCPU from here on
 
 TSS_SIZE = 104
 GATE_INTERRUPT = 0xE
@@ -58,6 +61,8 @@ class Segment:
 
 CODE64 = Segment(SEL_CODE64, type=0xB, l=1, db=0)   # execute/read, accessed
 DATA = Segment(SEL_DATA, type=0x3, db=1)            # read/write, accessed
+USER_CODE64 = Segment(SEL_USER_CODE64, type=0xB, l=1, db=0, dpl=3)
+USER_DATA = Segment(SEL_USER_DATA, type=0x3, db=1, dpl=3)
 
 
 def tss_segment(index: int, base: int) -> Segment:
@@ -71,11 +76,14 @@ def tss_descriptor(seg: Segment) -> bytes:
 
 
 def build_gdt(tss_bases: Sequence[int]) -> bytes:
-    """GDT: null, 64-bit code, data, then one TSS descriptor per entry of ``tss_bases``.
+    """GDT: null, 64-bit code, data, two null entries, user data, user 64-bit code, then
+    one TSS descriptor per entry of ``tss_bases``.
 
     The TSS descriptors are marked available; the vCPU's TR holds the busy type.
     """
-    gdt = bytes(8) + CODE64.descriptor() + DATA.descriptor()
+    gdt = bytes(8) + CODE64.descriptor() + DATA.descriptor() + bytes(16) + USER_DATA.descriptor() \
+        + USER_CODE64.descriptor()
+    assert len(gdt) == SEL_TSS0
     for i, base in enumerate(tss_bases):
         gdt += tss_descriptor(replace(tss_segment(i, base), type=TYPE_TSS_AVAILABLE))
     return gdt

@@ -93,15 +93,20 @@ class PageTableBuilder:
     ``pool_gpa``/``pool_size`` is the page-aligned region that table pages are
     allocated from (the PML4 is its first page, so ``cr3 == pool_gpa``).
     ``phys_bits`` bounds the GPAs that can be mapped (CPUID 0x80000008 EAX[7:0]).
+    ``preset_ad`` sets the accessed bit in every entry and the dirty bit in every leaf,
+    so that neither the CPU nor KVM's page walker ever writes the tables.
     """
 
-    def __init__(self, mem: PhysMemory, pool_gpa: int, pool_size: int, phys_bits: int = 52) -> None:
+    def __init__(self, mem: PhysMemory, pool_gpa: int, pool_size: int, phys_bits: int = 52, *,
+                 preset_ad: bool = False) -> None:
         if pool_gpa % PAGE_4K or pool_size % PAGE_4K or pool_size < PAGE_4K:
             raise PagingError(f"page-table pool {pool_gpa:#x}+{pool_size:#x} must be page aligned and non-empty")
         self.mem = mem
         self.pool_gpa = pool_gpa
         self.pool_size = pool_size
         self.phys_bits = phys_bits
+        self._table_bits = PTE_P | PTE_RW | PTE_US | (PTE_A if preset_ad else 0)
+        self._leaf_bits = PTE_P | (PTE_A | PTE_D if preset_ad else 0)
         self._next = pool_gpa
         # (level, gva of the table's first byte) -> table GPA; saves re-reading entries.
         self._tables: dict[tuple[int, int], int] = {}
@@ -146,7 +151,7 @@ class PageTableBuilder:
                     return None
                 else:
                     child = self._alloc_table()
-                    self._write(pte_gpa, child | PTE_P | PTE_RW | PTE_US)
+                    self._write(pte_gpa, child | self._table_bits)
                 self._tables[key] = child
             table = child
         return table
@@ -173,7 +178,7 @@ class PageTableBuilder:
         if old & PTE_P and level > 1 and not old & PTE_PS:
             raise PagingError(f"GVA {gva:#x}: a {page_size >> 20} MiB page would replace a page table "
                               "of smaller mappings")
-        pte = gpa | PTE_P | extra
+        pte = gpa | self._leaf_bits | extra
         if level > 1:
             pte |= PTE_PS
         if writable:
