@@ -1,9 +1,12 @@
 """Dirty bitmaps: one bit per 4K page of a memslot, laid out as KVM does (u64 words, LSB first)."""
 from __future__ import annotations
 
+from array import array
 from typing import Iterable, Iterator
 
 from kvmpy.abi import ffi, lib
+
+_ZERO_WORD = array("Q", [0])
 
 
 class DirtyBitmap:
@@ -61,17 +64,21 @@ class DirtyBitmap:
 
     def count(self) -> int:
         """Number of set bits."""
-        words = ffi.cast("uint64_t *", ffi.from_buffer(self.buffer))
-        return lib.kvmpy_popcount(words, len(self.buffer) // 8)
+        return lib.kvmpy_popcount(ffi.from_buffer("uint64_t[]", self.buffer), len(self.buffer) // 8)
+
+    def pages_array(self) -> array:
+        """Set page indices in ascending order, as an ``array('Q')`` (found in C: no Python int per page)."""
+        nwords = len(self.buffer) // 8
+        words = ffi.from_buffer("uint64_t[]", self.buffer)
+        n = lib.kvmpy_popcount(words, nwords)
+        out = _ZERO_WORD * n
+        if n:
+            lib.kvmpy_set_bits(words, nwords, ffi.from_buffer("uint64_t[]", out), n)
+        return out
 
     def pages(self) -> list[int]:
-        """Sorted list of set page indices."""
-        nwords = len(self.buffer) // 8
-        words = ffi.cast("uint64_t *", ffi.from_buffer(self.buffer))
-        n = lib.kvmpy_popcount(words, nwords)
-        out = ffi.new("uint64_t[]", max(n, 1))
-        lib.kvmpy_set_bits(words, nwords, out, n)
-        return ffi.unpack(out, n)
+        """Sorted list of set page indices (see :meth:`pages_array` for the bulk form)."""
+        return self.pages_array().tolist()
 
     def __iter__(self) -> Iterator[int]:
         return iter(self.pages())

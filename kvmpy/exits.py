@@ -1,7 +1,8 @@
 """Typed results of KVM_RUN: one class per exit reason that tests care about."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import struct
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from kvmpy.abi import ffi, lib
@@ -32,26 +33,83 @@ class Exit:
         return exit_name(self.reason)
 
 
-@dataclass
-class IoExit(Exit):
-    """Port I/O. ``data`` is a view of the run page (written by an OUT, to be filled for an
-    IN), valid until the vCPU's next run or close, which release it (ValueError on use)."""
+class RunPage:
+    """A vCPU's kvm_run mapping as its exits see it: the data of an exit is valid for one run.
 
-    port: int
-    size: int
-    direction: str  # 'in' or 'out'
-    count: int
-    data: memoryview = field(repr=False)
+    ``next_run()`` (called by ``Vcpu.run``) releases the data views handed out so far and
+    makes the data of earlier exits unavailable (ValueError), as their bytes are overwritten.
+    """
+
+    __slots__ = ("mapping", "generation")
+
+    def __init__(self, mapping: "Mapping") -> None:
+        self.mapping = mapping
+        self.generation = 0
+
+    def next_run(self) -> None:
+        self.generation += 1
+        self.mapping.release_views()
+
+    def view(self, generation: int, offset: int, length: int) -> memoryview:
+        if generation != self.generation:
+            raise ValueError("exit data of an earlier run: the vCPU has run again since (its run page is reused)")
+        return self.mapping.view(offset, length)
 
 
-@dataclass
-class MmioExit(Exit):
-    """MMIO. ``data`` is a view of the run page, valid until the next run or close (as IoExit's)."""
+class _PageData(Exit):
+    """An exit whose ``data`` is a view of the run page, made on first use (most exits are
+    handled without it)."""
 
-    addr: int
-    length: int
-    is_write: bool
-    data: memoryview = field(repr=False)
+    def __init__(self, reason: int, data: memoryview | None) -> None:
+        self.reason = reason
+        self._data = data
+        self._page: RunPage | None = None
+        self._where = (0, 0, 0)     # (generation, offset, length) in the run page
+
+    @property
+    def data(self) -> memoryview:
+        """A view of the run page (written by an OUT/MMIO write, to be filled for an IN/MMIO read),
+        valid until the vCPU's next run or close, which release it (ValueError on use)."""
+        if self._data is None:
+            self._data = self._page.view(*self._where)
+        return self._data
+
+    def _fields(self) -> tuple:
+        raise NotImplementedError
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self) and (self.reason, *self._fields()) == (other.reason, *other._fields())
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(reason={self.reason}, " + ", ".join(
+            f"{n}={v!r}" for n, v in zip(self._fields_names, self._fields())) + ")"
+
+
+class IoExit(_PageData):
+    """Port I/O: ``port``, access ``size``, ``direction`` ('in' or 'out'), ``count`` and ``data``."""
+
+    _fields_names = ("port", "size", "direction", "count")
+
+    def __init__(self, reason: int, port: int, size: int, direction: str, count: int,
+                 data: memoryview | None = None) -> None:
+        _PageData.__init__(self, reason, data)
+        self.port, self.size, self.direction, self.count = port, size, direction, count
+
+    def _fields(self) -> tuple:
+        return (self.port, self.size, self.direction, self.count)
+
+
+class MmioExit(_PageData):
+    """MMIO: guest physical ``addr``, ``length``, ``is_write`` and ``data`` (as IoExit's)."""
+
+    _fields_names = ("addr", "length", "is_write")
+
+    def __init__(self, reason: int, addr: int, length: int, is_write: bool, data: memoryview | None = None) -> None:
+        _PageData.__init__(self, reason, data)
+        self.addr, self.length, self.is_write = addr, length, is_write
+
+    def _fields(self) -> tuple:
+        return (self.addr, self.length, self.is_write)
 
 
 @dataclass
@@ -107,21 +165,36 @@ class UnknownExit(Exit):
     hardware_exit_reason: int = 0
 
 
-def decode(run, page: "Mapping") -> Exit:
-    """Build the exit object for the ``struct kvm_run *`` ``run``; ``page`` is the mapping of
-    the run page, which hands out (and later releases) the exits' data views."""
-    r = run.exit_reason
-    if r == lib.KVM_EXIT_IO:
-        io = run.io
-        n = io.size * io.count
-        return IoExit(r, io.port, io.size, "out" if io.direction == lib.KVM_EXIT_IO_OUT else "in",
-                      io.count, page.view(io.data_offset, n))
+# struct kvm_run: exit_reason at 8, the exit union at 32 (checked against the compiler below).
+_IO = struct.Struct("<BBHIQ")          # direction, size, port, count, data_offset
+_MMIO = struct.Struct("<Q8xIB")        # phys_addr, (data), len, is_write
+_UNION = ffi.offsetof("struct kvm_run", "io")
+_MMIO_DATA = ffi.offsetof("struct kvm_run", "mmio", "data")
+assert (_UNION, ffi.offsetof("struct kvm_run", "io", "data_offset"), ffi.offsetof("struct kvm_run", "mmio", "len"),
+        ffi.offsetof("struct kvm_run", "mmio", "is_write")) == (32, 40, 48, 52), "struct kvm_run changed layout"
+_OUT = lib.KVM_EXIT_IO_OUT
+_EXIT_IO, _EXIT_MMIO = lib.KVM_EXIT_IO, lib.KVM_EXIT_MMIO
+
+
+def decode_reason(r: int, run_bytes: memoryview, run, page: RunPage) -> Exit:
+    """The exit object for exit reason ``r`` of the run page (``run_bytes`` its bytes, ``run`` its
+    ``struct kvm_run *``); ``page`` hands out the exits' data views."""
+    if r == _EXIT_IO:
+        direction, size, port, count, data_offset = _IO.unpack_from(run_bytes, _UNION)
+        ex = IoExit(r, port, size, "out" if direction == _OUT else "in", count)
+    elif r == _EXIT_MMIO:
+        addr, length, is_write = _MMIO.unpack_from(run_bytes, _UNION)
+        ex = MmioExit(r, addr, length, bool(is_write))
+        data_offset, size, count = _MMIO_DATA, min(length, 8), 1
+    else:
+        return _decode_other(r, run)
+    ex._page, ex._where = page, (page.generation, data_offset, size * count)
+    return ex
+
+
+def _decode_other(r: int, run) -> Exit:
     if r == lib.KVM_EXIT_HLT:
         return HltExit(r)
-    if r == lib.KVM_EXIT_MMIO:
-        off = ffi.offsetof("struct kvm_run", "mmio", "data")
-        return MmioExit(r, run.mmio.phys_addr, run.mmio.len, bool(run.mmio.is_write),
-                        page.view(off, min(run.mmio.len, 8)))
     if r == lib.KVM_EXIT_SHUTDOWN:
         return ShutdownExit(r)
     if r == lib.KVM_EXIT_FAIL_ENTRY:

@@ -61,6 +61,8 @@ class Vcpu:
             self._release()
             raise
         self.run_struct = ffi.cast("struct kvm_run *", self._run_page.addr)
+        self._run_bytes = self._run_page.owner_view()     # released (ValueError) when the page is unmapped
+        self._exit_page = exits.RunPage(self._run_page)
         if vm.dirty_ring_size:
             try:
                 self.dirty_ring = DirtyRing(self, vm.dirty_ring_size)
@@ -148,29 +150,32 @@ class Vcpu:
         The ``data`` views of the previous exit are released here (they point into the
         run page, which this run overwrites): using one afterwards raises ValueError.
         """
+        # The per-exit path: one lock round trip, one C call (kvmpy_vcpu_run_reason), one
+        # unpack of the exit fields; _run_thread is cleared without the lock (see _stop).
         with self._lock:
             if self._closing:
                 raise KvmError(f"{self.name}: run() on a closed vCPU")
             if self._run_thread is not None:
                 raise KvmError(f"{self.name}: already running on thread {self._run_thread}")
-            self._run_page.release_views()
             if self._kicked:
+                self._exit_page.next_run()
                 return self._consume_kick()
             self._run_thread = threading.get_ident()
         try:
-            ret = lib.kvmpy_vcpu_run(self.fd)
-            err = ffi.errno
-            if ret < 0 and err == errno.EINTR:
-                with self._lock:
-                    return self._consume_kick()
-            if ret < 0:
-                raise IoctlError("KVM_RUN", err, self.name)
+            self._exit_page.next_run()
+            r = lib.kvmpy_vcpu_run_reason(self.fd, self.run_struct)
+            if r < 0:
+                if r == -errno.EINTR:
+                    with self._lock:
+                        return self._consume_kick()
+                raise IoctlError("KVM_RUN", -r, self.name)
             # Decoded before the run counts as over: close() waits for that.
-            return exits.decode(self.run_struct, self._run_page)
+            return exits.decode_reason(r, self._run_bytes, self.run_struct, self._exit_page)
         finally:
-            with self._lock:
-                self._run_thread = None
-                self._left_run.notify_all()
+            self._run_thread = None
+            if self._closing:
+                with self._lock:
+                    self._left_run.notify_all()
 
     def _consume_kick(self) -> exits.Exit:
         self._kicked = False
@@ -207,6 +212,10 @@ class Vcpu:
 
     def _stop(self) -> None:
         """Refuse new runs, then kick a run in progress on another thread until it returns.
+
+        ``run()`` clears ``_run_thread`` without the lock, then notifies if ``_closing`` is set;
+        this sets ``_closing`` before it reads ``_run_thread``, so it never waits for a
+        notification that was skipped (and waits 0.1 s at most anyway).
 
         KvmError (and nothing released) if it is still in KVM_RUN after STOP_TIMEOUT s.
         """

@@ -1,0 +1,219 @@
+/* SPDX-License-Identifier: GPL-2.0-only */
+/*
+ * The bulk work of kvmpy in C, compiled into the cffi extension (kvmpy._kvm_abi)
+ * after <linux/kvm.h>: what Python would do entry by entry (dirty-ring harvest,
+ * bitmap scans, stats descriptor lookup, page-table construction) or where a
+ * per-exit/per-ioctl call must cost no more than the C selftests' (KVM_RUN and
+ * KVM_GET_DIRTY_LOG with the argument struct on the C stack).
+ *
+ * Every pointer comes from a cffi buffer the caller holds for the duration of
+ * the call; nothing here keeps a pointer past its return.
+ */
+
+/* ---- ioctls on the hot paths ------------------------------------------------ */
+
+/* KVM_RUN (the GIL is released for the whole guest run); the exit reason, or -errno. */
+int kvmpy_vcpu_run_reason(int fd, const struct kvm_run *run)
+{
+	if (ioctl(fd, KVM_RUN, 0) < 0)
+		return -errno;
+	return (int)run->exit_reason;
+}
+
+/* KVM_GET_DIRTY_LOG of slot into bitmap; 0 or -errno. */
+int kvmpy_get_dirty_log(int fd, uint32_t slot, void *bitmap)
+{
+	struct kvm_dirty_log log;
+
+	memset(&log, 0, sizeof(log));
+	log.slot = slot;
+	log.dirty_bitmap = bitmap;
+	return ioctl(fd, KVM_GET_DIRTY_LOG, &log) < 0 ? -errno : 0;
+}
+
+/* ---- dirty bitmaps ------------------------------------------------------------ */
+
+unsigned long kvmpy_popcount(const uint64_t *words, size_t n)
+{
+	unsigned long c = 0;
+
+	for (size_t i = 0; i < n; i++)
+		c += (unsigned long)__builtin_popcountll(words[i]);
+	return c;
+}
+
+/* Writes the indices of set bits into out (at most out_len); returns the total count. */
+size_t kvmpy_set_bits(const uint64_t *words, size_t n, uint64_t *out, size_t out_len)
+{
+	size_t k = 0;
+
+	for (size_t i = 0; i < n; i++) {
+		uint64_t w = words[i];
+
+		while (w) {
+			if (k < out_len)
+				out[k] = i * 64 + (uint64_t)__builtin_ctzll(w);
+			k++;
+			w &= w - 1;
+		}
+	}
+	return k;
+}
+
+/* ---- dirty ring --------------------------------------------------------------- */
+
+/*
+ * Collect up to limit entries KVM published (flag DIRTY) from index fetch on,
+ * in order, into slots/offsets, and mark each RESET.  The flags load is an
+ * acquire, so slot and offset are read after it; the RESET store is a release,
+ * so KVM sees it only after they were read.  Returns how many were collected.
+ */
+uint32_t kvmpy_ring_harvest(struct kvm_dirty_gfn *gfns, uint32_t mask, uint32_t fetch, uint32_t limit,
+			    uint32_t *slots, uint64_t *offsets)
+{
+	uint32_t n;
+
+	for (n = 0; n < limit; n++) {
+		struct kvm_dirty_gfn *e = &gfns[(fetch + n) & mask];
+
+		if (!(__atomic_load_n(&e->flags, __ATOMIC_ACQUIRE) & KVM_DIRTY_GFN_F_DIRTY))
+			break;
+		slots[n] = e->slot;
+		offsets[n] = e->offset;
+		__atomic_store_n(&e->flags, KVM_DIRTY_GFN_F_RESET, __ATOMIC_RELEASE);
+	}
+	return n;
+}
+
+/* ---- binary stats ------------------------------------------------------------- */
+
+/*
+ * Index of the descriptor named name among the num descriptors of stride bytes
+ * at buf + desc_off (each a struct kvm_stats_desc followed by its name), or -1
+ * (also when they do not fit in len bytes).  A descriptor whose name is not
+ * NUL-terminated within its name_size bytes never matches.
+ */
+int kvmpy_stats_find(const char *buf, size_t len, uint32_t desc_off, uint32_t num, uint32_t stride,
+		     uint32_t name_size, const char *name)
+{
+	size_t nlen = strlen(name);
+
+	if (nlen == 0 || nlen >= name_size || stride < sizeof(struct kvm_stats_desc) + name_size ||
+	    desc_off > len || (size_t)num * stride > len - desc_off)
+		return -1;
+	for (uint32_t i = 0; i < num; i++) {
+		const char *n = buf + desc_off + (size_t)i * stride + sizeof(struct kvm_stats_desc);
+
+		if (n[0] == name[0] && !memcmp(n, name, nlen + 1))
+			return (int)i;
+	}
+	return -1;
+}
+
+/* ---- page tables -------------------------------------------------------------- */
+
+#define KVMPY_PTE_P  (1ull << 0)
+#define KVMPY_PTE_PS (1ull << 7)
+#define KVMPY_PTE_ADDR 0x000ffffffffff000ull
+
+/* Where table pages come from: pools[i] is guest memory [gpa, gpa+size) at host address hva. */
+struct kvmpy_pt_pool {
+	uint64_t gpa, size, hva;
+};
+
+/*
+ * One mapping request and the allocator state, updated in place: map npages
+ * pages of page_size from gva/gpa on with leaf entries gpa | leaf_bits (the
+ * caller includes PS for 2M/1G), new tables linked with table_bits.  Table
+ * pages come from pools[pool] at next, then from the following pools.
+ */
+struct kvmpy_pt_req {
+	uint64_t cr3, gva, gpa, npages, page_size, leaf_bits, table_bits;
+	uint32_t npools, pool;
+	uint64_t next;
+	uint64_t done;		/* out: pages mapped */
+	uint64_t fail_gva;	/* out: where an error happened */
+};
+
+enum {
+	KVMPY_PT_OK = 0,
+	KVMPY_PT_EXHAUSTED = 1,	/* every pool is full */
+	KVMPY_PT_IN_HUGE = 2,	/* fail_gva lies inside a bigger page */
+	KVMPY_PT_OVER_TABLE = 3,	/* a huge leaf would replace a table of smaller mappings */
+	KVMPY_PT_FOREIGN = 4,	/* an existing table lies outside every pool */
+};
+
+static uint64_t *pt_table(const struct kvmpy_pt_req *req, const struct kvmpy_pt_pool *pools, uint64_t gpa)
+{
+	for (uint32_t i = 0; i < req->npools; i++)
+		if (gpa >= pools[i].gpa && gpa + 4096 <= pools[i].gpa + pools[i].size)
+			return (uint64_t *)(uintptr_t)(pools[i].hva + (gpa - pools[i].gpa));
+	return NULL;
+}
+
+static uint64_t pt_alloc(struct kvmpy_pt_req *req, const struct kvmpy_pt_pool *pools)
+{
+	while (req->pool < req->npools) {
+		const struct kvmpy_pt_pool *p = &pools[req->pool];
+
+		if (req->next < p->gpa)
+			req->next = p->gpa;
+		if (req->next + 4096 <= p->gpa + p->size) {
+			uint64_t gpa = req->next;
+
+			req->next += 4096;
+			memset((void *)(uintptr_t)(p->hva + (gpa - p->gpa)), 0, 4096);
+			return gpa;
+		}
+		req->pool++;
+	}
+	return 0;
+}
+
+int kvmpy_pt_map(struct kvmpy_pt_req *req, const struct kvmpy_pt_pool *pools)
+{
+	int leaf_level = req->page_size == (1ull << 30) ? 3 : req->page_size == (1ull << 21) ? 2 : 1;
+	uint64_t *leaves = NULL;
+
+	req->done = 0;
+	while (req->done < req->npages) {
+		uint64_t gva = req->gva + req->done * req->page_size;
+		uint64_t *table = pt_table(req, pools, req->cr3 & KVMPY_PTE_ADDR);
+		unsigned int idx;
+
+		req->fail_gva = gva;
+		if (!table)
+			return KVMPY_PT_FOREIGN;
+		for (int level = 4; level > leaf_level; level--) {
+			uint64_t *e = &table[(gva >> (12 + 9 * (level - 1))) & 511];
+			uint64_t child;
+
+			if (*e & KVMPY_PTE_P) {
+				if (level <= 3 && (*e & KVMPY_PTE_PS))
+					return KVMPY_PT_IN_HUGE;
+				child = *e & KVMPY_PTE_ADDR;
+			} else {
+				child = pt_alloc(req, pools);
+				if (!child)
+					return KVMPY_PT_EXHAUSTED;
+				*e = child | req->table_bits;
+			}
+			table = pt_table(req, pools, child);
+			if (!table)
+				return KVMPY_PT_FOREIGN;
+		}
+		leaves = table;
+		/* Fill this table's entries from gva's on, as far as the request goes. */
+		for (idx = (gva >> (12 + 9 * (leaf_level - 1))) & 511; idx < 512 && req->done < req->npages;
+		     idx++, req->done++) {
+			uint64_t old = leaves[idx];
+
+			if (leaf_level > 1 && (old & KVMPY_PTE_P) && !(old & KVMPY_PTE_PS)) {
+				req->fail_gva = req->gva + req->done * req->page_size;
+				return KVMPY_PT_OVER_TABLE;
+			}
+			leaves[idx] = (req->gpa + req->done * req->page_size) | req->leaf_bits;
+		}
+	}
+	return KVMPY_PT_OK;
+}
