@@ -88,26 +88,71 @@ uint32_t kvmpy_ring_harvest(struct kvm_dirty_gfn *gfns, uint32_t mask, uint32_t 
 /* ---- binary stats ------------------------------------------------------------- */
 
 /*
- * Index of the descriptor named name among the num descriptors of stride bytes
- * at buf + desc_off (each a struct kvm_stats_desc followed by its name), or -1
- * (also when they do not fit in len bytes).  A descriptor whose name is not
- * NUL-terminated within its name_size bytes never matches.
+ * The fast checks of a stats fd image (header, id, descriptors: its first len
+ * bytes).  kvmpy.stats explains a failure with its own check, which names the
+ * values involved.
  */
-int kvmpy_stats_find(const char *buf, size_t len, uint32_t desc_off, uint32_t num, uint32_t stride,
-		     uint32_t name_size, const char *name)
+enum {
+	KVMPY_STATS_NOT_FOUND = -1,
+	KVMPY_STATS_BAD_HEADER = -2,
+	KVMPY_STATS_BAD_DESC = -3,
+};
+
+/* 0 if the header's offsets and sizes are consistent with len bytes, else KVMPY_STATS_BAD_HEADER. */
+int kvmpy_stats_check_header(const char *buf, size_t len)
 {
-	size_t nlen = strlen(name);
+	struct kvm_stats_header h;
+	uint64_t stride, desc_end;
 
-	if (nlen == 0 || nlen >= name_size || stride < sizeof(struct kvm_stats_desc) + name_size ||
-	    desc_off > len || (size_t)num * stride > len - desc_off)
-		return -1;
-	for (uint32_t i = 0; i < num; i++) {
-		const char *n = buf + desc_off + (size_t)i * stride + sizeof(struct kvm_stats_desc);
+	if (len < sizeof(h))
+		return KVMPY_STATS_BAD_HEADER;
+	memcpy(&h, buf, sizeof(h));
+	stride = sizeof(struct kvm_stats_desc) + (uint64_t)h.name_size;
+	desc_end = h.desc_offset + h.num_desc * stride;
+	if (h.name_size == 0 || h.id_offset < sizeof(h) || (uint64_t)h.id_offset + h.name_size > len ||
+	    h.desc_offset < sizeof(h) || desc_end > len || (h.num_desc && h.data_offset < desc_end) ||
+	    (h.id_offset < h.desc_offset && h.desc_offset < (uint64_t)h.id_offset + h.name_size))
+		return KVMPY_STATS_BAD_HEADER;
+	return 0;
+}
 
-		if (n[0] == name[0] && !memcmp(n, name, nlen + 1))
-			return (int)i;
+/*
+ * The descriptor named name in a stats image whose header passed the check:
+ * offset | size << 32 | (more than one value) << 48, or KVMPY_STATS_NOT_FOUND,
+ * or KVMPY_STATS_BAD_DESC when its type, unit, base, size or bucket size is not
+ * one the ABI defines.  A name not NUL-terminated within name_size never matches.
+ */
+int64_t kvmpy_stats_locate(const char *buf, size_t len, const char *name)
+{
+	struct kvm_stats_header h;
+	size_t nlen = strlen(name), stride;
+
+	if (kvmpy_stats_check_header(buf, len))
+		return KVMPY_STATS_BAD_HEADER;
+	memcpy(&h, buf, sizeof(h));
+	stride = sizeof(struct kvm_stats_desc) + h.name_size;
+	if (nlen == 0 || nlen >= h.name_size)
+		return KVMPY_STATS_NOT_FOUND;
+	for (uint32_t i = 0; i < h.num_desc; i++) {
+		const char *d = buf + h.desc_offset + (size_t)i * stride;
+		const char *n = d + sizeof(struct kvm_stats_desc);
+		struct kvm_stats_desc desc;
+		uint32_t type, unit, base;
+
+		if (n[0] != name[0] || memcmp(n, name, nlen + 1))
+			continue;
+		memcpy(&desc, d, sizeof(desc));
+		type = desc.flags & KVM_STATS_TYPE_MASK;
+		unit = desc.flags & KVM_STATS_UNIT_MASK;
+		base = desc.flags & KVM_STATS_BASE_MASK;
+		if (type > KVM_STATS_TYPE_MAX || unit > KVM_STATS_UNIT_MAX || base > KVM_STATS_BASE_MAX ||
+		    desc.size == 0 || (type == KVM_STATS_TYPE_LINEAR_HIST && desc.bucket_size == 0))
+			return KVMPY_STATS_BAD_DESC;
+		return (int64_t)desc.offset | (int64_t)desc.size << 32 |
+		       (int64_t)(desc.size > 1 || type == KVM_STATS_TYPE_LINEAR_HIST ||
+				 type == KVM_STATS_TYPE_LOG_HIST) << 48;
 	}
-	return -1;
+	return KVMPY_STATS_NOT_FOUND;
 }
 
 /* ---- page tables -------------------------------------------------------------- */
@@ -131,6 +176,7 @@ struct kvmpy_pt_req {
 	uint64_t cr3, gva, gpa, npages, page_size, leaf_bits, table_bits;
 	uint32_t npools, pool;
 	uint64_t next;
+	uint64_t allocated;	/* out: table pages taken from the pools */
 	uint64_t done;		/* out: pages mapped */
 	uint64_t fail_gva;	/* out: where an error happened */
 };
@@ -162,6 +208,7 @@ static uint64_t pt_alloc(struct kvmpy_pt_req *req, const struct kvmpy_pt_pool *p
 			uint64_t gpa = req->next;
 
 			req->next += 4096;
+			req->allocated++;
 			memset((void *)(uintptr_t)(p->hva + (gpa - p->gpa)), 0, 4096);
 			return gpa;
 		}
@@ -176,6 +223,7 @@ int kvmpy_pt_map(struct kvmpy_pt_req *req, const struct kvmpy_pt_pool *pools)
 	uint64_t *leaves = NULL;
 
 	req->done = 0;
+	req->allocated = 0;
 	while (req->done < req->npages) {
 		uint64_t gva = req->gva + req->done * req->page_size;
 		uint64_t *table = pt_table(req, pools, req->cr3 & KVMPY_PTE_ADDR);

@@ -162,13 +162,17 @@ unsigned long kvmpy_popcount(const uint64_t *words, size_t n);
 size_t kvmpy_set_bits(const uint64_t *words, size_t n, uint64_t *out, size_t out_len);
 uint32_t kvmpy_ring_harvest(struct kvm_dirty_gfn *gfns, uint32_t mask, uint32_t fetch, uint32_t limit,
                             uint32_t *slots, uint64_t *offsets);
-int kvmpy_stats_find(const char *buf, size_t len, uint32_t desc_off, uint32_t num, uint32_t stride,
-                     uint32_t name_size, const char *name);
+int kvmpy_stats_check_header(const char *buf, size_t len);
+int64_t kvmpy_stats_locate(const char *buf, size_t len, const char *name);
+#define KVMPY_STATS_NOT_FOUND ...
+#define KVMPY_STATS_BAD_HEADER ...
+#define KVMPY_STATS_BAD_DESC ...
 struct kvmpy_pt_pool { uint64_t gpa, size, hva; };
 struct kvmpy_pt_req {
     uint64_t cr3, gva, gpa, npages, page_size, leaf_bits, table_bits;
     uint32_t npools, pool;
     uint64_t next;
+    uint64_t allocated;
     uint64_t done;
     uint64_t fail_gva;
 };

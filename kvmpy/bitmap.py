@@ -16,7 +16,7 @@ class DirtyBitmap:
     KVM_GET_DIRTY_LOG / KVM_CLEAR_DIRTY_LOG.
     """
 
-    __slots__ = ("npages", "buffer")
+    __slots__ = ("npages", "buffer", "_cdata")
 
     def __init__(self, npages: int, buffer: bytearray | None = None) -> None:
         if npages < 0:
@@ -28,6 +28,7 @@ class DirtyBitmap:
             raise ValueError(f"bitmap of {npages} pages needs {nbytes} bytes, got {len(buffer)}")
         self.npages = npages
         self.buffer = buffer
+        self._cdata = None
 
     @classmethod
     def from_pages(cls, npages: int, pages: Iterable[int]) -> "DirtyBitmap":
@@ -59,8 +60,11 @@ class DirtyBitmap:
         return self.npages
 
     def cdata(self):
-        """A ``void *`` to the buffer, valid while this bitmap lives."""
-        return ffi.from_buffer(self.buffer)
+        """A ``char[]`` over the buffer, valid while this bitmap lives (made once: it keeps the
+        buffer exported, so the bytearray can be written but never resized)."""
+        if self._cdata is None:
+            self._cdata = ffi.from_buffer(self.buffer)
+        return self._cdata
 
     def count(self) -> int:
         """Number of set bits."""

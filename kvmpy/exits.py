@@ -36,80 +36,130 @@ class Exit:
 class RunPage:
     """A vCPU's kvm_run mapping as its exits see it: the data of an exit is valid for one run.
 
-    ``next_run()`` (called by ``Vcpu.run``) releases the data views handed out so far and
-    makes the data of earlier exits unavailable (ValueError), as their bytes are overwritten.
+    ``current`` is the exit of the vCPU's last run (None while it runs): only that exit may
+    hand out views of the page. ``Vcpu.run`` calls ``release()`` when views were handed out,
+    so the data of earlier exits is unavailable (ValueError): the run overwrote its bytes.
     """
 
-    __slots__ = ("mapping", "generation")
+    __slots__ = ("mapping", "current", "handed_out")
 
     def __init__(self, mapping: "Mapping") -> None:
         self.mapping = mapping
-        self.generation = 0
+        self.current: Exit | None = None
+        self.handed_out = False
 
-    def next_run(self) -> None:
-        self.generation += 1
+    def release(self) -> None:
+        self.handed_out = False
         self.mapping.release_views()
 
-    def view(self, generation: int, offset: int, length: int) -> memoryview:
-        if generation != self.generation:
+    def view(self, ex: Exit, offset: int, length: int) -> memoryview:
+        if ex is not self.current:
             raise ValueError("exit data of an earlier run: the vCPU has run again since (its run page is reused)")
+        self.handed_out = True
         return self.mapping.view(offset, length)
 
 
 class _PageData(Exit):
     """An exit whose ``data`` is a view of the run page, made on first use (most exits are
-    handled without it)."""
+    handled without it). Built once per exit: plain attributes, no dataclass machinery."""
 
-    def __init__(self, reason: int, data: memoryview | None) -> None:
-        self.reason = reason
-        self._data = data
-        self._page: RunPage | None = None
-        self._where = (0, 0, 0)     # (generation, offset, length) in the run page
+    __slots__ = ("_data", "_page")
+    _fields_names: tuple = ()
 
     @property
     def data(self) -> memoryview:
         """A view of the run page (written by an OUT/MMIO write, to be filled for an IN/MMIO read),
         valid until the vCPU's next run or close, which release it (ValueError on use)."""
         if self._data is None:
-            self._data = self._page.view(*self._where)
+            self._data = self._page.view(self, *self._span())
         return self._data
 
-    def _fields(self) -> tuple:
+    def _span(self) -> tuple[int, int]:
         raise NotImplementedError
 
+    def _fields(self) -> tuple:
+        return tuple(getattr(self, n) for n in self._fields_names)
+
     def __eq__(self, other: object) -> bool:
-        return type(other) is type(self) and (self.reason, *self._fields()) == (other.reason, *other._fields())
+        return isinstance(other, _PageData) and self._fields_names == other._fields_names and \
+            (self.reason, *self._fields()) == (other.reason, *other._fields())
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(reason={self.reason}, " + ", ".join(
+        return f"{self._kind}(reason={self.reason}, " + ", ".join(
             f"{n}={v!r}" for n, v in zip(self._fields_names, self._fields())) + ")"
 
 
 class IoExit(_PageData):
-    """Port I/O: ``port``, access ``size``, ``direction`` ('in' or 'out'), ``count`` and ``data``."""
+    """Port I/O: ``port``, access ``size``, ``direction`` ('in' or 'out'), ``count`` and ``data``.
 
+    The fields are kept as the one tuple that IO_FIELDS unpacks from the run page, which is
+    all a run does per port-I/O exit (every ucall at ring 0; see RunIoExit).
+    """
+
+    __slots__ = ("_io",)
     _fields_names = ("port", "size", "direction", "count")
+    _kind = "IoExit"
 
     def __init__(self, reason: int, port: int, size: int, direction: str, count: int,
                  data: memoryview | None = None) -> None:
-        _PageData.__init__(self, reason, data)
-        self.port, self.size, self.direction, self.count = port, size, direction, count
+        self.reason = reason
+        self._io = (lib.KVM_EXIT_IO_OUT if direction == "out" else lib.KVM_EXIT_IO_IN, size, port, count, 0)
+        self._data = data
 
-    def _fields(self) -> tuple:
-        return (self.port, self.size, self.direction, self.count)
+    def _span(self) -> tuple[int, int]:
+        return self._io[4], self._io[1] * self._io[3]
+
+    @property
+    def port(self) -> int:
+        return self._io[2]
+
+    @property
+    def size(self) -> int:
+        return self._io[1]
+
+    @property
+    def direction(self) -> str:
+        return "out" if self._io[0] == lib.KVM_EXIT_IO_OUT else "in"
+
+    @property
+    def count(self) -> int:
+        return self._io[3]
+
+
+class RunIoExit(IoExit):
+    """The IoExit ``Vcpu.run`` returns: built from the unpacked run page (``io``, IO_FIELDS) with
+    the fewest stores, its data in ``page`` for this run only."""
+
+    __slots__ = ()
+
+    def __init__(self, reason: int, io: tuple, page: RunPage) -> None:
+        self.reason = reason
+        self._io = io
+        self._data = None
+        self._page = page
+        page.current = self
 
 
 class MmioExit(_PageData):
     """MMIO: guest physical ``addr``, ``length``, ``is_write`` and ``data`` (as IoExit's)."""
 
-    _fields_names = ("addr", "length", "is_write")
+    __slots__ = ("addr", "length", "is_write")
+    _fields_names = __slots__
+    _kind = "MmioExit"
 
-    def __init__(self, reason: int, addr: int, length: int, is_write: bool, data: memoryview | None = None) -> None:
-        _PageData.__init__(self, reason, data)
-        self.addr, self.length, self.is_write = addr, length, is_write
+    def __init__(self, reason: int, addr: int, length: int, is_write: bool, data: memoryview | None = None,
+                 page: RunPage | None = None) -> None:
+        self.reason = reason
+        self.addr = addr
+        self.length = length
+        self.is_write = is_write
+        self._data = data
+        self._page = page
+        if page is not None:
+            page.current = self
 
-    def _fields(self) -> tuple:
-        return (self.addr, self.length, self.is_write)
+    def _span(self) -> tuple[int, int]:
+        return _MMIO_DATA, min(self.length, 8)
 
 
 @dataclass
@@ -166,30 +216,23 @@ class UnknownExit(Exit):
 
 
 # struct kvm_run: exit_reason at 8, the exit union at 32 (checked against the compiler below).
-_IO = struct.Struct("<BBHIQ")          # direction, size, port, count, data_offset
+IO_FIELDS = struct.Struct("<BBHIQ")    # direction, size, port, count, data_offset
 _MMIO = struct.Struct("<Q8xIB")        # phys_addr, (data), len, is_write
 _UNION = ffi.offsetof("struct kvm_run", "io")
 _MMIO_DATA = ffi.offsetof("struct kvm_run", "mmio", "data")
 assert (_UNION, ffi.offsetof("struct kvm_run", "io", "data_offset"), ffi.offsetof("struct kvm_run", "mmio", "len"),
         ffi.offsetof("struct kvm_run", "mmio", "is_write")) == (32, 40, 48, 52), "struct kvm_run changed layout"
-_OUT = lib.KVM_EXIT_IO_OUT
-_EXIT_IO, _EXIT_MMIO = lib.KVM_EXIT_IO, lib.KVM_EXIT_MMIO
+_EXIT_MMIO = lib.KVM_EXIT_MMIO
 
 
 def decode_reason(r: int, run_bytes: memoryview, run, page: RunPage) -> Exit:
     """The exit object for exit reason ``r`` of the run page (``run_bytes`` its bytes, ``run`` its
-    ``struct kvm_run *``); ``page`` hands out the exits' data views."""
-    if r == _EXIT_IO:
-        direction, size, port, count, data_offset = _IO.unpack_from(run_bytes, _UNION)
-        ex = IoExit(r, port, size, "out" if direction == _OUT else "in", count)
-    elif r == _EXIT_MMIO:
+    ``struct kvm_run *``); ``page`` hands out the exits' data views. KVM_EXIT_IO, the exit of
+    every port-I/O ucall, is decoded inline by ``Vcpu.run`` (IO_FIELDS, RunIoExit) instead."""
+    if r == _EXIT_MMIO:
         addr, length, is_write = _MMIO.unpack_from(run_bytes, _UNION)
-        ex = MmioExit(r, addr, length, bool(is_write))
-        data_offset, size, count = _MMIO_DATA, min(length, 8), 1
-    else:
-        return _decode_other(r, run)
-    ex._page, ex._where = page, (page.generation, data_offset, size * count)
-    return ex
+        return MmioExit(r, addr, length, bool(is_write), None, page)
+    return _decode_other(r, run)
 
 
 def _decode_other(r: int, run) -> Exit:

@@ -38,6 +38,8 @@ UNIT_NAMES = {
     lib.KVM_STATS_UNIT_BOOLEAN: "boolean",
 }
 BASE_NAMES = {lib.KVM_STATS_BASE_POW10: 10, lib.KVM_STATS_BASE_POW2: 2}
+_HISTOGRAMS = (lib.KVM_STATS_TYPE_LINEAR_HIST, lib.KVM_STATS_TYPE_LOG_HIST)
+_TYPE_MASK, _UNIT_MASK, _BASE_MASK = lib.KVM_STATS_TYPE_MASK, lib.KVM_STATS_UNIT_MASK, lib.KVM_STATS_BASE_MASK
 
 Value = Union[int, tuple]
 
@@ -70,35 +72,24 @@ class StatsLayout:
 
     The constructor checks the header only; a descriptor is checked when it is first
     used (:meth:`locate`), all of them by :attr:`descs` (and :meth:`parse`). Lookups by
-    name scan the raw descriptors in C (kvmpy_stats_find), as the C selftests do.
+    name scan the raw descriptors in C (kvmpy_stats_locate), as the C selftests do.
     """
 
     def __init__(self, buf: bytes) -> None:
         buf = bytes(buf)
-        if len(buf) < HEADER_SIZE:
-            raise StatsFormatError(f"stats header truncated: {len(buf)} < {HEADER_SIZE} bytes")
-        _flags, name_size, num_desc, id_off, desc_off, data_off = _HEADER.unpack_from(buf)
-        if name_size == 0:
-            raise StatsFormatError("stats header: name_size is 0")
-        if id_off < HEADER_SIZE or id_off + name_size > len(buf):
-            raise StatsFormatError(f"stats header: id_offset {id_off} (name_size {name_size}) outside the buffer")
-        stride = DESC_SIZE + name_size
-        desc_end = desc_off + num_desc * stride
-        if desc_off < HEADER_SIZE or desc_end > len(buf):
-            raise StatsFormatError(
-                f"stats header: {num_desc} descriptors at offset {desc_off} run past the buffer ({len(buf)} bytes)")
-        if data_off < desc_end and num_desc:
-            raise StatsFormatError(f"stats header: data_offset {data_off} overlaps the descriptors (end {desc_end})")
-        if id_off < desc_off < id_off + name_size:
-            raise StatsFormatError("stats header: id string overlaps the descriptors")
+        if lib.kvmpy_stats_check_header(buf, len(buf)):
+            _raise_header_error(buf)
         self._buf = buf
-        self.name_size, self.num_desc = name_size, num_desc
-        self.id_offset, self.desc_offset, self.data_offset = id_off, desc_off, data_off
-        self._stride = stride
+        _flags, self.name_size, self.num_desc, self.id_offset, self.desc_offset, self.data_offset = \
+            _HEADER.unpack_from(buf)
+        self.desc_end = self.desc_offset + self.num_desc * (DESC_SIZE + self.name_size)
+        self.desc_block = buf[self.desc_offset: self.desc_end]
         self._descs: dict[str, StatDesc] | None = None
         self._data_size = 0
         # name -> (offset, number of u64s, value is a tuple), filled by locate()
         self._locs: dict[str, tuple[int, int, bool]] = {}
+        # name -> (file offset, bytes, value is a tuple): Stats.read's lookups through this layout
+        self.read_locs: dict[str, tuple[int, int, bool]] = {}
 
     @classmethod
     def parse(cls, buf: bytes) -> "StatsLayout":
@@ -117,7 +108,7 @@ class StatsLayout:
         if self._descs is None:
             fmt = struct.Struct(f"<IhHII{self.name_size}s")
             descs: dict[str, StatDesc] = {}
-            block = self._buf[self.desc_offset: self.desc_offset + self.num_desc * self._stride]
+            block = self._buf[self.desc_offset: self.desc_offset + self.num_desc * fmt.size]
             for i, (flags, exponent, size, offset, bucket, raw) in enumerate(fmt.iter_unpack(block)):
                 d = _checked_desc(i, flags, exponent, size, offset, bucket, raw)
                 if d.name in descs:
@@ -140,14 +131,16 @@ class StatsLayout:
                 key = name.encode("ascii")
             except (UnicodeEncodeError, AttributeError):
                 return None
-            i = lib.kvmpy_stats_find(self._buf, len(self._buf), self.desc_offset, self.num_desc, self._stride,
-                                     self.name_size, key) if b"\0" not in key else -1
-            if i < 0:
+            if b"\0" in key:
                 return None
-            base = self.desc_offset + i * self._stride
-            d = _checked_desc(i, *_DESC.unpack_from(self._buf, base),
-                              self._buf[base + DESC_SIZE: base + self._stride])
-            loc = self._locs[name] = (d.offset, d.size, d.is_histogram or d.size > 1)
+            found = lib.kvmpy_stats_locate(self._buf, len(self._buf), key)
+            if found < 0:
+                if found == lib.KVMPY_STATS_NOT_FOUND:
+                    return None
+                self._descs = None
+                self.descs              # raises the descriptor's error
+                raise StatsFormatError(f"stat {name!r}: descriptor out of the ABI")
+            loc = self._locs[name] = (found & 0xFFFFFFFF, found >> 32 & 0xFFFF, bool(found >> 48))
         return loc
 
     def decode(self, data: bytes) -> dict[str, Value]:
@@ -156,6 +149,24 @@ class StatsLayout:
             raise StatsFormatError(f"stats data truncated: {len(data)} < {self.data_size} bytes")
         return {name: _value(d.offset, d.size, d.is_histogram or d.size > 1, data)
                 for name, d in self.descs.items()}
+
+
+def _raise_header_error(buf: bytes) -> None:
+    """Raise the StatsFormatError that says what is wrong with the header of ``buf``."""
+    if len(buf) < HEADER_SIZE:
+        raise StatsFormatError(f"stats header truncated: {len(buf)} < {HEADER_SIZE} bytes")
+    _flags, name_size, num_desc, id_off, desc_off, data_off = _HEADER.unpack_from(buf)
+    if name_size == 0:
+        raise StatsFormatError("stats header: name_size is 0")
+    if id_off < HEADER_SIZE or id_off + name_size > len(buf):
+        raise StatsFormatError(f"stats header: id_offset {id_off} (name_size {name_size}) outside the buffer")
+    desc_end = desc_off + num_desc * (DESC_SIZE + name_size)
+    if desc_off < HEADER_SIZE or desc_end > len(buf):
+        raise StatsFormatError(
+            f"stats header: {num_desc} descriptors at offset {desc_off} run past the buffer ({len(buf)} bytes)")
+    if data_off < desc_end and num_desc:
+        raise StatsFormatError(f"stats header: data_offset {data_off} overlaps the descriptors (end {desc_end})")
+    raise StatsFormatError("stats header: id string overlaps the descriptors")
 
 
 def _value(offset: int, size: int, as_tuple: bool, data: bytes, base: int = 0) -> Value:
@@ -168,21 +179,25 @@ def _checked_desc(i: int, flags: int, exponent: int, size: int, offset: int, buc
                   raw_name: bytes) -> StatDesc:
     """Descriptor ``i`` as a StatDesc; StatsFormatError if any field is out of the ABI."""
     name = _cstr(raw_name, f"descriptor {i} name")
-    stype = flags & lib.KVM_STATS_TYPE_MASK
-    unit = flags & lib.KVM_STATS_UNIT_MASK
-    base = flags & lib.KVM_STATS_BASE_MASK
+    stype = _check_flags(name, flags, size, bucket_size)
+    return StatDesc(name, TYPE_NAMES[stype], UNIT_NAMES[flags & lib.KVM_STATS_UNIT_MASK],
+                    BASE_NAMES[flags & lib.KVM_STATS_BASE_MASK], exponent, size, offset, bucket_size, flags)
+
+
+def _check_flags(name: str, flags: int, size: int, bucket_size: int) -> int:
+    """The type bits of stat ``name``'s flags; StatsFormatError if a field is out of the ABI."""
+    stype = flags & _TYPE_MASK
     if stype not in TYPE_NAMES:
         raise StatsFormatError(f"stat {name!r}: unknown type {stype >> lib.KVM_STATS_TYPE_SHIFT}")
-    if unit not in UNIT_NAMES:
-        raise StatsFormatError(f"stat {name!r}: unknown unit {unit >> lib.KVM_STATS_UNIT_SHIFT}")
-    if base not in BASE_NAMES:
-        raise StatsFormatError(f"stat {name!r}: unknown base {base >> lib.KVM_STATS_BASE_SHIFT}")
+    if flags & _UNIT_MASK not in UNIT_NAMES:
+        raise StatsFormatError(f"stat {name!r}: unknown unit {(flags & _UNIT_MASK) >> lib.KVM_STATS_UNIT_SHIFT}")
+    if flags & _BASE_MASK not in BASE_NAMES:
+        raise StatsFormatError(f"stat {name!r}: unknown base {(flags & _BASE_MASK) >> lib.KVM_STATS_BASE_SHIFT}")
     if size == 0:
         raise StatsFormatError(f"stat {name!r}: size 0")
-    if TYPE_NAMES[stype] == "linear_hist" and bucket_size == 0:
+    if stype == lib.KVM_STATS_TYPE_LINEAR_HIST and bucket_size == 0:
         raise StatsFormatError(f"stat {name!r}: linear histogram with bucket_size 0")
-    return StatDesc(name, TYPE_NAMES[stype], UNIT_NAMES[unit], BASE_NAMES[base], exponent, size, offset,
-                    bucket_size, flags)
+    return stype
 
 
 def _cstr(raw: bytes, what: str) -> str:
@@ -207,15 +222,6 @@ class Snapshot(Mapping):
         self._values: dict[str, Value] | None = dict(values or {})
         self._layout: StatsLayout | None = None
         self._data = b""
-
-    @classmethod
-    def of_data(cls, layout: StatsLayout, data: bytes) -> "Snapshot":
-        """The snapshot of the data block ``data`` read from a fd with ``layout``."""
-        if len(data) < layout.data_size:
-            raise StatsFormatError(f"stats data truncated: {len(data)} < {layout.data_size} bytes")
-        snap = cls.__new__(cls)
-        snap._values, snap._layout, snap._data = None, layout, data
-        return snap
 
     def _all(self) -> dict[str, Value]:
         if self._values is None:
@@ -249,42 +255,58 @@ class Snapshot(Mapping):
         return out
 
 
-class _Fd:
-    """A file descriptor closed once: by ``close()``, or when collected (cheaper to set up than
-    weakref.finalize, which matters for a stats fd opened per measurement)."""
+class _ReadSnapshot(Snapshot):
+    """A snapshot as ``Stats.snapshot`` makes it: the raw data block, decoded on use."""
 
-    __slots__ = ("fd",)
+    __slots__ = ()
 
-    def __init__(self, fd: int) -> None:
-        self.fd = fd
+    def __init__(self, layout: StatsLayout, data: bytes) -> None:
+        self._values = None
+        self._layout = layout
+        self._data = data
 
-    def close(self, _close=os.close) -> None:
-        fd, self.fd = self.fd, -1
-        if fd >= 0:
-            _close(fd)
-
-    __del__ = close
 
 
 class Stats:
-    """A VM's or vCPU's binary stats fd. Owns the fd; ``close()`` (or garbage collection) releases it."""
+    """A VM's or vCPU's binary stats fd. Owns the fd; ``close()`` (or garbage collection) releases it.
+
+    Opening one costs a pread and a header check (in C); ``read(name)`` a lookup (in C, once
+    per name) and a pread; ``snapshot()`` one pread. The descriptors are parsed once per
+    kernel: a fd whose header and descriptors are byte for byte those of one parsed before
+    shares its ``layout`` (and the lookups made through it).
+    """
+
+    __slots__ = ("fd", "owner", "layout", "_meta", "_locs", "_data_span")
 
     def __init__(self, fd: int, owner: str) -> None:
         self.fd = fd
         self.owner = owner
-        self._fd = _Fd(fd)
+        self._data_span: tuple[int, int] | None = None       # (size, offset) of the data block
         try:
-            # Header, id and descriptors usually fit in the first read.
-            meta = os.pread(fd, _FIRST_READ, 0)
-            if len(meta) < HEADER_SIZE:
-                raise StatsFormatError(f"{owner}: stats header truncated")
-            _flags, name_size, num_desc, id_off, desc_off, data_off = _HEADER.unpack_from(meta)
-            # Everything before the data block: header, id and descriptors.
-            meta_len = max(data_off, desc_off + num_desc * (DESC_SIZE + name_size), id_off + name_size)
-            self.layout = StatsLayout(meta[:meta_len] if meta_len <= len(meta) else os.pread(fd, meta_len, 0))
+            # Header, id and descriptors (and the data block) usually fit in the first read.
+            meta = _pread(fd, _FIRST_READ, 0)
+            known = _LAYOUTS.get(meta[:HEADER_SIZE])
+            if known is None or meta[known.desc_offset: known.desc_end] != known.desc_block:
+                if len(meta) == _FIRST_READ and lib.kvmpy_stats_check_header(meta, _FIRST_READ):
+                    _flags, name_size, num_desc, id_off, desc_off, data_off = _HEADER.unpack_from(meta)
+                    meta = _pread(fd, max(data_off, desc_off + num_desc * (DESC_SIZE + name_size),
+                                          id_off + name_size), 0)
+                known = _LAYOUTS[meta[:HEADER_SIZE]] = StatsLayout(meta)
+            self.layout = known
+            self._meta = meta
+            self._locs = known.read_locs
+        except StatsFormatError as e:
+            self.close()
+            raise StatsFormatError(f"{owner}: {e}") from None
         except BaseException:
             self.close()
             raise
+
+    @property
+    def id(self) -> str:
+        """The fd's id string (e.g. kvm-PID/VMFD)."""
+        off, size = self.layout.id_offset, self.layout.name_size
+        return _cstr(self._meta[off: off + size], "id")
 
     @property
     def names(self) -> list[str]:
@@ -304,28 +326,40 @@ class Stats:
 
     def read(self, name: str) -> Value:
         """Current value of ``name`` (a tuple for histograms and arrays)."""
-        loc = self.layout.locate(name)
+        loc = self._locs.get(name)
         if loc is None:
-            raise self._no_stat(name)
-        offset, size, as_tuple = loc
-        raw = os.pread(self._open_fd(), 8 * size, self.layout.data_offset + offset)
-        if len(raw) < 8 * size:
-            raise StatsFormatError(f"{self.owner}: stat {name!r}: read {len(raw)} of {8 * size} bytes")
-        return _value(offset, size, as_tuple, raw, offset)
+            found = self.layout.locate(name)
+            if found is None:
+                raise self._no_stat(name)
+            loc = self._locs[name] = (self.layout.data_offset + found[0], 8 * found[1], found[2])
+        pos, nbytes, as_tuple = loc
+        fd = self.fd
+        if fd < 0:
+            raise KvmError(f"{self.owner}: stats read after close")
+        raw = _pread(fd, nbytes, pos)
+        if len(raw) != nbytes:
+            raise StatsFormatError(f"{self.owner}: stat {name!r}: read {len(raw)} of {nbytes} bytes")
+        return struct.unpack(f"<{nbytes // 8}Q", raw) if as_tuple else int.from_bytes(raw, "little")
 
     def snapshot(self) -> Snapshot:
         """All stats, read with one pread so they are mutually consistent as far as KVM allows."""
-        layout = self.layout
-        return Snapshot.of_data(layout, os.pread(self._open_fd(), layout.data_size, layout.data_offset))
+        span = self._data_span
+        fd = self.fd
+        if span is None or fd < 0:
+            if fd < 0:
+                raise KvmError(f"{self.owner}: stats read after close")
+            span = self._data_span = (self.layout.data_size, self.layout.data_offset)
+        data = _pread(fd, *span)
+        if len(data) != span[0]:
+            raise StatsFormatError(f"{self.owner}: stats data truncated: {len(data)} < {span[0]} bytes")
+        return _ReadSnapshot(self.layout, data)
 
-    def _open_fd(self) -> int:
-        if self.fd < 0:
-            raise KvmError(f"{self.owner}: stats read after close")
-        return self.fd
+    def close(self, _close=os.close) -> None:
+        fd, self.fd = self.fd, -1
+        if fd >= 0:
+            _close(fd)
 
-    def close(self) -> None:
-        self._fd.close()
-        self.fd = -1
+    __del__ = close
 
     def __enter__(self) -> "Stats":
         return self
@@ -334,4 +368,7 @@ class Stats:
         self.close()
 
 
+_pread = os.pread
 _FIRST_READ = 4096
+# Parsed layouts by header bytes; reused for a fd whose descriptors are the same bytes.
+_LAYOUTS: dict[bytes, StatsLayout] = {}

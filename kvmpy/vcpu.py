@@ -25,6 +25,12 @@ if lib.kvmpy_install_kick_handler(KICK_SIGNAL) != 0:  # pragma: no cover
     raise OSError(ffi.errno, "cannot install the vCPU kick signal handler")
 
 
+_get_ident = threading.get_ident
+_run_reason = lib.kvmpy_vcpu_run_reason
+_io_unpack = exits.IO_FIELDS.unpack_from
+_io_exit = exits.RunIoExit
+_EXIT_IO = lib.KVM_EXIT_IO
+
 # How long close() kicks a vCPU that another thread is running before it gives up.
 STOP_TIMEOUT = 10.0
 
@@ -50,6 +56,7 @@ class Vcpu:
         self._closing = False
         self._lock = threading.Lock()
         self._left_run = threading.Condition(self._lock)
+        self._run_lock = threading.Lock()      # held by the thread in run()
         self._owned = _Owned(fd)
         # atexit=False: at exit a daemon thread may still be in KVM_RUN; the kernel cleans up.
         self._release = weakref.finalize(self, self._owned.release)
@@ -150,29 +157,35 @@ class Vcpu:
         The ``data`` views of the previous exit are released here (they point into the
         run page, which this run overwrites): using one afterwards raises ValueError.
         """
-        # The per-exit path: one lock round trip, one C call (kvmpy_vcpu_run_reason), one
-        # unpack of the exit fields; _run_thread is cleared without the lock (see _stop).
-        with self._lock:
+        # The per-exit path, kept to a few bytecodes: KVM's round trip is a few µs and this
+        # must add well under a tenth of it. No lock: _run_lock.acquire(False) refuses a
+        # second runner, and this sets _run_thread before it reads _closing, while _stop()
+        # sets _closing before it reads _run_thread -- one of them sees the other, so close()
+        # never releases what a run is about to use. A kick sets immediate_exit, so a kick
+        # before KVM_RUN makes it return EINTR at once.
+        if not self._run_lock.acquire(False):
+            raise KvmError(f"{self.name}: already running on thread {self._run_thread}")
+        try:
+            self._run_thread = _get_ident()
             if self._closing:
                 raise KvmError(f"{self.name}: run() on a closed vCPU")
-            if self._run_thread is not None:
-                raise KvmError(f"{self.name}: already running on thread {self._run_thread}")
-            if self._kicked:
-                self._exit_page.next_run()
-                return self._consume_kick()
-            self._run_thread = threading.get_ident()
-        try:
-            self._exit_page.next_run()
-            r = lib.kvmpy_vcpu_run_reason(self.fd, self.run_struct)
+            page = self._exit_page
+            page.current = None
+            if page.handed_out:
+                page.release()
+            r = _run_reason(self.fd, self.run_struct)
+            # Decoded before the run counts as over: close() waits for that.
+            if r == _EXIT_IO:
+                return _io_exit(r, _io_unpack(self._run_bytes, 32), page)
             if r < 0:
                 if r == -errno.EINTR:
                     with self._lock:
                         return self._consume_kick()
                 raise IoctlError("KVM_RUN", -r, self.name)
-            # Decoded before the run counts as over: close() waits for that.
-            return exits.decode_reason(r, self._run_bytes, self.run_struct, self._exit_page)
+            return exits.decode_reason(r, self._run_bytes, self.run_struct, page)
         finally:
             self._run_thread = None
+            self._run_lock.release()
             if self._closing:
                 with self._lock:
                     self._left_run.notify_all()
@@ -213,9 +226,10 @@ class Vcpu:
     def _stop(self) -> None:
         """Refuse new runs, then kick a run in progress on another thread until it returns.
 
-        ``run()`` clears ``_run_thread`` without the lock, then notifies if ``_closing`` is set;
-        this sets ``_closing`` before it reads ``_run_thread``, so it never waits for a
-        notification that was skipped (and waits 0.1 s at most anyway).
+        ``run()`` sets and clears ``_run_thread`` without the lock: it sets it before it reads
+        ``_closing`` and notifies after clearing it if ``_closing`` is set; this sets
+        ``_closing`` before it reads ``_run_thread``, so a run either sees ``_closing`` and
+        does not start, or is seen and waited for (0.1 s at most per missed notification).
 
         KvmError (and nothing released) if it is still in KVM_RUN after STOP_TIMEOUT s.
         """

@@ -23,6 +23,8 @@ from kvmpy.vcpu import Vcpu
 if TYPE_CHECKING:
     from kvmpy.kvm import Kvm
 
+_LOG_DIRTY = lib.KVM_MEM_LOG_DIRTY_PAGES
+
 
 class Vm:
     """A VM fd. Closing it closes its vCPUs, unmaps its memory and releases every fd.
@@ -175,14 +177,18 @@ class Vm:
         """KVM_GET_DIRTY_LOG for ``slot``, which must have KVM_MEM_LOG_DIRTY_PAGES.
 
         Without manual protect this also write-protects the reported pages again.
+        Pass ``into`` (a bitmap of the slot's size) to reuse one bitmap every round.
         """
-        ms = self._slot(slot)
-        if not ms.flags & lib.KVM_MEM_LOG_DIRTY_PAGES:
+        ms = self.memslots.get(slot) or self._slot(slot)
+        if not ms.flags & _LOG_DIRTY:
             raise KvmError(f"{self.name}: slot {slot} does not have KVM_MEM_LOG_DIRTY_PAGES set")
         bm = into if into is not None else DirtyBitmap(ms.npages)
         if bm.npages != ms.npages:
             raise KvmError(f"bitmap has {bm.npages} pages, slot {slot} has {ms.npages}")
-        self._check(self.get_dirty_log_unchecked(slot, bm), "KVM_GET_DIRTY_LOG", f"slot {slot}")
+        # One C call with the struct on its stack (kvmpy_get_dirty_log): the per-round path.
+        r = lib.kvmpy_get_dirty_log(self.fd, slot, bm.cdata())
+        if r < 0:
+            raise IoctlError("KVM_GET_DIRTY_LOG", -r, self.name, f"slot {slot}")
         return bm
 
     def get_dirty_log_unchecked(self, slot: int, into: DirtyBitmap | None = None) -> IoctlResult:
