@@ -52,3 +52,4 @@ EXIT_LOOP_PORT = 0xe0  # the port of its OUTs at CPL0
 
 # memstress.c: the `kvmpy perf dirty-log` guest, one pass over its pages per host iteration
 MEMSTRESS_PASS_DONE = 1  # GUEST_SYNC(PASS_DONE, pass): a pass over the vCPU's pages is done
+MEMSTRESS_L2_DONE = 0x6d656d  # nested: L2's VMCALL rax when its loop has finished
