@@ -40,7 +40,7 @@ def module_param(module: str, name: str, value: bool | None, out: Callable[[str]
 
 def _write(path: str, value: str, what: str) -> None:
     try:
-        fd = os.open(path, os.O_WRONLY)
+        fd = os.open(path, os.O_WRONLY | os.O_TRUNC)
         try:
             os.write(fd, value.encode())
         finally:
