@@ -47,15 +47,15 @@ class Row:
 
 TARGETS = {"per-exit": 1.1, "per-ioctl": 1.1, "bulk": 2.0, "whole run": 1.0}
 ROWS = (
-    Row("exit", "KVM_RUN exit round trip (ring 0)", "per-exit", 15, 300),
-    Row("vm_cycle", "VM + vCPU + 64 MiB slot + destroy", "per-ioctl", 7, 10),
-    Row("get_dirty_log", "KVM_GET_DIRTY_LOG, 1 GiB slot", "bulk", 15, 200),
-    Row("bitmap_pages", "bitmap -> page list, 26k of 262k set", "bulk", 15, 20),
-    Row("ring_harvest", "dirty-ring harvest + reset, 65,536 entries", "bulk", 9, 2, "ms"),
-    Row("stats_open", "stats fd open+parse+read (VM + vCPU)", "bulk", 15, 50),
-    Row("stats_read", "stats re-read, one value by name", "bulk", 15, 500),
-    Row("stats_reread", "stats re-read, all values (snapshot)", "bulk", 15, 500),
-    Row("page_tables", "page tables for a 70,000-page slot (4K)", "bulk", 5, 1, "ms"),
+    Row("exit", "KVM_RUN exit round trip (ring 0)", "per-exit", 7, 300),
+    Row("vm_cycle", "VM + vCPU + 64 MiB slot + destroy", "per-ioctl", 5, 10),
+    Row("get_dirty_log", "KVM_GET_DIRTY_LOG, 1 GiB slot", "bulk", 7, 200),
+    Row("bitmap_pages", "bitmap -> page list, 26k of 262k set", "bulk", 7, 20),
+    Row("ring_harvest", "dirty-ring harvest + reset, 65,536 entries", "bulk", 5, 2, "ms"),
+    Row("stats_open", "stats fd open+parse+read (VM + vCPU)", "bulk", 7, 50),
+    Row("stats_read", "stats re-read, one value by name", "bulk", 7, 500),
+    Row("stats_reread", "stats re-read, all values (snapshot)", "bulk", 7, 500),
+    Row("page_tables", "page tables for a 70,000-page slot (4K)", "bulk", 3, 1, "ms"),
 )
 
 
@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     src.add_argument("--kernel-tree", help="build the C selftests from this kernel tree (left unchanged)")
     src.add_argument("--deb", help="a linux-source-X.Y .deb already downloaded")
     ap.add_argument("--package", default="linux-source-6.12", help="the Debian package to fetch (default %(default)s)")
-    ap.add_argument("--rounds", type=int, default=5, help="interleaved pairs per row (default %(default)s)")
+    ap.add_argument("--rounds", type=int, default=11, help="interleaved pairs per row (default %(default)s)")
     ap.add_argument("--perf-rounds", type=int, default=3, help="pairs of whole perf runs (default %(default)s)")
     ap.add_argument("--rows", help="only these rows (comma-separated names; 'perf' for the whole run)")
     ap.add_argument("--json", metavar="FILE", help="also write the results as JSON")
