@@ -56,22 +56,28 @@ class DirtyRing:
         self.mapping = Mapping(map_memory(size_bytes, vcpu.fd, lib.KVM_DIRTY_LOG_PAGE_OFFSET * PAGE_4K, what=what),
                                what=what)
         self.addr = self.mapping.addr
-        # The harvest holds this view's buffer for the length of the C call, so a close() on
-        # another thread cannot unmap the ring under it (see Mapping).
-        self._view = self.mapping.view()
+        self._attach(self.mapping.view())
+
+    def _attach(self, view: memoryview) -> None:
+        """Harvest the entries in ``view`` (the mapping's: close() releases it) from index 0 on."""
+        self._view = view
         self._slots = ffi.new("uint32_t[]", self.nentries)
         self._offsets = ffi.new("uint64_t[]", self.nentries)
         self.fetch_index = 0
+
+    def _gfns(self):
+        """The ring as ``struct kvm_dirty_gfn[]``, for a ``with`` block: it holds the mapping's
+        buffer, so a close() on another thread cannot unmap the ring under it (see Mapping)."""
+        try:
+            return ffi.from_buffer("struct kvm_dirty_gfn[]", self._view)
+        except ValueError:
+            raise KvmError(f"vCPU {self.vcpu.id}'s dirty ring used after close") from None
 
     def harvest_arrays(self, limit: int | None = None) -> Harvest:
         """Collect the published entries (at most ``limit``) and mark them for reset; the bulk
         form of :meth:`harvest`, with no Python object per entry."""
         limit = self.nentries if limit is None else max(0, min(limit, self.nentries))
-        try:
-            gfns = ffi.from_buffer("struct kvm_dirty_gfn[]", self._view)
-        except ValueError:
-            raise KvmError(f"vCPU {self.vcpu.id}'s dirty ring used after close") from None
-        with gfns:
+        with self._gfns() as gfns:
             n = lib.kvmpy_ring_harvest(gfns, self.nentries - 1, self.fetch_index & 0xFFFFFFFF, limit,
                                        self._slots, self._offsets)
         self.fetch_index += n
@@ -83,6 +89,37 @@ class DirtyRing:
     def harvest(self, limit: int | None = None) -> list[tuple[int, int]]:
         """Collect published entries as (slot, gfn offset) pairs and mark them for reset."""
         return self.harvest_arrays(limit).pairs()
+
+    def published(self) -> int:
+        """Entries KVM has published (flag DIRTY) that :meth:`harvest` has not collected yet.
+
+        They are contiguous from the fetch index, so a binary search finds their end:
+        a cheap way to watch a vCPU fill its ring without harvesting it.
+        """
+        mask, dirty = self.nentries - 1, lib.KVM_DIRTY_GFN_F_DIRTY
+        lo, hi = 0, self.nentries          # entries [fetch, fetch + lo) are published
+        with self._gfns() as gfns:
+            while lo < hi:
+                mid = (lo + hi + 1) // 2
+                if gfns[(self.fetch_index + mid - 1) & mask].flags & dirty:
+                    lo = mid
+                else:
+                    hi = mid - 1
+        return lo
+
+    def not_reset(self, first_index: int, n: int) -> int:
+        """How many of the ``n`` entries from ring index ``first_index`` on still carry the
+        RESET flag that :meth:`harvest` set: after KVM_RESET_DIRTY_RINGS, none should
+        (KVM resets an entry to flags 0, which re-arms it)."""
+        # The flags are every fourth u32 of the ring (struct kvm_dirty_gfn: flags, slot, offset),
+        # read from a copy (no view of the mapping outlives this call).
+        flags = memoryview(self.mapping.read(0, self.size_bytes)).cast("I")[::GFN_SIZE // 4]
+        first = first_index & (self.nentries - 1)
+        spans = [flags[first:first + n]]
+        if first + n > self.nentries:
+            spans.append(flags[:first + n - self.nentries])
+        reset = lib.KVM_DIRTY_GFN_F_RESET
+        return sum(1 for span in spans for f in span.tolist() if f & reset)
 
     def close(self) -> None:
         self.mapping.close()

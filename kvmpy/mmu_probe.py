@@ -63,6 +63,15 @@ class LevelProbe:
         """No SPTEs at all, and KVM emulated at least as many instructions as the guest ran."""
         return self.pages_mapped == 0 and self.insn_emulation >= max(self.guest_insns, self.pages)
 
+    def check_consistent(self) -> None:
+        """MmuProbeError when CPL3 writes ran natively yet the new SPTEs map fewer pages than
+        were written: native writes fault in every page they touch, so such stats are misread
+        (e.g. descriptors mismatched) and the probe cannot tell."""
+        if self.cpl == 3 and self.insn_emulation <= self.reports and self.pages_mapped < self.pages:
+            raise MmuProbeError(f"CPL3 probe: the guest's {self.pages} writes ran natively (insn_emulation "
+                                f"+{self.insn_emulation} for {self.reports} report) but the stats say the new "
+                                f"SPTEs map {self.pages_mapped} pages ({self.sptes}): the stats cannot be trusted")
+
     def meaning(self, mmu: str = "KVM's MMU") -> str:
         spte = ", ".join(f"{v} {k[6:].upper()}" for k, v in self.sptes.items() if v) or "no"
         if self.cpl == 0:
@@ -145,5 +154,7 @@ def probe_cpl3(kvm: Kvm) -> LevelProbe:
     if len(marks) != 2:
         raise MmuProbeError(f"the CPL3 probe guest parked {len(marks)} times, expected 2")
     (before, emul0), (after, emul1) = marks
-    return LevelProbe(3, CPL3_REGION_SIZE // PAGE_4K, {k: after[k] - before[k] for k in SPTE_SIZES},
-                      emul1 - emul0, 0, 1, backing.name)
+    probe = LevelProbe(3, CPL3_REGION_SIZE // PAGE_4K, {k: after[k] - before[k] for k in SPTE_SIZES},
+                       emul1 - emul0, 0, 1, backing.name)
+    probe.check_consistent()
+    return probe

@@ -9,9 +9,10 @@ from __future__ import annotations
 import os
 import struct
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Iterator, Union
 
+from kvmpy import faults
 from kvmpy.abi import ffi, lib
 from kvmpy.errors import KvmError
 
@@ -114,6 +115,9 @@ class StatsLayout:
                 if d.name in descs:
                     raise StatsFormatError(f"stat {d.name!r} described twice")
                 descs[d.name] = d
+            for name, other in _SWAPPABLE.items():
+                if _read_as(name) == other and {name, other} <= descs.keys():
+                    descs[name] = replace(descs[name], offset=descs[other].offset)
             self._data_size = max((d.offset + 8 * d.size for d in descs.values()), default=0)
             self._descs = descs
         return self._descs
@@ -128,7 +132,7 @@ class StatsLayout:
         loc = self._locs.get(name)
         if loc is None:
             try:
-                key = name.encode("ascii")
+                key = _read_as(name).encode("ascii")
             except (UnicodeEncodeError, AttributeError):
                 return None
             if b"\0" in key:
@@ -143,12 +147,27 @@ class StatsLayout:
             loc = self._locs[name] = (found & 0xFFFFFFFF, found >> 32 & 0xFFFF, bool(found >> 48))
         return loc
 
+    @staticmethod
+    def _value(d: StatDesc, data: bytes) -> Value:
+        """The value of stat ``d`` in the data block ``data``."""
+        return _value(d.offset, d.size, d.is_histogram or d.size > 1, data)
+
     def decode(self, data: bytes) -> dict[str, Value]:
         """Values of every stat from the data block ``data``."""
         if len(data) < self.data_size:
             raise StatsFormatError(f"stats data truncated: {len(data)} < {self.data_size} bytes")
         return {name: _value(d.offset, d.size, d.is_histogram or d.size > 1, data)
                 for name, d in self.descs.items()}
+
+
+_SWAPPABLE = {"pages_4k": "pages_2m", "pages_2m": "pages_4k"}
+
+
+def _read_as(name: str) -> str:
+    """The stat whose value a lookup of ``name`` gives: ``name`` itself (unless a fault is injected)."""
+    if faults.active("stats-names-swapped") and name in _SWAPPABLE:   # FAULT: stats-names-swapped
+        return _SWAPPABLE[name]
+    return name
 
 
 def _raise_header_error(buf: bytes) -> None:

@@ -12,6 +12,7 @@ import struct
 import weakref
 from typing import TYPE_CHECKING
 
+from kvmpy import faults
 from kvmpy.abi import (IoctlResult, cap_name, check_u32, ffi, ioctl, ioctl_int, ioctl_unchecked, lib, new_struct,
                        require_cap)
 from kvmpy.bitmap import DirtyBitmap
@@ -181,6 +182,7 @@ class Vm:
     def enable_dirty_logging(self, slot: int, on: bool = True) -> None:
         """Set or clear KVM_MEM_LOG_DIRTY_PAGES on ``slot``."""
         ms = self._slot(slot)
+        on = on or faults.active("logging-never-disabled")  # FAULT: logging-never-disabled
         flags = ms.flags | lib.KVM_MEM_LOG_DIRTY_PAGES if on else ms.flags & ~lib.KVM_MEM_LOG_DIRTY_PAGES
         self.set_memory_flags(slot, flags)
 

@@ -88,6 +88,16 @@ def test_cpl3_probe_needs_sptes_for_every_page_and_no_emulation_but_the_report()
     assert not partial.through_mmu and "only 600 of 1024 pages" in partial.meaning()
 
 
+def test_cpl3_probe_rejects_native_writes_that_mapped_too_few_pages():
+    cpl3().check_consistent()
+    cpl3(emulated=2).check_consistent()        # emulated: simply not observable
+    # Natively run writes fault in every page they touch: 2 pages mapped for 1024 written
+    # means the stats are misread (pages_2m read as pages_4k), not that the MMU is hidden.
+    for sptes in ({"pages_4k": 2, "pages_2m": 0, "pages_1g": 0}, {"pages_4k": 0, "pages_2m": 0, "pages_1g": 0}):
+        with pytest.raises(MmuProbeError, match="ran natively .* the stats cannot be trusted"):
+            cpl3(sptes).check_consistent()
+
+
 def test_probe_levels_and_ring0_emulation():
     kvm_pvm = MmuProbe(ring0(), cpl3())
     assert kvm_pvm.levels == (3,) and kvm_pvm.emulates_ring0
