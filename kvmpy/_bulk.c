@@ -20,6 +20,70 @@ int kvmpy_vcpu_run_reason(int fd, const struct kvm_run *run)
 	return (int)run->exit_reason;
 }
 
+/*
+ * A vCPU's run state, shared by the thread that runs it and those that kick or
+ * close it.  The runner sets running, then tid, then reads closing; close()
+ * sets closing, then reads running: with sequentially consistent atomics one
+ * of them sees the other, so a run never starts on a vCPU being closed, and
+ * close() never frees the run page under a run (it waits until running is 0).
+ * A kick stores immediate_exit, then reads tid, against the runner's store of
+ * tid before KVM_RUN reads immediate_exit: a run either sees the kick or is
+ * signalled.
+ */
+struct kvmpy_vcpu_state {
+	int fd;
+	int running;
+	int closing;
+	unsigned long tid;	/* pthread_self() of the running thread; 0 when none */
+	struct kvm_run *run;
+};
+
+enum {
+	KVMPY_RUN_BUSY = -100000,	/* another thread is running the vCPU */
+	KVMPY_RUN_CLOSED = -100001,	/* close() has begun */
+};
+
+/* KVM_RUN under the run state: the exit reason, -errno, or KVMPY_RUN_BUSY/CLOSED. */
+int kvmpy_vcpu_run_state(struct kvmpy_vcpu_state *s)
+{
+	int r;
+
+	if (__atomic_exchange_n(&s->running, 1, __ATOMIC_SEQ_CST))
+		return KVMPY_RUN_BUSY;
+	__atomic_store_n(&s->tid, (unsigned long)pthread_self(), __ATOMIC_SEQ_CST);
+	if (__atomic_load_n(&s->closing, __ATOMIC_SEQ_CST))
+		r = KVMPY_RUN_CLOSED;
+	else if (ioctl(s->fd, KVM_RUN, 0) < 0)
+		r = -errno;
+	else
+		r = (int)s->run->exit_reason;
+	__atomic_store_n(&s->tid, 0, __ATOMIC_SEQ_CST);
+	__atomic_store_n(&s->running, 0, __ATOMIC_SEQ_CST);
+	return r;
+}
+
+/* The thread running the vCPU (1 while it has not said which yet), or 0. */
+unsigned long kvmpy_vcpu_runner(struct kvmpy_vcpu_state *s)
+{
+	unsigned long tid = __atomic_load_n(&s->tid, __ATOMIC_SEQ_CST);
+
+	return tid ? tid : (unsigned long)__atomic_load_n(&s->running, __ATOMIC_SEQ_CST);
+}
+
+/* close(): refuse new runs from now on; returns kvmpy_vcpu_runner(). */
+unsigned long kvmpy_vcpu_stop_runs(struct kvmpy_vcpu_state *s)
+{
+	__atomic_store_n(&s->closing, 1, __ATOMIC_SEQ_CST);
+	return kvmpy_vcpu_runner(s);
+}
+
+/* A kick: immediate_exit = 1, then the thread to signal (0: none in KVM_RUN yet). */
+unsigned long kvmpy_vcpu_kick(struct kvmpy_vcpu_state *s)
+{
+	__atomic_store_n(&s->run->immediate_exit, 1, __ATOMIC_SEQ_CST);
+	return __atomic_load_n(&s->tid, __ATOMIC_SEQ_CST);
+}
+
 /* KVM_GET_DIRTY_LOG of slot into bitmap; 0 or -errno. */
 int kvmpy_get_dirty_log(int fd, uint32_t slot, void *bitmap)
 {

@@ -157,6 +157,13 @@ size_t kvmpy_kvm_run_size(void);
 # The bulk helpers in _bulk.c (see its comments).
 CDEF += """
 int kvmpy_vcpu_run_reason(int fd, const struct kvm_run *run);
+struct kvmpy_vcpu_state { int fd; int running; int closing; unsigned long tid; struct kvm_run *run; };
+int kvmpy_vcpu_run_state(struct kvmpy_vcpu_state *s);
+unsigned long kvmpy_vcpu_runner(struct kvmpy_vcpu_state *s);
+unsigned long kvmpy_vcpu_stop_runs(struct kvmpy_vcpu_state *s);
+unsigned long kvmpy_vcpu_kick(struct kvmpy_vcpu_state *s);
+#define KVMPY_RUN_BUSY ...
+#define KVMPY_RUN_CLOSED ...
 int kvmpy_get_dirty_log(int fd, uint32_t slot, void *bitmap);
 unsigned long kvmpy_popcount(const uint64_t *words, size_t n);
 size_t kvmpy_set_bits(const uint64_t *words, size_t n, uint64_t *out, size_t out_len);
@@ -188,6 +195,7 @@ CDEF += "".join(f"#define {name} ...\n" for name in CONSTANT_NAMES)
 
 SOURCE = """
 #include <errno.h>
+#include <pthread.h>
 #include <signal.h>
 #include <stddef.h>
 #include <stdint.h>

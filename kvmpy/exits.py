@@ -70,9 +70,11 @@ class _PageData(Exit):
     def data(self) -> memoryview:
         """A view of the run page (written by an OUT/MMIO write, to be filled for an IN/MMIO read),
         valid until the vCPU's next run or close, which release it (ValueError on use)."""
-        if self._data is None:
+        try:
+            return self._data           # unset until first used: one store less per exit
+        except AttributeError:
             self._data = self._page.view(self, *self._span())
-        return self._data
+            return self._data
 
     def _span(self) -> tuple[int, int]:
         raise NotImplementedError
@@ -104,7 +106,8 @@ class IoExit(_PageData):
                  data: memoryview | None = None) -> None:
         self.reason = reason
         self._io = (lib.KVM_EXIT_IO_OUT if direction == "out" else lib.KVM_EXIT_IO_IN, size, port, count, 0)
-        self._data = data
+        if data is not None:
+            self._data = data
 
     def _span(self) -> tuple[int, int]:
         return self._io[4], self._io[1] * self._io[3]
@@ -128,14 +131,13 @@ class IoExit(_PageData):
 
 class RunIoExit(IoExit):
     """The IoExit ``Vcpu.run`` returns: built from the unpacked run page (``io``, IO_FIELDS) with
-    the fewest stores, its data in ``page`` for this run only."""
+    the fewest stores (its reason is the class's), its data in ``page`` for this run only."""
 
     __slots__ = ()
+    reason = lib.KVM_EXIT_IO
 
-    def __init__(self, reason: int, io: tuple, page: RunPage) -> None:
-        self.reason = reason
+    def __init__(self, io: tuple, page: RunPage) -> None:
         self._io = io
-        self._data = None
         self._page = page
         page.current = self
 
@@ -153,7 +155,8 @@ class MmioExit(_PageData):
         self.addr = addr
         self.length = length
         self.is_write = is_write
-        self._data = data
+        if data is not None:
+            self._data = data
         self._page = page
         if page is not None:
             page.current = self
@@ -221,35 +224,41 @@ _MMIO = struct.Struct("<Q8xIB")        # phys_addr, (data), len, is_write
 _UNION = ffi.offsetof("struct kvm_run", "io")
 _MMIO_DATA = ffi.offsetof("struct kvm_run", "mmio", "data")
 assert (_UNION, ffi.offsetof("struct kvm_run", "io", "data_offset"), ffi.offsetof("struct kvm_run", "mmio", "len"),
-        ffi.offsetof("struct kvm_run", "mmio", "is_write")) == (32, 40, 48, 52), "struct kvm_run changed layout"
+        ffi.offsetof("struct kvm_run", "mmio", "is_write"), ffi.offsetof("struct kvm_run", "fail_entry", "cpu"),
+        ffi.offsetof("struct kvm_run", "internal", "data"), ffi.offsetof("struct kvm_run", "system_event", "data")) \
+    == (32, 40, 48, 52, 40, 40, 40), "struct kvm_run changed layout"
 _EXIT_MMIO = lib.KVM_EXIT_MMIO
 
 
-def decode_reason(r: int, run_bytes: memoryview, run, page: RunPage) -> Exit:
-    """The exit object for exit reason ``r`` of the run page (``run_bytes`` its bytes, ``run`` its
-    ``struct kvm_run *``); ``page`` hands out the exits' data views. KVM_EXIT_IO, the exit of
-    every port-I/O ucall, is decoded inline by ``Vcpu.run`` (IO_FIELDS, RunIoExit) instead."""
+def decode_reason(r: int, run_bytes: memoryview, page: RunPage) -> Exit:
+    """The exit object for exit reason ``r`` of the run page ``run_bytes``; ``page`` hands out
+    the exits' data views. KVM_EXIT_IO, the exit of every port-I/O ucall, is decoded inline
+    by ``Vcpu.run`` (IO_FIELDS, RunIoExit) instead. Everything is read through the view: an
+    unmapped page raises ValueError."""
     if r == _EXIT_MMIO:
         addr, length, is_write = _MMIO.unpack_from(run_bytes, _UNION)
         return MmioExit(r, addr, length, bool(is_write), None, page)
-    return _decode_other(r, run)
+    return _decode_other(r, run_bytes)
 
 
-def _decode_other(r: int, run) -> Exit:
+_U64 = struct.Struct("<Q")
+_U64_U32 = struct.Struct("<QI")        # fail_entry: hardware_entry_failure_reason, cpu
+_U32_U32 = struct.Struct("<II")        # internal: suberror, ndata; system_event: type, ndata
+
+
+def _decode_other(r: int, run_bytes: memoryview) -> Exit:
     if r == lib.KVM_EXIT_HLT:
         return HltExit(r)
     if r == lib.KVM_EXIT_SHUTDOWN:
         return ShutdownExit(r)
     if r == lib.KVM_EXIT_FAIL_ENTRY:
-        return FailEntryExit(r, run.fail_entry.hardware_entry_failure_reason, run.fail_entry.cpu)
-    if r == lib.KVM_EXIT_INTERNAL_ERROR:
-        nd = min(run.internal.ndata, 16)
-        return InternalErrorExit(r, run.internal.suberror, tuple(run.internal.data[i] for i in range(nd)))
-    if r == lib.KVM_EXIT_SYSTEM_EVENT:
-        nd = min(run.system_event.ndata, 16)
-        return SystemEventExit(r, run.system_event.type, tuple(run.system_event.data[i] for i in range(nd)))
+        return FailEntryExit(r, *_U64_U32.unpack_from(run_bytes, _UNION))
+    if r in (lib.KVM_EXIT_INTERNAL_ERROR, lib.KVM_EXIT_SYSTEM_EVENT):
+        kind, ndata = _U32_U32.unpack_from(run_bytes, _UNION)
+        data = struct.unpack_from(f"<{min(ndata, 16)}Q", run_bytes, _UNION + 8)
+        return (InternalErrorExit if r == lib.KVM_EXIT_INTERNAL_ERROR else SystemEventExit)(r, kind, data)
     if r == lib.KVM_EXIT_DIRTY_RING_FULL:
         return DirtyRingFullExit(r)
     if r == lib.KVM_EXIT_INTR:
         return InterruptedExit(r)
-    return UnknownExit(r, run.hw.hardware_exit_reason if r == lib.KVM_EXIT_UNKNOWN else 0)
+    return UnknownExit(r, _U64.unpack_from(run_bytes, _UNION)[0] if r == lib.KVM_EXIT_UNKNOWN else 0)

@@ -25,8 +25,7 @@ if lib.kvmpy_install_kick_handler(KICK_SIGNAL) != 0:  # pragma: no cover
     raise OSError(ffi.errno, "cannot install the vCPU kick signal handler")
 
 
-_get_ident = threading.get_ident
-_run_reason = lib.kvmpy_vcpu_run_reason
+_run_state = lib.kvmpy_vcpu_run_state
 _io_unpack = exits.IO_FIELDS.unpack_from
 _io_exit = exits.RunIoExit
 _EXIT_IO = lib.KVM_EXIT_IO
@@ -51,12 +50,8 @@ class Vcpu:
         self.fd = fd
         self._stats: Stats | None = None
         self.dirty_ring: DirtyRing | None = None
-        self._run_thread: int | None = None
         self._kicked = False
-        self._closing = False
         self._lock = threading.Lock()
-        self._left_run = threading.Condition(self._lock)
-        self._run_lock = threading.Lock()      # held by the thread in run()
         self._owned = _Owned(fd)
         # atexit=False: at exit a daemon thread may still be in KVM_RUN; the kernel cleans up.
         self._release = weakref.finalize(self, self._owned.release)
@@ -68,6 +63,8 @@ class Vcpu:
             self._release()
             raise
         self.run_struct = ffi.cast("struct kvm_run *", self._run_page.addr)
+        # Who runs the vCPU, and whether close() has begun (kvmpy_vcpu_run_state in _bulk.c).
+        self._state = ffi.new("struct kvmpy_vcpu_state *", {"fd": fd, "run": self.run_struct})
         self._run_bytes = self._run_page.owner_view()     # released (ValueError) when the page is unmapped
         self._exit_page = exits.RunPage(self._run_page)
         if vm.dirty_ring_size:
@@ -157,42 +154,34 @@ class Vcpu:
         The ``data`` views of the previous exit are released here (they point into the
         run page, which this run overwrites): using one afterwards raises ValueError.
         """
-        # The per-exit path, kept to a few bytecodes: KVM's round trip is a few µs and this
-        # must add well under a tenth of it. No lock: _run_lock.acquire(False) refuses a
-        # second runner, and this sets _run_thread before it reads _closing, while _stop()
-        # sets _closing before it reads _run_thread -- one of them sees the other, so close()
-        # never releases what a run is about to use. A kick sets immediate_exit, so a kick
-        # before KVM_RUN makes it return EINTR at once.
-        if not self._run_lock.acquire(False):
-            raise KvmError(f"{self.name}: already running on thread {self._run_thread}")
+        # The per-exit path: one C call (kvmpy_vcpu_run_state: the run state's atomics, which
+        # keep close() and kicks safe, and KVM_RUN) and one unpack of the exit's fields from
+        # the run page (a view, so a page unmapped since reads as ValueError, never a crash).
+        r = _run_state(self._state)
+        page = self._exit_page
+        if page.handed_out:
+            page.release()
         try:
-            self._run_thread = _get_ident()
-            if self._closing:
-                raise KvmError(f"{self.name}: run() on a closed vCPU")
-            page = self._exit_page
-            page.current = None
-            if page.handed_out:
-                page.release()
-            r = _run_reason(self.fd, self.run_struct)
-            # Decoded before the run counts as over: close() waits for that.
             if r == _EXIT_IO:
-                return _io_exit(r, _io_unpack(self._run_bytes, 32), page)
-            if r < 0:
-                if r == -errno.EINTR:
-                    with self._lock:
-                        return self._consume_kick()
-                raise IoctlError("KVM_RUN", -r, self.name)
-            return exits.decode_reason(r, self._run_bytes, self.run_struct, page)
-        finally:
-            self._run_thread = None
-            self._run_lock.release()
-            if self._closing:
-                with self._lock:
-                    self._left_run.notify_all()
+                return _io_exit(_io_unpack(self._run_bytes, 32), page)
+            page.current = None
+            if r >= 0:
+                return exits.decode_reason(r, self._run_bytes, page)
+        except ValueError:      # the run page's view, released by a close() since KVM_RUN returned
+            raise KvmError(f"{self.name}: closed by another thread as its run returned") from None
+        if r == -errno.EINTR:
+            with self._lock:
+                return self._consume_kick()
+        if r == lib.KVMPY_RUN_BUSY:
+            raise KvmError(f"{self.name}: already running on thread {lib.kvmpy_vcpu_runner(self._state)}")
+        if r == lib.KVMPY_RUN_CLOSED:
+            raise KvmError(f"{self.name}: run() on a closed vCPU")
+        raise IoctlError("KVM_RUN", -r, self.name)
 
     def _consume_kick(self) -> exits.Exit:
         self._kicked = False
-        self.run_struct.immediate_exit = 0
+        if self.run_struct is not None:     # None: closed since (the page is gone)
+            self.run_struct.immediate_exit = 0
         return exits.InterruptedExit(lib.KVM_EXIT_INTR)
 
     def kick(self) -> None:
@@ -205,10 +194,9 @@ class Vcpu:
                 return
             self._kicked = True
             # immediate_exit covers the window before the thread enters KVM_RUN;
-            # the signal covers a thread already inside it.
-            self.run_struct.immediate_exit = 1
-            tid = self._run_thread
-        if tid is not None:
+            # the signal covers a thread already inside it (kvmpy_vcpu_kick orders the two).
+            tid = lib.kvmpy_vcpu_kick(self._state)
+        if tid:
             try:
                 signal.pthread_kill(tid, KICK_SIGNAL)
             except ProcessLookupError:
@@ -226,29 +214,22 @@ class Vcpu:
     def _stop(self) -> None:
         """Refuse new runs, then kick a run in progress on another thread until it returns.
 
-        ``run()`` sets and clears ``_run_thread`` without the lock: it sets it before it reads
-        ``_closing`` and notifies after clearing it if ``_closing`` is set; this sets
-        ``_closing`` before it reads ``_run_thread``, so a run either sees ``_closing`` and
-        does not start, or is seen and waited for (0.1 s at most per missed notification).
-
         KvmError (and nothing released) if it is still in KVM_RUN after STOP_TIMEOUT s.
         """
         timeout = STOP_TIMEOUT
         deadline = time.monotonic() + timeout
-        with self._lock:
-            self._closing = True
-            if self._run_thread == threading.get_ident():
-                raise KvmError(f"{self.name}: close() from inside its own run()")
-        while True:
-            self.kick()
-            with self._lock:
-                if self._run_thread is None:
-                    return
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise KvmError(f"{self.name} is still in KVM_RUN on thread {self._run_thread} after "
-                                   f"{timeout:g} s of kicks: not closed")
-                self._left_run.wait(min(left, 0.1))
+        if lib.kvmpy_vcpu_stop_runs(self._state) == threading.get_ident():
+            raise KvmError(f"{self.name}: close() from inside its own run()")
+        kicked = 0.0
+        while lib.kvmpy_vcpu_runner(self._state):
+            now = time.monotonic()
+            if now > deadline:
+                raise KvmError(f"{self.name} is still in KVM_RUN on thread {lib.kvmpy_vcpu_runner(self._state)} "
+                               f"after {timeout:g} s of kicks: not closed")
+            if now - kicked > 0.1:
+                self.kick()
+                kicked = now
+            time.sleep(0.0005)
 
     def close(self) -> None:
         """Stop a run in progress (see ``run``), then close the stats fd, unmap the dirty ring

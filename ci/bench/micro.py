@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
 """The kvmpy side of the side-by-side benchmark: each row of peer.c done with kvmpy.
 
-usage: micro.py ROW SAMPLES BATCH   (run with the interpreter kvmpy is installed in)
-Prints one line per sample: nanoseconds per operation, as peer.c does. The set-up
-of each row mirrors peer.c's; only what peer.c times is timed.
+usage: micro.py ROW SAMPLES|serve BATCH   (run with the interpreter kvmpy is installed in)
+Prints one line per sample: nanoseconds per operation, as peer.c does ("serve": one
+sample per line read from stdin, until EOF). The set-up of each row mirrors peer.c's;
+only what peer.c times is timed.
 """
 from __future__ import annotations
 
@@ -27,16 +28,27 @@ SLOT_64M = 64 << 20
 PT_POOL_GPA, PT_POOL_SIZE = 0x10000, 1 << 20     # as a GuestVm's, in a 2 MiB slot 0
 
 now = time.perf_counter_ns
+SERVE = False
+COUNT = 0
+
+
+def samples():
+    """One iteration per sample to take: per line on stdin (serve), or COUNT of them."""
+    if SERVE:
+        while sys.stdin.readline():
+            yield
+    else:
+        yield from range(COUNT)
 
 
 def report(t0: int, batch: int) -> None:
     print(f"{(now() - t0) / batch:.1f}", flush=True)
 
 
-def row_exit(samples: int, batch: int) -> None:
+def row_exit(batch: int) -> None:
     with GuestVm("exit_loop") as g:
         run = g.vcpus[0].run
-        for _ in range(samples):
+        for _ in samples():
             t0 = now()
             for _ in range(batch):
                 ex = run()
@@ -45,8 +57,8 @@ def row_exit(samples: int, batch: int) -> None:
             report(t0, batch)
 
 
-def row_vm_cycle(samples: int, batch: int) -> None:
-    for _ in range(samples):
+def row_vm_cycle(batch: int) -> None:
+    for _ in samples():
         t0 = now()
         for _ in range(batch):
             # As vm_create_barebones(): /dev/kvm opened for each VM.
@@ -56,12 +68,12 @@ def row_vm_cycle(samples: int, batch: int) -> None:
         report(t0, batch)
 
 
-def row_get_dirty_log(samples: int, batch: int) -> None:
+def row_get_dirty_log(batch: int) -> None:
     with Kvm() as kvm, kvm.create_vm() as vm:
         vm.add_memory(1, TEST_GPA, SLOT_PAGES_1G * PAGE_4K, flags=lib.KVM_MEM_LOG_DIRTY_PAGES)
         bm = DirtyBitmap(SLOT_PAGES_1G)
         get = vm.get_dirty_log
-        for _ in range(samples):
+        for _ in samples():
             t0 = now()
             for _ in range(batch):
                 get(1, bm)
@@ -83,9 +95,9 @@ def bench_bitmap() -> DirtyBitmap:
     return bm
 
 
-def row_bitmap_pages(samples: int, batch: int) -> None:
+def row_bitmap_pages(batch: int) -> None:
     bm = bench_bitmap()
-    for _ in range(samples):
+    for _ in samples():
         t0 = now()
         for _ in range(batch):
             pages = bm.pages_array()
@@ -93,13 +105,13 @@ def row_bitmap_pages(samples: int, batch: int) -> None:
     assert len(pages) == BITMAP_SET
 
 
-def row_ring_harvest(samples: int, batch: int) -> None:
+def row_ring_harvest(batch: int) -> None:
     with Kvm() as kvm, kvm.create_vm() as vm:
         vm.enable_dirty_ring(RING_ENTRIES * 16)
         ring = vm.create_vcpu(0).dirty_ring
         full = b"".join(lib.KVM_DIRTY_GFN_F_DIRTY.to_bytes(4, "little") + (1).to_bytes(4, "little")
                         + i.to_bytes(8, "little") for i in range(RING_ENTRIES))
-        for _ in range(samples):
+        for _ in samples():
             total = 0
             for _ in range(batch):
                 ring.mapping.write(0, full)        # the host fills the ring, as peer.c does
@@ -111,11 +123,11 @@ def row_ring_harvest(samples: int, batch: int) -> None:
             print(f"{total / batch:.1f}", flush=True)
 
 
-def row_stats_open(samples: int, batch: int) -> None:
+def row_stats_open(batch: int) -> None:
     with Kvm() as kvm, kvm.create_vm() as vm:
         vcpu = vm.create_vcpu(0)
         owners = ((vm.fd, vm.name, "remote_tlb_flush"), (vcpu.fd, vcpu.name, "exits"))
-        for _ in range(samples):
+        for _ in samples():
             t0 = now()
             for _ in range(batch):
                 for fd, name, stat in owners:
@@ -124,32 +136,32 @@ def row_stats_open(samples: int, batch: int) -> None:
             report(t0, batch)
 
 
-def row_stats_read(samples: int, batch: int) -> None:
+def row_stats_read(batch: int) -> None:
     with Kvm() as kvm, kvm.create_vm() as vm:
         read = vm.stats.read
         read("pages_4k")
-        for _ in range(samples):
+        for _ in samples():
             t0 = now()
             for _ in range(batch):
                 read("pages_4k")
             report(t0, batch)
 
 
-def row_stats_reread(samples: int, batch: int) -> None:
+def row_stats_reread(batch: int) -> None:
     with Kvm() as kvm, kvm.create_vm() as vm:
         stats = vm.create_vcpu(0).stats
         snap = stats.snapshot
         snap()
-        for _ in range(samples):
+        for _ in samples():
             t0 = now()
             for _ in range(batch):
                 snap()
             report(t0, batch)
 
 
-def row_page_tables(samples: int, batch: int) -> None:
+def row_page_tables(batch: int) -> None:
     with Kvm() as kvm:
-        for _ in range(samples):
+        for _ in samples():
             total = 0
             for _ in range(batch):
                 with kvm.create_vm() as vm:
@@ -162,9 +174,24 @@ def row_page_tables(samples: int, batch: int) -> None:
             print(f"{total / batch:.1f}", flush=True)
 
 
+def row_exit_bare(batch: int) -> None:
+    """The floor of row_exit: KVM_RUN through the binding alone, no exit object."""
+    with GuestVm("exit_loop") as g:
+        v = g.vcpus[0]
+        fd, rs, run = v.fd, v.run_struct, lib.kvmpy_vcpu_run_reason
+        for _ in samples():
+            t0 = now()
+            for _ in range(batch):
+                if run(fd, rs) != lib.KVM_EXIT_IO:
+                    raise SystemExit("unexpected exit")
+            report(t0, batch)
+
+
 ROWS = {name[4:]: fn for name, fn in globals().items() if name.startswith("row_")}
 
 if __name__ == "__main__":
     if len(sys.argv) != 4 or sys.argv[1] not in ROWS:
-        sys.exit(f"usage: {sys.argv[0]} {{{','.join(ROWS)}}} SAMPLES BATCH")
-    ROWS[sys.argv[1]](int(sys.argv[2]), int(sys.argv[3]))
+        sys.exit(f"usage: {sys.argv[0]} {{{','.join(ROWS)}}} SAMPLES|serve BATCH")
+    SERVE = sys.argv[2] == "serve"
+    COUNT = 0 if SERVE else int(sys.argv[2])
+    ROWS[sys.argv[1]](int(sys.argv[3]))

@@ -5,9 +5,11 @@
  * kvm_util library (built by ci/bench/ksrc.py with the selftests' own flags).
  * ci/bench/micro.py does the same work with kvmpy.
  *
- * usage: kvmpy_peer ROW SAMPLES BATCH
+ * usage: kvmpy_peer ROW SAMPLES|serve BATCH
  * Prints one line per sample: nanoseconds per operation (the mean of BATCH
- * operations, or one operation when a row times a single one).
+ * operations, or one operation when a row times a single one).  With "serve"
+ * it sets the row up, then takes one sample per line read from stdin, until
+ * EOF: side_by_side.py alternates these with micro.py's, sample by sample.
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -26,6 +28,18 @@
 #define RING_ENTRIES 65536
 #define PT_PAGES 70000
 #define SLOT_64M_PAGES 16384
+
+static int serve, remaining;
+
+/* Whether to take another sample: a line on stdin (serve), or the count. */
+static bool next_sample(void)
+{
+	char line[16];
+
+	if (serve)
+		return fgets(line, sizeof(line), stdin) != NULL;
+	return remaining-- > 0;
+}
 
 static uint64_t now_ns(void)
 {
@@ -48,12 +62,12 @@ static void exit_loop_guest(void)
 		asm volatile("outb %b0, %w1" :: "a"(0), "Nd"(EXIT_LOOP_PORT));
 }
 
-static void row_exit(int samples, int batch)
+static void row_exit(int batch)
 {
 	struct kvm_vcpu *vcpu;
 	struct kvm_vm *vm = vm_create_with_one_vcpu(&vcpu, exit_loop_guest);
 
-	for (int s = 0; s < samples; s++) {
+	while (next_sample()) {
 		uint64_t t0 = now_ns();
 
 		for (int i = 0; i < batch; i++) {
@@ -66,9 +80,9 @@ static void row_exit(int samples, int batch)
 }
 
 /* VM + vCPU + 64 MiB slot + destroy. */
-static void row_vm_cycle(int samples, int batch)
+static void row_vm_cycle(int batch)
 {
-	for (int s = 0; s < samples; s++) {
+	while (next_sample()) {
 		uint64_t t0 = now_ns();
 
 		for (int i = 0; i < batch; i++) {
@@ -83,13 +97,13 @@ static void row_vm_cycle(int samples, int batch)
 }
 
 /* KVM_GET_DIRTY_LOG of a 1 GiB logged slot. */
-static void row_get_dirty_log(int samples, int batch)
+static void row_get_dirty_log(int batch)
 {
 	struct kvm_vm *vm = vm_create_barebones();
 	unsigned long *bmap = bitmap_zalloc(SLOT_PAGES_1G);
 
 	vm_userspace_mem_region_add(vm, VM_MEM_SRC_ANONYMOUS, TEST_GPA, 1, SLOT_PAGES_1G, KVM_MEM_LOG_DIRTY_PAGES);
-	for (int s = 0; s < samples; s++) {
+	while (next_sample()) {
 		uint64_t t0 = now_ns();
 
 		for (int i = 0; i < batch; i++)
@@ -120,14 +134,14 @@ static void fill_bitmap(uint64_t *words)
 }
 
 /* Dirty bitmap -> list of page indices. */
-static void row_bitmap_pages(int samples, int batch)
+static void row_bitmap_pages(int batch)
 {
 	uint64_t *words = calloc(SLOT_PAGES_1G / 64, 8);
 	uint64_t *pages = malloc(SLOT_PAGES_1G * 8);
 	size_t k = 0;
 
 	fill_bitmap(words);
-	for (int s = 0; s < samples; s++) {
+	while (next_sample()) {
 		uint64_t t0 = now_ns();
 
 		for (int i = 0; i < batch; i++) {
@@ -149,7 +163,7 @@ static void row_bitmap_pages(int samples, int batch)
  * collects one: acquire-load the flags, take slot and offset, release-store
  * RESET.  The host fills the ring (KVM only reads its own indices at reset).
  */
-static void row_ring_harvest(int samples, int batch)
+static void row_ring_harvest(int batch)
 {
 	struct kvm_vm *vm = vm_create_barebones();
 	struct kvm_vcpu *vcpu;
@@ -160,7 +174,7 @@ static void row_ring_harvest(int samples, int batch)
 	vm_enable_dirty_ring(vm, RING_ENTRIES * sizeof(struct kvm_dirty_gfn));
 	vcpu = __vm_vcpu_add(vm, 0);
 	ring = vcpu_map_dirty_ring(vcpu);
-	for (int s = 0; s < samples; s++) {
+	while (next_sample()) {
 		uint64_t t0 = 0;
 
 		for (int b = 0; b < batch; b++) {
@@ -217,12 +231,12 @@ static uint64_t stat_once(int fd, const char *name)
 	return value;
 }
 
-static void row_stats_open(int samples, int batch)
+static void row_stats_open(int batch)
 {
 	struct kvm_vm *vm = vm_create_barebones();
 	struct kvm_vcpu *vcpu = __vm_vcpu_add(vm, 0);
 
-	for (int s = 0; s < samples; s++) {
+	while (next_sample()) {
 		uint64_t t0 = now_ns();
 
 		for (int i = 0; i < batch; i++) {
@@ -235,12 +249,12 @@ static void row_stats_open(int samples, int batch)
 }
 
 /* Re-read one VM stat by name: kvm_util's vm_get_stat (fd and descriptors read on first use). */
-static void row_stats_read(int samples, int batch)
+static void row_stats_read(int batch)
 {
 	struct kvm_vm *vm = vm_create_barebones();
 
 	vm_get_stat(vm, "pages_4k");
-	for (int s = 0; s < samples; s++) {
+	while (next_sample()) {
 		uint64_t t0 = now_ns();
 
 		for (int i = 0; i < batch; i++)
@@ -251,7 +265,7 @@ static void row_stats_read(int samples, int batch)
 }
 
 /* Re-read every value of an open vCPU stats fd (one pread of the data block). */
-static void row_stats_reread(int samples, int batch)
+static void row_stats_reread(int batch)
 {
 	struct kvm_vm *vm = vm_create_barebones();
 	struct kvm_vcpu *vcpu = __vm_vcpu_add(vm, 0);
@@ -270,7 +284,7 @@ static void row_stats_reread(int samples, int batch)
 			size = d->offset + 8ul * d->size;
 	}
 	data = malloc(size);
-	for (int s = 0; s < samples; s++) {
+	while (next_sample()) {
 		uint64_t t0 = now_ns();
 
 		for (int i = 0; i < batch; i++)
@@ -284,9 +298,9 @@ static void row_stats_reread(int samples, int batch)
 }
 
 /* Page tables mapping a PT_PAGES-page slot with 4K pages (virt_map), in a fresh VM each time. */
-static void row_page_tables(int samples, int batch)
+static void row_page_tables(int batch)
 {
-	for (int s = 0; s < samples; s++) {
+	while (next_sample()) {
 		uint64_t t = 0;
 
 		for (int b = 0; b < batch; b++) {
@@ -306,9 +320,10 @@ static void row_page_tables(int samples, int batch)
 
 static const struct {
 	const char *name;
-	void (*fn)(int samples, int batch);
+	void (*fn)(int batch);
 } rows[] = {
 	{ "exit", row_exit },
+	{ "exit_bare", row_exit },	/* kvmpy's floor: its bare KVM_RUN call against the same C */
 	{ "vm_cycle", row_vm_cycle },
 	{ "get_dirty_log", row_get_dirty_log },
 	{ "bitmap_pages", row_bitmap_pages },
@@ -322,12 +337,14 @@ static const struct {
 int main(int argc, char *argv[])
 {
 	if (argc != 4) {
-		fprintf(stderr, "usage: %s ROW SAMPLES BATCH\n", argv[0]);
+		fprintf(stderr, "usage: %s ROW SAMPLES|serve BATCH\n", argv[0]);
 		return 2;
 	}
 	for (size_t i = 0; i < sizeof(rows) / sizeof(rows[0]); i++) {
 		if (!strcmp(rows[i].name, argv[1])) {
-			rows[i].fn(atoi(argv[2]), atoi(argv[3]));
+			serve = !strcmp(argv[2], "serve");
+			remaining = serve ? 0 : atoi(argv[2]);
+			rows[i].fn(atoi(argv[3]));
 			return 0;
 		}
 	}

@@ -1,14 +1,15 @@
 #!/usr/bin/env python3
 """kvmpy next to the kernel's C KVM selftests, row by row, as kvmpy / C ratios.
 
-usage: .venv/bin/python ci/bench/side_by_side.py [--kernel-tree DIR | --deb FILE] [--rounds N]
+usage: .venv/bin/python ci/bench/side_by_side.py [--kernel-tree DIR | --deb FILE] [--pairs N]
                                                  [--rows NAME,...] [--json FILE]
 
 Builds the C side first (ksrc.py: Debian's linux-source-6.12 fetched with
 apt-get download, or your kernel tree; cached in ~/.cache/kvmpy/bench), then
-runs every row as interleaved pairs of processes -- the C peer (peer.c, linked
-with the selftests' kvm_util) and kvmpy (micro.py), alternating which goes
-first -- and prints the medians and the median of the per-pair ratios, with
+sets every row up in two processes -- the C peer (peer.c, linked with the
+selftests' kvm_util) and kvmpy (micro.py) -- and takes their samples in
+alternation (which goes first alternating too), so each pair sees the same
+machine load; it prints the medians and the median of the per-pair ratios, with
 each row's target. The last row runs `dirty_log_perf_test` and
 `kvmpy perf dirty-log` with the same arguments as whole processes (wall time),
 both with the guest at ring 0, and adds their per-phase ratios.
@@ -40,22 +41,23 @@ class Row:
     name: str        # peer.c / micro.py row name
     what: str        # the table's label
     kind: str        # per-exit, per-ioctl or bulk: which target applies
-    samples: int     # samples per process
     batch: int       # operations per sample
     unit: str = "us"
 
 
 TARGETS = {"per-exit": 1.1, "per-ioctl": 1.1, "bulk": 2.0, "whole run": 1.0}
+WARMUP = 2
 ROWS = (
-    Row("exit", "KVM_RUN exit round trip (ring 0)", "per-exit", 7, 300),
-    Row("vm_cycle", "VM + vCPU + 64 MiB slot + destroy", "per-ioctl", 5, 10),
-    Row("get_dirty_log", "KVM_GET_DIRTY_LOG, 1 GiB slot", "bulk", 7, 200),
-    Row("bitmap_pages", "bitmap -> page list, 26k of 262k set", "bulk", 7, 20),
-    Row("ring_harvest", "dirty-ring harvest + reset, 65,536 entries", "bulk", 5, 2, "ms"),
-    Row("stats_open", "stats fd open+parse+read (VM + vCPU)", "bulk", 7, 50),
-    Row("stats_read", "stats re-read, one value by name", "bulk", 7, 500),
-    Row("stats_reread", "stats re-read, all values (snapshot)", "bulk", 7, 500),
-    Row("page_tables", "page tables for a 70,000-page slot (4K)", "bulk", 3, 1, "ms"),
+    Row("exit", "KVM_RUN exit round trip (ring 0)", "per-exit", 300),
+    Row("exit_bare", "  the same, bare KVM_RUN call (no exit object)", "per-exit", 300),
+    Row("vm_cycle", "VM + vCPU + 64 MiB slot + destroy", "per-ioctl", 5),
+    Row("get_dirty_log", "KVM_GET_DIRTY_LOG, 1 GiB slot", "bulk", 200),
+    Row("bitmap_pages", "bitmap -> page list, 26k of 262k set", "bulk", 20),
+    Row("ring_harvest", "dirty-ring harvest + reset, 65,536 entries", "bulk", 2, "ms"),
+    Row("stats_open", "stats fd open+parse+read (VM + vCPU)", "bulk", 50),
+    Row("stats_read", "stats re-read, one value by name", "bulk", 500),
+    Row("stats_reread", "stats re-read, all values (snapshot)", "bulk", 500),
+    Row("page_tables", "page tables for a 70,000-page slot (4K)", "bulk", 1, "ms"),
 )
 
 
@@ -76,10 +78,6 @@ class Result:
         return self.ratio <= self.target
 
 
-def _numbers(out: str) -> list[float]:
-    return [float(line) for line in out.split() if re.fullmatch(r"[0-9.]+", line)]
-
-
 def _run(cmd: list[str], what: str) -> str:
     p = subprocess.run(cmd, capture_output=True, text=True)
     if p.returncode != 0:
@@ -88,16 +86,50 @@ def _run(cmd: list[str], what: str) -> str:
     return p.stdout
 
 
-def run_row(row: Row, peer: Path, rounds: int) -> Result:
+class _Server:
+    """A row's process (peer.c or micro.py) in serve mode: set up once, one sample per request."""
+
+    def __init__(self, cmd: list[str], what: str) -> None:
+        self.what = what
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     text=True, bufsize=1)
+
+    def sample(self) -> float:
+        self.proc.stdin.write("\n")
+        self.proc.stdin.flush()
+        while True:
+            line = self.proc.stdout.readline()
+            if not line:
+                self.proc.wait()
+                raise SystemExit(f"side_by_side: {self.what} died (exit {self.proc.returncode}):\n"
+                                 f"{self.proc.stderr.read()[-3000:]}")
+            if re.fullmatch(r"[0-9.]+\s*", line):
+                return float(line)
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        if self.proc.wait(timeout=120) != 0:
+            raise SystemExit(f"side_by_side: {self.what} failed (exit {self.proc.returncode}):\n"
+                             f"{self.proc.stderr.read()[-3000:]}")
+
+
+def run_row(row: Row, peer: Path, pairs: int) -> Result:
+    """Both sides set up once, then alternate sample by sample (which goes first alternating
+    too), so that each pair of samples sees the same machine load."""
     scale = 1e-3 if row.unit == "us" else 1e-6
     res = Result(row.what, row.kind, row.unit, target=TARGETS[row.kind])
-    args = [row.name, str(row.samples), str(row.batch)]
-    for r in range(rounds):
-        sides = [("c", [peer.as_posix(), *args]), ("kvmpy", [sys.executable, (HERE / "micro.py").as_posix(), *args])]
-        if r % 2:
-            sides.reverse()
-        med = {side: statistics.median(_numbers(_run(cmd, f"{side} row {row.name}"))) * scale for side, cmd in sides}
-        res.pairs.append((med["kvmpy"], med["c"]))
+    args = [row.name, "serve", str(row.batch)]
+    sides = {"c": _Server([peer.as_posix(), *args], f"C peer row {row.name}"),
+             "kvmpy": _Server([sys.executable, (HERE / "micro.py").as_posix(), *args], f"kvmpy row {row.name}")}
+    try:
+        for i in range(pairs + WARMUP):
+            order = ("c", "kvmpy") if i % 2 else ("kvmpy", "c")
+            got = {side: sides[side].sample() * scale for side in order}
+            if i >= WARMUP:
+                res.pairs.append((got["kvmpy"], got["c"]))
+    finally:
+        for server in sides.values():
+            server.close()
     res.kvmpy = statistics.median(p for p, _ in res.pairs)
     res.c = statistics.median(c for _, c in res.pairs)
     res.ratio = statistics.median(p / c for p, c in res.pairs)
@@ -171,7 +203,7 @@ def format_table(results: list[Result], facts: dict, version: str, load_after: t
     lines = [f"kvmpy / C KVM selftests (linux {version}), {facts['date']}",
              f"machine: {facts['cpu']}, {facts['cpus']} CPUs, kernel {facts['kernel']} ({facts['kvm']}); "
              f"load {facts['load'][0]:.1f} before, {load_after[0]:.1f} after",
-             "medians of interleaved process pairs; ratio = median of the per-pair kvmpy/C ratios", ""]
+             "medians of interleaved samples (whole run: of interleaved processes); ratio = median of the per-pair kvmpy/C ratios", ""]
     w = max(len(r.what) for r in results)
     lines.append(f"{'what':<{w}}  {'kvmpy':>12}  {'C':>12}  {'ratio':>6}  {'target':>7}")
     for r in results:
@@ -189,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     src.add_argument("--kernel-tree", help="build the C selftests from this kernel tree (left unchanged)")
     src.add_argument("--deb", help="a linux-source-X.Y .deb already downloaded")
     ap.add_argument("--package", default="linux-source-6.12", help="the Debian package to fetch (default %(default)s)")
-    ap.add_argument("--rounds", type=int, default=11, help="interleaved pairs per row (default %(default)s)")
+    ap.add_argument("--pairs", type=int, default=41, help="interleaved pairs of samples per row (default %(default)s)")
     ap.add_argument("--perf-rounds", type=int, default=3, help="pairs of whole perf runs (default %(default)s)")
     ap.add_argument("--rows", help="only these rows (comma-separated names; 'perf' for the whole run)")
     ap.add_argument("--json", metavar="FILE", help="also write the results as JSON")
@@ -204,8 +236,8 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for row in ROWS:
         if only is None or row.name in only:
-            ksrc.log(f"row {row.name}: {args.rounds} pairs")
-            results.append(run_row(row, built.peer, args.rounds))
+            ksrc.log(f"row {row.name}: {args.pairs} pairs")
+            results.append(run_row(row, built.peer, args.pairs))
     if only is None or "perf" in only:
         ksrc.log(f"whole perf run: {args.perf_rounds} pairs")
         results.append(run_perf(built.perf_test, args.perf_rounds))
