@@ -219,6 +219,24 @@ int64_t kvmpy_stats_locate(const char *buf, size_t len, const char *name)
 	return KVMPY_STATS_NOT_FOUND;
 }
 
+/*
+ * One u64 stat value at file offset pos of a stats fd: the value, or UINT64_MAX with
+ * errno set (0 when the value really is UINT64_MAX; EIO for a short read).
+ */
+uint64_t kvmpy_stats_read_u64(int fd, int64_t pos)
+{
+	uint64_t v;
+	ssize_t r;
+
+	errno = 0;
+	r = pread(fd, &v, sizeof(v), pos);
+	if (r == (ssize_t)sizeof(v))
+		return v;
+	if (r >= 0)
+		errno = EIO;
+	return UINT64_MAX;
+}
+
 /* ---- page tables -------------------------------------------------------------- */
 
 #define KVMPY_PTE_P  (1ull << 0)

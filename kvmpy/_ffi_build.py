@@ -171,6 +171,7 @@ uint32_t kvmpy_ring_harvest(struct kvm_dirty_gfn *gfns, uint32_t mask, uint32_t 
                             uint32_t *slots, uint64_t *offsets);
 int kvmpy_stats_check_header(const char *buf, size_t len);
 int64_t kvmpy_stats_locate(const char *buf, size_t len, const char *name);
+uint64_t kvmpy_stats_read_u64(int fd, int64_t pos);
 #define KVMPY_STATS_NOT_FOUND ...
 #define KVMPY_STATS_BAD_HEADER ...
 #define KVMPY_STATS_BAD_DESC ...
@@ -202,6 +203,7 @@ SOURCE = """
 #include <string.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
+#include <unistd.h>
 #include <linux/kvm.h>
 """ + "".join(
     f"#ifndef {name}\n#define {name} {value}\n#endif\n" for name, value in FALLBACKS.items()

@@ -6,6 +6,7 @@ bytes of NUL-padded name) and a data block of u64 values.
 """
 from __future__ import annotations
 
+import errno
 import os
 import struct
 from collections.abc import Mapping
@@ -88,9 +89,7 @@ class StatsLayout:
         self._descs: dict[str, StatDesc] | None = None
         self._data_size = 0
         # name -> (offset, number of u64s, value is a tuple), filled by locate()
-        self._locs: dict[str, tuple[int, int, bool]] = {}
-        # name -> (file offset, bytes, value is a tuple): Stats.read's lookups through this layout
-        self.read_locs: dict[str, tuple[int, int, bool]] = {}
+        self.locs: dict[str, tuple[int, int, bool]] = {}
 
     @classmethod
     def parse(cls, buf: bytes) -> "StatsLayout":
@@ -129,7 +128,7 @@ class StatsLayout:
 
     def locate(self, name: str) -> tuple[int, int, bool] | None:
         """(offset in the data block, number of u64 values, value is a tuple) of stat ``name``, or None."""
-        loc = self._locs.get(name)
+        loc = self.locs.get(name)
         if loc is None:
             try:
                 key = _read_as(name).encode("ascii")
@@ -144,7 +143,7 @@ class StatsLayout:
                 self._descs = None
                 self.descs              # raises the descriptor's error
                 raise StatsFormatError(f"stat {name!r}: descriptor out of the ABI")
-            loc = self._locs[name] = (found & 0xFFFFFFFF, found >> 32 & 0xFFFF, bool(found >> 48))
+            loc = self.locs[name] = (found & 0xFFFFFFFF, found >> 32 & 0xFFFF, bool(found >> 48))
         return loc
 
     @staticmethod
@@ -295,7 +294,7 @@ class Stats:
     shares its ``layout`` (and the lookups made through it).
     """
 
-    __slots__ = ("fd", "owner", "layout", "_meta", "_locs", "_data_span")
+    __slots__ = ("fd", "owner", "layout", "_meta", "_locs", "_data_offset", "_data_span")
 
     def __init__(self, fd: int, owner: str) -> None:
         self.fd = fd
@@ -305,7 +304,7 @@ class Stats:
             # Header, id and descriptors (and the data block) usually fit in the first read.
             meta = _pread(fd, _FIRST_READ, 0)
             known = _LAYOUTS.get(meta[:HEADER_SIZE])
-            if known is None or meta[known.desc_offset: known.desc_end] != known.desc_block:
+            if known is None or not meta.startswith(known.desc_block, known.desc_offset):
                 if len(meta) == _FIRST_READ and lib.kvmpy_stats_check_header(meta, _FIRST_READ):
                     _flags, name_size, num_desc, id_off, desc_off, data_off = _HEADER.unpack_from(meta)
                     meta = _pread(fd, max(data_off, desc_off + num_desc * (DESC_SIZE + name_size),
@@ -313,7 +312,7 @@ class Stats:
                 known = _LAYOUTS[meta[:HEADER_SIZE]] = StatsLayout(meta)
             self.layout = known
             self._meta = meta
-            self._locs = known.read_locs
+            self._locs, self._data_offset = known.locs, known.data_offset
         except StatsFormatError as e:
             self.close()
             raise StatsFormatError(f"{owner}: {e}") from None
@@ -345,20 +344,24 @@ class Stats:
 
     def read(self, name: str) -> Value:
         """Current value of ``name`` (a tuple for histograms and arrays)."""
-        loc = self._locs.get(name)
+        loc = self._locs.get(name) or self.layout.locate(name)
         if loc is None:
-            found = self.layout.locate(name)
-            if found is None:
-                raise self._no_stat(name)
-            loc = self._locs[name] = (self.layout.data_offset + found[0], 8 * found[1], found[2])
-        pos, nbytes, as_tuple = loc
+            raise self._no_stat(name)
+        offset, size, as_tuple = loc
         fd = self.fd
         if fd < 0:
             raise KvmError(f"{self.owner}: stats read after close")
-        raw = _pread(fd, nbytes, pos)
-        if len(raw) != nbytes:
-            raise StatsFormatError(f"{self.owner}: stat {name!r}: read {len(raw)} of {nbytes} bytes")
-        return struct.unpack(f"<{nbytes // 8}Q", raw) if as_tuple else int.from_bytes(raw, "little")
+        if not as_tuple:        # one C call: the pread and the value, no bytes object
+            value = _read_u64(fd, self._data_offset + offset)
+            if value != _U64_MAX or not ffi.errno:
+                return value
+            if ffi.errno != errno.EIO:
+                raise KvmError(f"{self.owner}: reading stat {name!r}: {os.strerror(ffi.errno)}")
+        else:
+            raw = _pread(fd, 8 * size, self._data_offset + offset)
+            if len(raw) == 8 * size:
+                return struct.unpack(f"<{size}Q", raw)
+        raise StatsFormatError(f"{self.owner}: stat {name!r}: a short read (fewer than {8 * size} bytes)")
 
     def snapshot(self) -> Snapshot:
         """All stats, read with one pread so they are mutually consistent as far as KVM allows."""
@@ -388,6 +391,8 @@ class Stats:
 
 
 _pread = os.pread
+_read_u64 = lib.kvmpy_stats_read_u64
+_U64_MAX = (1 << 64) - 1
 _FIRST_READ = 4096
 # Parsed layouts by header bytes; reused for a fd whose descriptors are the same bytes.
 _LAYOUTS: dict[bytes, StatsLayout] = {}
