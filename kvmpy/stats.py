@@ -242,17 +242,21 @@ class Snapshot(Mapping):
         self._data = b""
 
     def _all(self) -> dict[str, Value]:
-        if self._values is None:
+        try:
+            return self._values
+        except AttributeError:      # read from a fd: decoded on first use
             self._values = self._layout.decode(self._data)
-        return self._values
+            return self._values
 
     def __getitem__(self, name: str) -> Value:
-        if self._values is None:
+        try:
+            values = self._values
+        except AttributeError:
             loc = self._layout.locate(name) if isinstance(name, str) else None
             if loc is None:
-                raise KeyError(name)
+                raise KeyError(name) from None
             return _value(*loc, self._data)
-        return self._values[name]
+        return values[name]
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._all())
@@ -279,8 +283,7 @@ class _ReadSnapshot(Snapshot):
     __slots__ = ()
 
     def __init__(self, layout: StatsLayout, data: bytes) -> None:
-        self._values = None
-        self._layout = layout
+        self._layout = layout       # _values stays unset until a full decode
         self._data = data
 
 
@@ -294,12 +297,12 @@ class Stats:
     shares its ``layout`` (and the lookups made through it).
     """
 
-    __slots__ = ("fd", "owner", "layout", "_meta", "_locs", "_data_offset", "_data_span")
+    __slots__ = ("fd", "owner", "layout", "_meta", "_locs", "_data_offset", "_data_size")
 
     def __init__(self, fd: int, owner: str) -> None:
         self.fd = fd
         self.owner = owner
-        self._data_span: tuple[int, int] | None = None       # (size, offset) of the data block
+        self._data_size = 0         # of the data block, once a snapshot needs it
         try:
             # Header, id and descriptors (and the data block) usually fit in the first read.
             meta = _pread(fd, _FIRST_READ, 0)
@@ -365,15 +368,14 @@ class Stats:
 
     def snapshot(self) -> Snapshot:
         """All stats, read with one pread so they are mutually consistent as far as KVM allows."""
-        span = self._data_span
-        fd = self.fd
-        if span is None or fd < 0:
+        size, fd = self._data_size, self.fd
+        if not size or fd < 0:
             if fd < 0:
                 raise KvmError(f"{self.owner}: stats read after close")
-            span = self._data_span = (self.layout.data_size, self.layout.data_offset)
-        data = _pread(fd, *span)
-        if len(data) != span[0]:
-            raise StatsFormatError(f"{self.owner}: stats data truncated: {len(data)} < {span[0]} bytes")
+            size = self._data_size = self.layout.data_size
+        data = _pread(fd, size, self._data_offset)
+        if len(data) != size:
+            raise StatsFormatError(f"{self.owner}: stats data truncated: {len(data)} < {size} bytes")
         return _ReadSnapshot(self.layout, data)
 
     def close(self, _close=os.close) -> None:
