@@ -1,4 +1,4 @@
-"""The `kvmpy` command: info, selftest, bed."""
+"""The `kvmpy` command: info, selftest, perf, bed."""
 from __future__ import annotations
 
 import argparse
@@ -128,6 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-probe", action="store_true", help="skip the guest-memory MMU probe")
     p.set_defaults(func=_cmd_info)
     _add_selftest(sub)
+    from kvmpy.perf import cli as perf_cli
+
+    perf_cli.register(sub)
     import importlib.util
 
     if importlib.util.find_spec("kvmpy.bed.cli") is not None:

@@ -46,3 +46,10 @@ UNSYNC_INVLPG = 4  # both edited pages of each table flushed with INVLPG
 UNSYNC_CR3 = 5  # CR3 reloaded: a full flush
 UNSYNC_SWAPPED_BACK = 6  # the edited PTEs swapped back, no flush
 UNSYNC_RESTORED = 7  # CR3 reloaded again
+
+# exit_loop.c: exits forever (the KVM_RUN round-trip benchmark)
+EXIT_LOOP_PORT = 0xe0  # the port of its OUTs at CPL0
+
+# memstress.c: the `kvmpy perf dirty-log` guest, one pass over its pages per host iteration
+MEMSTRESS_PASS_DONE = 1  # GUEST_SYNC(PASS_DONE, pass): a pass over the vCPU's pages is done
+MEMSTRESS_L2_DONE = 0x6d656d  # nested: L2's VMCALL rax when its loop has finished
