@@ -15,6 +15,8 @@ from kvmpy.errors import RequirementError, require
 from kvmpy.hostinfo import module_params, param_on
 from kvmpy.memory import Hugetlb, hugetlb_pool
 
+from . import bed_config
+
 EAGER_PARAM = "/sys/module/kvm/parameters/eager_page_split"
 
 
@@ -115,7 +117,8 @@ def eager_page_split(want: bool):
     """Run with kvm.eager_page_split == ``want``: set (and restore) it inside the bed only.
 
     On a normal host the parameter is global to every VM, so it is never
-    changed: a different value is a RequirementError.
+    changed: a different value is a RequirementError. Inside the bed too when the
+    boot fixed it (a matrix row, or --param: selftests/bed_config.py).
     """
     value = (module_params("kvm") or {}).get("eager_page_split")
     require(value is not None, f"{EAGER_PARAM} is missing (kernel older than 6.0 or kvm not loaded)")
@@ -123,6 +126,8 @@ def eager_page_split(want: bool):
     if cur == want:
         yield
         return
+    if in_bed() and not bed_config.may_change("kvm.eager_page_split"):
+        bed_config.require_param("kvm.eager_page_split", "Y" if want else "N", value)
     require(in_bed(), f"needs kvm.eager_page_split={'Y' if want else 'N'}, the host has "
                       f"{'Y' if cur else 'N'}; kvmpy changes it only inside `kvmpy bed` "
                       f"(or run with --param kvm.eager_page_split={'Y' if want else 'N'})")
