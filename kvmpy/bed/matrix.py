@@ -71,11 +71,13 @@ DEFAULTS = {"kvm.tdp_mmu": "Y", "kvm.eager_page_split": "Y", "kvm_amd.npt": "Y",
 
 def configs_with(vendor: str, needs: Mapping[str, str]) -> List[Config]:
     """The rows of ``vendor``'s matrix that run with every parameter of ``needs`` (kernel defaults
-    counted for what a row leaves out)."""
+    counted for what a row leaves out); those that set one of them themselves, if any do."""
     def value(config: Config, key: str) -> Optional[str]:
         v = config.params.get(key, DEFAULTS.get(key))
         return None if v is None else normalize(v)
-    return [c for c in matrix_for(vendor) if all(value(c, k) == normalize(v) for k, v in needs.items())]
+    rows = [c for c in matrix_for(vendor) if all(value(c, k) == normalize(v) for k, v in needs.items())]
+    explicit = [c for c in rows if set(needs) & set(c.params)]
+    return explicit or rows
 
 
 def kernel_axis(options: BedOptions) -> List[BedOptions]:
@@ -225,17 +227,20 @@ def run_matrix(
     pairs: Sequence[Tuple[Bed, Config]],
     job: Job,
     progress: Optional[Callable[[int, int, Row], None]] = None,
+    name_rows: bool = True,
 ) -> List[Row]:
     """Run ``job`` once per (bed, configuration) pair, the configuration's params added to the bed's.
 
-    The job's environment names the row (``KVMPY_BED_CONFIG``). A row whose effective
-    configuration (kernel release and parameters read back) equals an earlier row's is an
-    error: it tested nothing new.
+    With ``name_rows`` the job's environment names its row (``KVMPY_BED_CONFIG``); without,
+    the boots are not matrix rows (``kvmpy selftest --bed`` without ``--matrix``). A row whose
+    effective configuration (kernel release and parameters read back) equals an earlier
+    row's is an error: it tested nothing new.
     """
     rows: List[Row] = []
     seen: dict = {}
     for i, (bed, config) in enumerate(pairs):
-        result = bed.run(dataclasses.replace(job, env={**job.env, CONFIG_ENV: config.name}), config.params)
+        env = {**job.env, CONFIG_ENV: config.name} if name_rows else dict(job.env)
+        result = bed.run(dataclasses.replace(job, env=env), config.params)
         row = evaluate(config, result, {**bed.options.params, **config.params})
         if result.status is not None and result.params:
             key = (result.facts.kernel, tuple(sorted(result.params.items())))

@@ -167,7 +167,7 @@ def run(args, quiet: bool = False) -> List[RunResults]:
     log(f"bed: {'; '.join(b.describe() for b in beds)}, {len(pairs)} configuration(s)")
     stopped = None
     try:
-        matrix.run_matrix(pairs, job, progress)
+        matrix.run_matrix(pairs, job, progress, name_rows=args.matrix)
     except BedError as e:
         return [RunResults("bed", harness_error=str(e))]
     except KeyboardInterrupt as e:  # SIGINT, or SIGTERM/SIGHUP as the CLI raises them
