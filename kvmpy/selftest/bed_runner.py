@@ -136,10 +136,14 @@ def _prepare(args, log: Callable[[str], None]) -> List[Bed]:
 
 
 def run(args, quiet: bool = False) -> List[RunResults]:
-    """Boot the bed once (or once per matrix configuration and kernel) and run the suite inside."""
+    """Boot the bed once (or once per matrix configuration and kernel) and run the suite inside.
+
+    With ``quiet`` (JSON or KTAP on stdout) pytest's lines from the bed go to stderr, like the
+    progress notes, and no matrix table is printed.
+    """
     from kvmpy.guest import programs
 
-    log = (lambda m: None) if quiet else _note
+    log = _note
     try:
         beds = _prepare(args, log)
         pairs: List[Pair] = [
@@ -150,7 +154,7 @@ def run(args, quiet: bool = False) -> List[RunResults]:
         return [RunResults("bed", harness_error=str(e))]
     inner = pytest_command("$KVMPY_BED_RESULTS/results.json", None, args.keyword, args.pytest_args)
     script = " ".join(shlex.quote(a) if not a.startswith("--kvmpy-results=") else f'"{a}"' for a in inner)
-    job = Job(["sh", "-c", script], on_console=None if quiet else ConsolePrinter(False, sys.stdout))
+    job = Job(["sh", "-c", script], on_console=ConsolePrinter(False, sys.stderr if quiet else sys.stdout))
     done: List[matrix.Row] = []
 
     def progress(i: int, n: int, row: matrix.Row) -> None:
