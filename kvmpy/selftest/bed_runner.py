@@ -67,7 +67,7 @@ def _setting(bed: Bed, config: matrix.Config, row: matrix.Row | None) -> dict:
     requested = {**bed.options.params, **config.params}
     if row is None:
         kernel = bed.kernel.release if bed.kernel else f"Debian {bed.kernel_line}"
-        return {"summary": f"{bed.describe()}, kernel {kernel}; stopped before it reported its facts",
+        return {"summary": f"{bed.describe()}; stopped before it reported its facts",
                 "requested_params": requested, "facts": {"kernel": kernel}}
     facts = row.result.facts
     return {"summary": facts.summary(), "requested_params": requested, "facts": facts.to_dict()}
@@ -180,7 +180,7 @@ def run(args, quiet: bool = False) -> List[RunResults]:
     if stopped:
         runs.append(stopped)
     if not quiet and args.matrix and done:
-        kernels = ", ".join(sorted({b.kernel.release for b in beds if b.kernel}))
+        kernels = ", ".join(b.kernel.release for b in beds if b.kernel)
         print(matrix.format_table(done, f"bed matrix ({beds[0].backend_class.name}, kernel {kernels}, "
                                         f"{time.monotonic() - t0:.0f}s)"))
     return runs
