@@ -9,8 +9,13 @@
  *           (with `burst` non-zero, in runs of `burst` pages by store_burst: a
  *           5-instruction loop, as tight as upstream's dirty_log_test writer, so
  *           many pages are dirtied between two of KVM's request checks)
- *   random: pseudo-random pages of the range until the host sets `stop`
- *           (every `sync_every` writes, GUEST_SYNC(DIRTY_WRITER_PROGRESS) if non-zero)
+ *   random: pseudo-random pages of the range until the host sets `stop` (with
+ *           `random_run` non-zero, runs of that many consecutive pages from a
+ *           pseudo-random one, by store_burst; every `sync_every` writes,
+ *           GUEST_SYNC(DIRTY_WRITER_PROGRESS) if non-zero)
+ *
+ * A vCPU's range (`vcpu_first`/`vcpu_npages`) is read at every park, so the host
+ * may change it between rounds.
  *
  * `iteration` is re-read for every store (see store_stamp), so the host may also change it while
  * the guest runs (to tell phases apart).  Setting `quit` before releasing a
@@ -30,6 +35,7 @@ uint64_t test_npages;
 uint64_t stride;
 uint64_t sync_every;
 uint64_t burst;
+uint64_t random_run;
 uint64_t seed = 1;
 uint64_t vcpu_first[MAX_VCPUS];   /* per-vCPU page range; npages 0 = whole region */
 uint64_t vcpu_npages[MAX_VCPUS];
@@ -105,16 +111,16 @@ void guest_main(uint32_t id, uint64_t arg)
 
 	GUEST_ASSERT(id < MAX_VCPUS);
 	rng = (seed ^ (0x9e3779b97f4a7c15ull * (id + 1))) | 1;
-	first = vcpu_npages[id] ? vcpu_first[id] : 0;
-	n = vcpu_npages[id] ? vcpu_npages[id] : test_npages;
-	GUEST_ASSERT(n > 0);
-	GUEST_ASSERT(first + n <= test_npages);
 
 	for (;;) {
 		GUEST_SYNC(DIRTY_WRITER_PARKED, id, READ_ONCE(nr_writes[id]));
 		if (READ_ONCE(quit))
 			break;
 		WRITE_ONCE(nr_rounds[id], nr_rounds[id] + 1);
+		first = READ_ONCE(vcpu_npages[id]) ? READ_ONCE(vcpu_first[id]) : 0;
+		n = READ_ONCE(vcpu_npages[id]) ? READ_ONCE(vcpu_npages[id]) : READ_ONCE(test_npages);
+		GUEST_ASSERT(n > 0);
+		GUEST_ASSERT(first + n <= test_npages);
 
 		uint64_t s = READ_ONCE(stride);
 		uint64_t b = READ_ONCE(burst);
@@ -132,8 +138,17 @@ void guest_main(uint32_t id, uint64_t arg)
 			for (uint64_t p = first; p < first + n && !READ_ONCE(stop); p += s)
 				write_page(id, p);
 		}
+		uint64_t run = READ_ONCE(random_run);
 		while (!READ_ONCE(stop)) {
-			write_page(id, first + next_random(&rng) % n);
+			if (run) {
+				uint64_t p = first + next_random(&rng) % n;
+				uint64_t k = first + n - p < run ? first + n - p : run;
+
+				store_burst((volatile uint64_t *)(test_gva + p * PAGE_SIZE_4K), k, PAGE_SIZE_4K);
+				WRITE_ONCE(nr_writes[id], nr_writes[id] + k);
+			} else {
+				write_page(id, first + next_random(&rng) % n);
+			}
 			if (sync_every && ++since_sync >= sync_every) {
 				since_sync = 0;
 				GUEST_SYNC(DIRTY_WRITER_PROGRESS, id, READ_ONCE(nr_writes[id]));

@@ -5,6 +5,8 @@ those listed before it (tests/test_structure.py checks there is no import cycle)
 
     errors, abi       the exception types (all KvmError); the cffi binding, ioctl helpers
                       (checked, and unchecked for tests that expect an errno)
+    faults            named faults injected on purpose (KVMPY_FAULTS) to test the tests
+    bed_mark, child   in_bed() (the bed's own marks); die_with_parent(sig) for child processes
     kernel objects    kvm (/dev/kvm), vm (VM fd: memslots, dirty log, dirty ring), vcpu
                       (KVM_RUN, kicks), dirty_ring (a vCPU's ring), exits, stats, bitmap,
                       memory (backings, and the page sizes PAGE_4K/2M/1G)

@@ -18,9 +18,10 @@ except ImportError as exc:  # pragma: no cover - only without a build
         "or build it in place with `python3 kvmpy/_ffi_build.py` from the source tree"
     ) from exc
 
-from kvmpy.errors import IoctlError, RequirementError
+from kvmpy.errors import IoctlError, KvmError, RequirementError
 
-__all__ = ["ffi", "lib", "IoctlResult", "ioctl", "ioctl_int", "ioctl_unchecked", "cap_name", "require_cap"]
+__all__ = ["ffi", "lib", "IoctlResult", "ioctl", "ioctl_int", "ioctl_unchecked", "cap_name", "require_cap",
+           "new_struct", "check_u32"]
 
 
 class IoctlResult(NamedTuple):
@@ -49,11 +50,35 @@ def ioctl(fd: int, name: str, arg=ffi.NULL, target: str = "", context: str = "")
 
 
 def ioctl_int(fd: int, name: str, arg: int = 0, target: str = "", context: str = "") -> int:
-    """Issue ioctl ``name`` with an integer argument; IoctlError on failure."""
-    ret = lib.kvmpy_ioctl_int(fd, getattr(lib, name), arg)
+    """Issue ioctl ``name`` with an integer argument; IoctlError on failure, KvmError for an
+    argument that is not an unsigned long."""
+    try:
+        ret = lib.kvmpy_ioctl_int(fd, getattr(lib, name), arg)
+    except (OverflowError, TypeError):
+        raise KvmError(f"{name} on {target or f'fd {fd}'}: argument {arg!r} is not an unsigned long"
+                       + (f" [{context}]" if context else "")) from None
     if ret < 0:
         raise IoctlError(name, ffi.errno, target or f"fd {fd}", context)
     return ret
+
+
+def new_struct(ctype: str, what: str, **fields):
+    """A new zeroed ``ctype`` (a pointer type) with ``fields`` set; KvmError naming ``what``,
+    the field and the value when one does not fit its C type (e.g. a negative slot)."""
+    obj = ffi.new(ctype)
+    for field, value in fields.items():
+        try:
+            setattr(obj, field, value)
+        except (OverflowError, TypeError):
+            raise KvmError(f"{what}: {field} = {value!r} does not fit {ctype[:-2]}.{field}") from None
+    return obj
+
+
+def check_u32(value: int, what: str) -> int:
+    """``value`` if it is an int in [0, 2**32); KvmError naming ``what`` otherwise."""
+    if not isinstance(value, int) or not 0 <= value < 1 << 32:
+        raise KvmError(f"{what} {value!r} is not a u32 (0 to {(1 << 32) - 1})")
+    return value
 
 
 def cap_name(cap: int) -> str:

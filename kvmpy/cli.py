@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from kvmpy import faults
+
 
 def _cmd_info(args: argparse.Namespace) -> int:
     from kvmpy import hostinfo
@@ -65,6 +67,10 @@ def _check_selftest_args(args: argparse.Namespace) -> None:
                              f"ignored without --bed (add --bed, or drop {'them' if len(given) > 1 else 'it'})")
     args.accel = args.accel or "tcg"
     args.param = args.param or []
+    try:
+        faults.enabled()
+    except faults.FaultError as e:
+        raise UsageError(str(e)) from None
     if args.junit:
         args.junit = str(_writable_file(args.junit, "--junit"))
 
@@ -95,6 +101,9 @@ def _cmd_selftest(args: argparse.Namespace) -> int:
     machine = args.json or args.ktap
     if not machine:
         print(hostinfo.format_facts(facts), flush=True)
+        if faults.enabled():
+            print(f"FAULTS INJECTED ({faults.ENV}): {', '.join(sorted(faults.enabled()))} -- this run tests "
+                  f"the tests: it must fail", flush=True)
         print(flush=True)
     if args.bed:
         from kvmpy.selftest import bed_runner

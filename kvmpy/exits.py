@@ -2,8 +2,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from kvmpy.abi import ffi, lib
+
+if TYPE_CHECKING:
+    from kvmpy.memory import Mapping
 
 _EXIT_NAMES = {
     getattr(lib, n): n[len("KVM_EXIT_"):]
@@ -30,15 +34,20 @@ class Exit:
 
 @dataclass
 class IoExit(Exit):
+    """Port I/O. ``data`` is a view of the run page (written by an OUT, to be filled for an
+    IN), valid until the vCPU's next run or close, which release it (ValueError on use)."""
+
     port: int
     size: int
     direction: str  # 'in' or 'out'
     count: int
-    data: memoryview = field(repr=False)  # points into the run page; valid until the next run
+    data: memoryview = field(repr=False)
 
 
 @dataclass
 class MmioExit(Exit):
+    """MMIO. ``data`` is a view of the run page, valid until the next run or close (as IoExit's)."""
+
     addr: int
     length: int
     is_write: bool
@@ -98,20 +107,21 @@ class UnknownExit(Exit):
     hardware_exit_reason: int = 0
 
 
-def decode(run, run_buf: memoryview) -> Exit:
-    """Build the exit object for the ``struct kvm_run *`` ``run`` (``run_buf`` is its page)."""
+def decode(run, page: "Mapping") -> Exit:
+    """Build the exit object for the ``struct kvm_run *`` ``run``; ``page`` is the mapping of
+    the run page, which hands out (and later releases) the exits' data views."""
     r = run.exit_reason
     if r == lib.KVM_EXIT_IO:
         io = run.io
         n = io.size * io.count
         return IoExit(r, io.port, io.size, "out" if io.direction == lib.KVM_EXIT_IO_OUT else "in",
-                      io.count, run_buf[io.data_offset: io.data_offset + n])
+                      io.count, page.view(io.data_offset, n))
     if r == lib.KVM_EXIT_HLT:
         return HltExit(r)
     if r == lib.KVM_EXIT_MMIO:
         off = ffi.offsetof("struct kvm_run", "mmio", "data")
         return MmioExit(r, run.mmio.phys_addr, run.mmio.len, bool(run.mmio.is_write),
-                        run_buf[off: off + run.mmio.len])
+                        page.view(off, min(run.mmio.len, 8)))
     if r == lib.KVM_EXIT_SHUTDOWN:
         return ShutdownExit(r)
     if r == lib.KVM_EXIT_FAIL_ENTRY:

@@ -15,7 +15,7 @@ import os
 import platform
 from dataclasses import asdict, dataclass, field
 
-from kvmpy import mmu_probe
+from kvmpy import faults, mmu_probe
 from kvmpy.abi import lib
 from kvmpy.errors import RequirementError
 from kvmpy.kvm import Kvm
@@ -123,6 +123,7 @@ def probe_mmu() -> MmuProbe:
     Raises MmuProbeError when a probe cannot run (the answer is unknown: a harness error).
     """
     try:
+        faults.check("probe-fails")  # FAULT: probe-fails
         with Kvm() as kvm:
             return MmuProbe(mmu_probe.probe_ring0(kvm), mmu_probe.probe_cpl3(kvm))
     except Exception as e:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import errno
 import os
+import weakref
 
 from kvmpy.abi import cap_name, ffi, ioctl, ioctl_int, lib, require_cap
 from kvmpy.errors import IoctlError, KvmError, RequirementError
@@ -12,7 +13,8 @@ DEFAULT_PATH = "/dev/kvm"
 
 
 class Kvm:
-    """An open /dev/kvm. Use as a context manager or call ``close()``."""
+    """An open /dev/kvm. Use as a context manager or call ``close()`` (or drop it: the fd
+    is closed when the object is garbage collected)."""
 
     def __init__(self, path: str = DEFAULT_PATH) -> None:
         self.path = path
@@ -22,13 +24,17 @@ class Kvm:
             raise RequirementError(f"{path} does not exist: KVM is not available on this host") from None
         except PermissionError:
             raise RequirementError(f"{path}: permission denied (run as root or join the kvm group)") from None
+        except OSError as e:
+            raise KvmError(f"{path}: cannot open it as the KVM device: {e.strerror}") from None
+        self._close_fd = weakref.finalize(self, os.close, self.fd)
+        self._close_fd.atexit = False
         try:
             self.api_version = ioctl_int(self.fd, "KVM_GET_API_VERSION", 0, path)
             if self.api_version != lib.KVM_API_VERSION:
                 raise KvmError(f"{path}: KVM API version {self.api_version}, expected {lib.KVM_API_VERSION}")
             self.vcpu_mmap_size = ioctl_int(self.fd, "KVM_GET_VCPU_MMAP_SIZE", 0, path)
         except BaseException:
-            os.close(self.fd)
+            self.close()
             raise
         self._cpuid_cache: bytes | None = None
 
@@ -97,12 +103,16 @@ class Kvm:
     def create_vm(self, vm_type: int = 0) -> Vm:
         """Create a VM (KVM_CREATE_VM)."""
         fd = ioctl_int(self.fd, "KVM_CREATE_VM", vm_type, self.path, f"type {vm_type}")
-        return Vm(self, fd, vm_type)
+        try:
+            return Vm(self, fd, vm_type)
+        except BaseException:
+            os.close(fd)
+            raise
 
     def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        """Close /dev/kvm (VMs created from it stay usable). Idempotent."""
+        self._close_fd()
+        self.fd = -1
 
     def __enter__(self) -> "Kvm":
         return self

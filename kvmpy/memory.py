@@ -6,7 +6,11 @@ here reserves hugetlb pages: that is the host administrator's decision.
 """
 from __future__ import annotations
 
+import mmap as _mmap
 import os
+import sys
+import threading
+import warnings
 from dataclasses import dataclass
 
 from kvmpy.abi import ffi, lib
@@ -37,16 +41,34 @@ def thp_mode() -> str | None:
     return raw[raw.index("[") + 1 : raw.index("]")]
 
 
-def hugetlb_pool(page_size: int) -> dict[str, int] | None:
+def hugetlb_pool_dir(page_size: int, root: str = "/") -> str:
+    """The sysfs directory of the hugetlb pool of ``page_size`` pages (under ``root``)."""
+    return os.path.join(root, f"sys/kernel/mm/hugepages/hugepages-{page_size // 1024}kB")
+
+
+def hugetlb_pool(page_size: int, root: str = "/") -> dict[str, int] | None:
     """Counters of the hugetlb pool for ``page_size`` (total/free/resv), None if absent."""
-    base = f"/sys/kernel/mm/hugepages/hugepages-{page_size // 1024}kB"
+    base = hugetlb_pool_dir(page_size, root)
     if not os.path.isdir(base):
         return None
     out = {}
     for key, name in (("total", "nr_hugepages"), ("free", "free_hugepages"), ("resv", "resv_hugepages")):
         val = read_sysfs(os.path.join(base, name))
-        out[key] = int(val) if val is not None else 0
+        out[key] = int(val) if val is not None and val.isdigit() else 0
     return out
+
+
+def hugetlb_shortfall(page_size: int, count: int, root: str = "/") -> str | None:
+    """Why the host cannot provide ``count`` huge pages of ``page_size`` now (None: it can)."""
+    pool = hugetlb_pool(page_size, root)
+    kb = page_size // 1024
+    if pool is None:
+        return f"no hugetlb pool of {kb}kB pages on this host"
+    available = pool["free"] - pool["resv"]
+    if available >= count:
+        return None
+    return (f"needs {count} free {kb}kB huge pages, the pool has {available} available ({pool['total']} total); "
+            f"reserve them with `echo N > /sys/kernel/mm/hugepages/hugepages-{kb}kB/nr_hugepages`")
 
 
 def thp_backed_chunks(addr: int, size: int) -> list[bool] | None:
@@ -76,52 +98,149 @@ def thp_backed_chunks(addr: int, size: int) -> list[bool] | None:
 
 
 class Mapping:
-    """A host mapping that backs guest memory. ``close()`` unmaps it and closes its fd."""
+    """A host mapping that backs guest memory (or a vCPU's shared page). ``close()`` unmaps it.
 
-    def __init__(self, addr: int, size: int, fd: int = -1, unmap_size: int | None = None) -> None:
-        self.addr = addr
-        self.size = size
-        self.fd = fd
-        self._unmap_size = unmap_size or size
-        self._view: memoryview | None = memoryview(ffi.buffer(ffi.cast("char *", addr), size))
+    The memory is a Python ``mmap.mmap``, and every view of it is a Python buffer view of
+    that object, so no view can ever point to unmapped memory:
+
+    * views handed out (:meth:`view`, hence ``Memslot.view``, ``Vm.gpa_view`` and the
+      ``data`` of a vCPU's I/O and MMIO exits) are released by ``close()``: using one
+      afterwards raises ``ValueError`` (a released memoryview), never a crash;
+    * a view derived from one (a slice, ``memoryview(v)``, ``ffi.from_buffer(v)``)
+      keeps the memory mapped until it is dropped: ``close()`` then leaves the unmap
+      to Python (with a ResourceWarning) instead of pulling the memory from under it.
+
+    :meth:`read` and :meth:`write` copy and hand out nothing.
+    """
+
+    def __init__(self, mm: _mmap.mmap, offset: int = 0, size: int | None = None, what: str = "memory") -> None:
+        self.size = len(mm) - offset if size is None else size
+        self.what = what
+        with ffi.from_buffer(mm) as base:
+            self.addr = int(ffi.cast("uintptr_t", base)) + offset
+        self._mm: _mmap.mmap | None = mm
+        self._whole: memoryview | None = memoryview(mm)[offset: offset + self.size]
+        self._views = _HandedOut()
 
     @property
-    def view(self) -> memoryview:
-        """Writable memoryview of the whole mapping (invalid after ``close``)."""
-        if self._view is None:
-            raise KvmError("guest memory mapping used after close")
-        return self._view
+    def closed(self) -> bool:
+        return self._whole is None
+
+    def _memory(self) -> memoryview:
+        whole = self._whole
+        if whole is None:
+            raise KvmError(f"{self.what} used after close")
+        return whole
+
+    def view(self, offset: int = 0, length: int | None = None) -> memoryview:
+        """Writable view of ``[offset, offset+length)`` (default: to the end); released by ``close()``."""
+        length = self.size - offset if length is None else length
+        self._check(offset, length)
+        return self._views.add(self._memory()[offset: offset + length])
+
+    def read(self, offset: int, length: int) -> bytes:
+        """A copy of ``[offset, offset+length)``."""
+        self._check(offset, length)
+        return bytes(self._memory()[offset: offset + length])
+
+    def write(self, offset: int, data: bytes) -> None:
+        """Copy ``data`` to ``offset``."""
+        self._check(offset, len(data))
+        self._memory()[offset: offset + len(data)] = data
+
+    def _check(self, offset: int, length: int) -> None:
+        if offset < 0 or length < 0 or offset + length > self.size:
+            raise KvmError(f"{self.what}: range {offset:#x}+{length:#x} is outside its {self.size:#x} bytes")
+
+    def release_views(self) -> None:
+        """Release the views handed out so far (using one raises ValueError from now on)."""
+        self._views.release()
 
     def close(self) -> None:
-        if self._view is None:
+        """Release the views handed out, then unmap (unless a derived view still holds the memory)."""
+        if self._whole is None:
             return
-        self._view.release()
-        self._view = None
-        lib.kvmpy_munmap(ffi.cast("void *", self.addr), self._unmap_size)
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        self._views.release()
+        whole, self._whole = self._whole, None
+        whole.release()
+        mm, self._mm = self._mm, None
+        try:
+            mm.close()
+        except BufferError:
+            # A view derived from one we handed out exports the memory: Python unmaps it
+            # when that view goes. Never unmap under it.
+            warnings.warn(f"{self.what}: a view of it is still alive, the memory stays mapped until it is "
+                          f"dropped", ResourceWarning, stacklevel=2)
 
 
-def mmap(size: int, prot: int, flags: int, fd: int = -1, offset: int = 0, what: str = "") -> int:
-    """mmap(2) returning the address; KvmError naming ``what`` and the errno on failure."""
-    p = lib.kvmpy_mmap(ffi.NULL, size, prot, flags, fd, offset)
-    if p == ffi.NULL:
-        err = ffi.errno
-        raise KvmError(f"mmap of {what or 'memory'} ({size:#x} bytes) failed: {os.strerror(err)}")
-    return int(ffi.cast("uintptr_t", p))
+class _HandedOut:
+    """The memoryviews a mapping handed out, released together by ``close()``.
+
+    memoryviews take no weak references: the list forgets, now and then, the views
+    nobody else holds any more (their reference count says so), so it stays short.
+    """
+
+    def __init__(self) -> None:
+        self._views: list[memoryview] = []
+        self._prune_at = _PRUNE_MIN
+        self._lock = threading.Lock()
+
+    def add(self, view: memoryview) -> memoryview:
+        with self._lock:
+            self._views.append(view)
+            if len(self._views) >= self._prune_at:
+                self._views = [v for v in self._views if sys.getrefcount(v) > _UNHELD]
+                self._prune_at = max(_PRUNE_MIN, 2 * len(self._views))
+        return view
+
+    def release(self) -> None:
+        with self._lock:
+            views, self._views = self._views, []
+        for v in views:
+            try:
+                v.release()
+            except BufferError:
+                pass  # something exports from it: it holds the memory (see Mapping.close)
 
 
-def _memfd_mapping(name: str, flags: int, size: int) -> Mapping:
-    """A shared mapping of a new memfd of ``size`` bytes; the Mapping owns the fd."""
-    fd = os.memfd_create(name, os.MFD_CLOEXEC | flags)
+_PRUNE_MIN = 64
+# The reference count of a list element nobody else holds, seen from a comprehension.
+_UNHELD = [sys.getrefcount(o) for o in [object()]][0]
+
+
+def map_memory(size: int, fd: int = -1, offset: int = 0, shared: bool = True, what: str = "memory",
+               flags: int = 0) -> _mmap.mmap:
+    """mmap(2) ``size`` bytes read-write (of ``fd`` at ``offset``, or anonymous when ``fd`` is -1);
+    KvmError naming ``what`` and the errno on failure."""
+    kind = _mmap.MAP_SHARED if shared else _mmap.MAP_PRIVATE
+    try:
+        return _mmap.mmap(fd, size, flags=kind | flags, prot=_mmap.PROT_READ | _mmap.PROT_WRITE, offset=offset)
+    except (OSError, ValueError, OverflowError) as e:
+        why = os.strerror(e.errno) if getattr(e, "errno", None) else str(e)
+        raise KvmError(f"mmap of {what} ({size:#x} bytes) failed: {why}") from None
+
+
+def _memfd_mapping(name: str, flags: int, size: int, what: str) -> Mapping:
+    """A shared mapping of a new memfd of ``size`` bytes (the mapping keeps the file)."""
+    try:
+        fd = os.memfd_create(name, os.MFD_CLOEXEC | flags)
+    except OSError as e:
+        raise KvmError(f"{what}: memfd_create failed: {e.strerror}") from None
     try:
         os.ftruncate(fd, size)
-        addr = mmap(size, lib.PROT_READ | lib.PROT_WRITE, lib.MAP_SHARED, fd)
-    except BaseException:
+        return Mapping(map_memory(size, fd, what=what), what=what)
+    except OSError as e:
+        raise KvmError(f"{what}: cannot size the memfd to {size:#x} bytes: {e.strerror}") from None
+    finally:
         os.close(fd)
-        raise
-    return Mapping(addr, size, fd)
+
+
+def _advise(mm: _mmap.mmap, advice: int, offset: int, size: int) -> None:
+    """madvise(2), best effort: a kernel without THP refuses the THP advice (EINVAL)."""
+    try:
+        mm.madvise(advice, offset, size)
+    except OSError:
+        pass
 
 
 class Backing:
@@ -149,10 +268,10 @@ class Anonymous(Backing):
 
     def allocate(self, size: int) -> Mapping:
         self.check(size)
-        addr = mmap(size, lib.PROT_READ | lib.PROT_WRITE, lib.MAP_PRIVATE | lib.MAP_ANONYMOUS | lib.MAP_NORESERVE)
+        mm = map_memory(size, shared=False, flags=lib.MAP_NORESERVE, what=f"{self.name} guest memory")
         # Keep this backing honest: 4K host pages even when THP mode is 'always'.
-        lib.kvmpy_madvise(ffi.cast("void *", addr), size, lib.MADV_NOHUGEPAGE)
-        return Mapping(addr, size)
+        _advise(mm, lib.MADV_NOHUGEPAGE, 0, size)
+        return Mapping(mm, what=f"{self.name} guest memory")
 
 
 class Thp(Backing):
@@ -171,17 +290,13 @@ class Thp(Backing):
 
     def allocate(self, size: int) -> Mapping:
         self.check(size)
-        span = size + PAGE_2M
-        raw = mmap(span, lib.PROT_READ | lib.PROT_WRITE, lib.MAP_PRIVATE | lib.MAP_ANONYMOUS | lib.MAP_NORESERVE)
-        aligned = (raw + PAGE_2M - 1) & ~(PAGE_2M - 1)
-        # Trim the unaligned head and tail so the mapping is exactly the aligned range.
-        if aligned > raw:
-            lib.kvmpy_munmap(ffi.cast("void *", raw), aligned - raw)
-        tail = raw + span - (aligned + size)
-        if tail:
-            lib.kvmpy_munmap(ffi.cast("void *", aligned + size), tail)
-        lib.kvmpy_madvise(ffi.cast("void *", aligned), size, lib.MADV_HUGEPAGE)
-        return Mapping(aligned, size)
+        # 2M more than asked, to start on a 2M boundary; the unused head and tail are
+        # never touched (NORESERVE: no memory behind them).
+        mm = map_memory(size + PAGE_2M, shared=False, flags=lib.MAP_NORESERVE, what="thp guest memory")
+        with ffi.from_buffer(mm) as base:
+            offset = -int(ffi.cast("uintptr_t", base)) % PAGE_2M
+        _advise(mm, lib.MADV_HUGEPAGE, offset, size)
+        return Mapping(mm, offset, size, what="thp guest memory")
 
 
 class Hugetlb(Backing):
@@ -195,22 +310,14 @@ class Hugetlb(Backing):
 
     def check(self, size: int) -> None:
         super().check(size)
-        pool = hugetlb_pool(self.page_size)
-        kb = self.page_size // 1024
-        if pool is None:
-            raise RequirementError(f"{self.name} backing: no hugetlb pool of {kb}kB pages on this host")
-        need = size // self.page_size
-        if pool["free"] - pool["resv"] < need:
-            raise RequirementError(
-                f"{self.name} backing: needs {need} free {kb}kB huge pages, the pool has "
-                f"{pool['free'] - pool['resv']} available ({pool['total']} total); reserve them with "
-                f"`echo N > /sys/kernel/mm/hugepages/hugepages-{kb}kB/nr_hugepages`"
-            )
+        why = hugetlb_shortfall(self.page_size, size // self.page_size)
+        if why is not None:
+            raise RequirementError(f"{self.name} backing: {why}")
 
     def allocate(self, size: int) -> Mapping:
         self.check(size)
         huge_flag = os.MFD_HUGE_2MB if self.page_size == PAGE_2M else os.MFD_HUGE_1GB
-        return _memfd_mapping(f"kvmpy-{self.name}", os.MFD_HUGETLB | huge_flag, size)
+        return _memfd_mapping(f"kvmpy-{self.name}", os.MFD_HUGETLB | huge_flag, size, f"{self.name} guest memory")
 
 
 class SharedMemfd(Backing):
@@ -220,7 +327,7 @@ class SharedMemfd(Backing):
 
     def allocate(self, size: int) -> Mapping:
         self.check(size)
-        return _memfd_mapping("kvmpy-shmem", 0, size)
+        return _memfd_mapping("kvmpy-shmem", 0, size, "shared-memfd guest memory")
 
 
 def backing_by_name(name: str) -> Backing:
@@ -247,8 +354,12 @@ class Memslot:
 
     @property
     def view(self) -> memoryview:
-        """Writable memoryview of the slot's memory (index 0 is ``gpa``)."""
-        return self.mapping.view
+        """Writable memoryview of the slot's memory (index 0 is ``gpa``).
+
+        Released when the slot is deleted or the VM closed: using it then raises
+        ValueError (see :class:`Mapping` for views derived from it).
+        """
+        return self.mapping.view()
 
     @property
     def npages(self) -> int:

@@ -8,14 +8,21 @@ from __future__ import annotations
 
 import os
 import struct
-from dataclasses import dataclass
+import weakref
+from dataclasses import dataclass, replace
 from typing import Union
 
+from kvmpy import faults
 from kvmpy.abi import ffi, lib
 from kvmpy.errors import KvmError
 
+# Parsed with struct from the bytes themselves: a cffi pointer over a temporary slice
+# would read freed memory once the slice is gone (tests/test_memory_safety.py).
+_HEADER = struct.Struct("<6I")     # flags, name_size, num_desc, id_offset, desc_offset, data_offset
+_DESC = struct.Struct("<IhHII")    # flags, exponent, size, offset, bucket_size (then the name)
 HEADER_SIZE = ffi.sizeof("struct kvm_stats_header")
 DESC_SIZE = ffi.sizeof("struct kvm_stats_desc")
+assert (_HEADER.size, _DESC.size) == (HEADER_SIZE, DESC_SIZE), "struct kvm_stats_* changed layout"
 
 TYPE_NAMES = {
     lib.KVM_STATS_TYPE_CUMULATIVE: "cumulative",
@@ -76,9 +83,7 @@ class StatsLayout:
         """Parse the header, id and descriptor block from ``buf`` (the fd's bytes from offset 0)."""
         if len(buf) < HEADER_SIZE:
             raise StatsFormatError(f"stats header truncated: {len(buf)} < {HEADER_SIZE} bytes")
-        hdr = ffi.cast("struct kvm_stats_header *", ffi.from_buffer(buf))
-        name_size, num_desc = hdr.name_size, hdr.num_desc
-        id_off, desc_off, data_off = hdr.id_offset, hdr.desc_offset, hdr.data_offset
+        _flags, name_size, num_desc, id_off, desc_off, data_off = _HEADER.unpack_from(buf)
         if name_size == 0:
             raise StatsFormatError("stats header: name_size is 0")
         if id_off < HEADER_SIZE or id_off + name_size > len(buf):
@@ -96,25 +101,28 @@ class StatsLayout:
         descs: dict[str, StatDesc] = {}
         for i in range(num_desc):
             base_off = desc_off + i * desc_stride
-            d = ffi.cast("struct kvm_stats_desc *", ffi.from_buffer(buf[base_off: base_off + desc_stride]))
+            flags, exponent, size, offset, bucket_size = _DESC.unpack_from(buf, base_off)
             name = _cstr(buf[base_off + DESC_SIZE: base_off + desc_stride], f"descriptor {i} name")
-            stype = d.flags & lib.KVM_STATS_TYPE_MASK
-            unit = d.flags & lib.KVM_STATS_UNIT_MASK
-            base = d.flags & lib.KVM_STATS_BASE_MASK
+            stype = flags & lib.KVM_STATS_TYPE_MASK
+            unit = flags & lib.KVM_STATS_UNIT_MASK
+            base = flags & lib.KVM_STATS_BASE_MASK
             if stype not in TYPE_NAMES:
                 raise StatsFormatError(f"stat {name!r}: unknown type {stype >> lib.KVM_STATS_TYPE_SHIFT}")
             if unit not in UNIT_NAMES:
                 raise StatsFormatError(f"stat {name!r}: unknown unit {unit >> lib.KVM_STATS_UNIT_SHIFT}")
             if base not in BASE_NAMES:
                 raise StatsFormatError(f"stat {name!r}: unknown base {base >> lib.KVM_STATS_BASE_SHIFT}")
-            if d.size == 0:
+            if size == 0:
                 raise StatsFormatError(f"stat {name!r}: size 0")
-            if TYPE_NAMES[stype] == "linear_hist" and d.bucket_size == 0:
+            if TYPE_NAMES[stype] == "linear_hist" and bucket_size == 0:
                 raise StatsFormatError(f"stat {name!r}: linear histogram with bucket_size 0")
             if name in descs:
                 raise StatsFormatError(f"stat {name!r} described twice")
             descs[name] = StatDesc(name, TYPE_NAMES[stype], UNIT_NAMES[unit], BASE_NAMES[base],
-                                   d.exponent, d.size, d.offset, d.bucket_size, d.flags)
+                                   exponent, size, offset, bucket_size, flags)
+        if faults.active("stats-names-swapped") and {"pages_4k", "pages_2m"} <= descs.keys():
+            a, b = descs["pages_4k"], descs["pages_2m"]   # FAULT: stats-names-swapped
+            descs["pages_4k"], descs["pages_2m"] = replace(a, offset=b.offset), replace(b, offset=a.offset)
         return cls(ident, data_off, descs)
 
     def decode(self, data: bytes) -> dict[str, Value]:
@@ -152,23 +160,23 @@ class Snapshot(dict):
 
 
 class Stats:
-    """A VM's or vCPU's binary stats fd. Owns the fd; ``close()`` releases it."""
+    """A VM's or vCPU's binary stats fd. Owns the fd; ``close()`` (or garbage collection) releases it."""
 
     def __init__(self, fd: int, owner: str) -> None:
         self.fd = fd
         self.owner = owner
+        self._close_fd = weakref.finalize(self, os.close, fd)
+        self._close_fd.atexit = False
         try:
             head = os.pread(fd, HEADER_SIZE, 0)
-            hdr = ffi.cast("struct kvm_stats_header *", ffi.from_buffer(head))
             if len(head) < HEADER_SIZE:
                 raise StatsFormatError(f"{owner}: stats header truncated")
+            _flags, name_size, num_desc, id_off, desc_off, data_off = _HEADER.unpack(head)
             # Everything before the data block: header, id and descriptors.
-            meta_len = max(hdr.data_offset, hdr.desc_offset + hdr.num_desc * (DESC_SIZE + hdr.name_size),
-                           hdr.id_offset + hdr.name_size)
+            meta_len = max(data_off, desc_off + num_desc * (DESC_SIZE + name_size), id_off + name_size)
             self.layout = StatsLayout.parse(os.pread(fd, meta_len, 0))
         except BaseException:
-            os.close(fd)
-            self.fd = -1
+            self.close()
             raise
 
     @property
@@ -187,18 +195,24 @@ class Stats:
     def read(self, name: str) -> Value:
         """Current value of ``name`` (a tuple for histograms and arrays)."""
         d = self.desc(name)
-        raw = os.pread(self.fd, 8 * d.size, self.layout.data_offset + d.offset)
+        raw = os.pread(self._open_fd(), 8 * d.size, self.layout.data_offset + d.offset)
+        if len(raw) < 8 * d.size:
+            raise StatsFormatError(f"{self.owner}: stat {name!r}: read {len(raw)} of {8 * d.size} bytes")
         return StatsLayout._value(d, raw, d.offset)
 
     def snapshot(self) -> Snapshot:
         """All stats, read with one pread so they are mutually consistent as far as KVM allows."""
-        data = os.pread(self.fd, self.layout.data_size, self.layout.data_offset)
+        data = os.pread(self._open_fd(), self.layout.data_size, self.layout.data_offset)
         return Snapshot(self.layout.decode(data))
 
+    def _open_fd(self) -> int:
+        if self.fd < 0:
+            raise KvmError(f"{self.owner}: stats read after close")
+        return self.fd
+
     def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        self._close_fd()
+        self.fd = -1
 
     def __enter__(self) -> "Stats":
         return self

@@ -5,13 +5,15 @@ import errno
 import os
 import signal
 import threading
+import time
+import weakref
 from typing import TYPE_CHECKING, Iterable
 
 from kvmpy import exits
 from kvmpy.abi import ffi, ioctl, ioctl_int, lib
 from kvmpy.dirty_ring import DirtyRing
 from kvmpy.errors import IoctlError, KvmError
-from kvmpy.memory import mmap
+from kvmpy.memory import Mapping, map_memory
 from kvmpy.stats import Stats
 
 if TYPE_CHECKING:
@@ -23,8 +25,19 @@ if lib.kvmpy_install_kick_handler(KICK_SIGNAL) != 0:  # pragma: no cover
     raise OSError(ffi.errno, "cannot install the vCPU kick signal handler")
 
 
+# How long close() kicks a vCPU that another thread is running before it gives up.
+STOP_TIMEOUT = 10.0
+
+
 class Vcpu:
-    """A vCPU fd with its mmapped ``struct kvm_run``."""
+    """A vCPU fd with its mmapped ``struct kvm_run``.
+
+    ``run()`` may be called from any one thread at a time; ``kick()`` and ``close()``
+    from any thread. ``close()`` kicks a run in progress and waits for it to return
+    before it unmaps anything; after it, ``run()`` raises KvmError and ``kick()`` does
+    nothing. A vCPU dropped without ``close()`` releases its fd and mappings when it
+    is garbage collected.
+    """
 
     def __init__(self, vm: "Vm", vcpu_id: int, fd: int) -> None:
         self.vm = vm
@@ -34,23 +47,27 @@ class Vcpu:
         self.dirty_ring: DirtyRing | None = None
         self._run_thread: int | None = None
         self._kicked = False
+        self._closing = False
         self._lock = threading.Lock()
-        size = vm.kvm.vcpu_mmap_size
+        self._left_run = threading.Condition(self._lock)
+        self._owned = _Owned(fd)
+        # atexit=False: at exit a daemon thread may still be in KVM_RUN; the kernel cleans up.
+        self._release = weakref.finalize(self, self._owned.release)
+        self._release.atexit = False
+        what = f"vCPU {vcpu_id}'s kvm_run"
         try:
-            p = ffi.cast("void *", mmap(size, lib.PROT_READ | lib.PROT_WRITE, lib.MAP_SHARED, fd,
-                                        what=f"vCPU {vcpu_id}'s kvm_run"))
-        except KvmError:
-            os.close(fd)
+            self._run_page = self._owned.run = Mapping(map_memory(vm.kvm.vcpu_mmap_size, fd, what=what), what=what)
+        except BaseException:
+            self._release()
             raise
-        self._run_addr, self._run_size = p, size
-        self.run_struct = ffi.cast("struct kvm_run *", p)
-        self._run_buf = memoryview(ffi.buffer(p, size))
+        self.run_struct = ffi.cast("struct kvm_run *", self._run_page.addr)
         if vm.dirty_ring_size:
             try:
                 self.dirty_ring = DirtyRing(self, vm.dirty_ring_size)
             except BaseException:
                 self.close()
                 raise
+            self._owned.ring = self.dirty_ring.mapping
 
     @property
     def name(self) -> str:
@@ -126,20 +143,34 @@ class Vcpu:
 
     # -- running ------------------------------------------------------------------
     def run(self) -> exits.Exit:
-        """KVM_RUN once; returns the typed exit. A pending ``kick()`` returns InterruptedExit."""
+        """KVM_RUN once; returns the typed exit. A pending ``kick()`` returns InterruptedExit.
+
+        The ``data`` views of the previous exit are released here (they point into the
+        run page, which this run overwrites): using one afterwards raises ValueError.
+        """
         with self._lock:
+            if self._closing:
+                raise KvmError(f"{self.name}: run() on a closed vCPU")
+            if self._run_thread is not None:
+                raise KvmError(f"{self.name}: already running on thread {self._run_thread}")
+            self._run_page.release_views()
             if self._kicked:
                 return self._consume_kick()
             self._run_thread = threading.get_ident()
-        ret = lib.kvmpy_vcpu_run(self.fd)
-        err = ffi.errno
-        with self._lock:
-            self._run_thread = None
+        try:
+            ret = lib.kvmpy_vcpu_run(self.fd)
+            err = ffi.errno
             if ret < 0 and err == errno.EINTR:
-                return self._consume_kick()
-        if ret < 0:
-            raise IoctlError("KVM_RUN", err, self.name)
-        return exits.decode(self.run_struct, self._run_buf)
+                with self._lock:
+                    return self._consume_kick()
+            if ret < 0:
+                raise IoctlError("KVM_RUN", err, self.name)
+            # Decoded before the run counts as over: close() waits for that.
+            return exits.decode(self.run_struct, self._run_page)
+        finally:
+            with self._lock:
+                self._run_thread = None
+                self._left_run.notify_all()
 
     def _consume_kick(self) -> exits.Exit:
         self._kicked = False
@@ -147,8 +178,13 @@ class Vcpu:
         return exits.InterruptedExit(lib.KVM_EXIT_INTR)
 
     def kick(self) -> None:
-        """Make the current or next ``run()`` return InterruptedExit promptly (any thread)."""
+        """Make the current or next ``run()`` return InterruptedExit promptly (any thread).
+
+        Kicking a closed vCPU does nothing: it cannot run any more.
+        """
         with self._lock:
+            if not self._release.alive:
+                return
             self._kicked = True
             # immediate_exit covers the window before the thread enters KVM_RUN;
             # the signal covers a thread already inside it.
@@ -166,21 +202,61 @@ class Vcpu:
         if self._stats is None:
             self.vm.require_extension(lib.KVM_CAP_BINARY_STATS_FD)
             fd = ioctl_int(self.fd, "KVM_GET_STATS_FD", 0, self.name)
-            self._stats = Stats(fd, self.name)
+            self._stats = self._owned.stats = Stats(fd, self.name)
         return self._stats
 
+    def _stop(self) -> None:
+        """Refuse new runs, then kick a run in progress on another thread until it returns.
+
+        KvmError (and nothing released) if it is still in KVM_RUN after STOP_TIMEOUT s.
+        """
+        timeout = STOP_TIMEOUT
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            self._closing = True
+            if self._run_thread == threading.get_ident():
+                raise KvmError(f"{self.name}: close() from inside its own run()")
+        while True:
+            self.kick()
+            with self._lock:
+                if self._run_thread is None:
+                    return
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise KvmError(f"{self.name} is still in KVM_RUN on thread {self._run_thread} after "
+                                   f"{timeout:g} s of kicks: not closed")
+                self._left_run.wait(min(left, 0.1))
+
     def close(self) -> None:
-        if self.dirty_ring is not None:
-            self.dirty_ring.close()
-            self.dirty_ring = None
-        if self._stats is not None:
-            self._stats.close()
-            self._stats = None
-        if self._run_addr is not None:
-            self._run_buf.release()
-            lib.kvmpy_munmap(self._run_addr, self._run_size)
-            self._run_addr = None
+        """Stop a run in progress (see ``run``), then close the stats fd, unmap the dirty ring
+        and kvm_run, and close the vCPU fd. Idempotent."""
+        if not self._release.alive:
+            return
+        self._stop()
+        with self._lock:
+            self._release()
             self.run_struct = None
-        if self.fd >= 0:
-            os.close(self.fd)
+            self.dirty_ring = None
+            self._stats = None
             self.fd = -1
+
+
+class _Owned:
+    """What a vCPU owns, released once (by ``Vcpu.close`` or when the vCPU is collected).
+
+    It holds no reference to the vCPU, so that the vCPU can be collected.
+    """
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.run: Mapping | None = None
+        self.ring: Mapping | None = None
+        self.stats: Stats | None = None
+
+    def release(self) -> None:
+        if self.stats is not None:
+            self.stats.close()
+        for mapping in (self.ring, self.run):
+            if mapping is not None:
+                mapping.close()
+        os.close(self.fd)

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import os
 import struct
+import weakref
 from typing import TYPE_CHECKING
 
-from kvmpy.abi import IoctlResult, cap_name, ffi, ioctl, ioctl_int, ioctl_unchecked, lib, require_cap
+from kvmpy import faults
+from kvmpy.abi import (IoctlResult, cap_name, check_u32, ffi, ioctl, ioctl_int, ioctl_unchecked, lib, new_struct,
+                       require_cap)
 from kvmpy.bitmap import DirtyBitmap
 from kvmpy.errors import IoctlError, KvmError, RequirementError
 from kvmpy.memory import Anonymous, Backing, Memslot
@@ -23,7 +26,11 @@ if TYPE_CHECKING:
 
 
 class Vm:
-    """A VM fd. Closing it closes its vCPUs, unmaps its memory and releases every fd."""
+    """A VM fd. Closing it closes its vCPUs, unmaps its memory and releases every fd.
+
+    A VM dropped without ``close()`` releases them when it is garbage collected, in
+    the same order: vCPUs, stats, the VM fd, then the memory.
+    """
 
     def __init__(self, kvm: "Kvm", fd: int, vm_type: int = 0) -> None:
         self.kvm = kvm
@@ -32,6 +39,9 @@ class Vm:
         self.memslots: dict[int, Memslot] = {}
         self.vcpus: dict[int, Vcpu] = {}
         self._stats: Stats | None = None
+        self._owned = _Owned(fd, self.memslots)
+        self._release = weakref.finalize(self, self._owned.release)
+        self._release.atexit = False  # at exit the kernel cleans up (and vCPU threads may still run)
         self.dirty_ring_size = 0          # bytes per vCPU ring, 0 when not enabled
         self.dirty_ring_acq_rel = False
         self.manual_protect_flags = 0     # KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 flags enabled
@@ -53,31 +63,34 @@ class Vm:
 
     def enable_cap(self, cap: int, *args: int, flags: int = 0) -> None:
         """KVM_ENABLE_CAP on the VM with up to four u64 arguments."""
-        ec = ffi.new("struct kvm_enable_cap *")
-        ec.cap = cap
-        ec.flags = flags
-        for i, a in enumerate(args):
-            ec.args[i] = a
+        what = f"KVM_ENABLE_CAP {cap_name(cap)}"
+        if len(args) > 4:
+            raise KvmError(f"{what}: {len(args)} arguments, at most 4")
+        ec = new_struct("struct kvm_enable_cap *", what, cap=cap, flags=flags, args=list(args))
         ioctl(self.fd, "KVM_ENABLE_CAP", ec, self.name, f"{cap_name(cap)} args={list(args)}")
 
     def set_tss_addr(self, addr: int) -> None:
         ioctl_int(self.fd, "KVM_SET_TSS_ADDR", addr, self.name, f"addr {addr:#x}")
 
     def set_identity_map_addr(self, addr: int) -> None:
-        p = ffi.new("uint64_t *", addr)
+        try:
+            p = ffi.new("uint64_t *", addr)
+        except (OverflowError, TypeError):
+            raise KvmError(f"{self.name}: identity map address {addr!r} is not a u64") from None
         ioctl(self.fd, "KVM_SET_IDENTITY_MAP_ADDR", p, self.name, f"addr {addr:#x}")
 
     # -- memslots ---------------------------------------------------------------
     def _set_region(self, slot: int, flags: int, gpa: int, size: int, hva: int) -> None:
-        r = ffi.new("struct kvm_userspace_memory_region *")
-        r.slot, r.flags, r.guest_phys_addr, r.memory_size, r.userspace_addr = slot, flags, gpa, size, hva
-        ioctl(self.fd, "KVM_SET_USER_MEMORY_REGION", r, self.name,
-              f"slot {slot} gpa {gpa:#x} size {size:#x} flags {flags:#x}")
+        context = f"slot {slot} gpa {gpa:#x} size {size:#x} flags {flags:#x}"
+        r = new_struct("struct kvm_userspace_memory_region *", f"KVM_SET_USER_MEMORY_REGION [{context}]", slot=slot,
+                       flags=flags, guest_phys_addr=gpa, memory_size=size, userspace_addr=hva)
+        ioctl(self.fd, "KVM_SET_USER_MEMORY_REGION", r, self.name, context)
 
     def add_memory(self, slot: int, gpa: int, size: int, backing: Backing | None = None, flags: int = 0) -> Memslot:
         """Allocate ``size`` bytes with ``backing`` (anonymous 4K by default) and map them at ``gpa``."""
         if slot in self.memslots:
             raise KvmError(f"{self.name}: slot {slot} is already in use")
+        check_u32(slot, "memslot id")
         backing = backing or Anonymous()
         mapping = backing.allocate(size)
         try:
@@ -116,33 +129,47 @@ class Vm:
 
     def slot_at(self, gpa: int, length: int = 1) -> Memslot:
         """The memslot that holds ``[gpa, gpa+length)``."""
-        for ms in self.memslots.values():
-            if ms.contains(gpa, length):
-                return ms
+        if length >= 0:
+            for ms in self.memslots.values():
+                if ms.contains(gpa, length):
+                    return ms
         raise KvmError(f"{self.name}: GPA range {gpa:#x}+{length:#x} is not inside one memslot")
 
     def gpa_view(self, gpa: int, length: int) -> memoryview:
-        """Writable view of guest memory ``[gpa, gpa+length)`` (must lie in one slot)."""
+        """Writable view of guest memory ``[gpa, gpa+length)`` (must lie in one slot).
+
+        Released when its slot is deleted or the VM closed: using it then raises
+        ValueError, never touches unmapped memory (see :class:`~kvmpy.memory.Mapping`).
+        ``read``/``write`` copy instead.
+        """
         ms = self.slot_at(gpa, length)
-        off = gpa - ms.gpa
-        return ms.view[off: off + length]
+        return ms.mapping.view(gpa - ms.gpa, length)
 
     def read(self, gpa: int, length: int) -> bytes:
-        return bytes(self.gpa_view(gpa, length))
+        """A copy of guest memory ``[gpa, gpa+length)`` (one slot)."""
+        ms = self.slot_at(gpa, length)
+        return ms.mapping.read(gpa - ms.gpa, length)
 
     def write(self, gpa: int, data: bytes) -> None:
-        self.gpa_view(gpa, len(data))[:] = data
+        """Copy ``data`` to guest memory at ``gpa`` (one slot)."""
+        ms = self.slot_at(gpa, len(data))
+        ms.mapping.write(gpa - ms.gpa, data)
 
     def read_u64(self, gpa: int) -> int:
-        return struct.unpack("<Q", self.gpa_view(gpa, 8))[0]
+        return struct.unpack("<Q", self.read(gpa, 8))[0]
 
     def write_u64(self, gpa: int, value: int) -> None:
-        struct.pack_into("<Q", self.gpa_view(gpa, 8), 0, value)
+        try:
+            data = struct.pack("<Q", value)
+        except struct.error:
+            raise KvmError(f"{self.name}: {value!r} is not a u64 (writing GPA {gpa:#x})") from None
+        self.write(gpa, data)
 
     # -- dirty logging ----------------------------------------------------------
     def enable_dirty_logging(self, slot: int, on: bool = True) -> None:
         """Set or clear KVM_MEM_LOG_DIRTY_PAGES on ``slot``."""
         ms = self._slot(slot)
+        on = on or faults.active("logging-never-disabled")  # FAULT: logging-never-disabled
         flags = ms.flags | lib.KVM_MEM_LOG_DIRTY_PAGES if on else ms.flags & ~lib.KVM_MEM_LOG_DIRTY_PAGES
         self.set_memory_flags(slot, flags)
 
@@ -170,8 +197,7 @@ class Vm:
         bm = into if into is not None else DirtyBitmap(ms.npages if ms else 64)
         if ms is not None and bm.npages < ms.npages:
             raise KvmError(f"bitmap of {bm.npages} pages cannot hold slot {slot}'s {ms.npages}")
-        log = ffi.new("struct kvm_dirty_log *")
-        log.slot = slot
+        log = new_struct("struct kvm_dirty_log *", "KVM_GET_DIRTY_LOG", slot=slot)
         buf = bm.cdata()
         log.dirty_bitmap = buf
         return ioctl_unchecked(self.fd, "KVM_GET_DIRTY_LOG", log)
@@ -194,8 +220,8 @@ class Vm:
         ms = self.memslots.get(slot)
         if ms is not None and bitmap.npages < ms.npages:
             raise KvmError(f"bitmap of {bitmap.npages} pages cannot hold slot {slot}'s {ms.npages}")
-        cl = ffi.new("struct kvm_clear_dirty_log *")
-        cl.slot, cl.first_page, cl.num_pages = slot, first_page, num_pages
+        cl = new_struct("struct kvm_clear_dirty_log *", "KVM_CLEAR_DIRTY_LOG", slot=slot, first_page=first_page,
+                        num_pages=num_pages)
         # The kernel reads the bits from first_page on, after refusing an unaligned first_page
         # or a range past the slot's end: the rest of our bitmap always covers what it reads.
         sub = bytearray(bitmap.buffer[first_page // 8:]) or bytearray(8)
@@ -248,9 +274,11 @@ class Vm:
         """KVM_CREATE_VCPU; the vCPU maps its kvm_run (and dirty ring, if enabled)."""
         if vcpu_id in self.vcpus:
             raise KvmError(f"{self.name}: vCPU {vcpu_id} already exists")
+        check_u32(vcpu_id, "vCPU id")
         fd = ioctl_int(self.fd, "KVM_CREATE_VCPU", vcpu_id, self.name, f"vcpu {vcpu_id}")
         vcpu = Vcpu(self, vcpu_id, fd)
         self.vcpus[vcpu_id] = vcpu
+        self._owned.vcpus.append(vcpu._release)
         return vcpu
 
     @property
@@ -259,23 +287,27 @@ class Vm:
         if self._stats is None:
             self.require_extension(lib.KVM_CAP_BINARY_STATS_FD)
             fd = ioctl_int(self.fd, "KVM_GET_STATS_FD", 0, self.name)
-            self._stats = Stats(fd, self.name)
+            self._stats = self._owned.stats = Stats(fd, self.name)
         return self._stats
 
     def close(self) -> None:
-        """Close vCPUs, the stats fd and the VM fd, then unmap all guest memory."""
+        """Close vCPUs, the stats fd and the VM fd, then unmap all guest memory. Idempotent.
+
+        A vCPU another thread is running is kicked out of KVM_RUN first; if one does
+        not come out (KvmError), nothing is released yet (the vCPUs refuse new runs) and
+        ``close()`` may be called again. Views of guest memory are released (see
+        :meth:`gpa_view`).
+        """
+        if not self._release.alive:
+            return
+        for vcpu in list(self.vcpus.values()):
+            vcpu._stop()
         for vcpu in list(self.vcpus.values()):
             vcpu.close()
         self.vcpus.clear()
-        if self._stats is not None:
-            self._stats.close()
-            self._stats = None
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-        # Unmap only after the VM fd is gone, so KVM never sees a slot without memory.
-        for ms in self.memslots.values():
-            ms.mapping.close()
+        self._release()
+        self._stats = None
+        self.fd = -1
         self.memslots.clear()
 
     def __enter__(self) -> "Vm":
@@ -283,3 +315,27 @@ class Vm:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class _Owned:
+    """What a VM owns, released once (by ``Vm.close`` or when the VM is collected).
+
+    It holds no reference to the VM (so that the VM can be collected), only to the
+    memslots dict it shares with it and to the vCPUs' own releases.
+    """
+
+    def __init__(self, fd: int, memslots: dict[int, Memslot]) -> None:
+        self.fd = fd
+        self.memslots = memslots
+        self.vcpus: list[weakref.finalize] = []
+        self.stats: Stats | None = None
+
+    def release(self) -> None:
+        for release_vcpu in self.vcpus:
+            release_vcpu()
+        if self.stats is not None:
+            self.stats.close()
+        os.close(self.fd)
+        # Unmap only after the VM fd is gone, so KVM never sees a slot without memory.
+        for ms in self.memslots.values():
+            ms.mapping.close()

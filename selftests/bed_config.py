@@ -22,13 +22,11 @@ from __future__ import annotations
 import os
 from typing import Mapping
 
-from kvmpy import hostinfo
+from kvmpy import bed_mark, hostinfo
 from kvmpy.bed.matrix import CONFIG_ENV, configs_with, normalize
 from kvmpy.bed.testbed import BACKEND_ENV, PARAMS_ENV
 from kvmpy.errors import RequirementError
 from kvmpy.hostinfo import MmuFlavour
-
-from . import host_state
 
 # The bed backend whose machine has each CPU vendor's virtualization extension.
 EXTENSION = {"amd": "SVM", "intel": "VMX"}
@@ -37,21 +35,23 @@ VENDOR_NAME = {"amd": "AMD", "intel": "Intel"}
 
 
 def boot_params() -> dict[str, str]:
-    """The module parameters this bed boot was given ({} outside the bed)."""
-    if not host_state.in_bed():
-        return {}
+    """The module parameters this bed boot was given (what the bed told the job; {} elsewhere)."""
     words = os.environ.get(PARAMS_ENV, "").split()
     return dict(w.split("=", 1) for w in words if "=" in w)
 
 
 def matrix_row() -> str:
     """The matrix row this bed boot runs ('' outside a matrix)."""
-    return os.environ.get(CONFIG_ENV, "") if host_state.in_bed() else ""
+    return os.environ.get(CONFIG_ENV, "")
 
 
-def may_change(param: str) -> bool:
-    """Whether a test may set ``param`` itself (and restore it): in a single bed boot, unless --param fixed it."""
-    return host_state.in_bed() and not matrix_row() and param not in boot_params()
+def boot_fixes(param: str) -> bool:
+    """Whether this bed boot fixed ``param`` (a matrix row, or --param): no test may change it.
+
+    Only restricts: whether anything may be changed at all is the bed's mark's to say
+    (selftests/host_state.py), never an environment variable's.
+    """
+    return bool(matrix_row()) or param in boot_params()
 
 
 def _options(params: Mapping[str, str]) -> str:
@@ -60,7 +60,7 @@ def _options(params: Mapping[str, str]) -> str:
 
 def setting() -> str:
     """Where the tests run, as a skip reason names it."""
-    if not host_state.in_bed():
+    if not bed_mark.in_bed():
         return "this host"
     given = " ".join(f"{k}={v}" for k, v in boot_params().items())
     if matrix_row():
@@ -71,7 +71,7 @@ def setting() -> str:
 
 def how_to_run(needs: Mapping[str, str]) -> str:
     """The option (and matrix rows) that give ``needs``, e.g. ``--param kvm_amd.npt=0 (matrix row shadow)``."""
-    if not host_state.in_bed():
+    if not bed_mark.in_bed():
         loads = " ".join(f"{k}={v}" for k, v in needs.items())
         return (f"load the modules with {loads} or run `kvmpy selftest --bed {_options(needs)}`" if needs
                 else "run `kvmpy selftest --bed`")
@@ -104,14 +104,14 @@ def require_param(param: str, want: str, now: str | None) -> None:
 def require_bed_shadow_paging() -> None:
     """Inside the bed: RequirementError in the bed's terms unless new VMs use shadow paging."""
     fl = hostinfo.mmu_flavour()
-    if host_state.in_bed() and fl.tdp:
+    if bed_mark.in_bed() and fl.tdp:
         require(False, f"needs shadow paging, but {fl.tdp_param}=Y (TDP never shadows guest page tables)",
                 {fl.tdp_param: "0"})
 
 
 def require_bed_nested(vendor: str) -> None:
     """Inside the bed: RequirementError in the bed's terms unless its guests can run an L2 of ``vendor``."""
-    if not host_state.in_bed():
+    if not bed_mark.in_bed():
         return
     have = hostinfo.cpu_vendor()
     if have != vendor:

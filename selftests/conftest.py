@@ -27,13 +27,12 @@ import os
 
 import pytest
 
-from kvmpy import hostinfo
+from kvmpy import bed_mark, hostinfo
 from kvmpy.errors import RequirementError
 from kvmpy.hostinfo import MmuFlavour
 from kvmpy.kvm import Kvm
 
 from . import bed_config, privilege
-from .host_state import in_bed
 
 # The usable-KVM guard (no KVM: not tested), results (JSON for the report, the kvmpy_stats
 # fixture), the known-issues list and the kernel-splat watch apply to every selftest run,
@@ -74,7 +73,7 @@ def _observable(cpl: int) -> None:
     try:
         hostinfo.require_mmu_visible(cpl)
     except RequirementError as e:
-        if in_bed():
+        if bed_mark.in_bed():
             pytest.fail(f"inside the bed KVM's MMU must be observable, but: {e}", pytrace=False)
         raise
 

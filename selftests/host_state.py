@@ -2,139 +2,221 @@
 
 On a normal host nothing here changes anything: a pool that is too small or a
 module parameter with the wrong value is a RequirementError (a skip) naming the
-command that would let the test run. Inside ``kvmpy bed`` (env KVMPY_BED=1, set
-by the bed's job script) the pool is grown or the parameter set for the test,
-and restored afterwards, also on failure or Ctrl-C.
+command that would let the test run. Inside ``kvmpy bed`` (:func:`kvmpy.bed_mark.in_bed`:
+marks only the bed's own boot leaves, never an environment variable) the pool is
+grown or the parameter set for the test.
+
+Every change goes through a :class:`HostChanges` journal, which records a file's
+old value before it writes the new one: a failed write, the failure of a later
+write in the same step, an exception in the test and Ctrl-C all end with every
+value written back, newest first; stop signals wait until that is done.
 """
 from __future__ import annotations
 
 import contextlib
 import os
+import signal
+import threading
 
-from kvmpy.errors import RequirementError, require
-from kvmpy.hostinfo import module_params, param_on
-from kvmpy.memory import Hugetlb, hugetlb_pool
+from kvmpy.bed_mark import in_bed
+from kvmpy.errors import KvmError, RequirementError, require
+from kvmpy.hostinfo import param_on
+from kvmpy.memory import Hugetlb, hugetlb_pool, hugetlb_pool_dir, hugetlb_shortfall
 
 from . import bed_config
 
 EAGER_PARAM = "/sys/module/kvm/parameters/eager_page_split"
+DROP_CACHES = "/proc/sys/vm/drop_caches"
+COMPACT_MEMORY = "/proc/sys/vm/compact_memory"
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
-def in_bed() -> bool:
-    """True inside ``kvmpy bed`` (a throwaway VM where tests may change host knobs)."""
-    return os.environ.get("KVMPY_BED") == "1"
+class HostFs:
+    """The host's /proc and /sys, under ``root`` (a fake tree in kvmpy's unit tests)."""
+
+    def __init__(self, root: str = "/") -> None:
+        self.root = root
+
+    def path(self, path: str) -> str:
+        return os.path.join(self.root, path.lstrip("/"))
+
+    def read(self, path: str) -> str | None:
+        """Stripped contents, None if the file cannot be read."""
+        try:
+            with open(self.path(path)) as f:
+                return f.read().strip()
+        except OSError:
+            return None
+
+    def write(self, path: str, value: str) -> None:
+        """Write ``value``; KvmError naming the file and the errno."""
+        try:
+            with open(self.path(path), "w") as f:
+                f.write(value)
+        except OSError as e:
+            raise KvmError(f"cannot write {value!r} to {path}: {e.strerror}") from None
+
+    def in_bed(self) -> bool:
+        return in_bed(self.root)
+
+    def pool(self, page_size: int) -> dict[str, int] | None:
+        return hugetlb_pool(page_size, self.root)
+
+    def available(self, page_size: int) -> int:
+        pool = self.pool(page_size)
+        return 0 if pool is None else pool["free"] - pool["resv"]
 
 
-def _mem_total() -> str:
-    try:
-        with open("/proc/meminfo") as f:
-            return f.readline().split(":", 1)[1].strip()
-    except (OSError, IndexError):
-        return "unknown"
-
-
-def _write(path: str, value: str) -> None:
-    with open(path, "w") as f:
-        f.write(value)
-
-
-def _pool_path(page_size: int) -> str:
-    return f"/sys/kernel/mm/hugepages/hugepages-{page_size // 1024}kB/nr_hugepages"
-
-
-def _available(page_size: int) -> int:
-    pool = hugetlb_pool(page_size)
-    return 0 if pool is None else pool["free"] - pool["resv"]
-
-
-def _grow_pool(page_size: int, count: int) -> int | None:
-    """Bed only: grow the pool until ``count`` pages are free; returns the old pool size
-    to restore (None if the pool was not touched).  Never skips, never raises on a
-    shortfall: callers check :func:`_available` afterwards."""
-    pool = hugetlb_pool(page_size)
-    if pool is None or not in_bed() or _available(page_size) >= count:
-        return None
-    old = pool["total"]
-    for _ in range(2):
-        _write(_pool_path(page_size), str(old + count - (pool["free"] - pool["resv"])))
-        if _available(page_size) >= count:
-            break
-        # Earlier allocations leave memory fragmented: drop caches and compact, then retry.
-        _write("/proc/sys/vm/drop_caches", "3")
-        _write("/proc/sys/vm/compact_memory", "1")
-    return old
+HOST = HostFs()
 
 
 @contextlib.contextmanager
-def reserved_in_bed(*wants: tuple[int, int]):
-    """Bed only, best effort: reserve ``(page_size, count)`` hugetlb pages for a whole
-    module (before its tests fragment memory), restore the pools afterwards."""
-    restore: list[tuple[int, int]] = []
+def _stop_signals_wait():
+    """Stop signals that arrive in the block are acted on after it (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    got: list[int] = []
+    saved = {}
     try:
-        for page_size, count in wants:
-            old = _grow_pool(page_size, count)
-            if old is not None:
-                restore.append((page_size, old))
+        for signo in STOP_SIGNALS:
+            saved[signo] = signal.signal(signo, lambda n, _f: got.append(n))
         yield
     finally:
-        for page_size, old in reversed(restore):
-            _write(_pool_path(page_size), str(old))
+        for signo, handler in saved.items():
+            signal.signal(signo, handler)
+        for signo in dict.fromkeys(got):
+            signal.raise_signal(signo)
+
+
+class HostChanges:
+    """A journal of host file writes, undone newest first when the ``with`` block ends.
+
+    ``set`` records the file's value before it writes (a file whose value cannot be
+    read is not written); ``trigger`` writes an action file (drop_caches) that has
+    nothing to restore. Only inside the bed: outside, both refuse.
+    """
+
+    def __init__(self, fs: HostFs = HOST) -> None:
+        self.fs = fs
+        self._old: dict[str, str] = {}      # insertion order: the order of the first writes
+
+    def _check_bed(self, path: str) -> None:
+        if not self.fs.in_bed():
+            raise KvmError(f"refusing to write {path}: not inside `kvmpy bed`")
+
+    def set(self, path: str, value: str) -> None:
+        self._check_bed(path)
+        if path not in self._old:
+            old = self.fs.read(path)
+            if old is None:
+                raise KvmError(f"cannot read {path}: not writing a value it could not restore")
+            self._old[path] = old
+        self.fs.write(path, value)
+
+    def trigger(self, path: str, value: str) -> None:
+        self._check_bed(path)
+        self.fs.write(path, value)
+
+    def restore(self) -> None:
+        """Write every old value back, newest first; KvmError naming those that failed."""
+        failed = []
+        with _stop_signals_wait():
+            while self._old:
+                path, old = next(reversed(self._old.items()))
+                try:
+                    self.fs.write(path, old)
+                except KvmError as e:
+                    failed.append(str(e))
+                del self._old[path]
+        if failed:
+            raise KvmError("host state not restored: " + "; ".join(failed))
+
+    def __enter__(self) -> "HostChanges":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.restore()
+
+
+def _mem_total(fs: HostFs) -> str:
+    line = (fs.read("/proc/meminfo") or "").split("\n", 1)[0]
+    return line.split(":", 1)[1].strip() if ":" in line else "unknown"
+
+
+def _grow_pool(changes: HostChanges, page_size: int, count: int) -> None:
+    """Bed only: grow the pool until ``count`` pages are free (its old size is in the
+    journal before the first write).  Never skips, never raises on a shortfall:
+    callers check the pool afterwards."""
+    fs = changes.fs
+    pool = fs.pool(page_size)
+    if pool is None or not fs.in_bed() or fs.available(page_size) >= count:
+        return
+    path = os.path.join(hugetlb_pool_dir(page_size, "/"), "nr_hugepages")
+    for _ in range(2):
+        changes.set(path, str(pool["total"] + count - (pool["free"] - pool["resv"])))
+        if fs.available(page_size) >= count:
+            break
+        # Earlier allocations leave memory fragmented: drop caches and compact, then retry.
+        changes.trigger(DROP_CACHES, "3")
+        changes.trigger(COMPACT_MEMORY, "1")
 
 
 @contextlib.contextmanager
-def hugetlb_pages(page_size: int, count: int):
+def reserved_in_bed(*wants: tuple[int, int], fs: HostFs = HOST):
+    """Bed only, best effort: reserve ``(page_size, count)`` hugetlb pages for a whole
+    module (before its tests fragment memory), restore the pools afterwards."""
+    with HostChanges(fs) as changes:
+        for page_size, count in wants:
+            _grow_pool(changes, page_size, count)
+        yield
+
+
+@contextlib.contextmanager
+def hugetlb_pages(page_size: int, count: int, fs: HostFs = HOST):
     """Make ``count`` free hugetlb pages of ``page_size`` available, restoring the pool after.
 
     On a normal host nothing is reserved: a pool that is too small is a
     RequirementError naming the command to run.  Inside the bed the pool is grown for the test.
     """
     kb = page_size // 1024
-    require(hugetlb_pool(page_size) is not None,
+    require(fs.pool(page_size) is not None,
             f"no hugetlb pool of {kb}kB pages on this kernel (/sys/kernel/mm/hugepages/hugepages-{kb}kB missing)")
-    if _available(page_size) >= count:
+    if fs.available(page_size) >= count:
         yield
         return
-    if not in_bed():
-        try:
-            Hugetlb(page_size).check(count * page_size)
-        except RequirementError as e:
-            raise RequirementError(f"{e} (kvmpy reserves hugetlb pages only inside `kvmpy bed`)") from None
-    old = None
-    try:
-        old = _grow_pool(page_size, count)
-        require(_available(page_size) >= count,
+    if not fs.in_bed():
+        why = hugetlb_shortfall(page_size, count, fs.root)
+        raise RequirementError(f"{Hugetlb(page_size).name} backing: {why} "
+                               f"(kvmpy reserves hugetlb pages only inside `kvmpy bed`)")
+    with HostChanges(fs) as changes:
+        _grow_pool(changes, page_size, count)
+        require(fs.available(page_size) >= count,
                 f"bed: needed {count} free {kb}kB huge pages, the kernel could provide only "
-                f"{_available(page_size)} even after compaction (bed memory: {_mem_total()}; a 1G page needs "
+                f"{fs.available(page_size)} even after compaction (bed memory: {_mem_total(fs)}; a 1G page needs "
                 f"1 GiB of contiguous free memory: boot with hugepagesz=1G hugepages=1, or --mem 4G+)")
         yield
-    finally:
-        if old is not None:
-            _write(_pool_path(page_size), str(old))
 
 
 @contextlib.contextmanager
-def eager_page_split(want: bool):
+def eager_page_split(want: bool, fs: HostFs = HOST):
     """Run with kvm.eager_page_split == ``want``: set (and restore) it inside the bed only.
 
     On a normal host the parameter is global to every VM, so it is never
     changed: a different value is a RequirementError. Inside the bed too when the
     boot fixed it (a matrix row, or --param: selftests/bed_config.py).
     """
-    value = (module_params("kvm") or {}).get("eager_page_split")
+    value = fs.read(EAGER_PARAM)
     require(value is not None, f"{EAGER_PARAM} is missing (kernel older than 6.0 or kvm not loaded)")
     cur = param_on(value)
     if cur == want:
         yield
         return
-    if in_bed() and not bed_config.may_change("kvm.eager_page_split"):
+    if fs.in_bed() and bed_config.boot_fixes("kvm.eager_page_split"):
         bed_config.require_param("kvm.eager_page_split", "Y" if want else "N", value)
-    require(in_bed(), f"needs kvm.eager_page_split={'Y' if want else 'N'}, the host has "
-                      f"{'Y' if cur else 'N'}; kvmpy changes it only inside `kvmpy bed` "
-                      f"(or run with --param kvm.eager_page_split={'Y' if want else 'N'})")
-    old = "Y" if cur else "N"
-    try:
-        _write(EAGER_PARAM, "Y" if want else "N")
+    require(fs.in_bed(), f"needs kvm.eager_page_split={'Y' if want else 'N'}, the host has "
+                         f"{'Y' if cur else 'N'}; kvmpy changes it only inside `kvmpy bed` "
+                         f"(or run with --param kvm.eager_page_split={'Y' if want else 'N'})")
+    with HostChanges(fs) as changes:
+        changes.set(EAGER_PARAM, "Y" if want else "N")
         yield
-    finally:
-        # Restored even when the test fails or is interrupted.
-        _write(EAGER_PARAM, old)

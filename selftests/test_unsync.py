@@ -61,12 +61,14 @@ def test_guest_page_table_writes_unsync_shadow_pages(kvm, cpl, shadow_paging, kv
             seen[stage] = {"mmu_unsync": int(snap["mmu_unsync"]), "mmu_shadow_zapped": int(snap["mmu_shadow_zapped"])}
 
         r = g.run(timeout=300, on_sync=on_sync)
+        after = int(g.vm.stats.snapshot()["mmu_unsync"])   # the guest finished, the VM still exists
 
     ready, shadowed, edited, invlpg, cr3, back, restored = (
         stages.UNSYNC_READY, stages.UNSYNC_SHADOWED, stages.UNSYNC_EDITED, stages.UNSYNC_INVLPG, stages.UNSYNC_CR3,
         stages.UNSYNC_SWAPPED_BACK, stages.UNSYNC_RESTORED)
     assert [s for _, s, _ in r.syncs] == [ready, shadowed, edited, invlpg, cr3, back, restored]
     base = seen[shadowed]["mmu_unsync"]
+    assert base == 0, f"{base} shadow pages unsync before the guest wrote a PTE (stats per stage: {seen})"
     went_unsync = seen[edited]["mmu_unsync"] - base
     assert went_unsync == NR_UNSYNC, (
         f"{shadow_paging.name}: the guest wrote PTEs in {NR_UNSYNC} of its {NR_TABLES} shadowed page "
@@ -79,6 +81,7 @@ def test_guest_page_table_writes_unsync_shadow_pages(kvm, cpl, shadow_paging, kv
     # Edited again: the same pages go unsync again; flushed again: back in sync.
     assert seen[back]["mmu_unsync"] - base == NR_UNSYNC, f"after swapping back: {seen}"
     assert seen[restored]["mmu_unsync"] == base, f"after swapping back and reloading CR3: {seen}"
+    assert after == 0, f"{after} shadow pages still unsync after the guest finished (stats per stage: {seen})"
     # Unsync, not zap: no shadow page was dropped on the way.
     assert seen[restored]["mmu_shadow_zapped"] == seen[shadowed]["mmu_shadow_zapped"], f"shadow pages were zapped: {seen}"
     kvmpy_stats(mmu_unsync=went_unsync)

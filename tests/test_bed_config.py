@@ -3,14 +3,28 @@ from __future__ import annotations
 
 import pytest
 
+from kvmpy import bed_mark
 from kvmpy.errors import RequirementError
-from selftests import bed_config, host_state
+from kvmpy.selftests import bed_config
+from kvmpy.selftests import host_state as hs
+
+BOOT = "0b7d1c9e-5a3f-4e21-8c6d-2f9a1b3c4d5e"
+
+
+def bed_root(tmp_path, eager="N"):
+    """A fake / of a bed boot (both marks) whose kvm.eager_page_split is ``eager``."""
+    files = {"/proc/cmdline": f"console=ttyS0 {bed_mark.CMDLINE_WORD}", bed_mark.BOOT_ID: BOOT,
+             bed_mark.MARK_FILE: BOOT, hs.EAGER_PARAM: eager}
+    for path, text in files.items():
+        (tmp_path / path.lstrip("/")).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / path.lstrip("/")).write_text(text + "\n")
+    return hs.HostFs(str(tmp_path))
 
 
 @pytest.fixture
 def bed(monkeypatch):
     """Inside a bed boot of an AMD machine; the test sets its parameters and row."""
-    monkeypatch.setattr(host_state, "in_bed", lambda: True)
+    monkeypatch.setattr(bed_mark, "in_bed", lambda root="/": True)
     monkeypatch.setattr(bed_config.hostinfo, "cpu_vendor", lambda: "amd")
     monkeypatch.setenv("KVMPY_BED_BACKEND", "qemu")
     monkeypatch.delenv("KVMPY_BED_CONFIG", raising=False)
@@ -18,39 +32,38 @@ def bed(monkeypatch):
     return monkeypatch
 
 
-def test_single_boot_may_change_what_no_param_fixed(bed):
+def test_single_boot_fixes_only_what_a_param_gave(bed):
     bed.setenv("KVMPY_BED_PARAMS", "kvm.tdp_mmu=N")
-    assert bed_config.may_change("kvm.eager_page_split")
-    assert not bed_config.may_change("kvm.tdp_mmu")
+    assert not bed_config.boot_fixes("kvm.eager_page_split")
+    assert bed_config.boot_fixes("kvm.tdp_mmu")
     assert bed_config.setting() == "this qemu bed boot (--param kvm.tdp_mmu=N)"
 
 
 def test_matrix_row_fixes_everything_and_names_the_row_that_runs_a_test(bed):
     bed.setenv("KVMPY_BED_CONFIG", "tdp+split")
     bed.setenv("KVMPY_BED_PARAMS", "kvm.tdp_mmu=Y kvm.eager_page_split=Y")
-    assert not bed_config.may_change("kvm.eager_page_split")
+    assert bed_config.boot_fixes("kvm.eager_page_split")
     with pytest.raises(RequirementError) as e:
         bed_config.require_param("kvm.eager_page_split", "N", "Y")
     assert str(e.value) == ("needs kvm.eager_page_split=N, it is Y; matrix row tdp+split (kvm.tdp_mmu=Y "
                             "kvm.eager_page_split=Y): --param kvm.eager_page_split=N (matrix row tdp-split) runs it")
 
 
-def test_eager_split_is_never_flipped_inside_a_matrix_row(bed, monkeypatch):
+def test_eager_split_is_never_flipped_inside_a_matrix_row(bed, tmp_path):
     bed.setenv("KVMPY_BED_CONFIG", "tdp-split")
     bed.setenv("KVMPY_BED_PARAMS", "kvm.tdp_mmu=Y kvm.eager_page_split=N")
-    monkeypatch.setattr(host_state, "module_params", lambda m: {"eager_page_split": "N"})
-    writes = []
-    monkeypatch.setattr(host_state, "_write", lambda path, value: writes.append((path, value)))
-    with pytest.raises(RequirementError, match=r"matrix row tdp-split \(kvm.tdp_mmu=Y kvm.eager_page_split=N\): .*\(matrix row tdp\+split\) runs it"):
-        with host_state.eager_page_split(True):
-            pass
-    assert writes == []
+    fs = bed_root(tmp_path, eager="N")
+    with pytest.raises(RequirementError, match=r"matrix row tdp-split \(kvm.tdp_mmu=Y kvm.eager_page_split=N\): "
+                                               r".*\(matrix row tdp\+split\) runs it"):
+        with hs.eager_page_split(True, fs=fs):
+            pytest.fail("the test must not run")
+    assert fs.read(hs.EAGER_PARAM) == "N"
     # Outside a matrix the same boot sets it for the test and restores it.
     bed.delenv("KVMPY_BED_CONFIG")
     bed.setenv("KVMPY_BED_PARAMS", "kvm.tdp_mmu=Y")
-    with host_state.eager_page_split(True):
-        assert writes == [(host_state.EAGER_PARAM, "Y")]
-    assert writes[-1] == (host_state.EAGER_PARAM, "N")
+    with hs.eager_page_split(True, fs=fs):
+        assert fs.read(hs.EAGER_PARAM) == "Y"
+    assert fs.read(hs.EAGER_PARAM) == "N"
 
 
 def test_bed_skip_reasons_name_the_option_never_this_host(bed, monkeypatch):
@@ -70,7 +83,7 @@ def test_bed_skip_reasons_name_the_option_never_this_host(bed, monkeypatch):
 
 
 def test_host_skip_reasons_point_at_the_bed(monkeypatch):
-    monkeypatch.setattr(host_state, "in_bed", lambda: False)
+    monkeypatch.setattr(bed_mark, "in_bed", lambda root="/": False)
     with pytest.raises(RequirementError) as e:
         bed_config.require(False, "needs shadow paging", {"kvm_amd.npt": "0"})
     assert str(e.value) == ("needs shadow paging; this host: load the modules with kvm_amd.npt=0 or run "

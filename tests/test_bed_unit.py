@@ -167,14 +167,14 @@ def test_cpio_archive_is_readable_by_cpio(tmp_path):
         w.chardev("dev/console", 5, 1)
         w.symlink("bin/sh", "busybox")
         w.close()
-    listing = subprocess.run([sh[0], "cpio", "-t", "-v"], stdin=open(out, "rb"),
-                             capture_output=True, text=True, check=True).stdout
+    listing = subprocess.run([sh[0], "cpio", "-t", "-v"], input=out.read_bytes(),
+                             capture_output=True, check=True).stdout.decode()
     assert "etc/kvmpy/x.txt" in listing and "dev/console" in listing
     console_line = next(l for l in listing.splitlines() if l.endswith("dev/console"))
     assert console_line.startswith("c")
     dest = tmp_path / "x"
     dest.mkdir()
-    subprocess.run([sh[0], "cpio", "-i", "-d", "etc/kvmpy/x.txt", "init"], stdin=open(out, "rb"),
+    subprocess.run([sh[0], "cpio", "-i", "-d", "etc/kvmpy/x.txt", "init"], input=out.read_bytes(),
                    cwd=dest, check=True, capture_output=True)
     assert (dest / "etc/kvmpy/x.txt").read_bytes() == b"hello\n"
     assert os.stat(dest / "init").st_mode & 0o777 == 0o755
@@ -187,7 +187,7 @@ def test_build_initramfs_holds_decompressed_closure(tmp_path):
                                     ["virtio_pci", "9p", "kvm_amd"], files={"extra/f": (b"x", 0o755)})
     dest = tmp_path / "x"
     dest.mkdir()
-    subprocess.run([sh[0], "cpio", "-i", "-d"], stdin=open(out, "rb"), cwd=dest,
+    subprocess.run([sh[0], "cpio", "-i", "-d"], input=out.read_bytes(), cwd=dest,
                    check=True, capture_output=True)
     order = (dest / "etc/kvmpy/modules").read_text().split()
     assert order[-1] == "kernel/arch/x86/kvm/kvm-amd.ko"

@@ -5,7 +5,9 @@ import struct
 
 import pytest
 
+from kvmpy.abi import ffi, lib
 from kvmpy.bitmap import DirtyBitmap
+from kvmpy.dirty_ring import GFN_SIZE, DirtyRing
 from kvmpy.dirtylog.checker import DirtyLogChecker, DirtyLogMismatch, read_stamps
 from kvmpy.memory import PAGE_4K
 from kvmpy.dirtylog.collectors import (LOG_MODES, ClearDirtyLogCollector, DirtyRingCollector, GetDirtyLogCollector,
@@ -191,6 +193,49 @@ def test_unpromised_phase_may_go_unreported_but_promised_may_not():
     assert ei.value.problems == {"missing": [3]}
 
 
+def test_report_counts_unlogged_writes_of_unpromised_phases():
+    """``unlogged``: writes of a phase KVM need not log that no later collection reported
+    (the toggle test's proof that logging was off)."""
+    chk, g = DirtyLogChecker(N), FakeGuest()
+    chk.begin_round(1, must_report=False)
+    g.write(1, 1, log=False)
+    g.write(2, 1)
+    chk.add_phase(2, must_report=False)
+    g.write(3, 2, log=False)
+    g.write(4, 2, log=False)
+    chk.add_phase(3)
+    g.write(5, 3)
+    chk.record(g.harvest())
+    assert chk.verify(g.stamps).unlogged == 3
+    assert run_round(chk, g, 4, [6]).unlogged == 0
+
+
+def test_report_counts_pages_reported_by_two_collections():
+    chk, g = DirtyLogChecker(N), FakeGuest()
+    chk.begin_round(1)
+    for p in (1, 2, 3):
+        g.write(p, 1)
+    chk.record(g.harvest())
+    chk.add_phase(2)
+    g.write(2, 2)
+    g.write(9, 2)
+    chk.record(g.harvest())
+    chk.record([])
+    rep = chk.verify(g.stamps)
+    assert (rep.reported, rep.rereported) == (4, 1)
+    assert run_round(chk, g, 3, [2]).rereported == 0
+
+
+def test_report_counts_late_stores_logged_in_the_next_round():
+    chk, g = DirtyLogChecker(N), FakeGuest()
+    run_round(chk, g, 1, [1])
+    assert _kicked_round(chk, g, 2, [2], (7, 2, False)).late_stores == 0
+    chk.begin_round(3)
+    g.write(7, 2)                    # the pending store retires, logged
+    chk.record(g.harvest())
+    assert chk.verify(g.stamps).late_stores == 1
+
+
 def test_stamps_must_be_fresh():
     chk = DirtyLogChecker(N)
     chk.begin_round(5)
@@ -353,3 +398,46 @@ def test_overwritten_ring_entries_fail_and_the_message_stays_bounded():
     msg = str(ei.value)
     assert ei.value.problems["missing"] == list(range(12))
     assert "(2999 stamps in all)" in msg and len(msg) < 4000, msg[:500]
+
+
+class FakeRing(DirtyRing):
+    """A DirtyRing over plain memory instead of a vCPU's mmap (the entries' flags set by hand)."""
+
+    class Memory:
+        closed = False
+
+        def __init__(self, cdata, size: int) -> None:
+            self.cdata, self.size = cdata, size
+
+        def read(self, offset: int, length: int) -> bytes:
+            return ffi.buffer(self.cdata, self.size)[offset:offset + length]
+
+    def __init__(self, nentries: int) -> None:
+        self.nentries, self.size_bytes, self.fetch_index, self.addr = nentries, nentries * GFN_SIZE, 0, 0
+        self.gfns = ffi.new("struct kvm_dirty_gfn[]", nentries)
+        self.mapping = self.Memory(self.gfns, self.size_bytes)
+
+    def publish(self, *indexes: int) -> None:
+        for i in indexes:
+            self.gfns[i].flags = lib.KVM_DIRTY_GFN_F_DIRTY
+            self.gfns[i].offset = i
+
+
+def test_ring_published_entries_and_reset_check_across_the_wrap():
+    r = FakeRing(8)
+    assert r.published() == 0
+    r.publish(0, 1, 2)
+    assert r.published() == 3
+    assert r.harvest() == [(0, 0), (0, 1), (0, 2)] and r.published() == 0
+    assert r.not_reset(0, 3) == 3          # harvested, flagged RESET, not reset by KVM yet
+    for i in range(3):
+        r.gfns[i].flags = 0                # KVM_RESET_DIRTY_RINGS re-arms them
+    assert r.not_reset(0, 3) == 0
+    r.fetch_index = 6
+    r.publish(6, 7, 0, 1)
+    assert r.published() == 4
+    assert [off for _, off in r.harvest()] == [6, 7, 0, 1]
+    r.gfns[6].flags = r.gfns[7].flags = 0  # KVM reset only the first two
+    assert r.not_reset(6, 4) == 2
+    r.publish(*range(8))
+    assert r.published() == 8              # a full ring

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from selftests.kernel_changes import CLEAR_SPLIT_OFF_BY_ONE, SPLIT_ON_FAULT, expect, has, parse_release
+from kvmpy.selftests.kernel_changes import CLEAR_SPLIT_OFF_BY_ONE, SPLIT_ON_FAULT, expect, has, parse_release
 
 BEFORE, SINCE = {"pages_4k": 1, "pages_2m": -1}, {"pages_4k": 512, "pages_2m": -1}
 

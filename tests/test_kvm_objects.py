@@ -75,7 +75,7 @@ def test_slot_add_move_delete(kvm):
         assert ei.value.errno == errno.EINVAL
         vm.delete_memory(1)
         assert not vm.memslots
-        assert ms.mapping.fd == -1
+        assert ms.mapping.closed
 
 
 def test_ioctl_error_message(kvm):

@@ -91,6 +91,7 @@ def test_sigkill_of_kvmpy_takes_its_pytest_child_along(tmp_path):
     proc, child = _start(tmp_path)
     proc.kill()
     proc.wait()
+    proc.stdout.close()
     deadline = time.monotonic() + 3
     while _alive(child) and time.monotonic() < deadline:
         time.sleep(0.1)

@@ -60,6 +60,26 @@ def test_parse_every_type():
     assert vals["wait_hist"] == (1, 2, 3)
 
 
+# The SPTE counts, their descriptors out of name order and values all different: a parser that
+# pairs a name with another stat's offset (e.g. pages_4k with pages_2m's) reads the wrong value.
+PAGE_STATS = [
+    ("pages_1g", _flags(lib.KVM_STATS_TYPE_INSTANT), 0, 1, 0),
+    ("pages_4k", _flags(lib.KVM_STATS_TYPE_INSTANT), 0, 1, 0),
+    ("mmu_unsync", _flags(lib.KVM_STATS_TYPE_INSTANT), 0, 1, 0),
+    ("pages_2m", _flags(lib.KVM_STATS_TYPE_INSTANT), 0, 1, 0),
+]
+
+
+def test_each_value_belongs_to_its_name():
+    values = {"pages_1g": [1], "pages_4k": [4096], "mmu_unsync": [7], "pages_2m": [512]}
+    meta, data = craft(PAGE_STATS, values=values)
+    layout = StatsLayout.parse(meta)
+    # The values sit in descriptor order in the data block, each at its descriptor's offset.
+    assert [layout.descs[n].offset for n, *_ in PAGE_STATS] == [0, 8, 16, 24]
+    assert layout.decode(data) == {name: v[0] for name, v in values.items()}
+    assert {n: StatsLayout._value(layout.descs[n], data) for n in values} == {n: v[0] for n, v in values.items()}
+
+
 def test_snapshot_diff():
     a = Snapshot({"exits": 5, "hist": (1, 1)})
     b = Snapshot({"exits": 9, "hist": (1, 4), "new": 3})

@@ -53,9 +53,15 @@ def mem():
     return FlatMemory(0x10000)
 
 
+# 64-bit arguments whose halves differ: a decoder reading 32 bits (or the wrong half) gets them wrong.
+BIG = (0x1_0000_0003, 0xFFFF_FFFF_0000_0007, 0x8000_0000_0000_0009, 0x2545_F491_4F6C_DD1D)
+
+
 def test_decode_each_command(mem):
     put(mem, 0x100, u.UCALL_SYNC, args=(3, 7, 9))
     assert u.decode(mem, 0x100) == u.SyncCall(0x100, 3, (7, 9))
+    put(mem, 0x100, u.UCALL_SYNC, args=(3,) + BIG + (1 << 63,))
+    assert u.decode(mem, 0x100) == u.SyncCall(0x100, 3, BIG + (1 << 63,))
     put(mem, 0x100, u.UCALL_DONE)
     assert u.decode(mem, 0x100) == u.DoneCall(0x100)
     put(mem, 0x100, u.UCALL_PRINTF, buf=b"x" * 511, flags=u.UCALL_F_TRUNCATED)
@@ -64,9 +70,12 @@ def test_decode_each_command(mem):
     a = u.decode(mem, 0x100)
     assert (a.file, a.line, a.expr, a.values, a.op, a.message) == ("guests/a.c", 12, "v == 42", (41, 42), "==", "")
     assert a.describe() == "guests/a.c:12: v == 42 (left 0x29 = 41, right 0x2a = 42)"
-    put(mem, 0x100, u.UCALL_EXCEPTION, args=(14, 2, 0x401000, 0xDEAD000, 0x107F00, 8))
+    put(mem, 0x100, u.UCALL_ASSERT, line=7, args=BIG[1:3], flags=u.UCALL_F_NE, buf=b"g.c\0a != b\0")
+    assert u.decode(mem, 0x100).values == BIG[1:3]
+    put(mem, 0x100, u.UCALL_EXCEPTION, args=(14, 2, 0xFFFF_FFFF_8040_1000, 0x7F12_3456_7000, 0xFFFF_8000_0010_7F00, 8))
     e = u.decode(mem, 0x100)
-    assert (e.vector_name, e.error_code, e.rip, e.cr2) == ("#PF", 2, 0x401000, 0xDEAD000)
+    assert (e.vector_name, e.error_code, e.rip, e.cr2, e.rsp, e.cs) == (
+        "#PF", 2, 0xFFFF_FFFF_8040_1000, 0x7F12_3456_7000, 0xFFFF_8000_0010_7F00, 8)
 
 
 @pytest.mark.parametrize("gpa,kw,match", [

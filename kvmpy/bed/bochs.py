@@ -31,6 +31,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import tarfile
 import tempfile
@@ -44,11 +45,12 @@ from kvmpy.bed.backend import Backend
 from kvmpy.bed.initramfs import KVM_MODULES, build_initramfs, busybox
 from kvmpy.bed.job import inner_timeout, job_script
 from kvmpy.bed.kernel import Kernel, cache_dir
-from kvmpy.bed.machine import ConsoleLog, boot_failure, die_with_parent, exit_on_sigterm, kill_machine, settle
+from kvmpy.bed.machine import ConsoleLog, boot_failure, exit_on_sigterm, kill_machine, settle
 from kvmpy.bed.media import append_archive, make_iso, write_cpio
 from kvmpy.bed.protocol import INSIDE_RESULTS, INSIDE_SHARE, MARKER, BedError
 from kvmpy.bed.request import BedFacts, BedRequest, BedResult, kernel_cmdline, megabytes, parse_console
 from kvmpy.bed.results import files_from_tar
+from kvmpy.child import die_with_parent
 
 BOCHS = "bochs-bin"
 BIOS_DIR = Path("/usr/share/bochs")
@@ -108,6 +110,7 @@ run_job() {
     mount -t debugfs debugfs $R/sys/kernel/debug 2>/dev/null
     mkdir -p $R@RESULTS@
     cp /etc/kvmpy/job.sh $R@INSIDE@/job.sh
+    mark_bed $R || return 2
     timeout -s KILL @TIMEOUT@ chroot $R /bin/sh @INSIDE@/job.sh < /dev/null
     st=$?
     dmesg > $R@INSIDE@/dmesg.txt 2>/dev/null
@@ -346,7 +349,7 @@ def _run_machine(argv: List[str], serial: Path, request: BedRequest, start: floa
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out,
                                 stderr=subprocess.STDOUT, cwd=cwd, start_new_session=True,
                                 # script dies with us; Bochs gets SIGHUP when its pty closes
-                                preexec_fn=die_with_parent)
+                                preexec_fn=die_with_parent(signal.SIGKILL))
     # The base64 block of result files is not console output worth echoing.
     log = ConsoleLog(request, start, hide=(RESULTS_BEGIN, RESULTS_END))
     timed_out = False

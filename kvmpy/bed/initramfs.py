@@ -10,8 +10,9 @@ The init (see :data:`INIT_SCRIPT`) is the same for every machine backend:
 3. prints the bed's facts (release, CPU, vendor module, hugetlb pools,
    effective KVM module parameters) and ``ready`` on the console, in the
    protocol of :mod:`kvmpy.bed.protocol`;
-4. sources the backend's payload ``/etc/kvmpy/payload.sh``, which runs the
-   command and sets ``$status``;
+4. sources the backend's payload ``/etc/kvmpy/payload.sh``, which leaves the
+   bed's mark in the command's root (``mark_bed``, see :mod:`kvmpy.bed_mark`),
+   runs the command and sets ``$status``;
 5. prints ``KVMPY-BED: exit <status>`` and powers off.
 
 The cpio "newc" archive is written here in Python so that device nodes
@@ -28,6 +29,7 @@ from typing import BinaryIO, Dict, Iterable, Optional, Sequence, Union
 
 from kvmpy.bed.kernel import Kernel, module_name
 from kvmpy.bed.protocol import BOOT_DONE, MARKER, BedError
+from kvmpy.bed_mark import BOOT_ID, MARK_DIR, MARK_FILE
 
 #: Modules the QEMU bed needs: the 9p share of the host's / (made writable
 #: with an overlay) and KVM itself.
@@ -47,6 +49,8 @@ CPUINFO=${KVMPY_CPUINFO:-/proc/cpuinfo}
 MODLIST=${KVMPY_MODLIST:-/etc/kvmpy/modules}
 MODDIR=${KVMPY_MODDIR:-/lib/modules}
 INSMOD=${KVMPY_INSMOD:-insmod}
+MOUNT=${KVMPY_MOUNT:-mount}
+BOOT_ID=${KVMPY_BOOT_ID:-@BOOT_ID@}
 
 say() { echo "@MARKER@ $*"; }
 
@@ -121,6 +125,17 @@ report_facts() {
     done
 }
 
+# The bed's mark (kvmpy.bed_mark): this boot's id on a tmpfs in the command's root
+# $1, made read-only before the command starts; in_bed() compares it with the
+# running kernel's.  Only this init, in a boot kvmpy started, leaves it.
+mark_bed() {
+    d=$1@MARK_DIR@
+    read -r id < "$BOOT_ID" && mkdir -p "$d" &&
+        $MOUNT -t tmpfs -o size=4k,mode=0755 kvmpy-bed "$d" &&
+        echo "$id" > "$d/@MARK_NAME@" && $MOUNT -o remount,ro "$d" ||
+        { say "error cannot leave the bed's mark in $d"; return 2; }
+}
+
 main() {
     /bin/busybox --install -s /bin
     export PATH=/bin
@@ -141,7 +156,8 @@ main() {
 }
 
 [ "$KVMPY_INIT_TEST" = 1 ] || main
-""".replace("@MARKER@", MARKER).replace("@BOOT_DONE@", BOOT_DONE)
+""".replace("@MARKER@", MARKER).replace("@BOOT_DONE@", BOOT_DONE).replace("@BOOT_ID@", BOOT_ID) \
+    .replace("@MARK_DIR@", MARK_DIR).replace("@MARK_NAME@", os.path.basename(MARK_FILE))
 
 
 def busybox() -> Path:

@@ -30,7 +30,6 @@ def job_script(request: BedRequest, inherit_env: Optional[dict] = None) -> str:
         "LANG": "C.UTF-8",
         "TERM": "dumb",
         "PYTHONDONTWRITEBYTECODE": "1",
-        "KVMPY_BED": "1",
         "KVMPY_BED_RESULTS": INSIDE_RESULTS,
     }
     if env.get("PYTHONPATH"):

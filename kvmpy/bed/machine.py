@@ -1,8 +1,9 @@
 """Running a machine process: tied to the harness's life, its console followed, killed by group.
 
 Both backends start their emulator through these helpers, so that every
-machine dies with the harness (even a SIGKILLed one), a SIGTERM to the harness
-still cleans up, and a result is completed the same way (:func:`settle`).
+machine dies with the harness (even a SIGKILLed one: :func:`kvmpy.child.die_with_parent`
+with SIGKILL), a SIGTERM to the harness still cleans up, and a result is completed
+the same way (:func:`settle`).
 :class:`ConsoleLog` collects the console; :class:`ConsolePrinter` is what a
 front end echoes of it (everything, or the command's own output).
 """
@@ -10,7 +11,6 @@ front end echoes of it (everything, or the command's own output).
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import signal
 import subprocess
@@ -21,20 +21,6 @@ from typing import Callable, List, Optional, Tuple
 
 from kvmpy.bed.protocol import MARKER
 from kvmpy.bed.request import BedFacts, BedRequest, BedResult
-
-
-def die_with_parent() -> None:
-    """``preexec_fn`` for a machine: SIGKILL it if the harness dies (even by SIGKILL).
-
-    The machine runs in its own session (so a terminal's ^C does not reach it
-    before the harness has killed it cleanly); this is what still ties its
-    life to ours.
-    """
-    PR_SET_PDEATHSIG = 1
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    except (OSError, AttributeError):
-        pass
 
 
 @contextlib.contextmanager

@@ -47,10 +47,11 @@ def write_cpio(out: Path, tree: Path) -> Path:
         cpio = subprocess.Popen(["cpio", "-o", "-H", "newc", "--quiet"], cwd=tree,
                                 stdin=find.stdout, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         find.stdout.close()
-        # Level 1: as small as level 6 give or take 10%, several times faster.
-        with gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=1, mtime=0) as gz:
-            shutil.copyfileobj(cpio.stdout, gz, 1 << 20)
-        err = cpio.stderr.read()
+        with cpio.stdout, cpio.stderr:
+            # Level 1: as small as level 6 give or take 10%, several times faster.
+            with gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=1, mtime=0) as gz:
+                shutil.copyfileobj(cpio.stdout, gz, 1 << 20)
+            err = cpio.stderr.read()
         if cpio.wait(timeout=600) != 0 or find.wait(timeout=600) != 0:
             tmp.unlink()
             raise BedError(f"cpio failed: {err.decode(errors='replace').strip()}")

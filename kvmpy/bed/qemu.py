@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import selectors
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -23,10 +24,11 @@ from kvmpy.bed.backend import Backend
 from kvmpy.bed.initramfs import KVM_MODULES, SHARE_MODULES, build_initramfs, busybox
 from kvmpy.bed.job import inner_timeout, job_script
 from kvmpy.bed.kernel import Kernel
-from kvmpy.bed.machine import ConsoleLog, boot_failure, die_with_parent, exit_on_sigterm, kill_machine, settle
+from kvmpy.bed.machine import ConsoleLog, boot_failure, exit_on_sigterm, kill_machine, settle
 from kvmpy.bed.protocol import INSIDE_SHARE, BedError
 from kvmpy.bed.request import BedFacts, BedRequest, BedResult, kernel_cmdline, megabytes, parse_console
 from kvmpy.bed.results import files_from_dir, read_log
+from kvmpy.child import die_with_parent
 
 QEMU = "qemu-system-x86_64"
 HOST_ROOT_TAG = "kvmpyroot"
@@ -60,6 +62,7 @@ run_job() {
     mount -t tmpfs tmpfs $R/dev/shm
     mount -t debugfs debugfs $R/sys/kernel/debug 2>/dev/null
     mount -t 9p -o $O,cache=none @SHARE@ $R@INSIDE@ || { say "error cannot mount the job share"; return 2; }
+    mark_bed $R || return 2
     timeout -s KILL "$(cat $R@INSIDE@/timeout)" chroot $R /bin/sh @INSIDE@/job.sh < /dev/null
     st=$?
     dmesg > $R@INSIDE@/dmesg.txt 2>/dev/null
@@ -184,7 +187,7 @@ def _run_machine(argv: List[str], request: BedRequest, start: float):
     deadline = start + request.timeout
     proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, start_new_session=True,
-                            preexec_fn=die_with_parent)
+                            preexec_fn=die_with_parent(signal.SIGKILL))
     log = ConsoleLog(request, start)
     timed_out = False
     sel = selectors.DefaultSelector()

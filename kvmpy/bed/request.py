@@ -14,6 +14,7 @@ import re
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from kvmpy.bed.protocol import BOOT_DONE, MARKER, STATUS_HARNESS_ERROR, BedError
+from kvmpy.bed_mark import CMDLINE_WORD
 from kvmpy.kernel_log import find_splats_in_text
 
 
@@ -238,9 +239,10 @@ def hugepages_cmdline(hugepages: Mapping[str, int]) -> List[str]:
 
 
 def kernel_cmdline(request: BedRequest, console: str = "ttyS0") -> List[str]:
-    """The bed kernel's command line: serial console, no reboot on panic, the request's
-    module parameters (the init hands them to insmod) and huge pages, then its extra words."""
-    return [f"console={console}", "panic=-1", "quiet", *params_cmdline(request.params),
+    """The bed kernel's command line: serial console, no reboot on panic, the bed's mark
+    (:data:`kvmpy.bed_mark.CMDLINE_WORD`), the request's module parameters (the init hands
+    them to insmod) and huge pages, then its extra words."""
+    return [f"console={console}", "panic=-1", "quiet", CMDLINE_WORD, *params_cmdline(request.params),
             *hugepages_cmdline(request.hugepages), *request.append]
 
 

@@ -85,9 +85,23 @@ class RoundReport:
     reported: int                # distinct pages reported this round
     clean: int                   # pages neither changed nor reported
     allowed_unchanged: list[int] = field(default_factory=list)  # reported, unchanged, excused
+    # Pages reported by two or more collections of the round: written, collected, the log
+    # re-armed, written again and logged again.
+    rereported: int = 0
+    # Changed pages whose stamp KVM need not log (must_report=False) that no collection made
+    # after that stamp reported: writes KVM did not log (logging was off).
+    unlogged: int = 0
+    # The previous round's pending stores, each of them reported in this round.
+    late_stores: int = 0
 
     def __str__(self) -> str:
         s = f"round {self.round}: changed {self.changed}, reported {self.reported}, clean {self.clean}"
+        if self.rereported:
+            s += f", re-reported {self.rereported}"
+        if self.unlogged:
+            s += f", unlogged {self.unlogged}"
+        if self.late_stores:
+            s += f", late stores {self.late_stores}"
         if self.allowed_unchanged:
             s += f", excused unchanged {_fmt_pages(self.allowed_unchanged)}"
         return s
@@ -122,6 +136,7 @@ class DirtyLogChecker:
         self._max_stamp = max(self._snapshot, default=0)
         self._lock = threading.Lock()
         self._reported: dict[int, int] = {}    # page -> last collection (1-based, this round) reporting it
+        self._rereported: set[int] = set()     # pages reported by more than one collection this round
         self._collections = 0
         self._phases: dict[int, tuple[bool, int]] = {}  # stamp -> (must be reported, collections done before it)
         self._prev_phases: dict[int, tuple[bool, int]] = {}
@@ -140,6 +155,7 @@ class DirtyLogChecker:
         self._prev_in_flight, self._in_flight = self._in_flight, {}
         with self._lock:
             self._reported = {}
+            self._rereported = set()
             self._collections = 0
         self.add_phase(stamp, must_report)
 
@@ -171,6 +187,8 @@ class DirtyLogChecker:
             self._collections += 1
             n = self._collections
             for p in pages:
+                if self._reported.get(p, n) != n:
+                    self._rereported.add(p)
                 self._reported[p] = n
 
     def record_bitmap(self, bitmap: DirtyBitmap) -> None:
@@ -215,6 +233,7 @@ class DirtyLogChecker:
             raise ValueError(f"{len(stamps)} stamps for a slot of {self.npages} pages")
         with self._lock:
             last_seen = dict(self._reported)
+            rereported = len(self._rereported)
         reported = set(last_seen)
         prev = self._snapshot
         first_initially_set = (self.initially_set and self.round == 1) or self._all_set_round == self.round
@@ -229,6 +248,7 @@ class DirtyLogChecker:
             return s == want or (want is None and s in prev_phases)
 
         missing, bad_stamp, spurious, excused, landed_missing = [], [], [], [], []
+        unlogged = 0
         for p in changed:
             s = stamps[p]
             if s in phases:
@@ -242,8 +262,11 @@ class DirtyLogChecker:
                 continue
             # The guest read stamp s after the host handed it out, i.e. after collection
             # number `after` had finished: only a later collection can have logged the store.
-            if must and last_seen.get(p, 0) <= after:
-                missing.append(p)
+            if last_seen.get(p, 0) <= after:
+                if must:
+                    missing.append(p)
+                else:
+                    unlogged += 1
         for p in reported - changed_set:
             if first_initially_set or p in self._in_flight:
                 excused.append(p)
@@ -274,7 +297,8 @@ class DirtyLogChecker:
         self.total_changed += len(changed)
         self.total_reported += len(reported)
         clean = self.npages - len(changed_set | reported)
-        return RoundReport(self.round, len(changed), len(reported), clean, sorted(excused))
+        return RoundReport(self.round, len(changed), len(reported), clean, sorted(excused), rereported, unlogged,
+                           sum(1 for p in late if p in reported))
 
     def _message(self, problems, stamps, prev, seen, nchanged) -> str:
         reported = seen

@@ -27,8 +27,8 @@ class RoundPlan:
     ``collect_every`` seconds between concurrent collections; None collects while
     the guest runs only when a ring is full.
     ``during(writer)`` runs on the host thread once the guest has done half its writes.
-    ``must_report=False``: writes of the round's first stamp may go unlogged (the
-    test turns logging off during it).
+    ``must_report=False``: writes of the stamps handed out before ``during`` has run
+    may go unlogged (it turns logging off and on again); later ones may not.
     ``restamp`` hands out a new stamp after every concurrent collection, so the
     checker knows which collection must have logged each store.
     ``end_by_kick`` stops the vCPUs with kicks wherever they are (like upstream's
@@ -39,6 +39,9 @@ class RoundPlan:
     collection and waits for the exit (the vCPU re-enters at once): upstream's
     dirty_log_test collects the dirty ring this way, racing its kicks with
     KVM_EXIT_DIRTY_RING_FULL.
+    ``mid_store`` (with ``end_by_kick``): kick again until a vCPU is stopped
+    between loading its stamp and storing it, so that every round leaves a store
+    pending (the race the kicks are for, see DirtyWriterVm.end_round).
     ``stall_time``: if the guest makes no write for that long (a vCPU KVM keeps
     from running, e.g. RING_FULL exit after exit with nothing to harvest), end
     the round there instead of failing on ``max_time``: the page check then
@@ -56,10 +59,13 @@ class RoundPlan:
     restamp: bool = True
     kick_collect: bool = False
     stall_time: float | None = None
+    mid_store: bool = False
 
     def __post_init__(self) -> None:
         if self.stall_time is not None and not self.end_by_kick:
             raise ValueError("stall_time needs end_by_kick")
+        if self.mid_store and not self.end_by_kick:
+            raise ValueError("mid_store needs end_by_kick")
 
 
 def run_round(d: "DirtyWriterVm", plan: RoundPlan) -> dict[int, RoundReport]:
@@ -69,19 +75,22 @@ def run_round(d: "DirtyWriterVm", plan: RoundPlan) -> dict[int, RoundReport]:
     w0 = d.begin_round(plan.must_report)
     start = time.monotonic()
     ran_during = plan.during is None
-    last_n, last_progress, stalled = -1, start, False
+    must = plan.must_report
+    last_seen, last_progress, stalled = None, start, False
     while True:
         d.guest.check()
         now = time.monotonic()
+        seen = d.progress() if plan.stall_time is not None else None
         n = d.writes() - w0
-        if n != last_n:
-            last_n, last_progress = n, now
+        if seen != last_seen:
+            last_seen, last_progress = seen, now
         elif plan.stall_time is not None and now - last_progress > plan.stall_time:
             stalled = True
             break
         if not ran_during and n >= plan.min_writes // 2:
             plan.during(d)
             ran_during = True
+            must = True   # `during` is over: from now on every write must be logged
             continue
         if ran_during and n >= plan.min_writes and now - start >= plan.min_time:
             break
@@ -93,23 +102,26 @@ def run_round(d: "DirtyWriterVm", plan: RoundPlan) -> dict[int, RoundReport]:
                 # A new stamp only after a collection that found something: one after an
                 # empty one would say nothing more (and a KVM that exits with RING_FULL
                 # over an empty ring would make thousands).
-                if any(d.collect().values()) and plan.restamp:
-                    d.set_stamp(d.stamp + 1, plan.must_report)
+                if any(d.collect().values()):
+                    # The vCPU waited for this harvest: no progress was due meanwhile.
+                    last_progress = time.monotonic()
+                    if plan.restamp:
+                        d.set_stamp(d.stamp + 1, must)
         else:
             d.harvest_needed.wait(plan.collect_every)
             if plan.kick_collect:
                 d.kick_all()
             d.collect()
             if plan.restamp:
-                d.set_stamp(d.stamp + 1, plan.must_report)
-    d.end_round(plan.end_by_kick, plan.max_time)
+                d.set_stamp(d.stamp + 1, must)
+    d.end_round(plan.end_by_kick, plan.max_time, plan.mid_store)
     nwrites = d.writes() - w0
     try:
         reports = d.verify()
     except DirtyLogMismatch as e:
         extra = d.ring_summary(first_collection, ring_full0)
         if stalled:
-            extra = (f"  the guest STALLED: no write for {plan.stall_time:g} s after {last_n} writes this round "
+            extra = (f"  the guest STALLED: no write for {plan.stall_time:g} s after {n} writes this round "
                      f"(ended by kick)" + ("\n" + extra if extra else ""))
         if not extra:
             raise

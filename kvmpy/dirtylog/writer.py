@@ -16,10 +16,13 @@ KVM_EXIT_DIRTY_RING_FULL (the vCPU waits for a harvest). A round, as a
 """
 from __future__ import annotations
 
+import random
 import threading
+import time
 from dataclasses import dataclass
 from typing import Sequence
 
+from kvmpy import faults
 from kvmpy.dirtylog.checker import DirtyLogChecker, RoundReport, read_stamps, record_all
 from kvmpy.dirtylog.collectors import Collector
 from kvmpy.dirtylog.rounds import RoundPlan, run_round
@@ -31,6 +34,10 @@ from kvmpy.guest.vm import GuestVm
 from kvmpy.memory import PAGE_4K, Backing
 
 TEST_GVA = 0xC000_0000
+# Kicks to end a round with a vCPU caught between loading its stamp and storing it: a kick
+# that lands in the guest's 5-instruction store loop (store_burst) catches it there 1 time in 5.
+MID_STORE_KICKS = 200
+MID_STORE_DELAY = 0.002
 
 
 @dataclass
@@ -48,7 +55,11 @@ class DirtyWriterVm:
 
     ``label`` prefixes every failure message (mode, backing, test).
     ``ring_full_resumes``: after a KVM_EXIT_DIRTY_RING_FULL, re-enter KVM_RUN that
-    many times before waiting for the harvest (a misbehaving VMM's re-entry).
+    many times before waiting for the harvest (a misbehaving VMM's re-entry);
+    ``unreset_reentries`` counts them, ``refused_reentries`` those KVM answered
+    with RING_FULL again without running the guest (same RIP).
+    ``stride``/``burst``/``random_run``/``vcpu_ranges``: how the guest writes (see
+    guests/dirty_writer.c); :meth:`set_ranges` changes the ranges between rounds.
     ``page_size``: the *guest's* page size for the test slots (PAGE_2M lets a 1 GiB
     slot fit the runtime's page-table pool, which caps 4K mappings at ~120k pages;
     dirty logging is per 4K gfn on the host side whatever the guest maps). Slots
@@ -58,7 +69,8 @@ class DirtyWriterVm:
     def __init__(self, collector: Collector, slots: Sequence[SlotSpec], *, nr_vcpus: int = 1,
                  backing: Backing | None = None, stride: int = 0, seed: int = 1,
                  vcpu_ranges: Sequence[tuple[int, int]] | None = None, label: str = "",
-                 ring_full_resumes: int = 0, page_size: int = PAGE_4K, burst: int = 0) -> None:
+                 ring_full_resumes: int = 0, page_size: int = PAGE_4K, burst: int = 0,
+                 random_run: int = 0) -> None:
         self.collector = collector
         self.ring_full_resumes = ring_full_resumes
         self.label = label or collector.name
@@ -69,6 +81,10 @@ class DirtyWriterVm:
         self._harvest_cv = threading.Condition()
         self._ring_full = [0] * nr_vcpus
         self._unharvested_resumes = [0] * nr_vcpus   # KVM_RUNs since the last RING_FULL without a harvest
+        self._reentry_rip: list[int | None] = [None] * nr_vcpus
+        self.unreset_reentries = 0
+        self.refused_reentries = 0
+        self.pending_stores = 0   # kicked vCPUs stopped between loading a stamp and storing it
         self._started = False
         self.g = GuestVm("dirty_writer", nr_vcpus=nr_vcpus, mem_size=16 << 20, before_vcpus=collector.setup_vm)
         try:
@@ -88,11 +104,10 @@ class DirtyWriterVm:
                                                       label=self.label, slot=ms.slot)
                              for ms in self.logged}
             for name, value in (("test_gva", TEST_GVA), ("test_npages", self.npages), ("stride", stride),
-                                ("seed", seed), ("burst", burst), ("iteration", 0), ("stop", 0), ("quit", 0)):
+                                ("seed", seed), ("burst", burst), ("random_run", random_run), ("iteration", 0),
+                                ("stop", 0), ("quit", 0)):
                 self.g.write_global(name, value)
-            for i, (first, n) in enumerate(vcpu_ranges or []):
-                self.g.write_global("vcpu_first", first, offset=8 * i)
-                self.g.write_global("vcpu_npages", n, offset=8 * i)
+            self.set_ranges(vcpu_ranges or [])
             self._stamp_store_rips = {self.g.elf.symbol(n).addr for n in ("stamp_store", "burst_store")}
             self.guest = SteppedGuest(self.g, stop={"quit": 1}, park_stage=stages.DIRTY_WRITER_PARKED,
                                       on_exit=self._on_exit, name=self.label)
@@ -106,10 +121,16 @@ class DirtyWriterVm:
             return False
         # KVM stops a vCPU whose ring is (soft) full; it may only run on after a reset.
         self._ring_full[i] += 1
+        rip = self.g.vcpus[i].get_regs().rip if self.ring_full_resumes else None
+        if self._reentry_rip[i] is not None and rip == self._reentry_rip[i]:
+            self.refused_reentries += 1
+        self._reentry_rip[i] = None
         if self._unharvested_resumes[i] < self.ring_full_resumes:
             # A VMM may re-enter by mistake (upstream's dirty_log_test does, after a
             # stray wakeup): KVM must refuse to run the guest into a full ring.
             self._unharvested_resumes[i] += 1
+            self.unreset_reentries += 1
+            self._reentry_rip[i] = rip
             return True
         self._unharvested_resumes[i] = 0
         with self._harvest_cv:
@@ -123,6 +144,11 @@ class DirtyWriterVm:
     def collect(self) -> dict[int, list[int]]:
         """One collection of every logged slot, fed to the checkers; wakes ring-full vCPUs."""
         got = self.collector.collect(self.vm, self.logged)
+        if faults.active("collector-drops-page"):  # FAULT: collector-drops-page
+            for pages in got.values():
+                if pages:
+                    lost = pages[len(pages) // 2]
+                    pages[:] = [p for p in pages if p != lost]
         record_all(self.checkers, got)
         with self._harvest_cv:
             self.harvest_needed.clear()
@@ -134,12 +160,29 @@ class DirtyWriterVm:
         """Writes done so far by all vCPUs (guest counters)."""
         return sum(self.g.read_global("nr_writes", offset=8 * i) for i in range(len(self.g.vcpus)))
 
+    def progress(self) -> tuple[int, int]:
+        """What changes while the guest makes progress: its write counters (bumped after each
+        burst of stores) and the dirty pages KVM published and nobody collected yet."""
+        return self.writes(), self.collector.pending(self.vm)
+
     def set_stamp(self, stamp: int, must_report: bool = True) -> None:
         """Start a new phase inside the running round: the guest now writes ``stamp``."""
         for c in self.checkers.values():
             c.add_phase(stamp, must_report)
         self.stamp = stamp
         self.g.write_global("iteration", stamp)
+
+    def set_ranges(self, ranges: Sequence[tuple[int, int]]) -> None:
+        """(first page, pages) each vCPU writes from the next round on ([]: every vCPU the
+        whole test region); only while the vCPUs are parked between rounds."""
+        if self._started and not self.guest.all_parked():
+            raise KvmError(f"{self.label}: set_ranges() while vCPUs are running")
+        if len(ranges) > len(self.g.vcpus) or any(f < 0 or n <= 0 or f + n > self.npages for f, n in ranges):
+            raise ValueError(f"ranges {list(ranges)} do not fit {len(self.g.vcpus)} vCPUs and {self.npages} pages")
+        for i in range(len(self.g.vcpus)):
+            first, n = ranges[i] if i < len(ranges) else (0, 0)
+            self.g.write_global("vcpu_first", first, offset=8 * i)
+            self.g.write_global("vcpu_npages", n, offset=8 * i)
 
     def begin_round(self, must_report: bool = True) -> int:
         """Hand out a new stamp and release the parked vCPUs; returns the writes done before."""
@@ -153,17 +196,31 @@ class DirtyWriterVm:
         self.guest.release({"iteration": self.stamp, "stop": 0})
         return w0
 
-    def end_round(self, by_kick: bool, timeout: float) -> None:
+    def end_round(self, by_kick: bool, timeout: float, mid_store: bool = False) -> None:
         """Stop every vCPU (at its sync point, or wherever a kick finds it), collecting
-        while they stop, then once more with the guest quiescent."""
-        if by_kick:
-            self.guest.park_by_kick()
-        else:
+        while they stop, then once more with the guest quiescent.
+
+        ``mid_store``: kick again (up to :data:`MID_STORE_KICKS` times) until a vCPU is
+        stopped between loading its stamp and storing it (see :meth:`_pending_stores`).
+        """
+        if not by_kick:
             self.g.write_global("stop", 1)
-        # A vCPU stopped by a full ring reaches its sync point only after a harvest.
-        self.guest.wait_parked(timeout, poll=self._collect_when_needed)
-        if by_kick:
-            self._note_pending_stores()
+        for attempt in range(MID_STORE_KICKS if mid_store else 1):
+            if attempt:
+                # Not caught mid-store: let it run on and kick again after a random while (a
+                # kick right after KVM_RUN lands where the last one did, e.g. on kvm_pvm).
+                self.guest.release()
+                time.sleep(random.uniform(0, MID_STORE_DELAY))
+            if by_kick:
+                self.guest.park_by_kick()
+            # A vCPU stopped by a full ring reaches its sync point only after a harvest.
+            self.guest.wait_parked(timeout, poll=self._collect_when_needed)
+            pending = self._pending_stores() if by_kick else []
+            if pending or not mid_store:
+                break
+        for gva, stamp in pending:
+            self._note_pending(gva, stamp)
+        self.pending_stores += len(pending)
         self.collect()
 
     def _collect_when_needed(self) -> None:
@@ -175,13 +232,15 @@ class DirtyWriterVm:
         # A vCPU waiting for a harvest after RING_FULL sees the kick when it re-enters.
         self.guest.kick_all(give_up=self.harvest_needed.is_set)
 
-    def _note_pending_stores(self) -> None:
-        """Tell the checkers about stores that kicked vCPUs left unfinished (loaded stamp, not stored)."""
+    def _pending_stores(self) -> list[tuple[int, int]]:
+        """(GVA, stamp) of the stores kicked vCPUs left unfinished (loaded stamp, not stored)."""
+        out = []
         for i, park in enumerate(self.guest.parks):
             if park is not None and park.stage is None:
                 regs = self.g.vcpus[i].get_regs()
                 if regs.rip in self._stamp_store_rips:
-                    self._note_pending(regs.rdi, regs.rax)
+                    out.append((regs.rdi, regs.rax))
+        return out
 
     def _note_pending(self, gva: int, stamp: int) -> None:
         first = TEST_GVA

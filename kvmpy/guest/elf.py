@@ -104,7 +104,8 @@ class GuestElf:
                                                         sym["st_info"]["type"])
         except ElfError:
             raise
-        except (_PyElfError, struct.error, ValueError, KeyError, IndexError, AttributeError) as e:
+        except (_PyElfError, struct.error, ValueError, KeyError, IndexError, AttributeError, OverflowError) as e:
+            # pyelftools seeks and reads where the headers say: a huge offset is an OverflowError.
             raise self._fail(f"truncated or corrupt ELF: {e}") from None
         if not segs:
             raise self._fail("no PT_LOAD segments")

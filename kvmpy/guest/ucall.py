@@ -127,7 +127,7 @@ class UcallTransport:
                                     f"access; expected a 32-bit OUT of the ucall GPA")
             return struct.unpack_from("<I", ex.data)[0]
         if isinstance(ex, MmioExit) and self.mmio_gpa is not None and ex.addr == self.mmio_gpa:
-            if not ex.is_write or ex.length != 8:
+            if not ex.is_write or ex.length != 8 or len(ex.data) < 8:
                 raise BadUcallError(f"ucall MMIO address {self.mmio_gpa:#x} used with a {ex.length}-byte "
                                     f"{'write' if ex.is_write else 'read'}; expected an 8-byte store of the ucall GPA")
             return struct.unpack_from("<Q", ex.data)[0]
@@ -153,7 +153,7 @@ def _text(raw: bytes) -> str:
 def decode(mem: PhysMemory, gpa: int) -> Ucall:
     """Read and validate the ``struct ucall`` at ``gpa``."""
     try:
-        raw = bytes(mem.gpa_view(gpa, UCALL_SIZE))
+        raw = mem.read(gpa, UCALL_SIZE)
     except KvmError as e:
         raise BadUcallError(f"ucall pointer {gpa:#x} (+{UCALL_SIZE} bytes) is outside guest memory: {e}") from None
     magic, cmd, line, length, nargs, flags, *args = _HEADER.unpack_from(raw)

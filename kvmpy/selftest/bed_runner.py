@@ -21,6 +21,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Callable, List, Tuple
 
+from kvmpy import faults
 from kvmpy.bed import matrix
 from kvmpy.bed.machine import ConsolePrinter
 from kvmpy.bed.options import BedOptions
@@ -135,6 +136,14 @@ def _prepare(args, log: Callable[[str], None]) -> List[Bed]:
     return beds
 
 
+def suite_job(args, on_console: Callable[[str], None] | None = None) -> Job:
+    """The job that runs the suite's pytest command inside the bed."""
+    inner = pytest_command("$KVMPY_BED_RESULTS/results.json", None, args.keyword, args.pytest_args)
+    script = " ".join(shlex.quote(a) if not a.startswith("--kvmpy-results=") else f'"{a}"' for a in inner)
+    # The bed passes on no environment of ours but the job's: injected faults go in it.
+    return Job(["sh", "-c", script], env=faults.env(), on_console=on_console)
+
+
 def run(args, quiet: bool = False) -> List[RunResults]:
     """Boot the bed once (or once per matrix configuration and kernel) and run the suite inside.
 
@@ -152,9 +161,7 @@ def run(args, quiet: bool = False) -> List[RunResults]:
                            else [matrix.Config("params" if args.param else "default", {})])]
     except (BedError, programs.GuestProgramError) as e:
         return [RunResults("bed", harness_error=str(e))]
-    inner = pytest_command("$KVMPY_BED_RESULTS/results.json", None, args.keyword, args.pytest_args)
-    script = " ".join(shlex.quote(a) if not a.startswith("--kvmpy-results=") else f'"{a}"' for a in inner)
-    job = Job(["sh", "-c", script], on_console=ConsolePrinter(False, sys.stderr if quiet else sys.stdout))
+    job = suite_job(args, on_console=ConsolePrinter(False, sys.stderr if quiet else sys.stdout))
     done: List[matrix.Row] = []
 
     def progress(i: int, n: int, row: matrix.Row) -> None:

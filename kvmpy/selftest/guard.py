@@ -1,6 +1,6 @@
 """pytest plugin for the suite as `kvmpy selftest` runs it (on the host and in the bed).
 
-Two rules that make the verdict honest, wherever pytest runs:
+Three rules that make the verdict honest, wherever pytest runs:
 
 - Nothing tested is never green. Before the first test the run checks that
   /dev/kvm can be opened and used (open, KVM_GET_API_VERSION, KVM_CREATE_VM).
@@ -10,6 +10,8 @@ Two rules that make the verdict honest, wherever pytest runs:
   the child gets when its parent dies) becomes KeyboardInterrupt, like Ctrl-C, so
   ``finally`` blocks and fixture teardowns restore the host and pytest writes the
   results and the JUnit file; a kernel alarm bounds how long that may take.
+- A run with faults injected (kvmpy.faults, ``KVMPY_FAULTS``) says so in its
+  header; an unknown fault name is a usage error, not a run without it.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import threading
 
 import pytest
 
+from kvmpy import faults
 from kvmpy.selftest.report import NOT_TESTED
 from kvmpy.selftest.results import report_session_row
 
@@ -64,7 +67,16 @@ _STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
 _saved = pytest.StashKey[dict]()
 
 
+def pytest_report_header(config: pytest.Config) -> str | None:
+    names = faults.enabled()
+    return f"kvmpy FAULTS INJECTED ({faults.ENV}): {', '.join(sorted(names))}" if names else None
+
+
 def pytest_configure(config: pytest.Config) -> None:
+    try:
+        faults.enabled()
+    except faults.FaultError as e:
+        raise pytest.UsageError(str(e)) from None
     if threading.current_thread() is threading.main_thread():
         config.stash[_saved] = {signo: signal.signal(signo, _unwind) for signo in _STOP_SIGNALS
                                 if signal.getsignal(signo) != signal.SIG_IGN}  # nohup: leave SIGHUP ignored

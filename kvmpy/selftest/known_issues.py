@@ -63,6 +63,10 @@ class KnownIssue:
         pat = self.test.replace("[", "[[]")
         return fnmatch.fnmatchcase(nodeid, pat) or fnmatch.fnmatchcase(nodeid, "*/" + pat)
 
+    def excuses(self, failure: str) -> bool:
+        """Whether a failure with this text is this defect showing (``match`` found in it)."""
+        return not self.match or re.search(self.match, failure) is not None
+
     def explains_splat(self, splat: str) -> bool:
         return any(re.search(pattern, splat) for pattern in self.splats)
 
@@ -154,8 +158,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
         return  # a splat the entry does not name: a real failure, whatever else happened
     shown = "".join(f"; its kernel splat: {first}" for first, _ in splats)
     if rep.failed:
-        text = rep.longreprtext
-        if k.match and not re.search(k.match, text):
+        if not k.excuses(rep.longreprtext):
             rep.sections.append(("known issue", f"{k.describe()} -- but the failure does not match "
                                                 f"{k.match!r}, so it is reported as a real failure"))
             return

@@ -7,7 +7,6 @@ through a pipe, so nothing is left on disk either.
 """
 from __future__ import annotations
 
-import ctypes
 import os
 import signal
 import subprocess
@@ -16,6 +15,7 @@ import threading
 import time
 from pathlib import Path
 
+from kvmpy.child import set_parent_death_signal
 from kvmpy.selftest.report import RunResults, signal_name
 
 # pytest exit codes that mean the harness, not a test, went wrong.
@@ -69,10 +69,7 @@ def _child_setup(parent: int):
     def setup() -> None:
         os.setpgid(0, 0)
         signal.signal(signal.SIGINT, signal.SIG_DFL)
-        PR_SET_PDEATHSIG = 1
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-        if os.getppid() != parent:  # the parent died before the line above took effect
-            os._exit(128 + signal.SIGTERM)
+        set_parent_death_signal(signal.SIGTERM, parent)
 
     return setup
 

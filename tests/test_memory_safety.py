@@ -1,0 +1,212 @@
+"""Nothing a Python user does may crash the interpreter: views after close, close during
+KVM_RUN, stats parsing under the debug allocator (issue 13 items 4-6).
+
+Each case runs in a child interpreter, so that a SIGSEGV fails the test instead of
+ending pytest.
+"""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+# A real-mode VM: ``mem`` bytes at GPA 0, vCPU 0 at 0x1000 running ``code``.
+PRELUDE = """
+import gc, sys, threading, time, warnings
+from kvmpy import Kvm, KvmError
+from kvmpy.exits import InterruptedExit
+from kvmpy.memory import PAGE_4K
+
+OUT_HLT = bytes([0xB0, 0x42, 0xE6, 0x10, 0xF4])        # mov al,0x42; out 0x10,al; hlt
+MMIO_READ = bytes([0xA0, 0x00, 0x00])                   # mov al,[0]: with DS past the memory, MMIO
+SPIN = bytes([0xEB, 0xFE])                              # jmp $
+
+def real_mode_vm(code, ds_base=0, mem=1 << 20):
+    kvm = Kvm()
+    vm = kvm.create_vm()
+    vm.set_tss_addr(0xFFFBD000)
+    vm.add_memory(0, 0, mem)
+    vm.write(0x1000, code)
+    vcpu = vm.create_vcpu(0)
+    s = vcpu.get_sregs()
+    s.cs.base = s.cs.selector = 0
+    s.ds.base, s.ds.selector = ds_base, ds_base >> 4
+    vcpu.set_sregs(s)
+    r = vcpu.get_regs()
+    r.rip, r.rflags = 0x1000, 2
+    vcpu.set_regs(r)
+    return vm, vcpu
+"""
+
+
+def run_child(body: str, env: dict | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
+    """Run PRELUDE + ``body`` in a fresh interpreter; fail the test if it died of a signal."""
+    p = subprocess.run([sys.executable, "-X", "dev", "-c", PRELUDE + textwrap.dedent(body)],
+                       capture_output=True, text=True, timeout=timeout, env=dict(os.environ, **(env or {})))
+    if p.returncode < 0:
+        pytest.fail(f"the child died of {signal.Signals(-p.returncode).name}:\n{p.stdout}\n{p.stderr}")
+    return p
+
+
+def expect_ok(body: str, env: dict | None = None) -> str:
+    p = run_child(body, env)
+    assert p.returncode == 0, p.stderr
+    return p.stdout
+
+
+# How each kind of exported view is obtained: (setup code leaving the view in ``v``, close code).
+VIEWS = {
+    "gpa_view": ("vm, vcpu = real_mode_vm(OUT_HLT); v = vm.gpa_view(0x1000, 16)", "vm.close()"),
+    "Memslot.view": ("vm, vcpu = real_mode_vm(OUT_HLT); v = vm.memslots[0].view", "vm.close()"),
+    "gpa_view, slot deleted": ("vm, vcpu = real_mode_vm(OUT_HLT); v = vm.gpa_view(0x1000, 16)",
+                               "vm.delete_memory(0)"),
+    "IoExit.data": ("vm, vcpu = real_mode_vm(OUT_HLT); v = vcpu.run().data; assert bytes(v) == b'B'",
+                    "vm.close()"),
+    "IoExit.data, vCPU closed": ("vm, vcpu = real_mode_vm(OUT_HLT); v = vcpu.run().data", "vcpu.close()"),
+    "IoExit.data, next run": ("vm, vcpu = real_mode_vm(OUT_HLT); v = vcpu.run().data", "vcpu.run()"),
+    "MmioExit.data": ("vm, vcpu = real_mode_vm(MMIO_READ, ds_base=0x80000, mem=0x80000); ex = vcpu.run(); "
+                      "v = ex.data; assert ex.addr == 0x80000 and not ex.is_write, ex", "vm.close()"),
+}
+TOUCHES = {"read": "bytes(v)", "write": "v[0] = 1", "slice": "v[0:1]", "struct": "memoryview(v).tobytes()"}
+
+
+@pytest.mark.parametrize("touch", TOUCHES)
+@pytest.mark.parametrize("kind", VIEWS)
+def test_a_view_used_after_close_raises(kvm, kind, touch):
+    setup, close = VIEWS[kind]
+    out = expect_ok(f"""
+        {setup}
+        {close}
+        try:
+            {TOUCHES[touch]}
+        except ValueError as e:
+            print("ValueError:", e)
+        """)
+    assert "ValueError: operation forbidden on released memoryview object" in out
+
+
+def test_a_derived_view_keeps_the_memory_mapped_until_dropped(kvm):
+    out = expect_ok("""
+        vm, vcpu = real_mode_vm(OUT_HLT)
+        ms = vm.memslots[0]
+        page = vm.gpa_view(0x1000, 16)[0:5]        # a slice of a handed-out view
+        addr = f"{ms.hva:x}-"
+        mapped = lambda: any(line.startswith(addr) for line in open("/proc/self/maps"))
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            vm.close()
+        assert any(issubclass(x.category, ResourceWarning) for x in w), [str(x) for x in w]
+        print("after close:", bytes(page), mapped())
+        del page
+        print("dropped:", mapped())
+        """)
+    assert "after close: b'\\xb0B\\xe6\\x10\\xf4' True" in out
+    assert "dropped: False" in out
+
+
+def test_memory_is_unmapped_on_close_without_derived_views(kvm):
+    out = expect_ok("""
+        vm, vcpu = real_mode_vm(OUT_HLT)
+        v = vm.memslots[0].view
+        addr = f"{vm.memslots[0].hva:x}-"
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")          # no ResourceWarning: nothing pinned it
+            vm.close()
+        print("mapped:", any(line.startswith(addr) for line in open("/proc/self/maps")))
+        """)
+    assert "mapped: False" in out
+
+
+def test_close_during_kvm_run_stops_the_vcpu_first(kvm):
+    out = expect_ok("""
+        vm, vcpu = real_mode_vm(SPIN)
+        seen = []
+        def loop():
+            while True:
+                try:
+                    seen.append(type(vcpu.run()).__name__)
+                except Exception as e:
+                    seen.append(f"{type(e).__name__}: {e}")
+                    return
+        t = threading.Thread(target=loop)
+        t.start()
+        time.sleep(0.3)                      # the thread is spinning inside KVM_RUN
+        vm.close()
+        t.join(10)
+        print(seen)
+        """)
+    assert re.search(r"\['InterruptedExit', 'KvmError: vCPU 0 \(fd -?\d+\): run\(\) on a closed vCPU'\]", out), out
+
+
+def test_close_refuses_while_a_vcpu_stays_in_kvm_run(kvm):
+    out = expect_ok("""
+        import kvmpy.vcpu
+        kvmpy.vcpu.STOP_TIMEOUT = 0.5
+        vm, vcpu = real_mode_vm(SPIN)
+        t = threading.Thread(target=vcpu.run)
+        t.start()
+        time.sleep(0.3)
+        vcpu.kick = lambda: None                  # a vCPU that kicks do not get out
+        try:
+            vm.close()
+        except KvmError as e:
+            print("refused:", e)
+        print("still open:", vm.fd >= 0, vcpu.fd >= 0, vm.read(0x1000, 2) == SPIN)
+        del vcpu.kick
+        vm.close()
+        t.join(10)
+        print("closed:", vm.fd, t.is_alive())
+        """)
+    assert "refused: vCPU 0" in out and "still in KVM_RUN" in out
+    assert "still open: True True True" in out
+    assert "closed: -1 False" in out
+
+
+def test_kick_after_close_does_nothing(kvm):
+    expect_ok("""
+        vm, vcpu = real_mode_vm(SPIN)
+        vcpu.close()
+        vcpu.kick()
+        vm.close()
+        vcpu.kick()
+        """)
+
+
+def test_stats_parse_reads_no_freed_memory():
+    """Under the debug allocator freed memory is 0xDD...: a descriptor read through a pointer
+    over a freed temporary slice shows up as an unknown type/unit."""
+    out = expect_ok("""
+        import struct
+        from kvmpy.abi import lib
+        from kvmpy.stats import DESC_SIZE, HEADER_SIZE, StatsLayout
+        names = [f"stat_{i}" for i in range(64)]
+        name_size, desc_off = 48, HEADER_SIZE + 48
+        data_off = desc_off + len(names) * (DESC_SIZE + name_size)
+        meta = struct.pack("<6I", 0, name_size, len(names), HEADER_SIZE, desc_off, data_off)
+        meta += b"kvm-1".ljust(name_size, b"\\0")
+        for i, n in enumerate(names):
+            meta += struct.pack("<IhHII", lib.KVM_STATS_TYPE_CUMULATIVE, 0, 1, 8 * i, 0) + n.encode().ljust(name_size, b"\\0")
+        for _ in range(20):
+            layout = StatsLayout.parse(meta)
+        print(len(layout.descs), {d.type for d in layout.descs.values()})
+        """, env={"PYTHONMALLOC": "debug"})
+    assert "64 {'cumulative'}" in out
+
+
+def test_views_dropped_by_their_users_are_forgotten_held_ones_released():
+    from kvmpy.memory import PAGE_4K, Anonymous
+
+    mapping = Anonymous().allocate(4 * PAGE_4K)
+    held = [mapping.view(i * 8, 8) for i in range(10)]
+    for i in range(1000):
+        mapping.view(i % PAGE_4K, 1)[0] = 1       # used once, dropped
+    assert len(mapping._views._views) < 100      # not 1010: the dropped ones were forgotten
+    mapping.close()
+    for v in held:
+        with pytest.raises(ValueError, match="released memoryview"):
+            v[0]
