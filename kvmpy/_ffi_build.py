@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import shutil
 import sys
+from pathlib import Path
 
 from cffi import FFI
 
@@ -151,20 +152,58 @@ void *kvmpy_mmap(void *addr, size_t length, int prot, int flags, int fd, long of
 int kvmpy_munmap(void *addr, size_t length);
 int kvmpy_madvise(void *addr, size_t length, int advice);
 size_t kvmpy_kvm_run_size(void);
+"""
+
+# The bulk helpers in _bulk.c (see its comments).
+CDEF += """
+int kvmpy_vcpu_run_reason(int fd, const struct kvm_run *run);
+struct kvmpy_vcpu_state { int fd; int running; int closing; unsigned long tid; struct kvm_run *run; };
+int kvmpy_vcpu_run_state(struct kvmpy_vcpu_state *s);
+unsigned long kvmpy_vcpu_runner(struct kvmpy_vcpu_state *s);
+unsigned long kvmpy_vcpu_stop_runs(struct kvmpy_vcpu_state *s);
+unsigned long kvmpy_vcpu_kick(struct kvmpy_vcpu_state *s);
+#define KVMPY_RUN_BUSY ...
+#define KVMPY_RUN_CLOSED ...
+int kvmpy_get_dirty_log(int fd, uint32_t slot, void *bitmap);
 unsigned long kvmpy_popcount(const uint64_t *words, size_t n);
 size_t kvmpy_set_bits(const uint64_t *words, size_t n, uint64_t *out, size_t out_len);
+uint32_t kvmpy_ring_harvest(struct kvm_dirty_gfn *gfns, uint32_t mask, uint32_t fetch, uint32_t limit,
+                            uint32_t *slots, uint64_t *offsets);
+int kvmpy_stats_check_header(const char *buf, size_t len);
+int64_t kvmpy_stats_locate(const char *buf, size_t len, const char *name);
+uint64_t kvmpy_stats_read_u64(int fd, int64_t pos);
+#define KVMPY_STATS_NOT_FOUND ...
+#define KVMPY_STATS_BAD_HEADER ...
+#define KVMPY_STATS_BAD_DESC ...
+struct kvmpy_pt_pool { uint64_t gpa, size, hva; };
+struct kvmpy_pt_req {
+    uint64_t cr3, gva, gpa, npages, page_size, leaf_bits, table_bits;
+    uint32_t npools, pool;
+    uint64_t next;
+    uint64_t allocated;
+    uint64_t done;
+    uint64_t fail_gva;
+};
+int kvmpy_pt_map(struct kvmpy_pt_req *req, const struct kvmpy_pt_pool *pools);
+#define KVMPY_PT_OK ...
+#define KVMPY_PT_EXHAUSTED ...
+#define KVMPY_PT_IN_HUGE ...
+#define KVMPY_PT_OVER_TABLE ...
+#define KVMPY_PT_FOREIGN ...
 """
 
 CDEF += "".join(f"#define {name} ...\n" for name in CONSTANT_NAMES)
 
 SOURCE = """
 #include <errno.h>
+#include <pthread.h>
 #include <signal.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <string.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
+#include <unistd.h>
 #include <linux/kvm.h>
 """ + "".join(
     f"#ifndef {name}\n#define {name} {value}\n#endif\n" for name, value in FALLBACKS.items()
@@ -191,26 +230,10 @@ void *kvmpy_mmap(void *addr, size_t length, int prot, int flags, int fd, long of
 int kvmpy_munmap(void *addr, size_t length) { return munmap(addr, length); }
 int kvmpy_madvise(void *addr, size_t length, int advice) { return madvise(addr, length, advice); }
 size_t kvmpy_kvm_run_size(void) { return sizeof(struct kvm_run); }
-
-unsigned long kvmpy_popcount(const uint64_t *words, size_t n) {
-    unsigned long c = 0;
-    for (size_t i = 0; i < n; i++) c += (unsigned long)__builtin_popcountll(words[i]);
-    return c;
-}
-/* Writes the indices of set bits into out (at most out_len); returns the total count. */
-size_t kvmpy_set_bits(const uint64_t *words, size_t n, uint64_t *out, size_t out_len) {
-    size_t k = 0;
-    for (size_t i = 0; i < n; i++) {
-        uint64_t w = words[i];
-        while (w) {
-            if (k < out_len) out[k] = i * 64 + (uint64_t)__builtin_ctzll(w);
-            k++;
-            w &= w - 1;
-        }
-    }
-    return k;
-}
 """
+
+
+SOURCE += (Path(__file__).resolve().parent / "_bulk.c").read_text()
 
 
 def _check_toolchain() -> None:

@@ -1,9 +1,12 @@
 """Dirty bitmaps: one bit per 4K page of a memslot, laid out as KVM does (u64 words, LSB first)."""
 from __future__ import annotations
 
+from array import array
 from typing import Iterable, Iterator
 
 from kvmpy.abi import ffi, lib
+
+_ZERO_WORD = array("Q", [0])
 
 
 class DirtyBitmap:
@@ -13,7 +16,7 @@ class DirtyBitmap:
     KVM_GET_DIRTY_LOG / KVM_CLEAR_DIRTY_LOG.
     """
 
-    __slots__ = ("npages", "buffer")
+    __slots__ = ("npages", "buffer", "_cdata")
 
     def __init__(self, npages: int, buffer: bytearray | None = None) -> None:
         if npages < 0:
@@ -25,6 +28,7 @@ class DirtyBitmap:
             raise ValueError(f"bitmap of {npages} pages needs {nbytes} bytes, got {len(buffer)}")
         self.npages = npages
         self.buffer = buffer
+        self._cdata = None
 
     @classmethod
     def from_pages(cls, npages: int, pages: Iterable[int]) -> "DirtyBitmap":
@@ -56,22 +60,29 @@ class DirtyBitmap:
         return self.npages
 
     def cdata(self):
-        """A ``void *`` to the buffer, valid while this bitmap lives."""
-        return ffi.from_buffer(self.buffer)
+        """A ``char[]`` over the buffer, valid while this bitmap lives (made once: it keeps the
+        buffer exported, so the bytearray can be written but never resized)."""
+        if self._cdata is None:
+            self._cdata = ffi.from_buffer(self.buffer)
+        return self._cdata
 
     def count(self) -> int:
         """Number of set bits."""
-        words = ffi.cast("uint64_t *", ffi.from_buffer(self.buffer))
-        return lib.kvmpy_popcount(words, len(self.buffer) // 8)
+        return lib.kvmpy_popcount(ffi.from_buffer("uint64_t[]", self.buffer), len(self.buffer) // 8)
+
+    def pages_array(self) -> array:
+        """Set page indices in ascending order, as an ``array('Q')`` (found in C: no Python int per page)."""
+        nwords = len(self.buffer) // 8
+        words = ffi.from_buffer("uint64_t[]", self.buffer)
+        n = lib.kvmpy_popcount(words, nwords)
+        out = _ZERO_WORD * n
+        if n:
+            lib.kvmpy_set_bits(words, nwords, ffi.from_buffer("uint64_t[]", out), n)
+        return out
 
     def pages(self) -> list[int]:
-        """Sorted list of set page indices."""
-        nwords = len(self.buffer) // 8
-        words = ffi.cast("uint64_t *", ffi.from_buffer(self.buffer))
-        n = lib.kvmpy_popcount(words, nwords)
-        out = ffi.new("uint64_t[]", max(n, 1))
-        lib.kvmpy_set_bits(words, nwords, out, n)
-        return ffi.unpack(out, n)
+        """Sorted list of set page indices (see :meth:`pages_array` for the bulk form)."""
+        return self.pages_array().tolist()
 
     def __iter__(self) -> Iterator[int]:
         return iter(self.pages())

@@ -1,4 +1,4 @@
-"""The `kvmpy` command: info, selftest, bed."""
+"""The `kvmpy` command: info, selftest, perf, bed."""
 from __future__ import annotations
 
 import argparse
@@ -37,7 +37,9 @@ def _add_selftest(sub) -> None:
     p.add_argument("--bed", action="store_true", help="run inside the nested test bed instead of on this host")
     bed = p.add_argument_group("test bed options (need --bed)")
     bed_only = [
-        bed.add_argument("--matrix", action="store_true", help="once per module-parameter configuration"),
+        bed.add_argument("--matrix", action="store_true",
+                         help="once per KVM MMU configuration (the matrix rows) and kernel: Debian 6.12 "
+                              "and 6.1, or the one --kernel-version/--kernel names"),
         bed.add_argument("--kernel", help="a bzImage to boot (your patched kernel)"),
         bed.add_argument("--modules", help="with --kernel: the matching modules directory (lib/modules/VERSION)"),
         bed.add_argument("--kernel-version", help="Debian kernel line to fetch (6.12 or 6.1)"),
@@ -116,6 +118,10 @@ def _cmd_selftest(args: argparse.Namespace) -> int:
         print(report.format_ktap(runs), end="")
     else:
         print()
+        setting = report.format_setting(runs)
+        if setting:  # the bed's facts, per configuration: what was tested
+            print(setting)
+            print()
         print(report.format_table(runs))
     return report.exit_status(runs)
 
@@ -128,6 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-probe", action="store_true", help="skip the guest-memory MMU probe")
     p.set_defaults(func=_cmd_info)
     _add_selftest(sub)
+    from kvmpy.perf import cli as perf_cli
+
+    perf_cli.register(sub)
     import importlib.util
 
     if importlib.util.find_spec("kvmpy.bed.cli") is not None:

@@ -5,6 +5,7 @@ entries (``Vm.reset_dirty_rings``); each vCPU maps its own ring at creation.
 """
 from __future__ import annotations
 
+from array import array
 from typing import TYPE_CHECKING
 
 from kvmpy.abi import ffi, lib
@@ -17,11 +18,34 @@ if TYPE_CHECKING:
 GFN_SIZE = ffi.sizeof("struct kvm_dirty_gfn")
 
 
+class Harvest:
+    """What one harvest collected, in ring order: ``slots[i]`` (as_id << 16 | slot id) and
+    ``offsets[i]`` (page offset in that slot) of entry i, as arrays ('I' and 'Q')."""
+
+    __slots__ = ("slots", "offsets")
+
+    def __init__(self, slots: array, offsets: array) -> None:
+        self.slots = slots
+        self.offsets = offsets
+
+    def __len__(self) -> int:
+        return len(self.offsets)
+
+    def pairs(self) -> list[tuple[int, int]]:
+        """The entries as (slot, offset) pairs (what ``DirtyRing.harvest`` returns)."""
+        return list(zip(self.slots, self.offsets))
+
+    def __repr__(self) -> str:
+        return f"Harvest({len(self)} entries)"
+
+
 class DirtyRing:
     """One vCPU's mmapped ring of ``struct kvm_dirty_gfn``.
 
     ``harvest()`` collects the entries KVM published (flag DIRTY) in order and
     marks them RESET; the VM's ``reset_dirty_rings()`` then re-protects them.
+    The loop runs in C (kvmpy_ring_harvest in _bulk.c): flags are loaded with
+    acquire semantics before slot and offset, RESET is stored with release.
     """
 
     def __init__(self, vcpu: "Vcpu", size_bytes: int) -> None:
@@ -32,28 +56,39 @@ class DirtyRing:
         self.mapping = Mapping(map_memory(size_bytes, vcpu.fd, lib.KVM_DIRTY_LOG_PAGE_OFFSET * PAGE_4K, what=what),
                                what=what)
         self.addr = self.mapping.addr
-        self.gfns = ffi.cast("struct kvm_dirty_gfn *", self.addr)
+        self._attach(self.mapping.view())
+
+    def _attach(self, view: memoryview) -> None:
+        """Harvest the entries in ``view`` (the mapping's: close() releases it) from index 0 on."""
+        self._view = view
+        self._slots = ffi.new("uint32_t[]", self.nentries)
+        self._offsets = ffi.new("uint64_t[]", self.nentries)
         self.fetch_index = 0
 
-    def _check_open(self) -> None:
-        if self.mapping.closed:
-            raise KvmError(f"vCPU {self.vcpu.id}'s dirty ring used after close")
+    def _gfns(self):
+        """The ring as ``struct kvm_dirty_gfn[]``, for a ``with`` block: it holds the mapping's
+        buffer, so a close() on another thread cannot unmap the ring under it (see Mapping)."""
+        try:
+            return ffi.from_buffer("struct kvm_dirty_gfn[]", self._view)
+        except ValueError:
+            raise KvmError(f"vCPU {self.vcpu.id}'s dirty ring used after close") from None
+
+    def harvest_arrays(self, limit: int | None = None) -> Harvest:
+        """Collect the published entries (at most ``limit``) and mark them for reset; the bulk
+        form of :meth:`harvest`, with no Python object per entry."""
+        limit = self.nentries if limit is None else max(0, min(limit, self.nentries))
+        with self._gfns() as gfns:
+            n = lib.kvmpy_ring_harvest(gfns, self.nentries - 1, self.fetch_index & 0xFFFFFFFF, limit,
+                                       self._slots, self._offsets)
+        self.fetch_index += n
+        slots, offsets = array("I"), array("Q")
+        slots.frombytes(ffi.buffer(self._slots, 4 * n))
+        offsets.frombytes(ffi.buffer(self._offsets, 8 * n))
+        return Harvest(slots, offsets)
 
     def harvest(self, limit: int | None = None) -> list[tuple[int, int]]:
         """Collect published entries as (slot, gfn offset) pairs and mark them for reset."""
-        self._check_open()
-        out = []
-        mask = self.nentries - 1
-        dirty, reset = lib.KVM_DIRTY_GFN_F_DIRTY, lib.KVM_DIRTY_GFN_F_RESET
-        while limit is None or len(out) < limit:
-            e = self.gfns[self.fetch_index & mask]
-            # x86 is TSO: the flags load is ordered before the slot/offset loads.
-            if not e.flags & dirty:
-                break
-            out.append((e.slot, e.offset))
-            e.flags = reset
-            self.fetch_index += 1
-        return out
+        return self.harvest_arrays(limit).pairs()
 
     def published(self) -> int:
         """Entries KVM has published (flag DIRTY) that :meth:`harvest` has not collected yet.
@@ -61,15 +96,15 @@ class DirtyRing:
         They are contiguous from the fetch index, so a binary search finds their end:
         a cheap way to watch a vCPU fill its ring without harvesting it.
         """
-        self._check_open()
         mask, dirty = self.nentries - 1, lib.KVM_DIRTY_GFN_F_DIRTY
         lo, hi = 0, self.nentries          # entries [fetch, fetch + lo) are published
-        while lo < hi:
-            mid = (lo + hi + 1) // 2
-            if self.gfns[(self.fetch_index + mid - 1) & mask].flags & dirty:
-                lo = mid
-            else:
-                hi = mid - 1
+        with self._gfns() as gfns:
+            while lo < hi:
+                mid = (lo + hi + 1) // 2
+                if gfns[(self.fetch_index + mid - 1) & mask].flags & dirty:
+                    lo = mid
+                else:
+                    hi = mid - 1
         return lo
 
     def not_reset(self, first_index: int, n: int) -> int:
@@ -88,4 +123,3 @@ class DirtyRing:
 
     def close(self) -> None:
         self.mapping.close()
-

@@ -195,6 +195,9 @@ class MmuFlavour:
     tdp_mmu: bool               # the TDP MMU (tdp_mmu.c) handles this VM
     eager_page_split: bool
     tdp_mmu_param: str = "?"
+    # kvm.nx_huge_pages (the iTLB-multihit workaround): before v6.2 it kept the shadow MMU
+    # from mapping huge again over an emptied table (selftests/kernel_changes.py).
+    nx_huge_pages: bool = False
 
     @property
     def has_tdp(self) -> bool:
@@ -217,7 +220,8 @@ class MmuFlavour:
     @property
     def params(self) -> str:
         tdp = f"{self.tdp_param}={'Y' if self.tdp else 'N'} " if self.has_tdp else ""
-        return f"{tdp}kvm.tdp_mmu={self.tdp_mmu_param} kvm.eager_page_split={'Y' if self.eager_page_split else 'N'}"
+        return (f"{tdp}kvm.tdp_mmu={self.tdp_mmu_param} kvm.eager_page_split={'Y' if self.eager_page_split else 'N'} "
+                f"kvm.nx_huge_pages={'Y' if self.nx_huge_pages else 'N'}")
 
 
 # The vendor modules that can use two-dimensional paging, and the parameter that turns it on.
@@ -235,7 +239,7 @@ def mmu_flavour() -> MmuFlavour:
     tdp = vendor in TDP_PARAM and param_on(vp.get(TDP_PARAM[vendor]))
     # kvm.tdp_mmu reads Y even with npt=0/ept=0: the TDP MMU needs TDP too.
     return MmuFlavour(vendor, tdp, tdp and param_on(kvm.get("tdp_mmu")), param_on(kvm.get("eager_page_split")),
-                      kvm.get("tdp_mmu", "absent"))
+                      kvm.get("tdp_mmu", "absent"), param_on(kvm.get("nx_huge_pages")))
 
 
 def require_shadow_paging(cpl: int = 0) -> MmuFlavour:

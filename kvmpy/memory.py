@@ -132,6 +132,11 @@ class Mapping:
             raise KvmError(f"{self.what} used after close")
         return whole
 
+    def owner_view(self) -> memoryview:
+        """The mapping's own view of all its bytes, for the object that owns the mapping (a vCPU
+        reading its run page per exit): ``release_views`` leaves it, ``close()`` releases it."""
+        return self._memory()
+
     def view(self, offset: int = 0, length: int | None = None) -> memoryview:
         """Writable view of ``[offset, offset+length)`` (default: to the end); released by ``close()``."""
         length = self.size - offset if length is None else length
@@ -194,6 +199,8 @@ class _HandedOut:
         return view
 
     def release(self) -> None:
+        if not self._views:     # the common case on a vCPU's run page, once per KVM_RUN
+            return
         with self._lock:
             views, self._views = self._views, []
         for v in views:

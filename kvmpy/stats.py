@@ -6,11 +6,12 @@ bytes of NUL-padded name) and a data block of u64 values.
 """
 from __future__ import annotations
 
+import errno
 import os
 import struct
-import weakref
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
-from typing import Union
+from typing import Iterator, Union
 
 from kvmpy import faults
 from kvmpy.abi import ffi, lib
@@ -39,6 +40,8 @@ UNIT_NAMES = {
     lib.KVM_STATS_UNIT_BOOLEAN: "boolean",
 }
 BASE_NAMES = {lib.KVM_STATS_BASE_POW10: 10, lib.KVM_STATS_BASE_POW2: 2}
+_HISTOGRAMS = (lib.KVM_STATS_TYPE_LINEAR_HIST, lib.KVM_STATS_TYPE_LOG_HIST)
+_TYPE_MASK, _UNIT_MASK, _BASE_MASK = lib.KVM_STATS_TYPE_MASK, lib.KVM_STATS_UNIT_MASK, lib.KVM_STATS_BASE_MASK
 
 Value = Union[int, tuple]
 
@@ -66,75 +69,153 @@ class StatDesc:
         return self.type in ("linear_hist", "log_hist")
 
 
-@dataclass(frozen=True)
 class StatsLayout:
-    """Parsed header, id and descriptors of a stats fd."""
+    """Parsed header, id and descriptors of a stats fd (``buf``: its bytes from offset 0).
 
-    id: str
-    data_offset: int
-    descs: dict[str, StatDesc]
+    The constructor checks the header only; a descriptor is checked when it is first
+    used (:meth:`locate`), all of them by :attr:`descs` (and :meth:`parse`). Lookups by
+    name scan the raw descriptors in C (kvmpy_stats_locate), as the C selftests do.
+    """
 
-    @property
-    def data_size(self) -> int:
-        return max((d.offset + 8 * d.size for d in self.descs.values()), default=0)
+    def __init__(self, buf: bytes) -> None:
+        buf = bytes(buf)
+        if lib.kvmpy_stats_check_header(buf, len(buf)):
+            _raise_header_error(buf)
+        self._buf = buf
+        _flags, self.name_size, self.num_desc, self.id_offset, self.desc_offset, self.data_offset = \
+            _HEADER.unpack_from(buf)
+        self.desc_end = self.desc_offset + self.num_desc * (DESC_SIZE + self.name_size)
+        self.desc_block = buf[self.desc_offset: self.desc_end]
+        self._descs: dict[str, StatDesc] | None = None
+        self._data_size = 0
+        # name -> (offset, number of u64s, value is a tuple), filled by locate()
+        self.locs: dict[str, tuple[int, int, bool]] = {}
 
     @classmethod
     def parse(cls, buf: bytes) -> "StatsLayout":
-        """Parse the header, id and descriptor block from ``buf`` (the fd's bytes from offset 0)."""
-        if len(buf) < HEADER_SIZE:
-            raise StatsFormatError(f"stats header truncated: {len(buf)} < {HEADER_SIZE} bytes")
-        _flags, name_size, num_desc, id_off, desc_off, data_off = _HEADER.unpack_from(buf)
-        if name_size == 0:
-            raise StatsFormatError("stats header: name_size is 0")
-        if id_off < HEADER_SIZE or id_off + name_size > len(buf):
-            raise StatsFormatError(f"stats header: id_offset {id_off} (name_size {name_size}) outside the buffer")
-        desc_stride = DESC_SIZE + name_size
-        desc_end = desc_off + num_desc * desc_stride
-        if desc_off < HEADER_SIZE or desc_end > len(buf):
-            raise StatsFormatError(
-                f"stats header: {num_desc} descriptors at offset {desc_off} run past the buffer ({len(buf)} bytes)")
-        if data_off < desc_end and num_desc:
-            raise StatsFormatError(f"stats header: data_offset {data_off} overlaps the descriptors (end {desc_end})")
-        if id_off < desc_off < id_off + name_size:
-            raise StatsFormatError("stats header: id string overlaps the descriptors")
-        ident = _cstr(buf[id_off: id_off + name_size], "id")
-        descs: dict[str, StatDesc] = {}
-        for i in range(num_desc):
-            base_off = desc_off + i * desc_stride
-            flags, exponent, size, offset, bucket_size = _DESC.unpack_from(buf, base_off)
-            name = _cstr(buf[base_off + DESC_SIZE: base_off + desc_stride], f"descriptor {i} name")
-            stype = flags & lib.KVM_STATS_TYPE_MASK
-            unit = flags & lib.KVM_STATS_UNIT_MASK
-            base = flags & lib.KVM_STATS_BASE_MASK
-            if stype not in TYPE_NAMES:
-                raise StatsFormatError(f"stat {name!r}: unknown type {stype >> lib.KVM_STATS_TYPE_SHIFT}")
-            if unit not in UNIT_NAMES:
-                raise StatsFormatError(f"stat {name!r}: unknown unit {unit >> lib.KVM_STATS_UNIT_SHIFT}")
-            if base not in BASE_NAMES:
-                raise StatsFormatError(f"stat {name!r}: unknown base {base >> lib.KVM_STATS_BASE_SHIFT}")
-            if size == 0:
-                raise StatsFormatError(f"stat {name!r}: size 0")
-            if TYPE_NAMES[stype] == "linear_hist" and bucket_size == 0:
-                raise StatsFormatError(f"stat {name!r}: linear histogram with bucket_size 0")
-            if name in descs:
-                raise StatsFormatError(f"stat {name!r} described twice")
-            descs[name] = StatDesc(name, TYPE_NAMES[stype], UNIT_NAMES[unit], BASE_NAMES[base],
-                                   exponent, size, offset, bucket_size, flags)
-        if faults.active("stats-names-swapped") and {"pages_4k", "pages_2m"} <= descs.keys():
-            a, b = descs["pages_4k"], descs["pages_2m"]   # FAULT: stats-names-swapped
-            descs["pages_4k"], descs["pages_2m"] = replace(a, offset=b.offset), replace(b, offset=a.offset)
-        return cls(ident, data_off, descs)
+        """Parse ``buf`` and check every descriptor now."""
+        layout = cls(buf)
+        layout.descs
+        return layout
+
+    @property
+    def id(self) -> str:
+        return _cstr(self._buf[self.id_offset: self.id_offset + self.name_size], "id")
+
+    @property
+    def descs(self) -> dict[str, StatDesc]:
+        """Every descriptor by name (parsed and checked on first use)."""
+        if self._descs is None:
+            fmt = struct.Struct(f"<IhHII{self.name_size}s")
+            descs: dict[str, StatDesc] = {}
+            block = self._buf[self.desc_offset: self.desc_offset + self.num_desc * fmt.size]
+            for i, (flags, exponent, size, offset, bucket, raw) in enumerate(fmt.iter_unpack(block)):
+                d = _checked_desc(i, flags, exponent, size, offset, bucket, raw)
+                if d.name in descs:
+                    raise StatsFormatError(f"stat {d.name!r} described twice")
+                descs[d.name] = d
+            for name, other in _SWAPPABLE.items():
+                if _read_as(name) == other and {name, other} <= descs.keys():
+                    descs[name] = replace(descs[name], offset=descs[other].offset)
+            self._data_size = max((d.offset + 8 * d.size for d in descs.values()), default=0)
+            self._descs = descs
+        return self._descs
+
+    @property
+    def data_size(self) -> int:
+        self.descs
+        return self._data_size
+
+    def locate(self, name: str) -> tuple[int, int, bool] | None:
+        """(offset in the data block, number of u64 values, value is a tuple) of stat ``name``, or None."""
+        loc = self.locs.get(name)
+        if loc is None:
+            try:
+                key = _read_as(name).encode("ascii")
+            except (UnicodeEncodeError, AttributeError):
+                return None
+            if b"\0" in key:
+                return None
+            found = lib.kvmpy_stats_locate(self._buf, len(self._buf), key)
+            if found < 0:
+                if found == lib.KVMPY_STATS_NOT_FOUND:
+                    return None
+                self._descs = None
+                self.descs              # raises the descriptor's error
+                raise StatsFormatError(f"stat {name!r}: descriptor out of the ABI")
+            loc = self.locs[name] = (found & 0xFFFFFFFF, found >> 32 & 0xFFFF, bool(found >> 48))
+        return loc
+
+    @staticmethod
+    def _value(d: StatDesc, data: bytes) -> Value:
+        """The value of stat ``d`` in the data block ``data``."""
+        return _value(d.offset, d.size, d.is_histogram or d.size > 1, data)
 
     def decode(self, data: bytes) -> dict[str, Value]:
         """Values of every stat from the data block ``data``."""
         if len(data) < self.data_size:
             raise StatsFormatError(f"stats data truncated: {len(data)} < {self.data_size} bytes")
-        return {name: self._value(d, data) for name, d in self.descs.items()}
+        return {name: _value(d.offset, d.size, d.is_histogram or d.size > 1, data)
+                for name, d in self.descs.items()}
 
-    @staticmethod
-    def _value(d: StatDesc, data: bytes, base: int = 0) -> Value:
-        vals = struct.unpack_from(f"<{d.size}Q", data, d.offset - base)
-        return vals if d.is_histogram or d.size > 1 else vals[0]
+
+_SWAPPABLE = {"pages_4k": "pages_2m", "pages_2m": "pages_4k"}
+
+
+def _read_as(name: str) -> str:
+    """The stat whose value a lookup of ``name`` gives: ``name`` itself (unless a fault is injected)."""
+    if faults.active("stats-names-swapped") and name in _SWAPPABLE:   # FAULT: stats-names-swapped
+        return _SWAPPABLE[name]
+    return name
+
+
+def _raise_header_error(buf: bytes) -> None:
+    """Raise the StatsFormatError that says what is wrong with the header of ``buf``."""
+    if len(buf) < HEADER_SIZE:
+        raise StatsFormatError(f"stats header truncated: {len(buf)} < {HEADER_SIZE} bytes")
+    _flags, name_size, num_desc, id_off, desc_off, data_off = _HEADER.unpack_from(buf)
+    if name_size == 0:
+        raise StatsFormatError("stats header: name_size is 0")
+    if id_off < HEADER_SIZE or id_off + name_size > len(buf):
+        raise StatsFormatError(f"stats header: id_offset {id_off} (name_size {name_size}) outside the buffer")
+    desc_end = desc_off + num_desc * (DESC_SIZE + name_size)
+    if desc_off < HEADER_SIZE or desc_end > len(buf):
+        raise StatsFormatError(
+            f"stats header: {num_desc} descriptors at offset {desc_off} run past the buffer ({len(buf)} bytes)")
+    if data_off < desc_end and num_desc:
+        raise StatsFormatError(f"stats header: data_offset {data_off} overlaps the descriptors (end {desc_end})")
+    raise StatsFormatError("stats header: id string overlaps the descriptors")
+
+
+def _value(offset: int, size: int, as_tuple: bool, data: bytes, base: int = 0) -> Value:
+    if not as_tuple:
+        return int.from_bytes(data[offset - base: offset - base + 8], "little")
+    return struct.unpack_from(f"<{size}Q", data, offset - base)
+
+
+def _checked_desc(i: int, flags: int, exponent: int, size: int, offset: int, bucket_size: int,
+                  raw_name: bytes) -> StatDesc:
+    """Descriptor ``i`` as a StatDesc; StatsFormatError if any field is out of the ABI."""
+    name = _cstr(raw_name, f"descriptor {i} name")
+    stype = _check_flags(name, flags, size, bucket_size)
+    return StatDesc(name, TYPE_NAMES[stype], UNIT_NAMES[flags & lib.KVM_STATS_UNIT_MASK],
+                    BASE_NAMES[flags & lib.KVM_STATS_BASE_MASK], exponent, size, offset, bucket_size, flags)
+
+
+def _check_flags(name: str, flags: int, size: int, bucket_size: int) -> int:
+    """The type bits of stat ``name``'s flags; StatsFormatError if a field is out of the ABI."""
+    stype = flags & _TYPE_MASK
+    if stype not in TYPE_NAMES:
+        raise StatsFormatError(f"stat {name!r}: unknown type {stype >> lib.KVM_STATS_TYPE_SHIFT}")
+    if flags & _UNIT_MASK not in UNIT_NAMES:
+        raise StatsFormatError(f"stat {name!r}: unknown unit {(flags & _UNIT_MASK) >> lib.KVM_STATS_UNIT_SHIFT}")
+    if flags & _BASE_MASK not in BASE_NAMES:
+        raise StatsFormatError(f"stat {name!r}: unknown base {(flags & _BASE_MASK) >> lib.KVM_STATS_BASE_SHIFT}")
+    if size == 0:
+        raise StatsFormatError(f"stat {name!r}: size 0")
+    if stype == lib.KVM_STATS_TYPE_LINEAR_HIST and bucket_size == 0:
+        raise StatsFormatError(f"stat {name!r}: linear histogram with bucket_size 0")
+    return stype
 
 
 def _cstr(raw: bytes, what: str) -> str:
@@ -146,12 +227,49 @@ def _cstr(raw: bytes, what: str) -> str:
     return raw[:end].decode("ascii", "replace")
 
 
-class Snapshot(dict):
-    """Stat name → value at one moment. ``b - a`` gives per-stat deltas (histograms per bucket)."""
+class Snapshot(Mapping):
+    """Stat name → value at one moment. ``b - a`` gives per-stat deltas (histograms per bucket).
 
-    def __sub__(self, other: "Snapshot") -> dict[str, Value]:
+    A snapshot read from a stats fd keeps the raw data block and decodes a value when
+    it is looked up (all of them on the first iteration), so taking one costs one pread.
+    """
+
+    __slots__ = ("_values", "_layout", "_data")
+
+    def __init__(self, values: Mapping[str, Value] | None = None) -> None:
+        self._values: dict[str, Value] | None = dict(values or {})
+        self._layout: StatsLayout | None = None
+        self._data = b""
+
+    def _all(self) -> dict[str, Value]:
+        try:
+            return self._values
+        except AttributeError:      # read from a fd: decoded on first use
+            self._values = self._layout.decode(self._data)
+            return self._values
+
+    def __getitem__(self, name: str) -> Value:
+        try:
+            values = self._values
+        except AttributeError:
+            loc = self._layout.locate(name) if isinstance(name, str) else None
+            if loc is None:
+                raise KeyError(name) from None
+            return _value(*loc, self._data)
+        return values[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._all())
+
+    def __len__(self) -> int:
+        return len(self._all())
+
+    def __repr__(self) -> str:
+        return f"Snapshot({self._all()!r})"
+
+    def __sub__(self, other: Mapping[str, Value]) -> dict[str, Value]:
         out: dict[str, Value] = {}
-        for name, v in self.items():
+        for name, v in self._all().items():
             o = other.get(name)
             if o is None:
                 continue
@@ -159,25 +277,57 @@ class Snapshot(dict):
         return out
 
 
+class _ReadSnapshot(Snapshot):
+    """A snapshot as ``Stats.snapshot`` makes it: the raw data block, decoded on use."""
+
+    __slots__ = ()
+
+    def __init__(self, layout: StatsLayout, data: bytes) -> None:
+        self._layout = layout       # _values stays unset until a full decode
+        self._data = data
+
+
+
 class Stats:
-    """A VM's or vCPU's binary stats fd. Owns the fd; ``close()`` (or garbage collection) releases it."""
+    """A VM's or vCPU's binary stats fd. Owns the fd; ``close()`` (or garbage collection) releases it.
+
+    Opening one costs a pread and a header check (in C); ``read(name)`` a lookup (in C, once
+    per name) and a pread; ``snapshot()`` one pread. The descriptors are parsed once per
+    kernel: a fd whose header and descriptors are byte for byte those of one parsed before
+    shares its ``layout`` (and the lookups made through it).
+    """
+
+    __slots__ = ("fd", "owner", "layout", "_meta", "_locs", "_data_offset", "_data_size")
 
     def __init__(self, fd: int, owner: str) -> None:
         self.fd = fd
         self.owner = owner
-        self._close_fd = weakref.finalize(self, os.close, fd)
-        self._close_fd.atexit = False
+        self._data_size = 0         # of the data block, once a snapshot needs it
         try:
-            head = os.pread(fd, HEADER_SIZE, 0)
-            if len(head) < HEADER_SIZE:
-                raise StatsFormatError(f"{owner}: stats header truncated")
-            _flags, name_size, num_desc, id_off, desc_off, data_off = _HEADER.unpack(head)
-            # Everything before the data block: header, id and descriptors.
-            meta_len = max(data_off, desc_off + num_desc * (DESC_SIZE + name_size), id_off + name_size)
-            self.layout = StatsLayout.parse(os.pread(fd, meta_len, 0))
+            # Header, id and descriptors (and the data block) usually fit in the first read.
+            meta = _pread(fd, _FIRST_READ, 0)
+            known = _LAYOUTS.get(meta[:HEADER_SIZE])
+            if known is None or not meta.startswith(known.desc_block, known.desc_offset):
+                if len(meta) == _FIRST_READ and lib.kvmpy_stats_check_header(meta, _FIRST_READ):
+                    _flags, name_size, num_desc, id_off, desc_off, data_off = _HEADER.unpack_from(meta)
+                    meta = _pread(fd, max(data_off, desc_off + num_desc * (DESC_SIZE + name_size),
+                                          id_off + name_size), 0)
+                known = _LAYOUTS[meta[:HEADER_SIZE]] = StatsLayout(meta)
+            self.layout = known
+            self._meta = meta
+            self._locs, self._data_offset = known.locs, known.data_offset
+        except StatsFormatError as e:
+            self.close()
+            raise StatsFormatError(f"{owner}: {e}") from None
         except BaseException:
             self.close()
             raise
+
+    @property
+    def id(self) -> str:
+        """The fd's id string (e.g. kvm-PID/VMFD)."""
+        off, size = self.layout.id_offset, self.layout.name_size
+        return _cstr(self._meta[off: off + size], "id")
 
     @property
     def names(self) -> list[str]:
@@ -187,35 +337,64 @@ class Stats:
         try:
             return self.layout.descs[name]
         except KeyError:
-            raise KeyError(f"{self.owner} has no stat {name!r} (it has: {', '.join(sorted(self.layout.descs))})") from None
+            raise self._no_stat(name) from None
+
+    def _no_stat(self, name: str) -> KeyError:
+        return KeyError(f"{self.owner} has no stat {name!r} (it has: {', '.join(sorted(self.layout.descs))})")
 
     def has(self, name: str) -> bool:
-        return name in self.layout.descs
+        return self.layout.locate(name) is not None
 
     def read(self, name: str) -> Value:
         """Current value of ``name`` (a tuple for histograms and arrays)."""
-        d = self.desc(name)
-        raw = os.pread(self._open_fd(), 8 * d.size, self.layout.data_offset + d.offset)
-        if len(raw) < 8 * d.size:
-            raise StatsFormatError(f"{self.owner}: stat {name!r}: read {len(raw)} of {8 * d.size} bytes")
-        return StatsLayout._value(d, raw, d.offset)
+        loc = self._locs.get(name) or self.layout.locate(name)
+        if loc is None:
+            raise self._no_stat(name)
+        offset, size, as_tuple = loc
+        fd = self.fd
+        if fd < 0:
+            raise KvmError(f"{self.owner}: stats read after close")
+        if not as_tuple:        # one C call: the pread and the value, no bytes object
+            value = _read_u64(fd, self._data_offset + offset)
+            if value != _U64_MAX or not ffi.errno:
+                return value
+            if ffi.errno != errno.EIO:
+                raise KvmError(f"{self.owner}: reading stat {name!r}: {os.strerror(ffi.errno)}")
+        else:
+            raw = _pread(fd, 8 * size, self._data_offset + offset)
+            if len(raw) == 8 * size:
+                return struct.unpack(f"<{size}Q", raw)
+        raise StatsFormatError(f"{self.owner}: stat {name!r}: a short read (fewer than {8 * size} bytes)")
 
     def snapshot(self) -> Snapshot:
         """All stats, read with one pread so they are mutually consistent as far as KVM allows."""
-        data = os.pread(self._open_fd(), self.layout.data_size, self.layout.data_offset)
-        return Snapshot(self.layout.decode(data))
+        size, fd = self._data_size, self.fd
+        if not size or fd < 0:
+            if fd < 0:
+                raise KvmError(f"{self.owner}: stats read after close")
+            size = self._data_size = self.layout.data_size
+        data = _pread(fd, size, self._data_offset)
+        if len(data) != size:
+            raise StatsFormatError(f"{self.owner}: stats data truncated: {len(data)} < {size} bytes")
+        return _ReadSnapshot(self.layout, data)
 
-    def _open_fd(self) -> int:
-        if self.fd < 0:
-            raise KvmError(f"{self.owner}: stats read after close")
-        return self.fd
+    def close(self, _close=os.close) -> None:
+        fd, self.fd = self.fd, -1
+        if fd >= 0:
+            _close(fd)
 
-    def close(self) -> None:
-        self._close_fd()
-        self.fd = -1
+    __del__ = close
 
     def __enter__(self) -> "Stats":
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+_pread = os.pread
+_read_u64 = lib.kvmpy_stats_read_u64
+_U64_MAX = (1 << 64) - 1
+_FIRST_READ = 4096
+# Parsed layouts by header bytes; reused for a fd whose descriptors are the same bytes.
+_LAYOUTS: dict[bytes, StatsLayout] = {}

@@ -25,6 +25,11 @@ if lib.kvmpy_install_kick_handler(KICK_SIGNAL) != 0:  # pragma: no cover
     raise OSError(ffi.errno, "cannot install the vCPU kick signal handler")
 
 
+_run_state = lib.kvmpy_vcpu_run_state
+_io_unpack = exits.IO_FIELDS.unpack_from
+_io_exit = exits.RunIoExit
+_EXIT_IO = lib.KVM_EXIT_IO
+
 # How long close() kicks a vCPU that another thread is running before it gives up.
 STOP_TIMEOUT = 10.0
 
@@ -45,11 +50,8 @@ class Vcpu:
         self.fd = fd
         self._stats: Stats | None = None
         self.dirty_ring: DirtyRing | None = None
-        self._run_thread: int | None = None
         self._kicked = False
-        self._closing = False
         self._lock = threading.Lock()
-        self._left_run = threading.Condition(self._lock)
         self._owned = _Owned(fd)
         # atexit=False: at exit a daemon thread may still be in KVM_RUN; the kernel cleans up.
         self._release = weakref.finalize(self, self._owned.release)
@@ -61,6 +63,10 @@ class Vcpu:
             self._release()
             raise
         self.run_struct = ffi.cast("struct kvm_run *", self._run_page.addr)
+        # Who runs the vCPU, and whether close() has begun (kvmpy_vcpu_run_state in _bulk.c).
+        self._state = ffi.new("struct kvmpy_vcpu_state *", {"fd": fd, "run": self.run_struct})
+        self._run_bytes = self._run_page.owner_view()     # released (ValueError) when the page is unmapped
+        self._exit_page = exits.RunPage(self._run_page)
         if vm.dirty_ring_size:
             try:
                 self.dirty_ring = DirtyRing(self, vm.dirty_ring_size)
@@ -148,33 +154,34 @@ class Vcpu:
         The ``data`` views of the previous exit are released here (they point into the
         run page, which this run overwrites): using one afterwards raises ValueError.
         """
-        with self._lock:
-            if self._closing:
-                raise KvmError(f"{self.name}: run() on a closed vCPU")
-            if self._run_thread is not None:
-                raise KvmError(f"{self.name}: already running on thread {self._run_thread}")
-            self._run_page.release_views()
-            if self._kicked:
-                return self._consume_kick()
-            self._run_thread = threading.get_ident()
+        # The per-exit path: one C call (kvmpy_vcpu_run_state: the run state's atomics, which
+        # keep close() and kicks safe, and KVM_RUN) and one unpack of the exit's fields from
+        # the run page (a view, so a page unmapped since reads as ValueError, never a crash).
+        r = _run_state(self._state)
+        page = self._exit_page
+        if page.handed_out:
+            page.release()
         try:
-            ret = lib.kvmpy_vcpu_run(self.fd)
-            err = ffi.errno
-            if ret < 0 and err == errno.EINTR:
-                with self._lock:
-                    return self._consume_kick()
-            if ret < 0:
-                raise IoctlError("KVM_RUN", err, self.name)
-            # Decoded before the run counts as over: close() waits for that.
-            return exits.decode(self.run_struct, self._run_page)
-        finally:
+            if r == _EXIT_IO:
+                return _io_exit(_io_unpack(self._run_bytes, 32), page)
+            page.current = None
+            if r >= 0:
+                return exits.decode_reason(r, self._run_bytes, page)
+        except ValueError:      # the run page's view, released by a close() since KVM_RUN returned
+            raise KvmError(f"{self.name}: closed by another thread as its run returned") from None
+        if r == -errno.EINTR:
             with self._lock:
-                self._run_thread = None
-                self._left_run.notify_all()
+                return self._consume_kick()
+        if r == lib.KVMPY_RUN_BUSY:
+            raise KvmError(f"{self.name}: already running on thread {lib.kvmpy_vcpu_runner(self._state)}")
+        if r == lib.KVMPY_RUN_CLOSED:
+            raise KvmError(f"{self.name}: run() on a closed vCPU")
+        raise IoctlError("KVM_RUN", -r, self.name)
 
     def _consume_kick(self) -> exits.Exit:
         self._kicked = False
-        self.run_struct.immediate_exit = 0
+        if self.run_struct is not None:     # None: closed since (the page is gone)
+            self.run_struct.immediate_exit = 0
         return exits.InterruptedExit(lib.KVM_EXIT_INTR)
 
     def kick(self) -> None:
@@ -187,10 +194,9 @@ class Vcpu:
                 return
             self._kicked = True
             # immediate_exit covers the window before the thread enters KVM_RUN;
-            # the signal covers a thread already inside it.
-            self.run_struct.immediate_exit = 1
-            tid = self._run_thread
-        if tid is not None:
+            # the signal covers a thread already inside it (kvmpy_vcpu_kick orders the two).
+            tid = lib.kvmpy_vcpu_kick(self._state)
+        if tid:
             try:
                 signal.pthread_kill(tid, KICK_SIGNAL)
             except ProcessLookupError:
@@ -212,20 +218,18 @@ class Vcpu:
         """
         timeout = STOP_TIMEOUT
         deadline = time.monotonic() + timeout
-        with self._lock:
-            self._closing = True
-            if self._run_thread == threading.get_ident():
-                raise KvmError(f"{self.name}: close() from inside its own run()")
-        while True:
-            self.kick()
-            with self._lock:
-                if self._run_thread is None:
-                    return
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise KvmError(f"{self.name} is still in KVM_RUN on thread {self._run_thread} after "
-                                   f"{timeout:g} s of kicks: not closed")
-                self._left_run.wait(min(left, 0.1))
+        if lib.kvmpy_vcpu_stop_runs(self._state) == threading.get_ident():
+            raise KvmError(f"{self.name}: close() from inside its own run()")
+        kicked = 0.0
+        while lib.kvmpy_vcpu_runner(self._state):
+            now = time.monotonic()
+            if now > deadline:
+                raise KvmError(f"{self.name} is still in KVM_RUN on thread {lib.kvmpy_vcpu_runner(self._state)} "
+                               f"after {timeout:g} s of kicks: not closed")
+            if now - kicked > 0.1:
+                self.kick()
+                kicked = now
+            time.sleep(0.0005)
 
     def close(self) -> None:
         """Stop a run in progress (see ``run``), then close the stats fd, unmap the dirty ring

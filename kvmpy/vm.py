@@ -24,6 +24,10 @@ from kvmpy.vcpu import Vcpu
 if TYPE_CHECKING:
     from kvmpy.kvm import Kvm
 
+_LOG_DIRTY = lib.KVM_MEM_LOG_DIRTY_PAGES
+_REGION = "struct kvm_userspace_memory_region *"
+_SET_USER_MEMORY_REGION = lib.KVM_SET_USER_MEMORY_REGION
+
 
 class Vm:
     """A VM fd. Closing it closes its vCPUs, unmaps its memory and releases every fd.
@@ -81,10 +85,19 @@ class Vm:
 
     # -- memslots ---------------------------------------------------------------
     def _set_region(self, slot: int, flags: int, gpa: int, size: int, hva: int) -> None:
-        context = f"slot {slot} gpa {gpa:#x} size {size:#x} flags {flags:#x}"
-        r = new_struct("struct kvm_userspace_memory_region *", f"KVM_SET_USER_MEMORY_REGION [{context}]", slot=slot,
-                       flags=flags, guest_phys_addr=gpa, memory_size=size, userspace_addr=hva)
-        ioctl(self.fd, "KVM_SET_USER_MEMORY_REGION", r, self.name, context)
+        # On the path of every memslot change (dirty logging on/off): no message is built
+        # unless something fails.
+        try:
+            r = ffi.new(_REGION, (slot, flags, gpa, size, hva))
+        except (OverflowError, TypeError):
+            r = None
+        if r is None or lib.kvmpy_ioctl_ptr(self.fd, _SET_USER_MEMORY_REGION, r) < 0:
+            err = ffi.errno
+            context = f"slot {slot} gpa {gpa:#x} size {size:#x} flags {flags:#x}"
+            if r is None:       # names the field that does not fit
+                new_struct(_REGION, f"KVM_SET_USER_MEMORY_REGION [{context}]", slot=slot, flags=flags,
+                           guest_phys_addr=gpa, memory_size=size, userspace_addr=hva)
+            raise IoctlError("KVM_SET_USER_MEMORY_REGION", err, self.name, context)
 
     def add_memory(self, slot: int, gpa: int, size: int, backing: Backing | None = None, flags: int = 0) -> Memslot:
         """Allocate ``size`` bytes with ``backing`` (anonymous 4K by default) and map them at ``gpa``."""
@@ -177,14 +190,18 @@ class Vm:
         """KVM_GET_DIRTY_LOG for ``slot``, which must have KVM_MEM_LOG_DIRTY_PAGES.
 
         Without manual protect this also write-protects the reported pages again.
+        Pass ``into`` (a bitmap of the slot's size) to reuse one bitmap every round.
         """
-        ms = self._slot(slot)
-        if not ms.flags & lib.KVM_MEM_LOG_DIRTY_PAGES:
+        ms = self.memslots.get(slot) or self._slot(slot)
+        if not ms.flags & _LOG_DIRTY:
             raise KvmError(f"{self.name}: slot {slot} does not have KVM_MEM_LOG_DIRTY_PAGES set")
         bm = into if into is not None else DirtyBitmap(ms.npages)
         if bm.npages != ms.npages:
             raise KvmError(f"bitmap has {bm.npages} pages, slot {slot} has {ms.npages}")
-        self._check(self.get_dirty_log_unchecked(slot, bm), "KVM_GET_DIRTY_LOG", f"slot {slot}")
+        # One C call with the struct on its stack (kvmpy_get_dirty_log): the per-round path.
+        r = lib.kvmpy_get_dirty_log(self.fd, slot, bm.cdata())
+        if r < 0:
+            raise IoctlError("KVM_GET_DIRTY_LOG", -r, self.name, f"slot {slot}")
         return bm
 
     def get_dirty_log_unchecked(self, slot: int, into: DirtyBitmap | None = None) -> IoctlResult:
@@ -224,9 +241,10 @@ class Vm:
                         num_pages=num_pages)
         # The kernel reads the bits from first_page on, after refusing an unaligned first_page
         # or a range past the slot's end: the rest of our bitmap always covers what it reads.
-        sub = bytearray(bitmap.buffer[first_page // 8:]) or bytearray(8)
-        buf = ffi.from_buffer(sub)
-        cl.dirty_bitmap = buf
+        # It is handed over in place (a chunked clear of a big slot must not copy it per call).
+        offset = first_page // 8 if 0 <= first_page else len(bitmap.buffer)
+        buf = bitmap.cdata() if offset < len(bitmap.buffer) else ffi.new("char[]", 8)
+        cl.dirty_bitmap = buf + offset if offset < len(bitmap.buffer) else buf
         return ioctl_unchecked(self.fd, "KVM_CLEAR_DIRTY_LOG", cl)
 
     def enable_manual_protect(self, initially_set: bool = False) -> None:

@@ -2,7 +2,9 @@
 
 An unmet need is a RequirementError naming what is missing and how to get it;
 the kvmpy.selftest.fixtures plugin turns it into a skip (the kernel selftests'
-TEST_REQUIRE), so fixtures and tests never catch it themselves. Two exceptions to
+TEST_REQUIRE), so fixtures and tests never catch it themselves. Inside the bed the
+reason names the bed configuration and the option that would run the test
+(selftests/bed_config.py), never this host. Two exceptions to
 "unmet need = skip", for ``mmu`` and ``shadow_paging``: an MMU probe that failed is
 an error (nothing is known about the host), and inside the bed, where KVM's MMU is
 known to be observable, "not observable" is a failure.
@@ -32,7 +34,7 @@ from kvmpy.errors import RequirementError
 from kvmpy.hostinfo import MmuFlavour
 from kvmpy.kvm import Kvm
 
-from . import privilege
+from . import bed_config, privilege
 
 # The usable-KVM guard (no KVM: not tested), results (JSON for the report, the kvmpy_stats
 # fixture), the known-issues list and the kernel-splat watch apply to every selftest run,
@@ -89,12 +91,14 @@ def mmu(request: pytest.FixtureRequest) -> MmuFlavour:
 def shadow_paging(request: pytest.FixtureRequest) -> MmuFlavour:
     """The MMU flavour, where new VMs use shadow paging (kvm_amd.npt=0 / kvm_intel.ept=0; kvm_pvm)."""
     _observable(_cpl(request))
+    bed_config.require_bed_shadow_paging()
     return hostinfo.require_shadow_paging(_cpl(request))
 
 
 @pytest.fixture
 def nested_svm(kvm: Kvm) -> Kvm:
     """/dev/kvm whose guests can use SVM with NPT (kvm_amd nested=1 npt=1)."""
+    bed_config.require_bed_nested("amd")
     hostinfo.require_nested_guest(kvm, "amd")
     return kvm
 
@@ -102,6 +106,7 @@ def nested_svm(kvm: Kvm) -> Kvm:
 @pytest.fixture
 def nested_vmx(kvm: Kvm) -> Kvm:
     """/dev/kvm whose guests can use VMX (kvm_intel nested=1)."""
+    bed_config.require_bed_nested("intel")
     hostinfo.require_nested_guest(kvm, "intel")
     return kvm
 

@@ -23,6 +23,8 @@ from kvmpy.errors import KvmError, RequirementError, require
 from kvmpy.hostinfo import param_on
 from kvmpy.memory import Hugetlb, hugetlb_pool, hugetlb_pool_dir, hugetlb_shortfall
 
+from . import bed_config
+
 EAGER_PARAM = "/sys/module/kvm/parameters/eager_page_split"
 DROP_CACHES = "/proc/sys/vm/drop_caches"
 COMPACT_MEMORY = "/proc/sys/vm/compact_memory"
@@ -201,7 +203,8 @@ def eager_page_split(want: bool, fs: HostFs = HOST):
     """Run with kvm.eager_page_split == ``want``: set (and restore) it inside the bed only.
 
     On a normal host the parameter is global to every VM, so it is never
-    changed: a different value is a RequirementError.
+    changed: a different value is a RequirementError. Inside the bed too when the
+    boot fixed it (a matrix row, or --param: selftests/bed_config.py).
     """
     value = fs.read(EAGER_PARAM)
     require(value is not None, f"{EAGER_PARAM} is missing (kernel older than 6.0 or kvm not loaded)")
@@ -209,6 +212,8 @@ def eager_page_split(want: bool, fs: HostFs = HOST):
     if cur == want:
         yield
         return
+    if fs.in_bed() and bed_config.boot_fixes("kvm.eager_page_split"):
+        bed_config.require_param("kvm.eager_page_split", "Y" if want else "N", value)
     require(fs.in_bed(), f"needs kvm.eager_page_split={'Y' if want else 'N'}, the host has "
                          f"{'Y' if cur else 'N'}; kvmpy changes it only inside `kvmpy bed` "
                          f"(or run with --param kvm.eager_page_split={'Y' if want else 'N'})")

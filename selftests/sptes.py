@@ -19,3 +19,8 @@ def delta(after: dict[str, int], before: dict[str, int]) -> dict[str, int]:
 def sized(pages_4k: int = 0, pages_2m: int = 0, pages_1g: int = 0) -> dict[str, int]:
     """A counts/delta dict: ``sized(pages_4k=512, pages_2m=-1)`` is one 2M SPTE split."""
     return {"pages_4k": pages_4k, "pages_2m": pages_2m, "pages_1g": pages_1g}
+
+
+def scaled(d: dict[str, int], n: int) -> dict[str, int]:
+    """``d`` ``n`` times over: ``scaled(sized(pages_4k=512, pages_2m=-1), 2)`` is two splits."""
+    return {k: v * n for k, v in d.items()}

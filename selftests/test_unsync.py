@@ -11,7 +11,7 @@ guests/unsync.c edits N of the test region's page tables; the test checks
 that exactly N shadow pages go unsync, that the guest sees its new mappings
 after INVLPG, and that a CR3 reload syncs them all again.  Under TDP KVM
 never shadows guest page tables, so the test needs a shadow-paging host: in
-the bed, ``kvmpy bed run --param kvm_amd.npt=0`` (the matrix's {npt=0}); kvm_pvm
+the bed, ``kvmpy selftest --bed --param kvm_amd.npt=0`` (matrix row shadow); kvm_pvm
 always shadows them (at CPL3: its ring 0 is emulated).  The steps whose guest
 accesses KVM must see natively are checked to have run so (selftests/privilege.py).
 """

@@ -274,7 +274,7 @@ def test_console_facts_and_machine_facts():
     f = result.facts
     assert (f.kernel, f.cpu_model, f.vendor_module) == ("6.12.9-amd64", "AMD EPYC (QEMU TCG)", "kvm_amd")
     assert f.hugepages == {"2M": 32, "1G": 1} and f.params == result.params
-    assert f.summary() == ("qemu/tcg (max,la57=off), kernel 6.12.9-amd64, kvm_amd kvm_amd.nested=1 "
+    assert f.summary() == ("qemu/tcg (max,la57=off: AMD EPYC (QEMU TCG)), kernel 6.12.9-amd64, kvm_amd kvm_amd.nested=1 "
                            "kvm.tdp_mmu=Y, hugepages 1G:1 2M:32")
     assert f.to_dict()["kernel_origin"] == "debian:linux-image-6.12"
 

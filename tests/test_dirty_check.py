@@ -416,6 +416,7 @@ class FakeRing(DirtyRing):
         self.nentries, self.size_bytes, self.fetch_index, self.addr = nentries, nentries * GFN_SIZE, 0, 0
         self.gfns = ffi.new("struct kvm_dirty_gfn[]", nentries)
         self.mapping = self.Memory(self.gfns, self.size_bytes)
+        self._attach(memoryview(ffi.buffer(self.gfns)))
 
     def publish(self, *indexes: int) -> None:
         for i in indexes:

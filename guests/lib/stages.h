@@ -85,4 +85,10 @@
 #define KVM_WRITES_WRITE    25  /* ... the page L2 writes, through entries with A/D clear */
 #define KVM_WRITES_L2_GPA   0x80000000  /* L2 GPA (= L2 GVA) of the test pages: a PDPT entry of their own */
 
+/* exit_loop.c: exits forever (the KVM_RUN round-trip benchmark) */
+#define EXIT_LOOP_PORT  0xe0  /* the port of its OUTs at CPL0 */
+
+/* memstress.c: the `kvmpy perf dirty-log` guest, one pass over its pages per host iteration */
+#define MEMSTRESS_PASS_DONE  1  /* GUEST_SYNC(PASS_DONE, pass): a pass over the vCPU's pages is done */
+
 #endif

@@ -1,12 +1,17 @@
-"""The module-parameter matrix: one boot per KVM MMU configuration, one table.
+"""The module-parameter matrix: one boot per KVM MMU configuration and kernel, one table.
 
 The matrix runs (bed, configuration) pairs (:func:`run_matrix`), so beds of
-several kernels can share one table.  Every configuration is checked twice:
-the command's own result, and that the parameters really took effect (the
-bed reports the values it reads back from /sys/module after loading), so a
-mistyped or read-only parameter cannot make two rows of the table silently
-test the same thing.  The bed kernel's log is scanned for splats too: a
-WARN_ON fails its row even if the command passed.
+several kernels share one table (:func:`kernel_axis`: Debian's 6.12 and 6.1,
+unless the options name one kernel).  Every configuration is checked three
+times: the command's own result; that the parameters really took effect (the
+bed reports the values it reads back from /sys/module after loading); and
+that no two rows ran the same effective configuration (kernel release and
+every parameter read back), so a mistyped or read-only parameter cannot make
+two rows of the table silently test the same thing.  The bed kernel's log is
+scanned for splats too: a WARN_ON fails its row even if the command passed.
+
+The job learns which row it runs in (``KVMPY_BED_CONFIG``): a row's parameters
+decide what runs, so the selftests change none of them inside a row.
 """
 
 from __future__ import annotations
@@ -15,9 +20,14 @@ import dataclasses
 import xml.etree.ElementTree as ET
 from typing import Callable, Iterable, List, Mapping, Optional, Sequence, Tuple
 
+from kvmpy.bed.debian import KERNEL_LINES
+from kvmpy.bed.options import BedOptions
 from kvmpy.bed.protocol import BedError
 from kvmpy.bed.request import BedResult, Job, kernel_splats
 from kvmpy.bed.testbed import Bed
+
+#: Set in the job's environment: the name of the matrix row it runs in.
+CONFIG_ENV = "KVMPY_BED_CONFIG"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +62,30 @@ def matrix_for(vendor: str) -> Sequence[Config]:
     if vendor == "intel":
         return INTEL_MATRIX
     raise BedError(f"no matrix for vendor {vendor!r}")
+
+
+#: Kernel defaults of the parameters the matrices set (a row that leaves one out runs with this).
+DEFAULTS = {"kvm.tdp_mmu": "Y", "kvm.eager_page_split": "Y", "kvm_amd.npt": "Y", "kvm_intel.ept": "Y",
+            "kvm_amd.nested": "Y", "kvm_intel.nested": "Y"}
+
+
+def configs_with(vendor: str, needs: Mapping[str, str]) -> List[Config]:
+    """The rows of ``vendor``'s matrix that run with every parameter of ``needs`` (kernel defaults
+    counted for what a row leaves out); those that set one of them themselves, if any do."""
+    def value(config: Config, key: str) -> Optional[str]:
+        v = config.params.get(key, DEFAULTS.get(key))
+        return None if v is None else normalize(v)
+    rows = [c for c in matrix_for(vendor) if all(value(c, k) == normalize(v) for k, v in needs.items())]
+    explicit = [c for c in rows if set(needs) & set(c.params)]
+    return explicit or rows
+
+
+def kernel_axis(options: BedOptions) -> List[BedOptions]:
+    """The options of each kernel a matrix runs: the one the options name (``kernel`` or
+    ``kernel_line``), else every Debian line (6.12 and 6.1, the LTS lines users run)."""
+    if options.kernel is not None or options.kernel_line is not None:
+        return [options]
+    return [dataclasses.replace(options, kernel_line=line) for line in KERNEL_LINES]
 
 
 def select_configs(vendor: str, names: Iterable[str] = ()) -> List[Config]:
@@ -193,12 +227,27 @@ def run_matrix(
     pairs: Sequence[Tuple[Bed, Config]],
     job: Job,
     progress: Optional[Callable[[int, int, Row], None]] = None,
+    name_rows: bool = True,
 ) -> List[Row]:
-    """Run ``job`` once per (bed, configuration) pair, the configuration's params added to the bed's."""
-    rows = []
+    """Run ``job`` once per (bed, configuration) pair, the configuration's params added to the bed's.
+
+    With ``name_rows`` the job's environment names its row (``KVMPY_BED_CONFIG``); without,
+    the boots are not matrix rows (``kvmpy selftest --bed`` without ``--matrix``). A row whose
+    effective configuration (kernel release and parameters read back) equals an earlier
+    row's is an error: it tested nothing new.
+    """
+    rows: List[Row] = []
+    seen: dict = {}
     for i, (bed, config) in enumerate(pairs):
-        result = bed.run(job, config.params)
+        env = {**job.env, CONFIG_ENV: config.name} if name_rows else dict(job.env)
+        result = bed.run(dataclasses.replace(job, env=env), config.params)
         row = evaluate(config, result, {**bed.options.params, **config.params})
+        if result.status is not None and result.params:
+            key = (result.facts.kernel, tuple(sorted(result.params.items())))
+            if key in seen:
+                row.mismatches.append(f"same effective configuration as {seen[key]} "
+                                      f"(kernel {result.facts.kernel}, every parameter alike): it tests nothing new")
+            seen.setdefault(key, config.name)
         rows.append(row)
         if progress:
             progress(i + 1, len(pairs), row)

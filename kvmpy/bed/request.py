@@ -64,7 +64,7 @@ class BedRequest:
 
 #: The module parameters a one-line summary shows: what decides the MMU under test.
 SUMMARY_PARAMS = ("kvm_amd.nested", "kvm_amd.npt", "kvm_intel.nested", "kvm_intel.ept",
-                  "kvm.tdp_mmu", "kvm.eager_page_split")
+                  "kvm.tdp_mmu", "kvm.eager_page_split", "kvm.nx_huge_pages")
 
 
 @dataclasses.dataclass
@@ -97,8 +97,9 @@ class BedFacts:
     def summary(self) -> str:
         """One line for logs: machine, kernel, the MMU-relevant parameters, hugetlb pools."""
         machine = self.backend + (f"/{self.accel}" if self.accel else "")
-        if self.cpu:
-            machine += f" ({self.cpu})"
+        cpu = ": ".join(c for c in (self.cpu, self.cpu_model) if c)
+        if cpu:
+            machine += f" ({cpu})"
         shown = [f"{key}={self.params[key]}" for key in SUMMARY_PARAMS if key in self.params]
         pools = " ".join(f"{size}:{n}" for size, n in sorted(self.hugepages.items())) or "none"
         return (f"{machine}, kernel {self.kernel or '?'}, {self.vendor_module or 'no vendor module'}"

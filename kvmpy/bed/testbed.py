@@ -24,6 +24,11 @@ from kvmpy.bed.kernel import Kernel, require_kvm, user_kernel
 from kvmpy.bed.options import BedOptions
 from kvmpy.bed.request import BedRequest, BedResult, Job
 
+#: Set in the job's environment: the module parameters the boot was given
+#: (``kvm.tdp_mmu=N kvm_amd.npt=0``, the kernel command line's spelling) and the machine backend.
+PARAMS_ENV = "KVMPY_BED_PARAMS"
+BACKEND_ENV = "KVMPY_BED_BACKEND"
+
 
 def _quiet(msg: str) -> None:
     pass
@@ -72,10 +77,18 @@ class Bed:
         return self.backend
 
     def request(self, job: Job, params: Mapping[str, str] = {}) -> BedRequest:
-        """The backend request for one boot of ``job``; ``params`` add to the options' own."""
+        """The backend request for one boot of ``job``; ``params`` add to the options' own.
+
+        The job's environment says which parameters the boot was given and the backend
+        (``KVMPY_BED_PARAMS``, ``KVMPY_BED_BACKEND``), so what runs inside can tell a
+        parameter the user fixed from a kernel default.
+        """
         o = self.options
-        return BedRequest(command=list(job.command), params={**o.params, **params}, mem=o.mem,
-                          smp=o.smp, timeout=o.timeout, cwd=job.cwd, env=dict(job.env),
+        params = {**o.params, **params}
+        env = {**job.env, PARAMS_ENV: " ".join(f"{k}={v}" for k, v in params.items()),
+               BACKEND_ENV: self.backend_class.name}
+        return BedRequest(command=list(job.command), params=params, mem=o.mem,
+                          smp=o.smp, timeout=o.timeout, cwd=job.cwd, env=env,
                           on_console=job.on_console, append=tuple(job.append),
                           hugepages=dict(o.hugepages))
 

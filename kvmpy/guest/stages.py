@@ -77,3 +77,9 @@ KVM_WRITES_POOL = 8  # first page of the NPT/EPT pool in the slot
 KVM_WRITES_READ = 24  # the page L2 reads, then ...
 KVM_WRITES_WRITE = 25  # ... the page L2 writes, through entries with A/D clear
 KVM_WRITES_L2_GPA = 0x80000000  # L2 GPA (= L2 GVA) of the test pages: a PDPT entry of their own
+
+# exit_loop.c: exits forever (the KVM_RUN round-trip benchmark)
+EXIT_LOOP_PORT = 0xe0  # the port of its OUTs at CPL0
+
+# memstress.c: the `kvmpy perf dirty-log` guest, one pass over its pages per host iteration
+MEMSTRESS_PASS_DONE = 1  # GUEST_SYNC(PASS_DONE, pass): a pass over the vCPU's pages is done

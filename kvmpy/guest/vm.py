@@ -11,6 +11,11 @@ Guest physical layout of memslot 0 (identity mapped, GVA == GPA):
               [guard][#DF IST stack][guard][kernel stack (TSS.RSP0)][guard][stack ......]
     0x400000  the guest ELF (guests/lib/guest.ld), then free memory
 
+PT_POOL_SIZE holds the tables of about 480 MiB of 4K mappings. A :meth:`GuestVm.map`
+that needs more adds a page-table memslot (the highest memslot id) of PT_SLOT_SIZE
+bytes at PT_SLOT_GPA (1 GiB below the top of the guest physical address space, 47
+bits at most so that it can be identity mapped too) and takes table pages from it.
+
 A user-mode guest (``user_mode=True``) runs guest_main at CPL3: every mapping is
 user-accessible with the accessed/dirty bits preset, the vCPU starts with the user
 selectors, exceptions switch to the kernel stack, ucalls are stores to an
@@ -31,6 +36,7 @@ import time
 from pathlib import Path
 from typing import Callable, Sequence
 
+from kvmpy.abi import lib
 from kvmpy.errors import KvmError
 from kvmpy.guest import programs
 from kvmpy.guest.elf import GuestElf
@@ -58,6 +64,7 @@ KSTACK_TOP = 0x7000
 STACK_OFFSET = 0x8000    # main stack from here to the end of the block
 GUARD_OFFSETS = (0, IST_OFFSET + PAGE_4K, KSTACK_TOP)
 MAX_VCPUS = 16
+PT_SLOT_SIZE = 64 << 20      # NORESERVE: only the table pages used take memory; 32 GiB of 4K mappings
 ELF_MIN_GPA = 0x200000
 DF_VECTOR = 8
 
@@ -104,6 +111,7 @@ class GuestVm:
         self.vm: Vm | None = None
         self.vcpus: list[Vcpu] = []
         self.threads: VcpuThreads | None = None
+        self.pt_slot: Memslot | None = None     # the page-table memslot, once 4K mappings need it
         try:
             self.vm = self.kvm.create_vm()
             if before_vcpus is not None:
@@ -184,7 +192,20 @@ class GuestVm:
             cpu.require_feature(self.cpuid, cpu.FEATURE_GBPAGES, "1 GiB guest pages")
         if nx:
             cpu.require_feature(self.cpuid, cpu.FEATURE_NX, "non-executable mappings")
+        if self.pt.tables_needed(gva, size, page_size) > self.pt.pages_free:
+            self._add_page_table_slot(self.pt.tables_needed(gva, size, page_size))
         self.pt.map(gva, gpa, size, page_size, writable=writable, user=user, nx=nx)
+
+    def _add_page_table_slot(self, pages: int) -> None:
+        """Give the page-table builder a memslot of its own (once), identity mapped like memslot 0."""
+        if self.pt_slot is not None:
+            return      # the builder says when it is full
+        size = max(PT_SLOT_SIZE, -(-2 * pages * PAGE_4K // PAGE_2M) * PAGE_2M)
+        gpa = min(1 << cpu.phys_bits(self.cpuid), 1 << 47) - PAGE_1G - size
+        slot = self.vm.check_extension(lib.KVM_CAP_NR_MEMSLOTS) - 1
+        self.pt_slot = self.vm.add_memory(slot=slot, gpa=gpa, size=size)
+        self.pt.add_pool(gpa, size)
+        self.pt.map(gpa, gpa, size, PAGE_2M, user=self.user_mode)
 
     def write_global(self, name: str, value: int | bytes, offset: int = 0) -> None:
         """Set a guest global before the run (see ``GuestElf.write_global``)."""

@@ -4,15 +4,22 @@ The selftest options become :class:`kvmpy.bed.options.BedOptions` (checked befor
 guests are built or a kernel is fetched) and the suite runs through the bed's library
 entry point, :class:`kvmpy.bed.testbed.Bed`.  Each boot runs the same pytest command
 as on the host; the results JSON comes back through the bed's results directory and
-becomes one RunResults per configuration.
+becomes one RunResults per configuration, with what the configuration ran on (kernel,
+machine, effective module parameters) recorded in it and in its JUnit file.
+
+``--matrix`` runs every row of the vendor's matrix on each kernel of the kernel axis
+(Debian 6.12 and 6.1 unless a kernel is named).  Stopped by a signal, the run keeps what
+it has: the configurations already finished, and a row naming the one that was running.
 """
 from __future__ import annotations
 
 import shlex
+import signal
 import sys
 import time
+import xml.etree.ElementTree as ET
 from pathlib import Path
-from typing import Callable, List
+from typing import Callable, List, Tuple
 
 from kvmpy import faults
 from kvmpy.bed import matrix
@@ -33,6 +40,8 @@ BOCHS_MEM = "2G"
 BOCHS_HUGEPAGES = ["2M:32"]
 BED_TIMEOUT = 1500.0
 
+Pair = Tuple[Bed, matrix.Config]
+
 
 def bed_options(args) -> BedOptions:
     """The bed options of these `kvmpy selftest --bed` arguments (BedError if malformed)."""
@@ -42,6 +51,27 @@ def bed_options(args) -> BedOptions:
         modules=args.modules, accel=args.accel, mem=BOCHS_MEM if bochs else BED_MEM, smp=2,
         timeout=args.timeout or BED_TIMEOUT, params=args.param,
         hugepages=BOCHS_HUGEPAGES if bochs else BED_HUGEPAGES)
+
+
+def _kernel_name(bed: Bed) -> str:
+    """The Debian line ("6.12") or, for a kernel the user built, its release."""
+    return bed.kernel.release if bed.options.kernel is not None and bed.kernel else bed.kernel_line
+
+
+def _label(bed: Bed, config: matrix.Config, in_matrix: bool) -> str:
+    what = config.name if in_matrix else " ".join(f"{k}={v}" for k, v in bed.options.params.items()) or "defaults"
+    return f"bed {bed.vendor} {_kernel_name(bed)} {what}"
+
+
+def _setting(bed: Bed, config: matrix.Config, row: matrix.Row | None) -> dict:
+    """RunResults.bed: what a configuration ran on (as far as known when ``row`` is None)."""
+    requested = {**bed.options.params, **config.params}
+    if row is None:
+        kernel = bed.kernel.release if bed.kernel else f"Debian {bed.kernel_line}"
+        return {"summary": f"{bed.describe()}; stopped before it reported its facts",
+                "requested_params": requested, "facts": {"kernel": kernel}}
+    facts = row.result.facts
+    return {"summary": facts.summary(), "requested_params": requested, "facts": facts.to_dict()}
 
 
 def _results(config_label: str, row: matrix.Row) -> RunResults:
@@ -67,20 +97,43 @@ def _results(config_label: str, row: matrix.Row) -> RunResults:
     return run
 
 
+def junit_with_setting(xml: bytes, label: str, setting: dict) -> bytes:
+    """The JUnit document with what the configuration ran on as ``kvmpy.*`` testsuite properties."""
+    facts = setting.get("facts", {})
+    props = {"kvmpy.config": label, "kvmpy.summary": setting.get("summary", "")}
+    for key in ("kernel", "kernel_origin", "backend", "accel", "cpu", "cpu_model", "vendor_module"):
+        if facts.get(key):
+            props[f"kvmpy.{key}"] = str(facts[key])
+    props.update({f"kvmpy.param.{k}": str(v) for k, v in sorted(facts.get("params", {}).items())})
+    props.update({f"kvmpy.hugepages.{k}": str(v) for k, v in sorted(facts.get("hugepages", {}).items())})
+    root = ET.fromstring(xml)
+    for suite in root.iter("testsuite"):
+        node = suite.find("properties")
+        if node is None:
+            node = ET.Element("properties")
+            suite.insert(0, node)
+        for name, value in props.items():
+            ET.SubElement(node, "property", name=name, value=value)
+    return ET.tostring(root, encoding="utf-8", xml_declaration=True)
+
+
 def _note(msg: str) -> None:
     print(f"kvmpy bed: {msg}", file=sys.stderr, flush=True)
 
 
-def _prepare(args, log: Callable[[str], None]) -> Bed:
-    """The bed, its options checked first, then the guests built, then the kernel fetched."""
+def _prepare(args, log: Callable[[str], None]) -> List[Bed]:
+    """The beds (one per kernel of the matrix's kernel axis, else one), their options checked
+    first, then the guests built, then the kernels fetched."""
     from kvmpy.guest import programs
 
-    bed = Bed(bed_options(args), log=log)
+    options = bed_options(args)
+    beds = [Bed(o, log=log) for o in (matrix.kernel_axis(options) if args.matrix else [options])]
     # The bed sees the host's / read-only: guests must be built before it boots.
     if programs.source_root() is not None:
         programs.build()
-    bed.prepare()
-    return bed
+    for bed in beds:
+        bed.prepare()
+    return beds
 
 
 def suite_job(args, on_console: Callable[[str], None] | None = None) -> Job:
@@ -92,19 +145,27 @@ def suite_job(args, on_console: Callable[[str], None] | None = None) -> Job:
 
 
 def run(args, quiet: bool = False) -> List[RunResults]:
-    """Boot the bed once (or once per matrix configuration) and run the suite inside."""
+    """Boot the bed once (or once per matrix configuration and kernel) and run the suite inside.
+
+    With ``quiet`` (JSON or KTAP on stdout) pytest's lines from the bed go to stderr, like the
+    progress notes, and no matrix table is printed.
+    """
     from kvmpy.guest import programs
 
-    log = (lambda m: None) if quiet else _note
+    log = _note
     try:
-        bed = _prepare(args, log)
-        configs = (matrix.select_configs(bed.vendor) if args.matrix
-                   else [matrix.Config("params" if args.param else "default", {})])
+        beds = _prepare(args, log)
+        pairs: List[Pair] = [
+            (bed, config) for bed in beds
+            for config in (matrix.select_configs(bed.vendor) if args.matrix
+                           else [matrix.Config("params" if args.param else "default", {})])]
     except (BedError, programs.GuestProgramError) as e:
         return [RunResults("bed", harness_error=str(e))]
-    job = suite_job(args, on_console=None if quiet else ConsolePrinter(False, sys.stdout))
+    job = suite_job(args, on_console=ConsolePrinter(False, sys.stderr if quiet else sys.stdout))
+    done: List[matrix.Row] = []
 
     def progress(i: int, n: int, row: matrix.Row) -> None:
+        done.append(row)
         log(row.progress_line(i, n))
         log(f"bed: {row.result.facts.summary()}")
         for why in row.result.dropped:
@@ -114,22 +175,49 @@ def run(args, quiet: bool = False) -> List[RunResults]:
                 f"loaded (not counted): {splat.splitlines()[0]}")
 
     t0 = time.monotonic()
-    log(f"bed: {bed.describe()}, {len(configs)} configuration(s)")
+    log(f"bed: {'; '.join(b.describe() for b in beds)}, {len(pairs)} configuration(s)")
+    stopped = None
     try:
-        rows = matrix.run_matrix([(bed, config) for config in configs], job, progress)
+        matrix.run_matrix(pairs, job, progress, name_rows=args.matrix)
     except BedError as e:
         return [RunResults("bed", harness_error=str(e))]
-    runs = []
-    for row in rows:
-        params = " ".join(f"{k}={v}" for k, v in row.config.params.items()) or \
-            " ".join(args.param) or "defaults"
-        label = f"bed {bed.vendor} {row.config.name}" if args.matrix else f"bed {bed.vendor} {params}"
-        runs.append(_results(label, row))
-        if args.junit and "junit.xml" in row.result.files:
-            path = Path(args.junit)
-            if len(rows) > 1:
-                path = path.with_name(f"{path.stem}-{row.config.name}{path.suffix}")
-            path.write_bytes(row.result.files["junit.xml"])
-    if not quiet and args.matrix:
-        print(matrix.format_table(rows, f"bed matrix ({bed.describe()}, {time.monotonic() - t0:.0f}s)"))
+    except KeyboardInterrupt as e:  # SIGINT, or SIGTERM/SIGHUP as the CLI raises them
+        stopped = _stopped_run(pairs, len(done), getattr(e, "signo", signal.SIGINT), args.matrix)
+    runs = [_finished_run(bed, row, args, len(beds) > 1, len(pairs) > 1) for (bed, _), row in zip(pairs, done)]
+    if stopped:
+        runs.append(stopped)
+    if not quiet and args.matrix and done:
+        kernels = ", ".join(b.kernel.release for b in beds if b.kernel)
+        print(matrix.format_table(done, f"bed matrix ({beds[0].backend_class.name}, kernel {kernels}, "
+                                        f"{time.monotonic() - t0:.0f}s)"))
     return runs
+
+
+def _finished_run(bed: Bed, row: matrix.Row, args, several_kernels: bool, several_rows: bool) -> RunResults:
+    """One finished configuration's RunResults, its JUnit file written (``--junit``) with its setting."""
+    label = _label(bed, row.config, args.matrix)
+    run = _results(label, row)
+    run.bed = _setting(bed, row.config, row)
+    if args.junit and "junit.xml" in row.result.files:
+        path = Path(args.junit)
+        if several_rows:
+            kernel = f"-{_kernel_name(bed)}" if several_kernels else ""
+            path = path.with_name(f"{path.stem}{kernel}-{row.config.name}{path.suffix}")
+        try:
+            data = junit_with_setting(row.result.files["junit.xml"], label, run.bed)
+        except ET.ParseError as e:
+            run.harness_error = run.harness_error or f"the bed's JUnit XML is unreadable ({e})"
+            data = row.result.files["junit.xml"]
+        path.write_bytes(data)
+    return run
+
+
+def _stopped_run(pairs: List[Pair], index: int, signo: int, in_matrix: bool) -> RunResults:
+    """The row saying which configuration a signal stopped, and what was left unrun."""
+    bed, config = pairs[index]
+    rest = [_label(b, c, in_matrix) for b, c in pairs[index + 1:]]
+    detail = "while this configuration ran in the bed: its results are lost"
+    if rest:
+        detail += f"; not run: {', '.join(rest)}"
+    return RunResults(_label(bed, config, in_matrix), interrupted=signo, stop_detail=detail,
+                      bed=_setting(bed, config, None))

@@ -1,4 +1,9 @@
-"""The selftest report: host header, one table row per test, KTAP and JSON renderings."""
+"""The selftest report: host header, one table row per test, KTAP and JSON renderings.
+
+A run in the bed carries what it ran on (``RunResults.bed``: kernel release, machine,
+vendor module, effective module parameters, hugetlb pools); every rendering records it
+per configuration, so results of a patched and a base kernel cannot be confused.
+"""
 from __future__ import annotations
 
 import json
@@ -48,6 +53,11 @@ class RunResults:
     interrupted: int = 0
     # Tests pytest collected (selected by -k); more than len(tests) when the run was stopped.
     collected: int | None = None
+    # Why the results are partial beyond the signal, e.g. "while this configuration ran in the bed".
+    stop_detail: str = ""
+    # Inside the bed: what the configuration ran on -- {"summary": one line, "requested_params": {...},
+    # "facts": kernel, backend, cpu, vendor_module, params, hugepages}; {} on the host.
+    bed: dict = field(default_factory=dict)
 
     @classmethod
     def from_json(cls, config: str, text: str) -> "RunResults":
@@ -85,9 +95,20 @@ def stop_note(r: RunResults) -> str:
     """Why ``r``'s results are partial, or ''."""
     if not r.interrupted:
         return ""
+    if r.stop_detail:
+        return f"stopped by {signal_name(r.interrupted)} {r.stop_detail}"
     ran = sum(1 for t in r.tests if t["outcome"] not in ("interrupted", NOT_TESTED))
     of = f" of {r.collected}" if r.collected is not None else ""
     return f"stopped by {signal_name(r.interrupted)} after {ran}{of} tests: the results are partial"
+
+
+def format_setting(runs: list[RunResults]) -> str:
+    """What each bed configuration ran on, one line each ('' when no run was in the bed)."""
+    beds = [r for r in runs if r.bed]
+    if not beds:
+        return ""
+    width = max(len(r.config) for r in beds)
+    return "\n".join(["tested in the bed:"] + [f"  {r.config:<{width}}  {r.bed.get('summary', '')}" for r in beds])
 
 
 def _short_id(nodeid: str) -> str:
@@ -151,6 +172,7 @@ def format_ktap(runs: list[RunResults]) -> str:
     entries = [(r.config, t) for r in runs for t in r.tests]
     notes = [(r.config, r.harness_error or stop_note(r)) for r in runs if r.harness_error or r.interrupted]
     out = ["KTAP version 1", f"1..{len(entries) + len(notes)}"]
+    out += [f"# {r.config}: {r.bed['summary']}" for r in runs if r.bed.get("summary")]
     n = 0
     for config, note in notes:
         n += 1
@@ -179,5 +201,6 @@ def to_json(header: dict, runs: list[RunResults]) -> str:
         "exit_status": exit_status(runs),
         "runs": [{"config": r.config, "exitstatus": r.exitstatus, "harness_error": r.harness_error,
                   "interrupted": signal_name(r.interrupted) if r.interrupted else "",
-                  "collected": r.collected, "seconds": r.seconds, "tests": r.tests} for r in runs],
+                  "collected": r.collected, "seconds": r.seconds, **({"bed": r.bed} if r.bed else {}),
+                  "tests": r.tests} for r in runs],
     }, indent=1)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
+from kvmpy.abi import ffi, lib
 from kvmpy.errors import KvmError
 from kvmpy.memory import PAGE_1G, PAGE_2M, PAGE_4K
 from kvmpy.x86.physmem import PhysMemory
@@ -91,20 +92,24 @@ class PageTableBuilder:
     """Builds 4-level page tables in guest memory.
 
     ``pool_gpa``/``pool_size`` is the page-aligned region that table pages are
-    allocated from (the PML4 is its first page, so ``cr3 == pool_gpa``).
+    allocated from (the PML4 is its first page, so ``cr3 == pool_gpa``);
+    :meth:`add_pool` adds more regions, used when the ones before are full.
     ``phys_bits`` bounds the GPAs that can be mapped (CPUID 0x80000008 EAX[7:0]).
     ``preset_ad`` sets the accessed bit in every entry and the dirty bit in every leaf,
     so that neither the CPU nor KVM's page walker ever writes the tables.
+
+    :meth:`map` writes the entries in C (kvmpy_pt_map in _bulk.c) straight into the
+    pools' guest memory; :meth:`map_page` is the one-entry Python form.
     """
 
     def __init__(self, mem: PhysMemory, pool_gpa: int, pool_size: int, phys_bits: int = 52, *,
                  preset_ad: bool = False) -> None:
-        if pool_gpa % PAGE_4K or pool_size % PAGE_4K or pool_size < PAGE_4K:
-            raise PagingError(f"page-table pool {pool_gpa:#x}+{pool_size:#x} must be page aligned and non-empty")
         self.mem = mem
-        self.pool_gpa = pool_gpa
-        self.pool_size = pool_size
         self.phys_bits = phys_bits
+        self._pools: list[tuple[int, int]] = []
+        self.add_pool(pool_gpa, pool_size)
+        self._pool = 0
+        self._used = 0
         self._table_bits = PTE_P | PTE_RW | PTE_US | (PTE_A if preset_ad else 0)
         self._leaf_bits = PTE_P | (PTE_A | PTE_D if preset_ad else 0)
         self._next = pool_gpa
@@ -114,16 +119,55 @@ class PageTableBuilder:
         self._tables[(4, 0)] = self.cr3
 
     @property
+    def pool_gpa(self) -> int:
+        return self._pools[0][0]
+
+    @property
+    def pool_size(self) -> int:
+        return self._pools[0][1]
+
+    def add_pool(self, gpa: int, size: int) -> None:
+        """Take table pages from guest memory ``[gpa, gpa+size)`` once the pools before it are full."""
+        if gpa % PAGE_4K or size % PAGE_4K or size < PAGE_4K:
+            raise PagingError(f"page-table pool {gpa:#x}+{size:#x} must be page aligned and non-empty")
+        for g, sz in self._pools:
+            if gpa < g + sz and g < gpa + size:
+                raise PagingError(f"page-table pool {gpa:#x}+{size:#x} overlaps pool {g:#x}+{sz:#x}")
+        self._pools.append((gpa, size))
+
+    @property
     def pages_used(self) -> int:
-        """Number of table pages allocated from the pool so far."""
-        return (self._next - self.pool_gpa) // PAGE_4K
+        """Number of table pages allocated from the pools so far."""
+        return self._used
+
+    @property
+    def pages_free(self) -> int:
+        """Table pages still available in the pools."""
+        gpa, size = self._pools[self._pool]
+        return (gpa + size - self._next) // PAGE_4K + sum(sz for _, sz in self._pools[self._pool + 1:]) // PAGE_4K
+
+    @staticmethod
+    def tables_needed(gva: int, size: int, page_size: int = PAGE_4K) -> int:
+        """At most how many new table pages mapping ``[gva, gva+size)`` with ``page_size`` pages takes."""
+        need = 0
+        for level in range(_SIZE_LEVEL[page_size] + 1, 5):      # tables below the PML4
+            span = 1 << (12 + 9 * (level - 1))
+            need += (gva + size - 1) // span - gva // span + 1
+        return need
+
+    def _exhausted(self) -> PagingError:
+        pools = ", ".join(f"{g:#x}+{sz:#x}" for g, sz in self._pools)
+        return PagingError(f"page-table pool {pools} is exhausted ({self.pages_used} pages used)")
 
     def _alloc_table(self) -> int:
-        if self._next + PAGE_4K > self.pool_gpa + self.pool_size:
-            raise PagingError(f"page-table pool {self.pool_gpa:#x}+{self.pool_size:#x} is exhausted "
-                              f"({self.pages_used} pages used)")
+        while self._next + PAGE_4K > sum(self._pools[self._pool]):
+            if self._pool + 1 == len(self._pools):
+                raise self._exhausted()
+            self._pool += 1
+            self._next = self._pools[self._pool][0]
         gpa = self._next
         self._next += PAGE_4K
+        self._used += 1
         self.mem.write(gpa, bytes(PAGE_4K))
         return gpa
 
@@ -156,6 +200,20 @@ class PageTableBuilder:
             table = child
         return table
 
+    def _check(self, gva: int, gpa: int, size: int, page_size: int) -> None:
+        if page_size not in _SIZE_LEVEL:
+            raise PagingError(f"page size {page_size:#x} is not 4K, 2M or 1G")
+        if gva % page_size or gpa % page_size:
+            raise PagingError(f"GVA {gva:#x} / GPA {gpa:#x} not aligned to page size {page_size:#x}")
+        if not is_canonical(gva) or not is_canonical(gva + size - 1) or (gva >> 47) != ((gva + size - 1) >> 47):
+            raise PagingError(f"GVA range {gva:#x}+{size:#x} is not canonical")
+        if gpa < 0 or gpa + size > 1 << self.phys_bits:
+            raise PagingError(f"GPA {gpa:#x} is beyond the {self.phys_bits}-bit physical address space")
+
+    def _leaf(self, page_size: int, writable: bool, user: bool, nx: bool, global_: bool, extra: int) -> int:
+        return (self._leaf_bits | extra | (PTE_PS if page_size != PAGE_4K else 0) | (PTE_RW if writable else 0)
+                | (PTE_US if user else 0) | (PTE_NX if nx else 0) | (PTE_G if global_ else 0))
+
     def map_page(self, gva: int, gpa: int, page_size: int = PAGE_4K, *, writable: bool = True,
                  user: bool = False, nx: bool = False, global_: bool = False, extra: int = 0) -> int:
         """Map one page; returns the GPA of the leaf entry.
@@ -163,14 +221,7 @@ class PageTableBuilder:
         Re-mapping a page of the same size replaces it; a page that would
         overlap a different-size mapping raises PagingError.
         """
-        if page_size not in _SIZE_LEVEL:
-            raise PagingError(f"page size {page_size:#x} is not 4K, 2M or 1G")
-        if gva % page_size or gpa % page_size:
-            raise PagingError(f"GVA {gva:#x} / GPA {gpa:#x} not aligned to page size {page_size:#x}")
-        if not is_canonical(gva):
-            raise PagingError(f"GVA {gva:#x} is not canonical")
-        if gpa < 0 or gpa + page_size > 1 << self.phys_bits:
-            raise PagingError(f"GPA {gpa:#x} is beyond the {self.phys_bits}-bit physical address space")
+        self._check(gva, gpa, page_size, page_size)
         level = _SIZE_LEVEL[page_size]
         table = self._table_for(gva, level, create=True)
         pte_gpa = table + 8 * _index(gva, level)
@@ -178,29 +229,51 @@ class PageTableBuilder:
         if old & PTE_P and level > 1 and not old & PTE_PS:
             raise PagingError(f"GVA {gva:#x}: a {page_size >> 20} MiB page would replace a page table "
                               "of smaller mappings")
-        pte = gpa | self._leaf_bits | extra
-        if level > 1:
-            pte |= PTE_PS
-        if writable:
-            pte |= PTE_RW
-        if user:
-            pte |= PTE_US
-        if nx:
-            pte |= PTE_NX
-        if global_:
-            pte |= PTE_G
-        self._write(pte_gpa, pte)
+        self._write(pte_gpa, gpa | self._leaf(page_size, writable, user, nx, global_, extra))
         return pte_gpa
 
-    def map(self, gva: int, gpa: int, size: int, page_size: int = PAGE_4K, **flags) -> None:
+    def map(self, gva: int, gpa: int, size: int, page_size: int = PAGE_4K, *, writable: bool = True,
+            user: bool = False, nx: bool = False, global_: bool = False, extra: int = 0) -> None:
         """Map ``[gva, gva+size)`` to ``[gpa, gpa+size)`` with pages of ``page_size``.
 
-        ``flags`` are those of :meth:`map_page` (writable, user, nx, global_).
+        The flags are those of :meth:`map_page`. On an error (PagingError) the pages
+        before the one named are mapped.
         """
-        if size <= 0 or size % page_size:
+        if page_size not in _SIZE_LEVEL or size <= 0 or size % page_size:
             raise PagingError(f"size {size:#x} is not a positive multiple of page size {page_size:#x}")
-        for off in range(0, size, page_size):
-            self.map_page(gva + off, gpa + off, page_size, **flags)
+        self._check(gva, gpa, size, page_size)
+        leaf = self._leaf(page_size, writable, user, nx, global_, extra)
+        done = self._map_bulk(gva, gpa, size // page_size, page_size, leaf)
+        for off in range(done * page_size, size, page_size):    # tables the C path does not know
+            self.map_page(gva + off, gpa + off, page_size, writable=writable, user=user, nx=nx,
+                          global_=global_, extra=extra)
+
+    def _map_bulk(self, gva: int, gpa: int, npages: int, page_size: int, leaf: int) -> int:
+        """Map in C; returns how many pages it mapped before reaching a table outside the pools."""
+        req = ffi.new("struct kvmpy_pt_req *", {
+            "cr3": self.cr3, "gva": gva, "gpa": gpa, "npages": npages, "page_size": page_size,
+            "leaf_bits": leaf, "table_bits": self._table_bits, "npools": len(self._pools),
+            "pool": self._pool, "next": self._next})
+        pools = ffi.new("struct kvmpy_pt_pool[]", len(self._pools))
+        views = [self.mem.gpa_view(g, sz) for g, sz in self._pools]
+        bufs = [ffi.from_buffer(v) for v in views]
+        try:
+            for p, (g, sz), buf in zip(pools, self._pools, bufs):
+                p.gpa, p.size, p.hva = g, sz, int(ffi.cast("uintptr_t", buf))
+            rc = lib.kvmpy_pt_map(req, pools)       # holds the buffers: no unmap under it
+        finally:
+            for buf in bufs:
+                ffi.release(buf)
+        self._used += req.allocated
+        self._pool, self._next = req.pool, req.next
+        if rc == lib.KVMPY_PT_EXHAUSTED:
+            raise self._exhausted()
+        if rc == lib.KVMPY_PT_IN_HUGE:
+            raise PagingError(f"GVA {req.fail_gva:#x} is already inside a bigger page")
+        if rc == lib.KVMPY_PT_OVER_TABLE:
+            raise PagingError(f"GVA {req.fail_gva:#x}: a {page_size >> 20} MiB page would replace a page table "
+                              "of smaller mappings")
+        return req.done
 
     def unmap_page(self, gva: int) -> Translation:
         """Clear the leaf entry mapping ``gva`` (of any size); returns what it mapped.

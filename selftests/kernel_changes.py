@@ -1,0 +1,88 @@
+"""KVM MMU behaviour that changed upstream between the kernels the selftests run on, keyed by release.
+
+A :class:`Change` is an upstream commit and the first release that has it. A test that
+asserts a behaviour one of them changed calls :func:`expect` with both expectations; the
+running kernel's release (``uname -r``: Debian's ``6.1.0-57-amd64`` is 6.1) picks one. A
+distro kernel may carry a backport (or a revert), so an observation that matches the
+*other* expectation is not accepted: it fails with "this kernel behaves as if it
+has/lacks <commit>". One that matches neither fails naming the commit and both values.
+
+The audit behind this table (every stats assertion in selftests/, read in Debian's 6.1 and
+6.12 sources and run in the bed on both):
+
+    lazy split on a write fault, TDP MMU       differs: SPLIT_ON_FAULT
+    recovery after dirty logging, TDP MMU      zap in 6.1 and 6.12; in place from RECOVER_IN_PLACE
+    refault over a zapped range, shadow MMU    differs with kvm.nx_huge_pages=Y: NX_HUGE_PAGE_CHECK
+    KVM_CLEAR_DIRTY_LOG split                  whole 64-page words: same; a single page at the
+                                               start of a huge page: CLEAR_SPLIT_OFF_BY_ONE
+    eager split at enable (TDP MMU, nested)    same (a3fe5dbda0a4 v5.18, ada51a9de737 v6.0)
+    lazy split, shadow MMU flavours            same (never split: drop the huge SPTE, map 4K)
+    nested MMU (test_nested_*.py), unsync      same
+"""
+from __future__ import annotations
+
+import platform
+import re
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Change:
+    """An upstream KVM commit that changed what a selftest observes."""
+
+    commit: str
+    subject: str
+    release: tuple[int, int]    # the first upstream release that has it
+
+    @property
+    def first(self) -> str:
+        return f"v{self.release[0]}.{self.release[1]}"
+
+    def __str__(self) -> str:
+        return f'{self.commit} "{self.subject}" ({self.first})'
+
+
+SPLIT_ON_FAULT = Change("c4b33d28ea51", "KVM: x86/mmu: Split huge pages mapped by the TDP MMU on fault", (6, 2))
+NX_HUGE_PAGE_CHECK = Change("76901e56fb51", "KVM: x86/mmu: explicitly check nx_hugepage in "
+                                            "disallowed_hugepage_adjust()", (6, 2))
+CLEAR_SPLIT_OFF_BY_ONE = Change("1aa4bb916808", "KVM: x86/mmu: Fix off-by-1 when splitting huge pages during CLEAR",
+                                (6, 8))
+RECOVER_IN_PLACE = Change("13e2e4f62a4b", "KVM: x86/mmu: Recover TDP MMU huge page mappings in-place instead "
+                                          "of zapping", (6, 13))
+
+
+def parse_release(release: str) -> tuple[int, int]:
+    """``"6.1.0-57-amd64"`` -> (6, 1); ValueError for a string that starts with no version."""
+    m = re.match(r"(\d+)\.(\d+)", release)
+    if not m:
+        raise ValueError(f"kernel release {release!r} does not start with MAJOR.MINOR")
+    return int(m.group(1)), int(m.group(2))
+
+
+def running_release() -> str:
+    """The running kernel's release (``uname -r``): inside the bed, the bed's kernel."""
+    return platform.release()
+
+
+def has(change: Change, release: str | None = None) -> bool:
+    """Whether a kernel of ``release`` (default: the running one) is at least ``change``'s first release."""
+    return parse_release(release or running_release()) >= change.release
+
+
+def expect(what: str, got: Any, change: Change, *, before: Any, since: Any, release: str | None = None) -> None:
+    """Assert ``got`` is what this kernel shows: ``since`` from ``change``'s release on, else ``before``.
+
+    ``what`` says what was observed (it starts the failure message).
+    """
+    release = release or running_release()
+    new = has(change, release)
+    want, other = (since, before) if new else (before, since)
+    if got == want:
+        return
+    if got == other:
+        raise AssertionError(
+            f"{what}: got {got}, as kernels {'before' if new else 'since'} {change.first} do; this kernel "
+            f"({release}) behaves as if it {'lacks' if new else 'has'} {change}, expected {want}")
+    raise AssertionError(
+        f"{what}: got {got}, expected {want} on {release}; before {change} KVM gives {before}, since it {since}")

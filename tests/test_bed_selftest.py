@@ -1,0 +1,138 @@
+"""`kvmpy selftest --bed [--matrix]` without booting: kernels x rows, what each row records, a stopped run."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import signal
+import xml.etree.ElementTree as ET
+
+import pytest
+
+from kvmpy.bed import backend as bk
+from kvmpy.bed import matrix
+from kvmpy.bed.options import BedOptions
+from kvmpy.bed.request import BedFacts, BedResult
+from kvmpy.bed.testbed import Bed
+from kvmpy.selftest import bed_runner, report
+
+from bed_fakes import fake_kernel
+
+RESULTS = {"exitstatus": 0, "seconds": 1.0, "collected": 1,
+           "tests": [{"nodeid": "selftests/test_a.py::test_ok", "outcome": "passed", "reason": "", "stats": {}}]}
+JUNIT = b'<?xml version="1.0"?><testsuites><testsuite name="pytest" tests="1"><testcase classname="a" ' \
+        b'name="test_ok"/></testsuite></testsuites>'
+
+
+class Stopped(KeyboardInterrupt):
+    """What the CLI raises for SIGTERM."""
+
+    def __init__(self, signo):
+        super().__init__(signo)
+        self.signo = signo
+
+
+class FakeBed(bk.Backend):
+    """Boots nothing: each request's parameters read back as set (``same``: as the first ones);
+    ``stop_at`` raises a stop signal on that boot."""
+
+    name, vendor = "fake", "amd"
+
+    def __init__(self, kernel, seen, same=False, stop_at=None):
+        super().__init__(kernel)
+        self.seen, self.same, self.stop_at = seen, same, stop_at
+
+    def check(self):
+        pass
+
+    def run(self, request):
+        self.seen.append(request)
+        if self.stop_at == len(self.seen):
+            raise Stopped(signal.SIGTERM)
+        params = {k: matrix.normalize(v) for k, v in (self.seen[0] if self.same else request).params.items()}
+        facts = BedFacts(backend="fake", cpu="max", kernel=self.kernel.release, vendor_module="kvm_amd",
+                         params=params, hugepages={"2M": 32})
+        return BedResult(0, "", files={"results.json": json.dumps(RESULTS).encode(), "junit.xml": JUNIT},
+                         params=params, facts=facts, seconds=1)
+
+
+def _args(tmp_path, **over):
+    args = dict(matrix=True, keyword=None, pytest_args=[], junit=str(tmp_path / "j.xml"), param=[], backend=None,
+                kernel_version=None, kernel=None, modules=None, accel="tcg", timeout=None)
+    return argparse.Namespace(**{**args, **over})
+
+
+@pytest.fixture
+def beds(tmp_path, monkeypatch):
+    """Two fake kernels (6.12 and 6.1) in place of the Debian ones; returns (seen requests, options)."""
+    seen, opts = [], {}
+
+    def prepare(args, log):
+        out = []
+        for line, release in (("6.12", "6.12.117+deb12-amd64"), ("6.1", "6.1.0-57-amd64")):
+            kernel = dataclasses.replace(fake_kernel(tmp_path / line), release=release)
+            out.append(Bed(BedOptions(kernel_line=line), backend=FakeBed(kernel, seen, **opts)))
+        return out
+
+    monkeypatch.setattr(bed_runner, "_prepare", prepare)
+    return seen, opts
+
+
+def test_kernel_axis_covers_both_debian_lines_unless_one_is_named():
+    assert [o.kernel_line for o in matrix.kernel_axis(BedOptions())] == ["6.12", "6.1"]
+    assert [o.kernel_line for o in matrix.kernel_axis(BedOptions(kernel_line="6.1"))] == ["6.1"]
+
+
+def test_matrix_runs_every_row_on_every_kernel_and_records_what_it_ran_on(beds, tmp_path):
+    seen, _ = beds
+    runs = bed_runner.run(_args(tmp_path), quiet=True)
+    rows = [c.name for c in matrix.AMD_MATRIX]
+    assert [r.config for r in runs] == [f"bed amd {k} {c}" for k in ("6.12", "6.1") for c in rows]
+    # The job learns its row and the parameters its boot was given.
+    assert [r.env["KVMPY_BED_CONFIG"] for r in seen] == rows * 2
+    assert seen[2].env["KVMPY_BED_PARAMS"] == "kvm.tdp_mmu=N"
+    doc = json.loads(report.to_json({}, runs))
+    bed = doc["runs"][5]["bed"]
+    assert bed["facts"]["kernel"] == "6.1.0-57-amd64" and bed["facts"]["params"] == {"kvm.tdp_mmu": "Y",
+                                                                                     "kvm.eager_page_split": "N"}
+    assert bed["requested_params"] == {"kvm.tdp_mmu": "Y", "kvm.eager_page_split": "N"}
+    assert doc["exit_status"] == 0
+    # Each row's JUnit file says which kernel and parameters produced it.
+    suite = ET.parse(tmp_path / "j-6.1-tdp-split.xml").getroot().find("testsuite")
+    props = {p.get("name"): p.get("value") for p in suite.find("properties")}
+    assert props["kvmpy.kernel"] == "6.1.0-57-amd64" and props["kvmpy.param.kvm.eager_page_split"] == "N"
+    assert props["kvmpy.config"] == "bed amd 6.1 tdp-split"
+    ktap = report.format_ktap(runs).splitlines()
+    assert "# bed amd 6.1 tdp-split: fake (max), kernel 6.1.0-57-amd64, kvm_amd kvm.tdp_mmu=Y " \
+           "kvm.eager_page_split=N, hugepages 2M:32" in ktap
+    assert report.format_setting(runs).splitlines()[0] == "tested in the bed:"
+
+
+def test_two_rows_with_the_same_effective_configuration_are_an_error(beds, tmp_path):
+    _, opts = beds
+    opts["same"] = True    # every boot reads back the first row's parameters
+    runs = bed_runner.run(_args(tmp_path, junit=None), quiet=True)
+    assert runs[0].harness_error == ""
+    assert "same effective configuration as tdp+split" in runs[1].harness_error
+    assert runs[4].harness_error == ""     # the other kernel is another configuration
+    assert report.exit_status(runs) == 2
+
+
+def test_a_single_boot_is_no_matrix_row(beds, tmp_path):
+    seen, _ = beds
+    runs = bed_runner.run(_args(tmp_path, matrix=False, junit=None), quiet=True)
+    assert "KVMPY_BED_CONFIG" not in seen[0].env and runs[0].config == "bed amd 6.12 defaults"
+
+
+def test_a_stopped_matrix_keeps_the_finished_rows_and_names_the_stopped_one(beds, tmp_path):
+    _, opts = beds
+    opts["stop_at"] = 3
+    runs = bed_runner.run(_args(tmp_path), quiet=True)
+    assert [r.config for r in runs] == ["bed amd 6.12 tdp+split", "bed amd 6.12 tdp-split", "bed amd 6.12 legacy-tdp"]
+    assert runs[0].tests and runs[2].interrupted == signal.SIGTERM
+    assert (tmp_path / "j-6.12-tdp-split.xml").exists()
+    note = report.stop_note(runs[2])
+    assert note.startswith("stopped by SIGTERM while this configuration ran in the bed: its results are lost; "
+                           "not run: bed amd 6.12 shadow, bed amd 6.1 tdp+split")
+    assert report.exit_status(runs) == 143
+    assert "INTERRUPTED" in report.format_table(runs, width=300)
