@@ -124,6 +124,7 @@ def nested(request: pytest.FixtureRequest, kvm: Kvm) -> str:
     NPT / VMX with EPT, so that L2's memory goes through KVM's nested (shadow NPT/EPT) MMU."""
     vendor = request.param
     cpu_vendor, module, param, where = _NESTED_VENDORS[vendor]
+    bed_config.require_bed_nested(cpu_vendor)      # inside the bed: says so in the bed's terms
     loaded = hostinfo.loaded_vendor_module()
     if loaded != module:
         raise RequirementError(f"the {vendor.upper()} variant needs {module}, this host has "

@@ -16,9 +16,6 @@ Runs once per vendor and huge-page size: SVM+NPT in the AMD bed (QEMU, 2M and
 """
 from __future__ import annotations
 
-import platform
-import re
-
 import pytest
 
 from kvmpy.errors import require
@@ -28,6 +25,7 @@ from kvmpy.memory import PAGE_1G, PAGE_2M, PAGE_4K, Hugetlb, hugetlb_pool
 from kvmpy.x86.paging import ENTRIES_PER_TABLE
 
 from .drivers import StageLog, nested_guest
+from .kernel_changes import SPLIT_ON_FAULT, has, running_release
 from .host_state import eager_page_split, hugetlb_pages
 from .sptes import SIZES, sized
 
@@ -38,20 +36,8 @@ Y_L2 = 2 << 30             # L2 GPAs behind L1's tables (4K pages to frames in s
 STATS = SIZES + ("mmu_unsync", "mmu_shadow_zapped", "mmu_cache_miss")
 
 
-def _release() -> tuple[int, int]:
-    m = re.match(r"(\d+)\.(\d+)", platform.release())
-    return (int(m.group(1)), int(m.group(2))) if m else (0, 0)
-
-
 def _delta(after: dict, before: dict, names=STATS) -> dict[str, int]:
     return {k: after[k] - before[k] for k in names}
-
-
-def _tdp_mmu_splits_on_fault() -> bool:
-    """L1's own TDP MMU splits a huge SPTE in place on a write fault that needs 4K (since v6.2,
-    c4b33d28ea51 "KVM: x86/mmu: Split huge pages mapped by the TDP MMU on fault"); before,
-    kvm_tdp_mmu_map() zapped it and mapped the one 4K page."""
-    return _release() >= (6, 2)
 
 
 @pytest.mark.parametrize("huge", [PAGE_2M, PAGE_1G], ids=["2M", "1G"])
@@ -133,12 +119,12 @@ def test_eager_split_meets_unsync_shadow_pages(kvm, nested, kvmpy_stats, huge):
 
     # L1's writes unsync one shadow page per table; its own huge TDP SPTE goes (split or zapped).
     got = _delta(edited, shadowed, huge_only + ("mmu_unsync", "mmu_shadow_zapped"))
-    split_in_place = _tdp_mmu_splits_on_fault()
+    split_in_place = has(SPLIT_ON_FAULT)     # L1's own TDP MMU splits its huge SPTE on the write fault
     tdp_left = (ENTRIES_PER_TABLE - nr_tables) if huge == PAGE_1G and split_in_place else 0
     want = {"pages_2m": -1 if huge == PAGE_2M else tdp_left, "pages_1g": -1 if huge == PAGE_1G else 0,
             "mmu_unsync": nr_tables, "mmu_shadow_zapped": 0}
-    assert got == want, (f"L1 rewrote entries of its {nr_tables} shadowed table(s) (kernel {platform.release()}, "
-                         f"TDP MMU splits on fault: {split_in_place}): before {_pick(shadowed)}, "
+    assert got == want, (f"L1 rewrote entries of its {nr_tables} shadowed table(s) (kernel {running_release()}, "
+                         f"TDP MMU splits on fault ({SPLIT_ON_FAULT}): {split_in_place}): before {_pick(shadowed)}, "
                          f"after {_pick(edited)}: {got}, want {want}")
 
     # Enabling dirty logging: the nested split, and L1's own leftover huge TDP SPTEs.
@@ -153,7 +139,7 @@ def test_eager_split_meets_unsync_shadow_pages(kvm, nested, kvmpy_stats, huge):
                         pages_2m=-tdp_left, pages_1g=-1),
                 "mmu_unsync": -1, "mmu_shadow_zapped": 1, "mmu_cache_miss": 1 + ENTRIES_PER_TABLE}
     assert got == want, (f"enabling dirty logging with unsync tables at the huge range's start "
-                         f"(kernel {platform.release()}): before {_pick(before)}, after {_pick(after)}: "
+                         f"(kernel {running_release()}): before {_pick(before)}, after {_pick(after)}: "
                          f"{got}, want {want}")
     assert at_enable["dirty"] == [], f"dirty pages right after enabling logging: {at_enable['dirty']}"
 
