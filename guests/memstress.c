@@ -11,15 +11,14 @@
  *   GUEST_SYNC(MEMSTRESS_PASS_DONE, pass); finish when the host has set `quit`
  *
  * The host parks the vCPU in the sync between passes and may change
- * write_percent and random_access there.  With `nested` set, L1 runs the loop
- * in an L2 (SVM with NPT or VMX with EPT, whichever the vCPU has) whose guest
+ * write_percent and random_access there.  With `nested_vendor` set (nested.h),
+ * L1 runs the loop in an L2 (SVM with NPT or VMX with EPT) whose guest
  * physical memory is the ranges in nested_gpa/nested_size, identity mapped
  * with 2M pages; L2 syncs with the host directly (its port I/O or MMIO is not
  * intercepted by L1).
  */
 #include "lib/guest.h"
-#include "lib/svm.h"
-#include "lib/vmx.h"
+#include "lib/nested.h"
 
 #define MAX_VCPUS 16
 #define NESTED_RANGES 4
@@ -33,7 +32,6 @@ uint32_t write_percent = 100;
 uint64_t random_access;
 uint32_t random_seed = 1;
 uint64_t quit;
-uint64_t nested;
 uint64_t nested_gpa[NESTED_RANGES];
 uint64_t nested_size[NESTED_RANGES];
 
@@ -69,65 +67,39 @@ static void memstress(uint32_t vcpu_id)
 	}
 }
 
-static struct svm_ctx svm[MAX_VCPUS];
-static struct npt npt[MAX_VCPUS];
-static struct vmx_ctx vmx[MAX_VCPUS];
-static struct ept ept[MAX_VCPUS];
+static struct nested nested_l1[MAX_VCPUS];
+static union nested_pages nested_pages[MAX_VCPUS] __attribute__((aligned(4096)));
 static uint8_t tdp_pool[MAX_VCPUS][TDP_POOL_PAGES][4096] __attribute__((aligned(4096)));
 static uint8_t l2_stack[MAX_VCPUS][16384] __attribute__((aligned(16)));
 
-static void svm_l2_main(uint64_t vcpu_id)
+static void l2_main(uint64_t vcpu_id)
 {
 	memstress(vcpu_id);
-	svm_l2_done();
-}
-
-static void vmx_l2_main(uint64_t vcpu_id)
-{
-	memstress(vcpu_id);
-	vmx_vmcall(MEMSTRESS_L2_DONE, 0, 0, 0, 0);
+	nested_l2_done();
 	GUEST_ASSERT_MSG(0, "L1 resumed L2 after done");
 }
 
-static void run_in_svm_l2(uint32_t id)
+/* L1: run the loop in an L2 whose GPAs are the nested ranges, identity mapped with 2M pages. */
+static void run_in_l2(uint32_t id)
 {
-	svm_enable(&svm[id]);
-	GUEST_ASSERT_MSG(svm_npt_supported(), "nested memstress needs NPT");
-	npt_init(&npt[id], tdp_pool[id], TDP_POOL_PAGES);
-	for (int r = 0; r < NESTED_RANGES; r++)
-		if (nested_size[r])
-			npt_map(&npt[id], nested_gpa[r], nested_gpa[r], nested_size[r], PAGE_SIZE_2M);
-	svm_vmcb_init(&svm[id], svm_l2_main, l2_stack[id] + sizeof(l2_stack[id]), id);
-	svm_enable_npt(&svm[id], &npt[id]);
-	do
-		svm_run(&svm[id]);
-	while (svm_forward_l2_call(&svm[id]) != SVM_L2_DONE);
-}
+	struct nested *n = &nested_l1[id];
 
-static void run_in_vmx_l2(uint32_t id)
-{
-	vmx_enable(&vmx[id]);
-	GUEST_ASSERT_MSG(vmx_ept_supported(), "nested memstress needs EPT");
-	vmx_vmcs_init(&vmx[id], vmx_l2_main, l2_stack[id] + sizeof(l2_stack[id]), id);
-	ept_init(&ept[id], tdp_pool[id], TDP_POOL_PAGES);
+	nested_init(n, &(struct nested_config){
+		.l2_main = l2_main, .l2_stack_top = l2_stack[id] + sizeof(l2_stack[id]), .l2_arg = id,
+		.tdp_pool = tdp_pool[id], .tdp_pool_pages = TDP_POOL_PAGES, .pages = &nested_pages[id] });
 	for (int r = 0; r < NESTED_RANGES; r++)
 		if (nested_size[r])
-			ept_map(&ept[id], nested_gpa[r], nested_gpa[r], nested_size[r], PAGE_SIZE_2M);
-	vmx_enable_ept(&vmx[id], &ept[id]);
-	vmx_run(&vmx[id]);
-	VMX_ASSERT_EXIT(VMX_EXIT_VMCALL);
-	GUEST_ASSERT_EQ(vmx[id].gprs.rax, MEMSTRESS_L2_DONE);
+			nested_map(n, nested_gpa[r], nested_gpa[r], nested_size[r], PAGE_SIZE_2M);
+	while (nested_run(n) == NESTED_EXIT_CALL && nested_forward_l2_call(n) != NESTED_CALL_DONE)
+		;
+	nested_assert_exit(n, NESTED_EXIT_CALL);
 }
 
 void guest_main(uint32_t vcpu_id, uint64_t arg)
 {
 	GUEST_ASSERT(vcpu_id < MAX_VCPUS);
-	if (!nested)
-		memstress(vcpu_id);
-	else if (svm_supported())
-		run_in_svm_l2(vcpu_id);
-	else if (vmx_supported())
-		run_in_vmx_l2(vcpu_id);
+	if (READ_ONCE(nested_vendor))
+		run_in_l2(vcpu_id);
 	else
-		GUEST_ASSERT_MSG(0, "nested memstress: the vCPU has neither SVM nor VMX");
+		memstress(vcpu_id);
 }

@@ -20,6 +20,7 @@
 #define NPT_IDENT_END  ((uint64_t)NESTED_SMOKE_IDENT_END)
 #define HOLE_GPA       ((uint64_t)NESTED_SMOKE_HOLE_GPA)
 #define CALL_MAGIC     ((uint64_t)NESTED_SMOKE_CALL_MAGIC)
+#define DONE_MAGIC     ((uint64_t)NESTED_SMOKE_DONE_MAGIC)
 #define ARG_MAGIC      ((uint64_t)NESTED_SMOKE_ARG_MAGIC)
 #define REPLY_MAGIC    ((uint64_t)NESTED_SMOKE_REPLY_MAGIC)
 #define WRITE_MAGIC    ((uint64_t)NESTED_SMOKE_WRITE_MAGIC)
@@ -27,6 +28,7 @@
 _Static_assert(HOLE_GPA >= NPT_IDENT_END && HOLE_GPA < NPT_IDENT_END + PAGE_SIZE_2M, "hole: the 2M above the identity map");
 
 static struct svm_ctx svm;
+static struct svm_pages svm_pages;
 static uint8_t npt_pool[16][4096] __attribute__((aligned(4096)));
 static struct npt npt;
 static uint8_t l2_stack[16384] __attribute__((aligned(16)));
@@ -41,17 +43,18 @@ static void l2_main(uint64_t arg)
 	WRITE_ONCE(*(volatile uint64_t *)(HOLE_GPA + 8), WRITE_MAGIC);
 	GUEST_ASSERT_EQ(READ_ONCE(*(volatile uint64_t *)(HOLE_GPA + 8)), WRITE_MAGIC);
 	halt();
-	svm_l2_done();
+	svm_vmmcall(DONE_MAGIC, 0, 0, 0, 0);
 	GUEST_ASSERT_MSG(0, "L1 resumed L2 after done");
 }
 
 void guest_main(uint32_t vcpu_id, uint64_t arg)
 {
-	struct vmcb *vmcb = &svm.vmcb;
+	struct vmcb *vmcb;
 	uint64_t code;
 
 	GUEST_ASSERT(NPT_IDENT_END > (uint64_t)(uintptr_t)&target[4096]);
-	svm_enable(&svm);
+	svm_enable(&svm, &svm_pages);
+	vmcb = svm.vmcb;
 	npt_init(&npt, npt_pool, 16);
 	npt_map(&npt, 0, 0, NPT_IDENT_END, PAGE_SIZE_2M);
 	svm_vmcb_init(&svm, l2_main, l2_stack + sizeof(l2_stack), NESTED_SMOKE_L2_ARG);
@@ -85,6 +88,7 @@ void guest_main(uint32_t vcpu_id, uint64_t arg)
 
 	/* 5: done. */
 	code = svm_run(&svm);
-	GUEST_ASSERT_EQ(svm_forward_l2_call(&svm), SVM_L2_DONE);
+	SVM_ASSERT_EXIT(&svm, SVM_EXIT_VMMCALL);
+	GUEST_ASSERT_EQ(vmcb->save.rax, DONE_MAGIC);
 	GUEST_SYNC(NESTED_SMOKE_DONE, code, svm.nr_runs);
 }

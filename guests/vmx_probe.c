@@ -31,6 +31,7 @@ _Static_assert(HOLE_GPA >= EPT_IDENT_END && HOLE_GPA < EPT_IDENT_END + PAGE_SIZE
 #define HLT_LEN        1                    /* f4 */
 
 static struct vmx_ctx vmx;
+static struct vmx_pages vmx_pages;
 static uint8_t ept_pool[16][4096] __attribute__((aligned(4096)));
 static struct ept ept;
 static uint8_t l2_stack[16384] __attribute__((aligned(16)));
@@ -57,11 +58,11 @@ void guest_main(uint32_t vcpu_id, uint64_t arg)
 	uint32_t reason;
 
 	GUEST_ASSERT(EPT_IDENT_END > (uint64_t)(uintptr_t)&target[4096]);
-	vmx_enable(&vmx);
+	vmx_enable(&vmx, &vmx_pages);
 	vmx_vmcs_init(&vmx, l2_main, l2_stack + sizeof(l2_stack), NESTED_SMOKE_L2_ARG);
 	use_ept = vmx_ept_supported();
 	if (use_ept) {
-		ept_init(&ept, ept_pool, 16);
+		ept_init(&ept, ept_pool, 16, false);
 		ept_map(&ept, 0, 0, EPT_IDENT_END, PAGE_SIZE_2M);
 		vmx_enable_ept(&vmx, &ept);
 	}

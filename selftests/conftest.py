@@ -19,6 +19,8 @@ known to be observable, "not observable" is a failure.
     shadow_paging  like mmu, and new VMs use shadow paging (TDP off)
     nested_svm     kvm, whose guests can run an L2 with SVM and nested paging (NPT)
     nested_vmx     kvm, whose guests can enter VMX operation
+    nested         'svm' or 'vmx', each test once per vendor: kvm's guests can run an L2 on
+                   KVM's nested MMU (SVM with NPT, VMX with EPT)
     kvmpy_stats    record the stats deltas a test asserted, for the report
 """
 from __future__ import annotations
@@ -107,3 +109,29 @@ def nested_vmx(kvm: Kvm) -> Kvm:
     bed_config.require_bed_nested("intel")
     hostinfo.require_nested_guest(kvm, "intel")
     return kvm
+
+
+# nested vendor -> (CPU vendor, vendor module, its TDP parameter, how to get there)
+_NESTED_VENDORS = {
+    "svm": ("amd", "kvm_amd", "npt", "the AMD bed: kvmpy selftest --bed -k nested"),
+    "vmx": ("intel", "kvm_intel", "ept", "the Intel bed: kvmpy selftest --bed --backend bochs -k nested"),
+}
+
+
+@pytest.fixture(params=sorted(_NESTED_VENDORS))
+def nested(request: pytest.FixtureRequest, kvm: Kvm) -> str:
+    """'svm' or 'vmx', the test running once for each: kvm's guests can run an L2 under SVM with
+    NPT / VMX with EPT, so that L2's memory goes through KVM's nested (shadow NPT/EPT) MMU."""
+    vendor = request.param
+    cpu_vendor, module, param, where = _NESTED_VENDORS[vendor]
+    bed_config.require_bed_nested(cpu_vendor)      # inside the bed: says so in the bed's terms
+    loaded = hostinfo.loaded_vendor_module()
+    if loaded != module:
+        raise RequirementError(f"the {vendor.upper()} variant needs {module}, this host has "
+                               f"{loaded or 'no vendor module'}: run it in {where}")
+    hostinfo.require_nested_guest(kvm, cpu_vendor)
+    value = (hostinfo.module_params(module) or {}).get(param)
+    if not hostinfo.param_on(value):
+        raise RequirementError(f"{module} {param}={value}: KVM offers nested {param.upper()} (and runs "
+                               f"L2 on its nested MMU) only with {param}=1")
+    return vendor

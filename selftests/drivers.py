@@ -9,20 +9,25 @@ finish and releases the VM.
     SteppedDriver     a program's GuestVm + SteppedGuest, its SPTE counts, close (the base)
     TouchGuest        guests/mmu_touch.c at CPL0 or CPL3: read/write passes over a test
                       memslot, each checked to have run natively (selftests/privilege.py)
-    NestedDirtyGuest  guests/svm_l2_dirty.c: L2 writes a region L1 maps with NPT
+    NestedDirtyGuest  guests/nested_dirty.c: L2 writes a region L1 maps with NPT/EPT 2M pages
+
+and, for nested programs (guests/lib/nested.h) run in one go, :func:`nested_guest` and
+:class:`StageLog` (what the guest reported at each stage, with the VM's stats then).
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, NamedTuple
 
+from kvmpy.errors import require
 from kvmpy.guest import stages
 from kvmpy.guest.stepper import Park, SteppedGuest
 from kvmpy.guest.vm import GuestVm
 from kvmpy.kvm import Kvm
-from kvmpy.memory import PAGE_2M, PAGE_4K, Backing, Thp
+from kvmpy.memory import PAGE_2M, PAGE_4K, Backing, Thp, thp_backed_chunks
+from kvmpy.vm import Vm
 
 from .privilege import NativeSteps
-from .sptes import counts
+from .sptes import counts, delta, sized
 
 TEST_SLOT = 1
 TEST_GPA = 1 << 30              # 1 GiB aligned, so 1G mappings are possible
@@ -101,19 +106,64 @@ class TouchGuest(SteppedDriver):
         return self.touch(stages.MMU_TOUCH_OP_READ, start, length, stride)
 
 
-# svm_l2_dirty.c's data region: L2 GPA DATA_L2 -> (L1's NPT, 2M pages) -> L1 GPA DATA_L1,
+# nested.h's vendors: the value of the program's global nested_vendor.
+NESTED_VENDOR_IDS = {"svm": stages.NESTED_VENDOR_SVM, "vmx": stages.NESTED_VENDOR_VMX}
+
+
+def nested_guest(kvm: Kvm, vendor: str, program: str, **kwargs) -> GuestVm:
+    """A GuestVm of nested.h program ``program`` whose L1 runs its L2 under ``vendor`` ('svm'/'vmx')."""
+    g = GuestVm(program, kvm=kvm, **kwargs)
+    g.write_global("nested_vendor", NESTED_VENDOR_IDS[vendor])
+    return g
+
+
+class Stage(NamedTuple):
+    """One GUEST_SYNC: its stage, values, and the VM's stats while the vCPU stood there."""
+
+    stage: int
+    args: tuple
+    stats: dict
+
+
+class StageLog:
+    """An ``on_sync`` hook for GuestVm.run: records every GUEST_SYNC with the VM's stats at that
+    moment, after running ``actions[stage](stage_record)`` if there is one (the vCPU is stopped
+    in the sync: e.g. enable dirty logging)."""
+
+    def __init__(self, vm: Vm, actions: dict[int, Callable[[Stage], None]] | None = None) -> None:
+        self.vm = vm
+        self.actions = actions or {}
+        self.stages: list[Stage] = []
+
+    def __call__(self, vcpu: int, stage: int, args: tuple) -> None:
+        rec = Stage(stage, tuple(args), {k: int(v) for k, v in self.vm.stats.snapshot().items()
+                                         if isinstance(v, int)})
+        self.stages.append(rec)
+        action = self.actions.get(stage)
+        if action is not None:
+            action(rec)
+
+    def at(self, stage: int, nth: int = 0) -> Stage:
+        """The ``nth`` record of ``stage``; AssertionError naming what was seen if there is none."""
+        found = [s for s in self.stages if s.stage == stage]
+        assert len(found) > nth, f"no GUEST_SYNC #{nth} of stage {stage}; seen {[s.stage for s in self.stages]}"
+        return found[nth]
+
+
+# nested_dirty.c's data region: L2 GPA DATA_L2 -> (L1's NPT/EPT, 2M pages) -> L1 GPA DATA_L1,
 # which is memslot DATA_SLOT.  Different numbers, so a dirty bit or stat at the
 # wrong level of translation cannot pass for the right one.
 DATA_SLOT = 1
 DATA_L2 = 0x4000_0000
 DATA_L1 = 0xC000_0000
-DATA_SIZE = 32 << 20
-DATA_PAGES = DATA_SIZE // PAGE_4K
-DATA_HUGE = DATA_SIZE // PAGE_2M
+# Two 2M pages: every L2 write the tests make is a nested fault, which costs tens of
+# milliseconds in the Bochs bed; --kvmpy-scale N multiplies it on real hardware.
+DATA_SIZE = 4 << 20
 
 
 class NestedDirtyGuest(SteppedDriver):
-    """guests/svm_l2_dirty.c with its data region in memslot DATA_SLOT (THP-backed).
+    """guests/nested_dirty.c under ``vendor`` ('svm'/'vmx') with its data region in memslot
+    DATA_SLOT: ``size`` bytes of ``backing`` (default THP).
 
     At each L2 pass boundary the guest is parked in a GUEST_SYNC(pass, pages
     written) forwarded by L1.  Slot 0 (L1's runtime) is anonymous memory with THP
@@ -121,15 +171,18 @@ class NestedDirtyGuest(SteppedDriver):
     every SPTE of DATA_SLOT is the nested MMU's.
     """
 
-    def __init__(self, kvm: Kvm) -> None:
-        super().__init__(kvm, "svm_l2_dirty", stop={"cmd_stop": 1})
+    def __init__(self, kvm: Kvm, vendor: str, size: int = DATA_SIZE, backing: Backing | None = None) -> None:
+        super().__init__(kvm, "nested_dirty", stop={"cmd_stop": 1})
+        self.size = size
+        self.npages = size // PAGE_4K
 
         def setup() -> None:
-            self.slot = self.g.add_memory(DATA_SLOT, DATA_L1, DATA_SIZE, Thp())
+            self.slot = self.g.add_memory(DATA_SLOT, DATA_L1, size, backing or Thp())
             # L2 uses L1's page tables: map L2 GVA == L2 GPA for the data region.
-            self.g.map(DATA_L2, DATA_L2, DATA_SIZE, PAGE_2M)
-            for name, value in (("data_l2_gpa", DATA_L2), ("data_l1_gpa", DATA_L1),
-                                ("data_size", DATA_SIZE), ("l1_mem_size", self.g.mem_size)):
+            self.g.map(DATA_L2, DATA_L2, size, PAGE_2M)
+            for name, value in (("nested_vendor", NESTED_VENDOR_IDS[vendor]), ("data_l2_gpa", DATA_L2),
+                                ("data_l1_gpa", DATA_L1), ("data_size", size),
+                                ("l1_mem_size", self.g.mem_size)):
                 self.g.write_global(name, value)
 
         self.pass_no = self._pass(self._start(setup))[0]
@@ -139,15 +192,40 @@ class NestedDirtyGuest(SteppedDriver):
         """(pass number, pages written in the pass) from a park at GUEST_SYNC(pass, written)."""
         return park.stage, park.args[0] if park.args else 0
 
+    @property
+    def huge(self) -> int:
+        """How many 2M pages the region has."""
+        return self.size // PAGE_2M
+
+    def map_huge(self) -> dict[str, int]:
+        """L2 writes one page of every 2M of the region (no dirty logging), so the nested MMU maps it
+        with one 2M SPTE per 2M; returns the counts after.  Skips if the host's THP does not back it."""
+        self.write(first=self.npages)                   # an empty pass: L2's loop code is mapped
+        before = self.counts()
+        self.write(stride=PAGE_2M // PAGE_4K)
+        after = self.counts()
+        got = delta(after, before)
+        if got["pages_2m"] < self.huge:
+            thp = thp_backed_chunks(self.slot.hva, self.size)
+            require(thp is None or all(thp),
+                    f"host THP backs only {2 * sum(thp or [])} of the data slot's {self.size >> 20} MiB "
+                    "(see /sys/kernel/mm/transparent_hugepage/{enabled,defrag}); the nested MMU "
+                    "maps 2M only where the host does")
+        # L1's NPT/EPT maps the slot with 2M pages, the host with THPs; slot 0 adds nothing, L2
+        # ran the same code before this pass.
+        assert got == sized(pages_2m=self.huge), \
+            f"L2 wrote one page per 2M: SPTE counts before {before}, after {after}: {got}"
+        return after
+
     def write(self, first: int = 0, stride: int = 1) -> list[int]:
         """One L2 pass writing pages first, first+stride, ... of the region; returns them."""
         self.pass_no, written = self._pass(self.guest.step({"cmd_first": first, "cmd_stride": stride}))
-        pages = list(range(first, DATA_PAGES, stride))
+        pages = list(range(first, self.npages, stride))
         assert written == len(pages), f"L2 reports {written} pages written in pass {self.pass_no - 1}"
         return pages
 
     def check_data(self, pages: list[int], pass_no: int) -> None:
-        """Each page's first u64 is what L2 wrote in ``pass_no``: the NPT offset mapping held."""
+        """Each page's first u64 is what L2 wrote in ``pass_no``: the NPT/EPT offset mapping held."""
         view = self.slot.view
         bad = [p for p in pages
                if int.from_bytes(view[p * PAGE_4K: p * PAGE_4K + 8], "little") != (pass_no << 32 | p)]

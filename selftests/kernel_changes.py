@@ -17,7 +17,8 @@ The audit behind this table (every stats assertion in selftests/, read in Debian
                                                start of a huge page: CLEAR_SPLIT_OFF_BY_ONE
     eager split at enable (TDP MMU, nested)    same (a3fe5dbda0a4 v5.18, ada51a9de737 v6.0)
     lazy split, shadow MMU flavours            same (never split: drop the huge SPTE, map 4K)
-    nested MMU (test_nested_svm), unsync       same
+    nested MMU (test_nested_*.py), unsync      same, but for L1's own huge TDP SPTE under its
+                                               edited tables (split meets unsync): SPLIT_ON_FAULT
 """
 from __future__ import annotations
 

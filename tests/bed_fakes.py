@@ -72,15 +72,20 @@ def run_init_load(tmp_path, cmdline, cpu_flags, modules, each_arg=False):
     (tmp_path / "cmdline").write_text(cmdline + "\n")
     (tmp_path / "cpuinfo").write_text(f"flags\t\t: fpu {cpu_flags} sse\n")
     (tmp_path / "modules").write_text("".join(m + "\n" for m in modules))
-    (tmp_path / "init").write_text(initramfs.INIT_SCRIPT)
     log = tmp_path / "insmod.log"
     fake = tmp_path / "insmod"
     logger = 'for a; do printf "[%s]" "$a"; done; echo' if each_arg else 'echo "$*"'
     fake.write_text(f"#!/bin/sh\n{{ {logger}; }} >> {log}\n")
     fake.chmod(0o755)
-    env = dict(os.environ, KVMPY_INIT_TEST="1", KVMPY_CMDLINE=str(tmp_path / "cmdline"),
-               KVMPY_CPUINFO=str(tmp_path / "cpuinfo"), KVMPY_MODLIST=str(tmp_path / "modules"),
-               KVMPY_MODDIR="/m", KVMPY_INSMOD=str(fake))
-    subprocess.run([*busybox_sh(), "-c", f". {tmp_path / 'init'}; load_modules"], env=env,
-                   cwd=tmp_path, check=True, timeout=30)
+    run_init_function(tmp_path, "load_modules", KVMPY_CMDLINE=str(tmp_path / "cmdline"),
+                      KVMPY_CPUINFO=str(tmp_path / "cpuinfo"), KVMPY_MODLIST=str(tmp_path / "modules"),
+                      KVMPY_MODDIR="/m", KVMPY_INSMOD=str(fake))
     return log.read_text().splitlines() if log.exists() else []
+
+
+def run_init_function(tmp_path, calls: str, **env) -> str:
+    """Source the real init (written to ``tmp_path``) and run ``calls`` with ``env`` added; its stdout."""
+    (tmp_path / "init").write_text(initramfs.INIT_SCRIPT)
+    return subprocess.run([*busybox_sh(), "-c", f". {tmp_path / 'init'}; {calls}"],
+                          env=dict(os.environ, KVMPY_INIT_TEST="1", **env), cwd=tmp_path,
+                          capture_output=True, text=True, check=True, timeout=30).stdout

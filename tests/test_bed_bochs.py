@@ -75,6 +75,10 @@ def test_kernel_command_line_routes_params():
     words = kernel_append(req)
     assert words[:3] == ["console=ttyS0,115200", "panic=-1", "quiet"]
     assert "kvm_intel.ept=0" in words and "kvm.eager_page_split=N" in words
+    # Bochs's page-modification log is not the SDM's: PML off unless asked for.
+    assert "kvm_intel.pml=0" in words
+    asked = kernel_append(BedRequest(command=["true"], params={"kvm_intel.pml": "1"}))
+    assert "kvm_intel.pml=1" in asked and "kvm_intel.pml=0" not in asked
     # `selftest --bed --backend bochs` asks for 2M pages: they are reserved at boot.
     assert words[words.index("hugepagesz=2M") + 1] == "hugepages=32"
     assert words[-1] == "loglevel=4"

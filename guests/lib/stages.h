@@ -31,7 +31,7 @@
 #define NESTED_SMOKE_CALL_MAGIC   0x1234  /* L2's rax at its first call */
 #define NESTED_SMOKE_ARG_MAGIC    0xabcdef01  /* L2's rdi at its first call */
 #define NESTED_SMOKE_REPLY_MAGIC  0x5678  /* L1's answer in L2's rax */
-#define NESTED_SMOKE_DONE_MAGIC   0x600d  /* vmx_probe.c: L2's rax at its last VMCALL */
+#define NESTED_SMOKE_DONE_MAGIC   0x600d  /* L2's rax at its last VMMCALL/VMCALL */
 #define NESTED_SMOKE_L2_ARG       0x42  /* L2's argument (rsi at its first call) */
 #define NESTED_SMOKE_WRITE_MAGIC  0x5eed5eed5eed5eed  /* what L2 writes into the hole */
 
@@ -52,11 +52,43 @@
 #define UNSYNC_SWAPPED_BACK 6  /* the edited PTEs swapped back, no flush */
 #define UNSYNC_RESTORED     7  /* CR3 reloaded again */
 
+/* nested.h: which extension L1 uses (the global nested_vendor, set by the host) */
+#define NESTED_VENDOR_SVM  1  /* AMD SVM with NPT */
+#define NESTED_VENDOR_VMX  2  /* Intel VMX with EPT */
+
+/* nested_unsync.c: L1 edits leaf entries of NPT/EPT tables that KVM shadows */
+#define NESTED_UNSYNC_TABLES    4  /* last-level tables, each mapping one 2M range of L2 GPAs */
+#define NESTED_UNSYNC_PAGES     8  /* pages mapped (and read by L2) in each table */
+#define NESTED_UNSYNC_L2_GPA    0x40000000  /* L2 GPA (= L2 GVA) of table 0's range */
+#define NESTED_UNSYNC_SHADOWED  1  /* L2 read every page: KVM shadows each table */
+#define NESTED_UNSYNC_EDITED    2  /* L1 swapped the frames of entries 1 and 2 of each table, no flush */
+#define NESTED_UNSYNC_NOFLUSH   3  /* (new, old): what L2 saw in the edited pages, entered without a flush */
+#define NESTED_UNSYNC_FLUSHED   4  /* L1 flushed: SVM INVLPGA (TLB_CONTROL at the next VMRUN), VMX INVEPT */
+#define NESTED_UNSYNC_REREAD    5  /* (new, old): what L2 saw in the edited pages after the flush */
+
+/* nested_split_unsync.c: L1's last-level NPT/EPT tables inside a range L2 maps huge */
+#define SPLIT_UNSYNC_START      1  /* L1 built its tables, L2 has not run yet */
+#define SPLIT_UNSYNC_HUGE       2  /* L2 read the huge range: one huge nested SPTE */
+#define SPLIT_UNSYNC_SHADOWED   3  /* L2 read every page behind the tables: KVM shadows them */
+#define SPLIT_UNSYNC_EDITED     4  /* L1 swapped the frames of entries 0 and 1 of each table: unsync */
+#define SPLIT_UNSYNC_WRITTEN    5  /* after L1's flush, L2 checked the swap and wrote its pages: (count) */
+#define SPLIT_UNSYNC_FRAME_SEED 0x5eed0000  /* a frame's stamp: seed | table << 12 | entry */
+
+/* nested_kvm_writes.c: what KVM writes into L1's nested state, in a memslot of its own */
+#define KVM_WRITES_SETUP    1  /* (VMCB12/VMCS12, PDPT, PD, PT of the test pages, EPT/NPT A/D in use) */
+#define KVM_WRITES_READY    2  /* L1 about to VMRUN/VMRESUME, nothing of the state slot written since */
+#define KVM_WRITES_EXITED   3  /* L2 exited (exit code); L1 has only read since the entry */
+#define KVM_WRITES_CLEARED  4  /* VMX: L1 did VMCLEAR + VMPTRLD of its VMCS */
+#define KVM_WRITES_PAGES    32  /* pages of the state slot: VMCB/VMCS pages, NPT/EPT pool, data */
+#define KVM_WRITES_POOL     8  /* first page of the NPT/EPT pool in the slot */
+#define KVM_WRITES_READ     24  /* the page L2 reads, then ... */
+#define KVM_WRITES_WRITE    25  /* ... the page L2 writes, through entries with A/D clear */
+#define KVM_WRITES_L2_GPA   0x80000000  /* L2 GPA (= L2 GVA) of the test pages: a PDPT entry of their own */
+
 /* exit_loop.c: exits forever (the KVM_RUN round-trip benchmark) */
 #define EXIT_LOOP_PORT  0xe0  /* the port of its OUTs at CPL0 */
 
 /* memstress.c: the `kvmpy perf dirty-log` guest, one pass over its pages per host iteration */
 #define MEMSTRESS_PASS_DONE  1  /* GUEST_SYNC(PASS_DONE, pass): a pass over the vCPU's pages is done */
-#define MEMSTRESS_L2_DONE    0x6d656d  /* nested: L2's VMCALL rax when its loop has finished */
 
 #endif

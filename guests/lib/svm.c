@@ -20,15 +20,18 @@ bool svm_npt_supported(void)
 	return svm_features() & SVM_FEATURE_NPT;
 }
 
-void svm_enable(struct svm_ctx *svm)
+void svm_enable(struct svm_ctx *svm, struct svm_pages *pages)
 {
 	GUEST_ASSERT_MSG(svm_supported(), "CPUID 0x80000001 ecx lacks SVM: the host KVM "
 			 "does not expose it (kvm_amd nested=0, or not an AMD host)");
 	GUEST_ASSERT_MSG(!(rdmsr(MSR_VM_CR) & VM_CR_SVMDIS), "VM_CR.SVMDIS is set");
+	GUEST_ASSERT(((uintptr_t)pages & 4095) == 0);
+	svm->pages = pages;
+	svm->vmcb = &pages->vmcb;
 	svm->nrips = svm_features() & SVM_FEATURE_NRIPS;
-	memset(svm->hsave, 0, sizeof(svm->hsave));
+	memset(pages->hsave, 0, sizeof(pages->hsave));
 	wrmsr(MSR_EFER, rdmsr(MSR_EFER) | EFER_SVME);
-	wrmsr(MSR_VM_HSAVE_PA, (uint64_t)(uintptr_t)svm->hsave);
+	wrmsr(MSR_VM_HSAVE_PA, (uint64_t)(uintptr_t)pages->hsave);
 }
 
 static void set_seg(struct vmcb_seg *seg, uint16_t sel, uint64_t base, uint32_t limit, uint16_t attrib)
@@ -48,15 +51,15 @@ struct __attribute__((packed)) dtr {
 
 void svm_vmcb_init(struct svm_ctx *svm, void (*rip)(uint64_t), void *rsp, uint64_t arg)
 {
-	struct vmcb *vmcb = &svm->vmcb;
+	struct vmcb *vmcb = svm->vmcb;
 	struct vmcb_control *c = &vmcb->control;
 	struct vmcb_save *s = &vmcb->save;
 	struct dtr gdt, idt;
 	uint64_t dr6, dr7;
 
 	memset(vmcb, 0, sizeof(*vmcb));
-	memset(svm->iopm, 0, sizeof(svm->iopm));
-	memset(svm->msrpm, 0, sizeof(svm->msrpm));
+	memset(svm->pages->iopm, 0, sizeof(svm->pages->iopm));
+	memset(svm->pages->msrpm, 0, sizeof(svm->pages->msrpm));
 	memset(&svm->gprs, 0, sizeof(svm->gprs));
 	svm->gprs.rdi = arg;
 	svm->nr_runs = 0;
@@ -90,16 +93,16 @@ void svm_vmcb_init(struct svm_ctx *svm, void (*rip)(uint64_t), void *rsp, uint64
 	c->asid = 1;                    /* ASID 0 is the host's; VMRUN refuses it */
 	c->intercept = (1ul << SVM_INTERCEPT_VMRUN) | (1ul << SVM_INTERCEPT_VMMCALL) |
 		       (1ul << SVM_INTERCEPT_HLT) | (1ul << SVM_INTERCEPT_SHUTDOWN);
-	c->iopm_base_pa = (uint64_t)(uintptr_t)svm->iopm;
-	c->msrpm_base_pa = (uint64_t)(uintptr_t)svm->msrpm;
+	c->iopm_base_pa = (uint64_t)(uintptr_t)svm->pages->iopm;
+	c->msrpm_base_pa = (uint64_t)(uintptr_t)svm->pages->msrpm;
 }
 
 void svm_enable_npt(struct svm_ctx *svm, struct npt *npt)
 {
 	GUEST_ASSERT_MSG(svm_npt_supported(), "CPUID 0x8000000a edx lacks NPT: the host KVM "
 			 "does not expose nested paging (kvm_amd npt=0?)");
-	svm->vmcb.control.nested_ctl |= SVM_NESTED_CTL_NP_ENABLE;
-	svm->vmcb.control.nested_cr3 = (uint64_t)(uintptr_t)npt->tdp.pml4;
+	svm->vmcb->control.nested_ctl |= SVM_NESTED_CTL_NP_ENABLE;
+	svm->vmcb->control.nested_cr3 = (uint64_t)(uintptr_t)npt->tdp.pml4;
 }
 
 /*
@@ -169,20 +172,21 @@ _Static_assert(__builtin_offsetof(struct svm_gprs, r15) == 0x68, "svm_gprs layou
 
 uint64_t svm_run(struct svm_ctx *svm)
 {
-	struct vmcb *vmcb = &svm->vmcb;
+	struct vmcb *vmcb = svm->vmcb;
 
-	vmcb->control.exit_code = SVM_EXIT_INVALID;
+	/* A VMRUN that fails its consistency checks writes exit code VMEXIT_INVALID itself. */
 	__svm_vmrun((uint64_t)(uintptr_t)vmcb, &svm->gprs);
 	/* #VMEXIT leaves GIF clear; set it so L1 runs like a normal guest again. */
 	__asm__ volatile("stgi" ::: "memory");
-	vmcb->control.tlb_ctl = SVM_TLB_CONTROL_DO_NOTHING;
+	if (vmcb->control.tlb_ctl != SVM_TLB_CONTROL_DO_NOTHING)
+		vmcb->control.tlb_ctl = SVM_TLB_CONTROL_DO_NOTHING;
 	svm->nr_runs++;
 	return vmcb->control.exit_code;
 }
 
 void svm_skip_insn(struct svm_ctx *svm, unsigned int insn_len)
 {
-	struct vmcb *vmcb = &svm->vmcb;
+	struct vmcb *vmcb = svm->vmcb;
 
 	if (svm->nrips && vmcb->control.next_rip)
 		GUEST_ASSERT_EQ(vmcb->control.next_rip - vmcb->save.rip, insn_len);
@@ -222,7 +226,7 @@ const char *svm_exit_name(uint64_t code)
 void npt_init(struct npt *npt, void *pool, size_t pool_pages)
 {
 	tdp_init(&npt->tdp, "NPT", pool, pool_pages, NPT_P,
-		 NPT_P | NPT_RW | NPT_US | NPT_A, NPT_P | NPT_RW | NPT_US | NPT_A | NPT_D);
+		 NPT_P | NPT_RW | NPT_US | NPT_A, NPT_P | NPT_RW | NPT_US | NPT_A | NPT_D, NPT_A, NPT_D);
 }
 
 static int size_level(uint64_t page_size)
@@ -244,26 +248,4 @@ void npt_map(struct npt *npt, uint64_t l2_gpa, uint64_t l1_gpa, uint64_t size, u
 uint64_t *npt_leaf(struct npt *npt, uint64_t l2_gpa, int *level)
 {
 	return tdp_leaf(&npt->tdp, l2_gpa, level);
-}
-
-/* ---- L2 -> L1 calls ---------------------------------------------------- */
-
-uint64_t svm_forward_l2_call(struct svm_ctx *svm)
-{
-	struct vmcb *vmcb = &svm->vmcb;
-	uint64_t nr = vmcb->save.rax;
-
-	SVM_ASSERT_EXIT(svm, SVM_EXIT_VMMCALL);
-	switch (nr) {
-	case SVM_L2_SYNC:
-		GUEST_SYNC(svm->gprs.rdi, svm->gprs.rsi, svm->gprs.rdx, svm->gprs.rcx);
-		vmcb->save.rax = 0;
-		break;
-	case SVM_L2_DONE:
-		break;
-	default:
-		GUEST_ASSERT_MSG(0, "unknown L2 call %lu at L2 rip %#lx", nr, vmcb->save.rip);
-	}
-	svm_skip_insn(svm, 3);  /* vmmcall is 0f 01 d9 */
-	return nr;
 }

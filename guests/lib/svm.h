@@ -5,11 +5,12 @@
  *
  *     #include "lib/svm.h"
  *
- *     static struct svm_ctx svm;              // VMCB, host save area, bitmaps
+ *     static struct svm_ctx svm;
+ *     static struct svm_pages svm_pages;      // VMCB, host save area, bitmaps
  *     static uint8_t npt_pool[32][4096] __attribute__((aligned(4096)));
  *     static struct npt npt;
  *
- *     svm_enable(&svm);                       // EFER.SVME, VM_HSAVE_PA
+ *     svm_enable(&svm, &svm_pages);           // EFER.SVME, VM_HSAVE_PA
  *     npt_init(&npt, npt_pool, 32);
  *     npt_map(&npt, 0, 0, 64 << 20, PAGE_SIZE_2M);   // identity, L2 GPA == L1 GPA
  *     svm_vmcb_init(&svm, l2_main, l2_stack_top, arg); // 64-bit L2 sharing L1's CR3/GDT/IDT
@@ -23,9 +24,8 @@
  * so an L2 that identity-maps L1's memory through NPT can use GUEST_ASSERT /
  * GUEST_PRINTF directly: the OUT to the ucall port exits from L2 straight to
  * the host (KVM handles un-intercepted L2 I/O itself), and the ucall struct's
- * L2 GPA is the same number as its L1 GPA.  GUEST_SYNC from L2 would work the
- * same way; forwarding through L1 (svm_l2_call / svm_forward_l2_call) is for
- * when the host must see L1 act in between.
+ * L2 GPA is the same number as its L1 GPA.  Calls from L2 to L1 that work on
+ * both vendors are in nested.h.
  */
 #ifndef KVMPY_SVM_H
 #define KVMPY_SVM_H
@@ -200,11 +200,21 @@ struct svm_gprs {
 	uint64_t r8, r9, r10, r11, r12, r13, r14, r15;
 };
 
+/*
+ * The memory SVM reads and writes on L1's behalf (KVM, for an L1 guest),
+ * separate from svm_ctx so that a program can place it, e.g. in a memslot of
+ * its own whose dirty log then shows exactly what KVM wrote.
+ */
+struct svm_pages {
+	struct vmcb vmcb;               /* VMCB12: KVM writes it at VMRUN and #VMEXIT */
+	uint8_t hsave[4096];            /* VM_HSAVE_PA */
+	uint8_t iopm[SVM_IOPM_SIZE];
+	uint8_t msrpm[SVM_MSRPM_SIZE];
+} __attribute__((aligned(4096)));
+
 struct svm_ctx {
-	struct vmcb vmcb __attribute__((aligned(4096)));
-	uint8_t hsave[4096] __attribute__((aligned(4096)));   /* VM_HSAVE_PA */
-	uint8_t iopm[SVM_IOPM_SIZE] __attribute__((aligned(4096)));
-	uint8_t msrpm[SVM_MSRPM_SIZE] __attribute__((aligned(4096)));
+	struct vmcb *vmcb;              /* &pages->vmcb */
+	struct svm_pages *pages;
 	struct svm_gprs gprs;           /* L2's, between runs */
 	uint64_t nr_runs;
 	bool nrips;                     /* next_rip is filled on intercepts */
@@ -215,7 +225,7 @@ bool svm_supported(void);
 bool svm_npt_supported(void);
 
 /* Check SVM is usable (GUEST_ASSERTs with the reason if not), set EFER.SVME and VM_HSAVE_PA. */
-void svm_enable(struct svm_ctx *svm);
+void svm_enable(struct svm_ctx *svm, struct svm_pages *pages);
 
 /*
  * Fill svm->vmcb for a 64-bit L2 entering at rip with rsp: L1's current CR0,
@@ -225,7 +235,11 @@ void svm_enable(struct svm_ctx *svm);
  */
 void svm_vmcb_init(struct svm_ctx *svm, void (*rip)(uint64_t), void *rsp, uint64_t arg);
 
-/* VMRUN until the next #VMEXIT; returns the exit code (also in vmcb.control.exit_code). */
+/*
+ * VMRUN until the next #VMEXIT; returns the exit code (also in vmcb->control.exit_code).
+ * L1 writes the VMCB here only to reset a TLB_CONTROL flush request, so the
+ * VMCB12 page's dirty bit after a round trip is KVM's doing.
+ */
 uint64_t svm_run(struct svm_ctx *svm);
 
 /*
@@ -239,12 +253,12 @@ const char *svm_exit_name(uint64_t code);
 
 /* Assert the last exit was `code`, reporting name, EXITINFO1/2 and L2 RIP otherwise. */
 #define SVM_ASSERT_EXIT(svm, code) do {					\
-	const struct vmcb_control *__c = &(svm)->vmcb.control;		\
+	const struct vmcb_control *__c = &(svm)->vmcb->control;		\
 	GUEST_ASSERT_MSG(__c->exit_code == (uint64_t)(code),		\
 			 "L2 exit %s (%#lx), wanted %s: exit_info_1 %#lx exit_info_2 %#lx L2 rip %#lx", \
 			 svm_exit_name(__c->exit_code), __c->exit_code,	\
 			 svm_exit_name(code), __c->exit_info_1,		\
-			 __c->exit_info_2, (svm)->vmcb.save.rip);	\
+			 __c->exit_info_2, (svm)->vmcb->save.rip);	\
 } while (0)
 
 /* ---- nested page tables ------------------------------------------------ */
@@ -285,20 +299,18 @@ void svm_enable_npt(struct svm_ctx *svm, struct npt *npt);
 /* Flush L2's ASID on the next VMRUN (after changing or removing NPT entries). */
 static inline void svm_flush_asid(struct svm_ctx *svm)
 {
-	svm->vmcb.control.tlb_ctl = SVM_TLB_CONTROL_FLUSH_ASID;
+	svm->vmcb->control.tlb_ctl = SVM_TLB_CONTROL_FLUSH_ASID;
 }
 
-/* ---- L2 -> L1 calls ---------------------------------------------------- */
+/* INVLPGA: invalidate the TLB entries of virtual address va in ASID asid. */
+static inline void svm_invlpga(uint64_t va, uint32_t asid)
+{
+	__asm__ volatile("invlpga %%rax, %%ecx" :: "a"(va), "c"(asid) : "memory");
+}
 
-/*
- * L2 asks L1 for something with VMMCALL: rax = call number, rdi/rsi/rdx/rcx =
- * arguments, L1's answer comes back in rax.
- */
-enum svm_l2_call {
-	SVM_L2_SYNC = 1,   /* L1 does GUEST_SYNC(a0, a1, a2, a3) for it */
-	SVM_L2_DONE = 2,   /* L2 has finished */
-};
+/* ---- L2 side ----------------------------------------------------------- */
 
+/* VMMCALL with rax = nr, rdi/rsi/rdx/rcx = arguments; L1's answer comes back in rax. */
 static inline uint64_t svm_vmmcall(uint64_t nr, uint64_t a0, uint64_t a1, uint64_t a2, uint64_t a3)
 {
 	uint64_t ret = nr;
@@ -306,15 +318,5 @@ static inline uint64_t svm_vmmcall(uint64_t nr, uint64_t a0, uint64_t a1, uint64
 	__asm__ volatile("vmmcall" : "+a"(ret) : "D"(a0), "S"(a1), "d"(a2), "c"(a3) : "memory");
 	return ret;
 }
-
-#define svm_l2_sync(stage, a1, a2, a3) svm_vmmcall(SVM_L2_SYNC, stage, a1, a2, a3)
-#define svm_l2_done() svm_vmmcall(SVM_L2_DONE, 0, 0, 0, 0)
-
-/*
- * Handle the VMMCALL exit L2 just made through svm_vmmcall: forward a sync as
- * GUEST_SYNC and step over the VMMCALL.  Returns the call number; asserts the
- * exit was a VMMCALL with a known number.
- */
-uint64_t svm_forward_l2_call(struct svm_ctx *svm);
 
 #endif

@@ -13,7 +13,8 @@ static uint64_t *tdp_alloc(struct tdp *t)
 }
 
 void tdp_init(struct tdp *t, const char *name, void *pool, size_t pool_pages,
-	      uint64_t present, uint64_t table_bits, uint64_t leaf_bits)
+	      uint64_t present, uint64_t table_bits, uint64_t leaf_bits,
+	      uint64_t accessed, uint64_t dirty)
 {
 	GUEST_ASSERT(((uintptr_t)pool & 4095) == 0);
 	t->name = name;
@@ -23,10 +24,12 @@ void tdp_init(struct tdp *t, const char *name, void *pool, size_t pool_pages,
 	t->present = present;
 	t->table_bits = table_bits;
 	t->leaf_bits = leaf_bits;
+	t->accessed = accessed;
+	t->dirty = dirty;
 	t->pml4 = tdp_alloc(t);
 }
 
-static void tdp_map_one(struct tdp *t, uint64_t l2_gpa, uint64_t l1_gpa, int level)
+uint64_t *tdp_table(struct tdp *t, uint64_t l2_gpa, int level)
 {
 	uint64_t *table = t->pml4;
 
@@ -38,7 +41,12 @@ static void tdp_map_one(struct tdp *t, uint64_t l2_gpa, uint64_t l1_gpa, int lev
 		GUEST_ASSERT_MSG(!(*e & TDP_PS), "L2 GPA %#lx: a larger %s page is in the way", l2_gpa, t->name);
 		table = (uint64_t *)(*e & PTE_ADDR_MASK);
 	}
-	uint64_t *leaf = &table[pt_index(l2_gpa, level)];
+	return table;
+}
+
+static void tdp_map_one(struct tdp *t, uint64_t l2_gpa, uint64_t l1_gpa, int level)
+{
+	uint64_t *leaf = &tdp_table(t, l2_gpa, level)[pt_index(l2_gpa, level)];
 
 	GUEST_ASSERT_MSG(!(*leaf & t->present) || level == 1 || (*leaf & TDP_PS),
 			 "L2 GPA %#lx: smaller %s pages are in the way", l2_gpa, t->name);
@@ -54,6 +62,29 @@ void tdp_map(struct tdp *t, uint64_t l2_gpa, uint64_t l1_gpa, uint64_t size, int
 			 t->name, l2_gpa, l1_gpa, size, page_size);
 	for (uint64_t off = 0; off < size; off += page_size)
 		tdp_map_one(t, l2_gpa + off, l1_gpa + off, level);
+}
+
+void tdp_map_unaccessed(struct tdp *t, uint64_t l2_gpa, uint64_t l1_gpa, uint64_t size, int level)
+{
+	uint64_t table_bits = t->table_bits, leaf_bits = t->leaf_bits;
+
+	GUEST_ASSERT_MSG(t->accessed, "%s has no accessed/dirty bits in use", t->name);
+	t->table_bits &= ~t->accessed;
+	t->leaf_bits &= ~(t->accessed | t->dirty);
+	tdp_map(t, l2_gpa, l1_gpa, size, level);
+	t->table_bits = table_bits;
+	t->leaf_bits = leaf_bits;
+}
+
+void tdp_set_table(struct tdp *t, uint64_t l2_gpa, int level, void *table)
+{
+	GUEST_ASSERT_MSG(level >= 1 && level < 4 && ((uintptr_t)table & 4095) == 0,
+			 "%s table for level %d at %p", t->name, level, table);
+	uint64_t *e = &tdp_table(t, l2_gpa, level + 1)[pt_index(l2_gpa, level + 1)];
+
+	GUEST_ASSERT_MSG(!(*e & t->present), "L2 GPA %#lx: a %s table or page is there already", l2_gpa, t->name);
+	memset(table, 0, 4096);
+	*e = (uint64_t)(uintptr_t)table | t->table_bits;
 }
 
 uint64_t *tdp_leaf(struct tdp *t, uint64_t l2_gpa, int *level)

@@ -137,12 +137,14 @@ static uint32_t adjust_controls(const char *what, uint32_t msr, uint32_t want, u
 
 /* ---- VMXON ------------------------------------------------------------- */
 
-void vmx_enable(struct vmx_ctx *vmx)
+void vmx_enable(struct vmx_ctx *vmx, struct vmx_pages *pages)
 {
 	uint64_t fc, cr0, cr4;
 
 	GUEST_ASSERT_MSG(vmx_supported(), "CPUID.1:ECX lacks VMX: the host KVM does not expose it "
 			 "(kvm_intel nested=0, or not an Intel host)");
+	GUEST_ASSERT(((uintptr_t)pages & 4095) == 0);
+	vmx->pages = pages;
 	vmx->basic = rdmsr(MSR_IA32_VMX_BASIC);
 
 	/*
@@ -168,9 +170,9 @@ void vmx_enable(struct vmx_ctx *vmx)
 			 rdmsr(MSR_IA32_VMX_CR4_FIXED1));
 	write_cr4(cr4);
 
-	memset(vmx->vmxon_region, 0, sizeof(vmx->vmxon_region));
-	*(uint32_t *)vmx->vmxon_region = vmx->basic & VMX_BASIC_REVISION_MASK;
-	vmxon((uint64_t)(uintptr_t)vmx->vmxon_region);
+	memset(pages->vmxon_region, 0, sizeof(pages->vmxon_region));
+	*(uint32_t *)pages->vmxon_region = vmx->basic & VMX_BASIC_REVISION_MASK;
+	vmxon((uint64_t)(uintptr_t)pages->vmxon_region);
 }
 
 /* ---- VMCS -------------------------------------------------------------- */
@@ -211,7 +213,7 @@ static void guest_data_seg(enum vmcs_field sel_field, uint16_t sel)
 
 void vmx_vmcs_init(struct vmx_ctx *vmx, void (*rip)(uint64_t), void *rsp, uint64_t arg)
 {
-	uint64_t vmcs_pa = (uint64_t)(uintptr_t)vmx->vmcs;
+	uint64_t vmcs_pa = (uint64_t)(uintptr_t)vmx->pages->vmcs;
 	bool true_ctls = vmx->basic & VMX_BASIC_TRUE_CTLS;
 	uint32_t pin, proc, exit, entry;
 	struct dtr gdt, idt;
@@ -220,8 +222,8 @@ void vmx_vmcs_init(struct vmx_ctx *vmx, void (*rip)(uint64_t), void *rsp, uint64
 	uint16_t tr;
 
 	GUEST_ASSERT_MSG(vmx->basic, "vmx_vmcs_init before vmx_enable");
-	memset(vmx->vmcs, 0, sizeof(vmx->vmcs));
-	*(uint32_t *)vmx->vmcs = vmx->basic & VMX_BASIC_REVISION_MASK;
+	memset(vmx->pages->vmcs, 0, sizeof(vmx->pages->vmcs));
+	*(uint32_t *)vmx->pages->vmcs = vmx->basic & VMX_BASIC_REVISION_MASK;
 	vmclear(vmcs_pa);
 	vmptrld(vmcs_pa);
 	memset(&vmx->gprs, 0, sizeof(vmx->gprs));
@@ -446,7 +448,7 @@ uint32_t vmx_run(struct vmx_ctx *vmx)
 	uint32_t reason;
 
 	if (failed)
-		check_vmx_insn(vmx->launched ? "VMRESUME" : "VMLAUNCH", (uint64_t)(uintptr_t)vmx->vmcs, failed);
+		check_vmx_insn(vmx->launched ? "VMRESUME" : "VMLAUNCH", (uint64_t)(uintptr_t)vmx->pages->vmcs, failed);
 	reason = vmx_exit_reason();
 	/* A VM-entry failure (bit 31) leaves the VMCS clear: the next try is VMLAUNCH again. */
 	if (!(reason & VMX_EXIT_REASON_ENTRY_FAIL))
@@ -458,6 +460,15 @@ uint32_t vmx_run(struct vmx_ctx *vmx)
 void vmx_skip_insn(struct vmx_ctx *vmx)
 {
 	vmwritez(GUEST_RIP, vmreadz(GUEST_RIP) + vmx_exit_insn_len());
+}
+
+void vmx_reload_vmcs(struct vmx_ctx *vmx)
+{
+	uint64_t vmcs_pa = (uint64_t)(uintptr_t)vmx->pages->vmcs;
+
+	vmclear(vmcs_pa);
+	vmptrld(vmcs_pa);
+	vmx->launched = false;
 }
 
 const char *vmx_exit_name(uint32_t reason)
@@ -487,11 +498,18 @@ const char *vmx_exit_name(uint32_t reason)
 
 /* ---- extended page tables ---------------------------------------------- */
 
-void ept_init(struct ept *ept, void *pool, size_t pool_pages)
+void ept_init(struct ept *ept, void *pool, size_t pool_pages, bool ad)
 {
 	GUEST_ASSERT_MSG(vmx_ept_supported(), "ept_init: this CPU offers no usable EPT");
 	ept->cap = rdmsr(MSR_IA32_VMX_EPT_VPID_CAP);
-	tdp_init(&ept->tdp, "EPT", pool, pool_pages, EPT_RWX, EPT_RWX, EPT_RWX | EPT_MT_WB);
+	GUEST_ASSERT_MSG(!ad || (ept->cap & VMX_EPT_CAP_AD), "EPT accessed/dirty flags not offered "
+			 "(EPT_VPID_CAP %#lx)", ept->cap);
+	ept->ad = ad;
+	if (ad)
+		tdp_init(&ept->tdp, "EPT", pool, pool_pages, EPT_RWX, EPT_RWX | EPT_A,
+			 EPT_RWX | EPT_MT_WB | EPT_A | EPT_D, EPT_A, EPT_D);
+	else
+		tdp_init(&ept->tdp, "EPT", pool, pool_pages, EPT_RWX, EPT_RWX, EPT_RWX | EPT_MT_WB, 0, 0);
 }
 
 static int ept_size_level(const struct ept *ept, uint64_t page_size)
@@ -528,8 +546,8 @@ void vmx_enable_ept(struct vmx_ctx *vmx, struct ept *ept)
 			 "4-level WB walk: the host KVM does not expose nested EPT (kvm_intel ept=0?)");
 	GUEST_ASSERT_MSG(vmreadz(CPU_BASED_VM_EXEC_CONTROL) & CPU_BASED_ACTIVATE_SECONDARY,
 			 "secondary controls not activated");
-	/* EPTP: memory type WB (bits 2:0), page-walk length - 1 = 3 (bits 5:3), no A/D. */
-	vmx->eptp = (uint64_t)(uintptr_t)ept->tdp.pml4 | 6 | (3 << 3);
+	/* EPTP: memory type WB (bits 2:0), page-walk length - 1 = 3 (bits 5:3), A/D (bit 6). */
+	vmx->eptp = (uint64_t)(uintptr_t)ept->tdp.pml4 | 6 | (3 << 3) | (ept->ad ? 1 << 6 : 0);
 	vmwritez(EPT_POINTER, vmx->eptp);
 	vmwritez(SECONDARY_VM_EXEC_CONTROL, vmreadz(SECONDARY_VM_EXEC_CONTROL) | SECONDARY_EXEC_ENABLE_EPT);
 }

@@ -6,14 +6,15 @@
  *
  *     #include "lib/vmx.h"
  *
- *     static struct vmx_ctx vmx;              // VMXON region, VMCS, bitmaps
+ *     static struct vmx_ctx vmx;
+ *     static struct vmx_pages vmx_pages;      // VMXON region, VMCS
  *     static uint8_t ept_pool[16][4096] __attribute__((aligned(4096)));
  *     static struct ept ept;
  *
- *     vmx_enable(&vmx);                       // feature control, CR0/CR4, VMXON
+ *     vmx_enable(&vmx, &vmx_pages);           // feature control, CR0/CR4, VMXON
  *     vmx_vmcs_init(&vmx, l2_main, l2_stack_top, arg);  // 64-bit L2 sharing L1's CR3/GDT/IDT
  *     if (vmx_ept_supported()) {
- *             ept_init(&ept, ept_pool, 16);
+ *             ept_init(&ept, ept_pool, 16, false);
  *             ept_map(&ept, 0, 0, 64 << 20, PAGE_SIZE_2M);  // identity, L2 GPA == L1 GPA
  *             vmx_enable_ept(&vmx, &ept);
  *     }
@@ -281,9 +282,19 @@ struct vmx_gprs {
 	uint64_t r8, r9, r10, r11, r12, r13, r14, r15;
 };
 
+/*
+ * The memory VMX uses on L1's behalf, separate from vmx_ctx so that a program
+ * can place it (e.g. in a memslot of its own, to see in its dirty log what KVM
+ * wrote).  KVM keeps L1's VMCS (vmcs12) cached while it is current and writes
+ * the page only when L1 VMCLEARs it or makes another VMCS current.
+ */
+struct vmx_pages {
+	uint8_t vmxon_region[4096];
+	uint8_t vmcs[4096];             /* VMCS12 */
+} __attribute__((aligned(4096)));
+
 struct vmx_ctx {
-	uint8_t vmxon_region[4096] __attribute__((aligned(4096)));
-	uint8_t vmcs[4096] __attribute__((aligned(4096)));
+	struct vmx_pages *pages;
 	uint64_t basic;                 /* IA32_VMX_BASIC */
 	uint64_t ept_vpid_cap;          /* IA32_VMX_EPT_VPID_CAP, 0 without secondary controls/EPT */
 	uint32_t secondary_allowed1;    /* secondary controls L1 may set */
@@ -306,7 +317,7 @@ bool vmx_ept_supported(void);
  * VMXON with the revision id from IA32_VMX_BASIC.  GUEST_ASSERTs the reason
  * if any step is impossible.
  */
-void vmx_enable(struct vmx_ctx *vmx);
+void vmx_enable(struct vmx_ctx *vmx, struct vmx_pages *pages);
 
 /*
  * VMCLEAR + VMPTRLD vmx->vmcs and fill it for a 64-bit L2 entering at rip
@@ -323,6 +334,12 @@ uint32_t vmx_run(struct vmx_ctx *vmx);
 
 /* Advance L2's RIP by the VM-exit instruction length (exits caused by an instruction). */
 void vmx_skip_insn(struct vmx_ctx *vmx);
+
+/*
+ * VMCLEAR the VMCS (KVM writes vmcs12 back to its page and marks it clear),
+ * VMPTRLD it again; the next vmx_run() is a VMLAUNCH.
+ */
+void vmx_reload_vmcs(struct vmx_ctx *vmx);
 
 /* VMREAD / VMWRITE of the current VMCS; a failure is a GUEST_ASSERT naming the field. */
 uint64_t vmreadz(enum vmcs_field field);
@@ -350,12 +367,14 @@ const char *vmx_exit_name(uint32_t reason);
 
 /*
  * EPT tables built by L1 in a pool of identity-mapped pages (SDM vol. 3C
- * 29.3.2).  Leaves are RWX with memory type WB; A/D bits are not enabled in
- * the EPTP, so the nested MMU never writes them.
+ * 29.3.2).  Leaves are RWX with memory type WB.  With accessed/dirty flags
+ * enabled (ept_init's `ad`, EPTP bit 6) entries are created with A (leaves A
+ * and D) set, so the nested MMU writes them only where a program clears them.
  */
 struct ept {
 	struct tdp tdp;
 	uint64_t cap;           /* IA32_VMX_EPT_VPID_CAP, read once by ept_init */
+	bool ad;                /* accessed/dirty flags enabled */
 };
 
 #define EPT_R          (1ul << 0)
@@ -364,6 +383,8 @@ struct ept {
 #define EPT_RWX        (EPT_R | EPT_W | EPT_X)
 #define EPT_MT_WB      (6ul << 3)   /* leaf memory type */
 #define EPT_PS         TDP_PS
+#define EPT_A          (1ul << 8)   /* with EPTP A/D enabled */
+#define EPT_D          (1ul << 9)
 
 /* IA32_VMX_EPT_VPID_CAP bits (SDM vol. 3D A.10). */
 #define VMX_EPT_CAP_WALK4       (1ul << 6)
@@ -371,11 +392,13 @@ struct ept {
 #define VMX_EPT_CAP_2M          (1ul << 16)
 #define VMX_EPT_CAP_1G          (1ul << 17)
 #define VMX_EPT_CAP_INVEPT      (1ul << 20)
+#define VMX_EPT_CAP_AD          (1ul << 21)
 #define VMX_EPT_CAP_INVEPT_SINGLE (1ul << 25)
 #define VMX_EPT_CAP_INVEPT_ALL  (1ul << 26)
 
-/* Start empty EPT tables in pool (4K-aligned pages); needs vmx_ept_supported(). */
-void ept_init(struct ept *ept, void *pool, size_t pool_pages);
+/* Start empty EPT tables in pool (4K-aligned pages); needs vmx_ept_supported(), and
+ * VMX_EPT_CAP_AD for ad (accessed/dirty flags). */
+void ept_init(struct ept *ept, void *pool, size_t pool_pages, bool ad);
 
 /*
  * Map [l2_gpa, l2_gpa + size) to [l1_gpa, ...) with page_size pages (4K, 2M
@@ -387,7 +410,7 @@ void ept_map(struct ept *ept, uint64_t l2_gpa, uint64_t l1_gpa, uint64_t size, u
 /* The leaf mapping l2_gpa and its level (1 = 4K, 2 = 2M, 3 = 1G), or NULL. */
 uint64_t *ept_leaf(struct ept *ept, uint64_t l2_gpa, int *level);
 
-/* Turn on EPT (secondary controls) with ept as the root, 4-level walk, WB. */
+/* Turn on EPT (secondary controls) with ept as the root, 4-level walk, WB, A/D as ept_init chose. */
 void vmx_enable_ept(struct vmx_ctx *vmx, struct ept *ept);
 
 /* INVEPT (single-context if offered, else global) after changing EPT entries. */

@@ -2,7 +2,9 @@
 
 The init (see :data:`INIT_SCRIPT`) is the same for every machine backend:
 
-1. mounts /proc, /sys, /dev;
+1. mounts /proc, /sys, /dev, and cgroup v2 on /sys/fs/cgroup with the memory
+   controller enabled for child groups (a payload mounts it in its root too:
+   ``mount_cgroup2 ROOT``), so a test can limit a VM's memory;
 2. insmods the modules listed in ``/etc/kvmpy/modules`` (dependencies first),
    passing each one the ``<module>.<param>=<value>`` words of /proc/cmdline,
    because busybox insmod, unlike modprobe, ignores the kernel command line;
@@ -100,6 +102,16 @@ load_modules() {
     done < "$MODLIST"
 }
 
+# cgroup v2 at $1/sys/fs/cgroup (after sysfs is mounted there), the memory controller on
+# for child groups: a test may run a VM under memory.max.  It is one hierarchy wherever it
+# is mounted, so the controller is enabled once.
+mount_cgroup2() {
+    d=$1/sys/fs/cgroup
+    [ -f "$d/cgroup.controllers" ] && return 0
+    $MOUNT -t cgroup2 cgroup2 "$d" && echo +memory > "$d/cgroup.subtree_control" ||
+        say "warning no cgroup v2 memory controller at $d"
+}
+
 # The facts the host reports with the results (see kvmpy.bed.protocol).
 report_facts() {
     read -r v < /proc/sys/kernel/osrelease && say "kernel $v"
@@ -142,6 +154,7 @@ main() {
     mount -t proc proc /proc
     mount -t sysfs sysfs /sys
     mount -t devtmpfs devtmpfs /dev
+    mount_cgroup2 ""
     # Splats before this line come from booting on the emulated CPU, not from KVM.
     echo "@BOOT_DONE@" > /dev/kmsg
     load_modules

@@ -57,6 +57,7 @@ run_job() {
     mount -t proc proc $R/proc && mount -t sysfs sysfs $R/sys &&
         mount -t devtmpfs devtmpfs $R/dev && mount -t tmpfs tmpfs $R/run ||
         { say "error cannot mount /proc /sys /dev /run"; return 2; }
+    mount_cgroup2 $R
     mkdir -p $R/dev/pts $R/dev/shm $R@INSIDE@
     mount -t devpts devpts $R/dev/pts
     mount -t tmpfs tmpfs $R/dev/shm

@@ -26,7 +26,7 @@ NESTED_SMOKE_HOLE_GPA = 0x3f23000  # an unmapped L2 GPA above them; L2 writes at
 NESTED_SMOKE_CALL_MAGIC = 0x1234  # L2's rax at its first call
 NESTED_SMOKE_ARG_MAGIC = 0xabcdef01  # L2's rdi at its first call
 NESTED_SMOKE_REPLY_MAGIC = 0x5678  # L1's answer in L2's rax
-NESTED_SMOKE_DONE_MAGIC = 0x600d  # vmx_probe.c: L2's rax at its last VMCALL
+NESTED_SMOKE_DONE_MAGIC = 0x600d  # L2's rax at its last VMMCALL/VMCALL
 NESTED_SMOKE_L2_ARG = 0x42  # L2's argument (rsi at its first call)
 NESTED_SMOKE_WRITE_MAGIC = 0x5eed5eed5eed5eed  # what L2 writes into the hole
 
@@ -46,10 +46,40 @@ UNSYNC_INVLPG = 4  # both edited pages of each table flushed with INVLPG
 UNSYNC_CR3 = 5  # CR3 reloaded: a full flush
 UNSYNC_SWAPPED_BACK = 6  # the edited PTEs swapped back, no flush
 UNSYNC_RESTORED = 7  # CR3 reloaded again
+NESTED_VENDOR_SVM = 1  # AMD SVM with NPT
+NESTED_VENDOR_VMX = 2  # Intel VMX with EPT
+
+# nested_unsync.c: L1 edits leaf entries of NPT/EPT tables that KVM shadows
+NESTED_UNSYNC_TABLES = 4  # last-level tables, each mapping one 2M range of L2 GPAs
+NESTED_UNSYNC_PAGES = 8  # pages mapped (and read by L2) in each table
+NESTED_UNSYNC_L2_GPA = 0x40000000  # L2 GPA (= L2 GVA) of table 0's range
+NESTED_UNSYNC_SHADOWED = 1  # L2 read every page: KVM shadows each table
+NESTED_UNSYNC_EDITED = 2  # L1 swapped the frames of entries 1 and 2 of each table, no flush
+NESTED_UNSYNC_NOFLUSH = 3  # (new, old): what L2 saw in the edited pages, entered without a flush
+NESTED_UNSYNC_FLUSHED = 4  # L1 flushed: SVM INVLPGA (TLB_CONTROL at the next VMRUN), VMX INVEPT
+NESTED_UNSYNC_REREAD = 5  # (new, old): what L2 saw in the edited pages after the flush
+
+# nested_split_unsync.c: L1's last-level NPT/EPT tables inside a range L2 maps huge
+SPLIT_UNSYNC_START = 1  # L1 built its tables, L2 has not run yet
+SPLIT_UNSYNC_HUGE = 2  # L2 read the huge range: one huge nested SPTE
+SPLIT_UNSYNC_SHADOWED = 3  # L2 read every page behind the tables: KVM shadows them
+SPLIT_UNSYNC_EDITED = 4  # L1 swapped the frames of entries 0 and 1 of each table: unsync
+SPLIT_UNSYNC_WRITTEN = 5  # after L1's flush, L2 checked the swap and wrote its pages: (count)
+SPLIT_UNSYNC_FRAME_SEED = 0x5eed0000  # a frame's stamp: seed | table << 12 | entry
+
+# nested_kvm_writes.c: what KVM writes into L1's nested state, in a memslot of its own
+KVM_WRITES_SETUP = 1  # (VMCB12/VMCS12, PDPT, PD, PT of the test pages, EPT/NPT A/D in use)
+KVM_WRITES_READY = 2  # L1 about to VMRUN/VMRESUME, nothing of the state slot written since
+KVM_WRITES_EXITED = 3  # L2 exited (exit code); L1 has only read since the entry
+KVM_WRITES_CLEARED = 4  # VMX: L1 did VMCLEAR + VMPTRLD of its VMCS
+KVM_WRITES_PAGES = 32  # pages of the state slot: VMCB/VMCS pages, NPT/EPT pool, data
+KVM_WRITES_POOL = 8  # first page of the NPT/EPT pool in the slot
+KVM_WRITES_READ = 24  # the page L2 reads, then ...
+KVM_WRITES_WRITE = 25  # ... the page L2 writes, through entries with A/D clear
+KVM_WRITES_L2_GPA = 0x80000000  # L2 GPA (= L2 GVA) of the test pages: a PDPT entry of their own
 
 # exit_loop.c: exits forever (the KVM_RUN round-trip benchmark)
 EXIT_LOOP_PORT = 0xe0  # the port of its OUTs at CPL0
 
 # memstress.c: the `kvmpy perf dirty-log` guest, one pass over its pages per host iteration
 MEMSTRESS_PASS_DONE = 1  # GUEST_SYNC(PASS_DONE, pass): a pass over the vCPU's pages is done
-MEMSTRESS_L2_DONE = 0x6d656d  # nested: L2's VMCALL rax when its loop has finished

@@ -120,8 +120,13 @@ class Memstress:
             self._set_nested_ranges()
 
     def _set_nested_ranges(self) -> None:
-        """L2 sees memslot 0, the test memory and the page-table memslot, identity mapped (2M pages)."""
-        if not (cpu.cpuid_has(self.g.cpuid, cpu.FEATURE_NPT) or cpu.cpuid_has(self.g.cpuid, cpu.FEATURE_VMX)):
+        """L2 sees memslot 0, the test memory and the page-table memslot, identity mapped (2M pages);
+        L1 runs it under the vCPU's extension (nested.h's nested_vendor: SVM+NPT, else VMX+EPT)."""
+        if cpu.cpuid_has(self.g.cpuid, cpu.FEATURE_NPT):
+            vendor = stages.NESTED_VENDOR_SVM
+        elif cpu.cpuid_has(self.g.cpuid, cpu.FEATURE_VMX):
+            vendor = stages.NESTED_VENDOR_VMX
+        else:
             raise RequirementError("nested memstress: the vCPU has neither SVM with NPT nor VMX "
                                    "(load kvm_amd or kvm_intel with nested=1, e.g. in `kvmpy bed`)")
         start, end = self.gpa_range
@@ -132,7 +137,7 @@ class Memstress:
         for i, (gpa, size) in enumerate(ranges):
             self.g.write_global("nested_gpa", gpa, 8 * i)
             self.g.write_global("nested_size", size, 8 * i)
-        self.g.write_global("nested", 1)
+        self.g.write_global("nested_vendor", vendor)
 
     def start(self, timeout: float) -> None:
         """Start the vCPUs; returns once each has done its first pass (the population pass)."""

@@ -1,14 +1,17 @@
-"""Nested VMX: an L1 guest enters VMX operation and runs an L2 guest, with EPT where offered.
+"""Nested virtualization works: an L1 guest runs an L2 and gets back every exit it expects.
 
-L1 (guests/vmx_probe.c, built on guests/lib/vmx.c) locks IA32_FEATURE_CONTROL,
-applies the VMX CR0/CR4 fixed bits, VMXONs, builds a VMCS for a 64-bit L2 that
-shares its page tables and descriptor tables, and VMLAUNCHes/VMRESUMEs it.
-KVM (L0) emulates all of that from its vmcs12 and runs L2 on a vmcs02; with
-EPT, L2's memory goes through KVM's nested (shadow-EPT) MMU.
+SVM: L1 (guests/svm_l2_smoke.c, on guests/lib/svm.c) enables SVM, builds NPT
+tables and a VMCB and VMRUNs a 64-bit L2.  VMX: L1 (guests/vmx_probe.c, on
+guests/lib/vmx.c) locks IA32_FEATURE_CONTROL, applies the VMX CR0/CR4 fixed
+bits, VMXONs, builds a VMCS for a 64-bit L2 that shares its page tables and
+descriptor tables, and VMLAUNCHes/VMRESUMEs it.  KVM (L0) emulates all of that
+from its vmcb12/vmcs12; with NPT/EPT L2's memory goes through KVM's nested MMU.
+The exit sequences differ by vendor, so these two tests are vendor specific.
 
-Needs a host whose KVM offers VMX to its guests (kvm_intel nested=1); elsewhere
-the test skips saying so.  `kvmpy selftest --bed --backend bochs -k nested_vmx`
-runs it on a 6.12 kernel under Bochs (an emulated Skylake-X with VMX and EPT).
+Each needs a host whose KVM offers its extension to guests (kvm_amd nested=1
+npt=1 / kvm_intel nested=1); elsewhere it skips saying so.  `kvmpy selftest
+--bed -k nested_exits` runs the SVM one on a 6.12 kernel under QEMU,
+`--backend bochs` the VMX one under Bochs (an emulated Skylake-X).
 """
 from __future__ import annotations
 
@@ -16,7 +19,13 @@ from kvmpy.guest import stages
 from kvmpy.guest.vm import GuestVm
 from kvmpy.hostinfo import module_params, param_on
 
-# Basic exit reasons (SDM vol. 3D appendix C) and EPT-violation qualification bits (vol. 3C table 28-7).
+# SVM exit codes and NPF EXITINFO1 bits (AMD APM vol. 2, appendix C and 15.25.6).
+SVM_EXIT_HLT = 0x78
+SVM_EXIT_VMMCALL = 0x81
+SVM_EXIT_NPF = 0x400
+NPF_WRITE, NPF_USER, NPF_FINAL_GPA = 1 << 1, 1 << 2, 1 << 32
+
+# VMX basic exit reasons (SDM vol. 3D appendix C) and EPT-violation qualification bits (vol. 3C table 28-7).
 EXIT_HLT = 12
 EXIT_VMCALL = 18
 EXIT_EPT_VIOLATION = 48
@@ -29,6 +38,33 @@ MSR_IA32_VMX_PROCBASED_CTLS = 0x482
 MSR_IA32_VMX_PROCBASED_CTLS2 = 0x48B
 MSR_IA32_VMX_EPT_VPID_CAP = 0x48C
 MSR_IA32_VMX_TRUE_PROCBASED_CTLS = 0x48E
+
+
+def test_svm_l2_vmmcall_npf_hlt(nested_svm):
+    """VMRUN with NPT works and every kind of #VMEXIT L1 expects comes back to it.
+
+    svm_l2_smoke.c: L2 VMMCALLs (exit 0x81, arguments in L2's registers, L1's
+    answer in RAX), GUEST_SYNCs straight to the host (L1 does not intercept
+    I/O), writes into an NPT hole (NPF 0x400 at exactly that L2 GPA; L1 maps
+    the page to another L1 page and L2's write retries and lands there), HLTs
+    (0x78), and finishes with a VMMCALL.  L1 checks each exit itself and
+    reports it with GUEST_SYNC(stage, exit code, ...).
+    """
+    hole = stages.NESTED_SMOKE_HOLE_GPA + 8
+    with GuestVm("svm_l2_smoke", kvm=nested_svm) as g:
+        r = g.run(timeout=120)
+    assert [(s[1], s[2]) for s in r.syncs] == [
+        # rax, rdi, rsi (L2's arg) as L1 saw them
+        (stages.NESTED_SMOKE_CALL, (SVM_EXIT_VMMCALL, stages.NESTED_SMOKE_CALL_MAGIC,
+                                    stages.NESTED_SMOKE_ARG_MAGIC, stages.NESTED_SMOKE_L2_ARG)),
+        (stages.NESTED_SMOKE_FROM_L2, (stages.NESTED_SMOKE_L2_ARG,)),
+        # EXITINFO1 of the NPF: a write (W), NPT walks are user accesses (U), not
+        # present (P=0), faulted on the final GPA rather than an L2 page-table read.
+        (stages.NESTED_SMOKE_FAULT, (SVM_EXIT_NPF, NPF_FINAL_GPA | NPF_USER | NPF_WRITE, hole)),
+        # The retried write is in L1's page.
+        (stages.NESTED_SMOKE_HLT, (SVM_EXIT_HLT, stages.NESTED_SMOKE_WRITE_MAGIC)),
+        (stages.NESTED_SMOKE_DONE, (SVM_EXIT_VMMCALL, 4)),   # 4 VMRUNs in all
+    ]
 
 
 def vmx_caps(vcpu) -> tuple[int, bool]:
@@ -47,7 +83,7 @@ def vmx_caps(vcpu) -> tuple[int, bool]:
     return basic & 0x7FFFFFFF, ept
 
 
-def test_l2_vmcall_ept_violation_hlt(nested_vmx):
+def test_vmx_l2_vmcall_ept_violation_hlt(nested_vmx):
     """VMLAUNCH/VMRESUME work and every VM exit L1 expects comes back to it, in order.
 
     vmx_probe.c: L2 VMCALLs (exit 18, arguments in L2's GPRs, length 3, L1's

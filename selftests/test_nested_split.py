@@ -1,0 +1,85 @@
+"""The nested MMU's huge SPTEs split when dirty logging is enabled: eagerly, or on L2's writes.
+
+L1 (guests/nested_dirty.c) maps a THP-backed data memslot to L2 with 2M NPT
+(SVM) or EPT (VMX) pages and L2 writes it.  KVM (L0) backs L2 with the *nested
+MMU*: shadow pages that combine L1's NPT/EPT with L0's own mapping of L1
+memory, counted in the same pages_4k/2m/1g VM stats as the TDP MMU's.  With the
+TDP MMU enabled, enabling dirty logging on a memslot eagerly splits the nested
+MMU's huge SPTEs of that slot too (kvm_mmu_slot_try_split_huge_pages ->
+kvm_shadow_mmu_try_split_huge_pages), unless kvm.eager_page_split=N; otherwise
+each first L2 write into a 2M drops it and maps one 4K page (FNAME(fetch)).
+
+Each test runs once per vendor (the `nested` fixture): SVM+NPT in the AMD bed
+(QEMU), VMX+EPT in the Intel bed (Bochs); elsewhere it skips saying where.
+"""
+from __future__ import annotations
+
+import pytest
+
+from kvmpy.hostinfo import module_params, param_on
+from kvmpy.x86.paging import ENTRIES_PER_TABLE
+
+from .drivers import DATA_SIZE, DATA_SLOT, NestedDirtyGuest
+from .host_state import eager_page_split
+from .sptes import delta, sized
+
+
+@pytest.mark.parametrize("eager", [True, False], ids=["eager", "lazy"])
+def test_nested_mmu_split_on_dirty_logging(kvm, nested, kvmpy_stats, scale, eager):
+    """Enabling dirty logging splits the nested MMU's 2M SPTEs: all at once (eager) or on L2's writes.
+
+    Pins kvm_mmu_slot_try_split_huge_pages() / shadow_mmu_try_split_huge_pages() (eager: each 2M
+    SPTE becomes a direct shadow page of 512 4K SPTEs at enable) and FNAME(fetch) /
+    __link_shadow_page() (lazy: the first write into a 2M drops it, each write maps one 4K SPTE, no
+    prefetch into a dirty-logged slot).  Eager splitting needs the TDP MMU too:
+    kvm_mmu_slot_try_split_huge_pages() returns early without it, and then even
+    eager_page_split=Y splits lazily.
+    """
+    tdp_mmu = param_on((module_params("kvm") or {}).get("tdp_mmu"))
+    splits_eagerly = eager and tdp_mmu
+    with eager_page_split(eager), NestedDirtyGuest(kvm, nested, DATA_SIZE * scale) as guest:
+        huge = guest.map_huge()
+        n = guest.huge
+
+        guest.vm.enable_dirty_logging(DATA_SLOT)
+        after = guest.counts()
+        at_enable = delta(after, huge)
+        if splits_eagerly:
+            # Each 2M SPTE is replaced by a shadow page of 512 4K SPTEs; the guest is
+            # parked, so the whole change is the split.
+            assert at_enable == sized(pages_4k=n * ENTRIES_PER_TABLE, pages_2m=-n), \
+                f"enabling dirty logging (eager_page_split=Y, tdp_mmu=Y): before {huge}, after {after}"
+        else:
+            # Only write-protected: the 2M SPTEs stay until L2 writes through them.
+            assert at_enable == sized(), \
+                f"enabling dirty logging (eager_page_split={'Y' if eager else 'N'}, " \
+                f"tdp_mmu={'Y' if tdp_mmu else 'N'}): before {huge}, after {after}"
+        assert guest.vm.get_dirty_log(DATA_SLOT).count() == 0, "pages dirty before L2 wrote any"
+
+        # Every third page.  Lazily, the first write fault in each 2M region drops the
+        # write-protected 2M SPTE (dirty logging forbids huge mappings) and each write
+        # fault installs one 4K SPTE; no prefetching happens into a dirty-logged slot.
+        pages = guest.write(first=1, stride=3)
+        sparse_pages = len(pages)
+        now = guest.counts()
+        sparse = delta(now, huge)
+        if splits_eagerly:
+            # Already split: the writes only make existing 4K SPTEs writable again.
+            assert sparse == at_enable, \
+                f"L2 writes after the eager split changed SPTE counts: after enable {after}, now {now}"
+        else:
+            assert sparse == sized(pages_4k=len(pages), pages_2m=-n), \
+                f"lazy split after L2 wrote {len(pages)} pages: before {huge}, after {now}"
+
+        # Every page: either way the slot ends up mapped by exactly 512 4K SPTEs per 2M.
+        pages = guest.write()
+        now = guest.counts()
+        assert delta(now, huge) == sized(pages_4k=n * ENTRIES_PER_TABLE, pages_2m=-n), \
+            f"after L2 wrote every page under dirty logging: before {huge}, after {now}"
+        guest.check_data(pages, guest.pass_no - 1)
+
+    if splits_eagerly:
+        kvmpy_stats(when="dirty logging enabled", pages_2m=-n, pages_4k=n * ENTRIES_PER_TABLE)
+    else:
+        # Nothing at enable; this much once L2 wrote every third page.
+        kvmpy_stats(when="L2 wrote every 3rd page", pages_2m=-n, pages_4k=sparse_pages)
