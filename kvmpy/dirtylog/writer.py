@@ -143,7 +143,7 @@ class DirtyWriterVm:
             self.harvest_needed.set()
             # Woken by the harvest (collect) or by the run ending (_wake_on_stop).
             while self._harvest_gen == gen and not self.guest.stopping.is_set():
-                self._harvest_cv.wait(1.0)
+                self._harvest_cv.wait()
         return True
 
     def _wake_on_stop(self) -> None:

@@ -72,8 +72,8 @@ class SteppedGuest:
         with self._changed:
             self._changed.notify_all()
         # go is cleared before stopping is checked: a stop after the check sets go (_on_stop).
-        while not self.stopping.is_set() and not st.go.wait(1.0):
-            pass
+        if not self.stopping.is_set():
+            st.go.wait()
 
     def _on_sync(self, i: int, stage: int, args: tuple) -> None:
         if self._park_stage is None or stage == self._park_stage:
