@@ -157,3 +157,23 @@ def test_shard_usage_errors(beds, capsys):
     assert "--shard 1/2: no rows in this slice: the run has 1 row(s) (fake/6.12/default)" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         cli.main(["selftest", "--bed", "--jobs", "0"])
+
+
+def test_the_example_workflows_shards_cover_every_row_of_each_backend_once():
+    import re
+    from pathlib import Path
+
+    from kvmpy.bed import matrix
+
+    text = (Path(__file__).parent.parent / "ci/examples/github-actions-sharded.yml").read_text()
+    shards: dict = {}
+    for backend, k, n in re.findall(r"- \{ backend: (\w+), shard: (\d+)/(\d+) \}", text):
+        shards.setdefault(backend, []).append((int(k), int(n)))
+    assert sorted(shards) == ["bochs", "qemu"]
+    for backend, given in shards.items():
+        vendor = {"qemu": "amd", "bochs": "intel"}[backend]
+        rows = [f"{backend}/{k}/{c.name}" for k in ("6.12", "6.1") for c in matrix.matrix_for(vendor)]
+        n = given[0][1]
+        assert sorted(given) == [(k, n) for k in range(1, n + 1)], f"{backend}: not every shard of {n}"
+        assert [r for k, _ in sorted(given) for r in Shard.select(f"{k}/{n}", rows).rows] == rows
+    assert "kvmpy report merge shards/report-*.json" in text
