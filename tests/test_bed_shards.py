@@ -46,7 +46,10 @@ def _run(args):
 
 def test_a_shard_runs_only_its_rows_and_says_which(beds, tmp_path):
     seen, _ = beds
-    doc = json.loads(_run(bed_args(tmp_path, junit=None, shard="2/3")))
+    doc = json.loads(_run(bed_args(tmp_path, shard="2/3")))
+    # Its JUnit files are named as in the unsharded run.
+    assert sorted(p.name for p in tmp_path.glob("j-*.xml")) == ["j-6.1-tdp+split.xml", "j-6.12-legacy-tdp.xml",
+                                                               "j-6.12-shadow.xml"]
     assert doc["shard"]["rows"] == ROWS[2:5] and doc["shard"]["all_rows"] == ROWS
     assert [r["row"] for r in doc["runs"]] == ROWS[2:5]
     assert [(r.env["KVMPY_BED_CONFIG"], r.env["KVMPY_BED_BACKEND"]) for r in seen] == \

@@ -209,8 +209,10 @@ def run(args, quiet: bool = False, pairs: List[Pair] | None = None) -> List[RunR
     except KeyboardInterrupt as e:  # SIGINT, or SIGTERM/SIGHUP as the CLI raises them
         stopped = _stopped_runs(pairs, sorted(done), getattr(e, "running", None) or [],
                                 getattr(e, "signo", signal.SIGINT), args.matrix)
-    several_kernels = len({bed for bed, _ in pairs}) > 1
-    runs = [_finished_run(pairs[i][0], done[i], args, several_kernels, len(pairs) > 1) for i in sorted(done)]
+    # JUnit files are named by the whole run's rows, so that a shard's are named as unsharded.
+    several_kernels = args.matrix and args.kernel is None and args.kernel_version is None
+    several_rows = args.matrix or len(pairs) > 1
+    runs = [_finished_run(pairs[i][0], done[i], args, several_kernels, several_rows) for i in sorted(done)]
     runs += stopped
     if not quiet and args.matrix and done:
         kernels = ", ".join(b.kernel.release for b in beds if b.kernel)
