@@ -49,6 +49,12 @@ def _add_selftest(sub) -> None:
         bed.add_argument("--param", action="append", metavar="MODULE.PARAM=VALUE",
                          help="a module parameter (repeatable)"),
         bed.add_argument("--timeout", type=float, help="seconds per boot"),
+        bed.add_argument("--jobs", type=_positive_int, metavar="N",
+                         help="boot up to N rows at once, one emulator each (bounded by CPUs and free "
+                              "memory; the report is the same as with --jobs 1)"),
+        bed.add_argument("--shard", metavar="K/N",
+                         help="run only the K-th of N slices of the rows (kernel x configuration x backend), "
+                              "for a CI matrix; join the --json reports with `kvmpy report merge`"),
     ]
     p.add_argument("pytest_args", nargs="*", help="extra pytest arguments (after --)")
     p.set_defaults(func=_cmd_selftest, bed_only=bed_only)
@@ -58,15 +64,40 @@ class UsageError(Exception):
     """Bad command-line input, found before anything ran (exit 2)."""
 
 
+def _positive_int(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: a whole number, at least 1")
+    return n
+
+
+# Why a host run has no shards: its one row is this host's KVM.
+HOST_SHARD = ("--shard slices the test bed's rows (kernel x configuration x backend); a host run is one "
+              "row, this host's KVM: splitting its tests over runners would judge different KVMs with one "
+              "verdict. Run the host suite whole on each host, or add --bed")
+
+
 def _check_selftest_args(args: argparse.Namespace) -> None:
     """Reject what would be silently ignored; resolve --junit against the user's directory."""
     if not args.bed:
+        if args.shard:
+            raise UsageError(HOST_SHARD)
         given = [a.option_strings[0] for a in args.bed_only if getattr(args, a.dest) not in (None, False)]
         if given:
             raise UsageError(f"{', '.join(given)}: test bed option{'s' if len(given) > 1 else ''}, "
                              f"ignored without --bed (add --bed, or drop {'them' if len(given) > 1 else 'it'})")
     args.accel = args.accel or "tcg"
     args.param = args.param or []
+    if args.shard:
+        from kvmpy.selftest import shard
+
+        try:
+            shard.parse(args.shard)
+        except shard.ShardError as e:
+            raise UsageError(str(e)) from None
     try:
         faults.enabled()
     except faults.FaultError as e:
@@ -96,6 +127,7 @@ def _cmd_selftest(args: argparse.Namespace) -> int:
     from kvmpy.selftest import report, runner
 
     _check_selftest_args(args)
+    pairs, shard = _bed_plan(args)
     facts = hostinfo.gather(probe=True)
     header = facts.to_dict()
     machine = args.json or args.ktap
@@ -108,22 +140,79 @@ def _cmd_selftest(args: argparse.Namespace) -> int:
     if args.bed:
         from kvmpy.selftest import bed_runner
 
-        runs = bed_runner.run(args, quiet=machine)
+        if shard:
+            print(f"kvmpy bed: {shard.describe()}", file=sys.stderr, flush=True)
+        runs = bed_runner.run(args, quiet=machine, pairs=pairs)
     else:
         runs = [runner.run_host(args.junit, args.keyword, args.pytest_args,
                                 config=f"host {facts.vendor_module or ''}".strip(), machine_output=machine)]
+    return _print_report(args, header, runs, {"shard": shard.to_dict()} if shard else {},
+                         shard.describe() if shard else "")
+
+
+def _bed_plan(args: argparse.Namespace):
+    """(pairs, shard) of a --shard run, planned before anything runs (UsageError for an empty slice);
+    (None, None) otherwise (the bed runner plans, and reports bad bed options as a harness error)."""
+    if not (args.bed and args.shard):
+        return None, None
+    from kvmpy.bed.protocol import BedError
+    from kvmpy.selftest import bed_runner
+    from kvmpy.selftest.shard import ShardError
+
+    try:
+        return bed_runner.plan(args)
+    except (ShardError, BedError) as e:
+        raise UsageError(str(e)) from None
+
+
+def _print_report(args: argparse.Namespace, header: dict, runs, extra: dict, note: str = "") -> int:
+    """The report on stdout as --json, --ktap or the table (after ``note``); returns the exit status."""
+    from kvmpy.selftest import report
+
     if args.json:
-        print(report.to_json(header, runs))
+        print(report.to_json(header, runs, extra))
     elif args.ktap:
         print(report.format_ktap(runs), end="")
     else:
         print()
+        if note:
+            print(note)
         setting = report.format_setting(runs)
         if setting:  # the bed's facts, per configuration: what was tested
             print(setting)
             print()
         print(report.format_table(runs))
     return report.exit_status(runs)
+
+
+def _cmd_report_merge(args: argparse.Namespace) -> int:
+    from kvmpy.selftest import merge
+    from kvmpy.selftest.junit import format_junit
+
+    junit = _writable_file(args.junit, "--junit") if args.junit else None
+    try:
+        header, runs, extra = merge.merge([merge.load(path) for path in args.reports])
+    except merge.MergeError as e:
+        raise UsageError(str(e)) from None
+    if junit:
+        junit.write_bytes(format_junit(runs))
+    return _print_report(args, header, runs, extra, f"merged {len(args.reports)} report(s): {' '.join(args.reports)}")
+
+
+def _add_report(sub) -> None:
+    p = sub.add_parser("report", help="work with `kvmpy selftest --json` reports")
+    rsub = p.add_subparsers(dest="report_command", required=True)
+    m = rsub.add_parser("merge", help="merge the shard reports of one run into its report and verdict",
+                        description="Merge the --json reports of `kvmpy selftest --bed --shard K/N` runs into "
+                                    "one report and one verdict, exit status as `kvmpy selftest` gives for the "
+                                    "whole run. Refuses a row given twice, shards of different N, and missing "
+                                    "shards (exit 2).")
+    m.add_argument("reports", nargs="+", metavar="REPORT.json", help="shard reports (kvmpy selftest --json)")
+    m.add_argument("--junit", metavar="FILE", help="also write the merged report as JUnit XML")
+    out = m.add_mutually_exclusive_group()
+    out.add_argument("--ktap", action="store_true", help="print KTAP instead of the table")
+    out.add_argument("--json", action="store_true", help="print the merged report as JSON")
+    m.set_defaults(func=_cmd_report_merge)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -134,6 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-probe", action="store_true", help="skip the guest-memory MMU probe")
     p.set_defaults(func=_cmd_info)
     _add_selftest(sub)
+    _add_report(sub)
     from kvmpy.perf import cli as perf_cli
 
     perf_cli.register(sub)

@@ -1,13 +1,21 @@
-"""Fakes shared by the bed's unit tests: module trees, bzImage headers, a kernel, busybox sh."""
+"""Fakes shared by the bed's unit tests: module trees, bzImage headers, a kernel, busybox sh, beds that boot nothing."""
 
+import argparse
+import dataclasses
+import json
 import lzma
 import os
 import shutil
+import signal
 import subprocess
 
 import pytest
 
-from kvmpy.bed import initramfs, kernel
+from kvmpy.bed import initramfs, kernel, matrix
+from kvmpy.bed.backend import Backend
+from kvmpy.bed.options import BedOptions
+from kvmpy.bed.request import BedFacts, BedResult
+from kvmpy.bed.testbed import Bed
 
 MODULES_DEP = """\
 kernel/arch/x86/kvm/kvm.ko.xz: kernel/virt/lib/irqbypass.ko.xz
@@ -89,3 +97,75 @@ def run_init_function(tmp_path, calls: str, **env) -> str:
     return subprocess.run([*busybox_sh(), "-c", f". {tmp_path / 'init'}; {calls}"],
                           env=dict(os.environ, KVMPY_INIT_TEST="1", **env), cwd=tmp_path,
                           capture_output=True, text=True, check=True, timeout=30).stdout
+
+
+# --- `kvmpy selftest --bed` without booting -------------------------------------------
+
+RESULTS = {"exitstatus": 0, "seconds": 1.0, "collected": 1,
+           "tests": [{"nodeid": "selftests/test_a.py::test_ok", "outcome": "passed", "reason": "", "stats": {}}]}
+JUNIT = b'<?xml version="1.0"?><testsuites><testsuite name="pytest" tests="1"><testcase classname="a" ' \
+        b'name="test_ok"/></testsuite></testsuites>'
+KERNELS = (("6.12", "6.12.117+deb12-amd64"), ("6.1", "6.1.0-57-amd64"))
+
+
+class Stopped(KeyboardInterrupt):
+    """What the CLI raises for SIGTERM."""
+
+    def __init__(self, signo):
+        super().__init__(signo)
+        self.signo = signo
+
+
+class FakeBed(Backend):
+    """Boots nothing: each request's parameters read back as set (``same``: as the first ones);
+    ``stop_at`` raises a stop signal on that boot; ``hook(request)``, if given, runs first
+    (a boot's own timing, or a real process as its machine) and may return the BedResult."""
+
+    name, vendor = "fake", "amd"
+
+    def __init__(self, kernel, seen, same=False, stop_at=None, hook=None):
+        super().__init__(kernel)
+        self.seen, self.same, self.stop_at, self.hook = seen, same, stop_at, hook
+
+    def check(self):
+        pass
+
+    def run(self, request):
+        self.seen.append(request)
+        if self.stop_at == len(self.seen):
+            raise Stopped(signal.SIGTERM)
+        early = self.hook(self, request) if self.hook else None
+        if early is not None:
+            return early
+        params = {k: matrix.normalize(v) for k, v in (self.seen[0] if self.same else request).params.items()}
+        facts = BedFacts(backend="fake", cpu="max", kernel=self.kernel.release, vendor_module="kvm_amd",
+                         params=params, hugepages={"2M": 32})
+        results = dict(RESULTS, tests=[dict(RESULTS["tests"][0], stats={"row": request.env.get("KVMPY_BED_CONFIG")})])
+        return BedResult(0, "", files={"results.json": json.dumps(results).encode(), "junit.xml": JUNIT},
+                         params=params, facts=facts, seconds=1)
+
+
+def bed_args(tmp_path, **over):
+    """`kvmpy selftest --bed --matrix` arguments (``over`` changes some)."""
+    args = dict(matrix=True, keyword=None, pytest_args=[], junit=str(tmp_path / "j.xml"), param=[], backend=None,
+                kernel_version=None, kernel=None, modules=None, accel="tcg", timeout=None, jobs=None, shard=None)
+    return argparse.Namespace(**{**args, **over})
+
+
+def install_fake_beds(tmp_path, monkeypatch, opts):
+    """Two fake kernels (6.12 and 6.1) in place of the Debian ones, FakeBed(**opts) each; returns the
+    requests they see."""
+    from kvmpy.selftest import bed_runner
+
+    seen = []
+
+    def beds(args, log):
+        out = []
+        for line, release in KERNELS:
+            kernel = dataclasses.replace(fake_kernel(tmp_path / line), release=release)
+            out.append(Bed(BedOptions(kernel_line=line), backend=FakeBed(kernel, seen, **opts)))
+        return out if args.matrix else out[:1]
+
+    monkeypatch.setattr(bed_runner, "_beds", beds)
+    monkeypatch.setattr(bed_runner, "_prepare", lambda beds: None)
+    return seen

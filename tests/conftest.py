@@ -1,4 +1,16 @@
 """Fixtures for kvmpy's own unit tests."""
 from __future__ import annotations
 
+import pytest
+
+from bed_fakes import install_fake_beds
+
 pytest_plugins = ["pytester", "kvmpy.selftest.fixtures"]
+
+
+@pytest.fixture
+def beds(tmp_path, monkeypatch):
+    """Fake beds of two kernels (6.12, 6.1) for `kvmpy selftest --bed`; returns (seen requests, FakeBed
+    options: set them before the run)."""
+    opts: dict = {}
+    return install_fake_beds(tmp_path, monkeypatch, opts), opts

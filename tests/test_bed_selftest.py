@@ -1,82 +1,15 @@
 """`kvmpy selftest --bed [--matrix]` without booting: kernels x rows, what each row records, a stopped run."""
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import json
 import signal
 import xml.etree.ElementTree as ET
 
-import pytest
-
-from kvmpy.bed import backend as bk
 from kvmpy.bed import matrix
 from kvmpy.bed.options import BedOptions
-from kvmpy.bed.request import BedFacts, BedResult
-from kvmpy.bed.testbed import Bed
 from kvmpy.selftest import bed_runner, report
 
-from bed_fakes import fake_kernel
-
-RESULTS = {"exitstatus": 0, "seconds": 1.0, "collected": 1,
-           "tests": [{"nodeid": "selftests/test_a.py::test_ok", "outcome": "passed", "reason": "", "stats": {}}]}
-JUNIT = b'<?xml version="1.0"?><testsuites><testsuite name="pytest" tests="1"><testcase classname="a" ' \
-        b'name="test_ok"/></testsuite></testsuites>'
-
-
-class Stopped(KeyboardInterrupt):
-    """What the CLI raises for SIGTERM."""
-
-    def __init__(self, signo):
-        super().__init__(signo)
-        self.signo = signo
-
-
-class FakeBed(bk.Backend):
-    """Boots nothing: each request's parameters read back as set (``same``: as the first ones);
-    ``stop_at`` raises a stop signal on that boot."""
-
-    name, vendor = "fake", "amd"
-
-    def __init__(self, kernel, seen, same=False, stop_at=None):
-        super().__init__(kernel)
-        self.seen, self.same, self.stop_at = seen, same, stop_at
-
-    def check(self):
-        pass
-
-    def run(self, request):
-        self.seen.append(request)
-        if self.stop_at == len(self.seen):
-            raise Stopped(signal.SIGTERM)
-        params = {k: matrix.normalize(v) for k, v in (self.seen[0] if self.same else request).params.items()}
-        facts = BedFacts(backend="fake", cpu="max", kernel=self.kernel.release, vendor_module="kvm_amd",
-                         params=params, hugepages={"2M": 32})
-        return BedResult(0, "", files={"results.json": json.dumps(RESULTS).encode(), "junit.xml": JUNIT},
-                         params=params, facts=facts, seconds=1)
-
-
-def _args(tmp_path, **over):
-    args = dict(matrix=True, keyword=None, pytest_args=[], junit=str(tmp_path / "j.xml"), param=[], backend=None,
-                kernel_version=None, kernel=None, modules=None, accel="tcg", timeout=None)
-    return argparse.Namespace(**{**args, **over})
-
-
-@pytest.fixture
-def beds(tmp_path, monkeypatch):
-    """Two fake kernels (6.12 and 6.1) in place of the Debian ones; returns (seen requests, options)."""
-    seen, opts = [], {}
-
-    def prepare(args, log):
-        out = []
-        for line, release in (("6.12", "6.12.117+deb12-amd64"), ("6.1", "6.1.0-57-amd64")):
-            kernel = dataclasses.replace(fake_kernel(tmp_path / line), release=release)
-            out.append(Bed(BedOptions(kernel_line=line), backend=FakeBed(kernel, seen, **opts)))
-        return out
-
-    monkeypatch.setattr(bed_runner, "_prepare", prepare)
-    return seen, opts
-
+from bed_fakes import bed_args as _args
 
 def test_kernel_axis_covers_both_debian_lines_unless_one_is_named():
     assert [o.kernel_line for o in matrix.kernel_axis(BedOptions())] == ["6.12", "6.1"]

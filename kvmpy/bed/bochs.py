@@ -31,7 +31,6 @@ import os
 import re
 import shlex
 import shutil
-import signal
 import subprocess
 import tarfile
 import tempfile
@@ -45,12 +44,11 @@ from kvmpy.bed.backend import Backend
 from kvmpy.bed.initramfs import KVM_MODULES, build_initramfs, busybox
 from kvmpy.bed.job import inner_timeout, job_script
 from kvmpy.bed.kernel import Kernel, cache_dir
-from kvmpy.bed.machine import ConsoleLog, boot_failure, exit_on_sigterm, kill_machine, settle
+from kvmpy.bed.machine import ConsoleLog, boot_failure, exit_on_sigterm, kill_machine, settle, start_machine
 from kvmpy.bed.media import append_archive, make_iso, write_cpio
 from kvmpy.bed.protocol import INSIDE_RESULTS, INSIDE_SHARE, MARKER, BedError
 from kvmpy.bed.request import BedFacts, BedRequest, BedResult, kernel_cmdline, megabytes, parse_console
 from kvmpy.bed.results import files_from_tar
-from kvmpy.child import die_with_parent
 
 BOCHS = "bochs-bin"
 BIOS_DIR = Path("/usr/share/bochs")
@@ -356,10 +354,8 @@ def _run_machine(argv: List[str], serial: Path, request: BedRequest, start: floa
     """
     deadline = start + request.timeout
     with open(cwd / "bochs.out", "wb") as out:
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out,
-                                stderr=subprocess.STDOUT, cwd=cwd, start_new_session=True,
-                                # script dies with us; Bochs gets SIGHUP when its pty closes
-                                preexec_fn=die_with_parent(signal.SIGKILL))
+        # script dies with us; Bochs gets SIGHUP when its pty closes
+        proc = start_machine(argv, stdout=out, stderr=subprocess.STDOUT, cwd=cwd)
     # The base64 block of result files is not console output worth echoing.
     log = ConsoleLog(request, start, hide=(RESULTS_BEGIN, RESULTS_END))
     timed_out = False

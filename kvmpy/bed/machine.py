@@ -17,10 +17,11 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Callable, List, Optional, Tuple
+from typing import Any, Callable, List, Optional, Set, Tuple
 
-from kvmpy.bed.protocol import MARKER
+from kvmpy.bed.protocol import MARKER, BedError
 from kvmpy.bed.request import BedFacts, BedRequest, BedResult
+from kvmpy.child import die_with_parent
 
 
 @contextlib.contextmanager
@@ -90,16 +91,22 @@ class ConsoleLog:
 
 
 class ConsolePrinter:
-    """Echo console lines: everything, or only the command's own output."""
+    """Echo console lines: everything, or only the command's own output; each line after
+    ``prefix`` (which bed it came from, when several run at once) and written whole."""
 
-    def __init__(self, everything: bool, stream=None) -> None:
+    def __init__(self, everything: bool, stream=None, prefix: str = "") -> None:
         self.everything = everything
         self.stream = stream or sys.stdout
+        self.prefix = prefix
         self.inside = False
+
+    def _print(self, line: str) -> None:
+        self.stream.write(f"{self.prefix}{line}\n")
+        self.stream.flush()
 
     def __call__(self, line: str) -> None:
         if self.everything:
-            print(line, file=self.stream, flush=True)
+            self._print(line)
             return
         if MARKER in line:
             if line.rstrip().endswith(f"{MARKER} ready"):
@@ -107,22 +114,68 @@ class ConsolePrinter:
             elif f"{MARKER} exit " in line:
                 self.inside = False
             elif f"{MARKER} error" in line:
-                print(line, file=self.stream, flush=True)
+                self._print(line)
             return
         if self.inside:
-            print(line, file=self.stream, flush=True)
+            self._print(line)
 
 
-def kill_machine(proc: subprocess.Popen) -> None:
-    """Stop a machine and everything it started, by its process group; reap it."""
+# Every machine this process runs, so that a stop (Ctrl-C, SIGTERM) on the main thread can
+# kill those that threads of its own started (``--jobs``, kvmpy.bed.parallel).
+_machines_lock = threading.Lock()
+_machines: Set[subprocess.Popen] = set()
+_refusing = False
+
+
+def start_machine(argv: List[str], **popen: Any) -> subprocess.Popen:
+    """Start a machine process in its own process group, dying with the harness (even SIGKILLed).
+
+    Raises BedError after :func:`stop_machines` (the run is stopping: no new machine).
+    """
+    with _machines_lock:
+        if _refusing:
+            raise BedError("the run is stopping: no machine started")
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, start_new_session=True,
+                                preexec_fn=die_with_parent(signal.SIGKILL), **popen)
+        _machines.add(proc)
+    return proc
+
+
+def stop_machines() -> int:
+    """Kill every machine this process runs and refuse new ones until :func:`allow_machines`;
+    returns how many were running. Their threads see them end (no exit status) and return."""
+    global _refusing
+    with _machines_lock:
+        _refusing = True
+        procs = list(_machines)
+    for proc in procs:
+        _killpg(proc)
+    return len(procs)
+
+
+def allow_machines() -> None:
+    """Let machines start again (a new run after :func:`stop_machines`)."""
+    global _refusing
+    with _machines_lock:
+        _refusing = False
+
+
+def _killpg(proc: subprocess.Popen) -> None:
     if proc.poll() is None:
         try:
             os.killpg(proc.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+def kill_machine(proc: subprocess.Popen) -> None:
+    """Stop a machine and everything it started, by its process group; reap it."""
+    _killpg(proc)
     try:
         proc.wait(timeout=30)
     finally:
+        with _machines_lock:
+            _machines.discard(proc)
         if proc.stdout:
             proc.stdout.close()
 

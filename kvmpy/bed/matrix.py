@@ -22,6 +22,7 @@ from typing import Callable, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 from kvmpy.bed.debian import KERNEL_LINES
 from kvmpy.bed.options import BedOptions
+from kvmpy.bed.parallel import run_in_order
 from kvmpy.bed.protocol import BedError
 from kvmpy.bed.request import BedResult, Job, kernel_splats
 from kvmpy.bed.testbed import Bed
@@ -228,29 +229,50 @@ def run_matrix(
     job: Job,
     progress: Optional[Callable[[int, int, Row], None]] = None,
     name_rows: bool = True,
+    jobs: int = 1,
+    console: Optional[Callable[[int], Callable[[str], None]]] = None,
 ) -> List[Row]:
     """Run ``job`` once per (bed, configuration) pair, the configuration's params added to the bed's.
 
     With ``name_rows`` the job's environment names its row (``KVMPY_BED_CONFIG``); without,
     the boots are not matrix rows (``kvmpy selftest --bed`` without ``--matrix``). A row whose
     effective configuration (kernel release and parameters read back) equals an earlier
-    row's is an error: it tested nothing new.
+    row's is an error: it tested nothing new. ``jobs`` > 1 boots that many pairs at once
+    (:mod:`kvmpy.bed.parallel`); rows and ``progress(i, n, row)`` come in pair order all the
+    same. ``console(i)``, if given, is pair ``i``'s console echo (instead of the job's).
+    A KeyboardInterrupt leaves with ``running``: the indices of the pairs it stopped.
     """
     rows: List[Row] = []
     seen: dict = {}
-    for i, (bed, config) in enumerate(pairs):
+
+    def boot(i: int) -> Row:
+        bed, config = pairs[i]
         env = {**job.env, CONFIG_ENV: config.name} if name_rows else dict(job.env)
-        result = bed.run(dataclasses.replace(job, env=env), config.params)
-        row = evaluate(config, result, {**bed.options.params, **config.params})
+        this = dataclasses.replace(job, env=env, **({"on_console": console(i)} if console else {}))
+        return evaluate(config, bed.run(this, config.params), {**bed.options.params, **config.params})
+
+    def commit(i: int, row: Row) -> None:
+        result = row.result
         if result.status is not None and result.params:
             key = (result.facts.kernel, tuple(sorted(result.params.items())))
             if key in seen:
                 row.mismatches.append(f"same effective configuration as {seen[key]} "
                                       f"(kernel {result.facts.kernel}, every parameter alike): it tests nothing new")
-            seen.setdefault(key, config.name)
+            seen.setdefault(key, row.config.name)
         rows.append(row)
         if progress:
             progress(i + 1, len(pairs), row)
+
+    if jobs > 1:
+        run_in_order(len(pairs), boot, jobs, commit)
+        return rows
+    for i in range(len(pairs)):
+        try:
+            row = boot(i)
+        except KeyboardInterrupt as e:
+            e.running = [i]
+            raise
+        commit(i, row)
     return rows
 
 

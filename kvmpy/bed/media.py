@@ -11,6 +11,7 @@ import gzip
 import os
 import shutil
 import subprocess
+import threading
 from pathlib import Path
 from typing import List, Tuple
 
@@ -41,7 +42,8 @@ def write_cpio(out: Path, tree: Path) -> Path:
     The cpio tool keeps the files' mtimes, which the carried .pyc files are
     checked against (Python recompiles, slowly under Bochs, when they differ).
     """
-    tmp = out.with_name(out.name + f".{os.getpid()}.tmp")
+    # Private to this thread too: rows of --jobs may write the same cached archive at once.
+    tmp = out.with_name(out.name + f".{os.getpid()}.{threading.get_ident()}.tmp")
     with open(tmp, "wb") as raw:
         find = subprocess.Popen(["find", ".", "-mindepth", "1"], cwd=tree, stdout=subprocess.PIPE)
         cpio = subprocess.Popen(["cpio", "-o", "-H", "newc", "--quiet"], cwd=tree,

@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import selectors
 import shutil
-import signal
 import subprocess
 import tempfile
 import time
@@ -24,11 +23,10 @@ from kvmpy.bed.backend import Backend
 from kvmpy.bed.initramfs import KVM_MODULES, SHARE_MODULES, build_initramfs, busybox
 from kvmpy.bed.job import inner_timeout, job_script
 from kvmpy.bed.kernel import Kernel
-from kvmpy.bed.machine import ConsoleLog, boot_failure, exit_on_sigterm, kill_machine, settle
+from kvmpy.bed.machine import ConsoleLog, boot_failure, exit_on_sigterm, kill_machine, settle, start_machine
 from kvmpy.bed.protocol import INSIDE_SHARE, BedError
 from kvmpy.bed.request import BedFacts, BedRequest, BedResult, kernel_cmdline, megabytes, parse_console
 from kvmpy.bed.results import files_from_dir, read_log
-from kvmpy.child import die_with_parent
 
 QEMU = "qemu-system-x86_64"
 HOST_ROOT_TAG = "kvmpyroot"
@@ -186,9 +184,7 @@ def _run_machine(argv: List[str], request: BedRequest, start: float):
     the machine's pid).
     """
     deadline = start + request.timeout
-    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, start_new_session=True,
-                            preexec_fn=die_with_parent(signal.SIGKILL))
+    proc = start_machine(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     log = ConsoleLog(request, start)
     timed_out = False
     sel = selectors.DefaultSelector()

@@ -43,10 +43,11 @@ class RoundPlan:
     between loading its stamp and storing it, so that every round leaves a store
     pending (the race the kicks are for, see DirtyWriterVm.end_round).
     ``stall_time``: if the guest makes no write for that long (a vCPU KVM keeps
-    from running, e.g. RING_FULL exit after exit with nothing to harvest), end
-    the round there instead of failing on ``max_time``: the page check then
-    shows what the log lost. Needs ``end_by_kick`` (a wedged vCPU never reaches
-    its sync point).
+    from running), end the round there instead of failing on ``max_time``: the
+    page check then shows what the log lost. The one stall known by its exits
+    (RING_FULL exit after exit with nothing to harvest, see
+    DirtyWriterVm.stalled_on_ring_full) ends the round at once, without the wait.
+    Needs ``end_by_kick`` (a wedged vCPU never reaches its sync point).
     """
 
     min_writes: int = 200
@@ -76,16 +77,20 @@ def run_round(d: "DirtyWriterVm", plan: RoundPlan) -> dict[int, RoundReport]:
     start = time.monotonic()
     ran_during = plan.during is None
     must = plan.must_report
-    last_seen, last_progress, stalled = None, start, False
+    last_seen, last_progress, stalled = None, start, ""
     while True:
         d.guest.check()
         now = time.monotonic()
         seen = d.progress() if plan.stall_time is not None else None
         n = d.writes() - w0
+        if plan.stall_time is not None and d.stalled_on_ring_full():
+            stalled = (f"{d.futile_ring_full} KVM_EXIT_DIRTY_RING_FULL exits in a row with nothing to harvest "
+                       f"after {n} writes this round")
+            break
         if seen != last_seen:
             last_seen, last_progress = seen, now
         elif plan.stall_time is not None and now - last_progress > plan.stall_time:
-            stalled = True
+            stalled = f"no write for {plan.stall_time:g} s after {n} writes this round"
             break
         if not ran_during and n >= plan.min_writes // 2:
             plan.during(d)
@@ -121,13 +126,12 @@ def run_round(d: "DirtyWriterVm", plan: RoundPlan) -> dict[int, RoundReport]:
     except DirtyLogMismatch as e:
         extra = d.ring_summary(first_collection, ring_full0)
         if stalled:
-            extra = (f"  the guest STALLED: no write for {plan.stall_time:g} s after {n} writes this round "
-                     f"(ended by kick)" + ("\n" + extra if extra else ""))
+            extra = f"  the guest STALLED: {stalled} (ended by kick)" + ("\n" + extra if extra else "")
         if not extra:
             raise
         raise DirtyLogMismatch(f"{e}\n{extra}", e.problems) from None
     d.round_log.append(f"{d.label}: round {d.stamp}: {nwrites} writes"
-                       + (f" (STALLED: no write for {plan.stall_time:g} s)" if stalled else "") + " in "
+                       + (f" (STALLED: {stalled})" if stalled else "") + " in "
                        f"{time.monotonic() - start:.2f} s, ring-full exits so far {d.ring_full_exits}; "
                        + "; ".join(f"slot {s}: {r}" for s, r in reports.items()))
     return reports

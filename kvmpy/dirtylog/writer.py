@@ -38,6 +38,10 @@ TEST_GVA = 0xC000_0000
 # that lands in the guest's 5-instruction store loop (store_burst) catches it there 1 time in 5.
 MID_STORE_KICKS = 200
 MID_STORE_DELAY = 0.002
+# KVM_EXIT_DIRTY_RING_FULL exits in a row answered by a harvest that found nothing: a vCPU KVM
+# keeps from running. A correct KVM makes at most one per other vCPU (its ring was harvested for
+# another vCPU's exit just before its own exit was seen); kvm_pvm makes tens of thousands a second.
+FUTILE_RING_FULL_STALL = 100
 
 
 @dataclass
@@ -85,6 +89,7 @@ class DirtyWriterVm:
         self.unreset_reentries = 0
         self.refused_reentries = 0
         self.pending_stores = 0   # kicked vCPUs stopped between loading a stamp and storing it
+        self.futile_ring_full = 0  # RING_FULL exits in a row whose harvest found nothing
         self._started = False
         self.g = GuestVm("dirty_writer", nr_vcpus=nr_vcpus, mem_size=16 << 20, before_vcpus=collector.setup_vm)
         try:
@@ -110,7 +115,7 @@ class DirtyWriterVm:
             self.set_ranges(vcpu_ranges or [])
             self._stamp_store_rips = {self.g.elf.symbol(n).addr for n in ("stamp_store", "burst_store")}
             self.guest = SteppedGuest(self.g, stop={"quit": 1}, park_stage=stages.DIRTY_WRITER_PARKED,
-                                      on_exit=self._on_exit, name=self.label)
+                                      on_exit=self._on_exit, on_stop=self._wake_on_stop, name=self.label)
         except BaseException:
             self.g.close()
             raise
@@ -136,14 +141,24 @@ class DirtyWriterVm:
         with self._harvest_cv:
             gen = self._harvest_gen
             self.harvest_needed.set()
+            # Woken by the harvest (collect) or by the run ending (_wake_on_stop).
             while self._harvest_gen == gen and not self.guest.stopping.is_set():
-                self._harvest_cv.wait(0.05)
+                self._harvest_cv.wait()
         return True
+
+    def _wake_on_stop(self) -> None:
+        with self._harvest_cv:
+            self._harvest_cv.notify_all()
 
     # -- the host side: the steps of a round ---------------------------------------------------
     def collect(self) -> dict[int, list[int]]:
         """One collection of every logged slot, fed to the checkers; wakes ring-full vCPUs."""
+        demanded = self.harvest_needed.is_set()
         got = self.collector.collect(self.vm, self.logged)
+        if any(got.values()):
+            self.futile_ring_full = 0
+        elif demanded:
+            self.futile_ring_full += 1
         if faults.active("collector-drops-page"):  # FAULT: collector-drops-page
             for pages in got.values():
                 if pages:
@@ -159,6 +174,10 @@ class DirtyWriterVm:
     def writes(self) -> int:
         """Writes done so far by all vCPUs (guest counters)."""
         return sum(self.g.read_global("nr_writes", offset=8 * i) for i in range(len(self.g.vcpus)))
+
+    def stalled_on_ring_full(self) -> bool:
+        """Whether KVM keeps exiting RING_FULL with nothing to harvest (see FUTILE_RING_FULL_STALL)."""
+        return self.futile_ring_full >= FUTILE_RING_FULL_STALL
 
     def progress(self) -> tuple[int, int]:
         """What changes while the guest makes progress: its write counters (bumped after each
@@ -190,6 +209,7 @@ class DirtyWriterVm:
             self.guest.start()
             self._started = True
         self.stamp += 1
+        self.futile_ring_full = 0
         for c in self.checkers.values():
             c.begin_round(self.stamp, must_report)
         w0 = self.writes()

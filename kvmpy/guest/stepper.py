@@ -16,7 +16,7 @@ from typing import Callable, NamedTuple
 
 from kvmpy.errors import KvmError
 from kvmpy.exits import Exit, InterruptedExit
-from kvmpy.guest.vcpu_loop import ExitHook, VcpuThreads
+from kvmpy.guest.vcpu_loop import ExitHook, StopHook, VcpuThreads
 from kvmpy.guest.vm import GuestVm
 
 QUIT_TIMEOUT = 60.0   # for the guest to finish after the stop command
@@ -42,17 +42,21 @@ class SteppedGuest:
 
     ``stop`` is the command (guest globals) that makes the guest finish, sent by
     :meth:`close`. ``on_exit(vcpu, exit)`` sees the exits that are neither ucalls
-    nor kicks (return True when handled). A vCPU failure is raised on the test
-    thread by the next wait (or by :meth:`close`).
+    nor kicks (return True when handled); ``on_stop()`` runs when the run starts
+    ending and must wake whatever ``on_exit`` blocks on. A vCPU failure is raised on
+    the test thread by the next wait (or by :meth:`close`).
     """
 
     def __init__(self, g: GuestVm, *, stop: dict[str, int], park_stage: int | None = None,
-                 on_exit: ExitHook | None = None, name: str | None = None) -> None:
+                 on_exit: ExitHook | None = None, on_stop: StopHook | None = None,
+                 name: str | None = None) -> None:
         self.g = g
         self.name = name or g.elf.path.stem
         self._stop_cmd = stop
         self._park_stage = park_stage
         self._user_on_exit = on_exit
+        self._user_on_stop = on_stop
+        self._stopping = threading.Event()   # set by the one vCPU loop when the run starts ending
         self._vcpus = [_VcpuPark() for _ in g.vcpus]
         self._kick_park = False
         self._changed = threading.Condition()
@@ -67,13 +71,22 @@ class SteppedGuest:
         st.parked.set()
         with self._changed:
             self._changed.notify_all()
-        while not st.go.wait(0.05):
-            if self.stopping.is_set():
-                return
+        # go is cleared before stopping is checked: a stop after the check sets go (_on_stop).
+        if not self.stopping.is_set():
+            st.go.wait()
 
     def _on_sync(self, i: int, stage: int, args: tuple) -> None:
         if self._park_stage is None or stage == self._park_stage:
             self._park(i, Park(stage, args))
+
+    def _on_stop(self) -> None:
+        self._stopping.set()
+        for st in self._vcpus:   # a parked vCPU returns and its loop sees `stopping`
+            st.go.set()
+        with self._changed:
+            self._changed.notify_all()
+        if self._user_on_stop is not None:
+            self._user_on_stop()
 
     def _on_exit(self, i: int, ex: Exit) -> bool:
         if isinstance(ex, InterruptedExit):
@@ -87,8 +100,7 @@ class SteppedGuest:
     @property
     def stopping(self) -> threading.Event:
         """Set once the run is ending (a failure or close): blocking hooks must return."""
-        assert self._threads is not None, "start() first"
-        return self._threads.stopping
+        return self._stopping
 
     @property
     def parks(self) -> list[Park | None]:
@@ -102,7 +114,7 @@ class SteppedGuest:
 
     def start(self, timeout: float = 120.0) -> Park:
         """Start the vCPUs and wait until each has parked once; returns vCPU 0's park."""
-        self._threads = self.g.start(on_sync=self._on_sync, on_exit=self._on_exit)
+        self._threads = self.g.start(on_sync=self._on_sync, on_exit=self._on_exit, on_stop=self._on_stop)
         return self.wait_parked(timeout)
 
     def check(self) -> None:

@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 ExitHook = Callable[[int, Exit], bool]      # (vCPU, exit) -> True if handled (the loop runs on)
 SyncHook = Callable[[int, int, tuple], None]
 PrintHook = Callable[[int, str], None]
+StopHook = Callable[[], None]
 
 
 @dataclass
@@ -55,10 +56,11 @@ class VcpuThreads:
 
     def __init__(self, vcpus: Sequence, mem: PhysMemory, transport: UcallTransport,
                  symbolize: Callable[[int], str], *, on_sync: SyncHook | None = None,
-                 on_print: PrintHook | None = None, on_exit: ExitHook | None = None) -> None:
+                 on_print: PrintHook | None = None, on_exit: ExitHook | None = None,
+                 on_stop: StopHook | None = None) -> None:
         self.vcpus = list(vcpus)
         self._mem, self._transport, self._symbolize = mem, transport, symbolize
-        self._on_sync, self._on_print, self._on_exit = on_sync, on_print, on_exit
+        self._on_sync, self._on_print, self._on_exit, self._on_stop = on_sync, on_print, on_exit, on_stop
         self.stopping = threading.Event()
         self.result = RunResult()
         self.errors: list[BaseException] = []
@@ -78,10 +80,17 @@ class VcpuThreads:
     def running(self) -> bool:
         return any(t.is_alive() for t in self._threads)
 
+    def _set_stopping(self) -> None:
+        with self._lock:
+            first = not self.stopping.is_set()
+            self.stopping.set()
+        if first and self._on_stop is not None:
+            self._on_stop()
+
     def _fail(self, e: BaseException) -> None:
         with self._lock:
             self.errors.append(e)
-        self.stopping.set()
+        self._set_stopping()
 
     def _loop(self, i: int) -> None:
         vcpu = self.vcpus[i]
@@ -139,7 +148,7 @@ class VcpuThreads:
 
     def stop(self) -> None:
         """Stop every vCPU now: kick each until its thread has left KVM_RUN and joined."""
-        self.stopping.set()
+        self._set_stopping()
         for _ in range(100):
             alive = [i for i, t in enumerate(self._threads) if t.is_alive()]
             if not alive:

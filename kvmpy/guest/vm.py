@@ -42,7 +42,7 @@ from kvmpy.guest import programs
 from kvmpy.guest.elf import GuestElf
 from kvmpy.guest.errors import GuestTimeoutError
 from kvmpy.guest.ucall import MMIO, PORT_IO, UcallTransport
-from kvmpy.guest.vcpu_loop import ExitHook, PrintHook, RunResult, SyncHook, VcpuThreads
+from kvmpy.guest.vcpu_loop import ExitHook, PrintHook, RunResult, StopHook, SyncHook, VcpuThreads
 from kvmpy.kvm import Kvm
 from kvmpy.memory import PAGE_1G, PAGE_2M, PAGE_4K, Backing, Memslot
 from kvmpy.vcpu import Vcpu
@@ -220,7 +220,7 @@ class GuestVm:
 
     # -- running ----------------------------------------------------------------------
     def start(self, *, on_sync: SyncHook | None = None, on_print: PrintHook | None = None,
-              on_exit: ExitHook | None = None) -> VcpuThreads:
+              on_exit: ExitHook | None = None, on_stop: StopHook | None = None) -> VcpuThreads:
         """Start every vCPU on its own thread (the one vCPU loop, see :mod:`kvmpy.guest.vcpu_loop`).
 
         For drivers that watch the run themselves; a guest runs once.
@@ -228,7 +228,7 @@ class GuestVm:
         if self.threads is not None:
             raise KvmError("a GuestVm runs once: start()/run() was already called")
         self.threads = VcpuThreads(self.vcpus, self.vm, self.ucall, self.elf.symbolize,
-                                   on_sync=on_sync, on_print=on_print, on_exit=on_exit)
+                                   on_sync=on_sync, on_print=on_print, on_exit=on_exit, on_stop=on_stop)
         self.threads.start()
         return self.threads
 

@@ -19,17 +19,19 @@ import sys
 import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
-from typing import Callable, List, Tuple
+from typing import Callable, Dict, List, Tuple
 
 from kvmpy import faults
-from kvmpy.bed import matrix
+from kvmpy.bed import matrix, parallel
 from kvmpy.bed.machine import ConsolePrinter
 from kvmpy.bed.options import BedOptions
 from kvmpy.bed.protocol import BedError
-from kvmpy.bed.request import Job
+from kvmpy.bed.request import Job, megabytes
 from kvmpy.bed.testbed import Bed
+from kvmpy.selftest.junit import setting_properties
 from kvmpy.selftest.report import RunResults
 from kvmpy.selftest.runner import PYTEST_HARNESS_ERRORS, pytest_command
+from kvmpy.selftest.shard import Shard
 
 # 1 GiB huge-page tests need room for hugetlb pages inside the bed; the pools are
 # reserved at boot, when 1 GiB of contiguous memory is still there to be had.
@@ -99,13 +101,7 @@ def _results(config_label: str, row: matrix.Row) -> RunResults:
 
 def junit_with_setting(xml: bytes, label: str, setting: dict) -> bytes:
     """The JUnit document with what the configuration ran on as ``kvmpy.*`` testsuite properties."""
-    facts = setting.get("facts", {})
-    props = {"kvmpy.config": label, "kvmpy.summary": setting.get("summary", "")}
-    for key in ("kernel", "kernel_origin", "backend", "accel", "cpu", "cpu_model", "vendor_module"):
-        if facts.get(key):
-            props[f"kvmpy.{key}"] = str(facts[key])
-    props.update({f"kvmpy.param.{k}": str(v) for k, v in sorted(facts.get("params", {}).items())})
-    props.update({f"kvmpy.hugepages.{k}": str(v) for k, v in sorted(facts.get("hugepages", {}).items())})
+    props = setting_properties(label, setting)
     root = ET.fromstring(xml)
     for suite in root.iter("testsuite"):
         node = suite.find("properties")
@@ -121,19 +117,43 @@ def _note(msg: str) -> None:
     print(f"kvmpy bed: {msg}", file=sys.stderr, flush=True)
 
 
-def _prepare(args, log: Callable[[str], None]) -> List[Bed]:
-    """The beds (one per kernel of the matrix's kernel axis, else one), their options checked
-    first, then the guests built, then the kernels fetched."""
+def _beds(args, log: Callable[[str], None]) -> List[Bed]:
+    """The beds (one per kernel of the matrix's kernel axis, else one), their options checked;
+    nothing fetched or built yet."""
+    options = bed_options(args)
+    return [Bed(o, log=log) for o in (matrix.kernel_axis(options) if args.matrix else [options])]
+
+
+def _prepare(beds: List[Bed]) -> None:
+    """Build the guests, then fetch the kernels of ``beds``."""
     from kvmpy.guest import programs
 
-    options = bed_options(args)
-    beds = [Bed(o, log=log) for o in (matrix.kernel_axis(options) if args.matrix else [options])]
     # The bed sees the host's / read-only: guests must be built before it boots.
     if programs.source_root() is not None:
         programs.build()
     for bed in beds:
         bed.prepare()
-    return beds
+
+
+def row_id(bed: Bed, config: matrix.Config) -> str:
+    """A row of the run: ``qemu/6.12/tdp+split`` (backend, kernel, configuration), what --shard slices."""
+    return f"{bed.backend_class.name}/{_kernel_name(bed)}/{config.name}"
+
+
+def plan(args, log: Callable[[str], None] = _note) -> Tuple[List[Pair], Shard | None]:
+    """The (bed, configuration) pairs this run boots, and its shard (``--shard K/N``) if any.
+
+    BedError for bad bed options, ShardError for a shard with no rows; nothing fetched yet.
+    """
+    beds = _beds(args, log)
+    pairs: List[Pair] = [
+        (bed, config) for bed in beds
+        for config in (matrix.select_configs(bed.vendor) if args.matrix
+                       else [matrix.Config("params" if args.param else "default", {})])]
+    if not getattr(args, "shard", None):
+        return pairs, None
+    shard = Shard.select(args.shard, [row_id(b, c) for b, c in pairs])
+    return [(b, c) for b, c in pairs if row_id(b, c) in shard.rows], shard
 
 
 def suite_job(args, on_console: Callable[[str], None] | None = None) -> Job:
@@ -144,28 +164,33 @@ def suite_job(args, on_console: Callable[[str], None] | None = None) -> Job:
     return Job(["sh", "-c", script], env=faults.env(), on_console=on_console)
 
 
-def run(args, quiet: bool = False) -> List[RunResults]:
+def run(args, quiet: bool = False, pairs: List[Pair] | None = None) -> List[RunResults]:
     """Boot the bed once (or once per matrix configuration and kernel) and run the suite inside.
 
+    ``pairs``: what :func:`plan` chose (default: plan it here; a shard's rows only).
     With ``quiet`` (JSON or KTAP on stdout) pytest's lines from the bed go to stderr, like the
-    progress notes, and no matrix table is printed.
+    progress notes, and no matrix table is printed. ``args.jobs`` rows boot at once, as many
+    as this machine's CPUs and memory hold (:func:`kvmpy.bed.parallel.bound_jobs`).
     """
     from kvmpy.guest import programs
 
     log = _note
     try:
-        beds = _prepare(args, log)
-        pairs: List[Pair] = [
-            (bed, config) for bed in beds
-            for config in (matrix.select_configs(bed.vendor) if args.matrix
-                           else [matrix.Config("params" if args.param else "default", {})])]
+        if pairs is None:
+            pairs, _ = plan(args, log)
+        beds = list(dict.fromkeys(bed for bed, _ in pairs))
+        _prepare(beds)
     except (BedError, programs.GuestProgramError) as e:
         return [RunResults("bed", harness_error=str(e))]
-    job = suite_job(args, on_console=ConsolePrinter(False, sys.stderr if quiet else sys.stdout))
-    done: List[matrix.Row] = []
+    jobs = _jobs(args, pairs, log)
+    stream = sys.stderr if quiet else sys.stdout
+    # Several beds at once: one console echo each, its lines tagged with the row.
+    console = (lambda i: ConsolePrinter(False, stream, prefix=f"[{row_id(*pairs[i])}] ")) if jobs > 1 else None
+    job = suite_job(args, on_console=ConsolePrinter(False, stream))
+    done: Dict[int, matrix.Row] = {}
 
     def progress(i: int, n: int, row: matrix.Row) -> None:
-        done.append(row)
+        done[i - 1] = row
         log(row.progress_line(i, n))
         log(f"bed: {row.result.facts.summary()}")
         for why in row.result.dropped:
@@ -176,21 +201,37 @@ def run(args, quiet: bool = False) -> List[RunResults]:
 
     t0 = time.monotonic()
     log(f"bed: {'; '.join(b.describe() for b in beds)}, {len(pairs)} configuration(s)")
-    stopped = None
+    stopped: List[RunResults] = []
     try:
-        matrix.run_matrix(pairs, job, progress, name_rows=args.matrix)
+        matrix.run_matrix(pairs, job, progress, name_rows=args.matrix, jobs=jobs, console=console)
     except BedError as e:
         return [RunResults("bed", harness_error=str(e))]
     except KeyboardInterrupt as e:  # SIGINT, or SIGTERM/SIGHUP as the CLI raises them
-        stopped = _stopped_run(pairs, len(done), getattr(e, "signo", signal.SIGINT), args.matrix)
-    runs = [_finished_run(bed, row, args, len(beds) > 1, len(pairs) > 1) for (bed, _), row in zip(pairs, done)]
-    if stopped:
-        runs.append(stopped)
+        stopped = _stopped_runs(pairs, sorted(done), getattr(e, "running", None) or [],
+                                getattr(e, "signo", signal.SIGINT), args.matrix)
+    # JUnit files are named by the whole run's rows, so that a shard's are named as unsharded.
+    several_kernels = args.matrix and args.kernel is None and args.kernel_version is None
+    several_rows = args.matrix or len(pairs) > 1
+    runs = [_finished_run(pairs[i][0], done[i], args, several_kernels, several_rows) for i in sorted(done)]
+    runs += stopped
     if not quiet and args.matrix and done:
         kernels = ", ".join(b.kernel.release for b in beds if b.kernel)
-        print(matrix.format_table(done, f"bed matrix ({beds[0].backend_class.name}, kernel {kernels}, "
-                                        f"{time.monotonic() - t0:.0f}s)"))
+        print(matrix.format_table([done[i] for i in sorted(done)],
+                                  f"bed matrix ({beds[0].backend_class.name}, kernel {kernels}, "
+                                  f"{time.monotonic() - t0:.0f}s)"))
     return runs
+
+
+def _jobs(args, pairs: List[Pair], log: Callable[[str], None]) -> int:
+    """How many rows boot at once: ``--jobs``, bounded by CPUs, free memory and rows (said when it is)."""
+    asked = getattr(args, "jobs", None) or 1
+    if asked <= 1:
+        return 1
+    guest = max(megabytes(bed.options.mem) for bed, _ in pairs) << 20
+    jobs, why = parallel.bound_jobs(asked, len(pairs), guest, parallel.cpus(), parallel.available_memory())
+    if why:
+        log(why)
+    return jobs
 
 
 def _finished_run(bed: Bed, row: matrix.Row, args, several_kernels: bool, several_rows: bool) -> RunResults:
@@ -198,6 +239,7 @@ def _finished_run(bed: Bed, row: matrix.Row, args, several_kernels: bool, severa
     label = _label(bed, row.config, args.matrix)
     run = _results(label, row)
     run.bed = _setting(bed, row.config, row)
+    run.row = row_id(bed, row.config)
     if args.junit and "junit.xml" in row.result.files:
         path = Path(args.junit)
         if several_rows:
@@ -212,12 +254,20 @@ def _finished_run(bed: Bed, row: matrix.Row, args, several_kernels: bool, severa
     return run
 
 
-def _stopped_run(pairs: List[Pair], index: int, signo: int, in_matrix: bool) -> RunResults:
-    """The row saying which configuration a signal stopped, and what was left unrun."""
-    bed, config = pairs[index]
-    rest = [_label(b, c, in_matrix) for b, c in pairs[index + 1:]]
-    detail = "while this configuration ran in the bed: its results are lost"
-    if rest:
-        detail += f"; not run: {', '.join(rest)}"
-    return RunResults(_label(bed, config, in_matrix), interrupted=signo, stop_detail=detail,
-                      bed=_setting(bed, config, None))
+def _stopped_runs(pairs: List[Pair], finished: List[int], running: List[int], signo: int,
+                  in_matrix: bool) -> List[RunResults]:
+    """A row for each configuration a signal stopped, the last saying what was left unrun."""
+    left = [i for i in range(len(pairs)) if i not in finished]
+    if not left:
+        return [RunResults("bed", interrupted=signo, stop_detail="after every configuration had finished")]
+    running = running or left[:1]
+    rest = [_label(*pairs[i], in_matrix) for i in left if i not in running]
+    out = []
+    for n, i in enumerate(running):
+        bed, config = pairs[i]
+        detail = "while this configuration ran in the bed: its results are lost"
+        if rest and n == len(running) - 1:
+            detail += f"; not run: {', '.join(rest)}"
+        out.append(RunResults(_label(bed, config, in_matrix), interrupted=signo, stop_detail=detail,
+                              bed=_setting(bed, config, None), row=row_id(bed, config)))
+    return out

@@ -35,6 +35,15 @@ def signal_name(signo: int) -> str:
         return f"signal {signo}"
 
 
+def signal_number(name: str) -> int:
+    """The inverse of :func:`signal_name` (0 for '')."""
+    if not name:
+        return 0
+    if name.startswith("signal "):
+        return int(name.split()[1])
+    return int(signal.Signals[name])
+
+
 def exit_for_signal(signo: int) -> int:
     """The exit status of a run stopped by ``signo``."""
     return EXIT_SIGNAL_BASE + signo
@@ -58,6 +67,8 @@ class RunResults:
     # Inside the bed: what the configuration ran on -- {"summary": one line, "requested_params": {...},
     # "facts": kernel, backend, cpu, vendor_module, params, hugepages}; {} on the host.
     bed: dict = field(default_factory=dict)
+    # Inside the bed: the row of the run this configuration is (``qemu/6.12/tdp+split``, see --shard).
+    row: str = ""
 
     @classmethod
     def from_json(cls, config: str, text: str) -> "RunResults":
@@ -195,12 +206,22 @@ def format_ktap(runs: list[RunResults]) -> str:
     return "\n".join(out) + "\n"
 
 
-def to_json(header: dict, runs: list[RunResults]) -> str:
+def to_json(header: dict, runs: list[RunResults], extra: dict | None = None) -> str:
+    """The report as JSON; ``extra`` adds top-level keys (a shard's ``shard``, see kvmpy.selftest.shard)."""
     return json.dumps({
         "host": header,
         "exit_status": exit_status(runs),
-        "runs": [{"config": r.config, "exitstatus": r.exitstatus, "harness_error": r.harness_error,
-                  "interrupted": signal_name(r.interrupted) if r.interrupted else "",
-                  "collected": r.collected, "seconds": r.seconds, **({"bed": r.bed} if r.bed else {}),
-                  "tests": r.tests} for r in runs],
+        **(extra or {}),
+        "runs": [{"config": r.config, **({"row": r.row} if r.row else {}), "exitstatus": r.exitstatus,
+                  "harness_error": r.harness_error, "interrupted": signal_name(r.interrupted) if r.interrupted else "",
+                  "stop_detail": r.stop_detail, "collected": r.collected, "seconds": r.seconds,
+                  **({"bed": r.bed} if r.bed else {}), "tests": r.tests} for r in runs],
     }, indent=1)
+
+
+def runs_from_json(doc: dict) -> list[RunResults]:
+    """The runs of a report :func:`to_json` wrote (KeyError/TypeError/ValueError if it is not one)."""
+    return [RunResults(r["config"], list(r["tests"]), r.get("exitstatus"), r.get("harness_error", ""),
+                       r.get("seconds", 0.0), signal_number(r.get("interrupted", "")), r.get("collected"),
+                       r.get("stop_detail", ""), dict(r.get("bed", {})), r.get("row", ""))
+            for r in doc["runs"]]
