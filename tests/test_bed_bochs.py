@@ -196,6 +196,18 @@ def test_make_iso_merges_grafts_and_is_bootable(tmp_path):
     assert "/isolinux/isolinux.bin" in listing and "/etc/x" in listing
 
 
+def test_a_machine_stopped_in_bochss_debugger_is_reported_not_waited_for():
+    """Bochs (built with its debugger) stops at its prompt on a triple fault instead of exiting:
+    seen in CI as a boot that sat idle until its timeout.  The pty line says so at once."""
+    from kvmpy.bed.bochs import debugger_stop
+    start = (b'Bochs connected to screen "/dev/pts/1"\nNext at t=0\n'
+             b"(0) [0x0000fffffff0] f000:fff0 (unk. ctxt): jmpf 0xf000:e05b          ; ea5be000f0\n")
+    assert debugger_stop(start) is None
+    why = debugger_stop(start + b"(0).[10718293409] ??? (physical address not available)\n<bochs:2> ")
+    assert why and "instruction 10718293409" in why and "triple fault" in why
+    assert why.endswith("(0).[10718293409] ??? (physical address not available)")
+
+
 # -- integration: boots Bochs ---------------------------------------------
 
 VMX_PROBE = r"""

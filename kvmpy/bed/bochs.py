@@ -79,6 +79,22 @@ RESULTS_BEGIN = f"{MARKER} files-begin"
 RESULTS_END = f"{MARKER} files-end"
 # After the exit marker the machine powers off; Bochs needs a moment.
 POWEROFF_GRACE = 30.0
+# Bochs, built with its debugger, does not exit when it stops the machine (a triple fault,
+# with reset_on_triple_fault=0, or an emulator error): it prints "(cpu).[instruction count]
+# <next instruction>" on its pty and waits at the prompt.  Its start-up break prints
+# "(0) [...]" instead, before the rc file's "c" lets it run.
+DEBUGGER_STOP = re.compile(rb"^\((\d+)\)\.\[(\d+)\]", re.M)
+
+
+def debugger_stop(pty_output: bytes) -> Optional[str]:
+    """Why Bochs's debugger stopped the machine, from its pty output; None while it runs."""
+    m = DEBUGGER_STOP.search(pty_output)
+    if m is None:
+        return None
+    where = pty_output[m.start():].splitlines()[0].decode(errors="replace").strip()
+    return (f"Bochs stopped the emulated machine at instruction {int(m.group(2))} and entered its "
+            f"debugger (a triple fault of the bed's kernel, or an emulator error; "
+            f"reset_on_triple_fault=0): {where}")
 
 #: The payload the shared init sources (it sets $status).  The command runs
 #: chrooted into the carried root (the initramfs itself or the disc), which
@@ -333,7 +349,7 @@ class BochsBackend(Backend):
             (tmp / "debugger.rc").write_text("c\n")
             argv = ["script", "-q", "-e", "-c",
                     f"{shlex.quote(self.bochs)} -q -f {rc} -rc {tmp / 'debugger.rc'}", "/dev/null"]
-            console, boot, timed_out, pid = _run_machine(argv, serial, request, start, tmp)
+            console, boot, timed_out, pid, stopped = _run_machine(argv, serial, request, start, tmp)
             # A configuration error panics before bochs.log is open; then only the pty saw it.
             bochs_log = "".join(p.read_text(errors="replace") for p in (tmp / "bochs.log", tmp / "bochs.out")
                                 if p.exists())
@@ -341,6 +357,8 @@ class BochsBackend(Backend):
         result.files, result.kernel_log, result.dropped = extract_files(console)
 
         def why_no_status() -> str:
+            if stopped:
+                return f"{stopped}; last console line: {_last_line(console)}"
             panic = [line for line in bochs_log.splitlines() if "PANIC" in line and "power off" not in line]
             return panic[-1].strip() if panic else boot_failure(console)
 
@@ -350,10 +368,12 @@ class BochsBackend(Backend):
 def _run_machine(argv: List[str], serial: Path, request: BedRequest, start: float, cwd: Path):
     """Run Bochs under ``script``, follow the serial file, kill on timeout.
 
-    Returns (console text, seconds to 'ready' or None, timed_out, pid).
+    Returns (console text, seconds to 'ready' or None, timed_out, pid, why Bochs's debugger
+    stopped the machine or None).
     """
     deadline = start + request.timeout
-    with open(cwd / "bochs.out", "wb") as out:
+    pty_out, pty_seen, stopped = cwd / "bochs.out", 0, None
+    with open(pty_out, "wb") as out:
         # script dies with us; Bochs gets SIGHUP when its pty closes
         proc = start_machine(argv, stdout=out, stderr=subprocess.STDOUT, cwd=cwd)
     # The base64 block of result files is not console output worth echoing.
@@ -374,8 +394,19 @@ def _run_machine(argv: List[str], serial: Path, request: BedRequest, start: floa
                 if now >= deadline:
                     timed_out = log.exit_seen_at is None
                     break
+                size = pty_out.stat().st_size
+                if size != pty_seen and log.exit_seen_at is None:
+                    pty_seen = size
+                    stopped = debugger_stop(pty_out.read_bytes())
+                    if stopped:
+                        break
                 time.sleep(0.1)
             log.feed(f.read())
     finally:
         kill_machine(proc)
-    return log.text(), log.boot, timed_out, proc.pid
+    return log.text(), log.boot, timed_out, proc.pid, stopped
+
+
+def _last_line(console: str) -> str:
+    lines = [line for line in console.splitlines() if line.strip()]
+    return lines[-1].strip()[:200] if lines else "(none)"
