@@ -77,12 +77,9 @@ DISC_MODULES = ("ata_piix", "sr_mod", "isofs")
 PAYLOADS = ("initramfs", "disc")
 RESULTS_BEGIN = f"{MARKER} files-begin"
 RESULTS_END = f"{MARKER} files-end"
-# After the exit marker the machine powers off; Bochs needs a moment.
-POWEROFF_GRACE = 30.0
-# Bochs, built with its debugger, does not exit when it stops the machine (a triple fault,
-# with reset_on_triple_fault=0, or an emulator error): it prints "(cpu).[instruction count]
-# <next instruction>" on its pty and waits at the prompt.  Its start-up break prints
-# "(0) [...]" instead, before the rc file's "c" lets it run.
+POWEROFF_GRACE = 30.0         # after the exit marker the machine powers off; Bochs needs a moment
+# Bochs with its debugger stops the machine at its prompt, printing "(cpu).[instruction count]"
+# (its start-up break prints "(0) [...]"), on a triple fault or an emulator error.
 DEBUGGER_STOP = re.compile(rb"^\((\d+)\)\.\[(\d+)\]", re.M)
 
 
@@ -92,9 +89,8 @@ def debugger_stop(pty_output: bytes) -> Optional[str]:
     if m is None:
         return None
     where = pty_output[m.start():].splitlines()[0].decode(errors="replace").strip()
-    return (f"Bochs stopped the emulated machine at instruction {int(m.group(2))} and entered its "
-            f"debugger (a triple fault of the bed's kernel, or an emulator error; "
-            f"reset_on_triple_fault=0): {where}")
+    return (f"Bochs stopped the emulated machine at instruction {int(m.group(2))} and entered its debugger "
+            f"(a triple fault of the bed's kernel, or an emulator error; reset_on_triple_fault=0): {where}")
 
 #: The payload the shared init sources (it sets $status).  The command runs
 #: chrooted into the carried root (the initramfs itself or the disc), which
@@ -358,7 +354,7 @@ class BochsBackend(Backend):
 
         def why_no_status() -> str:
             if stopped:
-                return f"{stopped}; last console line: {_last_line(console)}"
+                return f"{stopped}; {boot_failure(console)}"
             panic = [line for line in bochs_log.splitlines() if "PANIC" in line and "power off" not in line]
             return panic[-1].strip() if panic else boot_failure(console)
 
@@ -368,8 +364,7 @@ class BochsBackend(Backend):
 def _run_machine(argv: List[str], serial: Path, request: BedRequest, start: float, cwd: Path):
     """Run Bochs under ``script``, follow the serial file, kill on timeout.
 
-    Returns (console text, seconds to 'ready' or None, timed_out, pid, why Bochs's debugger
-    stopped the machine or None).
+    Returns (console text, seconds to 'ready' or None, timed_out, pid, why Bochs stopped or None).
     """
     deadline = start + request.timeout
     pty_out, pty_seen, stopped = cwd / "bochs.out", 0, None
@@ -394,19 +389,12 @@ def _run_machine(argv: List[str], serial: Path, request: BedRequest, start: floa
                 if now >= deadline:
                     timed_out = log.exit_seen_at is None
                     break
-                size = pty_out.stat().st_size
-                if size != pty_seen and log.exit_seen_at is None:
-                    pty_seen = size
-                    stopped = debugger_stop(pty_out.read_bytes())
-                    if stopped:
+                if log.exit_seen_at is None and pty_out.stat().st_size != pty_seen:
+                    pty_seen = pty_out.stat().st_size
+                    if stopped := debugger_stop(pty_out.read_bytes()):
                         break
                 time.sleep(0.1)
             log.feed(f.read())
     finally:
         kill_machine(proc)
     return log.text(), log.boot, timed_out, proc.pid, stopped
-
-
-def _last_line(console: str) -> str:
-    lines = [line for line in console.splitlines() if line.strip()]
-    return lines[-1].strip()[:200] if lines else "(none)"
