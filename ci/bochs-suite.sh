@@ -8,12 +8,12 @@
 # that would kick it never runs and the boot hangs to its timeout. They pass on this host and
 # in the QEMU bed, with 1 or 2 CPUs.
 #
-# Bochs 2.7 once stopped its machine in its debugger in the middle of this boot (2026-11-30:
-# 1 of 3 boots of this selection, during test_l1_npt_ept_writes_unsync_nested_shadow_pages[vmx],
-# which passed alone 2 of 2 times and in the other 2 boots; no console output, so a triple fault
-# of the bed's kernel or an emulator error -- cause not known). Such a boot tested nothing after
-# that point: it is a harness error (exit 2), printed in full here, and the boot runs once more.
-# Any other failure, and a second stop, fail the step.
+# Bochs 2.7 stopped its machine in its debugger in 3 of 3 boots that shared the 2 cores with
+# two QEMU emulators (2026-11-30; twice at instruction ~10,718,300,000, in different tests; no
+# console output: a triple fault of the bed's kernel or an emulator error, cause not known), and
+# in none of 4 with at most one emulator per core, so .ci/run runs it alone. A boot that stops
+# tested nothing after that point: it is a harness error (exit 2), printed in full here, and
+# the boot runs once more. Any other failure, and a second stop, fail the step.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 select='(guest_runtime or (nested and vmx)) and not test_timeout_stops_the_vcpu and not test_vcpu_waiting_forever'
