@@ -13,6 +13,9 @@ known to be observable, "not observable" is a failure.
     scale          the size multiplier (--kvmpy-scale N or KVMPY_SCALE)
     cpl            the privilege level (0 or 3) of the test's guest: the test runs once per
                    level at which the MMU probe sees SPTEs (selftests/privilege.py)
+    writer_cpl     the privilege level of a dirty-log writer: the lowest that runs natively;
+                   with @pytest.mark.every_write_path, each level whose writes reach the
+                   dirty log by a different path in KVM (native, emulated)
     mmu            guest accesses (at ``cpl`` if the test asks for it, else CPL0) create
                    SPTEs the pages_* stats count; the MmuFlavour (TDP MMU, shadow MMU
                    over TDP, shadow paging) new VMs get
@@ -60,9 +63,17 @@ def scale(request: pytest.FixtureRequest) -> int:
     return value
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "every_write_path: run at every privilege.write_levels() level")
+
+
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "cpl" in metafunc.fixturenames:
         metafunc.parametrize("cpl", privilege.levels(), ids=privilege.CPL_IDS.get)
+    if "writer_cpl" in metafunc.fixturenames:
+        every = metafunc.definition.get_closest_marker("every_write_path") is not None
+        levels = privilege.write_levels() if every else (privilege.writer_level(),)
+        metafunc.parametrize("writer_cpl", levels, ids=privilege.CPL_IDS.get)
 
 
 def _cpl(request: pytest.FixtureRequest) -> int:

@@ -6,8 +6,11 @@ vCPUs park at a GUEST_SYNC, the host collects once more and checks every page:
 changed => reported (no false negatives, ever), reported => changed (except the
 documented races), never written => never reported.
 
-Sizes suit this machine's emulated guests (the file runs in well under two
-minutes); ``--kvmpy-scale N`` (or KVMPY_SCALE=N) multiplies them for real hardware.
+The writer runs at the lowest privilege level that runs natively (``writer_cpl``:
+CPL3 on kvm_pvm, whose ring 0 is instruction-emulated), so its writes reach the
+log through KVM's MMU; the dirty ring's limit tests run with emulated writes too
+where there are any (selftests/privilege.py). Sizes suit an emulated test bed;
+``--kvmpy-scale N`` (or KVMPY_SCALE=N) multiplies them for real hardware.
 """
 from __future__ import annotations
 
@@ -23,15 +26,18 @@ from kvmpy.dirtylog import (MODE_NAMES, DirtyLogMismatch, DirtyWriterVm, RoundPl
 from kvmpy.memory import PAGE_2M, PAGE_4K, backing_by_name
 from kvmpy.x86 import cpu
 
+from .privilege import WritePath
+
 BACKINGS = ("anonymous", "thp", "hugetlb-2M")
 TEST_GPA = 1 << 30
 
 
-def make_writer(mode: str, slots, *, backing: str = "anonymous", ring_bytes: int = 65536,
+def make_writer(mode: str, cpl: int, slots, *, backing: str = "anonymous", ring_bytes: int = 65536,
                 chunk: int | None = None, **kw) -> DirtyWriterVm:
-    """A DirtyWriterVm for ``mode`` (a missing capability or backing is a skip, like everywhere)."""
+    """A DirtyWriterVm for ``mode`` writing at ``cpl`` (a missing capability or backing is a
+    skip, like everywhere)."""
     return DirtyWriterVm(collector_by_name(mode, ring_bytes=ring_bytes, chunk=chunk), slots,
-                         backing=backing_by_name(backing), label=f"{mode}-{backing}", **kw)
+                         backing=backing_by_name(backing), label=f"{mode}-{backing}", user_mode=cpl == 3, **kw)
 
 
 def run_rounds(d: DirtyWriterVm, rounds: int, plan: RoundPlan) -> list[dict[int, RoundReport]]:
@@ -43,11 +49,12 @@ def run_rounds(d: DirtyWriterVm, rounds: int, plan: RoundPlan) -> list[dict[int,
 # -- the mode x backing matrix ------------------------------------------------------------
 @pytest.mark.parametrize("backing", BACKINGS)
 @pytest.mark.parametrize("mode", MODE_NAMES)
-def test_dirty_log(mode, backing, scale):
+def test_dirty_log(mode, backing, writer_cpl, scale):
     """Random writes, concurrent collection every few ms, page-exact check per round."""
     npages = 2048 * scale  # 8 MiB: whole 2M pages for THP/hugetlb
-    with make_writer(mode, [SlotSpec(1, TEST_GPA, npages)], backing=backing) as d:
-        reports = run_rounds(d, 6 * scale, RoundPlan(min_writes=3000 * scale, collect_every=0.005))
+    with make_writer(mode, writer_cpl, [SlotSpec(1, TEST_GPA, npages)], backing=backing) as d:
+        reports = run_rounds(d, 6 * scale, RoundPlan(min_writes=3000 * scale, collect_every=0.005,
+                                                     min_collections=4))
         # Collected while the guest wrote: in every round some page was reported, written
         # again (the log re-armed in between) and reported again by a later collection.
         rereported = [r[1].rereported for r in reports]
@@ -55,10 +62,10 @@ def test_dirty_log(mode, backing, scale):
 
 
 @pytest.mark.parametrize("mode", MODE_NAMES)
-def test_every_page_written(mode, scale):
+def test_every_page_written(mode, writer_cpl, scale):
     """stride 1: each round every page is written first; all of them must be reported."""
     npages = 1024 * scale
-    with make_writer(mode, [SlotSpec(1, TEST_GPA, npages)], stride=1) as d:
+    with make_writer(mode, writer_cpl, [SlotSpec(1, TEST_GPA, npages)], stride=1) as d:
         for _ in range(3 * scale):
             reports = d.run_round(RoundPlan(min_writes=npages + 100, collect_every=0.005))
             assert reports[1].changed == npages and reports[1].reported == npages, reports[1]
@@ -87,22 +94,22 @@ def written_then_clean(d: DirtyWriterVm, rounds: int, clean_from: int, plan: Rou
 
 
 @pytest.mark.parametrize("mode", MODE_NAMES)
-def test_slot_not_multiple_of_64_pages(mode, scale):
+def test_slot_not_multiple_of_64_pages(mode, writer_cpl, scale):
     """1027 pages: the last bitmap word is partial. The 3 tail pages must be logged when
     written, and cleared with the rest: in rounds that leave them alone, never reported."""
     npages = 1024 * scale + 3
-    with make_writer(mode, [SlotSpec(1, TEST_GPA, npages)], stride=1) as d:
+    with make_writer(mode, writer_cpl, [SlotSpec(1, TEST_GPA, npages)], stride=1) as d:
         written_then_clean(d, 4, npages - 3, RoundPlan(min_writes=npages + 200, collect_every=0.005))
 
 
 @pytest.mark.parametrize("mode", MODE_NAMES)
-def test_slot_at_high_gpa(kvm, mode, scale):
+def test_slot_at_high_gpa(kvm, mode, writer_cpl, scale):
     """The test slot ends at the top of the guest physical address space; its last page,
     the highest GPA there is, is written and must be logged every round."""
     bits = cpu.phys_bits(kvm.supported_cpuid())
     npages = 1024 * scale
     gpa = (1 << bits) - npages * PAGE_4K
-    with make_writer(mode, [SlotSpec(1, gpa, npages)], stride=1) as d:
+    with make_writer(mode, writer_cpl, [SlotSpec(1, gpa, npages)], stride=1) as d:
         print(f"slot at GPA {gpa:#x} ({bits}-bit guest physical addresses)")
         for r in range(4):
             d.run_round(RoundPlan(min_writes=2000 * scale, collect_every=0.005))
@@ -111,7 +118,7 @@ def test_slot_at_high_gpa(kvm, mode, scale):
 
 
 @pytest.mark.parametrize("mode", MODE_NAMES)
-def test_several_slots_logging_on_some(mode, scale):
+def test_several_slots_logging_on_some(mode, writer_cpl, scale):
     """Slots 1 and 3 logged, 2 and 4 not, contiguous in GPA and GVA; the guest writes all four.
 
     Logged slots are checked page by page; unlogged ones are written (their stamps
@@ -121,7 +128,7 @@ def test_several_slots_logging_on_some(mode, scale):
     specs = [SlotSpec(1, TEST_GPA, n), SlotSpec(2, TEST_GPA + n * PAGE_4K, n + 3, logged=False),
              SlotSpec(3, TEST_GPA + (2 * n + 3) * PAGE_4K, n + 61),
              SlotSpec(4, TEST_GPA + (3 * n + 64) * PAGE_4K, n, logged=False)]
-    with make_writer(mode, specs) as d:
+    with make_writer(mode, writer_cpl, specs) as d:
         unlogged = {spec.slot: ms for spec, ms in d.slots if not spec.logged}
         before = {s: read_stamps(ms.view) for s, ms in unlogged.items()}
         run_rounds(d, 4, RoundPlan(min_writes=3000 * scale, collect_every=0.005))
@@ -137,7 +144,7 @@ def test_several_slots_logging_on_some(mode, scale):
 
 
 @pytest.mark.parametrize("mode", MODE_NAMES)
-def test_toggle_logging_while_guest_runs(mode, scale):
+def test_toggle_logging_while_guest_runs(mode, writer_cpl, scale):
     """Turn KVM_MEM_LOG_DIRTY_PAGES off and on again while the vCPU writes.
 
     Each round starts with a stamp whose writes may be lost (logging goes off
@@ -164,7 +171,9 @@ def test_toggle_logging_while_guest_runs(mode, scale):
             d.collect()
             time.sleep(0.002)
 
-    with make_writer(mode, [SlotSpec(1, TEST_GPA, npages)]) as d:
+    # Paced by an exit per 4 writes: a native writer would rewrite every page between the host's
+    # steps, leaving no write of the logging-off phase to show.
+    with make_writer(mode, writer_cpl, [SlotSpec(1, TEST_GPA, npages)], sync_every=4) as d:
         for _ in range(4):
             r = d.run_round(RoundPlan(min_writes=1000, collect_every=0.005, during=toggle, must_report=False))[1]
             if d.collector.initially_set:
@@ -199,17 +208,17 @@ def test_clear_dirty_log_alignment_errnos(kvm):
 
 
 @pytest.mark.parametrize("mode", ["clear-log", "clear-log-initially-set"])
-def test_clear_dirty_log_in_64_page_chunks(mode, scale):
+def test_clear_dirty_log_in_64_page_chunks(mode, writer_cpl, scale):
     """CLEAR in 64-page calls, the last one (3 pages) unaligned but ending at the slot end:
     every call must clear its pages (rounds that write only the first half show the rest clean)."""
     npages = 1024 * scale + 3
-    with make_writer(mode, [SlotSpec(1, TEST_GPA, npages)], chunk=64, stride=1) as d:
+    with make_writer(mode, writer_cpl, [SlotSpec(1, TEST_GPA, npages)], chunk=64, stride=1) as d:
         written_then_clean(d, 4, npages // 2 // 64 * 64, RoundPlan(min_writes=npages + 500, collect_every=0.005))
 
 
 @pytest.mark.parametrize("resumes", [0, 1], ids=["reset-first", "reentered-unreset"])
 @pytest.mark.parametrize("mode", ["dirty-ring", "dirty-ring-plain"])
-def test_dirty_ring_full(mode, resumes, scale):
+def test_dirty_ring_full(mode, resumes, writer_cpl, scale):
     """A 4 KiB ring (256 entries) fills again and again: the vCPU exits with
     KVM_EXIT_DIRTY_RING_FULL, resumes only after harvest + reset, and nothing is lost.
 
@@ -217,8 +226,11 @@ def test_dirty_ring_full(mode, resumes, scale):
     upstream's dirty_log_test can after a stray wakeup); KVM must exit again
     without running the guest into the full ring."""
     npages = 2048 * scale
-    with make_writer(mode, [SlotSpec(1, TEST_GPA, npages)], ring_bytes=4096, ring_full_resumes=resumes) as d:
+    with make_writer(mode, writer_cpl, [SlotSpec(1, TEST_GPA, npages)], ring_bytes=4096,
+                     ring_full_resumes=resumes) as d:
+        path = WritePath(d.g.vcpus, writer_cpl)
         run_rounds(d, 5, RoundPlan(min_writes=4000 * scale, collect_every=None))
+        print(path.check(d.writes()))
         print(f"{d.ring_full_exits} KVM_EXIT_DIRTY_RING_FULL exits, {d.collector.harvested} entries harvested, "
               f"{d.unreset_reentries} re-entries before a reset, {d.refused_reentries} of them refused")
         assert d.ring_full_exits >= 5, f"only {d.ring_full_exits} ring-full exits: the ring never filled"
@@ -230,17 +242,17 @@ def test_dirty_ring_full(mode, resumes, scale):
 
 
 @pytest.mark.parametrize("mode", MODE_NAMES)
-def test_two_vcpus_overlapping_pages(mode, scale):
+def test_two_vcpus_overlapping_pages(mode, writer_cpl, scale):
     """Two vCPUs write random pages of the same small range (many pages hit by both)."""
     npages = 512 * scale
-    with make_writer(mode, [SlotSpec(1, TEST_GPA, npages)], nr_vcpus=2) as d:
+    with make_writer(mode, writer_cpl, [SlotSpec(1, TEST_GPA, npages)], nr_vcpus=2) as d:
         run_rounds(d, 5, RoundPlan(min_writes=2000 * scale, collect_every=0.005))
         per_vcpu = [d.g.read_global("nr_writes", offset=8 * i) for i in range(2)]
         assert all(n > 100 for n in per_vcpu), f"a vCPU barely ran: writes per vCPU {per_vcpu}"
 
 
 @pytest.mark.parametrize("mode", MODE_NAMES)
-def test_rounds_ended_by_kick(mode, scale):
+def test_rounds_ended_by_kick(mode, writer_cpl, scale):
     """Like upstream dirty_log_test: each round ends by kicking the vCPU out of
     KVM_RUN wherever it is -- kicked again until it stops between loading its stamp
     and storing it, so every round leaves a store in flight. That store retires after
@@ -248,7 +260,7 @@ def test_rounds_ended_by_kick(mode, scale):
     npages = 2048 * scale
     rounds = 8 * scale
     # Runs of 8 pages by a 5-instruction store loop: kicks soon catch a store in flight.
-    with make_writer(mode, [SlotSpec(1, TEST_GPA, npages)], random_run=8) as d:
+    with make_writer(mode, writer_cpl, [SlotSpec(1, TEST_GPA, npages)], random_run=8) as d:
         reports = run_rounds(d, rounds, RoundPlan(min_writes=2000 * scale, collect_every=0.005, end_by_kick=True,
                                                   mid_store=True))
         assert d.pending_stores == rounds, f"{d.pending_stores} of {rounds} rounds ended with a store in flight"
@@ -256,15 +268,17 @@ def test_rounds_ended_by_kick(mode, scale):
         assert late == [1] * (rounds - 1), f"stores left in flight, logged in the next round: {late}"
 
 
-def test_checker_catches_a_dropped_page_on_real_kvm(scale):
+def test_checker_catches_a_dropped_page_on_real_kvm(writer_cpl, scale):
     """End to end: a collector that drops one reported page must make the check fail."""
-    with make_writer("dirty-log", [SlotSpec(1, TEST_GPA, 512)]) as d, faults.injected("collector-drops-page"):
+    with (make_writer("dirty-log", writer_cpl, [SlotSpec(1, TEST_GPA, 512)]) as d,
+          faults.injected("collector-drops-page")):
         with pytest.raises(DirtyLogMismatch, match="false negative"):
             d.run_round(RoundPlan(min_writes=500, collect_every=None))
 
 
+@pytest.mark.every_write_path
 @pytest.mark.parametrize("mode", ["dirty-ring", "dirty-ring-plain"])
-def test_dirty_ring_full_1g_slot(mode, scale):
+def test_dirty_ring_full_1g_slot(mode, writer_cpl, scale):
     """Upstream dirty_log_test's sizes: a 1 GiB slot (262144 pages), a 1 MiB ring
     (65536 entries, soft limit 65472), harvested only after KVM_EXIT_DIRTY_RING_FULL.
 
@@ -280,8 +294,9 @@ def test_dirty_ring_full_1g_slot(mode, scale):
     pages are checked."""
     npages = 262144
     ring_entries = 65536
-    with make_writer(mode, [SlotSpec(1, TEST_GPA, npages)], ring_bytes=ring_entries * 16, stride=1,
+    with make_writer(mode, writer_cpl, [SlotSpec(1, TEST_GPA, npages)], ring_bytes=ring_entries * 16, stride=1,
                      burst=4096, page_size=PAGE_2M) as d:
+        path = WritePath(d.g.vcpus, writer_cpl)
         # Four rounds: on kvm_pvm the overfill depends on timing (the ACQ_REL variant
         # passed ~1 run in 10 with two rounds); a KVM that loses nothing passes them all.
         for _ in range(4 * scale):
@@ -291,6 +306,7 @@ def test_dirty_ring_full_1g_slot(mode, scale):
             d.run_round(RoundPlan(min_writes=2 * ring_entries + 8192, collect_every=None, end_by_kick=True,
                                   stall_time=3.0, max_time=600))
         print("\n".join(d.round_log))
+        print(path.check(d.writes()))
         print(d.ring_summary())
         assert d.ring_full_exits >= 4, f"only {d.ring_full_exits} ring-full exits: the ring never filled"
         whole = [h for h in d.collector.harvests if h[2] >= ring_entries]

@@ -59,11 +59,11 @@ WARN_RESET = ("WARNING: CPU: 1 PID: 4301 at arch/x86/kvm/../../../virt/kvm/dirty
 
 # test id -> (failures it excuses, neighbouring failures it must not excuse, splats it names, splats it must not)
 CASES = {
-    "test_dirty_log.py::test_dirty_ring_full_1g_slot[dirty-ring-plain]": (
+    "test_dirty_log.py::test_dirty_ring_full_1g_slot[cpl0-dirty-ring-plain]": (
         [OVERWRITE, STORM, STORM_FUTILE, WHOLE_NOTHING_LOST],
         [LOSSY_COLLECTOR, LOSSY_STALLED, LOSSY_STALLED_FUTILE, NEVER_FILLED, NOT_RESET, STALL_NOTHING_LOST],
         [WARN_PUSH], [WARN_RESET]),
-    "test_dirty_log.py::test_dirty_ring_full_1g_slot[dirty-ring]": (
+    "test_dirty_log.py::test_dirty_ring_full_1g_slot[cpl0-dirty-ring]": (
         [OVERWRITE, STORM, STORM_FUTILE, WHOLE_NOTHING_LOST],
         [LOSSY_COLLECTOR, LOSSY_STALLED, LOSSY_STALLED_FUTILE, NEVER_FILLED, NOT_RESET, STALL_NOTHING_LOST],
         [WARN_PUSH], [WARN_RESET]),

@@ -17,13 +17,17 @@ from kvmpy.errors import KvmError
 if TYPE_CHECKING:
     from kvmpy.dirtylog.writer import DirtyWriterVm
 
+PROGRESS_POLL = 0.05   # seconds between progress checks of a round that collects only on demand
+
 
 @dataclass(frozen=True)
 class RoundPlan:
     """How one round runs.
 
     ``min_writes``/``min_time``: the guest writes at least that much before the
-    round ends; ``max_time``: a round taking longer fails (no guest progress).
+    round ends; ``min_collections``: and the host collected at least that often while
+    it wrote (a native writer makes thousands of writes between two collections);
+    ``max_time``: a round taking longer fails (no guest progress).
     ``collect_every`` seconds between concurrent collections; None collects while
     the guest runs only when a ring is full.
     ``during(writer)`` runs on the host thread once the guest has done half its writes.
@@ -52,6 +56,7 @@ class RoundPlan:
 
     min_writes: int = 200
     min_time: float = 0.0
+    min_collections: int = 0
     collect_every: float | None = 0.01
     max_time: float = 30.0
     during: Callable[["DirtyWriterVm"], None] | None = None
@@ -78,6 +83,7 @@ def run_round(d: "DirtyWriterVm", plan: RoundPlan) -> dict[int, RoundReport]:
     ran_during = plan.during is None
     must = plan.must_report
     last_seen, last_progress, stalled = None, start, ""
+    collected = 0
     while True:
         d.guest.check()
         now = time.monotonic()
@@ -97,16 +103,20 @@ def run_round(d: "DirtyWriterVm", plan: RoundPlan) -> dict[int, RoundReport]:
             ran_during = True
             must = True   # `during` is over: from now on every write must be logged
             continue
-        if ran_during and n >= plan.min_writes and now - start >= plan.min_time:
+        if (ran_during and n >= plan.min_writes and now - start >= plan.min_time
+                and collected >= plan.min_collections):
             break
         if now - start > plan.max_time:
             raise KvmError(f"{d.label}: round {d.stamp}: only {n} guest writes in {plan.max_time:g} s "
                            f"(wanted {plan.min_writes}): is the guest making progress?")
         if plan.collect_every is None:
-            if d.harvest_needed.wait(0.005):
+            # Woken at once by a full ring; otherwise the progress checks need no finer steps
+            # (in a test bed every poll takes CPU from the guest it waits for).
+            if d.harvest_needed.wait(PROGRESS_POLL):
                 # A new stamp only after a collection that found something: one after an
                 # empty one would say nothing more (and a KVM that exits with RING_FULL
                 # over an empty ring would make thousands).
+                collected += 1
                 if any(d.collect().values()):
                     # The vCPU waited for this harvest: no progress was due meanwhile.
                     last_progress = time.monotonic()
@@ -117,6 +127,7 @@ def run_round(d: "DirtyWriterVm", plan: RoundPlan) -> dict[int, RoundReport]:
             if plan.kick_collect:
                 d.kick_all()
             d.collect()
+            collected += 1
             if plan.restamp:
                 d.set_stamp(d.stamp + 1, must)
     d.end_round(plan.end_by_kick, plan.max_time, plan.mid_store)

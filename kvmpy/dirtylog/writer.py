@@ -17,6 +17,7 @@ KVM_EXIT_DIRTY_RING_FULL (the vCPU waits for a harvest). A round, as a
 from __future__ import annotations
 
 import random
+import struct
 import threading
 import time
 from dataclasses import dataclass
@@ -33,7 +34,9 @@ from kvmpy.guest.stepper import SteppedGuest
 from kvmpy.guest.vm import GuestVm
 from kvmpy.memory import PAGE_4K, Backing
 
-TEST_GVA = 0xC000_0000
+# Above 4 GiB: clear of memslot 0's identity map and the MMIO ucall page (0xF000_0000), so a
+# 1 GiB test region fits under 2M guest pages.
+TEST_GVA = 0x1_0000_0000
 # Kicks to end a round with a vCPU caught between loading its stamp and storing it: a kick
 # that lands in the guest's 5-instruction store loop (store_burst) catches it there 1 time in 5.
 MID_STORE_KICKS = 200
@@ -64,17 +67,21 @@ class DirtyWriterVm:
     with RING_FULL again without running the guest (same RIP).
     ``stride``/``burst``/``random_run``/``vcpu_ranges``: how the guest writes (see
     guests/dirty_writer.c); :meth:`set_ranges` changes the ranges between rounds.
+    ``sync_every``: the guest reports its progress (an exit to this process) every that many
+    writes, which paces a native writer to the host's reaction time.
     ``page_size``: the *guest's* page size for the test slots (PAGE_2M lets a 1 GiB
     slot fit the runtime's page-table pool, which caps 4K mappings at ~120k pages;
     dirty logging is per 4K gfn on the host side whatever the guest maps). Slots
     mapped with 2M pages must start and end 2M-aligned.
+    ``user_mode``: the guest writes at CPL3 (on kvm_pvm the only level that runs natively,
+    so its writes reach the log through KVM's MMU, not through the instruction emulator).
     """
 
     def __init__(self, collector: Collector, slots: Sequence[SlotSpec], *, nr_vcpus: int = 1,
                  backing: Backing | None = None, stride: int = 0, seed: int = 1,
                  vcpu_ranges: Sequence[tuple[int, int]] | None = None, label: str = "",
                  ring_full_resumes: int = 0, page_size: int = PAGE_4K, burst: int = 0,
-                 random_run: int = 0) -> None:
+                 random_run: int = 0, sync_every: int = 0, user_mode: bool = False) -> None:
         self.collector = collector
         self.ring_full_resumes = ring_full_resumes
         self.label = label or collector.name
@@ -91,7 +98,8 @@ class DirtyWriterVm:
         self.pending_stores = 0   # kicked vCPUs stopped between loading a stamp and storing it
         self.futile_ring_full = 0  # RING_FULL exits in a row whose harvest found nothing
         self._started = False
-        self.g = GuestVm("dirty_writer", nr_vcpus=nr_vcpus, mem_size=16 << 20, before_vcpus=collector.setup_vm)
+        self.g = GuestVm("dirty_writer", nr_vcpus=nr_vcpus, mem_size=16 << 20, before_vcpus=collector.setup_vm,
+                         user_mode=user_mode)
         try:
             self.vm = self.g.vm
             self.slots = []
@@ -109,10 +117,14 @@ class DirtyWriterVm:
                                                       label=self.label, slot=ms.slot)
                              for ms in self.logged}
             for name, value in (("test_gva", TEST_GVA), ("test_npages", self.npages), ("stride", stride),
-                                ("seed", seed), ("burst", burst), ("random_run", random_run), ("iteration", 0),
+                                ("seed", seed), ("burst", burst), ("random_run", random_run), ("sync_every", sync_every),
+                                ("iteration", 0),
                                 ("stop", 0), ("quit", 0)):
                 self.g.write_global(name, value)
             self.set_ranges(vcpu_ranges or [])
+            # Polled all through a round: one unpack of a kept view, not a lookup per vCPU.
+            self._nr_writes = self.g.global_view("nr_writes")
+            self._nr_writes_fmt = struct.Struct(f"<{nr_vcpus}Q")
             self._stamp_store_rips = {self.g.elf.symbol(n).addr for n in ("stamp_store", "burst_store")}
             self.guest = SteppedGuest(self.g, stop={"quit": 1}, park_stage=stages.DIRTY_WRITER_PARKED,
                                       on_exit=self._on_exit, on_stop=self._wake_on_stop, name=self.label)
@@ -173,7 +185,7 @@ class DirtyWriterVm:
 
     def writes(self) -> int:
         """Writes done so far by all vCPUs (guest counters)."""
-        return sum(self.g.read_global("nr_writes", offset=8 * i) for i in range(len(self.g.vcpus)))
+        return sum(self._nr_writes_fmt.unpack_from(self._nr_writes))
 
     def stalled_on_ring_full(self) -> bool:
         """Whether KVM keeps exiting RING_FULL with nothing to harvest (see FUTILE_RING_FULL_STALL)."""

@@ -174,6 +174,11 @@ class GuestElf:
         size = min(self.symbol(name).size - offset, 8) if size is None else size
         return int.from_bytes(self._global_view(mem, name, offset, size), "little")
 
+    def global_view(self, mem: PhysMemory, name: str) -> memoryview:
+        """A live view of the whole of guest global ``name`` (released when the memory closes),
+        for a value the host polls: reading it costs no lookup."""
+        return self._global_view(mem, name, 0, None)
+
     def read_global_bytes(self, mem: PhysMemory, name: str) -> bytes:
         """The whole of guest global ``name`` as bytes."""
         return bytes(self._global_view(mem, name, 0, None))

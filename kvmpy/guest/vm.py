@@ -218,6 +218,10 @@ class GuestVm:
     def read_global_bytes(self, name: str) -> bytes:
         return self.elf.read_global_bytes(self.vm, name)
 
+    def global_view(self, name: str) -> memoryview:
+        """A live view of guest global ``name`` (see ``GuestElf.global_view``)."""
+        return self.elf.global_view(self.vm, name)
+
     # -- running ----------------------------------------------------------------------
     def start(self, *, on_sync: SyncHook | None = None, on_print: PrintHook | None = None,
               on_exit: ExitHook | None = None, on_stop: StopHook | None = None) -> VcpuThreads:
