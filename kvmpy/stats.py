@@ -278,14 +278,10 @@ class Snapshot(Mapping):
 
 
 class _ReadSnapshot(Snapshot):
-    """A snapshot as ``Stats.snapshot`` makes it: the raw data block, decoded on use."""
+    """A snapshot as ``Stats.snapshot`` makes it: the raw data block (``_data``) and its layout
+    (``_layout``), set by ``snapshot`` itself; ``_values`` stays unset until a full decode."""
 
     __slots__ = ()
-
-    def __init__(self, layout: StatsLayout, data: bytes) -> None:
-        self._layout = layout       # _values stays unset until a full decode
-        self._data = data
-
 
 
 class Stats:
@@ -368,15 +364,26 @@ class Stats:
 
     def snapshot(self) -> Snapshot:
         """All stats, read with one pread so they are mutually consistent as far as KVM allows."""
-        size, fd = self._data_size, self.fd
-        if not size or fd < 0:
-            if fd < 0:
-                raise KvmError(f"{self.owner}: stats read after close")
-            size = self._data_size = self.layout.data_size
-        data = _pread(fd, size, self._data_offset)
+        size = self._data_size or self._measure()
+        try:
+            data = _pread(self.fd, size, self._data_offset)
+        except OSError as e:
+            if self.fd < 0:
+                raise KvmError(f"{self.owner}: stats read after close") from None
+            raise KvmError(f"{self.owner}: reading the stats: {e.strerror}") from None
         if len(data) != size:
             raise StatsFormatError(f"{self.owner}: stats data truncated: {len(data)} < {size} bytes")
-        return _ReadSnapshot(self.layout, data)
+        # Built without __init__: this is the hot path of a stats poll (see ci/bench).
+        snap = _new_object(_ReadSnapshot)
+        snap._layout = self.layout
+        snap._data = data
+        return snap
+
+    def _measure(self) -> int:
+        if self.fd < 0:
+            raise KvmError(f"{self.owner}: stats read after close")
+        self._data_size = self.layout.data_size
+        return self._data_size
 
     def close(self, _close=os.close) -> None:
         fd, self.fd = self.fd, -1
@@ -393,6 +400,7 @@ class Stats:
 
 
 _pread = os.pread
+_new_object = object.__new__
 _read_u64 = lib.kvmpy_stats_read_u64
 _U64_MAX = (1 << 64) - 1
 _FIRST_READ = 4096

@@ -171,9 +171,9 @@ def test_toggle_logging_while_guest_runs(mode, writer_cpl, scale):
             d.collect()
             time.sleep(0.002)
 
-    # Paced by an exit per 4 writes: a native writer would rewrite every page between the host's
+    # Paced by an exit per 32 writes: a native writer would rewrite every page between the host's
     # steps, leaving no write of the logging-off phase to show.
-    with make_writer(mode, writer_cpl, [SlotSpec(1, TEST_GPA, npages)], sync_every=4) as d:
+    with make_writer(mode, writer_cpl, [SlotSpec(1, TEST_GPA, npages)], sync_every=32) as d:
         for _ in range(4):
             r = d.run_round(RoundPlan(min_writes=1000, collect_every=0.005, during=toggle, must_report=False))[1]
             if d.collector.initially_set:
