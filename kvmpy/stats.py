@@ -278,8 +278,7 @@ class Snapshot(Mapping):
 
 
 class _ReadSnapshot(Snapshot):
-    """A snapshot as ``Stats.snapshot`` makes it: the raw data block (``_data``) and its layout
-    (``_layout``), set by ``snapshot`` itself; ``_values`` stays unset until a full decode."""
+    """``Stats.snapshot``'s: the raw data block and its layout; decoded on use."""
 
     __slots__ = ()
 
@@ -364,26 +363,19 @@ class Stats:
 
     def snapshot(self) -> Snapshot:
         """All stats, read with one pread so they are mutually consistent as far as KVM allows."""
-        size = self._data_size or self._measure()
+        size = self._data_size
+        if not size:
+            size = self._data_size = self.layout.data_size
         try:
             data = _pread(self.fd, size, self._data_offset)
         except OSError as e:
-            if self.fd < 0:
-                raise KvmError(f"{self.owner}: stats read after close") from None
-            raise KvmError(f"{self.owner}: reading the stats: {e.strerror}") from None
+            why = "stats read after close" if self.fd < 0 else f"reading the stats: {e.strerror}"
+            raise KvmError(f"{self.owner}: {why}") from None
         if len(data) != size:
             raise StatsFormatError(f"{self.owner}: stats data truncated: {len(data)} < {size} bytes")
-        # Built without __init__: this is the hot path of a stats poll (see ci/bench).
-        snap = _new_object(_ReadSnapshot)
-        snap._layout = self.layout
-        snap._data = data
+        snap = _new_object(_ReadSnapshot)   # no __init__ call: the hot path of a stats poll
+        snap._layout, snap._data = self.layout, data
         return snap
-
-    def _measure(self) -> int:
-        if self.fd < 0:
-            raise KvmError(f"{self.owner}: stats read after close")
-        self._data_size = self.layout.data_size
-        return self._data_size
 
     def close(self, _close=os.close) -> None:
         fd, self.fd = self.fd, -1
