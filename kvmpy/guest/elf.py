@@ -51,6 +51,12 @@ class Symbol:
     type: str  # STT_OBJECT, STT_FUNC, ...
 
 
+# Programs parsed so far, by their bytes: a test builds a guest from the same ELF again and again,
+# and pyelftools' parse is most of a guest's set-up (~25 ms here, ten times that in a test bed).
+_PARSED: dict[bytes, tuple[int, list[LoadSegment], dict[str, Symbol]]] = {}
+_PARSED_MAX = 32
+
+
 class GuestElf:
     """A parsed guest program.  Validation happens here, at construction."""
 
@@ -60,7 +66,14 @@ class GuestElf:
             raw = self.path.read_bytes()
         except OSError as e:
             raise ElfError(path, f"cannot read: {e.strerror}") from None
-        self._parse(raw)
+        parsed = _PARSED.get(raw)
+        if parsed is None:
+            self._parse(raw)
+            if len(_PARSED) >= _PARSED_MAX:
+                _PARSED.pop(next(iter(_PARSED)))
+            _PARSED[raw] = (self.entry, self.segments, self.symbols)
+        else:       # the same bytes parse the same way: copies, so no instance shares mutable state
+            self.entry, self.segments, self.symbols = parsed[0], list(parsed[1]), dict(parsed[2])
 
     def _fail(self, problem: str) -> ElfError:
         return ElfError(self.path, problem)

@@ -140,14 +140,19 @@ class GuestVm:
     def _identity_map(self, nr_vcpus: int) -> None:
         guards = {STACKS_GPA + i * STACK_BLOCK + off for i in range(nr_vcpus) for off in GUARD_OFFSETS}
         low_end = min(ELF_MIN_GPA, self.mem_size)
-        for gpa in range(PAGE_4K, low_end, PAGE_4K):
-            if gpa not in guards:
-                self.pt.map_page(gpa, gpa, PAGE_4K, user=self.user_mode)
-        gpa = low_end
-        while gpa < self.mem_size:
-            size = PAGE_2M if gpa % PAGE_2M == 0 and gpa + PAGE_2M <= self.mem_size else PAGE_4K
-            self.pt.map_page(gpa, gpa, size, user=self.user_mode)
-            gpa += size
+        # 4K pages up to the program, but for page 0 and the stack guards; then 2M pages where
+        # they fit. In runs, so that the page-table builder maps each run in one C call.
+        start = PAGE_4K
+        for guard in sorted(g for g in guards if g < low_end) + [low_end]:
+            if guard > start:
+                self.pt.map(start, start, guard - start, PAGE_4K, user=self.user_mode)
+            start = guard + PAGE_4K
+        huge_start = min(-(-low_end // PAGE_2M) * PAGE_2M, self.mem_size)
+        huge_end = max(huge_start, self.mem_size // PAGE_2M * PAGE_2M)
+        for begin, end, size in ((low_end, huge_start, PAGE_4K), (huge_start, huge_end, PAGE_2M),
+                                 (huge_end, self.mem_size, PAGE_4K)):
+            if end > begin:
+                self.pt.map(begin, begin, end - begin, size, user=self.user_mode)
 
     def _build_tables(self, nr_vcpus: int) -> None:
         tss_bases = [TSS_GPA + i * TSS_STRIDE for i in range(nr_vcpus)]
