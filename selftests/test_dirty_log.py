@@ -287,6 +287,8 @@ def test_dirty_ring_full_1g_slot(mode, writer_cpl, scale):
     runtime's page-table pool) and sweeps it page by page in runs of 4096 stores by
     a 5-instruction loop -- as tight as upstream's writer, whose first pass also
     sweeps every page -- so each ring fill is 65536 fresh pages pushed in order.
+    The host backs the slot before the guest runs (first touches would otherwise
+    take most of the time in a test bed; logging does not depend on them).
     KVM must stop the vCPU at the soft limit; a harvest of the whole ring means it
     pushed past it, and the oldest entries (the first pages of the fill) are lost.
     Rounds end by kick, early if the guest stalls (a vCPU that KVM keeps exiting
@@ -295,7 +297,7 @@ def test_dirty_ring_full_1g_slot(mode, writer_cpl, scale):
     npages = 262144
     ring_entries = 65536
     with make_writer(mode, writer_cpl, [SlotSpec(1, TEST_GPA, npages)], ring_bytes=ring_entries * 16, stride=1,
-                     burst=4096, page_size=PAGE_2M) as d:
+                     burst=4096, page_size=PAGE_2M, populate=True) as d:
         path = WritePath(d.g.vcpus, writer_cpl)
         # Four rounds: on kvm_pvm the overfill depends on timing (the ACQ_REL variant
         # passed ~1 run in 10 with two rounds); a KVM that loses nothing passes them all.
