@@ -51,7 +51,8 @@ def _add_selftest(sub) -> None:
         bed.add_argument("--timeout", type=float, help="seconds per boot"),
         bed.add_argument("--jobs", type=_positive_int, metavar="N",
                          help="boot up to N rows at once, one emulator each (bounded by CPUs and free "
-                              "memory; the report is the same as with --jobs 1)"),
+                              "memory; the report is the same as with --jobs 1); a run of one row "
+                              "splits its tests over N boots"),
         bed.add_argument("--shard", metavar="K/N",
                          help="run only the K-th of N slices of the rows (kernel x configuration x backend), "
                               "for a CI matrix; join the --json reports with `kvmpy report merge`"),

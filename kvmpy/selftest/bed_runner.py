@@ -28,7 +28,8 @@ from kvmpy.bed.options import BedOptions
 from kvmpy.bed.protocol import BedError
 from kvmpy.bed.request import Job, megabytes
 from kvmpy.bed.testbed import Bed
-from kvmpy.selftest.junit import setting_properties
+from kvmpy.selftest.junit import format_junit, setting_properties
+from kvmpy.selftest.parts import merge_parts
 from kvmpy.selftest.report import RunResults
 from kvmpy.selftest.runner import PYTEST_HARNESS_ERRORS, pytest_command
 from kvmpy.selftest.shard import Shard
@@ -156,9 +157,11 @@ def plan(args, log: Callable[[str], None] = _note) -> Tuple[List[Pair], Shard | 
     return [(b, c) for b, c in pairs if row_id(b, c) in shard.rows], shard
 
 
-def suite_job(args, on_console: Callable[[str], None] | None = None) -> Job:
-    """The job that runs the suite's pytest command inside the bed."""
-    inner = pytest_command("$KVMPY_BED_RESULTS/results.json", None, args.keyword, args.pytest_args)
+def suite_job(args, on_console: Callable[[str], None] | None = None, part: Tuple[int, int] | None = None) -> Job:
+    """The job that runs the suite's pytest command inside the bed (only part K of N of the tests:
+    ``part=(K, N)``, see :mod:`kvmpy.selftest.parts`)."""
+    extra = list(args.pytest_args or []) + ([f"--kvmpy-part={part[0]}/{part[1]}"] if part else [])
+    inner = pytest_command("$KVMPY_BED_RESULTS/results.json", None, args.keyword, extra)
     script = " ".join(shlex.quote(a) if not a.startswith("--kvmpy-results=") else f'"{a}"' for a in inner)
     # The bed passes on no environment of ours but the job's: injected faults go in it.
     return Job(["sh", "-c", script], env=faults.env(), on_console=on_console)
@@ -170,7 +173,8 @@ def run(args, quiet: bool = False, pairs: List[Pair] | None = None) -> List[RunR
     ``pairs``: what :func:`plan` chose (default: plan it here; a shard's rows only).
     With ``quiet`` (JSON or KTAP on stdout) pytest's lines from the bed go to stderr, like the
     progress notes, and no matrix table is printed. ``args.jobs`` rows boot at once, as many
-    as this machine's CPUs and memory hold (:func:`kvmpy.bed.parallel.bound_jobs`).
+    as this machine's CPUs and memory hold (:func:`kvmpy.bed.parallel.bound_jobs`); with a
+    single row, that many boots share its tests (:func:`_run_parts`).
     """
     from kvmpy.guest import programs
 
@@ -182,8 +186,11 @@ def run(args, quiet: bool = False, pairs: List[Pair] | None = None) -> List[RunR
         _prepare(beds)
     except (BedError, programs.GuestProgramError) as e:
         return [RunResults("bed", harness_error=str(e))]
-    jobs = _jobs(args, pairs, log)
     stream = sys.stderr if quiet else sys.stdout
+    nparts = _parts(args, pairs, log)
+    if nparts > 1:
+        return _run_parts(args, pairs[0], nparts, stream, log)
+    jobs = _jobs(args, pairs, log)
     # Several beds at once: one console echo each, its lines tagged with the row.
     console = (lambda i: ConsolePrinter(False, stream, prefix=f"[{row_id(*pairs[i])}] ")) if jobs > 1 else None
     job = suite_job(args, on_console=ConsolePrinter(False, stream))
@@ -191,13 +198,7 @@ def run(args, quiet: bool = False, pairs: List[Pair] | None = None) -> List[RunR
 
     def progress(i: int, n: int, row: matrix.Row) -> None:
         done[i - 1] = row
-        log(row.progress_line(i, n))
-        log(f"bed: {row.result.facts.summary()}")
-        for why in row.result.dropped:
-            log(f"result file not brought back: {why}")
-        for splat in row.boot_splats:
-            log(f"note: {row.config.name}: kernel splat while the bed booted, before KVM was "
-                f"loaded (not counted): {splat.splitlines()[0]}")
+        _log_row(log, row, row.progress_line(i, n))
 
     t0 = time.monotonic()
     log(f"bed: {'; '.join(b.describe() for b in beds)}, {len(pairs)} configuration(s)")
@@ -222,6 +223,60 @@ def run(args, quiet: bool = False, pairs: List[Pair] | None = None) -> List[RunR
     return runs
 
 
+def _log_row(log: Callable[[str], None], row: matrix.Row, line: str) -> None:
+    """Say that a boot finished: ``line``, what it ran on, what it could not bring back."""
+    log(line)
+    log(f"bed: {row.result.facts.summary()}")
+    for why in row.result.dropped:
+        log(f"result file not brought back: {why}")
+    for splat in row.boot_splats:
+        log(f"note: {row.config.name}: kernel splat while the bed booted, before KVM was "
+            f"loaded (not counted): {splat.splitlines()[0]}")
+
+
+def _parts(args, pairs: List[Pair], log: Callable[[str], None]) -> int:
+    """How many boots share the tests of a run with a single row: ``--jobs``, bounded like rows."""
+    asked = getattr(args, "jobs", None) or 1
+    if asked <= 1 or len(pairs) != 1:
+        return 1
+    guest = megabytes(pairs[0][0].options.mem) << 20
+    n, why = parallel.bound_jobs(asked, asked, guest, parallel.cpus(), parallel.available_memory())
+    if why:
+        log(why)
+    return n
+
+
+def _run_parts(args, pair: Pair, nparts: int, stream, log: Callable[[str], None]) -> List[RunResults]:
+    """Run one configuration's tests in ``nparts`` boots at once, each a part of them; one run back.
+
+    Stopped by a signal, the configuration's results are lost (like a row's), whatever parts had finished.
+    """
+    bed, config = pair
+    requested = {**bed.options.params, **config.params}
+    done: Dict[int, matrix.Row] = {}
+
+    def boot(k: int) -> matrix.Row:
+        echo = ConsolePrinter(False, stream, prefix=f"[part {k + 1}/{nparts}] ")
+        return matrix.evaluate(config, bed.run(suite_job(args, echo, (k + 1, nparts)), config.params), requested)
+
+    def commit(k: int, row: matrix.Row) -> None:
+        done[k] = row
+        _log_row(log, row, f"[part {k + 1}/{nparts}] {config.name}: {row.verdict} {row.detail} "
+                           f"({row.result.seconds:.0f}s)")
+
+    log(f"bed: {bed.describe()}, 1 configuration, its tests in {nparts} parts (one boot each)")
+    try:
+        parallel.run_in_order(nparts, boot, nparts, commit)
+    except BedError as e:
+        return [RunResults("bed", harness_error=str(e))]
+    except KeyboardInterrupt as e:
+        return _stopped_runs([pair], [], [0], getattr(e, "signo", signal.SIGINT), args.matrix)
+    run = merge_parts([_finished_run(bed, done[k], args, False, False, junit=False) for k in range(nparts)])
+    if args.junit:
+        Path(args.junit).write_bytes(format_junit([run]))
+    return [run]
+
+
 def _jobs(args, pairs: List[Pair], log: Callable[[str], None]) -> int:
     """How many rows boot at once: ``--jobs``, bounded by CPUs, free memory and rows (said when it is)."""
     asked = getattr(args, "jobs", None) or 1
@@ -234,13 +289,15 @@ def _jobs(args, pairs: List[Pair], log: Callable[[str], None]) -> int:
     return jobs
 
 
-def _finished_run(bed: Bed, row: matrix.Row, args, several_kernels: bool, several_rows: bool) -> RunResults:
-    """One finished configuration's RunResults, its JUnit file written (``--junit``) with its setting."""
+def _finished_run(bed: Bed, row: matrix.Row, args, several_kernels: bool, several_rows: bool,
+                  junit: bool = True) -> RunResults:
+    """One finished configuration's RunResults, its JUnit file written (``--junit``, unless not
+    ``junit``) with its setting."""
     label = _label(bed, row.config, args.matrix)
     run = _results(label, row)
     run.bed = _setting(bed, row.config, row)
     run.row = row_id(bed, row.config)
-    if args.junit and "junit.xml" in row.result.files:
+    if junit and args.junit and "junit.xml" in row.result.files:
         path = Path(args.junit)
         if several_rows:
             kernel = f"-{_kernel_name(bed)}" if several_kernels else ""

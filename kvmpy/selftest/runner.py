@@ -51,6 +51,7 @@ def pytest_command(results_json: str, junit: str | None, keyword: str | None,
     """The pytest command line used on the host and inside the bed."""
     cmd = [python or sys.executable, "-m", "pytest", str(selftests_dir()), "-v", "-rN", "--tb=short",
            "-p", "no:cacheprovider", "-p", "kvmpy.selftest.results", "-p", "kvmpy.selftest.guard",
+           "-p", "kvmpy.selftest.parts",
            f"--kvmpy-results={results_json}"]
     if junit:
         cmd.append(f"--junitxml={junit}")

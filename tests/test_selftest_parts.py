@@ -1,0 +1,113 @@
+"""One configuration's tests over several boots (`kvmpy selftest --bed --jobs N`, one row):
+each boot runs its part, every selected test runs once, the parts merge back into one run."""
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+
+import pytest
+
+from kvmpy.bed import parallel
+from kvmpy.bed.request import BedFacts, BedResult
+from kvmpy.selftest import bed_runner, report
+from kvmpy.selftest.parts import merge_parts, parse
+from kvmpy.selftest.report import RunResults
+
+from bed_fakes import bed_args
+
+TESTS = "import pytest\n" + "".join(f"def test_{n}(): pass\n" for n in "abcde") + \
+        "@pytest.mark.parametrize('x', [1, 2])\ndef test_p(x): pass\n"
+
+
+def selected(tmp_path, *args) -> list[str]:
+    (tmp_path / "test_many.py").write_text(TESTS)
+    out = subprocess.run([sys.executable, "-m", "pytest", "-p", "kvmpy.selftest.parts", "-p", "no:cacheprovider",
+                          "--collect-only", "-q", *args, str(tmp_path / "test_many.py")],
+                         capture_output=True, text=True, cwd=tmp_path)
+    return [line.split("::", 1)[1] for line in out.stdout.splitlines() if "::" in line]
+
+
+def test_parts_split_the_selected_tests_each_once(tmp_path):
+    whole = selected(tmp_path)
+    assert whole == ["test_a", "test_b", "test_c", "test_d", "test_e", "test_p[1]", "test_p[2]"]
+    parts = [selected(tmp_path, f"--kvmpy-part={k}/3") for k in (1, 2, 3)]
+    assert parts == [whole[0::3], whole[1::3], whole[2::3]]
+    # After -k: the parts share what it selected.
+    assert selected(tmp_path, "-k", "not test_a", "--kvmpy-part=2/2") == ["test_c", "test_e", "test_p[2]"]
+
+
+@pytest.mark.parametrize("text", ["0/2", "3/2", "2", "a/b", "1/0"])
+def test_a_bad_part_is_a_usage_error(text, tmp_path):
+    with pytest.raises(ValueError, match="1 <= K <= N"):
+        parse(text)
+    (tmp_path / "test_one.py").write_text("def test_x(): pass\n")
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-p", "kvmpy.selftest.parts", "-p", "no:cacheprovider",
+                           f"--kvmpy-part={text}", str(tmp_path / "test_one.py")], capture_output=True, text=True)
+    assert proc.returncode == 4, proc.stdout + proc.stderr
+
+
+def _t(name, outcome="passed"):
+    return {"nodeid": f"selftests/test_a.py::{name}", "outcome": outcome, "reason": "", "stats": {}}
+
+
+def _facts(kernel="6.12.117", tdp="Y"):
+    return {"facts": {"kernel": kernel, "params": {"kvm.tdp_mmu": tdp}}}
+
+
+def test_merged_parts_are_the_run_in_collection_order():
+    splat = {"nodeid": "(bed kernel log)", "outcome": "failed", "reason": "kernel splat: WARNING", "stats": {}}
+    one = RunResults("bed", [_t("a"), _t("c"), _t("e")], 0, seconds=30, collected=3, bed=_facts(), row="r")
+    two = RunResults("bed", [_t("b"), _t("d", "failed"), splat], 1, seconds=40, collected=2, bed=_facts(), row="r")
+    run = merge_parts([one, two])
+    assert [t["nodeid"].split("::")[-1] for t in run.tests] == ["a", "b", "c", "d", "e", "(bed kernel log)"]
+    assert (run.exitstatus, run.seconds, run.collected, run.harness_error, run.row) == (1, 40, 5, "", "r")
+
+
+def test_a_part_with_no_test_is_no_error_but_all_empty_is():
+    ran = RunResults("bed", [_t("a")], 0, collected=1, bed=_facts())
+    empty = RunResults("bed", [], 5, harness_error="pytest: no tests collected (exit 5)", collected=0, bed=_facts())
+    merged = merge_parts([ran, empty])
+    assert (merged.exitstatus, merged.harness_error, len(merged.tests)) == (0, "", 1)
+    assert merge_parts([empty, empty]).harness_error.startswith("part 1/2: pytest: no tests collected")
+
+
+def test_parts_on_different_configurations_are_a_harness_error():
+    run = merge_parts([RunResults("bed", [_t("a")], 0, bed=_facts()),
+                       RunResults("bed", [_t("b")], 0, bed=_facts(tdp="N"))])
+    assert "different configurations" in run.harness_error
+    assert report.exit_status([run]) == 2
+
+
+def _part_results(backend, request):
+    """A fake boot that runs its part of tests a..e (the part read from the job's command)."""
+    k, n = map(int, re.search(r"--kvmpy-part=(\d+)/(\d+)", " ".join(request.command)).groups())
+    tests = [_t(x) for x in "abcde"[k - 1::n]]
+    facts = BedFacts(backend="fake", cpu="max", kernel=backend.kernel.release, vendor_module="kvm_amd",
+                     params={}, hugepages={})
+    results = {"exitstatus": 0, "seconds": 1.0, "collected": len(tests), "tests": tests}
+    return BedResult(0, "", files={"results.json": json.dumps(results).encode()}, facts=facts, seconds=1)
+
+
+def test_one_row_with_jobs_2_boots_twice_and_reports_one_run(beds, tmp_path, monkeypatch):
+    seen, opts = beds
+    opts["hook"] = _part_results
+    monkeypatch.setattr(parallel, "cpus", lambda: 2)
+    monkeypatch.setattr(parallel, "available_memory", lambda: 64 << 30)
+    runs = bed_runner.run(bed_args(tmp_path, matrix=False, jobs=2), quiet=True)
+    assert sorted(re.search(r"--kvmpy-part=\S+", " ".join(r.command)).group() for r in seen) == \
+        ["--kvmpy-part=1/2", "--kvmpy-part=2/2"]
+    assert len(runs) == 1 and runs[0].config == "bed amd 6.12 defaults" and runs[0].collected == 5
+    assert [t["nodeid"][-1] for t in runs[0].tests] == list("abcde")
+    cases = [c.get("name") for c in ET.parse(tmp_path / "j.xml").getroot().iter("testcase")]
+    assert cases == list("abcde")
+    assert report.exit_status(runs) == 0
+
+
+def test_one_row_on_one_cpu_is_one_boot(beds, tmp_path, monkeypatch):
+    seen, _ = beds
+    monkeypatch.setattr(parallel, "cpus", lambda: 1)
+    runs = bed_runner.run(bed_args(tmp_path, matrix=False, jobs=2, junit=None), quiet=True)
+    assert len(seen) == 1 and "--kvmpy-part" not in " ".join(seen[0].command) and runs[0].tests
