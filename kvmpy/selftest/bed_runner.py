@@ -29,7 +29,6 @@ from kvmpy.bed.protocol import BedError
 from kvmpy.bed.request import Job, megabytes
 from kvmpy.bed.testbed import Bed
 from kvmpy.selftest.junit import format_junit, setting_properties
-from kvmpy.selftest.parts import merge_parts
 from kvmpy.selftest.report import RunResults
 from kvmpy.selftest.runner import PYTEST_HARNESS_ERRORS, pytest_command
 from kvmpy.selftest.shard import Shard
@@ -187,10 +186,14 @@ def run(args, quiet: bool = False, pairs: List[Pair] | None = None) -> List[RunR
     except (BedError, programs.GuestProgramError) as e:
         return [RunResults("bed", harness_error=str(e))]
     stream = sys.stderr if quiet else sys.stdout
-    nparts = _parts(args, pairs, log)
-    if nparts > 1:
-        return _run_parts(args, pairs[0], nparts, stream, log)
-    jobs = _jobs(args, pairs, log)
+    if len(pairs) == 1:
+        # One row: --jobs boots share its tests instead.
+        nparts = _at_once(args, pairs, None, log)
+        if nparts > 1:
+            return _run_parts(args, pairs[0], nparts, stream, log)
+        jobs = 1
+    else:
+        jobs = _at_once(args, pairs, len(pairs), log)
     # Several beds at once: one console echo each, its lines tagged with the row.
     console = (lambda i: ConsolePrinter(False, stream, prefix=f"[{row_id(*pairs[i])}] ")) if jobs > 1 else None
     job = suite_job(args, on_console=ConsolePrinter(False, stream))
@@ -234,23 +237,13 @@ def _log_row(log: Callable[[str], None], row: matrix.Row, line: str) -> None:
             f"loaded (not counted): {splat.splitlines()[0]}")
 
 
-def _parts(args, pairs: List[Pair], log: Callable[[str], None]) -> int:
-    """How many boots share the tests of a run with a single row: ``--jobs``, bounded like rows."""
-    asked = getattr(args, "jobs", None) or 1
-    if asked <= 1 or len(pairs) != 1:
-        return 1
-    guest = megabytes(pairs[0][0].options.mem) << 20
-    n, why = parallel.bound_jobs(asked, asked, guest, parallel.cpus(), parallel.available_memory())
-    if why:
-        log(why)
-    return n
-
-
 def _run_parts(args, pair: Pair, nparts: int, stream, log: Callable[[str], None]) -> List[RunResults]:
     """Run one configuration's tests in ``nparts`` boots at once, each a part of them; one run back.
 
     Stopped by a signal, the configuration's results are lost (like a row's), whatever parts had finished.
     """
+    from kvmpy.selftest.parts import merge_parts   # a pytest plugin too: pytest only when parts run
+
     bed, config = pair
     requested = {**bed.options.params, **config.params}
     done: Dict[int, matrix.Row] = {}
@@ -277,16 +270,17 @@ def _run_parts(args, pair: Pair, nparts: int, stream, log: Callable[[str], None]
     return [run]
 
 
-def _jobs(args, pairs: List[Pair], log: Callable[[str], None]) -> int:
-    """How many rows boot at once: ``--jobs``, bounded by CPUs, free memory and rows (said when it is)."""
+def _at_once(args, pairs: List[Pair], units: int | None, log: Callable[[str], None]) -> int:
+    """How many boots run at once: ``--jobs``, bounded by CPUs, free memory and ``units`` (the rows;
+    None: the asked number of parts of one row), said when it is fewer."""
     asked = getattr(args, "jobs", None) or 1
     if asked <= 1:
         return 1
     guest = max(megabytes(bed.options.mem) for bed, _ in pairs) << 20
-    jobs, why = parallel.bound_jobs(asked, len(pairs), guest, parallel.cpus(), parallel.available_memory())
+    n, why = parallel.bound_jobs(asked, units or asked, guest, parallel.cpus(), parallel.available_memory())
     if why:
         log(why)
-    return jobs
+    return n
 
 
 def _finished_run(bed: Bed, row: matrix.Row, args, several_kernels: bool, several_rows: bool,

@@ -54,24 +54,25 @@ def merge_parts(parts: list[RunResults]) -> RunResults:
     of the bed's kernel log no test claimed) come last. The run took as long as its
     longest part; it failed to run if any part did.
     """
-    everything = parts
     # A part left with no test (fewer selected tests than parts) exits "no tests collected".
-    if any(p.exitstatus != NO_TESTS for p in parts):
-        parts = [p for p in parts if p.exitstatus != NO_TESTS]
-    first = parts[0]
-    tests_of = [[t for t in p.tests if "::" in t["nodeid"]] for p in parts]
+    ran = [p for p in parts if p.exitstatus != NO_TESTS] or parts
+    tests_of = [[t for t in p.tests if "::" in t["nodeid"]] for p in ran]
     tests = [t for row in zip_longest(*tests_of) for t in row if t is not None]
-    tests += [t for p in everything for t in p.tests if "::" not in t["nodeid"]]
-    statuses = [p.exitstatus for p in parts]
-    errors = [f"part {i}/{len(everything)}: {p.harness_error}"
-              for i, p in enumerate(everything, 1) if p.harness_error and any(p is q for q in parts)]
-    kernels = {(p.bed.get("facts", {}).get("kernel"), str(sorted(p.bed.get("facts", {}).get("params", {}).items())))
-               for p in parts if p.bed.get("facts", {}).get("params")}
-    if len(kernels) > 1:
+    tests += [t for p in parts for t in p.tests if "::" not in t["nodeid"]]
+    statuses = [p.exitstatus for p in ran]
+    errors = [f"part {i}/{len(parts)}: {p.harness_error}"
+              for i, p in enumerate(parts, 1) if p.harness_error and (p.exitstatus != NO_TESTS or ran is parts)]
+    if len({_ran_on(p) for p in ran if p.bed.get("facts", {}).get("params")}) > 1:
         errors.append("the parts ran on different configurations (kernel or parameters differ)")
-    collected = [p.collected for p in parts]
+    collected = [p.collected for p in ran]
     return RunResults(
-        first.config, tests,
+        ran[0].config, tests,
         exitstatus=None if None in statuses else max(statuses, key=lambda s: (s != 0, s)),
-        harness_error="; ".join(errors), seconds=max(p.seconds for p in parts),
-        collected=None if None in collected else sum(collected), bed=first.bed, row=first.row)
+        harness_error="; ".join(errors), seconds=max(p.seconds for p in ran),
+        collected=None if None in collected else sum(collected), bed=ran[0].bed, row=ran[0].row)
+
+
+def _ran_on(run: RunResults) -> tuple:
+    """The kernel and module parameters a part's boot read back."""
+    facts = run.bed.get("facts", {})
+    return facts.get("kernel"), tuple(sorted(facts.get("params", {}).items()))
