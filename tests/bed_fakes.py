@@ -167,5 +167,5 @@ def install_fake_beds(tmp_path, monkeypatch, opts):
         return out if args.matrix else out[:1]
 
     monkeypatch.setattr(bed_runner, "_beds", beds)
-    monkeypatch.setattr(bed_runner, "_prepare", lambda beds: None)
+    monkeypatch.setattr(bed_runner, "_prepare", lambda beds, log: None)
     return seen

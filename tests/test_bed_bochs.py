@@ -150,6 +150,23 @@ def test_stage_mirrors_host_paths_keeps_links_and_mtimes(tmp_path):
     assert not (inside / "__pycache__").exists()  # excluded by TREE_EXCLUDE
 
 
+def test_stage_tree_carries_pytests_rewrites_not_stale_bytecode(tmp_path):
+    tag = sys.implementation.cache_tag
+    src = tmp_path / "checkout" / "selftests"
+    (src / "__pycache__").mkdir(parents=True)
+    (src / "test_a.py").write_text("def test_a():\n    assert 1\n")
+    rewritten = src / "__pycache__" / f"test_a.{tag}-pytest-9.2.0.pyc"
+    rewritten.write_bytes(b"rewritten")
+    (src / "__pycache__" / f"test_a.{tag}.pyc").write_bytes(b"stale")
+    (src / "__pycache__" / "test_a.cpython-39-pytest-9.2.0.pyc").write_bytes(b"other python")
+    stage = carry.Stage(tmp_path / "stage")
+    carry.stage_tree(stage, tmp_path / "checkout")
+    cache = stage.inside(src / "__pycache__")
+    assert (cache / rewritten.name).read_bytes() == b"rewritten"
+    assert (cache / f"test_a.{tag}.pyc").read_bytes() != b"stale"  # compiled for the stage
+    assert not (cache / "test_a.cpython-39-pytest-9.2.0.pyc").exists()
+
+
 def test_stdlib_pruning():
     keep = carry._stdlib_keep("cpython-311")
     assert keep("os.py") and keep("json/__init__.py") and keep("lib-dynload/_ctypes.cpython-311-x86_64-linux-gnu.so")

@@ -288,9 +288,23 @@ def python_stage(cache: Path, executable: str = sys.executable,
     return root
 
 
+def _rewritten_keep(tag: str):
+    # Of __pycache__, only pytest's rewritten modules (``a.cpython-311-pytest-9.2.0.pyc``):
+    # the bed would rewrite them at each boot, and pytest checks them by source hash, so a
+    # copy is as good as the host's. Plain .pyc files are compiled for the stage instead.
+    rewritten = f".{tag}-pytest-"
+
+    def keep(rel: str) -> bool:
+        parts = rel.rstrip("/").split("/")
+        return "__pycache__" not in parts[:-1] or (rewritten in parts[-1] and parts[-1].endswith(".pyc"))
+    return keep
+
+
 def stage_tree(stage: Stage, src: Path, exclude: Sequence[str] = TREE_EXCLUDE) -> None:
-    """Carry a source tree (e.g. the kvmpy checkout) and byte-compile it."""
-    stage.add_tree(Path(src), exclude=exclude)
+    """Carry a source tree (e.g. the kvmpy checkout) and byte-compile it; pytest's
+    rewritten test modules found in it (see :mod:`kvmpy.selftest.bytecode`) come along."""
+    stage.add_tree(Path(src), exclude=[p for p in exclude if p != "__pycache__"],
+                   keep=_rewritten_keep(sys.implementation.cache_tag))
     stage.compile(Path(src))
 
 

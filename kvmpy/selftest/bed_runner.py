@@ -28,6 +28,7 @@ from kvmpy.bed.options import BedOptions
 from kvmpy.bed.protocol import BedError
 from kvmpy.bed.request import Job, megabytes
 from kvmpy.bed.testbed import Bed
+from kvmpy.selftest import bytecode
 from kvmpy.selftest.junit import format_junit, setting_properties
 from kvmpy.selftest.report import RunResults
 from kvmpy.selftest.runner import PYTEST_HARNESS_ERRORS, pytest_command
@@ -124,13 +125,15 @@ def _beds(args, log: Callable[[str], None]) -> List[Bed]:
     return [Bed(o, log=log) for o in (matrix.kernel_axis(options) if args.matrix else [options])]
 
 
-def _prepare(beds: List[Bed]) -> None:
-    """Build the guests, then fetch the kernels of ``beds``."""
+def _prepare(beds: List[Bed], log: Callable[[str], None]) -> None:
+    """Build the guests and the suite's bytecode, then fetch the kernels of ``beds``."""
     from kvmpy.guest import programs
 
-    # The bed sees the host's / read-only: guests must be built before it boots.
+    # The bed sees the host's / read-only: guests must be built before it boots, and
+    # bytecode it would otherwise compile at each boot, under emulation.
     if programs.source_root() is not None:
         programs.build()
+    bytecode.compile_suite(log)
     for bed in beds:
         bed.prepare()
 
@@ -182,7 +185,7 @@ def run(args, quiet: bool = False, pairs: List[Pair] | None = None) -> List[RunR
         if pairs is None:
             pairs, _ = plan(args, log)
         beds = list(dict.fromkeys(bed for bed, _ in pairs))
-        _prepare(beds)
+        _prepare(beds, log)
     except (BedError, programs.GuestProgramError) as e:
         return [RunResults("bed", harness_error=str(e))]
     stream = sys.stderr if quiet else sys.stdout

@@ -47,9 +47,10 @@ def selftests_dir() -> Path:
 
 
 def pytest_command(results_json: str, junit: str | None, keyword: str | None,
-                   extra: list[str] | None = None, python: str | None = None) -> list[str]:
-    """The pytest command line used on the host and inside the bed."""
-    cmd = [python or sys.executable, "-m", "pytest", str(selftests_dir()), "-v", "-rN", "--tb=short",
+                   extra: list[str] | None = None, python: str | None = None,
+                   suite: Path | None = None) -> list[str]:
+    """The pytest command line used on the host and inside the bed (on ``suite``, default the selftests)."""
+    cmd = [python or sys.executable, "-m", "pytest", str(suite or selftests_dir()), "-v", "-rN", "--tb=short",
            "-p", "no:cacheprovider", "-p", "kvmpy.selftest.results", "-p", "kvmpy.selftest.guard",
            "-p", "kvmpy.selftest.parts",
            f"--kvmpy-results={results_json}"]
