@@ -92,7 +92,7 @@ int kvmpy_get_dirty_log(int fd, uint32_t slot, void *bitmap)
 	memset(&log, 0, sizeof(log));
 	log.slot = slot;
 	log.dirty_bitmap = bitmap;
-	return ioctl(fd, KVM_GET_DIRTY_LOG, &log) < 0 ? -errno : 0;
+	return kvmpy_ioctl(fd, KVM_GET_DIRTY_LOG, (unsigned long)&log) < 0 ? -errno : 0;
 }
 
 /* ---- dirty bitmaps ------------------------------------------------------------ */

@@ -208,8 +208,20 @@ SOURCE = """
 """ + "".join(
     f"#ifndef {name}\n#define {name} {value}\n#endif\n" for name, value in FALLBACKS.items()
 ) + """
-int kvmpy_ioctl_ptr(int fd, unsigned long request, void *arg) { return ioctl(fd, request, arg); }
-int kvmpy_ioctl_int(int fd, unsigned long request, unsigned long arg) { return ioctl(fd, request, arg); }
+/* An ioctl a caught signal interrupted is issued again, as Python does for its own system
+   calls (PEP 475): KVM_CREATE_VM, for one, fails with EINTR when a signal with a handler
+   arrives during it. Not KVM_RUN: its EINTR is a result (a kick, or a signal to act on). */
+static int kvmpy_ioctl(int fd, unsigned long request, unsigned long arg)
+{
+    int r;
+
+    do
+        r = ioctl(fd, request, arg);
+    while (r < 0 && errno == EINTR && request != KVM_RUN);
+    return r;
+}
+int kvmpy_ioctl_ptr(int fd, unsigned long request, void *arg) { return kvmpy_ioctl(fd, request, (unsigned long)arg); }
+int kvmpy_ioctl_int(int fd, unsigned long request, unsigned long arg) { return kvmpy_ioctl(fd, request, arg); }
 /* KVM_RUN gets its own entry point so the GIL is released for the whole guest run. */
 int kvmpy_vcpu_run(int fd) { return ioctl(fd, KVM_RUN, 0); }
 
