@@ -20,6 +20,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable, List
 
+from kvmpy import faults
 from kvmpy.selftest.runner import pytest_command, selftests_dir
 
 COLLECT_TIMEOUT = 120.0
@@ -52,7 +53,8 @@ def _rewrite_tests(suite: Path) -> bool:
     with tempfile.TemporaryDirectory(prefix="kvmpy-collect-") as tmp:
         cmd = pytest_command(os.path.join(tmp, "results.json"), None, None, ["--collect-only", "-q"],
                              suite=suite)
-        env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+        # Bytecode written, and no injected fault: this is a build step, not a test run.
+        env = {k: v for k, v in os.environ.items() if k not in ("PYTHONDONTWRITEBYTECODE", faults.ENV)}
         try:
             proc = subprocess.run(cmd, env=env, cwd=str(suite.parent), stdin=subprocess.DEVNULL,
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
