@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import signal
 import xml.etree.ElementTree as ET
+from pathlib import Path
 
 import pytest
 
@@ -127,9 +128,9 @@ def test_merge_refuses_a_row_from_two_runs(tmp_path):
 
 def test_merge_refuses_a_shard_that_ran_another_slice(tmp_path):
     path = _doc(tmp_path, "a", 1, 2)
-    doc = json.loads(open(path).read())
+    doc = json.loads(Path(path).read_text())
     doc["shard"]["rows"] = ROWS[:3]
-    open(path, "w").write(json.dumps(doc))
+    Path(path).write_text(json.dumps(doc))
     with pytest.raises(merge.MergeError, match=r"shard 1/2 ran rows .* but 1/2 of its run is"):
         merge.merge([merge.load(path), merge.load(_doc(tmp_path, "b", 2, 2))])
 
