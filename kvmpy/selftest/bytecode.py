@@ -3,8 +3,8 @@
 Inside the QEMU bed the host's tree is read over 9p, and whatever Python writes there goes
 to an overlay that dies with the boot: without .pyc files on the host, every boot compiles
 kvmpy's modules and pytest rewrites the asserts of every test module again, under TCG
-(about 10 s of each boot's start, measured with cProfile inside the bed). Compiled here,
-natively, it takes about a second, and nothing when up to date.
+(about 10 s of each boot's start, measured with cProfile inside the bed). Done here,
+natively, it takes about a second (the collection; compiling skips what is up to date).
 
 What is written is what Python itself writes next to its sources (``__pycache__``, ignored
 by git), and the bed checks it as Python does (mtime and size; pytest's by source hash), so
