@@ -21,6 +21,7 @@ from kvmpy.errors import RequirementError
 from kvmpy.kvm import Kvm
 from kvmpy.memory import PAGE_1G, PAGE_2M, hugetlb_pool, read_sysfs, thp_mode
 from kvmpy.mmu_probe import LevelProbe, MmuProbeError
+from kvmpy.mmu_params import MmuFlavour, flavour_of, param_on
 from kvmpy.x86 import cpu
 
 VENDOR_MODULES = ("kvm_intel", "kvm_amd", "kvm_pvm")
@@ -39,11 +40,6 @@ CAPS = [
     ("KVM_CAP_VM_TYPES", "bitmask of VM types (0 before 6.7)"),
     ("KVM_CAP_USER_MEMORY2", "KVM_SET_USER_MEMORY_REGION2 (6.8+)"),
 ]
-
-
-def param_on(value: str | None) -> bool:
-    """True for a boolean module parameter that is on ("Y", "y" or "1")."""
-    return value in ("Y", "y", "1")
 
 
 def module_params(module: str) -> dict[str, str] | None:
@@ -186,60 +182,13 @@ def require_nested_guest(kvm: Kvm, vendor: str) -> None:
                                f"load {module} with {param}=1")
 
 
-@dataclass(frozen=True)
-class MmuFlavour:
-    """Which of KVM's MMUs backs a VM created now, from the module parameters."""
-
-    vendor_module: str
-    tdp: bool                   # two-dimensional paging (NPT/EPT) in use
-    tdp_mmu: bool               # the TDP MMU (tdp_mmu.c) handles this VM
-    eager_page_split: bool
-    tdp_mmu_param: str = "?"
-    # kvm.nx_huge_pages (the iTLB-multihit workaround): before v6.2 it kept the shadow MMU
-    # from mapping huge again over an emptied table (selftests/kernel_changes.py).
-    nx_huge_pages: bool = False
-
-    @property
-    def has_tdp(self) -> bool:
-        """Whether the vendor module can use TDP at all (kvm_pvm always shadows guest page tables)."""
-        return self.vendor_module in TDP_PARAM
-
-    @property
-    def name(self) -> str:
-        if self.tdp_mmu:
-            return "TDP MMU"
-        if not self.has_tdp:
-            return f"shadow MMU, no TDP ({self.vendor_module})"
-        return "shadow MMU over TDP" if self.tdp else "shadow MMU with shadow paging (TDP off)"
-
-    @property
-    def tdp_param(self) -> str:
-        """The vendor module's TDP parameter: kvm_amd.npt or kvm_intel.ept ('' without TDP)."""
-        return f"{self.vendor_module}.{TDP_PARAM[self.vendor_module]}" if self.has_tdp else ""
-
-    @property
-    def params(self) -> str:
-        tdp = f"{self.tdp_param}={'Y' if self.tdp else 'N'} " if self.has_tdp else ""
-        return (f"{tdp}kvm.tdp_mmu={self.tdp_mmu_param} kvm.eager_page_split={'Y' if self.eager_page_split else 'N'} "
-                f"kvm.nx_huge_pages={'Y' if self.nx_huge_pages else 'N'}")
-
-
-# The vendor modules that can use two-dimensional paging, and the parameter that turns it on.
-TDP_PARAM = {"kvm_amd": "npt", "kvm_intel": "ept"}
-
-
 def mmu_flavour() -> MmuFlavour:
     """The MMU a VM created now gets; RequirementError when the vendor module is unknown."""
     vendor = loaded_vendor_module()
     if vendor not in VENDOR_MODULES:
         raise RequirementError(f"MMU flavour unknown: vendor module is {vendor or 'not loaded'} "
                                f"(need one of {', '.join(VENDOR_MODULES)})")
-    kvm = module_params("kvm") or {}
-    vp = module_params(vendor) or {}
-    tdp = vendor in TDP_PARAM and param_on(vp.get(TDP_PARAM[vendor]))
-    # kvm.tdp_mmu reads Y even with npt=0/ept=0: the TDP MMU needs TDP too.
-    return MmuFlavour(vendor, tdp, tdp and param_on(kvm.get("tdp_mmu")), param_on(kvm.get("eager_page_split")),
-                      kvm.get("tdp_mmu", "absent"), param_on(kvm.get("nx_huge_pages")))
+    return flavour_of(vendor, module_params("kvm") or {}, module_params(vendor) or {})
 
 
 def require_shadow_paging(cpl: int = 0) -> MmuFlavour:

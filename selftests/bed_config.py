@@ -26,7 +26,7 @@ from kvmpy import bed_mark, hostinfo
 from kvmpy.bed.matrix import CONFIG_ENV, configs_with, normalize
 from kvmpy.bed.testbed import BACKEND_ENV, PARAMS_ENV
 from kvmpy.errors import RequirementError
-from kvmpy.hostinfo import MmuFlavour
+from kvmpy.mmu_params import MmuFlavour
 
 # The bed backend whose machine has each CPU vendor's virtualization extension.
 EXTENSION = {"amd": "SVM", "intel": "VMX"}

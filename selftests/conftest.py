@@ -34,8 +34,8 @@ import pytest
 
 from kvmpy import bed_mark, hostinfo
 from kvmpy.errors import RequirementError
-from kvmpy.hostinfo import MmuFlavour
 from kvmpy.kvm import Kvm
+from kvmpy.mmu_params import MmuFlavour, param_on
 
 from . import bed_config, privilege
 
@@ -142,7 +142,7 @@ def nested(request: pytest.FixtureRequest, kvm: Kvm) -> str:
                                f"{loaded or 'no vendor module'}: run it in {where}")
     hostinfo.require_nested_guest(kvm, cpu_vendor)
     value = (hostinfo.module_params(module) or {}).get(param)
-    if not hostinfo.param_on(value):
+    if not param_on(value):
         raise RequirementError(f"{module} {param}={value}: KVM offers nested {param.upper()} (and runs "
                                f"L2 on its nested MMU) only with {param}=1")
     return vendor

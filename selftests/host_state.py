@@ -20,8 +20,8 @@ import threading
 
 from kvmpy.bed_mark import in_bed
 from kvmpy.errors import KvmError, RequirementError, require
-from kvmpy.hostinfo import param_on
 from kvmpy.memory import Hugetlb, hugetlb_pool, hugetlb_pool_dir, hugetlb_shortfall
+from kvmpy.mmu_params import param_on
 
 from . import bed_config
 

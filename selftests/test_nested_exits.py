@@ -17,7 +17,8 @@ from __future__ import annotations
 
 from kvmpy.guest import stages
 from kvmpy.guest.vm import GuestVm
-from kvmpy.hostinfo import module_params, param_on
+from kvmpy.hostinfo import module_params
+from kvmpy.mmu_params import param_on
 
 # SVM exit codes and NPF EXITINFO1 bits (AMD APM vol. 2, appendix C and 15.25.6).
 SVM_EXIT_HLT = 0x78

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import pytest
 
-from kvmpy.hostinfo import module_params, param_on
+from kvmpy.hostinfo import module_params
+from kvmpy.mmu_params import param_on
 from kvmpy.x86.paging import ENTRIES_PER_TABLE
 
 from .drivers import DATA_SIZE, DATA_SLOT, NestedDirtyGuest

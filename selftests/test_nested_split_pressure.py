@@ -10,8 +10,9 @@ the test moves its own process into a memory cgroup (selftests/memcg.py).
 from __future__ import annotations
 
 from kvmpy.errors import require
-from kvmpy.hostinfo import module_params, param_on
+from kvmpy.hostinfo import module_params
 from kvmpy.memory import PAGE_2M, PAGE_4K
+from kvmpy.mmu_params import param_on
 from kvmpy.x86.paging import ENTRIES_PER_TABLE
 
 from .drivers import DATA_SLOT, NestedDirtyGuest

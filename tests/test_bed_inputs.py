@@ -279,6 +279,23 @@ def test_console_facts_and_machine_facts():
     assert f.to_dict()["kernel_origin"] == "debian:linux-image-6.12"
 
 
+@pytest.mark.parametrize("params,mmu", [
+    ({"kvm_amd.npt": "Y", "kvm.tdp_mmu": "Y"}, "TDP MMU"),
+    ({"kvm_amd.npt": "Y", "kvm.tdp_mmu": "N"}, "shadow MMU over TDP"),
+    # 6.1's shadow row: kvm.tdp_mmu still reads Y, but without NPT there is no TDP MMU.
+    ({"kvm_amd.npt": "0", "kvm.tdp_mmu": "Y"}, "shadow MMU with shadow paging (TDP off)"),
+])
+def test_facts_name_the_mmu_the_parameters_give(params, mmu):
+    facts = BedFacts(backend="qemu", kernel="6.1.0-amd64", vendor_module="kvm_amd", params=params)
+    assert facts.mmu() == mmu
+    assert facts.summary().endswith(f", MMU: {mmu}")
+
+
+def test_facts_without_the_tdp_parameter_name_no_mmu():
+    assert BedFacts(vendor_module="kvm_amd", params={"kvm.tdp_mmu": "Y"}).mmu() == ""
+    assert BedFacts(params={"kvm.tdp_mmu": "Y"}).mmu() == ""
+
+
 def test_init_reports_cpu_model_and_vendor_module(tmp_path):
     (tmp_path / "cpuinfo").write_text("processor\t: 0\nmodel name\t: Fake CPU: v2\nflags\t\t: svm\n")
     (tmp_path / "init").write_text(initramfs.INIT_SCRIPT)

@@ -16,6 +16,7 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 from kvmpy.bed.protocol import BOOT_DONE, MARKER, STATUS_HARNESS_ERROR, BedError
 from kvmpy.bed_mark import CMDLINE_WORD
 from kvmpy.kernel_log import find_splats_in_text
+from kvmpy.mmu_params import TDP_PARAM, flavour_of
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,8 +103,22 @@ class BedFacts:
             machine += f" ({cpu})"
         shown = [f"{key}={self.params[key]}" for key in SUMMARY_PARAMS if key in self.params]
         pools = " ".join(f"{size}:{n}" for size, n in sorted(self.hugepages.items())) or "none"
+        mmu = self.mmu()
         return (f"{machine}, kernel {self.kernel or '?'}, {self.vendor_module or 'no vendor module'}"
-                f"{' ' + ' '.join(shown) if shown else ''}, hugepages {pools}")
+                f"{' ' + ' '.join(shown) if shown else ''}, hugepages {pools}{', MMU: ' + mmu if mmu else ''}")
+
+    def mmu(self) -> str:
+        """The MMU these parameters give a VM, e.g. "TDP MMU" ("" if they do not say): the
+        parameters alone can mislead (6.1 reports kvm.tdp_mmu=Y with kvm_amd.npt=0, shadow paging)."""
+        def of(module: str) -> Dict[str, str]:
+            return {k[len(module) + 1:]: v for k, v in self.params.items() if k.startswith(module + ".")}
+        if not self.vendor_module:
+            return ""
+        vendor = of(self.vendor_module)
+        tdp_param = TDP_PARAM.get(self.vendor_module)
+        if tdp_param and tdp_param not in vendor:     # not reported: TDP on or off is unknown
+            return ""
+        return flavour_of(self.vendor_module, of("kvm"), vendor).name
 
 
 @dataclasses.dataclass
