@@ -29,7 +29,7 @@ import sys
 import sysconfig
 import tempfile
 from pathlib import Path
-from typing import Iterable, List, Optional, Sequence, Set
+from typing import Callable, Iterable, List, Optional, Sequence, Set
 
 from kvmpy.bed.protocol import BedError
 
@@ -164,18 +164,22 @@ class Stage:
                                ddir=str(host_dir))
 
 
-def _pycache_keep(tag: str):
-    # Only this interpreter's plain .pyc (not .opt-1/.opt-2, not other versions).
-    suffix = f".{tag}.pyc"
+def _cache_keep(wanted: Callable[[str], bool]):
+    """A ``keep`` for :meth:`Stage.add_tree`: everything but the files of ``__pycache__``
+    whose names ``wanted`` refuses."""
 
     def keep(rel: str) -> bool:
         if rel.endswith("/"):
             return True
         parts = rel.split("/")
-        if "__pycache__" in parts[:-1]:
-            return parts[-1].endswith(suffix)
-        return True
+        return "__pycache__" not in parts[:-1] or wanted(parts[-1])
     return keep
+
+
+def _pycache_keep(tag: str):
+    # Only this interpreter's plain .pyc (not .opt-1/.opt-2, not other versions).
+    suffix = f".{tag}.pyc"
+    return _cache_keep(lambda name: name.endswith(suffix))
 
 
 def _stdlib_keep(tag: str):
@@ -293,11 +297,7 @@ def _rewritten_keep(tag: str):
     # the bed would rewrite them at each boot, and pytest checks them by source hash, so a
     # copy is as good as the host's. Plain .pyc files are compiled for the stage instead.
     rewritten = f".{tag}-pytest-"
-
-    def keep(rel: str) -> bool:
-        parts = rel.rstrip("/").split("/")
-        return "__pycache__" not in parts[:-1] or (rewritten in parts[-1] and parts[-1].endswith(".pyc"))
-    return keep
+    return _cache_keep(lambda name: rewritten in name and name.endswith(".pyc"))
 
 
 def stage_tree(stage: Stage, src: Path, exclude: Sequence[str] = TREE_EXCLUDE) -> None:
