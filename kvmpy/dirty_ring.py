@@ -6,14 +6,10 @@ entries (``Vm.reset_dirty_rings``); each vCPU maps its own ring at creation.
 from __future__ import annotations
 
 from array import array
-from typing import TYPE_CHECKING
 
 from kvmpy.abi import ffi, lib
 from kvmpy.errors import KvmError
 from kvmpy.memory import PAGE_4K, Mapping, map_memory
-
-if TYPE_CHECKING:
-    from kvmpy.vcpu import Vcpu
 
 GFN_SIZE = ffi.sizeof("struct kvm_dirty_gfn")
 
@@ -48,13 +44,13 @@ class DirtyRing:
     acquire semantics before slot and offset, RESET is stored with release.
     """
 
-    def __init__(self, vcpu: "Vcpu", size_bytes: int) -> None:
-        self.vcpu = vcpu
+    def __init__(self, vcpu_id: int, vcpu_fd: int, size_bytes: int) -> None:
+        """Map the ring of the vCPU ``vcpu_id`` (its fd ``vcpu_fd``): ``size_bytes`` as the VM enabled it."""
         self.size_bytes = size_bytes
         self.nentries = size_bytes // GFN_SIZE
-        what = f"vCPU {vcpu.id}'s dirty ring"
-        self.mapping = Mapping(map_memory(size_bytes, vcpu.fd, lib.KVM_DIRTY_LOG_PAGE_OFFSET * PAGE_4K, what=what),
-                               what=what)
+        self.what = f"vCPU {vcpu_id}'s dirty ring"
+        self.mapping = Mapping(map_memory(size_bytes, vcpu_fd, lib.KVM_DIRTY_LOG_PAGE_OFFSET * PAGE_4K,
+                                          what=self.what), what=self.what)
         self.addr = self.mapping.addr
         self._attach(self.mapping.view())
 
@@ -71,7 +67,7 @@ class DirtyRing:
         try:
             return ffi.from_buffer("struct kvm_dirty_gfn[]", self._view)
         except ValueError:
-            raise KvmError(f"vCPU {self.vcpu.id}'s dirty ring used after close") from None
+            raise KvmError(f"{self.what} used after close") from None
 
     def harvest_arrays(self, limit: int | None = None) -> Harvest:
         """Collect the published entries (at most ``limit``) and mark them for reset; the bulk

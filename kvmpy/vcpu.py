@@ -69,7 +69,7 @@ class Vcpu:
         self._exit_page = exits.RunPage(self._run_page)
         if vm.dirty_ring_size:
             try:
-                self.dirty_ring = DirtyRing(self, vm.dirty_ring_size)
+                self.dirty_ring = DirtyRing(vcpu_id, fd, vm.dirty_ring_size)
             except BaseException:
                 self.close()
                 raise
