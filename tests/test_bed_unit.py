@@ -91,13 +91,56 @@ def test_fetch_debian_falls_back_to_cache_without_apt(tmp_path, monkeypatch):
     def no_apt(line):
         raise BedError("apt-cache: no lists")
 
+    refreshes = []
     monkeypatch.setattr(debian, "debian_package", no_apt)
+    monkeypatch.setattr(debian, "refresh_apt_lists", lambda log, why: refreshes.append(why) and False)
     notes = []
     k = debian.fetch_debian("6.12", cache=tmp_path, log=notes.append)
     assert k.release == "6.12.5+deb12-amd64"
+    assert refreshes == ["apt-cache: no lists"]     # the lists were offered a refresh first
     assert "using the cached linux-image-6.12.5+deb12-amd64-unsigned" in notes[0]
     with pytest.raises(BedError, match="no lists"):
         debian.fetch_debian("6.1", cache=tmp_path)
+
+
+def test_fetch_debian_refreshes_stale_apt_lists_and_asks_again(tmp_path, monkeypatch):
+    # A machine image's lists know no 6.12 kernel; after apt-get update they do.
+    lists = {"fresh": False}
+    fetched = []
+
+    def package(line):
+        if not lists["fresh"]:
+            raise BedError("no linux-image-6.12.N+debNN-amd64-unsigned package is known to apt")
+        return "linux-image-6.12.9+deb12-amd64-unsigned"
+
+    def refresh(log, why):
+        lists["fresh"] = True
+        return True
+
+    monkeypatch.setattr(debian, "debian_package", package)
+    monkeypatch.setattr(debian, "refresh_apt_lists", refresh)
+    monkeypatch.setattr(debian, "_fetch_package", lambda p, cache, log: fetched.append(p) or p)
+    assert debian.fetch_debian("6.12", cache=tmp_path) == "linux-image-6.12.9+deb12-amd64-unsigned"
+    assert fetched == ["linux-image-6.12.9+deb12-amd64-unsigned"]
+
+
+def test_refresh_apt_lists_needs_root_or_sudo(monkeypatch):
+    ran, notes = [], []
+    monkeypatch.setattr(debian, "_run", lambda cmd, **kw: ran.append(cmd) or "")
+    monkeypatch.setattr(debian.os, "geteuid", lambda: 1000)
+    monkeypatch.setattr(debian.shutil, "which", lambda tool: None)
+    assert not debian.refresh_apt_lists(notes.append, why="unknown package")
+    assert ran == [] and "run apt-get update" in notes[-1]
+    monkeypatch.setattr(debian.shutil, "which", lambda tool: "/usr/bin/sudo")
+    assert debian.refresh_apt_lists(notes.append, why="unknown package")
+    assert ran == [["sudo", "-n", "apt-get", "update", "-qq"]]
+
+    def refused(cmd, **kw):
+        raise BedError("sudo: a password is required")
+
+    monkeypatch.setattr(debian, "_run", refused)
+    assert not debian.refresh_apt_lists(notes.append, why="unknown package")
+    assert "a password is required" in notes[-1]
 
 
 # --- the init script ----------------------------------------------------------

@@ -22,6 +22,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from kvmpy.bed.debian import refresh_apt_lists
+
 CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "kvmpy" / "bench"
 HERE = Path(__file__).resolve().parent
 PEER_SRC = HERE / "peer.c"
@@ -68,8 +70,14 @@ def fetch_deb(package: str, cache: Path = CACHE) -> Path:
     if found:
         return found[-1]
     log(f"apt-get download {package} (into {cache})")
-    _run(["apt-get", "download", package], f"downloading {package} (is it in your apt sources? "
-         f"`apt-cache policy {package}`)", cwd=cache)
+    what = f"downloading {package} (is it in your apt sources? `apt-cache policy {package}`)"
+    try:
+        _run(["apt-get", "download", package], what, cwd=cache)
+    except BuildError as e:
+        # A machine image's stale lists may not know the package (or its current file).
+        if not refresh_apt_lists(log, why=str(e).splitlines()[0]):
+            raise
+        _run(["apt-get", "download", package], what, cwd=cache)
     found = sorted(cache.glob(f"{package}_*.deb"))
     if not found:
         raise BuildError(f"apt-get download {package} left no {package}_*.deb in {cache}")

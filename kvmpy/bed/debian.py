@@ -2,13 +2,17 @@
 
 ``apt-get download`` puts the newest kernel image package of a line (6.12 or
 6.1) into the user cache directory and ``dpkg-deb -x`` unpacks it; nothing is
-installed on the host.  Offline, the newest kernel of that line already in
+installed on the host.  When apt's lists are stale (a machine image's lists
+know no 6.12 kernel, or name a file the mirror dropped at a point release),
+they are refreshed once with ``apt-get update`` where this user may, and the
+fetch is tried again.  Offline, the newest kernel of that line already in
 the cache is used.
 """
 
 from __future__ import annotations
 
 import fcntl
+import os
 import re
 import shutil
 import subprocess
@@ -71,18 +75,50 @@ def fetch_debian(line: str = DEFAULT_LINE, cache: Optional[Path] = None,
                  log=lambda msg: None) -> Kernel:
     """Download and unpack the newest Debian kernel of ``line``; idempotent.
 
-    Without apt metadata (offline, lists cleaned) the newest kernel of that
-    line already in the cache is used.
+    If apt cannot name or download it, apt's lists are refreshed (once, where
+    this user may) and it is tried again; failing that, the newest kernel of
+    that line already in the cache is used.
     """
     cache = cache or cache_dir()
     try:
-        package = debian_package(line)
+        return _fetch_package(debian_package(line), cache, log)
     except BedError as exc:
-        cached = _cached_packages(cache, line)
-        if not cached:
-            raise
-        package = cached[-1]
-        log(f"{exc}; using the cached {package}")
+        failure = exc
+    if refresh_apt_lists(log, why=str(failure)):
+        try:
+            return _fetch_package(debian_package(line), cache, log)
+        except BedError as exc:
+            failure = exc
+    cached = _cached_packages(cache, line)
+    if not cached:
+        raise failure
+    log(f"{failure}; using the cached {cached[-1]}")
+    return _fetch_package(cached[-1], cache, log)
+
+
+def refresh_apt_lists(log=lambda msg: None, why: str = "") -> bool:
+    """``apt-get update`` as root, or through ``sudo -n``; True if the lists were refreshed.
+
+    For a package apt could not name or fetch (``why``); False, with a note, when
+    this user may not update or the update failed.
+    """
+    if os.geteuid() == 0:
+        cmd = ["apt-get", "update", "-qq"]
+    elif shutil.which("sudo"):
+        cmd = ["sudo", "-n", "apt-get", "update", "-qq"]
+    else:
+        log(f"{why}; not root and no sudo, so apt's lists stay as they are (run apt-get update)")
+        return False
+    log(f"{why}; refreshing apt's lists: {' '.join(cmd)}")
+    try:
+        _run(cmd)
+    except BedError as exc:
+        log(f"{exc}; going on with the lists there are")
+        return False
+    return True
+
+
+def _fetch_package(package: str, cache: Path, log) -> Kernel:
     root = cache / "kernels" / package
     root.parent.mkdir(parents=True, exist_ok=True)
     # Several beds may set up at once: one fetches, the others wait for it.
