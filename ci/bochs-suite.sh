@@ -14,11 +14,13 @@
 # timer VM exit reaches KVM, with or without kvm_intel.preemption_timer), so the host thread
 # that would kick it never runs and the boot hangs to its timeout. They pass on this host and
 # in the QEMU bed, with 1 or 2 CPUs.
+#
+# --jobs 1: this runs beside the host steps and the QEMU suite (.ci/run), one emulator per core.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 status=0
-.venv/bin/kvmpy selftest --bed --backend bochs \
+.venv/bin/kvmpy selftest --bed --backend bochs --jobs 1 \
 	-k 'guest_runtime and not test_timeout_stops_the_vcpu and not test_vcpu_waiting_forever and not test_triple_fault' \
 	--junit results/bochs-runtime-junit.xml || status=1
-.venv/bin/kvmpy selftest --bed --backend bochs -k 'nested and vmx' --junit results/bochs-nested-junit.xml || status=1
+.venv/bin/kvmpy selftest --bed --backend bochs --jobs 1 -k 'nested and vmx' --junit results/bochs-nested-junit.xml || status=1
 exit $status

@@ -49,10 +49,11 @@ def _add_selftest(sub) -> None:
         bed.add_argument("--param", action="append", metavar="MODULE.PARAM=VALUE",
                          help="a module parameter (repeatable)"),
         bed.add_argument("--timeout", type=float, help="seconds per boot"),
-        bed.add_argument("--jobs", type=_positive_int, metavar="N",
+        bed.add_argument("--jobs", type=_jobs, metavar="N|auto",
                          help="boot up to N rows at once, one emulator each (bounded by CPUs and free "
                               "memory; the report is the same as with --jobs 1); a run of one row "
-                              "splits its tests over N boots"),
+                              "splits its tests over N boots. Default auto: one per CPU, as many as "
+                              "free memory holds; --jobs 1 boots one at a time"),
         bed.add_argument("--shard", metavar="K/N",
                          help="run only the K-th of N slices of the rows (kernel x configuration x backend), "
                               "for a CI matrix; join the --json reports with `kvmpy report merge`"),
@@ -73,6 +74,11 @@ def _positive_int(text: str) -> int:
     if n < 1:
         raise argparse.ArgumentTypeError(f"{text!r}: a whole number, at least 1")
     return n
+
+
+def _jobs(text: str) -> int | str:
+    """``--jobs``: a whole number at least 1, or "auto" (as many as the machine holds)."""
+    return "auto" if text == "auto" else _positive_int(text)
 
 
 # Why a host run has no shards: its one row is this host's KVM.

@@ -148,7 +148,7 @@ class FakeBed(Backend):
 def bed_args(tmp_path, **over):
     """`kvmpy selftest --bed --matrix` arguments (``over`` changes some)."""
     args = dict(matrix=True, keyword=None, pytest_args=[], junit=str(tmp_path / "j.xml"), param=[], backend=None,
-                kernel_version=None, kernel=None, modules=None, accel="tcg", timeout=None, jobs=None, shard=None)
+                kernel_version=None, kernel=None, modules=None, accel="tcg", timeout=None, jobs=1, shard=None)
     return argparse.Namespace(**{**args, **over})
 
 

@@ -129,5 +129,9 @@ def test_no_machine_starts_once_a_stop_began():
 
 
 def test_jobs_needs_the_bed(capsys):
-    assert cli.main(["selftest", "--jobs", "2"]) == 2
-    assert "--jobs: test bed option, ignored without --bed" in capsys.readouterr().err
+    for jobs in ("2", "auto"):
+        assert cli.main(["selftest", "--jobs", jobs]) == 2
+        assert "--jobs: test bed option, ignored without --bed" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["selftest", "--bed", "--jobs", "many"])
+    assert "'many': a whole number, at least 1" in capsys.readouterr().err

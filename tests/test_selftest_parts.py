@@ -82,8 +82,9 @@ def test_parts_on_different_configurations_are_a_harness_error():
 
 
 def _part_results(backend, request):
-    """A fake boot that runs its part of tests a..e (the part read from the job's command)."""
-    k, n = map(int, re.search(r"--kvmpy-part=(\d+)/(\d+)", " ".join(request.command)).groups())
+    """A fake boot that runs its part of tests a..e (the part read from the job's command; all without one)."""
+    part = re.search(r"--kvmpy-part=(\d+)/(\d+)", " ".join(request.command))
+    k, n = map(int, part.groups()) if part else (1, 1)
     tests = [_t(x) for x in "abcde"[k - 1::n]]
     facts = BedFacts(backend="fake", cpu="max", kernel=backend.kernel.release, vendor_module="kvm_amd",
                      params={}, hugepages={})
@@ -111,3 +112,20 @@ def test_one_row_on_one_cpu_is_one_boot(beds, tmp_path, monkeypatch):
     monkeypatch.setattr(parallel, "cpus", lambda: 1)
     runs = bed_runner.run(bed_args(tmp_path, matrix=False, jobs=2, junit=None), quiet=True)
     assert len(seen) == 1 and "--kvmpy-part" not in " ".join(seen[0].command) and runs[0].tests
+
+
+def test_without_jobs_one_row_boots_once_per_cpu_that_memory_holds(beds, tmp_path, monkeypatch, capsys):
+    # The default (auto): each emulator runs on one host thread, so one boot per CPU.
+    seen, opts = beds
+    opts["hook"] = _part_results
+    monkeypatch.setattr(parallel, "cpus", lambda: 2)
+    monkeypatch.setattr(parallel, "available_memory", lambda: 64 << 30)
+    runs = bed_runner.run(bed_args(tmp_path, matrix=False, jobs=None, junit=None), quiet=True)
+    assert len(seen) == 2 and [t["nodeid"][-1] for t in runs[0].tests] == list("abcde")
+    # Memory for one bed only: one boot, and the note says why.
+    seen.clear()
+    monkeypatch.setattr(parallel, "available_memory", lambda: 4 << 30)
+    runs = bed_runner.run(bed_args(tmp_path, matrix=False, jobs="auto", junit=None), quiet=True)
+    assert len(seen) == 1 and "--kvmpy-part" not in " ".join(seen[0].command) and len(runs[0].tests) == 5
+    assert "--jobs auto (2 CPUs): running 1 at once (4.0 GiB of available memory holds 1 bed(s)" \
+        in capsys.readouterr().err

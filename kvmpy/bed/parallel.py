@@ -43,12 +43,14 @@ def cpus() -> int:
         return os.cpu_count() or 1
 
 
-def bound_jobs(asked: int, rows: int, guest_bytes: int, ncpus: int, avail: int) -> Tuple[int, str]:
+def bound_jobs(asked: int, rows: int, guest_bytes: int, ncpus: int, avail: int,
+               label: str = "") -> Tuple[int, str]:
     """How many rows to run at once for ``--jobs asked``, and why fewer ('' when ``asked`` it is).
 
     At most one emulator per CPU (each runs a guest with its vCPUs flat out), as many as
     ``avail`` bytes of free memory hold (guest RAM + :data:`EMULATOR_OVERHEAD` each; unknown
-    memory bounds nothing), and no more than there are rows.
+    memory bounds nothing), and no more than there are rows. ``label`` names the request in
+    the reason (default ``--jobs ASKED``).
     """
     per_bed = guest_bytes + EMULATOR_OVERHEAD
     limits = [(ncpus, f"{ncpus} CPU{'s' if ncpus != 1 else ''}")]
@@ -59,7 +61,7 @@ def bound_jobs(asked: int, rows: int, guest_bytes: int, ncpus: int, avail: int) 
     n, why = min(limits, key=lambda lim: lim[0])
     if n >= asked:
         return asked, ""
-    return max(1, n), f"--jobs {asked}: running {max(1, n)} at once ({why})"
+    return max(1, n), f"{label or f'--jobs {asked}'}: running {max(1, n)} at once ({why})"
 
 
 def run_in_order(count: int, work: Callable[[int], T], jobs: int,

@@ -174,8 +174,8 @@ def run(args, quiet: bool = False, pairs: List[Pair] | None = None) -> List[RunR
 
     ``pairs``: what :func:`plan` chose (default: plan it here; a shard's rows only).
     With ``quiet`` (JSON or KTAP on stdout) pytest's lines from the bed go to stderr, like the
-    progress notes, and no matrix table is printed. ``args.jobs`` rows boot at once, as many
-    as this machine's CPUs and memory hold (:func:`kvmpy.bed.parallel.bound_jobs`); with a
+    progress notes, and no matrix table is printed. ``args.jobs`` rows (default: auto) boot at
+    once, as many as this machine's CPUs and memory hold (:func:`kvmpy.bed.parallel.bound_jobs`); with a
     single row, that many boots share its tests (:func:`_run_parts`).
     """
     from kvmpy.guest import programs
@@ -274,13 +274,18 @@ def _run_parts(args, pair: Pair, nparts: int, stream, log: Callable[[str], None]
 
 
 def _at_once(args, pairs: List[Pair], units: int | None, log: Callable[[str], None]) -> int:
-    """How many boots run at once: ``--jobs``, bounded by CPUs, free memory and ``units`` (the rows;
-    None: the asked number of parts of one row), said when it is fewer."""
-    asked = getattr(args, "jobs", None) or 1
+    """How many boots run at once: ``--jobs`` (default auto: one per CPU), bounded by CPUs, free
+    memory and ``units`` (the rows; None: the asked number of parts of one row), said when it is fewer."""
+    asked = getattr(args, "jobs", None) or "auto"
+    label = ""
+    if asked == "auto":
+        # Each emulator runs its guest on one host thread: one boot leaves the other CPUs idle.
+        asked = parallel.cpus()
+        label = f"--jobs auto ({asked} CPU{'s' if asked != 1 else ''})"
     if asked <= 1:
         return 1
     guest = max(megabytes(bed.options.mem) for bed, _ in pairs) << 20
-    n, why = parallel.bound_jobs(asked, units or asked, guest, parallel.cpus(), parallel.available_memory())
+    n, why = parallel.bound_jobs(asked, units or asked, guest, parallel.cpus(), parallel.available_memory(), label)
     if why:
         log(why)
     return n
