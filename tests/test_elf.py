@@ -123,3 +123,50 @@ def test_symbolize(tmp_path, globals_elf):
     main = elf.symbol("guest_main")
     assert elf.symbolize(main.addr + 4) == "guest_main+0x4"
     assert elf.symbolize(0x10) == "0x10"
+
+
+def _symtab_header(raw: bytes) -> int:
+    """File offset of .symtab's section header, found by hand (sh_type SHT_SYMTAB = 2)."""
+    e_shoff, = struct.unpack_from("<Q", raw, 40)
+    e_shentsize, e_shnum = struct.unpack_from("<HH", raw, 58)
+    for i in range(e_shnum):
+        if struct.unpack_from("<I", raw, e_shoff + i * e_shentsize + 4)[0] == 2:
+            return e_shoff + i * e_shentsize
+    raise AssertionError("no .symtab")
+
+
+def test_symbols_are_those_pyelftools_reads_for_every_guest_program(globals_elf):
+    import io
+
+    from elftools.elf.elffile import ELFFile
+
+    paths = sorted(programs.find("globals").parent.glob("*.elf"))
+    assert len(paths) > 10
+    for path in paths:
+        symtab = ELFFile(io.BytesIO(path.read_bytes())).get_section_by_name(".symtab")
+        want = {s.name: (s["st_value"], s["st_size"], s["st_info"]["type"]) for s in symtab.iter_symbols()
+                if s.name and s["st_shndx"] != "SHN_UNDEF"}
+        got = {n: (s.addr, s.size, s.type) for n, s in GuestElf(path).symbols.items()}
+        assert got == want, path.name
+        assert {"STT_FUNC", "STT_OBJECT"} <= {t for _, _, t in got.values()}
+
+
+@pytest.mark.parametrize("field,value,match", [
+    (56, 8, "corrupt .symtab: entry size 8"),                   # sh_entsize
+    (56, 16, "truncated or corrupt ELF: Expected section size to be a multiple of entry size"),  # pyelftools'
+    (32, 24 << 36, "truncated ELF: .symtab or its string table"),  # sh_size
+])
+def test_a_corrupt_symbol_table_is_named(tmp_path, globals_elf, field, value, match):
+    bad = bytearray(globals_elf)
+    struct.pack_into("<Q", bad, _symtab_header(globals_elf) + field, value)
+    with pytest.raises(ElfError, match=match):
+        GuestElf(write(tmp_path, bytes(bad)))
+
+
+def test_a_symbol_name_outside_its_string_table_is_named(tmp_path, globals_elf):
+    bad = bytearray(globals_elf)
+    sh = _symtab_header(globals_elf)
+    sym_off, = struct.unpack_from("<Q", bad, sh + 24)
+    struct.pack_into("<I", bad, sym_off + 24, 1 << 30)   # the second symbol's st_name
+    with pytest.raises(ElfError, match="corrupt .symtab: a name at 0x40000000 outside its string table"):
+        GuestElf(write(tmp_path, bytes(bad)))
