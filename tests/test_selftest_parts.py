@@ -7,6 +7,7 @@ import re
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
+from types import SimpleNamespace
 
 import pytest
 
@@ -129,3 +130,16 @@ def test_without_jobs_one_row_boots_once_per_cpu_that_memory_holds(beds, tmp_pat
     assert len(seen) == 1 and "--kvmpy-part" not in " ".join(seen[0].command) and len(runs[0].tests) == 5
     assert "--jobs auto (2 CPUs): running 1 at once (4.0 GiB of available memory holds 1 bed(s)" \
         in capsys.readouterr().err
+
+
+def test_auto_splits_one_row_in_at_most_auto_parts_but_runs_matrix_rows_by_cpu(beds, tmp_path, monkeypatch):
+    seen, opts = beds
+    opts["hook"] = _part_results
+    monkeypatch.setattr(parallel, "cpus", lambda: 64)
+    monkeypatch.setattr(parallel, "available_memory", lambda: 1 << 40)
+    runs = bed_runner.run(bed_args(tmp_path, matrix=False, jobs=None, junit=None), quiet=True)
+    assert len(seen) == bed_runner.AUTO_PARTS == 4 and [t["nodeid"][-1] for t in runs[0].tests] == list("abcde")
+    # Matrix rows are no parts: auto runs as many as the CPUs (and memory) hold.
+    bed = SimpleNamespace(options=SimpleNamespace(mem="2G"))
+    assert bed_runner._at_once(bed_args(tmp_path, jobs=None), [(bed, None)] * 8, 8, print) == 8
+    assert bed_runner._at_once(bed_args(tmp_path, jobs=None), [(bed, None)] * 80, 80, print) == 64

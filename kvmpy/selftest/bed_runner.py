@@ -273,15 +273,23 @@ def _run_parts(args, pair: Pair, nparts: int, stream, log: Callable[[str], None]
     return [run]
 
 
+#: Parts of one row that ``--jobs auto`` boots at most: each boot costs about 30 s before its
+#: first test, and the suite's longest test takes about 40 s in the QEMU bed, so more parts
+#: than this shorten nothing and cost a boot (and its memory) each.
+AUTO_PARTS = 4
+
+
 def _at_once(args, pairs: List[Pair], units: int | None, log: Callable[[str], None]) -> int:
-    """How many boots run at once: ``--jobs`` (default auto: one per CPU), bounded by CPUs, free
-    memory and ``units`` (the rows; None: the asked number of parts of one row), said when it is fewer."""
+    """How many boots run at once: ``--jobs`` (default auto: one per CPU, and at most
+    :data:`AUTO_PARTS` parts of one row), bounded by CPUs, free memory and ``units`` (the rows;
+    None: the asked number of parts of one row), said when it is fewer."""
     asked = getattr(args, "jobs", None) or "auto"
     label = ""
     if asked == "auto":
         # Each emulator runs its guest on one host thread: one boot leaves the other CPUs idle.
-        asked = parallel.cpus()
-        label = f"--jobs auto ({asked} CPU{'s' if asked != 1 else ''})"
+        ncpus = parallel.cpus()
+        asked = ncpus if units else min(ncpus, AUTO_PARTS)
+        label = f"--jobs auto ({ncpus} CPU{'s' if ncpus != 1 else ''})"
     if asked <= 1:
         return 1
     guest = max(megabytes(bed.options.mem) for bed, _ in pairs) << 20
