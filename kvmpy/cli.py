@@ -53,7 +53,7 @@ def _add_selftest(sub) -> None:
                          help="boot up to N rows at once, one emulator each (bounded by CPUs and free "
                               "memory; the report is the same as with --jobs 1); a run of one row "
                               "splits its tests over N boots. Default auto: one per CPU, as many as "
-                              "free memory holds; --jobs 1 boots one at a time"),
+                              "free memory holds (one row: at most 4 boots); --jobs 1 boots one at a time"),
         bed.add_argument("--shard", metavar="K/N",
                          help="run only the K-th of N slices of the rows (kernel x configuration x backend), "
                               "for a CI matrix; join the --json reports with `kvmpy report merge`"),
