@@ -89,7 +89,7 @@ def test_fetch_debian_falls_back_to_cache_without_apt(tmp_path, monkeypatch):
     (root / ".complete").write_text("x")
 
     def no_apt(line):
-        raise BedError("apt-cache: no lists")
+        raise debian.AptError("apt-cache: no lists")
 
     refreshes = []
     monkeypatch.setattr(debian, "debian_package", no_apt)
@@ -110,7 +110,7 @@ def test_fetch_debian_refreshes_stale_apt_lists_and_asks_again(tmp_path, monkeyp
 
     def package(line):
         if not lists["fresh"]:
-            raise BedError("no linux-image-6.12.N+debNN-amd64-unsigned package is known to apt")
+            raise debian.AptError("no linux-image-6.12.N+debNN-amd64-unsigned package is known to apt")
         return "linux-image-6.12.9+deb12-amd64-unsigned"
 
     def refresh(log, why):
@@ -122,6 +122,17 @@ def test_fetch_debian_refreshes_stale_apt_lists_and_asks_again(tmp_path, monkeyp
     monkeypatch.setattr(debian, "_fetch_package", lambda p, cache, log: fetched.append(p) or p)
     assert debian.fetch_debian("6.12", cache=tmp_path) == "linux-image-6.12.9+deb12-amd64-unsigned"
     assert fetched == ["linux-image-6.12.9+deb12-amd64-unsigned"]
+    # What fresh lists cannot mend (here: unpacking) refreshes nothing.
+    lists["fresh"] = False
+    monkeypatch.setattr(debian, "debian_package", lambda line: "linux-image-6.12.9+deb12-amd64-unsigned")
+
+    def unpack_fails(p, cache, log):
+        raise BedError("dpkg-deb -x failed (2): corrupt archive")
+
+    monkeypatch.setattr(debian, "_fetch_package", unpack_fails)
+    with pytest.raises(BedError, match="corrupt archive"):
+        debian.fetch_debian("6.12", cache=tmp_path)
+    assert not lists["fresh"]
 
 
 def test_refresh_apt_lists_needs_root_or_sudo(monkeypatch):

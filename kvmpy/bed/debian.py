@@ -32,7 +32,12 @@ DEFAULT_LINE = "6.12"
 _TOOL_TIMEOUT = 900  # apt-get download of ~100 MB on a slow mirror
 
 
+class AptError(BedError):
+    """apt could not name or fetch a package: what refreshed lists may mend."""
+
+
 def _run(cmd: Sequence[str], cwd: Optional[Path] = None, timeout: float = _TOOL_TIMEOUT) -> str:
+    error = AptError if cmd[0] in ("apt-get", "apt-cache") else BedError
     try:
         proc = subprocess.run(
             list(cmd), cwd=cwd, capture_output=True, text=True, timeout=timeout
@@ -40,9 +45,9 @@ def _run(cmd: Sequence[str], cwd: Optional[Path] = None, timeout: float = _TOOL_
     except FileNotFoundError as exc:
         raise BedError(f"{cmd[0]} not found: {exc}") from None
     except subprocess.TimeoutExpired:
-        raise BedError(f"{' '.join(cmd)} timed out after {timeout:.0f}s") from None
+        raise error(f"{' '.join(cmd)} timed out after {timeout:.0f}s") from None
     if proc.returncode != 0:
-        raise BedError(f"{' '.join(cmd)} failed ({proc.returncode}): {proc.stderr.strip()[-2000:]}")
+        raise error(f"{' '.join(cmd)} failed ({proc.returncode}): {proc.stderr.strip()[-2000:]}")
     return proc.stdout
 
 
@@ -56,14 +61,14 @@ def debian_package(line: str = DEFAULT_LINE) -> str:
         out = _run(["apt-cache", "depends", "linux-image-amd64"], timeout=60)
         m = re.search(r"Depends:\s*(linux-image-6\.1\.\S+-amd64)\b", out)
         if not m:
-            raise BedError("apt-cache depends linux-image-amd64 names no 6.1 kernel; run apt-get update")
+            raise AptError("apt-cache depends linux-image-amd64 names no 6.1 kernel; run apt-get update")
         return m.group(1)
     if line == "6.12":
         pattern = r"^linux-image-6\.12\.[0-9]+\+deb[0-9]+-amd64-unsigned$"
         out = _run(["apt-cache", "search", "--names-only", pattern], timeout=60)
         names = [l.split(" ", 1)[0] for l in out.splitlines() if l.strip()]
         if not names:
-            raise BedError(
+            raise AptError(
                 "no linux-image-6.12.N+debNN-amd64-unsigned package is known to apt; "
                 "run apt-get update (bookworm-backports or the bookworm 6.12 line is needed)"
             )
@@ -76,15 +81,15 @@ def fetch_debian(line: str = DEFAULT_LINE, cache: Optional[Path] = None,
     """Download and unpack the newest Debian kernel of ``line``; idempotent.
 
     If apt cannot name or download it, apt's lists are refreshed (once, where
-    this user may) and it is tried again; failing that, the newest kernel of
-    that line already in the cache is used.
+    this user may) and it is tried again; failing that (or unpacking it), the
+    newest kernel of that line already in the cache is used.
     """
     cache = cache or cache_dir()
     try:
         return _fetch_package(debian_package(line), cache, log)
     except BedError as exc:
         failure = exc
-    if refresh_apt_lists(log, why=str(failure)):
+    if isinstance(failure, AptError) and refresh_apt_lists(log, why=str(failure)):
         try:
             return _fetch_package(debian_package(line), cache, log)
         except BedError as exc:
