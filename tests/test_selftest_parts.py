@@ -143,3 +143,45 @@ def test_auto_splits_one_row_in_at_most_auto_parts_but_runs_matrix_rows_by_cpu(b
     bed = SimpleNamespace(options=SimpleNamespace(mem="2G"))
     assert bed_runner._at_once(bed_args(tmp_path, jobs=None), [(bed, None)] * 8, 8, print) == 8
     assert bed_runner._at_once(bed_args(tmp_path, jobs=None), [(bed, None)] * 80, 80, print) == 64
+
+
+def test_a_stop_while_the_parts_boot_kills_both_machines(beds, tmp_path, monkeypatch):
+    """SIGTERM while the two parts of the default run boot (each a real process standing for its
+    emulator): both die, and the run says the configuration's results are lost (exit 143)."""
+    import os
+    import signal
+    import threading
+
+    from kvmpy import cli
+    from kvmpy.bed import machine
+
+    _, opts = beds
+    monkeypatch.setattr(parallel, "cpus", lambda: 2)
+    monkeypatch.setattr(parallel, "available_memory", lambda: 64 << 30)
+    procs = []
+    lock = threading.Lock()
+
+    def hook(bed, request):
+        proc = machine.start_machine(["sleep", "60"])
+        with lock:
+            procs.append(proc)
+            if len(procs) == 2:
+                signal.pthread_kill(threading.main_thread().ident, signal.SIGTERM)
+        proc.wait()
+        machine.kill_machine(proc)
+        return BedResult(None, "", error="killed")
+
+    opts["hook"] = hook
+    old = signal.signal(signal.SIGTERM, cli._terminate)
+    try:
+        runs = bed_runner.run(bed_args(tmp_path, matrix=False, jobs=None, junit=None), quiet=True)
+    finally:
+        signal.signal(signal.SIGTERM, old)
+        machine.kill_machine(machine.start_machine(["true"]))   # the next run may start machines again
+    assert len(procs) == 2 and all(p.poll() is not None for p in procs), "a machine was left running"
+    for p in procs:
+        with pytest.raises(ProcessLookupError):
+            os.kill(p.pid, 0)
+    assert len(runs) == 1 and runs[0].interrupted == signal.SIGTERM and not runs[0].tests
+    assert "its results are lost" in runs[0].stop_detail
+    assert report.exit_status(runs) == 143
