@@ -5,6 +5,7 @@ import json
 import os
 import signal
 import threading
+import xml.etree.ElementTree as ET
 
 import pytest
 
@@ -102,7 +103,7 @@ def test_a_stop_kills_every_machine_and_keeps_the_finished_rows(beds, tmp_path, 
     opts["hook"] = hook
     old = signal.signal(signal.SIGTERM, cli._terminate)
     try:
-        runs = bed_runner.run(bed_args(tmp_path, jobs=2, junit=None), quiet=True)
+        runs = bed_runner.run(bed_args(tmp_path, jobs=2), quiet=True)
     finally:
         signal.signal(signal.SIGTERM, old)
     assert len(procs) == 2 and all(p.poll() is not None for p in procs), "a machine was left running"
@@ -116,6 +117,12 @@ def test_a_stop_kills_every_machine_and_keeps_the_finished_rows(beds, tmp_path, 
     assert report.stop_note(runs[3]).endswith("not run: bed amd 6.1 tdp+split, bed amd 6.1 tdp-split, "
                                               "bed amd 6.1 legacy-tdp, bed amd 6.1 shadow")
     assert report.exit_status(runs) == 143
+    # --junit: a file per finished row, and one per stopped row with the stop as its error; none unrun.
+    files = {p.name: p for p in tmp_path.glob("j-*.xml")}
+    assert sorted(files) == sorted(f"j-6.12-{c}.xml" for c in ("tdp+split", "tdp-split", "legacy-tdp", "shadow")), files
+    for config, stopped in (("tdp+split", False), ("legacy-tdp", True), ("shadow", True)):
+        errors = [e.get("message", "") for e in ET.parse(files[f"j-6.12-{config}.xml"]).getroot().iter("error")]
+        assert bool(errors) == stopped and all("stopped by SIGTERM" in e for e in errors), (config, errors)
     machine.kill_machine(machine.start_machine(["true"]))   # the next run may start machines again
 
 

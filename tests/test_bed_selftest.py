@@ -69,3 +69,15 @@ def test_a_stopped_matrix_keeps_the_finished_rows_and_names_the_stopped_one(beds
                            "not run: bed amd 6.12 shadow, bed amd 6.1 tdp+split")
     assert report.exit_status(runs) == 143
     assert "INTERRUPTED" in report.format_table(runs, width=300)
+
+
+def test_a_boot_that_brought_no_junit_back_still_gets_its_junit_file(beds, tmp_path):
+    # The bed died before pytest wrote junit.xml: the --junit file holds the run's error instead.
+    from kvmpy.bed.request import BedResult
+
+    _, opts = beds
+    opts["hook"] = lambda bed, request: BedResult(None, "", error="no ready line within 600s")
+    runs = bed_runner.run(_args(tmp_path, matrix=False), quiet=True)
+    assert report.exit_status(runs) == 2
+    errors = [e.get("message") for e in ET.parse(tmp_path / "j.xml").getroot().iter("error")]
+    assert errors and "no ready line within 600s" in " ".join(errors)

@@ -147,7 +147,8 @@ def test_auto_splits_one_row_in_at_most_auto_parts_but_runs_matrix_rows_by_cpu(b
 
 def test_a_stop_while_the_parts_boot_kills_both_machines(beds, tmp_path, monkeypatch):
     """SIGTERM while the two parts of the default run boot (each a real process standing for its
-    emulator): both die, and the run says the configuration's results are lost (exit 143)."""
+    emulator): both die, and the run (and its --junit file) says the configuration's results are
+    lost (exit 143)."""
     import os
     import signal
     import threading
@@ -174,10 +175,13 @@ def test_a_stop_while_the_parts_boot_kills_both_machines(beds, tmp_path, monkeyp
     opts["hook"] = hook
     old = signal.signal(signal.SIGTERM, cli._terminate)
     try:
-        runs = bed_runner.run(bed_args(tmp_path, matrix=False, jobs=None, junit=None), quiet=True)
+        runs = bed_runner.run(bed_args(tmp_path, matrix=False, jobs=None), quiet=True)
     finally:
         signal.signal(signal.SIGTERM, old)
         machine.kill_machine(machine.start_machine(["true"]))   # the next run may start machines again
+    # The --junit file says so too (a CI system finds an error, not a missing file).
+    errors = [e.get("message") for e in ET.parse(tmp_path / "j.xml").getroot().iter("error")]
+    assert len(errors) == 1 and "stopped by SIGTERM" in errors[0] and "its results are lost" in errors[0]
     assert len(procs) == 2 and all(p.poll() is not None for p in procs), "a machine was left running"
     for p in procs:
         with pytest.raises(ProcessLookupError):

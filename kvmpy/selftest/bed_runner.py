@@ -220,6 +220,7 @@ def run(args, quiet: bool = False, pairs: List[Pair] | None = None) -> List[RunR
     several_kernels = args.matrix and args.kernel is None and args.kernel_version is None
     several_rows = args.matrix or len(pairs) > 1
     runs = [_finished_run(pairs[i][0], done[i], args, several_kernels, several_rows) for i in sorted(done)]
+    _write_stopped_junit(args, pairs, stopped, several_kernels, several_rows)
     runs += stopped
     if not quiet and args.matrix and done:
         kernels = ", ".join(b.kernel.release for b in beds if b.kernel)
@@ -266,7 +267,9 @@ def _run_parts(args, pair: Pair, nparts: int, stream, log: Callable[[str], None]
     except BedError as e:
         return [RunResults("bed", harness_error=str(e))]
     except KeyboardInterrupt as e:
-        return _stopped_runs([pair], [], [0], getattr(e, "signo", signal.SIGINT), args.matrix)
+        stopped = _stopped_runs([pair], [], [0], getattr(e, "signo", signal.SIGINT), args.matrix)
+        _write_stopped_junit(args, [pair], stopped, False, False)
+        return stopped
     run = merge_parts([_finished_run(bed, done[k], args, False, False, junit=False) for k in range(nparts)])
     if args.junit:
         Path(args.junit).write_bytes(format_junit([run]))
@@ -307,18 +310,40 @@ def _finished_run(bed: Bed, row: matrix.Row, args, several_kernels: bool, severa
     run = _results(label, row)
     run.bed = _setting(bed, row.config, row)
     run.row = row_id(bed, row.config)
-    if junit and args.junit and "junit.xml" in row.result.files:
-        path = Path(args.junit)
-        if several_rows:
-            kernel = f"-{_kernel_name(bed)}" if several_kernels else ""
-            path = path.with_name(f"{path.stem}{kernel}-{row.config.name}{path.suffix}")
-        try:
-            data = junit_with_setting(row.result.files["junit.xml"], label, run.bed)
-        except ET.ParseError as e:
-            run.harness_error = run.harness_error or f"the bed's JUnit XML is unreadable ({e})"
-            data = row.result.files["junit.xml"]
-        path.write_bytes(data)
+    if junit and args.junit:
+        if "junit.xml" in row.result.files:
+            try:
+                data = junit_with_setting(row.result.files["junit.xml"], label, run.bed)
+            except ET.ParseError as e:
+                run.harness_error = run.harness_error or f"the bed's JUnit XML is unreadable ({e})"
+                data = row.result.files["junit.xml"]
+        else:   # pytest never wrote one (the boot failed first): the run's error, as JUnit
+            data = format_junit([run])
+        _junit_path(args, bed, row.config, several_kernels, several_rows).write_bytes(data)
     return run
+
+
+def _junit_path(args, bed: Bed, config: matrix.Config, several_kernels: bool, several_rows: bool) -> Path:
+    """Where a configuration's ``--junit`` file goes: the name given, or for several rows that
+    name with the kernel (several kernels) and the configuration appended."""
+    path = Path(args.junit)
+    if several_rows:
+        kernel = f"-{_kernel_name(bed)}" if several_kernels else ""
+        path = path.with_name(f"{path.stem}{kernel}-{config.name}{path.suffix}")
+    return path
+
+
+def _write_stopped_junit(args, pairs: List[Pair], stopped: List[RunResults], several_kernels: bool,
+                         several_rows: bool) -> None:
+    """A ``--junit`` file for each configuration a stop caught running: a CI system reading the
+    files finds the stop as an error, not a missing file."""
+    if not args.junit:
+        return
+    by_row = {row_id(*pair): pair for pair in pairs}
+    for run in stopped:
+        if run.row in by_row:
+            bed, config = by_row[run.row]
+            _junit_path(args, bed, config, several_kernels, several_rows).write_bytes(format_junit([run]))
 
 
 def _stopped_runs(pairs: List[Pair], finished: List[int], running: List[int], signo: int,
