@@ -75,6 +75,14 @@ def test_a_part_with_no_test_is_no_error_but_all_empty_is():
     assert merge_parts([empty, empty]).harness_error.startswith("part 1/2: pytest: no tests collected")
 
 
+def test_a_part_a_stop_caught_is_skipped_but_keeps_the_numbering():
+    broken = RunResults("bed", [_t("b")], 3, harness_error="pytest: internal error (exit 3)", collected=1,
+                        bed=_facts())
+    merged = merge_parts([RunResults("bed", [_t("a")], 0, collected=1, bed=_facts()), None, broken])
+    assert [t["nodeid"][-1] for t in merged.tests] == ["a", "b"] and merged.collected == 2
+    assert merged.harness_error == "part 3/3: pytest: internal error (exit 3)"
+
+
 def test_parts_on_different_configurations_are_a_harness_error():
     run = merge_parts([RunResults("bed", [_t("a")], 0, bed=_facts()),
                        RunResults("bed", [_t("b")], 0, bed=_facts(tdp="N"))])
@@ -189,3 +197,49 @@ def test_a_stop_while_the_parts_boot_kills_both_machines(beds, tmp_path, monkeyp
     assert len(runs) == 1 and runs[0].interrupted == signal.SIGTERM and not runs[0].tests
     assert "its results are lost" in runs[0].stop_detail
     assert report.exit_status(runs) == 143
+
+
+def test_a_stop_keeps_the_parts_that_had_finished(beds, tmp_path, monkeypatch):
+    """Part 1 finishes, then SIGTERM while part 2 boots: part 1's tests are kept, and the run
+    says part 2's results are lost (as a matrix keeps its finished rows)."""
+    import signal
+    import threading
+
+    from kvmpy import cli
+    from kvmpy.bed import machine
+
+    _, opts = beds
+    monkeypatch.setattr(parallel, "cpus", lambda: 2)
+    monkeypatch.setattr(parallel, "available_memory", lambda: 64 << 30)
+    committed = threading.Event()
+    notes = []
+
+    def note(msg):
+        notes.append(msg)
+        if msg.startswith("[part 1/2]"):
+            committed.set()
+
+    monkeypatch.setattr(bed_runner, "_note", note)
+
+    def hook(bed, request):
+        if "--kvmpy-part=1/2" in " ".join(request.command):
+            return _part_results(bed, request)
+        proc = machine.start_machine(["sleep", "60"])
+        assert committed.wait(30), "part 1 was never committed"
+        signal.pthread_kill(threading.main_thread().ident, signal.SIGTERM)
+        proc.wait()
+        machine.kill_machine(proc)
+        return BedResult(None, "", error="killed")
+
+    opts["hook"] = hook
+    old = signal.signal(signal.SIGTERM, cli._terminate)
+    try:
+        runs = bed_runner.run(bed_args(tmp_path, matrix=False, jobs=None), quiet=True)
+    finally:
+        signal.signal(signal.SIGTERM, old)
+        machine.kill_machine(machine.start_machine(["true"]))   # the next run may start machines again
+    assert len(runs) == 1 and [t["nodeid"][-1] for t in runs[0].tests] == ["a", "c", "e"]
+    assert report.stop_note(runs[0]) == "stopped by SIGTERM while part 2/2 ran in the bed: its results are lost"
+    assert report.exit_status(runs) == 143
+    cases = [c.get("name") for c in ET.parse(tmp_path / "j.xml").getroot().iter("testcase")]
+    assert cases == ["(run)", "a", "c", "e"]

@@ -244,7 +244,8 @@ def _log_row(log: Callable[[str], None], row: matrix.Row, line: str) -> None:
 def _run_parts(args, pair: Pair, nparts: int, stream, log: Callable[[str], None]) -> List[RunResults]:
     """Run one configuration's tests in ``nparts`` boots at once, each a part of them; one run back.
 
-    Stopped by a signal, the configuration's results are lost (like a row's), whatever parts had finished.
+    Stopped by a signal, the parts that had finished are kept (the run says the others' results
+    are lost), as the matrix keeps its finished rows.
     """
     from kvmpy.selftest.parts import merge_parts   # a pytest plugin too: pytest only when parts run
 
@@ -262,15 +263,25 @@ def _run_parts(args, pair: Pair, nparts: int, stream, log: Callable[[str], None]
                            f"({row.result.seconds:.0f}s)")
 
     log(f"bed: {bed.describe()}, 1 configuration, its tests in {nparts} parts (one boot each)")
+    stop = 0
     try:
         parallel.run_in_order(nparts, boot, nparts, commit)
     except BedError as e:
         return [RunResults("bed", harness_error=str(e))]
     except KeyboardInterrupt as e:
-        stopped = _stopped_runs([pair], [], [0], getattr(e, "signo", signal.SIGINT), args.matrix)
-        _write_stopped_junit(args, [pair], stopped, False, False)
-        return stopped
-    run = merge_parts([_finished_run(bed, done[k], args, False, False, junit=False) for k in range(nparts)])
+        stop = getattr(e, "signo", signal.SIGINT)
+        if not done:
+            stopped = _stopped_runs([pair], [], [0], stop, args.matrix)
+            _write_stopped_junit(args, [pair], stopped, False, False)
+            return stopped
+    run = merge_parts([_finished_run(bed, done[k], args, False, False, junit=False) if k in done else None
+                       for k in range(nparts)])
+    if stop:
+        lost = [f"{k + 1}/{nparts}" for k in range(nparts) if k not in done]
+        run.interrupted = stop
+        run.stop_detail = (f"while part{'s' * (len(lost) > 1)} {', '.join(lost)} ran in the bed: "
+                           f"{'their' if len(lost) > 1 else 'its'} results are lost" if lost
+                           else "after every part had finished")
     if args.junit:
         Path(args.junit).write_bytes(format_junit([run]))
     return [run]

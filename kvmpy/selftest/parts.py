@@ -47,21 +47,24 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list) -> None:
     items[:] = keep
 
 
-def merge_parts(parts: list[RunResults]) -> RunResults:
-    """The run of one configuration from the runs of its parts (in part order).
+def merge_parts(parts: list[RunResults | None]) -> RunResults:
+    """The run of one configuration from the runs of its parts (in part order; None for a part
+    a stop caught before it finished, whose results are lost).
 
     Tests interleave back into collection order; entries that are not tests (a splat
     of the bed's kernel log no test claimed) come last. The run took as long as its
     longest part; it failed to run if any part did.
     """
+    finished = [(i, p) for i, p in enumerate(parts, 1) if p is not None]
     # A part left with no test (fewer selected tests than parts) exits "no tests collected".
-    ran = [p for p in parts if p.exitstatus != NO_TESTS] or parts
+    with_tests = [(i, p) for i, p in finished if p.exitstatus != NO_TESTS]
+    numbered = with_tests or finished   # all empty: their "no tests collected" is the error
+    ran = [p for _, p in numbered]
     tests_of = [[t for t in p.tests if "::" in t["nodeid"]] for p in ran]
     tests = [t for row in zip_longest(*tests_of) for t in row if t is not None]
-    tests += [t for p in parts for t in p.tests if "::" not in t["nodeid"]]
+    tests += [t for _, p in finished for t in p.tests if "::" not in t["nodeid"]]
     statuses = [p.exitstatus for p in ran]
-    errors = [f"part {i}/{len(parts)}: {p.harness_error}"
-              for i, p in enumerate(parts, 1) if p.harness_error and (p.exitstatus != NO_TESTS or ran is parts)]
+    errors = [f"part {i}/{len(parts)}: {p.harness_error}" for i, p in numbered if p.harness_error]
     if len({_ran_on(p) for p in ran if p.bed.get("facts", {}).get("params")}) > 1:
         errors.append("the parts ran on different configurations (kernel or parameters differ)")
     collected = [p.collected for p in ran]
