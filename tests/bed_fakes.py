@@ -8,6 +8,7 @@ import os
 import shutil
 import signal
 import subprocess
+import threading
 
 import pytest
 
@@ -169,3 +170,44 @@ def install_fake_beds(tmp_path, monkeypatch, opts):
     monkeypatch.setattr(bed_runner, "_beds", beds)
     monkeypatch.setattr(bed_runner, "_prepare", lambda beds, log: None)
     return seen
+
+
+_PROCS_LOCK = threading.Lock()
+
+
+def machine_until_stopped(procs: list, stop_now) -> BedResult:
+    """A boot that is a real process standing for its emulator, running until a stop kills it;
+    once ``stop_now(procs)`` (called with this boot's process added), SIGTERM goes to the main
+    thread, as a user's would."""
+    from kvmpy.bed import machine
+
+    proc = machine.start_machine(["sleep", "60"])
+    with _PROCS_LOCK:
+        procs.append(proc)
+        go = stop_now(procs)
+    if go:
+        signal.pthread_kill(threading.main_thread().ident, signal.SIGTERM)
+    proc.wait()
+    machine.kill_machine(proc)
+    return BedResult(None, "", error="killed")
+
+
+def run_until_stopped(args, procs: list) -> list:
+    """``bed_runner.run(args)`` with `kvmpy`'s SIGTERM handling; afterwards every machine in
+    ``procs`` must be gone, and machines may start again."""
+    from kvmpy import cli
+    from kvmpy.bed import machine
+    from kvmpy.selftest import bed_runner
+
+    old = signal.signal(signal.SIGTERM, cli._terminate)
+    try:
+        runs = bed_runner.run(args, quiet=True)
+    finally:
+        signal.signal(signal.SIGTERM, old)
+        machine.kill_machine(machine.start_machine(["true"]))   # lift the stop for the next run
+    assert procs and all(p.poll() is not None for p in procs), "a machine was left running"
+    for p in procs:
+        with pytest.raises(ProcessLookupError):
+            os.kill(p.pid, 0)
+    return runs
+

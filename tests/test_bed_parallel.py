@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import threading
 import xml.etree.ElementTree as ET
@@ -11,10 +10,9 @@ import pytest
 
 from kvmpy import cli
 from kvmpy.bed import machine, parallel
-from kvmpy.bed.request import BedResult
 from kvmpy.selftest import bed_runner, report
 
-from bed_fakes import bed_args
+from bed_fakes import bed_args, machine_until_stopped, run_until_stopped
 
 GiB = 1 << 30
 
@@ -92,24 +90,11 @@ def test_a_stop_kills_every_machine_and_keeps_the_finished_rows(beds, tmp_path, 
         if bed.kernel.release.startswith("6.1.") or request.env["KVMPY_BED_CONFIG"] in ("tdp+split", "tdp-split"):
             return None
         # 6.12 legacy-tdp and shadow boot, each as a `sleep`, until killed; the stop comes meanwhile.
-        proc = machine.start_machine(["sleep", "60"])
-        procs.append(proc)
-        if len(procs) == 2:
-            signal.pthread_kill(threading.main_thread().ident, signal.SIGTERM)
-        proc.wait()
-        machine.kill_machine(proc)
-        return BedResult(None, "", error="killed")
+        return machine_until_stopped(procs, lambda started: len(started) == 2)
 
     opts["hook"] = hook
-    old = signal.signal(signal.SIGTERM, cli._terminate)
-    try:
-        runs = bed_runner.run(bed_args(tmp_path, jobs=2), quiet=True)
-    finally:
-        signal.signal(signal.SIGTERM, old)
-    assert len(procs) == 2 and all(p.poll() is not None for p in procs), "a machine was left running"
-    for p in procs:
-        with pytest.raises(ProcessLookupError):
-            os.kill(p.pid, 0)
+    runs = run_until_stopped(bed_args(tmp_path, jobs=2), procs)
+    assert len(procs) == 2
     assert [r.config for r in runs] == ["bed amd 6.12 tdp+split", "bed amd 6.12 tdp-split",
                                         "bed amd 6.12 legacy-tdp", "bed amd 6.12 shadow"]
     assert runs[0].tests and runs[1].tests and not runs[2].tests
@@ -123,7 +108,6 @@ def test_a_stop_kills_every_machine_and_keeps_the_finished_rows(beds, tmp_path, 
     for config, stopped in (("tdp+split", False), ("legacy-tdp", True), ("shadow", True)):
         errors = [e.get("message", "") for e in ET.parse(files[f"j-6.12-{config}.xml"]).getroot().iter("error")]
         assert bool(errors) == stopped and all("stopped by SIGTERM" in e for e in errors), (config, errors)
-    machine.kill_machine(machine.start_machine(["true"]))   # the next run may start machines again
 
 
 def test_no_machine_starts_once_a_stop_began():

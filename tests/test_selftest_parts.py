@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 import subprocess
 import sys
+import threading
 import xml.etree.ElementTree as ET
 from types import SimpleNamespace
 
@@ -17,7 +19,7 @@ from kvmpy.selftest import bed_runner, report
 from kvmpy.selftest.parts import merge_parts, parse
 from kvmpy.selftest.report import RunResults
 
-from bed_fakes import bed_args
+from bed_fakes import bed_args, machine_until_stopped, run_until_stopped
 
 TESTS = "import pytest\n" + "".join(f"def test_{n}(): pass\n" for n in "abcde") + \
         "@pytest.mark.parametrize('x', [1, 2])\ndef test_p(x): pass\n"
@@ -157,87 +159,43 @@ def test_a_stop_while_the_parts_boot_kills_both_machines(beds, tmp_path, monkeyp
     """SIGTERM while the two parts of the default run boot (each a real process standing for its
     emulator): both die, and the run (and its --junit file) says the configuration's results are
     lost (exit 143)."""
-    import os
-    import signal
-    import threading
-
-    from kvmpy import cli
-    from kvmpy.bed import machine
-
     _, opts = beds
     monkeypatch.setattr(parallel, "cpus", lambda: 2)
     monkeypatch.setattr(parallel, "available_memory", lambda: 64 << 30)
     procs = []
-    lock = threading.Lock()
-
-    def hook(bed, request):
-        proc = machine.start_machine(["sleep", "60"])
-        with lock:
-            procs.append(proc)
-            if len(procs) == 2:
-                signal.pthread_kill(threading.main_thread().ident, signal.SIGTERM)
-        proc.wait()
-        machine.kill_machine(proc)
-        return BedResult(None, "", error="killed")
-
-    opts["hook"] = hook
-    old = signal.signal(signal.SIGTERM, cli._terminate)
-    try:
-        runs = bed_runner.run(bed_args(tmp_path, matrix=False, jobs=None), quiet=True)
-    finally:
-        signal.signal(signal.SIGTERM, old)
-        machine.kill_machine(machine.start_machine(["true"]))   # the next run may start machines again
-    # The --junit file says so too (a CI system finds an error, not a missing file).
-    errors = [e.get("message") for e in ET.parse(tmp_path / "j.xml").getroot().iter("error")]
-    assert len(errors) == 1 and "stopped by SIGTERM" in errors[0] and "its results are lost" in errors[0]
-    assert len(procs) == 2 and all(p.poll() is not None for p in procs), "a machine was left running"
-    for p in procs:
-        with pytest.raises(ProcessLookupError):
-            os.kill(p.pid, 0)
+    opts["hook"] = lambda bed, request: machine_until_stopped(procs, lambda started: len(started) == 2)
+    runs = run_until_stopped(bed_args(tmp_path, matrix=False, jobs=None), procs)
+    assert len(procs) == 2
     assert len(runs) == 1 and runs[0].interrupted == signal.SIGTERM and not runs[0].tests
     assert "its results are lost" in runs[0].stop_detail
     assert report.exit_status(runs) == 143
+    # The --junit file says so too (a CI system finds an error, not a missing file).
+    errors = [e.get("message") for e in ET.parse(tmp_path / "j.xml").getroot().iter("error")]
+    assert len(errors) == 1 and "stopped by SIGTERM" in errors[0] and "its results are lost" in errors[0]
 
 
 def test_a_stop_keeps_the_parts_that_had_finished(beds, tmp_path, monkeypatch):
     """Part 1 finishes, then SIGTERM while part 2 boots: part 1's tests are kept, and the run
     says part 2's results are lost (as a matrix keeps its finished rows)."""
-    import signal
-    import threading
-
-    from kvmpy import cli
-    from kvmpy.bed import machine
-
     _, opts = beds
     monkeypatch.setattr(parallel, "cpus", lambda: 2)
     monkeypatch.setattr(parallel, "available_memory", lambda: 64 << 30)
     committed = threading.Event()
-    notes = []
 
     def note(msg):
-        notes.append(msg)
         if msg.startswith("[part 1/2]"):
             committed.set()
 
     monkeypatch.setattr(bed_runner, "_note", note)
+    procs = []
 
     def hook(bed, request):
         if "--kvmpy-part=1/2" in " ".join(request.command):
             return _part_results(bed, request)
-        proc = machine.start_machine(["sleep", "60"])
-        assert committed.wait(30), "part 1 was never committed"
-        signal.pthread_kill(threading.main_thread().ident, signal.SIGTERM)
-        proc.wait()
-        machine.kill_machine(proc)
-        return BedResult(None, "", error="killed")
+        return machine_until_stopped(procs, lambda started: committed.wait(30))
 
     opts["hook"] = hook
-    old = signal.signal(signal.SIGTERM, cli._terminate)
-    try:
-        runs = bed_runner.run(bed_args(tmp_path, matrix=False, jobs=None), quiet=True)
-    finally:
-        signal.signal(signal.SIGTERM, old)
-        machine.kill_machine(machine.start_machine(["true"]))   # the next run may start machines again
+    runs = run_until_stopped(bed_args(tmp_path, matrix=False, jobs=None), procs)
     assert len(runs) == 1 and [t["nodeid"][-1] for t in runs[0].tests] == ["a", "c", "e"]
     assert report.stop_note(runs[0]) == "stopped by SIGTERM while part 2/2 ran in the bed: its results are lost"
     assert report.exit_status(runs) == 143
