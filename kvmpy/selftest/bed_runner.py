@@ -187,7 +187,7 @@ def run(args, quiet: bool = False, pairs: List[Pair] | None = None) -> List[RunR
         beds = list(dict.fromkeys(bed for bed, _ in pairs))
         _prepare(beds, log)
     except (BedError, programs.GuestProgramError) as e:
-        return [RunResults("bed", harness_error=str(e))]
+        return _harness_error(args, str(e))
     stream = sys.stderr if quiet else sys.stdout
     if len(pairs) == 1:
         # One row: --jobs boots share its tests instead.
@@ -212,7 +212,7 @@ def run(args, quiet: bool = False, pairs: List[Pair] | None = None) -> List[RunR
     try:
         matrix.run_matrix(pairs, job, progress, name_rows=args.matrix, jobs=jobs, console=console)
     except BedError as e:
-        return [RunResults("bed", harness_error=str(e))]
+        return _harness_error(args, str(e))
     except KeyboardInterrupt as e:  # SIGINT, or SIGTERM/SIGHUP as the CLI raises them
         stopped = _stopped_runs(pairs, sorted(done), getattr(e, "running", None) or [],
                                 getattr(e, "signo", signal.SIGINT), args.matrix)
@@ -227,6 +227,15 @@ def run(args, quiet: bool = False, pairs: List[Pair] | None = None) -> List[RunR
         print(matrix.format_table([done[i] for i in sorted(done)],
                                   f"bed matrix ({beds[0].backend_class.name}, kernel {kernels}, "
                                   f"{time.monotonic() - t0:.0f}s)"))
+    return runs
+
+
+def _harness_error(args, message: str) -> List[RunResults]:
+    """The run when the bed could not be set up or run, written to ``--junit`` too (one file at
+    the name given): a CI system reading it finds the error, not a missing file."""
+    runs = [RunResults("bed", harness_error=message)]
+    if args.junit:
+        Path(args.junit).write_bytes(format_junit(runs))
     return runs
 
 
@@ -267,7 +276,7 @@ def _run_parts(args, pair: Pair, nparts: int, stream, log: Callable[[str], None]
     try:
         parallel.run_in_order(nparts, boot, nparts, commit)
     except BedError as e:
-        return [RunResults("bed", harness_error=str(e))]
+        return _harness_error(args, str(e))
     except KeyboardInterrupt as e:
         stop = getattr(e, "signo", signal.SIGINT)
         if not done:
