@@ -288,9 +288,11 @@ def _run_parts(args, pair: Pair, nparts: int, stream, log: Callable[[str], None]
     if stop:
         lost = [f"{k + 1}/{nparts}" for k in range(nparts) if k not in done]
         run.interrupted = stop
-        run.stop_detail = (f"while part{'s' * (len(lost) > 1)} {', '.join(lost)} ran in the bed: "
-                           f"{'their' if len(lost) > 1 else 'its'} results are lost" if lost
-                           else "after every part had finished")
+        run.stop_detail = "after every part had finished"
+        if len(lost) == 1:
+            run.stop_detail = f"while part {lost[0]} ran in the bed: its results are lost"
+        elif lost:
+            run.stop_detail = f"while parts {', '.join(lost)} ran in the bed: their results are lost"
     if args.junit:
         Path(args.junit).write_bytes(format_junit([run]))
     return [run]
