@@ -279,23 +279,23 @@ def _run_parts(args, pair: Pair, nparts: int, stream, log: Callable[[str], None]
         return _harness_error(args, str(e))
     except KeyboardInterrupt as e:
         stop = getattr(e, "signo", signal.SIGINT)
-        if not done:
-            stopped = _stopped_runs([pair], [], [0], stop, args.matrix)
-            _write_stopped_junit(args, [pair], stopped, False, False)
-            return stopped
-    run = merge_parts([_finished_run(bed, done[k], args, False, False, junit=False) if k in done else None
-                       for k in range(nparts)])
-    if stop:
-        lost = [f"{k + 1}/{nparts}" for k in range(nparts) if k not in done]
-        run.interrupted = stop
-        run.stop_detail = "after every part had finished"
-        if len(lost) == 1:
-            run.stop_detail = f"while part {lost[0]} ran in the bed: its results are lost"
-        elif lost:
-            run.stop_detail = f"while parts {', '.join(lost)} ran in the bed: their results are lost"
+    if done:
+        run = merge_parts([_finished_run(bed, done[k], args, False, False, junit=False) if k in done else None
+                           for k in range(nparts)])
+        if stop:
+            lost = [f"{k + 1}/{nparts}" for k in range(nparts) if k not in done]
+            run.interrupted = stop
+            run.stop_detail = "after every part had finished"
+            if len(lost) == 1:
+                run.stop_detail = f"while part {lost[0]} ran in the bed: its results are lost"
+            elif lost:
+                run.stop_detail = f"while parts {', '.join(lost)} ran in the bed: their results are lost"
+        runs = [run]
+    else:       # stopped before any part finished
+        runs = _stopped_runs([pair], [], [0], stop, args.matrix)
     if args.junit:
-        Path(args.junit).write_bytes(format_junit([run]))
-    return [run]
+        Path(args.junit).write_bytes(format_junit(runs))
+    return runs
 
 
 #: Parts of one row that ``--jobs auto`` boots at most: each boot costs about 30 s before its
@@ -309,16 +309,16 @@ def _at_once(args, pairs: List[Pair], units: int | None, log: Callable[[str], No
     :data:`AUTO_PARTS` parts of one row), bounded by CPUs, free memory and ``units`` (the rows;
     None: the asked number of parts of one row), said when it is fewer."""
     asked = getattr(args, "jobs", None) or "auto"
+    ncpus = parallel.cpus()
     label = ""
     if asked == "auto":
         # Each emulator runs its guest on one host thread: one boot leaves the other CPUs idle.
-        ncpus = parallel.cpus()
         asked = ncpus if units else min(ncpus, AUTO_PARTS)
         label = f"--jobs auto ({ncpus} CPU{'s' if ncpus != 1 else ''})"
     if asked <= 1:
         return 1
     guest = max(megabytes(bed.options.mem) for bed, _ in pairs) << 20
-    n, why = parallel.bound_jobs(asked, units or asked, guest, parallel.cpus(), parallel.available_memory(), label)
+    n, why = parallel.bound_jobs(asked, units or asked, guest, ncpus, parallel.available_memory(), label)
     if why:
         log(why)
     return n
