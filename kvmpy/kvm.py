@@ -104,7 +104,7 @@ class Kvm:
         """Create a VM (KVM_CREATE_VM)."""
         fd = ioctl_int(self.fd, "KVM_CREATE_VM", vm_type, self.path, f"type {vm_type}")
         try:
-            return Vm(self, fd, vm_type)
+            return Vm(fd, self.vcpu_mmap_size, vm_type)
         except BaseException:
             os.close(fd)
             raise

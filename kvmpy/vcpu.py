@@ -7,7 +7,7 @@ import signal
 import threading
 import time
 import weakref
-from typing import TYPE_CHECKING, Iterable
+from typing import Callable, Iterable
 
 from kvmpy import exits
 from kvmpy.abi import ffi, ioctl, ioctl_int, lib
@@ -15,9 +15,6 @@ from kvmpy.dirty_ring import DirtyRing
 from kvmpy.errors import IoctlError, KvmError
 from kvmpy.memory import Mapping, map_memory
 from kvmpy.stats import Stats
-
-if TYPE_CHECKING:
-    from kvmpy.vm import Vm
 
 # A realtime signal whose no-op C handler interrupts KVM_RUN (no SA_RESTART).
 KICK_SIGNAL = signal.SIGRTMIN + 1
@@ -44,11 +41,14 @@ class Vcpu:
     is garbage collected.
     """
 
-    def __init__(self, vm: "Vm", vcpu_id: int, fd: int) -> None:
-        self.vm = vm
+    def __init__(self, vcpu_id: int, fd: int, mmap_size: int, dirty_ring_size: int,
+                 require_stats: Callable[[], None]) -> None:
+        """The vCPU ``vcpu_id`` of fd ``fd`` (from ``Vm.create_vcpu``): ``mmap_size`` bytes of
+        kvm_run to map, the VM's dirty-ring size (0: none), and its check for stats fds."""
         self.id = vcpu_id
         self.fd = fd
         self._stats: Stats | None = None
+        self._require_stats = require_stats
         self.dirty_ring: DirtyRing | None = None
         self._kicked = False
         self._lock = threading.Lock()
@@ -58,7 +58,7 @@ class Vcpu:
         self._release.atexit = False
         what = f"vCPU {vcpu_id}'s kvm_run"
         try:
-            self._run_page = self._owned.run = Mapping(map_memory(vm.kvm.vcpu_mmap_size, fd, what=what), what=what)
+            self._run_page = self._owned.run = Mapping(map_memory(mmap_size, fd, what=what), what=what)
         except BaseException:
             self._release()
             raise
@@ -67,9 +67,9 @@ class Vcpu:
         self._state = ffi.new("struct kvmpy_vcpu_state *", {"fd": fd, "run": self.run_struct})
         self._run_bytes = self._run_page.owner_view()     # released (ValueError) when the page is unmapped
         self._exit_page = exits.RunPage(self._run_page)
-        if vm.dirty_ring_size:
+        if dirty_ring_size:
             try:
-                self.dirty_ring = DirtyRing(vcpu_id, fd, vm.dirty_ring_size)
+                self.dirty_ring = DirtyRing(vcpu_id, fd, dirty_ring_size)
             except BaseException:
                 self.close()
                 raise
@@ -206,7 +206,7 @@ class Vcpu:
     def stats(self) -> Stats:
         """The vCPU's binary stats, opened on first use."""
         if self._stats is None:
-            self.vm.require_extension(lib.KVM_CAP_BINARY_STATS_FD)
+            self._require_stats()
             fd = ioctl_int(self.fd, "KVM_GET_STATS_FD", 0, self.name)
             self._stats = self._owned.stats = Stats(fd, self.name)
         return self._stats

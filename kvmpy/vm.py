@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import struct
 import weakref
-from typing import TYPE_CHECKING
 
 from kvmpy import faults
 from kvmpy.abi import (IoctlResult, cap_name, check_u32, ffi, ioctl, ioctl_int, ioctl_unchecked, lib, new_struct,
@@ -21,9 +20,6 @@ from kvmpy.memory import Anonymous, Backing, Memslot
 from kvmpy.stats import Stats
 from kvmpy.vcpu import Vcpu
 
-if TYPE_CHECKING:
-    from kvmpy.kvm import Kvm
-
 _LOG_DIRTY = lib.KVM_MEM_LOG_DIRTY_PAGES
 _REGION = "struct kvm_userspace_memory_region *"
 _SET_USER_MEMORY_REGION = lib.KVM_SET_USER_MEMORY_REGION
@@ -33,12 +29,13 @@ class Vm:
     """A VM fd. Closing it closes its vCPUs, unmaps its memory and releases every fd.
 
     A VM dropped without ``close()`` releases them when it is garbage collected, in
-    the same order: vCPUs, stats, the VM fd, then the memory.
+    the same order: vCPUs, stats, the VM fd, then the memory. ``vcpu_mmap_size`` is what
+    /dev/kvm's KVM_GET_VCPU_MMAP_SIZE said: each vCPU maps that much of its fd.
     """
 
-    def __init__(self, kvm: "Kvm", fd: int, vm_type: int = 0) -> None:
-        self.kvm = kvm
+    def __init__(self, fd: int, vcpu_mmap_size: int, vm_type: int = 0) -> None:
         self.fd = fd
+        self.vcpu_mmap_size = vcpu_mmap_size
         self.vm_type = vm_type
         self.memslots: dict[int, Memslot] = {}
         self.vcpus: dict[int, Vcpu] = {}
@@ -294,16 +291,20 @@ class Vm:
             raise KvmError(f"{self.name}: vCPU {vcpu_id} already exists")
         check_u32(vcpu_id, "vCPU id")
         fd = ioctl_int(self.fd, "KVM_CREATE_VCPU", vcpu_id, self.name, f"vcpu {vcpu_id}")
-        vcpu = Vcpu(self, vcpu_id, fd)
+        vcpu = Vcpu(vcpu_id, fd, self.vcpu_mmap_size, self.dirty_ring_size, self._require_stats)
         self.vcpus[vcpu_id] = vcpu
         self._owned.vcpus.append(vcpu._release)
         return vcpu
+
+    def _require_stats(self) -> None:
+        """RequirementError unless KVM has binary stats fds (the VM's and its vCPUs')."""
+        self.require_extension(lib.KVM_CAP_BINARY_STATS_FD)
 
     @property
     def stats(self) -> Stats:
         """The VM's binary stats (KVM_GET_STATS_FD), opened on first use."""
         if self._stats is None:
-            self.require_extension(lib.KVM_CAP_BINARY_STATS_FD)
+            self._require_stats()
             fd = ioctl_int(self.fd, "KVM_GET_STATS_FD", 0, self.name)
             self._stats = self._owned.stats = Stats(fd, self.name)
         return self._stats

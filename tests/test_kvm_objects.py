@@ -126,6 +126,21 @@ def test_vm_and_vcpu_stats(kvm):
         assert vm.stats.desc("pages_4k").type == "instant"
 
 
+def test_stats_of_a_kvm_without_binary_stats_are_a_requirement(kvm, monkeypatch):
+    # The VM answers for its vCPUs too: neither stats fd is opened without the capability.
+    from kvmpy.errors import RequirementError
+    from kvmpy.vm import Vm
+
+    real = Vm.check_extension
+    monkeypatch.setattr(Vm, "check_extension",
+                        lambda vm, cap: 0 if cap == lib.KVM_CAP_BINARY_STATS_FD else real(vm, cap))
+    with kvm.create_vm() as vm:
+        vcpu = vm.create_vcpu(0)
+        for owner in (vcpu, vm):
+            with pytest.raises(RequirementError, match="KVM_CAP_BINARY_STATS_FD"):
+                owner.stats
+
+
 def test_dirty_bitmap_of_guest_writes(kvm):
     # Guest writes one byte into pages 3, 5 and 9 of slot 1 (below 1 MiB: real mode), then halts.
     with kvm.create_vm() as vm:
