@@ -7,17 +7,45 @@ page of every logged slot.
 """
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import Callable, Protocol
 
 from kvmpy.dirtylog.checker import DirtyLogMismatch, RoundReport
 from kvmpy.errors import KvmError
 
-if TYPE_CHECKING:
-    from kvmpy.dirtylog.writer import DirtyWriterVm
-
 PROGRESS_POLL = 0.05   # seconds between progress checks of a round that collects only on demand
+
+
+class _Guest(Protocol):
+    def check(self) -> None:
+        """Raise what a vCPU thread raised, if any did."""
+
+
+class RoundWriter(Protocol):
+    """What :func:`run_round` drives: :class:`kvmpy.dirtylog.writer.DirtyWriterVm` (or a test's
+    stand-in). The writer knows rounds through this module, not the other way round."""
+
+    label: str
+    stamp: int                          # the guest's current stamp
+    collections: int                    # concurrent collections so far
+    ring_full_exits: int
+    futile_ring_full: int               # RING_FULL exits in a row whose harvest found nothing
+    harvest_needed: threading.Event     # a vCPU waits for a harvest
+    round_log: list[str]
+    guest: _Guest
+
+    def begin_round(self, must_report: bool) -> int: ...
+    def writes(self) -> int: ...
+    def progress(self) -> tuple[int, int]: ...
+    def stalled_on_ring_full(self) -> bool: ...
+    def set_stamp(self, stamp: int, must_report: bool = True) -> None: ...
+    def collect(self) -> dict[int, list[int]]: ...
+    def kick_all(self) -> None: ...
+    def end_round(self, by_kick: bool, timeout: float, mid_store: bool = False) -> None: ...
+    def verify(self) -> dict[int, RoundReport]: ...
+    def ring_summary(self, first_collection: int = 1, ring_full0: int = 0) -> str: ...
 
 
 @dataclass(frozen=True)
@@ -59,7 +87,7 @@ class RoundPlan:
     min_collections: int = 0
     collect_every: float | None = 0.01
     max_time: float = 30.0
-    during: Callable[["DirtyWriterVm"], None] | None = None
+    during: Callable[[RoundWriter], None] | None = None
     must_report: bool = True
     end_by_kick: bool = False
     restamp: bool = True
@@ -74,7 +102,7 @@ class RoundPlan:
             raise ValueError("mid_store needs end_by_kick")
 
 
-def run_round(d: "DirtyWriterVm", plan: RoundPlan) -> dict[int, RoundReport]:
+def run_round(d: RoundWriter, plan: RoundPlan) -> dict[int, RoundReport]:
     """Run one round of ``d`` as ``plan`` says and verify it; returns {slot: RoundReport}."""
     first_collection = d.collections + 1
     ring_full0 = d.ring_full_exits
