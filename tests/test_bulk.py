@@ -28,6 +28,23 @@ def test_bitmap_pages_match_a_bit_by_bit_scan(seed):
     assert bm.pages_array().typecode == "Q"
 
 
+
+@pytest.mark.parametrize("room", [0, 1, 63, 64, 65, 200, 299, 300, 301])
+def test_set_bits_writes_no_more_than_its_room_and_counts_them_all(room):
+    # The words can change between pages_array's count and its scan (the GIL is
+    # released), so the scan must stop at out_len wherever it falls in a word.
+    rng = random.Random(room)
+    pages = sorted(rng.sample(range(4096), 300))
+    bm = DirtyBitmap.from_pages(4096, pages)
+    guard = 0xDEADBEEF
+    out = ffi.new("uint64_t[]", room + 4)
+    for i in range(room + 4):
+        out[i] = guard
+    words = ffi.from_buffer("uint64_t[]", bm.buffer)
+    assert lib.kvmpy_set_bits(words, 64, out, room) == 300
+    assert list(out[0: min(room, 300)]) == pages[:room]
+    assert all(out[i] == guard for i in range(min(room, 300), room + 4))
+
 def _ring_reference(entries: list[list[int]], fetch: int, limit: int) -> list[tuple[int, int]]:
     """The harvest loop as Python did it before the C helper (flags, slot, offset per entry)."""
     out, mask = [], len(entries) - 1
