@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.util
 import json
 import signal
 import sys
@@ -222,7 +224,18 @@ def _add_report(sub) -> None:
     m.set_defaults(func=_cmd_report_merge)
 
 
-def build_parser() -> argparse.ArgumentParser:
+# Commands whose modules load only when the command line names them (`kvmpy perf`
+# need not import the bed, nor `kvmpy selftest` the guest runtime): name ->
+# (module whose register() fills in the command's parser, the help line).
+LAZY_COMMANDS = {
+    "perf": ("kvmpy.perf.cli", "performance tools (dirty logging, as the kernel's *_perf_test)"),
+    "bed": ("kvmpy.bed.cli", "boot a kernel under QEMU and run commands or the selftests inside"),
+}
+
+
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The ``kvmpy`` parser for the command line ``argv``: of the lazy commands, only the one
+    ``argv`` names is filled in (the others keep their help line); all of them when None."""
     parser = argparse.ArgumentParser(prog="kvmpy", description="Drive KVM through /dev/kvm; run KVM MMU selftests.")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("info", help="host KVM facts and what they mean for the tests")
@@ -231,15 +244,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_info)
     _add_selftest(sub)
     _add_report(sub)
-    from kvmpy.perf import cli as perf_cli
-
-    perf_cli.register(sub)
-    import importlib.util
-
-    if importlib.util.find_spec("kvmpy.bed.cli") is not None:
-        from kvmpy.bed import cli as bed_cli
-
-        bed_cli.register(sub)
+    named = next((a for a in argv if not a.startswith("-")), None) if argv is not None else None
+    for name, (module, help_line) in LAZY_COMMANDS.items():
+        if importlib.util.find_spec(module) is None:
+            continue            # an install without it (the bed's modules are optional)
+        p = sub.add_parser(name, help=help_line)
+        if argv is None or named == name:
+            importlib.import_module(module).register(p)
     return parser
 
 
@@ -259,8 +270,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from kvmpy.selftest.report import EXIT_NOT_TESTED, exit_for_signal, signal_name
     from kvmpy.selftest.runner import stop_signals
 
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(argv).parse_args(argv)
     for signo in stop_signals():
         signal.signal(signo, signal.default_int_handler if signo == signal.SIGINT else _terminate)
     try:

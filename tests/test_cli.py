@@ -111,3 +111,29 @@ def test_no_usable_kvm_is_not_tested(case, keyword):
     assert p.returncode == 2, p.stdout + p.stderr
     assert f"NOT TESTED  not tested: {cause}" in p.stdout
     assert p.stdout.splitlines()[-1].startswith("NOT TESTED: 0 passed, 0 failed, 0 skipped")
+
+
+@pytest.mark.parametrize("argv, loaded, not_loaded", [
+    (["info", "--help"], [], ["kvmpy.perf.cli", "kvmpy.bed.cli"]),
+    (["perf", "dirty-log", "-b64M"], ["kvmpy.perf.cli"], ["kvmpy.bed.cli"]),
+    (["bed", "run", "--", "true"], ["kvmpy.bed.cli"], ["kvmpy.perf.cli"]),
+    (["--help"], [], ["kvmpy.perf.cli", "kvmpy.bed.cli"]),
+])
+def test_a_command_line_loads_only_the_command_it_names(argv, loaded, not_loaded):
+    # What a command loads is start-up time of every `kvmpy` call (the perf tool's whole run).
+    code = ("import sys; from kvmpy.cli import build_parser\n"
+            f"p = build_parser({argv!r})\n"
+            "help = p.format_help()\n"
+            f"print(sorted(m for m in {loaded + not_loaded!r} if m in sys.modules))\n"
+            "print('perf' in help and 'bed' in help and 'performance tools' in help)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=str(ROOT),
+                         env=dict(os.environ, PYTHONPATH=str(ROOT)), check=True).stdout.splitlines()
+    assert out == [str(sorted(loaded)), "True"]
+
+
+def test_every_lazy_command_parses_when_named():
+    from kvmpy.cli import build_parser
+
+    assert build_parser(["perf", "dirty-log", "-b64M"]).parse_args(["perf", "dirty-log", "-b64M"]).bytes == 64 << 20
+    args = build_parser(["bed", "run", "--", "true"]).parse_args(["bed", "run", "--", "true"])
+    assert args.bed_command == "run" and args.cmd[-1] == "true"

@@ -64,13 +64,11 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    help="write the files the command left in $KVMPY_BED_RESULTS (and logs) here")
 
 
-def register(subparsers) -> argparse.ArgumentParser:
-    """Add the ``bed`` command to the top-level ``kvmpy`` subparsers."""
-    bed = subparsers.add_parser(
-        "bed", help="boot a kernel under QEMU and run commands or the selftests inside",
-        description="The nested test bed: a Debian (or your) kernel booted under QEMU with "
-                    "nested KVM, the host's / mounted read-only inside. Inside, "
-                    "$KVMPY_BED_RESULTS is a directory whose files come back to the host.")
+def register(bed: argparse.ArgumentParser) -> None:
+    """Fill in the ``kvmpy bed`` parser (kvmpy.cli makes it, with its help line)."""
+    bed.description = ("The nested test bed: a Debian (or your) kernel booted under QEMU with "
+                       "nested KVM, the host's / mounted read-only inside. Inside, "
+                       "$KVMPY_BED_RESULTS is a directory whose files come back to the host.")
     sub = bed.add_subparsers(dest="bed_command", required=True)
 
     p = sub.add_parser("setup", help="install-check the tools and fetch the kernel (idempotent)")
@@ -92,7 +90,6 @@ def register(subparsers) -> argparse.ArgumentParser:
                    help="do not echo the command's output (only progress and the table)")
     p.add_argument("cmd", nargs=argparse.REMAINDER, help="-- CMD [ARGS...] (default: the selftests)")
     p.set_defaults(func=cmd_matrix)
-    return bed
 
 
 def _command(args) -> List[str]:
@@ -222,7 +219,7 @@ def cmd_matrix(args) -> int:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run ``kvmpy bed ...`` without the top-level CLI."""
     parser = argparse.ArgumentParser(prog="kvmpy")
-    register(parser.add_subparsers(dest="command", required=True))
+    register(parser.add_subparsers(dest="command", required=True).add_parser("bed"))
     args = parser.parse_args(["bed", *(sys.argv[1:] if argv is None else argv)])
     try:
         return int(args.func(args) or 0)

@@ -37,10 +37,9 @@ def _on_off(text: str) -> bool:
     return text == "on"
 
 
-def register(sub) -> None:
-    """Add `perf` and its subcommands to the `kvmpy` parser's subparsers."""
-    perf = sub.add_parser("perf", help="performance tools (dirty logging, as the kernel's *_perf_test)",
-                          description="Performance tools driving KVM like the kernel's C *_perf_test programs.")
+def register(perf: argparse.ArgumentParser) -> None:
+    """Fill in the ``kvmpy perf`` parser (kvmpy.cli makes it, with its help line)."""
+    perf.description = "Performance tools driving KVM like the kernel's C *_perf_test programs."
     tools = perf.add_subparsers(dest="tool", required=True)
     p = tools.add_parser(
         "dirty-log", help="the phases of dirty_log_perf_test: populate, enable, dirty/get/clear, disable",
