@@ -43,6 +43,10 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$inputs" ] || ! .venv/bin/python
 	.venv/bin/python -m pip install -q -e .
 	echo "$inputs" > "$stamp"
 fi
+# Byte-compile kvmpy, as a non-editable install does: an editable one leaves that to the
+# first import, which never writes where PYTHONDONTWRITEBYTECODE is set, and then every
+# `kvmpy` start compiled its modules again (30 ms of a 0.13 s start here).
+.venv/bin/python -m compileall -q kvmpy >/dev/null
 ./build_guest.sh >/dev/null
 if [ $BED -eq 1 ]; then
 	# Fetch and unpack the bed kernel (cached under ~/.cache/kvmpy/bed) for both backends.
