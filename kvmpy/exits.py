@@ -167,7 +167,7 @@ class MmioExit(_PageData):
 
 @dataclass
 class HltExit(Exit):
-    pass
+    """HLT with no interrupt to wake the vCPU (KVM_EXIT_HLT)."""
 
 
 @dataclass
@@ -177,12 +177,16 @@ class ShutdownExit(Exit):
 
 @dataclass
 class FailEntryExit(Exit):
+    """VM entry failed (KVM_EXIT_FAIL_ENTRY): the hardware's reason, on ``cpu``."""
+
     hardware_entry_failure_reason: int
     cpu: int
 
 
 @dataclass
 class InternalErrorExit(Exit):
+    """KVM could not go on (KVM_EXIT_INTERNAL_ERROR): ``suberror`` (e.g. EMULATION) and its data words."""
+
     suberror: int
     data: tuple
 
@@ -199,13 +203,15 @@ class InternalErrorExit(Exit):
 
 @dataclass
 class SystemEventExit(Exit):
+    """KVM_EXIT_SYSTEM_EVENT: shutdown, reset or crash (``type``) with its data words."""
+
     type: int
     data: tuple
 
 
 @dataclass
 class DirtyRingFullExit(Exit):
-    pass
+    """The vCPU's dirty ring is full: harvest and reset it before running again."""
 
 
 @dataclass
@@ -215,6 +221,8 @@ class InterruptedExit(Exit):
 
 @dataclass
 class UnknownExit(Exit):
+    """An exit reason kvmpy has no type for (KVM_EXIT_UNKNOWN's ``hardware_exit_reason`` if it was that)."""
+
     hardware_exit_reason: int = 0
 
 

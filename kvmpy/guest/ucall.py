@@ -55,23 +55,29 @@ class Ucall:
 
 @dataclass(frozen=True)
 class SyncCall(Ucall):
+    """GUEST_SYNC(stage, values...): the guest reached ``stage`` (guests/lib/stages.h)."""
+
     stage: int
     args: tuple[int, ...]
 
 
 @dataclass(frozen=True)
 class DoneCall(Ucall):
-    pass
+    """GUEST_DONE() (or a return from guest_main): the program finished."""
 
 
 @dataclass(frozen=True)
 class PrintfCall(Ucall):
+    """GUEST_PRINTF's formatted ``text`` (``truncated`` if it did not fit the ucall buffer)."""
+
     text: str
     truncated: bool
 
 
 @dataclass(frozen=True)
 class AssertCall(Ucall):
+    """A failed GUEST_ASSERT*: where, what, and for _EQ/_NE the two values."""
+
     file: str
     line: int
     expr: str
@@ -92,6 +98,8 @@ class AssertCall(Ucall):
 
 @dataclass(frozen=True)
 class ExceptionCall(Ucall):
+    """An exception the guest had no handler for: vector, error code and the state at it."""
+
     vector: int
     error_code: int
     rip: int
