@@ -7,7 +7,7 @@ usage: .venv/bin/python ci/bench/side_by_side.py [--kernel-tree DIR | --deb FILE
 Builds the C side first (ksrc.py: Debian's linux-source-6.12 fetched with
 apt-get download, or your kernel tree; cached in ~/.cache/kvmpy/bench), then
 sets every row up in two processes -- the C peer (peer.c, linked with the
-selftests' kvm_util) and kvmpy (micro.py) -- and takes their samples in
+selftests' kvm_util) and kvmpy (micro.py), both on one CPU -- and takes their samples in
 alternation (which goes first alternating too), so each pair sees the same
 machine load; it prints the medians and the median of the per-pair ratios, with
 each row's target. The last row runs `dirty_log_perf_test` and
@@ -18,6 +18,7 @@ Exit status 0 when every ratio meets its target, 1 otherwise.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -77,6 +78,22 @@ class Result:
     def ok(self) -> bool:
         return self.ratio <= self.target
 
+    @property
+    def spread(self) -> tuple[float, float]:
+        """The middle half of the per-pair ratios (first and third quartile): how far the
+        machine moved the row while it ran, next to the median."""
+        ratios = [p / c for p, c in self.pairs]
+        if len(ratios) < 2:
+            return (ratios[0], ratios[0]) if ratios else (0.0, 0.0)
+        q1, _, q3 = statistics.quantiles(ratios, n=4)
+        return q1, q3
+
+    def summarize(self) -> None:
+        """The medians and the median per-pair ratio, from ``pairs``."""
+        self.kvmpy = statistics.median(p for p, _ in self.pairs)
+        self.c = statistics.median(c for _, c in self.pairs)
+        self.ratio = statistics.median(p / c for p, c in self.pairs)
+
 
 def _run(cmd: list[str], what: str) -> str:
     p = subprocess.run(cmd, capture_output=True, text=True)
@@ -113,14 +130,30 @@ class _Server:
                              f"{self.proc.stderr.read()[-3000:]}")
 
 
+@contextlib.contextmanager
+def _one_cpu():
+    """Processes started inside run on one CPU (the last this one may use), as they inherit it.
+
+    A row's two processes never run at once, so sharing a CPU costs them nothing; on CPUs of
+    their own, two copies of the *same* process gave ratios of 0.83 to 1.36 for the VM cycle
+    (2 CPUs, 2026-12-01), pinned 0.97 to 1.01."""
+    allowed = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {max(allowed)})
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, allowed)
+
+
 def run_row(row: Row, peer: Path, pairs: int) -> Result:
-    """Both sides set up once, then alternate sample by sample (which goes first alternating
-    too), so that each pair of samples sees the same machine load."""
+    """Both sides set up once, on one CPU, then alternate sample by sample (which goes first
+    alternating too), so that each pair of samples sees the same machine load."""
     scale = 1e-3 if row.unit == "us" else 1e-6
     res = Result(row.what, row.kind, row.unit, target=TARGETS[row.kind])
     args = [row.name, "serve", str(row.batch)]
-    sides = {"c": _Server([peer.as_posix(), *args], f"C peer row {row.name}"),
-             "kvmpy": _Server([sys.executable, (HERE / "micro.py").as_posix(), *args], f"kvmpy row {row.name}")}
+    with _one_cpu():
+        sides = {"c": _Server([peer.as_posix(), *args], f"C peer row {row.name}"),
+                 "kvmpy": _Server([sys.executable, (HERE / "micro.py").as_posix(), *args], f"kvmpy row {row.name}")}
     try:
         for i in range(pairs + WARMUP):
             order = ("c", "kvmpy") if i % 2 else ("kvmpy", "c")
@@ -130,9 +163,7 @@ def run_row(row: Row, peer: Path, pairs: int) -> Result:
     finally:
         for server in sides.values():
             server.close()
-    res.kvmpy = statistics.median(p for p, _ in res.pairs)
-    res.c = statistics.median(c for _, c in res.pairs)
-    res.ratio = statistics.median(p / c for p, c in res.pairs)
+    res.summarize()
     return res
 
 
@@ -179,9 +210,7 @@ def run_perf(perf_test: Path, rounds: int) -> Result:
         cp, kp = _c_phases(out["c"]), _kvmpy_phases(out["kvmpy"])
         for k in phases:
             phases[k].append((kp[k], cp[k]))
-    res.kvmpy = statistics.median(p for p, _ in res.pairs)
-    res.c = statistics.median(c for _, c in res.pairs)
-    res.ratio = statistics.median(p / c for p, c in res.pairs)
+    res.summarize()
     res.phases = {k: {"kvmpy": statistics.median(p for p, _ in v), "c": statistics.median(c for _, c in v),
                       "ratio": statistics.median(p / c for p, c in v if c > 0) if any(c > 0 for _, c in v) else None}
                   for k, v in phases.items()}
@@ -203,12 +232,14 @@ def format_table(results: list[Result], facts: dict, version: str, load_after: t
     lines = [f"kvmpy / C KVM selftests (linux {version}), {facts['date']}",
              f"machine: {facts['cpu']}, {facts['cpus']} CPUs, kernel {facts['kernel']} ({facts['kvm']}); "
              f"load {facts['load'][0]:.1f} before, {load_after[0]:.1f} after",
-             "medians of interleaved samples (whole run: of interleaved processes); ratio = median of the per-pair kvmpy/C ratios", ""]
+             "medians of interleaved samples (whole run: of interleaved processes); ratio = median of the per-pair kvmpy/C ratios,",
+             "middle half = their first to third quartile (how much the machine moved the row)", ""]
     w = max(len(r.what) for r in results)
-    lines.append(f"{'what':<{w}}  {'kvmpy':>12}  {'C':>12}  {'ratio':>6}  {'target':>7}")
+    lines.append(f"{'what':<{w}}  {'kvmpy':>12}  {'C':>12}  {'ratio':>6}  {'middle half':>11}  {'target':>7}")
     for r in results:
+        q1, q3 = r.spread
         lines.append(f"{r.what:<{w}}  {_fmt(r.kvmpy, r.unit):>12}  {_fmt(r.c, r.unit):>12}  {r.ratio:6.2f}  "
-                     f"{'<= ' + format(r.target, 'g'):>7}  {'ok' if r.ok else 'OVER'} ({r.kind})")
+                     f"{f'{q1:.2f}-{q3:.2f}':>11}  {'<= ' + format(r.target, 'g'):>7}  {'ok' if r.ok else 'OVER'} ({r.kind})")
         for k, ph in r.phases.items():
             ratio = f"{ph['ratio']:6.2f}" if ph["ratio"] is not None else f"{'-':>6}"
             lines.append(f"  {'phase ' + k:<{w - 2}}  {_fmt(ph['kvmpy'], 's'):>12}  {_fmt(ph['c'], 's'):>12}  {ratio}")
@@ -244,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     print(format_table(results, facts, built.version, os.getloadavg()))
     if args.json:
         Path(args.json).write_text(json.dumps({"machine": facts, "kernel": built.version,
-                                               "rows": [asdict(r) | {"ok": r.ok} for r in results]}, indent=1))
+                                               "rows": [asdict(r) | {"ok": r.ok, "spread": r.spread} for r in results]}, indent=1))
     return 0 if all(r.ok for r in results) else 1
 
 
