@@ -17,6 +17,7 @@ from kvmpy.bed.debian import fetch_debian
 from kvmpy.bed.initramfs import busybox
 from kvmpy.bed.request import BedRequest
 from kvmpy.bed.qemu import QEMU, QemuBackend
+from kvmpy.selftest.progress import PROGRESS_SUFFIX, read_progress
 
 pytestmark = pytest.mark.bed
 REPO = Path(__file__).resolve().parents[1]
@@ -93,6 +94,30 @@ def test_pytest_inside_brings_junit_back(bed, tmp_path):
     assert (suite.get("tests"), suite.get("failures")) == ("2", "1")
     failure = suite.find("testcase[@name='test_fails_inside']/failure")
     assert "inside-assert-marker" in failure.get("message")
+
+
+HANGS = r'''
+import time
+
+def test_before():
+    pass
+
+def test_hangs():
+    time.sleep(1000)
+'''
+
+
+def test_a_test_that_hangs_leaves_what_finished_and_its_name(bed, tmp_path):
+    # The bed's own timeout kills pytest (SIGKILL: no results file); the progress file written
+    # over 9p as the tests went still comes back, naming the test that hung.
+    (tmp_path / "test_hang.py").write_text(HANGS)
+    cmd = f'python3 -m pytest -p kvmpy.selftest.results --kvmpy-results="$KVMPY_BED_RESULTS/results.json" {tmp_path}'
+    r = bed.run(req(["sh", "-c", cmd], timeout=100))
+    assert r.status is not None and r.status != 0 and not r.timed_out, r.console[-2000:]
+    assert "results.json" not in r.files
+    tests, running = read_progress(r.files["results.json" + PROGRESS_SUFFIX].decode())
+    assert [(t["nodeid"].split("::")[-1], t["outcome"]) for t in tests] == [("test_before", "passed")]
+    assert running.endswith("::test_hangs")
 
 
 def test_timeout_kills_machine_and_cleans_up(bed, tmp_path, monkeypatch):

@@ -240,7 +240,8 @@ def run_matrix(
     row's is an error: it tested nothing new. ``jobs`` > 1 boots that many pairs at once
     (:mod:`kvmpy.bed.parallel`); rows and ``progress(i, n, row)`` come in pair order all the
     same. ``console(i)``, if given, is pair ``i``'s console echo (instead of the job's).
-    A KeyboardInterrupt leaves with ``running``: the indices of the pairs it stopped.
+    A KeyboardInterrupt leaves with ``running``: the indices of the pairs it stopped, and with
+    ``jobs`` > 1 ``cut``: their rows as the stopped boots brought them back.
     """
     rows: List[Row] = []
     seen: dict = {}

@@ -71,7 +71,9 @@ def run_in_order(count: int, work: Callable[[int], T], jobs: int,
     A worker's exception stops the others' emulators and is raised here. On a
     KeyboardInterrupt every emulator is killed, the results finished before it are
     committed (in index order, skipping those that had not finished), and the
-    interrupt is re-raised with ``running``: the indices whose work was lost.
+    interrupt is re-raised with ``running``: the indices whose work it cut short, and
+    ``cut``: what that work returned once its emulator was dead, by index (a boot
+    brings back the files its command had written by then).
     """
     machine.allow_machines()
     pool = ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="kvmpy-bed-row")
@@ -93,6 +95,8 @@ def run_in_order(count: int, work: Callable[[int], T], jobs: int,
                 if i >= next_i and f.done() and not f.cancelled() and f.exception() is None}
         e.running = sorted(i for f, i in futures.items() if f.running() and i not in done)
         _stop(pool)
+        e.cut = {i: f.result() for f, i in futures.items()
+                 if i in e.running and f.done() and not f.cancelled() and f.exception() is None}
         for i in sorted(done):
             commit(i, done[i])
         raise

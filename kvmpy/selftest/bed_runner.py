@@ -28,10 +28,11 @@ from kvmpy.bed.options import BedOptions
 from kvmpy.bed.protocol import BedError
 from kvmpy.bed.request import Job, megabytes
 from kvmpy.bed.testbed import Bed
-from kvmpy.selftest import bytecode
-from kvmpy.selftest.junit import format_junit, setting_properties
+from kvmpy.selftest import bed_results, bytecode
+from kvmpy.selftest.bed_results import Pair
+from kvmpy.selftest.junit import format_junit
 from kvmpy.selftest.report import RunResults
-from kvmpy.selftest.runner import PYTEST_HARNESS_ERRORS, pytest_command
+from kvmpy.selftest.runner import pytest_command
 from kvmpy.selftest.shard import Shard
 
 # 1 GiB huge-page tests need room for hugetlb pages inside the bed; the pools are
@@ -42,10 +43,6 @@ BED_HUGEPAGES = ["1G:1", "2M:32"]
 BOCHS_MEM = "2G"
 BOCHS_HUGEPAGES = ["2M:32"]
 BED_TIMEOUT = 1500.0
-
-Pair = Tuple[Bed, matrix.Config]
-
-
 def bed_options(args) -> BedOptions:
     """The bed options of these `kvmpy selftest --bed` arguments (BedError if malformed)."""
     bochs = args.backend == "bochs"
@@ -54,64 +51,6 @@ def bed_options(args) -> BedOptions:
         modules=args.modules, accel=args.accel, mem=BOCHS_MEM if bochs else BED_MEM, smp=2,
         timeout=args.timeout or BED_TIMEOUT, params=args.param,
         hugepages=BOCHS_HUGEPAGES if bochs else BED_HUGEPAGES)
-
-
-def _kernel_name(bed: Bed) -> str:
-    """The Debian line ("6.12") or, for a kernel the user built, its release."""
-    return bed.kernel.release if bed.options.kernel is not None and bed.kernel else bed.kernel_line
-
-
-def _label(bed: Bed, config: matrix.Config, in_matrix: bool) -> str:
-    what = config.name if in_matrix else " ".join(f"{k}={v}" for k, v in bed.options.params.items()) or "defaults"
-    return f"bed {bed.vendor} {_kernel_name(bed)} {what}"
-
-
-def _setting(bed: Bed, config: matrix.Config, row: matrix.Row | None) -> dict:
-    """RunResults.bed: what a configuration ran on (as far as known when ``row`` is None)."""
-    requested = {**bed.options.params, **config.params}
-    if row is None:
-        kernel = bed.kernel.release if bed.kernel else f"Debian {bed.kernel_line}"
-        return {"summary": f"{bed.describe()}; stopped before it reported its facts",
-                "requested_params": requested, "facts": {"kernel": kernel}}
-    facts = row.result.facts
-    return {"summary": facts.summary(), "requested_params": requested, "facts": facts.to_dict()}
-
-
-def _results(config_label: str, row: matrix.Row) -> RunResults:
-    """RunResults of one boot, with bed-level problems as harness errors or failures."""
-    result = row.result
-    raw = result.files.get("results.json")
-    if result.status is None:
-        return RunResults(config_label, harness_error=f"bed: {result.error or 'no exit status'}")
-    if row.mismatches:
-        return RunResults(config_label, harness_error="bed parameters: " + "; ".join(row.mismatches))
-    if raw is None:
-        return RunResults(config_label, exitstatus=result.status,
-                          harness_error=f"pytest in the bed exited {result.status} without results")
-    run = RunResults.from_json(config_label, raw.decode())
-    if run.exitstatus in PYTEST_HARNESS_ERRORS:
-        run.harness_error = f"pytest: {PYTEST_HARNESS_ERRORS[run.exitstatus]} (exit {run.exitstatus})"
-    # A splat the per-test watch could not pin on a test still fails the run.
-    for splat in row.splats:
-        first = splat.splitlines()[0] if splat else "kernel splat"
-        if not any(first in (t.get("reason") or "") for t in run.tests):
-            run.tests.append({"nodeid": "(bed kernel log)", "outcome": "failed",
-                              "reason": f"kernel splat: {first}", "duration": 0.0, "stats": {}})
-    return run
-
-
-def junit_with_setting(xml: bytes, label: str, setting: dict) -> bytes:
-    """The JUnit document with what the configuration ran on as ``kvmpy.*`` testsuite properties."""
-    props = setting_properties(label, setting)
-    root = ET.fromstring(xml)
-    for suite in root.iter("testsuite"):
-        node = suite.find("properties")
-        if node is None:
-            node = ET.Element("properties")
-            suite.insert(0, node)
-        for name, value in props.items():
-            ET.SubElement(node, "property", name=name, value=value)
-    return ET.tostring(root, encoding="utf-8", xml_declaration=True)
 
 
 def _note(msg: str) -> None:
@@ -138,11 +77,6 @@ def _prepare(beds: List[Bed], log: Callable[[str], None]) -> None:
         bed.prepare()
 
 
-def row_id(bed: Bed, config: matrix.Config) -> str:
-    """A row of the run: ``qemu/6.12/tdp+split`` (backend, kernel, configuration), what --shard slices."""
-    return f"{bed.backend_class.name}/{_kernel_name(bed)}/{config.name}"
-
-
 def plan(args, log: Callable[[str], None] = _note) -> Tuple[List[Pair], Shard | None]:
     """The (bed, configuration) pairs this run boots, and its shard (``--shard K/N``) if any.
 
@@ -155,15 +89,15 @@ def plan(args, log: Callable[[str], None] = _note) -> Tuple[List[Pair], Shard | 
                        else [matrix.Config("params" if args.param else "default", {})])]
     if not getattr(args, "shard", None):
         return pairs, None
-    shard = Shard.select(args.shard, [row_id(b, c) for b, c in pairs])
-    return [(b, c) for b, c in pairs if row_id(b, c) in shard.rows], shard
+    shard = Shard.select(args.shard, [bed_results.row_id(b, c) for b, c in pairs])
+    return [(b, c) for b, c in pairs if bed_results.row_id(b, c) in shard.rows], shard
 
 
 def suite_job(args, on_console: Callable[[str], None] | None = None, part: Tuple[int, int] | None = None) -> Job:
     """The job that runs the suite's pytest command inside the bed (only part K of N of the tests:
     ``part=(K, N)``, see :mod:`kvmpy.selftest.parts`)."""
     extra = list(args.pytest_args or []) + ([f"--kvmpy-part={part[0]}/{part[1]}"] if part else [])
-    inner = pytest_command("$KVMPY_BED_RESULTS/results.json", None, args.keyword, extra)
+    inner = pytest_command(f"$KVMPY_BED_RESULTS/{bed_results.RESULTS_FILE}", None, args.keyword, extra)
     script = " ".join(shlex.quote(a) if not a.startswith("--kvmpy-results=") else f'"{a}"' for a in inner)
     # The bed passes on no environment of ours but the job's: injected faults go in it.
     return Job(["sh", "-c", script], env=faults.env(), on_console=on_console)
@@ -198,7 +132,7 @@ def run(args, quiet: bool = False, pairs: List[Pair] | None = None) -> List[RunR
     else:
         jobs = _at_once(args, pairs, len(pairs), log)
     # Several beds at once: one console echo each, its lines tagged with the row.
-    console = (lambda i: ConsolePrinter(False, stream, prefix=f"[{row_id(*pairs[i])}] ")) if jobs > 1 else None
+    console = (lambda i: ConsolePrinter(False, stream, prefix=f"[{bed_results.row_id(*pairs[i])}] ")) if jobs > 1 else None
     job = suite_job(args, on_console=ConsolePrinter(False, stream))
     done: Dict[int, matrix.Row] = {}
 
@@ -214,8 +148,8 @@ def run(args, quiet: bool = False, pairs: List[Pair] | None = None) -> List[RunR
     except BedError as e:
         return _harness_error(args, str(e))
     except KeyboardInterrupt as e:  # SIGINT, or SIGTERM/SIGHUP as the CLI raises them
-        stopped = _stopped_runs(pairs, sorted(done), getattr(e, "running", None) or [],
-                                getattr(e, "signo", signal.SIGINT), args.matrix)
+        stopped = bed_results.stopped_runs(pairs, sorted(done), getattr(e, "running", None) or [],
+                                getattr(e, "signo", signal.SIGINT), args.matrix, getattr(e, "cut", {}))
     # JUnit files are named by the whole run's rows, so that a shard's are named as unsharded.
     several_kernels = args.matrix and args.kernel is None and args.kernel_version is None
     several_rows = args.matrix or len(pairs) > 1
@@ -253,8 +187,8 @@ def _log_row(log: Callable[[str], None], row: matrix.Row, line: str) -> None:
 def _run_parts(args, pair: Pair, nparts: int, stream, log: Callable[[str], None]) -> List[RunResults]:
     """Run one configuration's tests in ``nparts`` boots at once, each a part of them; one run back.
 
-    Stopped by a signal, the parts that had finished are kept (the run says the others' results
-    are lost), as the matrix keeps its finished rows.
+    Stopped by a signal, the parts that had finished are kept, and of a part the stop cut short
+    the tests its boot had finished (the run says what was lost), as the matrix keeps its rows.
     """
     from kvmpy.selftest.parts import merge_parts   # a pytest plugin too: pytest only when parts run
 
@@ -272,27 +206,31 @@ def _run_parts(args, pair: Pair, nparts: int, stream, log: Callable[[str], None]
                            f"({row.result.seconds:.0f}s)")
 
     log(f"bed: {bed.describe()}, 1 configuration, its tests in {nparts} parts (one boot each)")
-    stop = 0
+    stop, cut = 0, {}
     try:
         parallel.run_in_order(nparts, boot, nparts, commit)
     except BedError as e:
         return _harness_error(args, str(e))
     except KeyboardInterrupt as e:
-        stop = getattr(e, "signo", signal.SIGINT)
-    if done:
-        run = merge_parts([_finished_run(bed, done[k], args, False, False, junit=False) if k in done else None
-                           for k in range(nparts)])
+        stop, cut = getattr(e, "signo", signal.SIGINT), getattr(e, "cut", {})
+    # A part the stop cut short keeps the tests its progress file shows finished.
+    cut_runs = {k: bed_results.cut_run(pair, cut[k], args.matrix) for k in cut if k not in done}
+    cut_runs = {k: c for k, c in cut_runs.items() if c is not None}
+    if done or cut_runs:
+        run = merge_parts([_finished_run(bed, done[k], args, False, False, junit=False) if k in done
+                           else cut_runs[k][0] if k in cut_runs else None for k in range(nparts)])
         if stop:
-            lost = [f"{k + 1}/{nparts}" for k in range(nparts) if k not in done]
-            run.interrupted = stop
-            run.stop_detail = "after every part had finished"
+            lost = [f"{k + 1}/{nparts}" for k in range(nparts) if k not in done and k not in cut_runs]
+            notes = [f"while part {k + 1}/{nparts} ran in the bed ({cut_runs[k][1]})" for k in sorted(cut_runs)]
             if len(lost) == 1:
-                run.stop_detail = f"while part {lost[0]} ran in the bed: its results are lost"
+                notes.append(f"while part {lost[0]} ran in the bed: its results are lost")
             elif lost:
-                run.stop_detail = f"while parts {', '.join(lost)} ran in the bed: their results are lost"
+                notes.append(f"while parts {', '.join(lost)} ran in the bed: their results are lost")
+            run.interrupted = stop
+            run.stop_detail = "; ".join(notes) or "after every part had finished"
         runs = [run]
-    else:       # stopped before any part finished
-        runs = _stopped_runs([pair], [], [0], stop, args.matrix)
+    else:       # stopped before any part finished or had a test to show
+        runs = bed_results.stopped_runs([pair], [], [0], stop, args.matrix)
     if args.junit:
         Path(args.junit).write_bytes(format_junit(runs))
     return runs
@@ -328,14 +266,14 @@ def _finished_run(bed: Bed, row: matrix.Row, args, several_kernels: bool, severa
                   junit: bool = True) -> RunResults:
     """One finished configuration's RunResults, its JUnit file written (``--junit``, unless not
     ``junit``) with its setting."""
-    label = _label(bed, row.config, args.matrix)
-    run = _results(label, row)
-    run.bed = _setting(bed, row.config, row)
-    run.row = row_id(bed, row.config)
+    label = bed_results.label(bed, row.config, args.matrix)
+    run = bed_results.boot_run(label, row)
+    run.bed = bed_results.setting(bed, row.config, row)
+    run.row = bed_results.row_id(bed, row.config)
     if junit and args.junit:
         if "junit.xml" in row.result.files:
             try:
-                data = junit_with_setting(row.result.files["junit.xml"], label, run.bed)
+                data = bed_results.junit_with_setting(row.result.files["junit.xml"], label, run.bed)
             except ET.ParseError as e:
                 run.harness_error = run.harness_error or f"the bed's JUnit XML is unreadable ({e})"
                 data = row.result.files["junit.xml"]
@@ -350,7 +288,7 @@ def _junit_path(args, bed: Bed, config: matrix.Config, several_kernels: bool, se
     name with the kernel (several kernels) and the configuration appended."""
     path = Path(args.junit)
     if several_rows:
-        kernel = f"-{_kernel_name(bed)}" if several_kernels else ""
+        kernel = f"-{bed_results.kernel_name(bed)}" if several_kernels else ""
         path = path.with_name(f"{path.stem}{kernel}-{config.name}{path.suffix}")
     return path
 
@@ -361,27 +299,9 @@ def _write_stopped_junit(args, pairs: List[Pair], stopped: List[RunResults], sev
     files finds the stop as an error, not a missing file."""
     if not args.junit:
         return
-    by_row = {row_id(*pair): pair for pair in pairs}
+    by_row = {bed_results.row_id(*pair): pair for pair in pairs}
     for run in stopped:
         if run.row in by_row:
             bed, config = by_row[run.row]
             _junit_path(args, bed, config, several_kernels, several_rows).write_bytes(format_junit([run]))
 
-
-def _stopped_runs(pairs: List[Pair], finished: List[int], running: List[int], signo: int,
-                  in_matrix: bool) -> List[RunResults]:
-    """A row for each configuration a signal stopped, the last saying what was left unrun."""
-    left = [i for i in range(len(pairs)) if i not in finished]
-    if not left:
-        return [RunResults("bed", interrupted=signo, stop_detail="after every configuration had finished")]
-    running = running or left[:1]
-    rest = [_label(*pairs[i], in_matrix) for i in left if i not in running]
-    out = []
-    for n, i in enumerate(running):
-        bed, config = pairs[i]
-        detail = "while this configuration ran in the bed: its results are lost"
-        if rest and n == len(running) - 1:
-            detail += f"; not run: {', '.join(rest)}"
-        out.append(RunResults(_label(bed, config, in_matrix), interrupted=signo, stop_detail=detail,
-                              bed=_setting(bed, config, None), row=row_id(bed, config)))
-    return out

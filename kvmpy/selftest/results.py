@@ -5,14 +5,16 @@ the report, KTAP and ``--json`` outputs are built from, on the host and in the b
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
 
 import pytest
 
+from kvmpy.selftest.progress import PROGRESS_SUFFIX
+
 RESULTS_OPTION = "--kvmpy-results"
-# A row's user property that sets its recorded outcome (e.g. report.NOT_TESTED).
 OUTCOME_PROPERTY = "kvmpy_outcome"
 
 
@@ -56,6 +58,34 @@ class _Recorder:
         self.path = path
         self.tests: dict[str, dict] = {}
         self.started = time.time()
+        self.running = ""
+        self.progress = None    # the progress file; False once it could not be written
+
+    def _note(self, record: dict) -> None:
+        """One line of the progress file: best effort, and none where the results go to a pipe
+        (the host run's /proc/self/fd/N), since the results file is what counts."""
+        if self.progress is False:
+            return
+        try:
+            if self.progress is None:
+                os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+                self.progress = open(self.path + PROGRESS_SUFFIX, "w")
+            self.progress.write(json.dumps(record) + "\n")
+            self.progress.flush()
+        except (OSError, ValueError):
+            if self.progress:
+                with contextlib.suppress(OSError):
+                    self.progress.close()
+            self.progress = False
+
+    def pytest_runtest_logstart(self, nodeid: str) -> None:
+        self.running = nodeid
+        self._note({"started": nodeid})
+
+    def pytest_runtest_logfinish(self, nodeid: str) -> None:
+        self.running = ""
+        if nodeid in self.tests:
+            self._note({"test": self.tests[nodeid]})
 
     def _entry(self, report: pytest.TestReport) -> dict:
         # The outcome stays "" until a phase decides it: a test stopped mid-call has none.
@@ -98,6 +128,8 @@ class _Recorder:
                 e["outcome"], e["reason"] = "known-absent", absent[0]
             else:
                 e["outcome"] = "passed"
+        if report.nodeid != self.running:   # a row of no test (a splat between tests): noted now
+            self._note({"test": e})
 
     @pytest.hookimpl(trylast=True)  # after the rows other plugins report at session end
     def pytest_sessionfinish(self, session: pytest.Session, exitstatus: int) -> None:
@@ -111,7 +143,13 @@ class _Recorder:
             with open(self.path, "w") as f:
                 json.dump(data, f, indent=1)
         except BrokenPipeError:
-            pass  # `kvmpy selftest` reads them through a pipe and has died: nobody is left to tell
+            return  # `kvmpy selftest` reads them through a pipe and has died: nobody is left to tell
+        if self.progress:
+            self.progress.close()
+            try:
+                os.unlink(self.path + PROGRESS_SUFFIX)
+            except OSError:
+                pass
 
 
 def pytest_configure(config: pytest.Config) -> None:
