@@ -1,6 +1,7 @@
 """Fakes shared by the bed's unit tests: module trees, bzImage headers, a kernel, busybox sh, beds that boot nothing."""
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import lzma
@@ -109,24 +110,18 @@ JUNIT = b'<?xml version="1.0"?><testsuites><testsuite name="pytest" tests="1"><t
 KERNELS = (("6.12", "6.12.117+deb12-amd64"), ("6.1", "6.1.0-57-amd64"))
 
 
-class Stopped(KeyboardInterrupt):
-    """What the CLI raises for SIGTERM."""
-
-    def __init__(self, signo):
-        super().__init__(signo)
-        self.signo = signo
-
-
 class FakeBed(Backend):
     """Boots nothing: each request's parameters read back as set (``same``: as the first ones);
-    ``stop_at`` raises a stop signal on that boot; ``hook(request)``, if given, runs first
-    (a boot's own timing, or a real process as its machine) and may return the BedResult."""
+    ``stop_at``: that boot is a machine (a real process, added to ``procs``) that sends SIGTERM to
+    the main thread and runs until the stop kills it (run it inside :func:`sigterm_stops`);
+    ``hook(request)``, if given, runs first (a boot's own timing, or a real process as its
+    machine) and may return the BedResult."""
 
     name, vendor = "fake", "amd"
 
-    def __init__(self, kernel, seen, same=False, stop_at=None, hook=None):
+    def __init__(self, kernel, seen, same=False, stop_at=None, hook=None, procs=None):
         super().__init__(kernel)
-        self.seen, self.same, self.stop_at, self.hook = seen, same, stop_at, hook
+        self.seen, self.same, self.stop_at, self.hook, self.procs = seen, same, stop_at, hook, procs
 
     def check(self):
         pass
@@ -134,7 +129,7 @@ class FakeBed(Backend):
     def run(self, request):
         self.seen.append(request)
         if self.stop_at == len(self.seen):
-            raise Stopped(signal.SIGTERM)
+            return machine_until_stopped(self.procs, lambda started: True)
         early = self.hook(self, request) if self.hook else None
         if early is not None:
             return early
@@ -192,16 +187,16 @@ def machine_until_stopped(procs: list, stop_now) -> BedResult:
     return BedResult(None, "", error="killed")
 
 
-def run_until_stopped(args, procs: list) -> list:
-    """``bed_runner.run(args)`` with `kvmpy`'s SIGTERM handling; afterwards every machine in
-    ``procs`` must be gone, and machines may start again."""
+@contextlib.contextmanager
+def sigterm_stops(procs: list):
+    """Inside, SIGTERM stops the run as `kvmpy` has it do; afterwards every machine in ``procs``
+    must be gone, and machines may start again."""
     from kvmpy import cli
     from kvmpy.bed import machine
-    from kvmpy.selftest import bed_runner
 
     old = signal.signal(signal.SIGTERM, cli._terminate)
     try:
-        runs = bed_runner.run(args, quiet=True)
+        yield
     finally:
         signal.signal(signal.SIGTERM, old)
         machine.kill_machine(machine.start_machine(["true"]))   # lift the stop for the next run
@@ -209,5 +204,12 @@ def run_until_stopped(args, procs: list) -> list:
     for p in procs:
         with pytest.raises(ProcessLookupError):
             os.kill(p.pid, 0)
-    return runs
+
+
+def run_until_stopped(args, procs: list) -> list:
+    """``bed_runner.run(args)`` with `kvmpy`'s SIGTERM handling (see :func:`sigterm_stops`)."""
+    from kvmpy.selftest import bed_runner
+
+    with sigterm_stops(procs):
+        return bed_runner.run(args, quiet=True)
 

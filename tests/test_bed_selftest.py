@@ -9,7 +9,7 @@ from kvmpy.bed import matrix
 from kvmpy.bed.options import BedOptions
 from kvmpy.selftest import bed_runner, report
 
-from bed_fakes import bed_args as _args
+from bed_fakes import bed_args as _args, run_until_stopped
 
 def test_kernel_axis_covers_both_debian_lines_unless_one_is_named():
     assert [o.kernel_line for o in matrix.kernel_axis(BedOptions())] == ["6.12", "6.1"]
@@ -59,8 +59,8 @@ def test_a_single_boot_is_no_matrix_row(beds, tmp_path):
 
 def test_a_stopped_matrix_keeps_the_finished_rows_and_names_the_stopped_one(beds, tmp_path):
     _, opts = beds
-    opts["stop_at"] = 3
-    runs = bed_runner.run(_args(tmp_path), quiet=True)
+    opts.update(stop_at=3, procs=[])
+    runs = run_until_stopped(_args(tmp_path), opts["procs"])
     assert [r.config for r in runs] == ["bed amd 6.12 tdp+split", "bed amd 6.12 tdp-split", "bed amd 6.12 legacy-tdp"]
     assert runs[0].tests and runs[2].interrupted == signal.SIGTERM
     assert (tmp_path / "j-6.12-tdp-split.xml").exists()

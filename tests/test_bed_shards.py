@@ -12,7 +12,7 @@ from kvmpy import cli
 from kvmpy.selftest import bed_runner, merge, report
 from kvmpy.selftest.shard import Shard, ShardError, parse, slice_of
 
-from bed_fakes import bed_args
+from bed_fakes import bed_args, sigterm_stops
 
 ROWS = [f"fake/{k}/{c}" for k in ("6.12", "6.1") for c in ("tdp+split", "tdp-split", "legacy-tdp", "shadow")]
 HOST = {"kernel": "6.18", "vendor_module": "kvm_pvm"}
@@ -92,8 +92,9 @@ def test_merge_gives_the_whole_runs_verdict_and_junit(beds, tmp_path, capsys):
 
 def test_merge_of_a_stopped_shard_keeps_its_signal(beds, tmp_path):
     _, opts = beds
-    opts["stop_at"] = 6      # shard 2's second boot: SIGTERM
-    paths = _shard_files(tmp_path, 2)
+    opts.update(stop_at=6, procs=[])      # shard 2's second boot: SIGTERM
+    with sigterm_stops(opts["procs"]):
+        paths = _shard_files(tmp_path, 2)
     _, runs, _ = merge.merge([merge.load(p) for p in paths])
     assert report.exit_status(runs) == 128 + signal.SIGTERM
     assert runs[5].interrupted == signal.SIGTERM and "not run: bed amd 6.1 legacy-tdp" in report.stop_note(runs[5])

@@ -240,8 +240,8 @@ def run_matrix(
     row's is an error: it tested nothing new. ``jobs`` > 1 boots that many pairs at once
     (:mod:`kvmpy.bed.parallel`); rows and ``progress(i, n, row)`` come in pair order all the
     same. ``console(i)``, if given, is pair ``i``'s console echo (instead of the job's).
-    A KeyboardInterrupt leaves with ``running``: the indices of the pairs it stopped, and with
-    ``jobs`` > 1 ``cut``: their rows as the stopped boots brought them back.
+    A KeyboardInterrupt leaves with ``running``: the indices of the pairs it stopped, and
+    ``cut``: their rows as the stopped boots brought them back.
     """
     rows: List[Row] = []
     seen: dict = {}
@@ -264,16 +264,9 @@ def run_matrix(
         if progress:
             progress(i + 1, len(pairs), row)
 
-    if jobs > 1:
-        run_in_order(len(pairs), boot, jobs, commit)
-        return rows
-    for i in range(len(pairs)):
-        try:
-            row = boot(i)
-        except KeyboardInterrupt as e:
-            e.running = [i]
-            raise
-        commit(i, row)
+    # One job too runs on a thread of its own: a stop then kills the machine and gets back what
+    # its boot brought home (``cut``), as with several.
+    run_in_order(len(pairs), boot, max(1, jobs), commit)
     return rows
 
 
