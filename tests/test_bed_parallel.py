@@ -110,6 +110,22 @@ def test_a_stop_kills_every_machine_and_keeps_the_finished_rows(beds, tmp_path, 
         assert bool(errors) == stopped and all("stopped by SIGTERM" in e for e in errors), (config, errors)
 
 
+def test_a_default_sigterm_unwinds_and_stops_the_machines():
+    """A program that left SIGTERM at its default (a library user's): the run unwinds with
+    SystemExit(143) instead of the process ending at once, and the machine is killed."""
+    procs = []
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    try:
+        with pytest.raises(SystemExit) as e:
+            parallel.run_in_order(1, lambda i: machine_until_stopped(procs, lambda started: True), 1,
+                                  lambda i, r: None)
+    finally:
+        machine.allow_machines()
+    assert e.value.code == 128 + signal.SIGTERM
+    assert procs and procs[0].poll() is not None
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+
+
 def test_no_machine_starts_once_a_stop_began():
     machine.stop_machines()
     try:

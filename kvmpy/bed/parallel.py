@@ -82,15 +82,18 @@ def run_in_order(count: int, work: Callable[[int], T], jobs: int,
     next_i = 0
     try:
         pending = set(futures)
-        while pending:
-            finished, pending = wait(pending, return_when=FIRST_COMPLETED)
-            for f in sorted(finished, key=futures.get):
-                results[futures[f]] = f.result()
-            while next_i in results:
-                commit(next_i, results.pop(next_i))
-                next_i += 1
+        # A SIGTERM the program left at its default unwinds here (SystemExit) rather than
+        # ending the process: the emulators are stopped and their boots clean up.
+        with machine.exit_on_sigterm():
+            while pending:
+                finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+                for f in sorted(finished, key=futures.get):
+                    results[futures[f]] = f.result()
+                while next_i in results:
+                    commit(next_i, results.pop(next_i))
+                    next_i += 1
     except KeyboardInterrupt as e:
-        # What had finished before the stop is kept; what ran then is lost with its emulator.
+        # What had finished before the stop is kept; what ran then comes back as its emulator left it.
         done = {i: f.result() for f, i in futures.items()
                 if i >= next_i and f.done() and not f.cancelled() and f.exception() is None}
         e.running = sorted(i for f, i in futures.items() if f.running() and i not in done)
