@@ -121,13 +121,19 @@ def _stopped_with_progress(procs, part_with_progress):
     return hook
 
 
-def test_a_stop_keeps_what_a_stopped_part_had_finished(beds, tmp_path, monkeypatch):
+def _stopped_run(beds, monkeypatch, args, marker: str):
+    """``bed_runner.run(args)`` on 2 CPUs, SIGTERM once two boots run; the boot whose command
+    or row names ``marker`` brings back its progress file."""
     _, opts = beds
     monkeypatch.setattr(parallel, "cpus", lambda: 2)
     monkeypatch.setattr(parallel, "available_memory", lambda: 64 << 30)
     procs = []
-    opts["hook"] = _stopped_with_progress(procs, "--kvmpy-part=1/2")
-    [run] = run_until_stopped(bed_args(tmp_path, matrix=False, jobs=None), procs)
+    opts["hook"] = _stopped_with_progress(procs, marker)
+    return run_until_stopped(args, procs)
+
+
+def test_a_stop_keeps_what_a_stopped_part_had_finished(beds, tmp_path, monkeypatch):
+    [run] = _stopped_run(beds, monkeypatch, bed_args(tmp_path, matrix=False, jobs=None), "--kvmpy-part=1/2")
     assert [(t["nodeid"], t["outcome"]) for t in run.tests] == [
         ("selftests/test_a.py::test_ok", "passed"), ("selftests/test_b.py::test_hangs", "interrupted")]
     assert report.stop_note(run) == (
@@ -139,12 +145,7 @@ def test_a_stop_keeps_what_a_stopped_part_had_finished(beds, tmp_path, monkeypat
 
 
 def test_a_stopped_matrix_row_keeps_what_its_boot_had_finished(beds, tmp_path, monkeypatch):
-    _, opts = beds
-    monkeypatch.setattr(parallel, "cpus", lambda: 2)
-    monkeypatch.setattr(parallel, "available_memory", lambda: 64 << 30)
-    procs = []
-    opts["hook"] = _stopped_with_progress(procs, "tdp-split")
-    runs = run_until_stopped(bed_args(tmp_path, jobs=2), procs)
+    runs = _stopped_run(beds, monkeypatch, bed_args(tmp_path, jobs=2), "tdp-split")
     by_config = {r.config: r for r in runs}
     lost, kept = by_config["bed amd 6.12 tdp+split"], by_config["bed amd 6.12 tdp-split"]
     assert lost.tests == [] and "its results are lost" in lost.stop_detail
