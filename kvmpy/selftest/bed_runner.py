@@ -9,7 +9,8 @@ machine, effective module parameters) recorded in it and in its JUnit file.
 
 ``--matrix`` runs every row of the vendor's matrix on each kernel of the kernel axis
 (Debian 6.12 and 6.1 unless a kernel is named).  Stopped by a signal, the run keeps what
-it has: the configurations already finished, and a row naming the one that was running.
+it has: the configurations already finished, and a row for the one that was running, with
+the tests its boot had finished (:mod:`kvmpy.selftest.bed_results`).
 """
 from __future__ import annotations
 
@@ -43,6 +44,8 @@ BED_HUGEPAGES = ["1G:1", "2M:32"]
 BOCHS_MEM = "2G"
 BOCHS_HUGEPAGES = ["2M:32"]
 BED_TIMEOUT = 1500.0
+
+
 def bed_options(args) -> BedOptions:
     """The bed options of these `kvmpy selftest --bed` arguments (BedError if malformed)."""
     bochs = args.backend == "bochs"
@@ -149,7 +152,7 @@ def run(args, quiet: bool = False, pairs: List[Pair] | None = None) -> List[RunR
         return _harness_error(args, str(e))
     except KeyboardInterrupt as e:  # SIGINT, or SIGTERM/SIGHUP as the CLI raises them
         stopped = bed_results.stopped_runs(pairs, sorted(done), getattr(e, "running", None) or [],
-                                getattr(e, "signo", signal.SIGINT), args.matrix, getattr(e, "cut", {}))
+                                           getattr(e, "signo", signal.SIGINT), args.matrix, getattr(e, "cut", {}))
     # JUnit files are named by the whole run's rows, so that a shard's are named as unsharded.
     several_kernels = args.matrix and args.kernel is None and args.kernel_version is None
     several_rows = args.matrix or len(pairs) > 1
