@@ -154,3 +154,20 @@ def test_a_stopped_matrix_row_keeps_what_its_boot_had_finished(beds, tmp_path, m
     assert lost.interrupted == kept.interrupted == signal.SIGTERM
     cases = [c.get("name") for c in ET.parse(tmp_path / "j-6.12-tdp-split.xml").getroot().iter("testcase")]
     assert any("test_ok" in c for c in cases)
+
+
+def test_a_killed_boot_reports_the_splat_that_explains_it(beds, tmp_path):
+    # A soft lockup in the hung test is what a KVM developer needs to see next to its name.
+    _, opts = beds
+    lockup = "[  99.0] watchdog: BUG: soft lockup - CPU#1 stuck for 26s! [python3:77]\n"
+
+    def hook(bed, request):
+        boot = _killed_boot(137)
+        boot.kernel_log = lockup
+        return boot
+
+    opts["hook"] = hook
+    [run] = bed_runner.run(bed_args(tmp_path, matrix=False), quiet=True)
+    assert [t["nodeid"] for t in run.tests] == ["selftests/test_a.py::test_ok", "selftests/test_b.py::test_hangs",
+                                                "(bed kernel log)"]
+    assert "soft lockup" in run.tests[2]["reason"]
