@@ -9,7 +9,7 @@ also the JUnit file's properties).
 from __future__ import annotations
 
 import xml.etree.ElementTree as ET
-from typing import Dict, List, Tuple
+from typing import Collection, Dict, List, Tuple
 
 from kvmpy.bed import matrix
 from kvmpy.bed.request import BedResult
@@ -136,6 +136,18 @@ def cut_run(pair: Pair, row: matrix.Row | None, in_matrix: bool) -> Tuple[RunRes
     bed, config = pair
     run = RunResults(label(bed, config, in_matrix), tests, bed=setting(bed, config, None), row=row_id(bed, config))
     return run, progress_note(tests, running)
+
+
+def parts_stop_detail(nparts: int, finished: Collection[int], cut_notes: Dict[int, str]) -> str:
+    """What a stop left of a configuration run in ``nparts`` parts (numbered from 0): the note of
+    each part it cut short (:func:`cut_run`), then the parts whose results are lost."""
+    notes = [f"while part {k + 1}/{nparts} ran in the bed ({cut_notes[k]})" for k in sorted(cut_notes)]
+    lost = [f"{k + 1}/{nparts}" for k in range(nparts) if k not in finished and k not in cut_notes]
+    if len(lost) == 1:
+        notes.append(f"while part {lost[0]} ran in the bed: its results are lost")
+    elif lost:
+        notes.append(f"while parts {', '.join(lost)} ran in the bed: their results are lost")
+    return "; ".join(notes) or "after every part had finished"
 
 
 def stopped_runs(pairs: List[Pair], finished: List[int], running: List[int], signo: int,

@@ -220,17 +220,13 @@ def _run_parts(args, pair: Pair, nparts: int, stream, log: Callable[[str], None]
     cut_runs = {k: bed_results.cut_run(pair, cut[k], args.matrix) for k in cut if k not in done}
     cut_runs = {k: c for k, c in cut_runs.items() if c is not None}
     if done or cut_runs:
-        run = merge_parts([_finished_run(bed, done[k], args, False, False, junit=False) if k in done
-                           else cut_runs[k][0] if k in cut_runs else None for k in range(nparts)])
+        parts = [cut_runs[k][0] if k in cut_runs else None for k in range(nparts)]
+        for k, row in done.items():
+            parts[k] = _finished_run(bed, row, args, False, False, junit=False)
+        run = merge_parts(parts)
         if stop:
-            lost = [f"{k + 1}/{nparts}" for k in range(nparts) if k not in done and k not in cut_runs]
-            notes = [f"while part {k + 1}/{nparts} ran in the bed ({cut_runs[k][1]})" for k in sorted(cut_runs)]
-            if len(lost) == 1:
-                notes.append(f"while part {lost[0]} ran in the bed: its results are lost")
-            elif lost:
-                notes.append(f"while parts {', '.join(lost)} ran in the bed: their results are lost")
             run.interrupted = stop
-            run.stop_detail = "; ".join(notes) or "after every part had finished"
+            run.stop_detail = bed_results.parts_stop_detail(nparts, done, {k: c[1] for k, c in cut_runs.items()})
         runs = [run]
     else:       # stopped before any part finished or had a test to show
         runs = bed_results.stopped_runs([pair], [], [0], stop, args.matrix)
