@@ -15,6 +15,7 @@ import pytest
 from kvmpy.selftest.progress import PROGRESS_SUFFIX
 
 RESULTS_OPTION = "--kvmpy-results"
+# A row's user property that sets its recorded outcome (e.g. report.NOT_TESTED).
 OUTCOME_PROPERTY = "kvmpy_outcome"
 
 
