@@ -2,6 +2,8 @@
 
 Loaded by ``kvmpy selftest`` (``-p kvmpy.selftest.results``); the JSON file is what
 the report, KTAP and ``--json`` outputs are built from, on the host and in the bed.
+Until it is written, a progress file beside it shows each test as it starts and ends
+(:mod:`kvmpy.selftest.progress`: what a killed run leaves).
 """
 from __future__ import annotations
 
