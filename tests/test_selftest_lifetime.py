@@ -98,3 +98,19 @@ def test_sigkill_of_kvmpy_takes_its_pytest_child_along(tmp_path):
     assert not _alive(child), "the pytest child outlived `kvmpy selftest`"
     # It died unwinding (SIGTERM from the kernel), not killed mid-test.
     assert (tmp_path / "cleaned-up").exists()
+
+
+def test_a_pytest_killed_mid_test_still_shows_what_it_had_done(tmp_path):
+    # Its results never come (SIGKILL: no unwinding); its progress lines, through their own
+    # pipe, name the test it died in next to the one that had passed.
+    proc, child = _start(tmp_path)
+    os.kill(child, signal.SIGKILL)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 2, out
+    lines = out.splitlines()
+    assert any("test_lifetime_probe_quick" in line and " PASS" in line for line in lines), out
+    assert any("test_lifetime_probe_waits" in line and "did not finish: pytest was killed by SIGKILL" in line
+               for line in lines), out
+    flowed = " ".join(out.split())      # the table wraps its reason column
+    assert "1 test(s) had finished, ::test_lifetime_probe_waits was running" in flowed, out
+    assert not list(tmp_path.glob("*.progress")), "the host run leaves no file behind"

@@ -15,7 +15,7 @@ from kvmpy.bed import matrix
 from kvmpy.bed.request import BedResult
 from kvmpy.bed.testbed import Bed
 from kvmpy.selftest.junit import setting_properties
-from kvmpy.selftest.progress import PROGRESS_SUFFIX, read_progress
+from kvmpy.selftest.progress import PROGRESS_SUFFIX, STOPPED_TEST, progress_note, unfinished_tests
 from kvmpy.selftest.report import RunResults
 from kvmpy.selftest.runner import PYTEST_HARNESS_ERRORS
 
@@ -84,22 +84,12 @@ def _ended(result: BedResult) -> str:
 
 
 def progress_tests(result: BedResult, outcome: str, reason: str) -> Tuple[List[dict], str]:
-    """The tests a boot's progress file shows finished, and the one it shows running given
-    ``outcome`` and ``reason``; and that one's nodeid ('' if none). ([], '') without the file:
-    a boot whose pytest wrote its results, or never started."""
+    """:func:`~kvmpy.selftest.progress.unfinished_tests` of a boot's progress file; ([], '')
+    without the file: a boot whose pytest wrote its results, or never started."""
     progress = result.files.get(RESULTS_FILE + PROGRESS_SUFFIX)
     if progress is None:
         return [], ""
-    tests, running = read_progress(progress.decode(errors="replace"))
-    if running:
-        tests.append({"nodeid": running, "outcome": outcome, "reason": reason, "duration": 0.0, "stats": {}})
-    return tests, running
-
-
-def progress_note(tests: List[dict], running: str) -> str:
-    """What :func:`progress_tests` found, in words: how many finished, which one was running."""
-    finished = len(tests) - bool(running)
-    return ", ".join(([f"{finished} test(s) had finished"] if finished else []) + ([f"{running} was running"] if running else []))
+    return unfinished_tests(progress.decode(errors="replace"), outcome, reason)
 
 
 def junit_with_setting(xml: bytes, config_label: str, ran_on: dict) -> bytes:
@@ -120,10 +110,6 @@ def junit_with_setting(xml: bytes, config_label: str, ran_on: dict) -> bytes:
 def row_id(bed: Bed, config: matrix.Config) -> str:
     """A row of the run: ``qemu/6.12/tdp+split`` (backend, kernel, configuration), what --shard slices."""
     return f"{bed.backend_class.name}/{kernel_name(bed)}/{config.name}"
-
-
-#: (outcome, reason) of the test a stop caught running in the bed.
-STOPPED_TEST = ("interrupted", "the run was stopped during this test")
 
 
 def cut_run(pair: Pair, row: matrix.Row | None, in_matrix: bool) -> Tuple[RunResults, str] | None:

@@ -1,15 +1,18 @@
 """The progress file of a selftest run, and its reader (no pytest here: the bed runner reads it).
 
-``kvmpy.selftest.results`` writes it next to the results file while the run goes: a JSON line
-for each test as it starts and as it ends. A run killed before pytest's own end (the bed's
-timeout, a machine that died) still shows what had finished and which test was running; the
-file is removed once the results are written.
+``kvmpy.selftest.results`` writes it next to the results file while the run goes (or where
+``--kvmpy-progress`` says: the host run's second pipe): a JSON line for each test as it starts
+and as it ends. A run killed before pytest's own end (the bed's timeout, a machine that died,
+a pytest that would not stop) still shows what had finished and which test was running; the
+file next to the results is removed once they are written.
 """
 from __future__ import annotations
 
 import json
 
 PROGRESS_SUFFIX = ".progress"
+#: (outcome, reason) of a test a stop caught running.
+STOPPED_TEST = ("interrupted", "the run was stopped during this test")
 
 
 def read_progress(text: str) -> tuple[list[dict], str]:
@@ -36,3 +39,19 @@ def read_progress(text: str) -> tuple[list[dict], str]:
             if entry["nodeid"] == running:
                 running = ""
     return list(tests.values()), running
+
+
+def unfinished_tests(text: str, outcome: str, reason: str) -> tuple[list[dict], str]:
+    """What a run that never wrote its results shows in its progress file ``text``: the tests that
+    finished, then the one it was running given ``outcome`` and ``reason``; and that one's
+    nodeid ('' if none)."""
+    tests, running = read_progress(text)
+    if running:
+        tests.append({"nodeid": running, "outcome": outcome, "reason": reason, "duration": 0.0, "stats": {}})
+    return tests, running
+
+
+def progress_note(tests: list[dict], running: str) -> str:
+    """What :func:`unfinished_tests` found, in words: how many finished, which one was running."""
+    finished = len(tests) - bool(running)
+    return ", ".join(([f"{finished} test(s) had finished"] if finished else []) + ([f"{running} was running"] if running else []))

@@ -14,9 +14,10 @@ import time
 
 import pytest
 
-from kvmpy.selftest.progress import PROGRESS_SUFFIX
+from kvmpy.selftest.progress import PROGRESS_SUFFIX, STOPPED_TEST
 
 RESULTS_OPTION = "--kvmpy-results"
+PROGRESS_OPTION = "--kvmpy-progress"
 # A row's user property that sets its recorded outcome (e.g. report.NOT_TESTED).
 OUTCOME_PROPERTY = "kvmpy_outcome"
 
@@ -24,6 +25,8 @@ OUTCOME_PROPERTY = "kvmpy_outcome"
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption(RESULTS_OPTION, default=os.environ.get("KVMPY_RESULTS_JSON"),
                      help="write per-test outcomes to this JSON file")
+    parser.addoption(PROGRESS_OPTION, default=None,
+                     help="write the progress lines here (default: beside the results, removed at the end)")
 
 
 @pytest.fixture
@@ -57,22 +60,23 @@ def _first_line(text: str) -> str:
 
 
 class _Recorder:
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, progress_path: str | None = None) -> None:
         self.path = path
+        # A progress file of our own choosing (beside the results) goes once they are written.
+        self.progress_path, self.own_progress = progress_path or path + PROGRESS_SUFFIX, not progress_path
         self.tests: dict[str, dict] = {}
         self.started = time.time()
         self.running = ""
         self.progress = None    # the progress file; False once it could not be written
 
     def _note(self, record: dict) -> None:
-        """One line of the progress file: best effort, and none where the results go to a pipe
-        (the host run's /proc/self/fd/N), since the results file is what counts."""
+        """One line of the progress file (best effort: the results file is what counts)."""
         if self.progress is False:
             return
         try:
             if self.progress is None:
                 os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-                self.progress = open(self.path + PROGRESS_SUFFIX, "w")
+                self.progress = open(self.progress_path, "w")
             self.progress.write(json.dumps(record) + "\n")
             self.progress.flush()
         except (OSError, ValueError):
@@ -138,7 +142,7 @@ class _Recorder:
     def pytest_sessionfinish(self, session: pytest.Session, exitstatus: int) -> None:
         for e in self.tests.values():
             if not e["outcome"]:
-                e["outcome"], e["reason"] = "interrupted", "the run was stopped during this test"
+                e["outcome"], e["reason"] = STOPPED_TEST
         data = {"exitstatus": int(session.exitstatus), "seconds": round(time.time() - self.started, 2),
                 "collected": session.testscollected, "tests": list(self.tests.values())}
         try:
@@ -149,13 +153,12 @@ class _Recorder:
             return  # `kvmpy selftest` reads them through a pipe and has died: nobody is left to tell
         if self.progress:
             self.progress.close()
-            try:
-                os.unlink(self.path + PROGRESS_SUFFIX)
-            except OSError:
-                pass
+            if self.own_progress:
+                with contextlib.suppress(OSError):
+                    os.unlink(self.progress_path)
 
 
 def pytest_configure(config: pytest.Config) -> None:
     path = config.getoption(RESULTS_OPTION)
     if path:
-        config.pluginmanager.register(_Recorder(path), "kvmpy-results-recorder")
+        config.pluginmanager.register(_Recorder(path, config.getoption(PROGRESS_OPTION)), "kvmpy-results-recorder")

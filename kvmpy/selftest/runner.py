@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from kvmpy.child import set_parent_death_signal
+from kvmpy.selftest.progress import STOPPED_TEST, progress_note, unfinished_tests
 from kvmpy.selftest.report import RunResults, signal_name
 
 # pytest exit codes that mean the harness, not a test, went wrong.
@@ -48,12 +49,15 @@ def selftests_dir() -> Path:
 
 def pytest_command(results_json: str, junit: str | None, keyword: str | None,
                    extra: list[str] | None = None, python: str | None = None,
-                   suite: Path | None = None) -> list[str]:
-    """The pytest command line used on the host and inside the bed (on ``suite``, default the selftests)."""
+                   suite: Path | None = None, progress: str | None = None) -> list[str]:
+    """The pytest command line used on the host and inside the bed (on ``suite``, default the
+    selftests); ``progress``: where the progress lines go (default: beside the results)."""
     cmd = [python or sys.executable, "-m", "pytest", str(suite or selftests_dir()), "-v", "-rN", "--tb=short",
            "-p", "no:cacheprovider", "-p", "kvmpy.selftest.results", "-p", "kvmpy.selftest.guard",
            "-p", "kvmpy.selftest.parts",
            f"--kvmpy-results={results_json}"]
+    if progress:
+        cmd.append(f"--kvmpy-progress={progress}")
     if junit:
         cmd.append(f"--junitxml={junit}")
     if keyword:
@@ -122,20 +126,31 @@ def run_host(junit: str | None = None, keyword: str | None = None, extra: list[s
     A stop signal (SIGINT, SIGTERM, SIGHUP) is forwarded to pytest; the results it recorded
     until then come back marked as interrupted by that signal.
     """
-    read_end, write_end = os.pipe()
-    cmd = pytest_command(f"/proc/self/fd/{write_end}", junit, keyword, extra)
+    # The results, and the progress lines that show what a pytest killed before its end had done.
+    (read_end, write_end), (progress_read, progress_write) = os.pipe(), os.pipe()
+    cmd = pytest_command(f"/proc/self/fd/{write_end}", junit, keyword, extra,
+                         progress=f"/proc/self/fd/{progress_write}")
     env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
     try:
-        proc = subprocess.Popen(cmd, env=env, cwd=str(selftests_dir().parent), pass_fds=(write_end,),
+        proc = subprocess.Popen(cmd, env=env, cwd=str(selftests_dir().parent), pass_fds=(write_end, progress_write),
                                 stdout=sys.stderr if machine_output else None,
                                 preexec_fn=_child_setup(os.getpid()))
+    except BaseException:
+        os.close(read_end)
+        os.close(progress_read)
+        raise
     finally:
         os.close(write_end)
+        os.close(progress_write)
     chunks: list[bytes] = []
-    reader = threading.Thread(target=_read_all, args=(read_end, chunks), daemon=True)
-    reader.start()
+    progress: list[bytes] = []
+    readers = [threading.Thread(target=_read_all, args=(fd, out), daemon=True)
+               for fd, out in ((read_end, chunks), (progress_read, progress))]
+    for reader in readers:
+        reader.start()
     signo, problem = _wait(proc)
-    reader.join(timeout=RESULTS_WAIT_SECONDS)  # a process pytest left behind may still hold the pipe
+    for reader in readers:      # a process pytest left behind may still hold the pipes
+        reader.join(timeout=RESULTS_WAIT_SECONDS)
     raw = b"".join(chunks).decode(errors="replace")
     try:
         run = RunResults.from_json(config, raw) if raw else None
@@ -143,8 +158,15 @@ def run_host(junit: str | None = None, keyword: str | None = None, extra: list[s
         run, problem = None, problem or f"pytest's results are unreadable ({e})"
     if run is None:
         how = f"killed by {signal_name(-proc.returncode)}" if proc.returncode < 0 else "see output above"
-        return RunResults(config, exitstatus=proc.returncode, interrupted=signo,
-                          harness_error=problem or f"pytest exited {proc.returncode} without results ({how})")
+        run = RunResults(config, exitstatus=proc.returncode, interrupted=signo,
+                         harness_error=problem or f"pytest exited {proc.returncode} without results ({how})")
+        # What its progress lines show: the test it hung in is named.
+        ended = f"was {how}" if proc.returncode < 0 else f"exited {proc.returncode}"
+        run.tests, running = unfinished_tests(b"".join(progress).decode(errors="replace"),
+                                              *(STOPPED_TEST if signo else ("failed", f"did not finish: pytest {ended}")))
+        if run.tests:
+            run.harness_error += f"; {progress_note(run.tests, running)}"
+        return run
     run.interrupted = signo
     if problem:
         run.harness_error = problem
