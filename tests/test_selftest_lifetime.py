@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -114,3 +115,43 @@ def test_a_pytest_killed_mid_test_still_shows_what_it_had_done(tmp_path):
     flowed = " ".join(out.split())      # the table wraps its reason column
     assert "1 test(s) had finished, ::test_lifetime_probe_waits was running" in flowed, out
     assert not list(tmp_path.glob("*.progress")), "the host run leaves no file behind"
+
+
+class _Unkillable:
+    """A pytest child that no signal ends (its threads stuck in the kernel): signals are only
+    counted, and ``pid`` is a real process (a ``sleep``) for /proc to show."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid, self.returncode, self.signals = pid, None, []
+
+    def wait(self, timeout=None):
+        time.sleep(timeout or 0)
+        raise subprocess.TimeoutExpired("pytest", timeout)
+
+    def send_signal(self, signo):
+        self.signals.append(signo)
+
+    def kill(self):
+        self.signals.append(signal.SIGKILL)
+
+
+def test_a_pytest_that_sigkill_cannot_end_is_left_behind_saying_where_it_waits(monkeypatch):
+    # Stuck in uninterruptible sleep (a KVM deadlock), SIGKILL stays pending: `kvmpy selftest`
+    # gives up after a while instead of hanging too, and says where its threads wait.
+    from kvmpy.selftest import runner
+
+    monkeypatch.setattr(runner, "GRACE_SECONDS", 0.3)
+    monkeypatch.setattr(runner, "KILL_WAIT_SECONDS", 0.5)
+    sleeper = subprocess.Popen(["sleep", "60"])
+    try:
+        child = _Unkillable(sleeper.pid)
+        threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT)).start()
+        t0 = time.monotonic()
+        signo, problem = runner._wait(child)
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    assert signo == signal.SIGINT and child.signals == [signal.SIGINT, signal.SIGKILL]
+    assert time.monotonic() - t0 < 5
+    assert problem.startswith("pytest did not stop within 0 s of SIGINT: killed; it did not die within 0 s of SIGKILL")
+    assert f"pid {sleeper.pid} is stuck in the kernel and left behind (thread {sleeper.pid} S in " in problem

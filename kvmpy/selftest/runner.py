@@ -36,6 +36,9 @@ def stop_signals() -> list[int]:
 GRACE_SECONDS = 15.0
 # Seconds to wait, once pytest has exited, for the end of its results.
 RESULTS_WAIT_SECONDS = 10.0
+# Seconds a SIGKILLed pytest gets to die: one that does not is stuck in the kernel (a KVM
+# deadlock puts its threads in uninterruptible sleep), and waiting longer would hang us too.
+KILL_WAIT_SECONDS = 10.0
 
 
 def selftests_dir() -> Path:
@@ -84,13 +87,19 @@ def _wait(proc: subprocess.Popen) -> tuple[int, str]:
     """Wait for ``proc``, forwarding the first stop signal; return (that signal or 0, what went wrong).
 
     The child gets a grace period to unwind (GRACE_SECONDS); a second signal, or the
-    end of the grace period, kills it.
+    end of the grace period, kills it. One that SIGKILL does not end within
+    KILL_WAIT_SECONDS is left behind, stuck in the kernel: what goes wrong says where.
     """
     got: list[int] = []
+    killed: list[float] = []
+
+    def kill() -> None:
+        proc.kill()
+        killed.append(time.monotonic())
 
     def forward(signo: int, _frame) -> None:
         if got:
-            proc.kill()  # asked twice: stop waiting for the cleanup
+            kill()  # asked twice: stop waiting for the cleanup
             return
         got.append(signo)
         proc.send_signal(signal.SIGINT if signo == signal.SIGINT else signal.SIGTERM)
@@ -107,15 +116,49 @@ def _wait(proc: subprocess.Popen) -> tuple[int, str]:
             except subprocess.TimeoutExpired:
                 if got and deadline is None:
                     deadline = time.monotonic() + GRACE_SECONDS
-                if deadline is not None and time.monotonic() > deadline:
+                if deadline is not None and time.monotonic() > deadline and not killed:
                     problem = f"pytest did not stop within {GRACE_SECONDS:.0f} s of {signal_name(got[0])}: killed"
-                    proc.kill()
+                    kill()
+                if killed and time.monotonic() > killed[0] + KILL_WAIT_SECONDS:
+                    problem = (f"{problem or f'pytest killed on a second {signal_name(got[-1])}'}; it did not die "
+                               f"within {KILL_WAIT_SECONDS:.0f} s of SIGKILL: pid {proc.pid} is stuck in the kernel "
+                               f"and left behind ({stuck_in(proc.pid)})")
+                    break
     finally:
         for signo, handler in saved.items():
             signal.signal(signo, handler)
     if got and proc.returncode == -signal.SIGKILL and not problem:
         problem = f"pytest killed on a second {signal_name(got[-1])}"
     return (got[0] if got else 0), problem
+
+
+def stuck_in(pid: int) -> str:
+    """Where the threads of process ``pid`` wait in the kernel: each one's state and wait
+    channel, and for those in uninterruptible sleep the top of their kernel stack (as root)."""
+    where = []
+    try:
+        tasks = sorted(os.listdir(f"/proc/{pid}/task"), key=int)
+    except OSError as e:
+        return f"/proc/{pid}/task: {e.strerror}"
+    for tid in tasks:
+        task = f"/proc/{pid}/task/{tid}"
+        try:
+            with open(f"{task}/stat") as f:
+                state = f.read().rpartition(")")[2].split()[0]
+            with open(f"{task}/wchan") as f:
+                wchan = f.read().strip()
+        except (OSError, IndexError):
+            continue
+        line = f"thread {tid} {state} in {wchan}" if wchan not in ("", "0") else f"thread {tid} {state}"
+        if state == "D":
+            try:
+                with open(f"{task}/stack") as f:
+                    frames = [fr.split("] ", 1)[-1].split("+")[0] for fr in f.read().splitlines()[:4]]
+                line += f" [{' < '.join(frames)}]"
+            except OSError:
+                pass
+        where.append(line)
+    return "; ".join(where) or "no thread left to show"
 
 
 def run_host(junit: str | None = None, keyword: str | None = None, extra: list[str] | None = None,
@@ -149,19 +192,21 @@ def run_host(junit: str | None = None, keyword: str | None = None, extra: list[s
     for reader in readers:
         reader.start()
     signo, problem = _wait(proc)
-    for reader in readers:      # a process pytest left behind may still hold the pipes
-        reader.join(timeout=RESULTS_WAIT_SECONDS)
+    until = time.monotonic() + RESULTS_WAIT_SECONDS
+    for reader in readers:      # a process pytest left behind (or pytest stuck) may still hold the pipes
+        reader.join(timeout=max(0.0, until - time.monotonic()))
     raw = b"".join(chunks).decode(errors="replace")
     try:
         run = RunResults.from_json(config, raw) if raw else None
     except ValueError as e:
         run, problem = None, problem or f"pytest's results are unreadable ({e})"
     if run is None:
-        how = f"killed by {signal_name(-proc.returncode)}" if proc.returncode < 0 else "see output above"
+        killed = proc.returncode is not None and proc.returncode < 0
+        how = f"killed by {signal_name(-proc.returncode)}" if killed else "see output above"
         run = RunResults(config, exitstatus=proc.returncode, interrupted=signo,
                          harness_error=problem or f"pytest exited {proc.returncode} without results ({how})")
         # What its progress lines show: the test it hung in is named.
-        ended = f"was {how}" if proc.returncode < 0 else f"exited {proc.returncode}"
+        ended = f"was {how}" if killed else f"exited {proc.returncode}"
         run.tests, running = unfinished_tests(b"".join(progress).decode(errors="replace"),
                                               *(STOPPED_TEST if signo else ("failed", f"did not finish: pytest {ended}")))
         if run.tests:
