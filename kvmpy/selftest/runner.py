@@ -3,7 +3,9 @@
 The host run's pytest is a child that lives no longer than `kvmpy selftest`: it is
 in its own process group (a terminal's Ctrl-C reaches only us, and we forward it
 once), it gets SIGTERM when we die (even by SIGKILL), and its results come back
-through a pipe, so nothing is left on disk either.
+through a pipe, so nothing is left on disk either (its progress lines, through a second
+one). Only a child stuck in the kernel, which no signal ends, is left behind, with the
+report saying where its threads wait.
 """
 from __future__ import annotations
 
