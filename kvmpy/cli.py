@@ -133,7 +133,7 @@ def _writable_file(text: str, option: str) -> Path:
 
 def _cmd_selftest(args: argparse.Namespace) -> int:
     from kvmpy import hostinfo
-    from kvmpy.selftest import report, runner
+    from kvmpy.selftest import runner
 
     _check_selftest_args(args)
     pairs, shard = _bed_plan(args)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from typing import Callable, Dict, List, Tuple, TypeVar
+from typing import Callable, Dict, Tuple, TypeVar
 
 from kvmpy.bed import machine
 
