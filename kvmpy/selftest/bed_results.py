@@ -15,7 +15,8 @@ from kvmpy.bed import matrix
 from kvmpy.bed.request import BedResult
 from kvmpy.bed.testbed import Bed
 from kvmpy.selftest.junit import setting_properties
-from kvmpy.selftest.progress import PROGRESS_SUFFIX, STOPPED_TEST, progress_note, unfinished_tests
+from kvmpy.selftest.progress import (PROGRESS_SUFFIX, STOPPED_TEST, add_unfinished, progress_note,
+                                     unfinished_tests)
 from kvmpy.selftest.report import RunResults
 from kvmpy.selftest.runner import PYTEST_HARNESS_ERRORS
 
@@ -58,9 +59,7 @@ def boot_run(config_label: str, row: matrix.Row) -> RunResults:
                  else f"pytest in the bed exited {result.status} without results")
         run = RunResults(config_label, exitstatus=result.status, harness_error=error)
         # What its progress file shows: a test that hangs the bed is named.
-        run.tests, running = progress_tests(result, "failed", f"did not finish: running when {_ended(result)}")
-        if run.tests:
-            run.harness_error += f"; {progress_note(run.tests, running)}"
+        add_unfinished(run, progress_text(result), "failed", f"did not finish: running when {_ended(result)}")
     else:
         run = RunResults.from_json(config_label, raw.decode())
         if run.exitstatus in PYTEST_HARNESS_ERRORS:
@@ -83,13 +82,11 @@ def _ended(result: BedResult) -> str:
     return f"pytest in the bed exited {result.status}"
 
 
-def progress_tests(result: BedResult, outcome: str, reason: str) -> Tuple[List[dict], str]:
-    """:func:`~kvmpy.selftest.progress.unfinished_tests` of a boot's progress file; ([], '')
-    without the file: a boot whose pytest wrote its results, or never started."""
+def progress_text(result: BedResult) -> str:
+    """A boot's progress file (see :mod:`kvmpy.selftest.progress`); '' without one: a boot whose
+    pytest wrote its results, or never started."""
     progress = result.files.get(RESULTS_FILE + PROGRESS_SUFFIX)
-    if progress is None:
-        return [], ""
-    return unfinished_tests(progress.decode(errors="replace"), outcome, reason)
+    return progress.decode(errors="replace") if progress is not None else ""
 
 
 def junit_with_setting(xml: bytes, config_label: str, ran_on: dict) -> bytes:
@@ -116,7 +113,7 @@ def cut_run(pair: Pair, row: matrix.Row | None, in_matrix: bool) -> Tuple[RunRes
     """The run of a configuration (or part of one) a stop cut short, from its boot as it came
     back (``row``): the tests its progress file shows, the one running as interrupted; and a
     note saying so. None if the boot brought no such test back."""
-    tests, running = progress_tests(row.result, *STOPPED_TEST) if row is not None else ([], "")
+    tests, running = unfinished_tests(progress_text(row.result), *STOPPED_TEST) if row is not None else ([], "")
     if not tests:
         return None
     bed, config = pair

@@ -303,4 +303,3 @@ def _write_stopped_junit(args, pairs: List[Pair], stopped: List[RunResults], sev
         if run.row in by_row:
             bed, config = by_row[run.row]
             _junit_path(args, bed, config, several_kernels, several_rows).write_bytes(format_junit([run]))
-

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 
+from kvmpy.selftest.report import RunResults
+
 PROGRESS_SUFFIX = ".progress"
 #: (outcome, reason) of a test a stop caught running.
 STOPPED_TEST = ("interrupted", "the run was stopped during this test")
@@ -55,3 +57,11 @@ def progress_note(tests: list[dict], running: str) -> str:
     """What :func:`unfinished_tests` found, in words: how many finished, which one was running."""
     finished = len(tests) - bool(running)
     return ", ".join(([f"{finished} test(s) had finished"] if finished else []) + ([f"{running} was running"] if running else []))
+
+
+def add_unfinished(run: RunResults, text: str, outcome: str, reason: str) -> None:
+    """Give ``run``, whose pytest never wrote its results, the tests its progress lines ``text``
+    show (:func:`unfinished_tests`), and say so after its harness error."""
+    run.tests, running = unfinished_tests(text, outcome, reason)
+    if run.tests:
+        run.harness_error += f"; {progress_note(run.tests, running)}"

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from kvmpy.child import set_parent_death_signal
-from kvmpy.selftest.progress import STOPPED_TEST, progress_note, unfinished_tests
+from kvmpy.selftest.progress import STOPPED_TEST, add_unfinished
 from kvmpy.selftest.report import RunResults, signal_name
 
 # pytest exit codes that mean the harness, not a test, went wrong.
@@ -209,10 +209,8 @@ def run_host(junit: str | None = None, keyword: str | None = None, extra: list[s
                          harness_error=problem or f"pytest exited {proc.returncode} without results ({how})")
         # What its progress lines show: the test it hung in is named.
         ended = f"was {how}" if killed else f"exited {proc.returncode}"
-        run.tests, running = unfinished_tests(b"".join(progress).decode(errors="replace"),
-                                              *(STOPPED_TEST if signo else ("failed", f"did not finish: pytest {ended}")))
-        if run.tests:
-            run.harness_error += f"; {progress_note(run.tests, running)}"
+        add_unfinished(run, b"".join(progress).decode(errors="replace"),
+                       *(STOPPED_TEST if signo else ("failed", f"did not finish: pytest {ended}")))
         return run
     run.interrupted = signo
     if problem:
