@@ -94,12 +94,10 @@ def run_in_order(count: int, work: Callable[[int], T], jobs: int,
                     next_i += 1
     except KeyboardInterrupt as e:
         # What had finished before the stop is kept; what ran then comes back as its emulator left it.
-        done = {i: f.result() for f, i in futures.items()
-                if i >= next_i and f.done() and not f.cancelled() and f.exception() is None}
+        done = {i: f.result() for f, i in futures.items() if i >= next_i and _returned(f)}
         e.running = sorted(i for f, i in futures.items() if f.running() and i not in done)
         _stop(pool)
-        e.cut = {i: f.result() for f, i in futures.items()
-                 if i in e.running and f.done() and not f.cancelled() and f.exception() is None}
+        e.cut = {i: f.result() for f, i in futures.items() if i in e.running and _returned(f)}
         for i in sorted(done):
             commit(i, done[i])
         raise
@@ -109,6 +107,11 @@ def run_in_order(count: int, work: Callable[[int], T], jobs: int,
     finally:
         pool.shutdown(wait=True)
         machine.allow_machines()
+
+
+def _returned(f: Future) -> bool:
+    """Whether ``f``'s work is over and returned (neither cancelled nor raised)."""
+    return f.done() and not f.cancelled() and f.exception() is None
 
 
 def _stop(pool: ThreadPoolExecutor) -> None:
