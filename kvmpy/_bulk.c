@@ -132,7 +132,7 @@ size_t kvmpy_set_bits(const uint64_t *words, size_t n, uint64_t *out, size_t out
 		if (k + (size_t)__builtin_popcountll(w) > out_len) {
 			for (; w && k < out_len; w &= w - 1)
 				out[k++] = i * 64 + (uint64_t)__builtin_ctzll(w);
-			return k + kvmpy_popcount(&w, 1) + kvmpy_popcount(words + i + 1, n - i - 1);
+			return k + (size_t)__builtin_popcountll(w) + kvmpy_popcount(words + i + 1, n - i - 1);
 		}
 		for (; w; w &= w - 1)
 			out[k++] = i * 64 + (uint64_t)__builtin_ctzll(w);
