@@ -75,7 +75,7 @@ class _Recorder:
             return
         try:
             if self.progress is None:
-                os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+                os.makedirs(os.path.dirname(os.path.abspath(self.progress_path)), exist_ok=True)
                 self.progress = open(self.progress_path, "w")
             self.progress.write(json.dumps(record) + "\n")
             self.progress.flush()
