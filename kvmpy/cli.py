@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Sequence
 
 from kvmpy import faults
+from kvmpy.stop import exit_for_signal, signal_name, stop_signals
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
@@ -267,9 +268,6 @@ def _terminate(signo: int, _frame) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from kvmpy.selftest.report import EXIT_NOT_TESTED, exit_for_signal, signal_name
-    from kvmpy.selftest.runner import stop_signals
-
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser(argv).parse_args(argv)
     for signo in stop_signals():
@@ -277,6 +275,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except UsageError as e:
+        from kvmpy.selftest.report import EXIT_NOT_TESTED
         print(f"kvmpy {args.command}: error: {e}", file=sys.stderr)
         return EXIT_NOT_TESTED
     except KeyboardInterrupt as e:

@@ -22,13 +22,13 @@ from kvmpy.bed_mark import in_bed
 from kvmpy.errors import KvmError, RequirementError, require
 from kvmpy.memory import Hugetlb, hugetlb_pool, hugetlb_pool_dir, hugetlb_shortfall
 from kvmpy.mmu_params import param_on
+from kvmpy.stop import STOP_SIGNALS
 
 from . import bed_config
 
 EAGER_PARAM = "/sys/module/kvm/parameters/eager_page_split"
 DROP_CACHES = "/proc/sys/vm/drop_caches"
 COMPACT_MEMORY = "/proc/sys/vm/compact_memory"
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 class HostFs:

@@ -19,7 +19,7 @@ from kvmpy.x86.physmem import FlatMemory
 from test_elf import globals_elf  # noqa: F401 - the fixture: the built "globals" guest
 
 SEED = 13
-ELF_CASES = 1000   # ~10 ms each: pyelftools parses every symbol
+ELF_CASES = 1000   # ~1.5 ms each
 UCALL_CASES = 5000
 
 INTERESTING = (0, 1, 2, 7, 8, 0x38, 0x40, 0x7F, 0x80, 0xFF, 0x100, 0xFFFF, 0x10000, 0x7FFFFFFF, 0x80000000,
@@ -107,7 +107,7 @@ def test_huge_program_header_offset(tmp_path, globals_elf):
     bad = bytearray(globals_elf)
     struct.pack_into("<Q", bad, 32, (1 << 64) - 1)
     (tmp_path / "g.elf").write_bytes(bad)
-    with pytest.raises(KvmError, match="g.elf: truncated or corrupt ELF"):
+    with pytest.raises(KvmError, match="g.elf: truncated ELF: .* program headers at offset 0xffffffffffffffff"):
         GuestElf(tmp_path / "g.elf")
 
 

@@ -93,7 +93,20 @@ def test_truncated(tmp_path, globals_elf):
 def test_corrupt_program_header_offset(tmp_path, globals_elf):
     bad = bytearray(globals_elf)
     struct.pack_into("<Q", bad, 32, 1 << 40)  # e_phoff far past the end
-    with pytest.raises(ElfError, match="truncated or corrupt"):
+    with pytest.raises(ElfError, match=r"truncated ELF: \d+ program headers at offset 0x10000000000 run past"):
+        GuestElf(write(tmp_path, bytes(bad)))
+
+
+@pytest.mark.parametrize("offset,fmt,value,match", [
+    (54, "<H", 16, "corrupt ELF header: program header entries of 16 bytes, expected 56"),   # e_phentsize
+    (58, "<H", 8, "corrupt ELF header: section header entries of 8 bytes, expected 64"),     # e_shentsize
+    (62, "<H", 999, r"corrupt ELF header: section names in section 999 of \d+"),              # e_shstrndx
+    (60, "<H", 4000, "truncated ELF: 4000 section headers at offset"),                        # e_shnum
+])
+def test_a_corrupt_header_table_is_named(tmp_path, globals_elf, offset, fmt, value, match):
+    bad = bytearray(globals_elf)
+    struct.pack_into(fmt, bad, offset, value)
+    with pytest.raises(ElfError, match=match):
         GuestElf(write(tmp_path, bytes(bad)))
 
 
@@ -135,7 +148,7 @@ def _symtab_header(raw: bytes) -> int:
     raise AssertionError("no .symtab")
 
 
-def test_symbols_are_those_pyelftools_reads_for_every_guest_program(globals_elf):
+def test_entry_segments_and_symbols_are_those_pyelftools_elffile_reads_for_every_guest_program(globals_elf):
     import io
 
     from elftools.elf.elffile import ELFFile
@@ -143,17 +156,23 @@ def test_symbols_are_those_pyelftools_reads_for_every_guest_program(globals_elf)
     paths = sorted(programs.find("globals").parent.glob("*.elf"))
     assert len(paths) > 10
     for path in paths:
-        symtab = ELFFile(io.BytesIO(path.read_bytes())).get_section_by_name(".symtab")
+        full = ELFFile(io.BytesIO(path.read_bytes()))
+        guest = GuestElf(path)
+        assert guest.entry == full["e_entry"], path.name
+        assert [(s.paddr, s.vaddr, s.filesz, s.memsz, s.flags, s.data) for s in guest.segments] == [
+            (s["p_paddr"], s["p_vaddr"], s["p_filesz"], s["p_memsz"], s["p_flags"], s.data())
+            for s in full.iter_segments() if s["p_type"] == "PT_LOAD"], path.name
+        symtab = full.get_section_by_name(".symtab")
         want = {s.name: (s["st_value"], s["st_size"], s["st_info"]["type"]) for s in symtab.iter_symbols()
                 if s.name and s["st_shndx"] != "SHN_UNDEF"}
-        got = {n: (s.addr, s.size, s.type) for n, s in GuestElf(path).symbols.items()}
+        got = {n: (s.addr, s.size, s.type) for n, s in guest.symbols.items()}
         assert got == want, path.name
         assert {"STT_FUNC", "STT_OBJECT"} <= {t for _, _, t in got.values()}
 
 
 @pytest.mark.parametrize("field,value,match", [
     (56, 8, "corrupt .symtab: entry size 8"),                   # sh_entsize
-    (56, 16, "truncated or corrupt ELF: Expected section size to be a multiple of entry size"),  # pyelftools'
+    (56, 16, r"corrupt .symtab: entry size 16, section size \d+"),
     (32, 24 << 36, "truncated ELF: .symtab or its string table"),  # sh_size
 ])
 def test_a_corrupt_symbol_table_is_named(tmp_path, globals_elf, field, value, match):

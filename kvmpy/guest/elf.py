@@ -6,13 +6,12 @@ results after it, like the kernel selftests' sync_global_to_guest()).
 """
 from __future__ import annotations
 
-import io
 import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from elftools.common.exceptions import ELFError as _PyElfError
-from elftools.elf.elffile import ELFFile
+from elftools.construct import ConstructError as _ParseError
+from elftools.elf.structs import ELFStructs
 
 from kvmpy.errors import KvmError
 from kvmpy.x86.physmem import PhysMemory
@@ -96,32 +95,64 @@ class GuestElf:
             name = _EM_NAMES.get(machine, f"e_machine {machine}")
             raise self._fail(f"wrong architecture: {name}, expected EM_X86_64")
         try:
-            elf = ELFFile(io.BytesIO(raw))
-            if elf["e_type"] != "ET_EXEC":
-                raise self._fail(f"not a static executable (e_type {elf['e_type']})")
-            self.entry = elf["e_entry"]
+            # pyelftools' header structs, not its ELFFile: the latter imports its DWARF and
+            # ehabi readers too, which tripled the import cost of every guest-loading process.
+            elf = ELFStructs(little_endian=True, elfclass=64)
+            elf.create_basic_structs()
+            ehdr = elf.Elf_Ehdr.parse(raw)
+            if ehdr.e_type != "ET_EXEC":
+                raise self._fail(f"not a static executable (e_type {ehdr.e_type})")
+            elf.create_advanced_structs(ehdr.e_type, ehdr.e_machine, ehdr.e_ident.EI_OSABI)
+            self.entry = ehdr.e_entry
             segs = []
-            for seg in elf.iter_segments():
-                if seg["p_type"] != "PT_LOAD":
+            for seg in self._table(raw, elf.Elf_Phdr, ehdr.e_phoff, ehdr.e_phnum, ehdr.e_phentsize, "program"):
+                if seg.p_type != "PT_LOAD":
                     continue
-                off, filesz, memsz = seg["p_offset"], seg["p_filesz"], seg["p_memsz"]
+                off, filesz, memsz = seg.p_offset, seg.p_filesz, seg.p_memsz
                 if off + filesz > len(raw):
                     raise self._fail(f"truncated ELF: segment at offset {off:#x}+{filesz:#x} "
                                      f"runs past the end of the file ({len(raw):#x} bytes)")
                 if filesz > memsz:
-                    raise self._fail(f"corrupt segment at {seg['p_paddr']:#x}: filesz > memsz")
-                segs.append(LoadSegment(seg["p_paddr"], seg["p_vaddr"], filesz, memsz, seg["p_flags"],
+                    raise self._fail(f"corrupt segment at {seg.p_paddr:#x}: filesz > memsz")
+                segs.append(LoadSegment(seg.p_paddr, seg.p_vaddr, filesz, memsz, seg.p_flags,
                                         raw[off: off + filesz]))
-            symtab = elf.get_section_by_name(".symtab")
-            self.symbols = {} if symtab is None else self._symbols(raw, symtab, elf.get_section(symtab["sh_link"]))
+            sections = self._table(raw, elf.Elf_Shdr, ehdr.e_shoff, ehdr.e_shnum, ehdr.e_shentsize, "section")
+            symtab = self._section(raw, sections, ehdr.e_shstrndx, ".symtab")
+            if symtab is not None and symtab.sh_link >= len(sections):
+                raise self._fail(f"corrupt .symtab: its string table is section {symtab.sh_link} of {len(sections)}")
+            self.symbols = {} if symtab is None else self._symbols(raw, symtab, sections[symtab.sh_link])
         except ElfError:
             raise
-        except (_PyElfError, struct.error, ValueError, KeyError, IndexError, AttributeError, OverflowError) as e:
-            # pyelftools seeks and reads where the headers say: a huge offset is an OverflowError.
+        except (_ParseError, struct.error, ValueError, KeyError, IndexError, AttributeError, OverflowError) as e:
             raise self._fail(f"truncated or corrupt ELF: {e}") from None
         if not segs:
             raise self._fail("no PT_LOAD segments")
         self.segments = segs
+
+    def _table(self, raw: bytes, entry, offset: int, count: int, entsize: int, what: str) -> list:
+        """The ``count`` headers (``entry``, a pyelftools struct) ``entsize`` bytes apart from ``offset``."""
+        if count and entsize < entry.sizeof():
+            raise self._fail(f"corrupt ELF header: {what} header entries of {entsize} bytes, "
+                             f"expected {entry.sizeof()}")
+        if offset + count * entsize > len(raw):
+            raise self._fail(f"truncated ELF: {count} {what} headers at offset {offset:#x} run past "
+                             f"the end of the file ({len(raw):#x} bytes)")
+        return [entry.parse(raw[offset + i * entsize: offset + (i + 1) * entsize]) for i in range(count)]
+
+    def _section(self, raw: bytes, sections: list, names_index: int, name: str):
+        """The header of the section called ``name`` (None if there is none); the names are
+        in section ``names_index`` (e_shstrndx)."""
+        if not sections:
+            return None
+        if names_index >= len(sections):
+            raise self._fail(f"corrupt ELF header: section names in section {names_index} of {len(sections)}")
+        names = sections[names_index]
+        start, end = names.sh_offset, names.sh_offset + names.sh_size
+        if end > len(raw):
+            raise self._fail("truncated ELF: the section name table runs past the end of the file")
+        wanted = name.encode() + b"\0"
+        return next((s for s in sections if s.sh_name < names.sh_size
+                     and raw.startswith(wanted, start + s.sh_name, end)), None)
 
     def _symbols(self, raw: bytes, symtab, strtab) -> dict[str, Symbol]:
         """The defined, named symbols of ``symtab``, read with struct: pyelftools' per-symbol parse

@@ -8,15 +8,15 @@ from __future__ import annotations
 
 import json
 import shutil
-import signal
 import textwrap
 from dataclasses import dataclass, field
+
+from kvmpy.stop import exit_for_signal, signal_name, signal_number
 
 # The exit status of `kvmpy selftest` (see exit_status()).
 EXIT_OK = 0            # tested, and everything behaved as expected (or as already known)
 EXIT_FAILED = 1        # a test failed, or the kernel logged a splat nothing explains
 EXIT_NOT_TESTED = 2    # nothing (or not what was asked) was tested: no usable KVM, harness or usage error
-EXIT_SIGNAL_BASE = 128  # stopped by signal N: 128 + N (130 SIGINT, 143 SIGTERM)
 
 # Outcomes that make `kvmpy selftest` exit 1.
 FAILING = {"failed", "error", "xpassed"}
@@ -26,27 +26,6 @@ RESULT_LABEL = {"passed": "PASS", "failed": "FAIL", "error": "ERROR", "skipped":
                 "xfailed": "XFAIL(known)", "xpassed": "XPASS(strict)",
                 "known-absent": "PASS(known issue absent)", NOT_TESTED: "NOT TESTED",
                 "interrupted": "INTERRUPTED"}
-
-
-def signal_name(signo: int) -> str:
-    try:
-        return signal.Signals(signo).name
-    except ValueError:
-        return f"signal {signo}"
-
-
-def signal_number(name: str) -> int:
-    """The inverse of :func:`signal_name` (0 for '')."""
-    if not name:
-        return 0
-    if name.startswith("signal "):
-        return int(name.split()[1])
-    return int(signal.Signals[name])
-
-
-def exit_for_signal(signo: int) -> int:
-    """The exit status of a run stopped by ``signo``."""
-    return EXIT_SIGNAL_BASE + signo
 
 
 @dataclass

@@ -19,21 +19,11 @@ from pathlib import Path
 
 from kvmpy.child import set_parent_death_signal
 from kvmpy.selftest.progress import STOPPED_TEST, add_unfinished
-from kvmpy.selftest.report import RunResults, signal_name
+from kvmpy.selftest.report import RunResults
+from kvmpy.stop import signal_name, stop_signals
 
 # pytest exit codes that mean the harness, not a test, went wrong.
 PYTEST_HARNESS_ERRORS = {2: "interrupted", 3: "internal error", 4: "usage error", 5: "no tests collected"}
-# Signals that stop a run: forwarded to pytest, which then unwinds (see kvmpy.selftest.guard).
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-
-
-def stop_signals() -> list[int]:
-    """The stop signals to act on: all but a SIGHUP the user ignored (``nohup``).
-
-    SIGINT counts even when a shell started us in the background with it ignored:
-    a harness asked to stop stops, with its partial results.
-    """
-    return [s for s in STOP_SIGNALS if s != signal.SIGHUP or signal.getsignal(s) != signal.SIG_IGN]
 # Seconds pytest gets to unwind after a forwarded signal (fixture teardowns, host restores).
 GRACE_SECONDS = 15.0
 # Seconds to wait, once pytest has exited, for the end of its results.
