@@ -17,11 +17,11 @@ from pathlib import Path
 import pytest
 
 from kvmpy.bed import carry
-from kvmpy.bed.bochs import (
-    BOCHS, CPU_MODEL, RESULTS_BEGIN, RESULTS_END, BochsBackend, bochsrc, extract_files, isolinux_cfg,
-    kernel_append,
-)
+from kvmpy.bed.bochs import BOCHS, CPU_MODEL, BochsBackend, bochsrc, isolinux_cfg, kernel_append
+from kvmpy.bed.console_files import RESULTS_BEGIN, RESULTS_END, extract_files, followed_files, followers_script
+from kvmpy.bed.initramfs import busybox
 from kvmpy.bed.kernel import Kernel
+from kvmpy.bed.machine import ConsoleLog
 from kvmpy.bed.media import append_archive, make_iso, write_cpio
 from kvmpy.bed.protocol import BedError
 from kvmpy.bed.request import BedRequest, megabytes
@@ -128,6 +128,69 @@ def test_extract_files_truncated_block_gives_nothing():
     console = f"{RESULTS_BEGIN}\n{block[: len(block) // 2]}\n{RESULTS_END}\n"
     assert extract_files(console) == ({}, "", [])
     assert extract_files("no block at all") == ({}, "", [])
+
+
+def _busybox_path(tmp_path) -> str:
+    """A PATH on which the tools the bed's init runs are busybox's, as in the bed."""
+    try:
+        bb = busybox()
+    except BedError as e:
+        pytest.skip(str(e))
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool in ("sh", "setsid", "tail", "sleep", "echo"):
+        (bin_dir / tool).symlink_to(bb)
+    return f"{bin_dir}:{os.environ['PATH']}"
+
+
+def test_followed_results_files_come_over_the_console_as_they_are_written(tmp_path):
+    """What a Bochs machine that never reaches its files block (stopped, or past its timeout)
+    still brings back: the payload's followers send each line of a followed results file to the
+    console as it is written, and stop_followers ends them (tail and loop)."""
+    results = tmp_path / "results"
+    results.mkdir()
+    progress = results / "results.json.progress"
+    lines = ['{"started": "t.py::a"}', r'{"test": {"nodeid": "t.py::a", "reason": "a \\ b  c"}}']
+    script = "\n".join([
+        followers_script(["results.json.progress", "never.txt"]),
+        f"start_followers {results}",
+        f"sleep 0.2; echo '{lines[0]}' >> {progress}",     # the file appears after the start
+        f"sleep 1.2; echo '{lines[1]}' >> {progress}",
+        "sleep 1.5; stop_followers; sleep 0.3; echo job done",
+    ])
+    # The followers share our stdout: if one outlived stop_followers, this would time out.
+    out = subprocess.run(["sh", "-c", script], capture_output=True, text=True, timeout=30,
+                         env={**os.environ, "PATH": _busybox_path(tmp_path)})
+    assert out.returncode == 0, out.stderr
+    log = ConsoleLog(BedRequest(command=["true"]), 0.0)
+    log.feed(out.stdout.encode())
+    assert log.lines == ["job done"]
+    assert followed_files(log.followed, ["results.json.progress", "never.txt"]) == (
+        {"results.json.progress": progress.read_bytes()}, [])
+    assert progress.read_text().splitlines() == lines
+
+
+def test_console_log_keeps_followed_lines_apart_and_unechoed():
+    echoed = []
+    log = ConsoleLog(BedRequest(command=["true"], on_console=echoed.append), 0.0)
+    log.feed(b"boot\r\nKVMPY-BED: follow p {\"x\": 1}\n[  3.1] kvm: hiKVMPY-BED: follow p {}\nKVMPY-BED: follow q \nend\n")
+    assert log.lines == ["boot", "[  3.1] kvm: hi", "end"] and echoed == log.lines
+    assert log.followed == {"p": ['{"x": 1}', "{}"], "q": [""]}
+    assert followed_files(log.followed, ["p", "q", "r"]) == ({"p": b'{"x": 1}\n{}\n', "q": b"\n"}, [])
+
+
+def test_a_followed_file_past_the_size_limit_is_dropped_and_named(monkeypatch):
+    from kvmpy.bed import console_files
+    monkeypatch.setattr(console_files, "MAX_FILE_BYTES", 10)
+    files, dropped = followed_files({"big": ["x" * 20], "small": ["ok"]}, ["big", "small"])
+    assert files == {"small": b"ok\n"}
+    assert dropped == ["big: followed over the console, 21 bytes, past the size limit"]
+
+
+@pytest.mark.parametrize("name", ["../x", "a b", ".hidden", "a;reboot", "", "x/y"])
+def test_a_followed_file_is_a_plain_name(name):
+    with pytest.raises(BedError, match="a results file to follow is a plain file name"):
+        BedRequest(command=["true"], follow=(name,))
 
 
 def test_stage_mirrors_host_paths_keeps_links_and_mtimes(tmp_path):

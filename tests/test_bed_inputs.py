@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 
 from kvmpy.bed import cli, debian, initramfs, qemu, testbed
-from kvmpy.bed.bochs import RESULTS_BEGIN, RESULTS_END, BochsBackend, extract_files
+from kvmpy.bed.bochs import BochsBackend
+from kvmpy.bed.console_files import RESULTS_BEGIN, RESULTS_END, extract_files
 from kvmpy.bed.options import BedOptions
 from kvmpy.bed.protocol import BedError
 from kvmpy.bed.qemu import QemuBackend

@@ -102,6 +102,15 @@ def test_a_boot_killed_in_a_test_names_it_and_keeps_the_finished(beds, tmp_path)
         assert "test_hangs" in " ".join(names) and "test_ok" in " ".join(names)
 
 
+def test_the_bed_brings_the_progress_file_back_even_from_a_machine_that_never_finishes(beds, tmp_path):
+    # Bochs, which shares no directory with the host, sends a followed file over the console.
+    _, opts = beds
+    follows = []
+    opts["hook"] = lambda bed, request: follows.append(request.follow) or _killed_boot(137)
+    bed_runner.run(bed_args(tmp_path, matrix=False), quiet=True)
+    assert follows == [("results.json" + PROGRESS_SUFFIX,)]
+
+
 def test_a_boot_without_a_progress_file_is_the_error_alone(beds, tmp_path):
     _, opts = beds
     opts["hook"] = lambda bed, request: BedResult(137, "", files={}, facts=_killed_boot(137).facts)
@@ -116,7 +125,8 @@ def _stopped_with_progress(procs, part_with_progress):
     def hook(bed, request):
         result = machine_until_stopped(procs, lambda started: len(started) == 2)
         if part_with_progress in " ".join(request.command) or part_with_progress in request.env.values():
-            result.files = _killed_boot(None).files
+            result.files, result.facts = _killed_boot(None).files, _killed_boot(None).facts
+            result.boot_seconds = 5.0       # it had reported its facts: 'ready'
         return result
     return hook
 
@@ -152,6 +162,9 @@ def test_a_stopped_matrix_row_keeps_what_its_boot_had_finished(beds, tmp_path, m
     assert [t["outcome"] for t in kept.tests] == ["passed", "interrupted"]
     assert kept.stop_detail.startswith("while this configuration ran in the bed (1 test(s) had finished, ")
     assert lost.interrupted == kept.interrupted == signal.SIGTERM
+    # The boot that came back had reported its facts; the other one says it had not.
+    assert kept.bed["summary"].startswith("fake (max), kernel 6.12.117+deb12-amd64, kvm_amd")
+    assert lost.bed["summary"].endswith("stopped before it reported its facts")
     cases = [c.get("name") for c in ET.parse(tmp_path / "j-6.12-tdp-split.xml").getroot().iter("testcase")]
     assert any("test_ok" in c for c in cases)
 

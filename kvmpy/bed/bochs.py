@@ -20,22 +20,20 @@ How a run works:
   holding ``c``; its ``term`` display needs a pseudo-terminal, which
   ``script`` provides.  The serial port goes to a file that is followed for
   the console, and the results come back through it as a base64 tarball
-  between markers (no disk image to mount on the host).
+  between markers (no disk image to mount on the host); followed results
+  files come line by line while the job runs (:mod:`kvmpy.bed.console_files`).
 """
 
 from __future__ import annotations
 
-import base64
 import dataclasses
 import os
 import re
 import shlex
 import shutil
 import subprocess
-import tarfile
 import tempfile
 import time
-import zlib
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
@@ -46,9 +44,9 @@ from kvmpy.bed.job import inner_timeout, job_script
 from kvmpy.bed.kernel import Kernel, cache_dir
 from kvmpy.bed.machine import ConsoleLog, boot_failure, exit_on_sigterm, kill_machine, settle, start_machine
 from kvmpy.bed.media import append_archive, make_iso, write_cpio
-from kvmpy.bed.protocol import INSIDE_RESULTS, INSIDE_SHARE, MARKER, BedError
+from kvmpy.bed.console_files import RESULTS_BEGIN, RESULTS_END, extract_files, followed_files, followers_script
+from kvmpy.bed.protocol import INSIDE_RESULTS, INSIDE_SHARE, BedError
 from kvmpy.bed.request import BedFacts, BedRequest, BedResult, kernel_cmdline, megabytes, parse_console
-from kvmpy.bed.results import files_from_tar
 
 BOCHS = "bochs-bin"
 BIOS_DIR = Path("/usr/share/bochs")
@@ -75,8 +73,6 @@ MAX_MEGS = 2048
 #: Modules to read a payload disc from the second ATA channel.
 DISC_MODULES = ("ata_piix", "sr_mod", "isofs")
 PAYLOADS = ("initramfs", "disc")
-RESULTS_BEGIN = f"{MARKER} files-begin"
-RESULTS_END = f"{MARKER} files-end"
 POWEROFF_GRACE = 30.0         # after the exit marker the machine powers off; Bochs needs a moment
 # Bochs with its debugger stops the machine at its prompt, printing "(cpu).[instruction count]"
 # (its start-up break prints "(0) [...]"), on a triple fault or an emulator error.
@@ -92,11 +88,13 @@ def debugger_stop(pty_output: bytes) -> Optional[str]:
     return (f"Bochs stopped the emulated machine at instruction {int(m.group(2))} and entered its debugger "
             f"(a triple fault of the bed's kernel, or an emulator error; reset_on_triple_fault=0): {where}")
 
+
 #: The payload the shared init sources (it sets $status).  The command runs
 #: chrooted into the carried root (the initramfs itself or the disc), which
 #: gets the usual pseudo-filesystems; the results go back over the serial port.
 PAYLOAD = r"""# Bochs payload (kvmpy.bed.bochs)
 R=/
+@FOLLOWERS@
 run_job() {
     if [ -n "@DISC@" ]; then
         R=/mnt/root
@@ -122,8 +120,10 @@ run_job() {
     mkdir -p $R@RESULTS@
     cp /etc/kvmpy/job.sh $R@INSIDE@/job.sh
     mark_bed $R || return 2
+    start_followers $R@RESULTS@
     timeout -s KILL @TIMEOUT@ chroot $R /bin/sh @INSIDE@/job.sh < /dev/null
     st=$?
+    stop_followers
     dmesg > $R@INSIDE@/dmesg.txt 2>/dev/null
     dmesg -n 1  # keep kernel messages out of the block below
     say "files-begin"
@@ -186,32 +186,6 @@ def kernel_append(request: BedRequest) -> List[str]:
     """The kernel command line, its serial console at the speed Bochs's UART is set to."""
     request = dataclasses.replace(request, params={**BOCHS_PARAMS, **request.params})
     return kernel_cmdline(request, console="ttyS0,115200")
-
-
-def extract_files(console: str) -> Tuple[Dict[str, bytes], str, List[str]]:
-    """(results files, kernel log, dropped files) from the base64 tarball in the console.
-
-    Anything that can print to the console can forge this block, so the
-    archive is read through :func:`kvmpy.bed.results.files_from_tar`: regular
-    files with safe names and bounded sizes only.  Returns empty results when
-    the block is missing or truncated.
-    """
-    m = re.search(re.escape(RESULTS_BEGIN) + r"\s*\n(.*?)\n[^\n]*" + re.escape(RESULTS_END),
-                  console, re.S)
-    if not m:
-        return {}, "", []
-    # Whole base64 lines only: a stray kernel message is a line of its own.
-    data = "".join(line.strip() for line in m.group(1).splitlines()
-                   if re.fullmatch(r"[A-Za-z0-9+/=]+", line.strip()))
-    try:
-        members, dropped = files_from_tar(base64.b64decode(data))
-    except (tarfile.TarError, ValueError, EOFError, OSError, zlib.error):
-        return {}, "", []
-    files = {name[len("results/"):]: content for name, content in members.items()
-             if name.startswith("results/")}
-    dropped += [f"{name}: not in results/" for name in members
-                if not name.startswith("results/") and name != "dmesg.txt"]
-    return files, members.get("dmesg.txt", b"").decode(errors="replace"), dropped
 
 
 def carried_roots(request: BedRequest) -> List[Path]:
@@ -283,7 +257,8 @@ class BochsBackend(Backend):
         job = job_script(request)
         payload = (PAYLOAD.replace("@DISC@", "1" if disc else "")
                    .replace("@RESULTS@", INSIDE_RESULTS).replace("@INSIDE@", INSIDE_SHARE)
-                   .replace("@TIMEOUT@", str(inner_timeout(request.timeout))))
+                   .replace("@TIMEOUT@", str(inner_timeout(request.timeout)))
+                   .replace("@FOLLOWERS@", followers_script(request.follow)))
         files = {"etc/kvmpy/job.sh": (job.encode(), 0o755)}
         modules = KVM_MODULES + (DISC_MODULES + ("overlay",) if disc else ())
         initrd = build_initramfs(self.kernel, tmp / "initrd.img", payload, modules, files,
@@ -345,12 +320,14 @@ class BochsBackend(Backend):
             (tmp / "debugger.rc").write_text("c\n")
             argv = ["script", "-q", "-e", "-c",
                     f"{shlex.quote(self.bochs)} -q -f {rc} -rc {tmp / 'debugger.rc'}", "/dev/null"]
-            console, boot, timed_out, pid, stopped = _run_machine(argv, serial, request, start, tmp)
+            console, followed, boot, timed_out, pid, stopped = _run_machine(argv, serial, request, start, tmp)
             # A configuration error panics before bochs.log is open; then only the pty saw it.
             bochs_log = "".join(p.read_text(errors="replace") for p in (tmp / "bochs.log", tmp / "bochs.out")
                                 if p.exists())
         result = parse_console(console)
         result.files, result.kernel_log, result.dropped = extract_files(console)
+        if not result.files:    # no files block (a stop, or the timeout): what was followed
+            result.files, result.dropped = followed_files(followed, request.follow)
 
         def why_no_status() -> str:
             if stopped:
@@ -364,7 +341,8 @@ class BochsBackend(Backend):
 def _run_machine(argv: List[str], serial: Path, request: BedRequest, start: float, cwd: Path):
     """Run Bochs under ``script``, follow the serial file, kill on timeout.
 
-    Returns (console text, seconds to 'ready' or None, timed_out, pid, why Bochs stopped or None).
+    Returns (console text, followed file lines, seconds to 'ready' or None, timed_out, pid,
+    why Bochs stopped or None).
     """
     deadline = start + request.timeout
     pty_out, pty_seen, stopped = cwd / "bochs.out", 0, None
@@ -397,4 +375,4 @@ def _run_machine(argv: List[str], serial: Path, request: BedRequest, start: floa
             log.feed(f.read())
     finally:
         kill_machine(proc)
-    return log.text(), log.boot, timed_out, proc.pid, stopped
+    return log.text(), log.followed, log.boot, timed_out, proc.pid, stopped

@@ -17,9 +17,9 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Any, Callable, List, Optional, Set, Tuple
+from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
-from kvmpy.bed.protocol import MARKER, BedError
+from kvmpy.bed.protocol import FOLLOW, MARKER, BedError
 from kvmpy.bed.request import BedFacts, BedRequest, BedResult
 from kvmpy.child import die_with_parent
 
@@ -55,11 +55,14 @@ class ConsoleLog:
     """A machine's console, fed in chunks: whole lines, echoed, with the bed's markers noted.
 
     ``hide`` is an optional (begin, end) pair of markers whose lines, inclusive,
-    are kept but not echoed (e.g. a base64 block of result files).
+    are kept but not echoed (e.g. a base64 block of result files). Lines of followed
+    results files (:data:`FOLLOW`) are neither kept nor echoed but collected in ``followed``.
     """
 
     def __init__(self, request: BedRequest, start: float, hide: Optional[Tuple[str, str]] = None) -> None:
         self.lines: List[str] = []
+        #: Followed results file name -> its lines, as they came over the console.
+        self.followed: Dict[str, List[str]] = {}
         self.boot: Optional[float] = None        # seconds from start to the 'ready' marker
         self.exit_seen_at: Optional[float] = None
         self._pending = ""
@@ -72,6 +75,13 @@ class ConsoleLog:
         self._pending += data.decode("utf-8", "replace").replace("\r", "")
         *lines, self._pending = self._pending.split("\n")
         for line in lines:
+            at = line.find(FOLLOW)
+            if at >= 0:
+                name, _, content = line[at + len(FOLLOW):].partition(" ")
+                self.followed.setdefault(name, []).append(content)
+                line = line[:at]        # what the kernel printed before it, if anything
+                if not line:
+                    continue
             self.lines.append(line)
             if self._hide and self._hide[0] in line:
                 self._hiding = True

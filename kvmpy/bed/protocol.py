@@ -15,12 +15,16 @@ a boot's outcome from the serial log alone::
     KVMPY-BED: ready                        (modules loaded, about to run)
     KVMPY-BED: error <why>                  (the bed itself failed)
     KVMPY-BED: exit 0                       (exit status of the command)
+    KVMPY-BED: follow NAME LINE             (a line of a followed results file, Bochs only)
 """
 
 from __future__ import annotations
 
 #: Prefix of every line the bed's init prints for the host.
 MARKER = "KVMPY-BED:"
+
+#: Prefix of a line of a followed results file (``Job.follow``) sent over the console.
+FOLLOW = f"{MARKER} follow "
 
 #: Written to the bed kernel's log once it has booted, before KVM is loaded:
 #: splats before it come from the emulated CPU, not from KVM.

@@ -26,7 +26,11 @@ class Job:
     ``cwd`` is the command's working directory inside (a host path: the
     bed sees the host's files at their host paths); ``env`` is added to the
     bed's environment; ``on_console`` is called with each console line as it
-    arrives; ``append`` adds kernel command-line words.
+    arrives; ``append`` adds kernel command-line words; ``follow`` names
+    files in ``$KVMPY_BED_RESULTS`` that come back even from a machine that
+    never finishes (stopped, or past its timeout): what they held when it
+    ended (a backend without a shared directory sends their lines over the
+    console as they are written).
     """
 
     command: Sequence[str]
@@ -34,6 +38,7 @@ class Job:
     env: Mapping[str, str] = dataclasses.field(default_factory=dict)
     on_console: Optional[Callable[[str], None]] = None
     append: Sequence[str] = ()
+    follow: Sequence[str] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,6 +66,14 @@ class BedRequest:
     # hugetlb pages reserved at boot, e.g. {"1G": 1, "2M": 256}: at boot a
     # 1 GiB page is always found; later, memory may be too fragmented.
     hugepages: Mapping[str, int] = dataclasses.field(default_factory=dict)
+    # Results files (plain names) to bring back even from a machine that never finishes (Job.follow).
+    follow: Sequence[str] = ()
+
+    def __post_init__(self) -> None:
+        for name in self.follow:
+            if not _FILE_NAME_RE.fullmatch(name):
+                raise BedError(f"cannot follow {name!r}: a results file to follow is a plain file name "
+                               "(letters, digits, '.', '_', '-'; not starting with '.')")
 
 
 #: The module parameters a one-line summary shows: what decides the MMU under test.
@@ -161,6 +174,7 @@ class BedResult:
 
 
 _MARKER_RE = re.compile(re.escape(MARKER) + r" (\w+)(?: (.*))?$")
+_FILE_NAME_RE = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
 
 
 def _pool_name(text: str) -> str:

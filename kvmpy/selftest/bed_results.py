@@ -22,6 +22,7 @@ from kvmpy.selftest.runner import PYTEST_HARNESS_ERRORS
 
 # What pytest writes in the bed's results directory (and the progress file beside it).
 RESULTS_FILE = "results.json"
+PROGRESS_FILE = RESULTS_FILE + PROGRESS_SUFFIX
 
 Pair = Tuple[Bed, matrix.Config]
 
@@ -85,7 +86,7 @@ def _ended(result: BedResult) -> str:
 def progress_text(result: BedResult) -> str:
     """A boot's progress file (see :mod:`kvmpy.selftest.progress`); '' without one: a boot whose
     pytest wrote its results, or never started."""
-    progress = result.files.get(RESULTS_FILE + PROGRESS_SUFFIX)
+    progress = result.files.get(PROGRESS_FILE)
     return progress.decode(errors="replace") if progress is not None else ""
 
 
@@ -117,7 +118,9 @@ def cut_run(pair: Pair, row: matrix.Row | None, in_matrix: bool) -> Tuple[RunRes
     if not tests:
         return None
     bed, config = pair
-    run = RunResults(label(bed, config, in_matrix), tests, bed=setting(bed, config, None), row=row_id(bed, config))
+    # The bed reports its facts before 'ready' (the boot time): from then on they are whole.
+    reported = row if row.result.boot_seconds is not None else None
+    run = RunResults(label(bed, config, in_matrix), tests, bed=setting(bed, config, reported), row=row_id(bed, config))
     return run, progress_note(tests, running)
 
 

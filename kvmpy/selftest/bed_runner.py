@@ -103,7 +103,9 @@ def suite_job(args, on_console: Callable[[str], None] | None = None, part: Tuple
     inner = pytest_command(f"$KVMPY_BED_RESULTS/{bed_results.RESULTS_FILE}", None, args.keyword, extra)
     script = " ".join(shlex.quote(a) if not a.startswith("--kvmpy-results=") else f'"{a}"' for a in inner)
     # The bed passes on no environment of ours but the job's: injected faults go in it.
-    return Job(["sh", "-c", script], env=faults.env(), on_console=on_console)
+    # The progress file comes back even from a machine stopped or past its timeout.
+    return Job(["sh", "-c", script], env=faults.env(), on_console=on_console,
+               follow=(bed_results.PROGRESS_FILE,))
 
 
 def run(args, quiet: bool = False, pairs: List[Pair] | None = None) -> List[RunResults]:
