@@ -174,6 +174,7 @@ def test_entry_segments_and_symbols_are_those_pyelftools_elffile_reads_for_every
     (56, 8, "corrupt .symtab: entry size 8"),                   # sh_entsize
     (56, 16, r"corrupt .symtab: entry size 16, section size \d+"),
     (32, 24 << 36, "truncated ELF: .symtab or its string table"),  # sh_size
+    (40, 999, r"corrupt .symtab: its string table is section 999 of \d+"),  # sh_link (and sh_info 0)
 ])
 def test_a_corrupt_symbol_table_is_named(tmp_path, globals_elf, field, value, match):
     bad = bytearray(globals_elf)
