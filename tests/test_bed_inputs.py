@@ -129,6 +129,7 @@ def test_modules_of_another_release_are_refused(guarded, tmp_path):
     (["--timeout", "0"], "--timeout"),
     (["--kernel-version", "6.12", "--kernel", "/k"], "go together|does not go"),
     (["--backend", "bochs", "--accel", "kvm"], "QEMU only"),
+    (["--follow", "../log.txt"], "cannot follow '../log.txt': a results file to follow is a plain file name"),
 ])
 def test_bad_options_are_named_before_anything_is_fetched(guarded, argv, message, capsys):
     assert cli.main(["run", *argv, "--", "true"]) == 2

@@ -78,6 +78,10 @@ def register(bed: argparse.ArgumentParser) -> None:
 
     p = sub.add_parser("run", help="run one command inside the bed; exit with its status")
     _add_common(p)
+    p.add_argument("--follow", action="append", default=[], metavar="NAME",
+                   help="a file in $KVMPY_BED_RESULTS to bring back even from a machine stopped or past "
+                        "its timeout, as far as it was written (Bochs sends it over the console line by "
+                        "line; QEMU's shared directory has it anyway); repeatable")
     p.add_argument("cmd", nargs=argparse.REMAINDER, help="-- CMD [ARGS...]")
     p.set_defaults(func=cmd_run)
 
@@ -153,8 +157,9 @@ def cmd_run(args) -> int:
         _err("nothing to run: kvmpy bed run [options] -- CMD [ARGS...]")
         return 2
     try:
+        job = Job(command, on_console=ConsolePrinter(args.console), follow=tuple(args.follow))
         bed = _prepared_bed(args)
-        result = bed.run(Job(command, on_console=ConsolePrinter(args.console)))
+        result = bed.run(job)
         if args.results:
             save_result(result, args.results)
     except BedError as exc:

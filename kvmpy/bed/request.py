@@ -40,6 +40,9 @@ class Job:
     append: Sequence[str] = ()
     follow: Sequence[str] = ()
 
+    def __post_init__(self) -> None:
+        check_follow(self.follow)
+
 
 @dataclasses.dataclass(frozen=True)
 class BedRequest:
@@ -70,10 +73,15 @@ class BedRequest:
     follow: Sequence[str] = ()
 
     def __post_init__(self) -> None:
-        for name in self.follow:
-            if not _FILE_NAME_RE.fullmatch(name):
-                raise BedError(f"cannot follow {name!r}: a results file to follow is a plain file name "
-                               "(letters, digits, '.', '_', '-'; not starting with '.')")
+        check_follow(self.follow)
+
+
+def check_follow(names: Sequence[str]) -> None:
+    """BedError unless every name is a plain results file name (they go into the bed's shell script)."""
+    for name in names:
+        if not _FILE_NAME_RE.fullmatch(name):
+            raise BedError(f"cannot follow {name!r}: a results file to follow is a plain file name "
+                           "(letters, digits, '.', '_', '-'; not starting with '.')")
 
 
 #: The module parameters a one-line summary shows: what decides the MMU under test.
