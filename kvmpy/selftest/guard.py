@@ -23,6 +23,7 @@ import pytest
 from kvmpy import faults
 from kvmpy.selftest.report import NOT_TESTED
 from kvmpy.selftest.results import report_session_row
+from kvmpy.stop import STOP_SIGNALS
 
 NOT_TESTED_ROW = "(not tested)"
 # Seconds a stopped run may spend unwinding before SIGALRM's default action ends it.
@@ -63,7 +64,7 @@ def _unwind(signo: int, _frame) -> None:
     raise KeyboardInterrupt(f"stopped by {signal.Signals(signo).name}")
 
 
-_STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+_STOP_SIGNALS = tuple(s for s in STOP_SIGNALS if s != signal.SIGINT)   # pytest handles SIGINT itself
 _saved = pytest.StashKey[dict]()
 
 
