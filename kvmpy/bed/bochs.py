@@ -39,12 +39,12 @@ from typing import Dict, List, Optional, Tuple
 
 from kvmpy.bed import carry
 from kvmpy.bed.backend import Backend
+from kvmpy.bed.console_files import RESULTS_BEGIN, RESULTS_END, extract_files, followed_files, followers_script
 from kvmpy.bed.initramfs import KVM_MODULES, build_initramfs, busybox
 from kvmpy.bed.job import inner_timeout, job_script
 from kvmpy.bed.kernel import Kernel, cache_dir
 from kvmpy.bed.machine import ConsoleLog, boot_failure, exit_on_sigterm, kill_machine, settle, start_machine
 from kvmpy.bed.media import append_archive, make_iso, write_cpio
-from kvmpy.bed.console_files import RESULTS_BEGIN, RESULTS_END, extract_files, followed_files, followers_script
 from kvmpy.bed.protocol import INSIDE_RESULTS, INSIDE_SHARE, BedError
 from kvmpy.bed.request import BedFacts, BedRequest, BedResult, kernel_cmdline, megabytes, parse_console
 
