@@ -187,6 +187,23 @@ def test_a_followed_file_past_the_size_limit_is_dropped_and_named(monkeypatch):
     assert dropped == ["big: followed over the console, 21 bytes, past the size limit"]
 
 
+def test_a_run_without_its_files_brings_back_what_was_followed(tmp_path, monkeypatch):
+    """The backend's glue: no result file in the files block (here: one whose only member was
+    dropped), so the followed file is what comes back, and the drop is still named."""
+    from kvmpy.bed import bochs
+    block = _results_block({"../escape": b"x"})
+    console = f"{RESULTS_BEGIN}\n{block}\n{RESULTS_END}\n"
+    monkeypatch.setattr(BochsBackend, "check", lambda self: None)
+    monkeypatch.setattr(BochsBackend, "prepare", lambda self, request, tmp: (tmp / "boot.iso", None, []))
+    monkeypatch.setattr(bochs, "_run_machine", lambda *a: (console, {"p.progress": ['{"started": "t"}']},
+                                                           None, True, 4242, None))
+    result = BochsBackend(fake_kernel(tmp_path)).run(
+        BedRequest(command=["true"], timeout=60, follow=("p.progress",), env={"PYTHONPATH": "/x"}))
+    assert result.files == {"p.progress": b'{"started": "t"}\n'}
+    assert result.timed_out and result.status is None
+    assert any("escape" in d for d in result.dropped), result.dropped
+
+
 @pytest.mark.parametrize("name", ["../x", "a b", ".hidden", "a;reboot", "", "x/y"])
 def test_a_followed_file_is_a_plain_name(name):
     with pytest.raises(BedError, match="a results file to follow is a plain file name"):

@@ -326,8 +326,9 @@ class BochsBackend(Backend):
                                 if p.exists())
         result = parse_console(console)
         result.files, result.kernel_log, result.dropped = extract_files(console)
-        if not result.files:    # no files block (a stop, or the timeout): what was followed
-            result.files, result.dropped = followed_files(followed, request.follow)
+        if not result.files:    # none came back (no files block: a stop, or the timeout): what was followed
+            result.files, dropped = followed_files(followed, request.follow)
+            result.dropped += dropped
 
         def why_no_status() -> str:
             if stopped:
