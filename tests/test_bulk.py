@@ -28,7 +28,6 @@ def test_bitmap_pages_match_a_bit_by_bit_scan(seed):
     assert bm.pages_array().typecode == "Q"
 
 
-
 @pytest.mark.parametrize("room", [0, 1, 63, 64, 65, 200, 299, 300, 301])
 def test_set_bits_writes_no_more_than_its_room_and_counts_them_all(room):
     # The words can change between pages_array's count and its scan (the GIL is
@@ -44,6 +43,7 @@ def test_set_bits_writes_no_more_than_its_room_and_counts_them_all(room):
     assert lib.kvmpy_set_bits(words, 64, out, room) == 300
     assert list(out[0: min(room, 300)]) == pages[:room]
     assert all(out[i] == guard for i in range(min(room, 300), room + 4))
+
 
 def _ring_reference(entries: list[list[int]], fetch: int, limit: int) -> list[tuple[int, int]]:
     """The harvest loop as Python did it before the C helper (flags, slot, offset per entry)."""
