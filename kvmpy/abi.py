@@ -20,8 +20,8 @@ except ImportError as exc:  # pragma: no cover - only without a build
 
 from kvmpy.errors import IoctlError, KvmError, RequirementError
 
-__all__ = ["ffi", "lib", "IoctlResult", "ioctl", "ioctl_int", "ioctl_unchecked", "cap_name", "require_cap",
-           "new_struct", "check_u32"]
+__all__ = ["ffi", "lib", "IoctlResult", "ioctl", "ioctl_int", "ioctl_unchecked", "ioctl_arg_size", "cap_name",
+           "require_cap", "new_struct", "check_u32"]
 
 
 class IoctlResult(NamedTuple):
@@ -35,23 +35,98 @@ class IoctlResult(NamedTuple):
         return self.ret >= 0
 
 
-def ioctl_unchecked(fd: int, name: str, arg=ffi.NULL) -> IoctlResult:
-    """Issue ioctl ``name`` (a ``lib`` constant name) with a pointer argument; never raises."""
-    ret = lib.kvmpy_ioctl_ptr(fd, getattr(lib, name), arg)
+# The ioctl number's own record of its argument (asm-generic/ioctl.h, as on x86): the
+# kernel copies _IOC_SIZE bytes to or from *arg when _IOC_DIR is not _IOC_NONE.
+_IOC_SIZE_SHIFT, _IOC_SIZE_MASK, _IOC_DIR_SHIFT = 16, 0x3FFF, 30
+# (request, pointer type) pairs already found to fit: the check costs one lookup after that.
+_FITS: set[tuple[int, object]] = set()
+
+
+def ioctl_arg_size(name: str) -> int:
+    """Bytes ioctl ``name`` copies through its pointer argument (0 for an ``_IO`` ioctl)."""
+    request = getattr(lib, name)
+    return (request >> _IOC_SIZE_SHIFT) & _IOC_SIZE_MASK if request >> _IOC_DIR_SHIFT else 0
+
+
+def _check_arg(name: str, request: int, arg, target: str) -> None:
+    """KvmError unless ``arg`` is one the kernel can copy _IOC_SIZE bytes through safely.
+
+    Like the kernel selftests' kvm_do_ioctl() (sizeof(*arg) == _IOC_SIZE(cmd)), at run
+    time: a pointer must point to exactly that many bytes, an array hold at least that
+    many. A wrong struct would otherwise let KVM write past the allocation (a GET) or
+    read a neighbour's bytes as the argument (a SET). NULL passes: the kernel answers
+    EFAULT. Counts inside the argument (nmsrs, nent) and pointers it holds (a dirty
+    bitmap) are the caller's: the typed methods (Vcpu.get_msrs, Vm.get_dirty_log) size them.
+    """
+    size = (request >> _IOC_SIZE_SHIFT) & _IOC_SIZE_MASK
+    where = f"{name} on {target}"
+    if not isinstance(arg, ffi.CData):
+        raise KvmError(f"{where}: the argument must be a cffi pointer to the {size}-byte argument "
+                       f"(e.g. ffi.new(...)), not {type(arg).__name__}")
+    ctype = ffi.typeof(arg)
+    if ctype.kind == "array":
+        have = ffi.sizeof(arg)
+        if have >= size:
+            return
+        raise KvmError(f"{where}: the kernel copies {size} bytes, the array {ctype.cname!r} holds {have}")
+    if ctype.kind != "pointer":
+        raise KvmError(f"{where}: the argument must be a pointer to the {size}-byte argument, "
+                       f"not a {ctype.cname!r}")
+    if arg == ffi.NULL:
+        return
+    try:
+        have = ffi.sizeof(ctype.item)
+    except (ffi.error, TypeError):      # void, an opaque struct, a function: no size
+        have = None
+    if have is None:
+        raise KvmError(f"{where}: the kernel copies {size} bytes through the argument, and a "
+                       f"{ctype.cname!r} has no size to check: cast it to a pointer to the argument's type")
+    if have != size:
+        raise KvmError(f"{where}: the kernel copies {size} bytes through the argument, and "
+                       f"{ctype.cname!r} points to {have} (the wrong structure?)")
+    _FITS.add((request, ctype))
+
+
+def _ioctl_ptr(fd: int, name: str, arg, target: str) -> IoctlResult:
+    request = getattr(lib, name)
+    if request >> _IOC_DIR_SHIFT and arg is not ffi.NULL:
+        try:
+            fits = (request, ffi.typeof(arg)) in _FITS
+        except TypeError:       # not a cdata: _check_arg says so
+            fits = False
+        if not fits:
+            _check_arg(name, request, arg, target)
+    ret = lib.kvmpy_ioctl_ptr(fd, request, arg)
     return IoctlResult(ret, ffi.errno if ret < 0 else 0)
 
 
+def ioctl_unchecked(fd: int, name: str, arg=ffi.NULL) -> IoctlResult:
+    """Issue ioctl ``name`` (a ``lib`` constant name) with a pointer argument; the kernel's
+    answer is returned, never raised. An argument the kernel would copy past is refused
+    (KvmError), as in :func:`ioctl`."""
+    return _ioctl_ptr(fd, name, arg, f"fd {fd}")
+
+
 def ioctl(fd: int, name: str, arg=ffi.NULL, target: str = "", context: str = "") -> int:
-    """Issue ioctl ``name`` with a pointer argument; IoctlError on failure."""
-    res = ioctl_unchecked(fd, name, arg)
+    """Issue ioctl ``name`` with a pointer argument; IoctlError on failure.
+
+    ``arg`` must be NULL or point to the bytes the ioctl number says the kernel copies
+    (``ioctl_arg_size``): KvmError otherwise, before the call.
+    """
+    target = target or f"fd {fd}"
+    res = _ioctl_ptr(fd, name, arg, target)
     if not res.ok:
-        raise IoctlError(name, res.errno, target or f"fd {fd}", context)
+        raise IoctlError(name, res.errno, target, context)
     return res.ret
 
 
 def ioctl_int(fd: int, name: str, arg: int = 0, target: str = "", context: str = "") -> int:
     """Issue ioctl ``name`` with an integer argument; IoctlError on failure, KvmError for an
-    argument that is not an unsigned long."""
+    argument that is not an unsigned long or an ioctl that takes a pointer (the kernel
+    would copy through the integer as an address)."""
+    if getattr(lib, name) >> _IOC_DIR_SHIFT:
+        raise KvmError(f"{name} on {target or f'fd {fd}'}: it copies {ioctl_arg_size(name)} bytes through "
+                       f"a pointer; pass a cffi pointer to ioctl()")
     try:
         ret = lib.kvmpy_ioctl_int(fd, getattr(lib, name), arg)
     except (OverflowError, TypeError):

@@ -1,13 +1,14 @@
 """Bad input gets kvmpy's own errors, and dropped objects give back their fds (issue 13 item 6)."""
 from __future__ import annotations
 
+import errno
 import gc
 
 import psutil
 import pytest
 
 from kvmpy import IoctlError, Kvm, KvmError
-from kvmpy.abi import lib
+from kvmpy.abi import ffi, ioctl, ioctl_arg_size, ioctl_int, ioctl_unchecked, lib
 from kvmpy.memory import PAGE_4K
 
 
@@ -36,6 +37,42 @@ def test_out_of_range_numbers_are_kvm_errors(kvm, call):
         # The VM is still usable: nothing was half done.
         vm.write(0, b"ok")
         assert vm.read(0, 2) == b"ok" and sorted(vm.memslots) == [0]
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda v: v.set_regs(v.get_sregs()), "KVM_SET_REGS on vCPU 0 .*copies 144 bytes.*'struct kvm_sregs \\*' points to 312"),
+    (lambda v: v.set_sregs(v.get_regs()), "KVM_SET_SREGS on vCPU 0 .*copies 312 bytes.*'struct kvm_regs \\*' points to 144"),
+    (lambda v: v.set_regs(42), "KVM_SET_REGS on vCPU 0 .*must be a cffi pointer to the 144-byte argument.*not int"),
+    (lambda v: ioctl(v.fd, "KVM_GET_REGS", b"\0" * 144), "must be a cffi pointer .* not bytes"),
+    (lambda v: ioctl(v.fd, "KVM_SET_REGS", ffi.new("char[]", 143)), "copies 144 bytes, the array 'char\\[\\]' holds 143"),
+    (lambda v: ioctl(v.fd, "KVM_GET_REGS", ffi.cast("void *", 0x1000)), "'void \\*' has no size to check"),
+    (lambda v: ioctl_unchecked(v.fd, "KVM_SET_SREGS", ffi.new("struct kvm_regs *")), "KVM_SET_SREGS on fd"),
+    (lambda v: ioctl_int(v.fd, "KVM_GET_REGS", 0x1000), "KVM_GET_REGS on fd .* copies 144 bytes through a pointer"),
+], ids=["set_regs(sregs)", "set_sregs(regs)", "set_regs(int)", "bytes", "short array", "void *", "unchecked",
+        "address as int"])
+def test_an_ioctl_argument_of_the_wrong_size_is_refused(kvm, call, message):
+    """The ioctl number says how many bytes the kernel copies: a struct of another size
+    never reaches it, and the vCPU is left as it was. (Only SETs and unmapped addresses
+    here: a GET into a smaller struct corrupts the heap; test_memory_safety has that one.)"""
+    with kvm.create_vm() as vm:
+        vcpu = vm.create_vcpu(0)
+        before = bytes(ffi.buffer(vcpu.get_regs()))
+        with pytest.raises(KvmError, match=message) as ei:
+            call(vcpu)
+        assert type(ei.value) is KvmError
+        assert bytes(ffi.buffer(vcpu.get_regs())) == before
+
+
+def test_an_ioctl_argument_that_fits_reaches_the_kernel(kvm):
+    with kvm.create_vm() as vm:
+        vcpu = vm.create_vcpu(0)
+        assert ioctl_arg_size("KVM_GET_SREGS") == ffi.sizeof("struct kvm_sregs") and ioctl_arg_size("KVM_RUN") == 0
+        buf = ffi.new("char[]", ffi.sizeof("struct kvm_sregs") + 8)       # an array may be larger
+        ioctl(vcpu.fd, "KVM_GET_SREGS", buf)
+        assert bytes(ffi.buffer(buf, 8)) == bytes(ffi.buffer(vcpu.get_sregs(), 8))
+        # NULL, typed or not, is the kernel's to answer: EFAULT, for tests that expect it.
+        for null in (ffi.NULL, ffi.cast("struct kvm_sregs *", 0)):
+            assert ioctl_unchecked(vcpu.fd, "KVM_GET_SREGS", null) == (-1, errno.EFAULT)
 
 
 def test_kvm_given_a_directory_or_another_file(tmp_path):

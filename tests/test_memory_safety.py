@@ -177,6 +177,30 @@ def test_kick_after_close_does_nothing(kvm):
         """)
 
 
+def test_an_ioctl_given_a_smaller_struct_is_refused_before_the_kernel_writes_past_it():
+    """KVM_GET_SREGS writes 312 bytes; into a 144-byte struct kvm_regs that corrupted the
+    heap (glibc aborted within 2,000 tries here). The ioctl number's size refuses it first."""
+    out = expect_ok("""
+        from kvmpy.abi import ffi, ioctl, ioctl_unchecked
+        vm, vcpu = real_mode_vm(SPIN)
+        kept = []
+        for i in range(2000):
+            regs = ffi.new("struct kvm_regs *")
+            for call in (ioctl, ioctl_unchecked):
+                try:
+                    call(vcpu.fd, "KVM_GET_SREGS", regs)
+                except KvmError as e:
+                    message = str(e)
+                else:
+                    raise SystemExit("KVM_GET_SREGS into a struct kvm_regs was issued")
+            kept += [regs, ffi.new("char[]", 100)]
+        del kept
+        gc.collect()
+        print(message)
+        """, env={"PYTHONMALLOC": "debug"})
+    assert "KVM_GET_SREGS on fd" in out and "copies 312 bytes" in out and "'struct kvm_regs *' points to 144" in out
+
+
 def test_stats_parse_reads_no_freed_memory():
     """Under the debug allocator freed memory is 0xDD...: a descriptor read through a pointer
     over a freed temporary slice shows up as an unknown type/unit."""
