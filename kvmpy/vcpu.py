@@ -62,9 +62,10 @@ class Vcpu:
         except BaseException:
             self._release()
             raise
-        self.run_struct = ffi.cast("struct kvm_run *", self._run_page.addr)
+        # The raw pointer, for the C run state and kicks only: both stop before close() unmaps.
+        self._kvm_run = ffi.cast("struct kvm_run *", self._run_page.addr)
         # Who runs the vCPU, and whether close() has begun (kvmpy_vcpu_run_state in _bulk.c).
-        self._state = ffi.new("struct kvmpy_vcpu_state *", {"fd": fd, "run": self.run_struct})
+        self._state = ffi.new("struct kvmpy_vcpu_state *", {"fd": fd, "run": self._kvm_run})
         self._run_bytes = self._run_page.owner_view()     # released (ValueError) when the page is unmapped
         self._exit_page = exits.RunPage(self._run_page)
         if dirty_ring_size:
@@ -81,6 +82,16 @@ class Vcpu:
 
     def __repr__(self) -> str:
         return f"Vcpu(id={self.id}, fd={self.fd})"
+
+    @property
+    def run_struct(self):
+        """The vCPU's mmapped ``struct kvm_run *`` (e.g. ``s.regs`` with KVM_CAP_SYNC_REGS).
+
+        Made from a buffer view of the mapping, not its address: while the pointer lives it
+        keeps the page mapped, so a field read after ``close()`` cannot fault. KvmError
+        once the vCPU is closed.
+        """
+        return ffi.from_buffer("struct kvm_run *", self._run_page.view(), require_writable=True)
 
     def _get(self, ioctl_name: str, ctype: str):
         obj = ffi.new(ctype)
@@ -180,8 +191,8 @@ class Vcpu:
 
     def _consume_kick(self) -> exits.Exit:
         self._kicked = False
-        if self.run_struct is not None:     # None: closed since (the page is gone)
-            self.run_struct.immediate_exit = 0
+        if self._kvm_run is not None:       # None: closed since (the page is gone)
+            self._kvm_run.immediate_exit = 0
         return exits.InterruptedExit(lib.KVM_EXIT_INTR)
 
     def kick(self) -> None:
@@ -239,7 +250,7 @@ class Vcpu:
         self._stop()
         with self._lock:
             self._release()
-            self.run_struct = None
+            self._kvm_run = None
             self.dirty_ring = None
             self._stats = None
             self.fd = -1

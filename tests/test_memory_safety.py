@@ -177,6 +177,32 @@ def test_kick_after_close_does_nothing(kvm):
         """)
 
 
+def test_a_held_run_struct_keeps_the_page_mapped_after_close():
+    """``Vcpu.run_struct`` was the raw address of kvm_run: a field read after close() was a
+    SIGSEGV. Now it holds the page mapped until it is dropped."""
+    out = expect_ok("""
+        vm, vcpu = real_mode_vm(OUT_HLT)
+        run = vcpu.run_struct
+        run.immediate_exit = 1              # writable, and the same page KVM_RUN reads
+        assert isinstance(vcpu.run(), InterruptedExit)
+        assert run.immediate_exit == 0      # run() re-armed it
+        ex = vcpu.run()
+        assert run.exit_reason == 2 and run.io.port == 0x10, ex
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            vm.close()
+        print("after close", run.exit_reason, run.io.port, [str(w.message) for w in caught])
+        try:
+            vcpu.run_struct
+        except KvmError as e:
+            print("closed:", e)
+        del run
+        gc.collect()
+        """)
+    assert "after close 2 16" in out and "a view of it is still alive" in out
+    assert "closed: vCPU 0's kvm_run used after close" in out
+
+
 def test_an_ioctl_given_a_smaller_struct_is_refused_before_the_kernel_writes_past_it():
     """KVM_GET_SREGS writes 312 bytes; into a 144-byte struct kvm_regs that corrupted the
     heap (glibc aborted within 2,000 tries here). The ioctl number's size refuses it first."""
