@@ -188,6 +188,9 @@ int kvmpy_stats_check_header(const char *buf, size_t len)
 		return KVMPY_STATS_BAD_HEADER;
 	memcpy(&h, buf, sizeof(h));
 	stride = sizeof(struct kvm_stats_desc) + (uint64_t)h.name_size;
+	/* Divide rather than multiply: num_desc * stride can wrap around 2^64. */
+	if (h.desc_offset > len || h.num_desc > (len - h.desc_offset) / stride)
+		return KVMPY_STATS_BAD_HEADER;
 	desc_end = h.desc_offset + h.num_desc * stride;
 	if (h.name_size == 0 || h.id_offset < sizeof(h) || (uint64_t)h.id_offset + h.name_size > len ||
 	    h.desc_offset < sizeof(h) || desc_end > len || (h.num_desc && h.data_offset < desc_end) ||

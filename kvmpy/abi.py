@@ -21,7 +21,7 @@ except ImportError as exc:  # pragma: no cover - only without a build
 from kvmpy.errors import IoctlError, KvmError, RequirementError
 
 __all__ = ["ffi", "lib", "IoctlResult", "ioctl", "ioctl_int", "ioctl_unchecked", "ioctl_arg_size", "cap_name",
-           "require_cap", "new_struct", "check_u32"]
+           "require_cap", "new_struct", "check_ints", "check_u32"]
 
 
 class IoctlResult(NamedTuple):
@@ -44,7 +44,7 @@ _FITS: set[tuple[int, object]] = set()
 
 def ioctl_arg_size(name: str) -> int:
     """Bytes ioctl ``name`` copies through its pointer argument (0 for an ``_IO`` ioctl)."""
-    request = getattr(lib, name)
+    request = _request(name)
     return (request >> _IOC_SIZE_SHIFT) & _IOC_SIZE_MASK if request >> _IOC_DIR_SHIFT else 0
 
 
@@ -87,8 +87,15 @@ def _check_arg(name: str, request: int, arg, target: str) -> None:
     _FITS.add((request, ctype))
 
 
+def _request(name: str) -> int:
+    try:
+        return getattr(lib, name)
+    except AttributeError:
+        raise KvmError(f"no ioctl named {name!r} in <linux/kvm.h> as kvmpy was built") from None
+
+
 def _ioctl_ptr(fd: int, name: str, arg, target: str) -> IoctlResult:
-    request = getattr(lib, name)
+    request = _request(name)
     if request >> _IOC_DIR_SHIFT and arg is not ffi.NULL:
         try:
             fits = (request, ffi.typeof(arg)) in _FITS
@@ -116,7 +123,7 @@ def ioctl(fd: int, name: str, arg=ffi.NULL, target: str = "", context: str = "")
     target = target or f"fd {fd}"
     res = _ioctl_ptr(fd, name, arg, target)
     if not res.ok:
-        raise IoctlError(name, res.errno, target, context)
+        raise _closed(name, target) if fd == -1 else IoctlError(name, res.errno, target, context)
     return res.ret
 
 
@@ -124,7 +131,7 @@ def ioctl_int(fd: int, name: str, arg: int = 0, target: str = "", context: str =
     """Issue ioctl ``name`` with an integer argument; IoctlError on failure, KvmError for an
     argument that is not an unsigned long or an ioctl that takes a pointer (the kernel
     would copy through the integer as an address)."""
-    if getattr(lib, name) >> _IOC_DIR_SHIFT:
+    if _request(name) >> _IOC_DIR_SHIFT:
         raise KvmError(f"{name} on {target or f'fd {fd}'}: it copies {ioctl_arg_size(name)} bytes through "
                        f"a pointer; pass a cffi pointer to ioctl()")
     try:
@@ -133,8 +140,13 @@ def ioctl_int(fd: int, name: str, arg: int = 0, target: str = "", context: str =
         raise KvmError(f"{name} on {target or f'fd {fd}'}: argument {arg!r} is not an unsigned long"
                        + (f" [{context}]" if context else "")) from None
     if ret < 0:
-        raise IoctlError(name, ffi.errno, target or f"fd {fd}", context)
+        raise _closed(name, target) if fd == -1 else IoctlError(name, ffi.errno, target or f"fd {fd}", context)
     return ret
+
+
+def _closed(name: str, target: str) -> KvmError:
+    # kvmpy's objects set their fd to -1 when closed: say so rather than "EBADF on fd -1".
+    return KvmError(f"{name} on {target or 'fd -1'}: it is closed")
 
 
 def new_struct(ctype: str, what: str, **fields):
@@ -147,6 +159,14 @@ def new_struct(ctype: str, what: str, **fields):
         except (OverflowError, TypeError):
             raise KvmError(f"{what}: {field} = {value!r} does not fit {ctype[:-2]}.{field}") from None
     return obj
+
+
+def check_ints(what: str, **values: object) -> None:
+    """KvmError naming the first of ``values`` that is not an int: a float GPA would
+    otherwise fail deep inside, often in an error message's own ``:#x`` formatting."""
+    for name, value in values.items():
+        if not isinstance(value, int):
+            raise KvmError(f"{what}: {name} must be an int, not {value!r}")
 
 
 def check_u32(value: int, what: str) -> int:

@@ -36,3 +36,17 @@ def require(condition: object, reason: str) -> None:
     """The kernel selftests' TEST_REQUIRE: RequirementError(``reason``) unless ``condition``."""
     if not condition:
         raise RequirementError(reason)
+
+
+def release_all(*steps) -> None:
+    """Call every step (a release's close/unmap/...), even after one raised; then raise the
+    first exception. A warning turned error or a Ctrl-C in one step must not leave the
+    later fds and mappings with no owner."""
+    first: BaseException | None = None
+    for step in steps:
+        try:
+            step()
+        except BaseException as e:      # noqa: B902 - re-raised below, after the other steps
+            first = first or e
+    if first is not None:
+        raise first

@@ -36,7 +36,7 @@ class Kvm:
         except BaseException:
             self.close()
             raise
-        self._cpuid_cache: bytes | None = None
+        self._cpuid_cache: tuple[int, bytes] | None = None   # (nent, the struct's bytes)
 
     def __repr__(self) -> str:
         return f"Kvm({self.path!r}, fd={self.fd})"
@@ -54,9 +54,7 @@ class Kvm:
         if self._cpuid_cache is None:
             nent = 64
             while True:
-                buf = ffi.new("char[]", ffi.sizeof("struct kvm_cpuid2") + nent * ffi.sizeof("struct kvm_cpuid_entry2"))
-                cpuid = ffi.cast("struct kvm_cpuid2 *", buf)
-                cpuid.nent = nent
+                cpuid = ffi.new("struct kvm_cpuid2 *", {"nent": nent, "entries": nent})
                 try:
                     ioctl(self.fd, "KVM_GET_SUPPORTED_CPUID", cpuid, self.path)
                     break
@@ -65,10 +63,12 @@ class Kvm:
                         raise
                     nent *= 2
             size = ffi.sizeof("struct kvm_cpuid2") + cpuid.nent * ffi.sizeof("struct kvm_cpuid_entry2")
-            self._cpuid_cache = bytes(ffi.buffer(buf, size))
-        buf = ffi.new("char[]", self._cpuid_cache)
-        # Keep the owning buffer alive as long as the returned pointer is.
-        return ffi.gc(ffi.cast("struct kvm_cpuid2 *", buf), lambda _p, _b=buf: None)
+            self._cpuid_cache = (cpuid.nent, bytes(ffi.buffer(cpuid, size)))
+        nent, raw = self._cpuid_cache
+        # An owning struct sized for its entries (ffi.sizeof(p[0]) says how many it holds).
+        cpuid = ffi.new("struct kvm_cpuid2 *", {"nent": nent, "entries": nent})
+        ffi.memmove(cpuid, raw, len(raw))
+        return cpuid
 
     def _msr_list(self, name: str) -> list[int]:
         probe = ffi.new("struct kvm_msr_list *")
@@ -78,9 +78,7 @@ class Kvm:
             if e.errno != errno.E2BIG:
                 raise
         n = probe.nmsrs
-        buf = ffi.new("char[]", ffi.sizeof("struct kvm_msr_list") + 4 * n)
-        lst = ffi.cast("struct kvm_msr_list *", buf)
-        lst.nmsrs = n
+        lst = ffi.new("struct kvm_msr_list *", {"nmsrs": n, "indices": n})
         ioctl(self.fd, name, lst, self.path)
         return [lst.indices[i] for i in range(lst.nmsrs)]
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import signal
 import threading
@@ -10,9 +11,9 @@ import weakref
 from typing import Callable, Iterable
 
 from kvmpy import exits
-from kvmpy.abi import ffi, ioctl, ioctl_int, lib
+from kvmpy.abi import check_u32, ffi, ioctl, ioctl_int, lib
 from kvmpy.dirty_ring import DirtyRing
-from kvmpy.errors import IoctlError, KvmError
+from kvmpy.errors import IoctlError, KvmError, release_all
 from kvmpy.memory import Mapping, map_memory
 from kvmpy.stats import Stats
 
@@ -26,6 +27,13 @@ _run_state = lib.kvmpy_vcpu_run_state
 _io_unpack = exits.IO_FIELDS.unpack_from
 _io_exit = exits.RunIoExit
 _EXIT_IO = lib.KVM_EXIT_IO
+
+_CPUID2 = ffi.typeof("struct kvm_cpuid2 *")
+
+
+def _cdata_name(value) -> str:
+    return repr(ffi.typeof(value).cname) if isinstance(value, ffi.CData) else type(value).__name__
+
 
 # How long close() kicks a vCPU that another thread is running before it gives up.
 STOP_TIMEOUT = 10.0
@@ -83,15 +91,14 @@ class Vcpu:
     def __repr__(self) -> str:
         return f"Vcpu(id={self.id}, fd={self.fd})"
 
-    @property
-    def run_struct(self):
-        """The vCPU's mmapped ``struct kvm_run *`` (e.g. ``s.regs`` with KVM_CAP_SYNC_REGS).
-
-        Made from a buffer view of the mapping, not its address: while the pointer lives it
-        keeps the page mapped, so a field read after ``close()`` cannot fault. KvmError
-        once the vCPU is closed.
-        """
-        return ffi.from_buffer("struct kvm_run *", self._run_page.view(), require_writable=True)
+    def get_kvm_run(self):
+        """``struct kvm_run *``: an owned copy of the run page as the last run left it (the
+        fields the typed exits do not decode). A copy, because a cffi pointer into the page
+        (or a field of one) would read unmapped memory after ``close()``; writing it changes
+        nothing (``kick()`` sets immediate_exit). KvmError once the vCPU is closed."""
+        run = ffi.new("struct kvm_run *")
+        ffi.memmove(run, self._run_page.read(0, ffi.sizeof(run[0])), ffi.sizeof(run[0]))
+        return run
 
     def _get(self, ioctl_name: str, ctype: str):
         obj = ffi.new(ctype)
@@ -125,7 +132,15 @@ class Vcpu:
         ioctl(self.fd, "KVM_SET_XSAVE", xsave, self.name)
 
     def set_cpuid(self, cpuid) -> None:
-        """KVM_SET_CPUID2 with a ``struct kvm_cpuid2 *`` (e.g. from ``Kvm.supported_cpuid()``)."""
+        """KVM_SET_CPUID2 with a ``struct kvm_cpuid2 *`` (e.g. from ``Kvm.supported_cpuid()``)
+        whose allocation holds its ``nent`` entries (the kernel reads that many)."""
+        if not isinstance(cpuid, ffi.CData) or ffi.typeof(cpuid) is not _CPUID2:
+            raise KvmError(f"{self.name}: set_cpuid takes a 'struct kvm_cpuid2 *', not {_cdata_name(cpuid)}")
+        need = ffi.sizeof(_CPUID2.item) + cpuid.nent * ffi.sizeof("struct kvm_cpuid_entry2")
+        if ffi.sizeof(cpuid[0]) < need:
+            raise KvmError(f"{self.name}: set_cpuid: nent = {cpuid.nent} entries need {need} bytes, the struct "
+                           f"holds {ffi.sizeof(cpuid[0])} (allocate it with ffi.new('struct kvm_cpuid2 *', "
+                           f"{{'nent': n, 'entries': n}}))")
         ioctl(self.fd, "KVM_SET_CPUID2", cpuid, self.name, f"{cpuid.nent} entries")
 
     def get_msrs(self, indices: Iterable[int]) -> dict[int, int]:
@@ -133,7 +148,7 @@ class Vcpu:
         idx = list(indices)
         msrs = self._msr_buf(len(idx))
         for i, m in enumerate(idx):
-            msrs.entries[i].index = m
+            msrs.entries[i].index = check_u32(m, f"{self.name}: get_msrs: MSR index")
         n = ioctl(self.fd, "KVM_GET_MSRS", msrs, self.name)
         if n != len(idx):
             raise KvmError(f"{self.name}: KVM_GET_MSRS read {n} of {len(idx)} MSRs; MSR {idx[n]:#x} refused")
@@ -144,7 +159,9 @@ class Vcpu:
         items = list(values.items())
         msrs = self._msr_buf(len(items))
         for i, (m, v) in enumerate(items):
-            msrs.entries[i].index = m
+            msrs.entries[i].index = check_u32(m, f"{self.name}: set_msrs: MSR index")
+            if not isinstance(v, int) or not 0 <= v < 1 << 64:
+                raise KvmError(f"{self.name}: set_msrs: MSR {m:#x} = {v!r} is not a u64")
             msrs.entries[i].data = v
         n = ioctl(self.fd, "KVM_SET_MSRS", msrs, self.name)
         if n != len(items):
@@ -153,10 +170,7 @@ class Vcpu:
 
     @staticmethod
     def _msr_buf(n: int):
-        buf = ffi.new("char[]", ffi.sizeof("struct kvm_msrs") + n * ffi.sizeof("struct kvm_msr_entry"))
-        msrs = ffi.cast("struct kvm_msrs *", buf)
-        msrs.nmsrs = n
-        return ffi.gc(msrs, lambda _p, _b=buf: None)
+        return ffi.new("struct kvm_msrs *", {"nmsrs": n, "entries": n})
 
     # -- running ------------------------------------------------------------------
     def run(self) -> exits.Exit:
@@ -249,11 +263,13 @@ class Vcpu:
             return
         self._stop()
         with self._lock:
-            self._release()
+            if not self._release.alive:     # closed by another thread meanwhile
+                return
+            self.fd = -1                    # first: the number may be reused once closed
             self._kvm_run = None
             self.dirty_ring = None
             self._stats = None
-            self.fd = -1
+            self._release()
 
 
 class _Owned:
@@ -269,9 +285,5 @@ class _Owned:
         self.stats: Stats | None = None
 
     def release(self) -> None:
-        if self.stats is not None:
-            self.stats.close()
-        for mapping in (self.ring, self.run):
-            if mapping is not None:
-                mapping.close()
-        os.close(self.fd)
+        release_all(*[part.close for part in (self.stats, self.ring, self.run) if part is not None],
+                    functools.partial(os.close, self.fd))

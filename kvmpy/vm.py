@@ -7,15 +7,17 @@ ioctls also have an ``*_unchecked`` variant that returns the kernel's
 """
 from __future__ import annotations
 
+import functools
 import os
 import struct
+import threading
 import weakref
 
 from kvmpy import faults
-from kvmpy.abi import (IoctlResult, cap_name, check_u32, ffi, ioctl, ioctl_int, ioctl_unchecked, lib, new_struct,
-                       require_cap)
+from kvmpy.abi import (IoctlResult, cap_name, check_ints, check_u32, ffi, ioctl, ioctl_int, ioctl_unchecked, lib,
+                       new_struct, require_cap)
 from kvmpy.bitmap import DirtyBitmap
-from kvmpy.errors import IoctlError, KvmError, RequirementError
+from kvmpy.errors import IoctlError, KvmError, RequirementError, release_all
 from kvmpy.memory import Anonymous, Backing, Memslot
 from kvmpy.stats import Stats
 from kvmpy.vcpu import Vcpu
@@ -40,6 +42,9 @@ class Vm:
         self.memslots: dict[int, Memslot] = {}
         self.vcpus: dict[int, Vcpu] = {}
         self._stats: Stats | None = None
+        # Held by close() and around the ioctls whose result size is the kernel's (a dirty log
+        # fills the slot's bitmap): one on another thread never reaches a reused fd number.
+        self._lock = threading.Lock()
         self._owned = _Owned(fd, self.memslots)
         self._release = weakref.finalize(self, self._owned.release)
         self._release.atexit = False  # at exit the kernel cleans up (and vCPU threads may still run)
@@ -71,6 +76,7 @@ class Vm:
         ioctl(self.fd, "KVM_ENABLE_CAP", ec, self.name, f"{cap_name(cap)} args={list(args)}")
 
     def set_tss_addr(self, addr: int) -> None:
+        check_ints(f"{self.name}: KVM_SET_TSS_ADDR", addr=addr)
         ioctl_int(self.fd, "KVM_SET_TSS_ADDR", addr, self.name, f"addr {addr:#x}")
 
     def set_identity_map_addr(self, addr: int) -> None:
@@ -78,6 +84,7 @@ class Vm:
             p = ffi.new("uint64_t *", addr)
         except (OverflowError, TypeError):
             raise KvmError(f"{self.name}: identity map address {addr!r} is not a u64") from None
+        check_ints(f"{self.name}: KVM_SET_IDENTITY_MAP_ADDR", addr=addr)      # not a float that fitted
         ioctl(self.fd, "KVM_SET_IDENTITY_MAP_ADDR", p, self.name, f"addr {addr:#x}")
 
     # -- memslots ---------------------------------------------------------------
@@ -98,6 +105,7 @@ class Vm:
 
     def add_memory(self, slot: int, gpa: int, size: int, backing: Backing | None = None, flags: int = 0) -> Memslot:
         """Allocate ``size`` bytes with ``backing`` (anonymous 4K by default) and map them at ``gpa``."""
+        check_ints(f"{self.name}: add_memory", slot=slot, gpa=gpa, size=size, flags=flags)
         if slot in self.memslots:
             raise KvmError(f"{self.name}: slot {slot} is already in use")
         check_u32(slot, "memslot id")
@@ -114,12 +122,14 @@ class Vm:
 
     def move_memory(self, slot: int, new_gpa: int) -> None:
         """Move ``slot`` to ``new_gpa`` keeping its contents."""
+        check_ints(f"{self.name}: move_memory", new_gpa=new_gpa)
         ms = self._slot(slot)
         self._set_region(slot, ms.flags, new_gpa, ms.size, ms.hva)
         ms.gpa = new_gpa
 
     def set_memory_flags(self, slot: int, flags: int) -> None:
         """Change ``slot``'s flags (e.g. toggle KVM_MEM_LOG_DIRTY_PAGES)."""
+        check_ints(f"{self.name}: set_memory_flags", flags=flags)
         ms = self._slot(slot)
         self._set_region(slot, flags, ms.gpa, ms.size, ms.hva)
         ms.flags = flags
@@ -139,6 +149,8 @@ class Vm:
 
     def slot_at(self, gpa: int, length: int = 1) -> Memslot:
         """The memslot that holds ``[gpa, gpa+length)``."""
+        if not (isinstance(gpa, int) and isinstance(length, int)):
+            raise KvmError(f"{self.name}: a GPA range is two ints, not {gpa!r}+{length!r}")
         if length >= 0:
             for ms in self.memslots.values():
                 if ms.contains(gpa, length):
@@ -193,11 +205,16 @@ class Vm:
         if not ms.flags & _LOG_DIRTY:
             raise KvmError(f"{self.name}: slot {slot} does not have KVM_MEM_LOG_DIRTY_PAGES set")
         bm = into if into is not None else DirtyBitmap(ms.npages)
+        if not isinstance(bm, DirtyBitmap):
+            raise KvmError(f"{self.name}: get_dirty_log into a DirtyBitmap, not {type(bm).__name__}")
         if bm.npages != ms.npages:
             raise KvmError(f"bitmap has {bm.npages} pages, slot {slot} has {ms.npages}")
         # One C call with the struct on its stack (kvmpy_get_dirty_log): the per-round path.
-        r = lib.kvmpy_get_dirty_log(self.fd, slot, bm.cdata())
+        with self._lock:
+            r = lib.kvmpy_get_dirty_log(self.fd, slot, bm.cdata())
         if r < 0:
+            if self.fd == -1:
+                raise KvmError(f"{self.name}: KVM_GET_DIRTY_LOG: the VM is closed")
             raise IoctlError("KVM_GET_DIRTY_LOG", -r, self.name, f"slot {slot}")
         return bm
 
@@ -209,12 +226,15 @@ class Vm:
         """
         ms = self.memslots.get(slot)
         bm = into if into is not None else DirtyBitmap(ms.npages if ms else 64)
+        if not isinstance(bm, DirtyBitmap):
+            raise KvmError(f"{self.name}: get_dirty_log_unchecked into a DirtyBitmap, not {type(bm).__name__}")
         if ms is not None and bm.npages < ms.npages:
             raise KvmError(f"bitmap of {bm.npages} pages cannot hold slot {slot}'s {ms.npages}")
         log = new_struct("struct kvm_dirty_log *", "KVM_GET_DIRTY_LOG", slot=slot)
         buf = bm.cdata()
         log.dirty_bitmap = buf
-        return ioctl_unchecked(self.fd, "KVM_GET_DIRTY_LOG", log)
+        with self._lock:
+            return ioctl_unchecked(self.fd, "KVM_GET_DIRTY_LOG", log)
 
     def clear_dirty_log(self, slot: int, bitmap: DirtyBitmap, first_page: int = 0, num_pages: int | None = None) -> None:
         """KVM_CLEAR_DIRTY_LOG: write-protect again the pages set in ``bitmap`` within
@@ -231,6 +251,8 @@ class Vm:
     def clear_dirty_log_unchecked(self, slot: int, bitmap: DirtyBitmap, first_page: int,
                                   num_pages: int) -> IoctlResult:
         """KVM_CLEAR_DIRTY_LOG as asked; the kernel's answer (e.g. EINVAL), never raised."""
+        if not isinstance(bitmap, DirtyBitmap):
+            raise KvmError(f"{self.name}: clear_dirty_log takes a DirtyBitmap, not {type(bitmap).__name__}")
         ms = self.memslots.get(slot)
         if ms is not None and bitmap.npages < ms.npages:
             raise KvmError(f"bitmap of {bitmap.npages} pages cannot hold slot {slot}'s {ms.npages}")
@@ -323,11 +345,17 @@ class Vm:
             vcpu._stop()
         for vcpu in list(self.vcpus.values()):
             vcpu.close()
-        self.vcpus.clear()
-        self._release()
-        self._stats = None
-        self.fd = -1
-        self.memslots.clear()
+        with self._lock:        # a second closer waits here, then finds nothing left to do
+            if not self._release.alive:
+                return
+            # The fd number first: once closed it may be reused by another VM at once.
+            self.fd = -1
+            self.vcpus.clear()
+            self._stats = None
+            try:
+                self._release()
+            finally:
+                self.memslots.clear()
 
     def __enter__(self) -> "Vm":
         return self
@@ -350,11 +378,6 @@ class _Owned:
         self.stats: Stats | None = None
 
     def release(self) -> None:
-        for release_vcpu in self.vcpus:
-            release_vcpu()
-        if self.stats is not None:
-            self.stats.close()
-        os.close(self.fd)
         # Unmap only after the VM fd is gone, so KVM never sees a slot without memory.
-        for ms in self.memslots.values():
-            ms.mapping.close()
+        release_all(*self.vcpus, *([self.stats.close] if self.stats is not None else []),
+                    functools.partial(os.close, self.fd), *[ms.mapping.close for ms in list(self.memslots.values())])

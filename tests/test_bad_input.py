@@ -9,6 +9,7 @@ import pytest
 
 from kvmpy import IoctlError, Kvm, KvmError
 from kvmpy.abi import ffi, ioctl, ioctl_arg_size, ioctl_int, ioctl_unchecked, lib
+from kvmpy.bitmap import DirtyBitmap
 from kvmpy.memory import PAGE_4K
 
 
@@ -26,8 +27,24 @@ from kvmpy.memory import PAGE_4K
     lambda vm: vm.write_u64(0, -1),
     lambda vm: vm.gpa_view(0, -1),
     lambda vm: vm.read(-PAGE_4K, 8),
+    lambda vm: vm.add_memory(1, 2.0 ** 31, PAGE_4K),
+    lambda vm: vm.add_memory(1, 1 << 31, PAGE_4K / 1),
+    lambda vm: vm.move_memory(0, 1.5e9),
+    lambda vm: vm.set_tss_addr(0xFFFBD000 / 1),
+    lambda vm: vm.read(4096.0, 8),
+    lambda vm: vm.gpa_view(0, 4.0),
+    lambda vm: vm.get_dirty_log(0, into=bytearray(8)),
+    lambda vm: vm.clear_dirty_log(0, bytearray(8)),
+    lambda vm: vm.create_vcpu(0).set_msrs({0x10: -1}),
+    lambda vm: vm.create_vcpu(0).get_msrs(["0x10"]),
+    lambda vm: vm.create_vcpu(0).set_cpuid(42),
+    lambda vm: vm.create_vcpu(0).set_cpuid(ffi.new("struct kvm_cpuid2 *", {"nent": 3})),
+    lambda vm: ioctl(vm.fd, "KVM_GET_REGZ"),
 ], ids=["slot -1", "slot 2**32", "gpa -4K", "vcpu -1", "vcpu 2**40", "tss -1", "identity map -1",
-        "cap arg -1", "cap 5 args", "dirty log slot -1", "write_u64 -1", "view length -1", "read gpa -4K"])
+        "cap arg -1", "cap 5 args", "dirty log slot -1", "write_u64 -1", "view length -1", "read gpa -4K",
+        "float gpa", "float size", "move to a float", "float tss", "read a float gpa", "view a float length",
+        "log into a bytearray", "clear a bytearray", "msr value -1", "msr index str", "cpuid int",
+        "cpuid nent past its struct", "unknown ioctl"])
 def test_out_of_range_numbers_are_kvm_errors(kvm, call):
     with kvm.create_vm() as vm:
         vm.add_memory(0, 0, 16 * PAGE_4K)
@@ -73,6 +90,33 @@ def test_an_ioctl_argument_that_fits_reaches_the_kernel(kvm):
         # NULL, typed or not, is the kernel's to answer: EFAULT, for tests that expect it.
         for null in (ffi.NULL, ffi.cast("struct kvm_sregs *", 0)):
             assert ioctl_unchecked(vcpu.fd, "KVM_GET_SREGS", null) == (-1, errno.EFAULT)
+
+
+def test_a_dirty_bitmap_keeps_its_size():
+    """KVM writes a memslot's worth of bits into the bitmap: a buffer replaced, shrunk or
+    read-only (or npages changed) would have it write past the buffer or into a constant."""
+    bm = DirtyBitmap(1024)
+    with pytest.raises(AttributeError):
+        bm.buffer = bytearray(8)
+    with pytest.raises(AttributeError):
+        bm.npages = 1 << 20
+    with pytest.raises(BufferError):
+        del bm.buffer[8:]
+    assert len(bm.buffer) == 128 and bm.npages == 1024
+    with pytest.raises(ValueError, match="must be writable"):
+        DirtyBitmap(64, b"\0" * 8)
+    with pytest.raises(TypeError, match="combines with a DirtyBitmap, not int"):
+        DirtyBitmap(64) | 3
+
+
+def test_closed_objects_say_so(kvm):
+    vm = kvm.create_vm()
+    vcpu = vm.create_vcpu(0)
+    vm.close()
+    for call in (lambda: vcpu.get_regs(), lambda: vm.create_vcpu(1), lambda: vm.check_extension(1),
+                 lambda: vm.set_tss_addr(0xFFFBD000)):
+        with pytest.raises(KvmError, match="it is closed|closed vCPU"):
+            call()
 
 
 def test_kvm_given_a_directory_or_another_file(tmp_path):

@@ -177,30 +177,134 @@ def test_kick_after_close_does_nothing(kvm):
         """)
 
 
-def test_a_held_run_struct_keeps_the_page_mapped_after_close():
-    """``Vcpu.run_struct`` was the raw address of kvm_run: a field read after close() was a
-    SIGSEGV. Now it holds the page mapped until it is dropped."""
+def test_kvm_run_is_read_as_an_owned_copy():
+    """A cffi pointer into the run page (or a field of one, which does not keep its parent
+    alive) read after close() was a SIGSEGV: ``get_kvm_run()`` hands out a copy."""
     out = expect_ok("""
+        from kvmpy.exits import IoExit
         vm, vcpu = real_mode_vm(OUT_HLT)
-        run = vcpu.run_struct
-        run.immediate_exit = 1              # writable, and the same page KVM_RUN reads
-        assert isinstance(vcpu.run(), InterruptedExit)
-        assert run.immediate_exit == 0      # run() re-armed it
-        ex = vcpu.run()
-        assert run.exit_reason == 2 and run.io.port == 0x10, ex
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            vm.close()
-        print("after close", run.exit_reason, run.io.port, [str(w.message) for w in caught])
+        assert not hasattr(vcpu, "run_struct")
+        assert isinstance(vcpu.run(), IoExit)
+        run = vcpu.get_kvm_run()
+        io = run.io
+        run.immediate_exit = 1              # a copy: the next run is not cut short
+        print("next run:", type(vcpu.run()).__name__)
+        vm.close()
+        print("after close", run.exit_reason, io.port, io.direction)
         try:
-            vcpu.run_struct
+            vcpu.get_kvm_run()
         except KvmError as e:
             print("closed:", e)
-        del run
-        gc.collect()
         """)
-    assert "after close 2 16" in out and "a view of it is still alive" in out
+    assert "after close 2 16 1" in out and "next run: InterruptedExit" not in out
     assert "closed: vCPU 0's kvm_run used after close" in out
+
+
+def test_a_close_that_raises_midway_still_releases_everything():
+    """Under ``-W error`` the ResourceWarning for a held derived view is raised from inside
+    the release: it stopped there, the VM fd closed but ``vm.fd`` still naming it (the next
+    VM reused the number and the old object drove it), other memslots and the vCPU fd kept."""
+    out = expect_ok("""
+        import os
+        warnings.simplefilter("error")
+        vm, vcpu = real_mode_vm(OUT_HLT)
+        other_slot = vm.add_memory(1, 1 << 30, 1 << 20).hva
+        held = vm.gpa_view(0x1000, 16)[0:4]          # a derived view keeps slot 0 mapped
+        vcpu_fd, vm_fd = vcpu.fd, vm.fd
+        try:
+            vm.close()
+        except ResourceWarning as e:
+            print("close raised:", e)
+        vm.close()                                   # a second close has nothing left to do
+        with open("/proc/self/maps") as f:
+            mapped = any(line.startswith(f"{other_slot:x}-") for line in f)
+        print("fds", vm.fd, vcpu.fd, os.path.exists(f"/proc/self/fd/{vm_fd}"), os.path.exists(f"/proc/self/fd/{vcpu_fd}"),
+              "slot 1 mapped", mapped)
+        newer = Kvm().create_vm()
+        try:
+            vm.check_extension(1)
+        except KvmError as e:
+            print("old vm:", e)
+        """)
+    assert "close raised: memory: a view of it is still alive" in out or "close raised:" in out
+    assert "fds -1 -1 False False slot 1 mapped False" in out
+    assert "old vm: KVM_CHECK_EXTENSION on VM fd -1: it is closed" in out
+
+
+def test_a_dirty_log_on_another_thread_never_reaches_a_reused_fd():
+    """close() closed the VM fd, then spent its time unmapping, and only then forgot the fd:
+    a dirty-log read meanwhile reached the new VM that had reused the number, and KVM wrote
+    that VM's (larger) slot 0 bitmap into one sized for ours: heap corruption."""
+    out = expect_ok("""
+        import os
+        from kvmpy import memory
+        from kvmpy.abi import lib
+        unmap = memory.Mapping.close
+        def slow_unmap(self):           # the window a big unmap opens, made certain
+            time.sleep(0.2)
+            unmap(self)
+        memory.Mapping.close = slow_unmap
+        kvm = Kvm()
+        vm = kvm.create_vm()
+        vm.add_memory(0, 0, PAGE_4K, flags=lib.KVM_MEM_LOG_DIRTY_PAGES)     # an 8-byte bitmap
+        vm.add_memory(1, 1 << 32, 1 << 20)
+        old_fd = vm.fd
+        closer = threading.Thread(target=vm.close)
+        closer.start()
+        def still_the_vm():
+            try:
+                return os.readlink(f"/proc/self/fd/{old_fd}") == "anon_inode:kvm-vm"
+            except FileNotFoundError:
+                return False
+        while still_the_vm():
+            pass
+        other = kvm.create_vm()
+        other.add_memory(0, 0, 256 << 20, flags=lib.KVM_MEM_LOG_DIRTY_PAGES)  # an 8 KiB bitmap
+        kept, refused = [], set()
+        for _ in range(50):
+            try:
+                kept += [vm.get_dirty_log(0), bytearray(8)]
+            except KvmError as e:
+                refused.add(str(e))
+        closer.join()
+        answered = len(kept) // 2
+        del kept
+        gc.collect()
+        print("reused", other.fd == old_fd, "answered", answered, "|", sorted(refused))
+        """, env={"PYTHONMALLOC": "debug"})
+    # Refused: waiting for the close, then finding the VM closed (or its slots gone).
+    assert "answered 0 |" in out and re.search(r"the VM is closed|no memslot 0", out), out
+
+
+def test_two_threads_closing_one_vm_release_it_once():
+    """Both passed the "still open" check; the second cleared the memslots while the first
+    was unmapping them: RuntimeError, and the slots not reached yet stayed mapped."""
+    out = expect_ok("""
+        from kvmpy import memory
+        unmap = memory.Mapping.close
+        def slow_unmap(self):           # the window a big unmap opens, made certain
+            time.sleep(0.05)
+            unmap(self)
+        memory.Mapping.close = slow_unmap
+        vm = Kvm().create_vm()
+        vm.create_vcpu(0)
+        hvas = {f"{vm.add_memory(s, s << 30, 1 << 20).hva:x}" for s in range(4)}
+        errors = []
+        def closer():
+            try:
+                vm.close()
+            except Exception as e:
+                errors.append(repr(e))
+        threads = [threading.Thread(target=closer) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        with open("/proc/self/maps") as f:
+            mapped = hvas & {line.split("-", 1)[0] for line in f}
+        print("errors", errors, "still mapped", len(mapped))
+        """)
+    assert "errors [] still mapped 0" in out, out
 
 
 def test_an_ioctl_given_a_smaller_struct_is_refused_before_the_kernel_writes_past_it():

@@ -121,3 +121,13 @@ def test_truncated_data():
     layout = StatsLayout.parse(meta)
     with pytest.raises(StatsFormatError, match="data truncated"):
         layout.decode(data[:-8])
+
+
+def test_a_descriptor_table_size_that_wraps_around_2_64_is_rejected_in_c():
+    """num_desc * (16 + name_size) wrapped in u64 (name_size 2^32-1, num_desc 2^32-14: the
+    table "ended" inside a 4 GiB image), so the C check passed and the name lookup walked
+    far past the buffer. The check reads only the header: a claimed length is enough here."""
+    name_size, num_desc = (1 << 32) - 1, (1 << 32) - 14
+    header = struct.pack("<6I", 0, name_size, num_desc, HEADER_SIZE, HEADER_SIZE, (1 << 32) - 100)
+    claimed = HEADER_SIZE + name_size + 64
+    assert lib.kvmpy_stats_check_header(header, claimed) == lib.KVMPY_STATS_BAD_HEADER
