@@ -224,13 +224,15 @@ class HostFacts:
     mmu_meaning: str = ""
     mmu_probe_error: str = ""
     error: str = ""
+    usage_error: str = ""      # bad input (e.g. KVMPY_FAULTS), not a KVM problem; also in ``error``
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
 def gather(probe: bool = True) -> HostFacts:
-    """Collect host facts; never raises (a missing /dev/kvm is reported in ``error``)."""
+    """Collect host facts; never raises (a missing /dev/kvm is reported in ``error``; an invalid
+    KVMPY_FAULTS in ``usage_error`` and ``error``, and then /dev/kvm is not opened, nor the MMU probed)."""
     vm_mod = loaded_vendor_module()
     facts = HostFacts(
         kernel_release=platform.release(), cpu_vendor=cpu_vendor(), vendor_module=vm_mod, api_version=None,
@@ -243,6 +245,11 @@ def gather(probe: bool = True) -> HostFacts:
         facts.nested = "available"
     except RequirementError as e:
         facts.nested = f"unavailable: {e}"
+    try:
+        faults.enabled()
+    except faults.FaultError as e:
+        facts.usage_error = facts.error = f"{e} (fix or unset {faults.ENV}; KVM was not asked)"
+        return facts
     try:
         with Kvm() as kvm:
             facts.api_version = kvm.api_version
@@ -274,7 +281,9 @@ def format_facts(f: HostFacts) -> str:
         f"cpu vendor    {f.cpu_vendor}   virt flags: {' '.join(f.cpu_virt_flags) or 'none'}",
         f"kvm module    {f.vendor_module or 'no vendor module loaded'}   API {f.api_version}",
     ]
-    if f.error:
+    if f.usage_error:
+        lines.append(f"usage error   {f.usage_error}")
+    if f.error and f.error != f.usage_error:
         lines.append(f"/dev/kvm      {f.error}")
     lines.append(f"nested        {f.nested}")
     lines.append(f"THP           {f.thp or 'absent'}" + ("" if f.thp in ("always", "madvise") else

@@ -320,3 +320,108 @@ def test_user_kernel_tree_without_modules_dep_is_checked_through_modinfo(guarded
     assert Bed(BedOptions(backend="bochs", kernel=image, modules=tmp_path / "inst")).kernel.release == "6.13.0"
     with pytest.raises(BedError, match="CONFIG_KVM_AMD"):
         Bed(BedOptions(kernel=image, modules=tmp_path / "inst"))
+
+
+# --- the results directory and contradictory options, before anything boots -------------
+
+@pytest.mark.parametrize("where", ["file", "proc", "proc-dir"])
+def test_results_directory_is_checked_before_booting(guarded, tmp_path, capsys, where):
+    results = {"file": tmp_path / "afile", "proc": Path("/proc/x/y"), "proc-dir": Path("/proc")}[where]
+    (tmp_path / "afile").write_text("not a directory\n")
+    for command in (["run", "--results", str(results), "--", "true"], ["matrix", "--results", str(results)]):
+        assert cli.main(command) == 2
+        err = capsys.readouterr().err
+        assert f"--results {results}" in err and "Traceback" not in err
+    assert (tmp_path / "afile").read_text() == "not a directory\n"
+
+
+def test_results_directory_is_made_before_booting(guarded, tmp_path):
+    from kvmpy.bed.results import prepare_results_dir
+
+    assert prepare_results_dir(tmp_path / "new" / "dir").is_dir()
+    assert list((tmp_path / "new" / "dir").iterdir()) == []
+
+
+def test_save_files_that_cannot_be_written_raise_bed_error(tmp_path):
+    from kvmpy.bed.results import save_files
+
+    (tmp_path / "afile").write_text("x")
+    for outdir in (tmp_path / "afile", Path("/proc/x/y"), tmp_path / "afile" / "sub"):
+        with pytest.raises(BedError, match="results directory|cannot write"):
+            save_files({"a.txt": b"x"}, outdir)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "sub").write_text("x")      # a file where a directory of a result must go
+    with pytest.raises(BedError, match="cannot write"):
+        save_files({"sub/a.txt": b"x"}, tmp_path / "out")
+
+
+class _FakeBed:
+    vendor = "amd"
+    options = BedOptions()
+
+    def describe(self) -> str:
+        return "fake bed"
+
+    def run(self, job, params=None):
+        return BedResult(0, "console text\n", files={"junit.xml": b"<testsuite/>"})
+
+
+def test_results_that_cannot_be_saved_after_a_run_are_kept_elsewhere(tmp_path, monkeypatch, capsys):
+    """The directory became unusable during the boot: the results go to a temporary directory,
+    said so, and the run is an error (exit 2)."""
+    monkeypatch.setattr(cli, "_prepared_bed", lambda args: _FakeBed())
+    import kvmpy.bed.results as results
+    monkeypatch.setattr(results.tempfile, "mkdtemp",
+                        lambda prefix="": (tmp_path / "kept").mkdir() or str(tmp_path / "kept"))
+    (tmp_path / "afile").write_text("x")
+    assert cli.main(["run", "--results", str(tmp_path / "afile"), "--", "true"]) == 2
+    err = capsys.readouterr().err
+    assert "results not saved" in err and f"results saved in {tmp_path / 'kept'} instead" in err
+    assert (tmp_path / "kept" / "junit.xml").read_bytes() == b"<testsuite/>"
+
+
+def test_matrix_goes_on_when_a_row_cannot_be_saved(tmp_path, monkeypatch, capsys):
+    from kvmpy.bed import matrix
+
+    class Row:
+        def __init__(self, name):
+            self.config = type("Config", (), {"name": name})()
+            self.result = BedResult(0, f"{name} console\n")
+            self.splats = []
+
+        def progress_line(self, i, n):
+            return f"row {i}/{n} {self.config.name}"
+
+    def run_matrix(pairs, job, progress):
+        rows = [Row(config.name) for _, config in pairs]
+        for i, row in enumerate(rows, 1):
+            progress(i, len(rows), row)
+        return rows
+
+    monkeypatch.setattr(cli, "_prepared_bed", lambda args: _FakeBed())
+    monkeypatch.setattr(matrix, "run_matrix", run_matrix)
+    monkeypatch.setattr(matrix, "format_table", lambda rows, title: "TABLE " + " ".join(r.config.name for r in rows))
+    monkeypatch.setattr(matrix, "exit_status", lambda rows: 0)
+    configs = matrix.select_configs("amd", [])
+    assert len(configs) >= 2
+    out = tmp_path / "res"
+    out.mkdir()
+    (out / configs[0].name).write_text("a file where the first row's directory goes")
+    assert cli.main(["matrix", "--results", str(out), "--", "true"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out.startswith("TABLE ") and all(c.name in captured.out for c in configs)
+    assert f"results not saved in {out / configs[0].name}" in captured.err
+    assert (out / configs[1].name / "console.log").read_text() == f"{configs[1].name} console\n"
+
+
+@pytest.mark.parametrize("vendor, backend", [("intel", "qemu"), ("amd", "bochs")])
+def test_contradictory_vendor_and_backend_are_refused(guarded, capsys, vendor, backend):
+    assert cli.main(["run", "--vendor", vendor, "--backend", backend, "--", "true"]) == 2
+    err = capsys.readouterr().err
+    assert f"--vendor {vendor} and --backend {backend}" in err and "Traceback" not in err
+    args = argparse.Namespace(vendor=vendor, backend=backend, kernel_version=None, kernel=None, modules=None,
+                              accel="tcg", mem="2G", smp=2, timeout=600.0, param=[], hugepages=[])
+    with pytest.raises(BedError, match="contradict"):
+        cli.bed_options(args)
+    args.backend = {"intel": "bochs", "amd": "qemu"}[vendor]
+    assert cli.bed_options(args).backend == args.backend

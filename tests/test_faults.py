@@ -106,3 +106,21 @@ def test_faults_reach_the_suite_inside_the_bed():
     with faults.injected("stats-names-swapped"):
         script = job_script(bed.request(bed_runner.suite_job(args)), inherit_env={})
     assert f"export {faults.ENV}=stats-names-swapped\n" in script
+
+
+def test_unknown_fault_is_reported_by_kvmpy_info_as_a_usage_error(monkeypatch):
+    """Not as "MMU probe failed" (a KVM problem): KVM is not even asked."""
+    from kvmpy import hostinfo
+
+    def no_kvm(*a, **kw):
+        raise AssertionError("/dev/kvm was opened")
+
+    monkeypatch.setenv(faults.ENV, "bogus")
+    monkeypatch.setattr(faults, "_enabled", None)
+    monkeypatch.setattr(hostinfo, "Kvm", no_kvm)
+    facts = hostinfo.gather(probe=True)
+    assert "unknown fault(s) bogus" in facts.usage_error and facts.error == facts.usage_error
+    assert facts.mmu_probe_error == "" and facts.mmu_probe is None
+    text = hostinfo.format_facts(facts)
+    assert "usage error   KVMPY_FAULTS: unknown fault(s) bogus" in text
+    assert "MMU probe" not in text and "/dev/kvm" not in text

@@ -23,11 +23,14 @@ def test_sizes_and_options_as_the_c_test_reads_them():
     assert [parse_size(s) for s in ("4096", "64M", "64m", "3G", "1t", "2k")] == [
         4096, 64 << 20, 64 << 20, 3 << 30, 1 << 40, 2048]
     args = build_parser().parse_args(["perf", "dirty-log", "-v2", "-b64M", "-i3", "-w", "30", "-a", "-o",
-                                      "-s", "anonymous_hugetlb_2mb", "-x2", "-g", "--clear-chunk", "128"])
+                                      "-s", "anonymous_hugetlb_2mb", "-x2", "--clear-chunk", "128", "-r", "5"])
     opts = options_from(args)
     assert (opts.memstress.vcpus, opts.memstress.vcpu_bytes, opts.iterations, opts.write_percent) == (2, 64 << 20, 3, 30)
-    assert opts.random_access and not opts.memstress.partition and not opts.manual_protect
+    assert opts.random_access and not opts.memstress.partition and opts.manual_protect
     assert opts.memstress.backing.page_size == PAGE_2M and opts.memstress.slots == 2 and opts.clear_chunk == 128
+    assert opts.memstress.seed == 5
+    opts.check()
+    assert not options_from(build_parser().parse_args(["perf", "dirty-log", "-g"])).manual_protect
     for bad in (["-bfoo"], ["-s", "nonsense"], ["--eager-split", "maybe"]):
         with pytest.raises(SystemExit):
             build_parser().parse_args(["perf", "dirty-log", *bad])

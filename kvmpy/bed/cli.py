@@ -25,7 +25,7 @@ from kvmpy.bed.machine import ConsolePrinter
 from kvmpy.bed.options import BedOptions
 from kvmpy.bed.protocol import BedError
 from kvmpy.bed.request import BedResult, Job, kernel_splats
-from kvmpy.bed.results import save_result
+from kvmpy.bed.results import prepare_results_dir, save_result_or_keep
 from kvmpy.bed.testbed import Bed
 
 #: What ``kvmpy bed matrix`` runs when given no command: the selftest suite,
@@ -105,6 +105,10 @@ def _command(args) -> List[str]:
 
 def bed_options(args) -> BedOptions:
     """The options of ``kvmpy bed run|matrix`` arguments (BedError if malformed)."""
+    if args.vendor and args.backend and VENDOR_BACKENDS[args.vendor] != args.backend:
+        by_vendor = ", ".join(f"{v} = {b}" for v, b in sorted(VENDOR_BACKENDS.items()))
+        raise BedError(f"--vendor {args.vendor} and --backend {args.backend} contradict each other "
+                       f"({by_vendor}); give one of them")
     backend = args.backend or (VENDOR_BACKENDS[args.vendor] if args.vendor else "qemu")
     return BedOptions.parse(
         backend=backend, kernel_line=args.kernel_version, kernel=args.kernel, modules=args.modules,
@@ -113,7 +117,12 @@ def bed_options(args) -> BedOptions:
 
 
 def _prepared_bed(args) -> Bed:
-    bed = Bed(bed_options(args), log=_err)
+    """The bed of ``args``, ready to boot: options checked, then the results directory (created
+    and writable), then the kernel checked and fetched; BedError for any of them."""
+    options = bed_options(args)
+    if args.results:
+        prepare_results_dir(args.results)
+    bed = Bed(options, log=_err)
     bed.prepare()
     return bed
 
@@ -160,11 +169,10 @@ def cmd_run(args) -> int:
         job = Job(command, on_console=ConsolePrinter(args.console), follow=tuple(args.follow))
         bed = _prepared_bed(args)
         result = bed.run(job)
-        if args.results:
-            save_result(result, args.results)
     except BedError as exc:
         _err(str(exc))
         return 2
+    saved = save_result_or_keep(result, args.results, _err) if args.results else True
     from kvmpy.bed.matrix import param_mismatches
 
     if not args.results and result.files:
@@ -182,7 +190,7 @@ def cmd_run(args) -> int:
     mismatches = param_mismatches(bed.options.params, result.params) if result.status is not None else []
     for problem in mismatches:
         _err(f"module parameter not applied: {problem}")
-    if mismatches:
+    if mismatches or not saved:
         return 2
     code = result.exit_code
     return 1 if code == 0 and splats else code
@@ -201,11 +209,14 @@ def cmd_matrix(args) -> int:
     # The command's output goes to stderr so that stdout holds the table.
     job = Job(command, on_console=None if args.quiet else ConsolePrinter(args.console, sys.stderr))
 
+    unsaved: List[str] = []
+
     def progress(i: int, n: int, row) -> None:
         _err(row.progress_line(i, n))
         _report_dropped(row.result)
-        if args.results:  # now, so a long matrix can be inspected while it runs
-            save_result(row.result, args.results / row.config.name)
+        # now, so a long matrix can be inspected while it runs; a failure does not stop the matrix
+        if args.results and not save_result_or_keep(row.result, args.results / row.config.name, _err):
+            unsaved.append(row.config.name)
 
     _err(f"matrix of {len(configs)} configurations on {bed.describe()}: {' '.join(command)}")
     t0 = time.monotonic()
@@ -218,6 +229,9 @@ def cmd_matrix(args) -> int:
     for row in rows:
         for splat in row.splats:
             print(f"\n{row.config.name}: kernel splat\n{splat}")
+    if unsaved:
+        _err(f"results of {', '.join(unsaved)} not saved in {args.results} (see above)")
+        return 2
     return matrix.exit_status(rows)
 
 

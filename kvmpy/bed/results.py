@@ -16,6 +16,7 @@ import os
 import posixpath
 import stat
 import tarfile
+import tempfile
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Tuple
 
@@ -138,14 +139,39 @@ def files_from_tar(data: bytes, limit: int = MAX_FILE_BYTES, total: int = MAX_TO
     return files, dropped
 
 
+def prepare_results_dir(outdir: Path, option: str = "--results") -> Path:
+    """Create ``outdir`` (with its parents) if need be and check that files can be written in it,
+    before anything boots; BedError saying why not (not a directory, no permission, read-only...)."""
+    outdir = Path(outdir)
+    try:
+        outdir.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise BedError(f"{option} {outdir}: exists and is not a directory") from None
+    except OSError as exc:
+        raise BedError(f"{option} {outdir}: cannot create the directory: {exc.strerror or exc}") from None
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".kvmpy-write-check-", dir=outdir)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise BedError(f"{option} {outdir}: cannot write files in it: {exc.strerror or exc}") from None
+    return outdir
+
+
 def save_files(files: Mapping[str, bytes], outdir: Path) -> List[Path]:
     """Write ``files`` (relative name -> contents) under ``outdir``; return the paths.
 
     Raises BedError, writing nothing of it, for a name that would land outside
-    ``outdir`` (absolute, ``..``, or through a symbolic link already there).
+    ``outdir`` (absolute, ``..``, or through a symbolic link already there); BedError
+    too for a directory or file that cannot be created or written.
     """
     outdir = Path(outdir)
-    outdir.mkdir(parents=True, exist_ok=True)
+    try:
+        outdir.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise BedError(f"results directory {outdir}: exists and is not a directory") from None
+    except OSError as exc:
+        raise BedError(f"results directory {outdir}: cannot create it: {exc.strerror or exc}") from None
     top = os.path.realpath(outdir)
     written = []
     for name, data in files.items():
@@ -155,15 +181,33 @@ def save_files(files: Mapping[str, bytes], outdir: Path) -> List[Path]:
         path = outdir / rel
         if posixpath.commonpath([top, os.path.realpath(path.parent)]) != top:
             raise BedError(f"result file {name!r}: {path.parent} leads outside {outdir}")
-        path.parent.mkdir(parents=True, exist_ok=True)
         try:
+            path.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
         except OSError as exc:
-            raise BedError(f"result file {name!r}: cannot write {path}: {exc.strerror}") from None
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            raise BedError(f"result file {name!r}: cannot write {path}: {exc.strerror or exc}") from None
         written.append(path)
     return written
+
+
+def save_result_or_keep(result: BedResult, outdir: Path, log) -> bool:
+    """:func:`save_result` into ``outdir``; if that fails, say why through ``log`` and save into a new
+    temporary directory instead (named through ``log``), so that the results are not lost.
+    True when they went to ``outdir``."""
+    try:
+        save_result(result, outdir)
+        return True
+    except BedError as exc:
+        log(f"results not saved in {outdir}: {exc}")
+    try:
+        fallback = Path(tempfile.mkdtemp(prefix="kvmpy-bed-results-"))
+        save_result(result, fallback)
+        log(f"results saved in {fallback} instead")
+    except (BedError, OSError) as exc:
+        log(f"results lost: cannot save them in a temporary directory either: {exc}")
+    return False
 
 
 def save_result(result: BedResult, outdir: Path) -> List[Path]:

@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 
+from kvmpy import faults
 from kvmpy.errors import KvmError, RequirementError
 from kvmpy.memory import Backing, backing_by_name
 from kvmpy.perf.memstress import MemstressConfig
@@ -60,7 +62,9 @@ def register(perf: argparse.ArgumentParser) -> None:
     p.add_argument("-x", "--slots", type=int, default=1, help="split the memory into this many memslots")
     p.add_argument("-g", "--no-manual-protect", action="store_true",
                    help="no KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2: KVM_GET_DIRTY_LOG also re-protects")
-    p.add_argument("-r", "--seed", type=int, default=1, help="the guest's random seed (default 1)")
+    p.add_argument("-r", "--seed", type=int, default=None,
+                   help="the guest's random seed (default 1; it chooses pages with -a, and reads against writes "
+                        "with -w between 1 and 99)")
     p.add_argument("-n", "--nested", action="store_true", help="run the guest loop in L2 (SVM+NPT or VMX+EPT)")
     p.add_argument("--clear-chunk", type=int, metavar="PAGES",
                    help="KVM_CLEAR_DIRTY_LOG in calls of this many pages (a multiple of 64; default: whole slot)")
@@ -69,7 +73,8 @@ def register(perf: argparse.ArgumentParser) -> None:
     p.add_argument("--eager-split", type=_on_off, metavar="on|off",
                    help="set kvm.eager_page_split for the run (needs root; restored after)")
     p.add_argument("--user-mode", action="store_true", help="run the guest at CPL3 (natively on kvm_pvm)")
-    p.add_argument("--timeout", type=float, default=3600.0, help="seconds per guest pass (default 3600)")
+    p.add_argument("--timeout", type=float, default=3600.0,
+                   help="seconds per guest pass, more than 0 (default 3600)")
     p.add_argument("--json", action="store_true", help="print the times and stats deltas as JSON")
     p.set_defaults(func=_cmd_dirty_log)
 
@@ -78,26 +83,76 @@ def options_from(args: argparse.Namespace):
     """The DirtyLogOptions the command line asks for."""
     from kvmpy.perf.dirty_log import DirtyLogOptions
 
+    seed = 1 if args.seed is None else args.seed
     ms = MemstressConfig(vcpus=args.vcpus, vcpu_bytes=args.bytes, slots=args.slots, backing=args.backing,
-                         partition=not args.overlap, user_mode=args.user_mode, nested=args.nested, seed=args.seed)
+                         partition=not args.overlap, user_mode=args.user_mode, nested=args.nested, seed=seed)
     return DirtyLogOptions(memstress=ms, iterations=args.iterations, write_percent=args.write_percent,
                            random_access=args.random, manual_protect=not args.no_manual_protect,
                            clear_chunk=args.clear_chunk, dirty_ring=args.dirty_ring, eager_split=args.eager_split,
                            timeout=args.timeout)
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """OptionConflict for options of which one would do nothing (what the options alone cannot say)."""
+    from kvmpy.perf.dirty_log import OptionConflict
+
+    if args.seed is not None and not args.random and args.write_percent in (0, 100):
+        raise OptionConflict(f"-r with -w {args.write_percent} and without -a: the guest's random numbers choose "
+                             f"pages only with -a, and reads against writes only with -w between 1 and 99, so "
+                             f"the seed would change nothing; drop -r, or add -a or such a -w")
+
+
+class OutputError(KvmError):
+    """The printout or the JSON report could not be written (stdout full, closed...)."""
+
+
+def _writer(stream):
+    """A line printer that raises OutputError when ``stream`` cannot take the line."""
+    def write(line: str) -> None:
+        try:
+            print(line, file=stream, flush=True)
+        except OSError as e:
+            raise OutputError(f"cannot write to standard output: {e.strerror or e}") from None
+    return write
+
+
+def _drop_stdout() -> None:
+    """After a failed write: point stdout at /dev/null, so that the exit does not fail again flushing it."""
+    try:
+        fd = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(fd, sys.stdout.fileno())
+        os.close(fd)
+    except (OSError, ValueError, AttributeError):
+        pass       # not a real file (e.g. captured): nothing buffered will reach a device
+
+
 def _cmd_dirty_log(args: argparse.Namespace) -> int:
     from kvmpy.perf import dirty_log
 
+    name = "kvmpy perf dirty-log"
     try:
+        faults.enabled()
+        check_args(args)
         opts = options_from(args)
-        report = dirty_log.run(opts, out=(lambda line: None) if args.json else (lambda line: print(line, flush=True)))
+        opts.check()
+    except KvmError as e:      # FaultError, OptionConflict, a value out of range: usage errors
+        print(f"{name}: error: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    banner = dirty_log.faults_banner()
+    if banner and args.json:   # the printout carries it; with --json also say it where a person looks
+        print(f"{name}: {banner}", file=sys.stderr, flush=True)
+    try:
+        report = dirty_log.run(opts, out=(lambda line: None) if args.json else _writer(sys.stdout))
+        if args.json:
+            _writer(sys.stdout)(json.dumps(report.to_dict(), indent=1))
+    except OutputError as e:
+        _drop_stdout()
+        print(f"{name}: {e}; the results are lost", file=sys.stderr)
+        return EXIT_ERROR
     except RequirementError as e:
-        print(f"kvmpy perf dirty-log: cannot run here: {e}", file=sys.stderr)
+        print(f"{name}: cannot run here: {e}", file=sys.stderr)
         return EXIT_ERROR
     except KvmError as e:
-        print(f"kvmpy perf dirty-log: {e}", file=sys.stderr)
+        print(f"{name}: {e}", file=sys.stderr)
         return EXIT_ERROR
-    if args.json:
-        print(json.dumps(report.to_dict(), indent=1))
     return 0

@@ -15,20 +15,40 @@ KVM_EXIT_DIRTY_RING_FULL by the vCPU's thread, and by the host each iteration).
 """
 from __future__ import annotations
 
+import math
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Callable
 
+from kvmpy import faults
 from kvmpy.abi import lib
 from kvmpy.bitmap import DirtyBitmap
-from kvmpy.errors import KvmError
+from kvmpy.errors import IoctlError, KvmError, RequirementError
 from kvmpy.exits import DirtyRingFullExit, Exit
+from kvmpy.kvm import Kvm
+from kvmpy.memory import read_sysfs
 from kvmpy.perf.memstress import Memstress, MemstressConfig
 from kvmpy.perf.params import module_param
 from kvmpy.stats import Snapshot
 from kvmpy.vm import Vm
 
 GFN_BYTES = 16     # sizeof(struct kvm_dirty_gfn)
+RING_RSVD_ENTRIES = 64     # KVM_DIRTY_RING_RSVD_ENTRIES
+PML_ENTRIES = 512          # a vCPU's PML log, which KVM also keeps free in the ring when PML is on
+
+
+class OptionConflict(KvmError):
+    """Two options that cannot both apply (one of them would silently do nothing): a usage error."""
+
+
+def faults_banner() -> str | None:
+    """The loud line of a run with faults injected (None without): its times measure a broken kvmpy."""
+    names = faults.enabled()
+    if not names:
+        return None
+    return (f"FAULTS INJECTED ({faults.ENV}={','.join(sorted(names))}): kvmpy is deliberately broken for this "
+            f"run; these results are not a measurement")
 
 
 @dataclass(frozen=True)
@@ -46,7 +66,9 @@ class DirtyLogOptions:
     timeout: float = 3600.0            # seconds per pass of the guest
 
     def check(self) -> None:
+        """KvmError for a value out of range; OptionConflict for options of which one would not apply."""
         self.memstress.check()
+        self.check_conflicts()
         if self.iterations < 2:
             raise KvmError("the test needs at least two iterations (as dirty_log_perf_test)")
         if not 0 <= self.write_percent <= 100:
@@ -55,6 +77,55 @@ class DirtyLogOptions:
             raise KvmError(f"clear chunk {self.clear_chunk} is not a positive multiple of 64 pages")
         if self.dirty_ring and (self.dirty_ring & (self.dirty_ring - 1) or self.dirty_ring < 64):
             raise KvmError(f"dirty ring of {self.dirty_ring} entries: a power of two, at least 64")
+        if not (isinstance(self.timeout, (int, float)) and math.isfinite(self.timeout) and self.timeout > 0):
+            raise KvmError(f"timeout {self.timeout}: a finite number of seconds, more than 0")
+
+    def check_conflicts(self) -> None:
+        """OptionConflict (naming both command-line options) where one option would do nothing."""
+        if self.dirty_ring and self.clear_chunk is not None:
+            raise OptionConflict("--clear-chunk and --dirty-ring: with the dirty ring no KVM_CLEAR_DIRTY_LOG is "
+                                 "issued (the ring is reset with KVM_RESET_DIRTY_RINGS); drop one of them")
+        if self.dirty_ring and not self.manual_protect:
+            raise OptionConflict("-g and --dirty-ring: -g turns off manual protect of KVM_GET_DIRTY_LOG, which "
+                                 "the dirty ring does not use; drop one of them")
+        if not self.manual_protect and self.clear_chunk is not None:
+            raise OptionConflict("--clear-chunk and -g: without manual protect (-g) no KVM_CLEAR_DIRTY_LOG is "
+                                 "issued (KVM_GET_DIRTY_LOG re-protects); drop one of them")
+        if not self.memstress.partition and self.memstress.vcpus == 1:
+            raise OptionConflict("-o with -v 1: one vCPU covers all the memory either way (overlap needs "
+                                 "-v 2 or more); drop -o, or add vCPUs")
+
+    def check_host(self, kvm: Kvm) -> None:
+        """What this host's KVM must offer for these options, checked before the VM is built:
+        RequirementError (the host lacks it) or KvmError (a value KVM would refuse)."""
+        if self.dirty_ring:
+            limit = (kvm.check_extension(lib.KVM_CAP_DIRTY_LOG_RING_ACQ_REL)
+                     or kvm.check_extension(lib.KVM_CAP_DIRTY_LOG_RING))
+            if not limit:
+                raise RequirementError("--dirty-ring: KVM offers no dirty ring (KVM_CAP_DIRTY_LOG_RING is 0)")
+            low, why = ring_min_entries()
+            if self.dirty_ring < low:
+                raise KvmError(f"--dirty-ring {self.dirty_ring}: KVM needs a ring of at least {low} entries "
+                               f"({why})")
+            if self.dirty_ring * GFN_BYTES > limit:
+                raise KvmError(f"--dirty-ring {self.dirty_ring}: KVM's maximum is {limit // GFN_BYTES} entries "
+                               f"({limit} bytes, KVM_CHECK_EXTENSION(KVM_CAP_DIRTY_LOG_RING))")
+        elif self.clear_chunk is not None and not kvm.check_extension(lib.KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2):
+            raise RequirementError("--clear-chunk: KVM lacks KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, so no "
+                                   "KVM_CLEAR_DIRTY_LOG would be issued")
+        self.memstress.check_host()
+
+
+def ring_min_entries(sysfs: str = "/sys/module") -> tuple[int, str]:
+    """The smallest dirty ring KVM accepts here, in entries, and why (kvm_vm_ioctl_enable_dirty_log_ring:
+    a page, and room for KVM's reserved entries, which include the PML log when PML is on)."""
+    page = os.sysconf("SC_PAGE_SIZE") // GFN_BYTES
+    pml = [m for m in ("kvm_intel", "kvm_amd") if read_sysfs(f"{sysfs}/{m}/parameters/pml") in ("Y", "1")]
+    reserved = RING_RSVD_ENTRIES + (PML_ENTRIES if pml else 0)
+    need = 1 << (reserved - 1).bit_length()
+    if need > page:
+        return need, (f"{reserved} reserved entries with {pml[0]}.pml=Y, rounded up to a power of two")
+    return page, f"one {page * GFN_BYTES}-byte page of {GFN_BYTES}-byte entries"
 
 
 @dataclass
@@ -78,10 +149,15 @@ class DirtyLogReport:
     disable: float = 0.0
     ring_full_harvested: int = 0
     stats: dict[str, dict] = field(default_factory=dict)
+    faults: list[str] = field(default_factory=list)     # KVMPY_FAULTS of the run: not a measurement
 
     def to_dict(self) -> dict:
         o, m = self.options, self.options.memstress
+        marks = {"faults": self.faults}
+        if self.faults:
+            marks["warning"] = faults_banner() or "FAULTS INJECTED: these results are not a measurement"
         return {
+            **marks,
             "config": {"vcpus": m.vcpus, "vcpu_bytes": m.vcpu_bytes, "slots": m.slots,
                        "backing": str(m.backing or "anonymous"), "partition": m.partition,
                        "privilege": "CPL3" if m.user_mode else "ring 0", "nested": m.nested, "seed": m.seed,
@@ -120,7 +196,11 @@ class _DirtyLog:
 
     def before_vcpus(self, vm: Vm) -> None:
         if self.opts.dirty_ring:
-            vm.enable_dirty_ring(self.opts.dirty_ring * GFN_BYTES)
+            try:
+                vm.enable_dirty_ring(self.opts.dirty_ring * GFN_BYTES)
+            except IoctlError as e:
+                raise KvmError(f"--dirty-ring {self.opts.dirty_ring}: KVM refused a ring of "
+                               f"{self.opts.dirty_ring * GFN_BYTES} bytes ({e})") from None
 
     def on_exit(self, i: int, ex: Exit) -> bool:
         """On vCPU ``i``'s thread: a full ring is harvested there and reset (KVM_RESET_DIRTY_RINGS)."""
@@ -158,14 +238,24 @@ class _DirtyLog:
 
 
 def run(opts: DirtyLogOptions, out: Callable[[str], None] = print) -> DirtyLogReport:
-    """Run the test; ``out`` gets each line of the printout as its phase ends."""
+    """Run the test; ``out`` gets each line of the printout as its phase ends.
+
+    Everything that can be checked before the VM exists is: the options, KVMPY_FAULTS,
+    and what this host's KVM and memory offer. With faults injected the printout
+    starts and ends with a line saying so, and the report lists them.
+    """
     opts.check()
+    banner = faults_banner()       # FaultError (a KvmError) for an unknown name, before anything runs
+    with Kvm() as kvm:
+        opts.check_host(kvm)
+    if banner:
+        out(banner)
     log = _DirtyLog(opts)
     now = time.perf_counter
     with module_param("kvm", "eager_page_split", opts.eager_split, out):
         with Memstress(opts.memstress, before_vcpus=log.before_vcpus, on_exit=log.on_exit) as ms:
             log.setup(ms)
-            rep = DirtyLogReport(opts, ms.gpa_range, log.mode)
+            rep = DirtyLogReport(opts, ms.gpa_range, log.mode, faults=sorted(faults.enabled()))
             m = opts.memstress
             out(f"Test iterations: {opts.iterations}")
             out(f"Guest: {m.vcpus} vCPU(s) at {'CPL3 (user mode)' if m.user_mode else 'ring 0'}"
@@ -225,6 +315,8 @@ def run(opts: DirtyLogOptions, out: Callable[[str], None] = print) -> DirtyLogRe
     for phase, deltas in rep.stats.items():
         if deltas:
             out(f"VM stats, {phase}: " + " ".join(f"{k}={v:+d}" for k, v in deltas.items()))
+    if banner:
+        out(banner)
     return rep
 
 

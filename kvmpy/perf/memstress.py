@@ -18,7 +18,7 @@ from kvmpy.guest.stepper import SteppedGuest
 from kvmpy.guest.vcpu_loop import ExitHook
 from kvmpy.guest.vm import MAX_VCPUS, GuestVm
 from kvmpy.kvm import Kvm
-from kvmpy.memory import PAGE_2M, PAGE_4K, Backing, Memslot
+from kvmpy.memory import PAGE_1G, PAGE_2M, PAGE_4K, Backing, Memslot
 from kvmpy.vm import Vm
 from kvmpy.x86 import cpu
 
@@ -26,6 +26,31 @@ TEST_GPA = 4 << 30           # 1 GiB aligned (1G hugetlb), above the runtime's m
 FIRST_SLOT = 1
 NESTED_RANGES = 4            # guests/memstress.c: nested_gpa/nested_size
 MEM_SIZE = 64 << 20          # memslot 0: runtime, program, L1's nested tables
+# The guest identity-maps its memory (GVA == GPA) with 4-level tables: 47 bits of address, of which the
+# top 1 GiB (and room for the page-table memslot below it, GuestVm) are not test memory.
+MAX_GPA = (1 << 47) - 2 * PAGE_1G
+MAX_SLOT_PAGES = (1 << 31) - 1   # KVM_MEM_MAX_NR_PAGES: the most pages one memslot may have
+MEMINFO = "/proc/meminfo"
+
+
+def _size(n: int) -> str:
+    for unit, shift in (("TiB", 40), ("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if n >= 1 << shift:
+            return f"{n / (1 << shift):.1f} {unit}"
+    return f"{n} bytes"
+
+
+def mem_available(meminfo: str = MEMINFO) -> int | None:
+    """MemAvailable of ``meminfo`` in bytes (None if it does not say)."""
+    try:
+        with open(meminfo) as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key == "MemAvailable":
+                    return int(value.split()[0]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
 
 
 @dataclass(frozen=True)
@@ -47,16 +72,41 @@ class MemstressConfig:
             raise KvmError(f"vCPUs: {self.vcpus} is not 1..{MAX_VCPUS}")
         if self.vcpu_bytes <= 0 or self.vcpu_bytes % PAGE_4K:
             raise KvmError(f"per-vCPU memory {self.vcpu_bytes:#x} is not a positive multiple of 4 KiB")
+        top = TEST_GPA + self.vcpus * self.vcpu_bytes
+        if top > MAX_GPA:
+            raise KvmError(f"{self.vcpus} x {_size(self.vcpu_bytes)} of guest memory does not fit: the test memory "
+                           f"starts at {TEST_GPA:#x} and must end by {MAX_GPA:#x} (at most "
+                           f"{(MAX_GPA - TEST_GPA) >> 30} GiB in all)")
         if self.slots < 1 or self.total_pages % self.slots:
             raise KvmError(f"{self.total_pages} guest pages cannot be divided evenly into {self.slots} memslots")
         page = self.backing.page_size if self.backing is not None else PAGE_4K
         if self.slot_bytes % page:
             raise KvmError(f"memslots of {self.slot_bytes:#x} bytes are not a multiple of the "
                            f"{self.backing} backing's {page:#x}-byte pages")
+        if self.total_pages // self.slots > MAX_SLOT_PAGES:
+            raise KvmError(f"memslots of {_size(self.slot_bytes)}: KVM takes at most {MAX_SLOT_PAGES} pages "
+                           f"({_size(MAX_SLOT_PAGES * PAGE_4K)}) per memslot; split the memory with -x")
         if not 0 <= self.seed < 1 << 31:
             raise KvmError(f"random seed {self.seed} is not 0..2^31-1")
         if self.nested and self.user_mode:
             raise KvmError("a nested run needs the guest at ring 0 (L1 runs VMRUN/VMLAUNCH): drop --user-mode")
+
+    def check_host(self, meminfo: str = MEMINFO) -> None:
+        """RequirementError when this host's free memory cannot hold the test memory, which the
+        guest writes in full (anonymous, THP and shared-memfd backings; the hugetlb backing checks
+        its pool when it allocates)."""
+        if self.backing is not None and self.backing.name.startswith("hugetlb"):
+            return
+        available = mem_available(meminfo)
+        if available is None:
+            return
+        tables = -(-self.total_pages // 512) * PAGE_4K * 2       # 4K page tables (and slack for the upper levels)
+        need = self.total_pages * PAGE_4K + tables + MEM_SIZE
+        if need > available:
+            raise RequirementError(f"{self.vcpus} x {_size(self.vcpu_bytes)} of guest memory "
+                                   f"({self.backing or 'anonymous'} backing, written in full) and its page tables "
+                                   f"need {_size(need)}, but this host has {_size(available)} available "
+                                   f"(MemAvailable in {meminfo})")
 
     @property
     def total_pages(self) -> int:
