@@ -55,3 +55,31 @@ def test_idt_gates_roundtrip():
 def test_limit_overflow_rejected():
     with pytest.raises(d.DescriptorError):
         d.Segment(0, limit=0x100000, g=0).descriptor()
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda: d.build_tss(rsp0=-1), "TSS rsp0 -1 is not an unsigned 64-bit value"),
+    (lambda: d.build_tss(rsp0=1 << 64), "TSS rsp0 .* is not an unsigned 64-bit value"),
+    (lambda: d.build_tss(ist={1: 1 << 64}), "TSS IST1 stack .* is not an unsigned 64-bit"),
+    (lambda: d.idt_gate(0x1000, selector=0x10000), "gate selector 65536 is not an unsigned 16-bit"),
+    (lambda: d.idt_gate(0x1000, dpl=4), "gate DPL 4 is not an unsigned 2-bit"),          # was masked to 0
+    (lambda: d.idt_gate(0x1000, gate_type=0x1F), "gate type 31 is not GATE_INTERRUPT"),  # was ORed into DPL
+    (lambda: d.idt_gate(1 << 64), "gate handler .* is not an unsigned 64-bit"),
+    (lambda: d.decode_gate(bytes(8)), "an IDT gate is 16 bytes, not 8"),
+    (lambda: d.build_idt([], entries=300), "an IDT has 0..256 entries, not 300"),
+    (lambda: d.Segment(0x8, limit=-1, g=0).descriptor(), "segment limit -1 is not an unsigned 32-bit"),
+    (lambda: d.Segment(0x8, limit=0x1000).descriptor(), r"segment limit 0x1000 does not fit \(g=1"),
+    (lambda: d.Segment(0x8, base=1 << 32).descriptor(), "segment base .* is not an unsigned 32-bit"),
+    (lambda: d.Segment(0x8, dpl=4).descriptor(), "segment dpl 4 is not an unsigned 2-bit"),
+    (lambda: d.build_gdt([0] * 5000), "5000 TSS descriptors do not fit in a GDT"),
+])
+def test_out_of_range_values_are_refused_not_altered(call, match):
+    with pytest.raises(d.DescriptorError, match=match):
+        call()
+
+
+def test_in_range_extremes_encode():
+    assert d.decode_gate(d.idt_gate(2**64 - 1, selector=0xFFFF, dpl=3, gate_type=d.GATE_TRAP)) == \
+        (2**64 - 1, 0xFFFF, 0, 0x80 | 3 << 5 | d.GATE_TRAP)
+    assert struct.unpack_from("<Q", d.build_tss(rsp0=2**64 - 1), 4)[0] == 2**64 - 1
+    assert len(d.build_gdt([0] * ((0x10000 - d.SEL_TSS0) // 16))) == 0x10000 - 8

@@ -190,3 +190,103 @@ def test_a_symbol_name_outside_its_string_table_is_named(tmp_path, globals_elf):
     struct.pack_into("<I", bad, sym_off + 24, 1 << 30)   # the second symbol's st_name
     with pytest.raises(ElfError, match="corrupt .symtab: a name at 0x40000000 outside its string table"):
         GuestElf(write(tmp_path, bytes(bad)))
+
+
+def _patch_symbol_name(raw: bytes, victim: str, donor: str) -> bytes:
+    """``raw`` with symbol ``victim`` renamed to ``donor`` (its st_name pointed at donor's name)."""
+    sh = _symtab_header(raw)
+    sym_off, sym_size = struct.unpack_from("<QQ", raw, sh + 24)
+    e_shoff, = struct.unpack_from("<Q", raw, 40)
+    link, = struct.unpack_from("<I", raw, sh + 40)
+    str_off, = struct.unpack_from("<Q", raw, e_shoff + link * 64 + 24)
+    names = {}
+    for off in range(sym_off, sym_off + sym_size, 24):
+        st_name, = struct.unpack_from("<I", raw, off)
+        end = raw.index(b"\0", str_off + st_name)
+        names[raw[str_off + st_name: end].decode()] = (off, st_name)
+    bad = bytearray(raw)
+    struct.pack_into("<I", bad, names[victim][0], names[donor][1])
+    return bytes(bad)
+
+
+def test_an_ambiguous_symbol_name_is_refused_naming_both_addresses(tmp_path, globals_elf):
+    real = GuestElf(write(tmp_path, globals_elf, "real.elf"))
+    a, b = real.symbol("in_value"), real.symbol("out_value")
+    elf = GuestElf(write(tmp_path, _patch_symbol_name(globals_elf, "out_value", "in_value")))
+    mem = FlatMemory(8 << 20)
+    elf.load(mem)
+    with pytest.raises(ElfError, match=rf"symbol 'in_value' is ambiguous: .* at {a.addr:#x} \(8 bytes\), "
+                                       rf"{b.addr:#x} \(8 bytes\)|symbol 'in_value' is ambiguous: .* at "
+                                       rf"{b.addr:#x} \(8 bytes\), {a.addr:#x} \(8 bytes\)"):
+        elf.read_global(mem, "in_value")
+    elf.write_global(mem, "in_array", 3)                # unique names still work
+    assert elf.read_global(mem, "in_array") == 3
+    again = GuestElf(write(tmp_path, _patch_symbol_name(globals_elf, "out_value", "in_value"), "again.elf"))
+    with pytest.raises(ElfError, match="ambiguous"):    # also when the parse comes from the cache
+        again.symbol("in_value")
+
+
+def test_a_segment_whose_physical_address_is_not_its_virtual_one_is_refused(tmp_path, globals_elf):
+    bad = bytearray(globals_elf)
+    e_phoff, = struct.unpack_from("<Q", bad, 32)
+    e_phentsize, = struct.unpack_from("<H", bad, 54)
+    loads = [e_phoff + i * e_phentsize for i in range(struct.unpack_from("<H", bad, 56)[0])
+             if struct.unpack_from("<I", bad, e_phoff + i * e_phentsize)[0] == 1]
+    paddr, = struct.unpack_from("<Q", bad, loads[1] + 24)
+    struct.pack_into("<Q", bad, loads[1] + 24, paddr + 0x100000)     # an AT() in the linker script
+    with pytest.raises(ElfError, match=rf"segment at p_vaddr {paddr:#x} loads at p_paddr {paddr + 0x100000:#x}"):
+        GuestElf(write(tmp_path, bytes(bad)))
+
+
+@pytest.mark.parametrize("args,match", [
+    (("in_value", 1, 16), r"offset 16 is outside 'in_value' \(8 bytes\)"),
+    (("in_value", 1, -1), r"offset -1 is outside 'in_value'"),
+    (("in_value", "abc"), r"value for 'in_value' must be an int or bytes \(a str, encode it first\)"),
+    (("in_value", [300]), r"value for 'in_value' must be an int or bytes"),
+    (("in_value", 1, 0.5), r"offset 0.5 is outside"),
+])
+def test_bad_write_global_arguments_are_elf_errors(tmp_path, globals_elf, args, match):
+    elf = GuestElf(write(tmp_path, globals_elf))
+    mem = FlatMemory(8 << 20)
+    with pytest.raises(ElfError, match=match):
+        elf.write_global(mem, *args)
+    with pytest.raises(ElfError, match="must be ints"):
+        elf.read_global(mem, "in_value", 0, 2.0)
+
+
+def test_the_parse_cache_is_safe_across_threads(tmp_path, globals_elf, monkeypatch):
+    import threading
+    import time
+
+    from kvmpy.guest import elf as elf_module
+
+    class SlowEvictions(dict):
+        """The cache, with a window between choosing the entry to evict and evicting it."""
+
+        def pop(self, *args):
+            time.sleep(0.002)
+            return super().pop(*args)
+
+    full = SlowEvictions((b"old%d" % i, None) for i in range(elf_module._PARSED_MAX))
+    monkeypatch.setattr(elf_module, "_PARSED", full)
+    paths = []
+    for i in range(8):
+        raw = bytearray(globals_elf)
+        raw[9:13] = i.to_bytes(4, "little")            # EI_PAD: another key, the same program
+        paths.append(write(tmp_path, bytes(raw), f"v{i}.elf"))
+    errors = []
+    go = threading.Barrier(len(paths))
+
+    def load(path):
+        go.wait()
+        try:
+            GuestElf(path)
+        except Exception as e:      # noqa: BLE001 - collected for the assert
+            errors.append(e)
+    threads = [threading.Thread(target=load, args=(p,)) for p in paths]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, f"{len(errors)} errors, e.g. {type(errors[0]).__name__}: {str(errors[0])[:200]}"
+    assert len(full) == elf_module._PARSED_MAX and all(p.read_bytes() in full for p in paths)

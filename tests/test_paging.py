@@ -134,3 +134,113 @@ def test_canonical_and_walk_errors():
     pt = builder()
     with pytest.raises(PagingError, match="not canonical"):
         walk(pt.mem, pt.cr3, 0x1_0000_0000_0000)
+
+
+class _ViewMemory(FlatMemory):
+    """Guest memory whose gpa_view a test controls (read-only, or clamped like a naive slice)."""
+
+    def __init__(self, size: int, *, read_only: bool = False, view_end: int | None = None) -> None:
+        super().__init__(size)
+        self.read_only, self.view_end = read_only, view_end
+        self.frozen = bytes(size)
+
+    def gpa_view(self, gpa: int, length: int) -> memoryview:
+        if self.read_only:
+            return memoryview(self.frozen)[gpa: gpa + length]
+        end = min(gpa + length, self.view_end if self.view_end is not None else gpa + length)
+        return memoryview(self.buf)[gpa: end]
+
+    def read(self, gpa: int, length: int) -> bytes:
+        return bytes(self.buf[gpa: gpa + length])
+
+    def write(self, gpa: int, data: bytes) -> None:     # the Python path writes elsewhere
+        self.buf[gpa: gpa + len(data)] = data
+
+
+def test_map_refuses_pool_memory_it_cannot_write_in_c():
+    ro = _ViewMemory(POOL + 16 * PAGE_4K, read_only=True)
+    pt = PageTableBuilder(ro, POOL, 16 * PAGE_4K, phys_bits=46)
+    with pytest.raises(PagingError, match=r"pool 0x10000\+0x10000: guest memory is not writable"):
+        pt.map(0x100000, 0x100000, 2 * PAGE_4K)
+    assert ro.frozen == bytes(len(ro.frozen))        # the immutable bytes were not written
+
+
+def test_map_refuses_a_pool_view_shorter_than_the_pool():
+    # A clamping slice: C would write table pages past the view's end.
+    short = _ViewMemory(POOL + 64 * PAGE_4K, view_end=POOL + PAGE_4K)
+    pt = PageTableBuilder(short, POOL, 64 * PAGE_4K, phys_bits=46)
+    with pytest.raises(PagingError, match=r"gave a view of 0x1000 bytes, not the pool's 0x40000"):
+        pt.map(0, 0, 8 * PAGE_4K)
+    assert not any(short.buf[POOL + PAGE_4K:])
+    short.view_end = None                            # the builder is still usable
+    pt.map(0, 0, 8 * PAGE_4K)
+    assert pt.translate(7 * PAGE_4K).gpa == 7 * PAGE_4K
+
+
+def test_builder_stays_consistent_after_map_exhausts_the_pools():
+    mem = FlatMemory(0x400000)
+    mem.write(POOL + 4 * PAGE_4K, b"PRECIOUS" * 512)    # the page right after the pool
+    pt = PageTableBuilder(mem, POOL, 4 * PAGE_4K, phys_bits=46)
+    with pytest.raises(PagingError, match="exhausted"):
+        pt.map(0, 0, 1 << 32)                          # the C path runs out of tables
+    assert pt.pages_free == 0 and pt.pages_used == 4
+    with pytest.raises(PagingError, match="exhausted"):
+        pt.map_page(0x80_0000_0000, 0x5000)
+    pt.add_pool(0x200000, 16 * PAGE_4K)
+    pte = pt.map_page(0x80_0000_0000, 0x5000)          # Python path: tables from the new pool
+    assert 0x200000 <= pte < 0x210000
+    pt.map(0x100_0000_0000, 0x6000, PAGE_4K)           # C path too
+    assert pt.translate(0x100_0000_0000).pte_gpa >= 0x200000
+    assert mem.read(POOL + 4 * PAGE_4K, 8) == b"PRECIOUS"
+    assert pt.pages_free == 16 - 6
+
+
+def test_map_takes_tables_from_a_pool_below_the_current_one():
+    mem = FlatMemory(0x200000)
+    pt = PageTableBuilder(mem, 0x100000, 4 * PAGE_4K, phys_bits=46)
+    pt.add_pool(0x10000, 16 * PAGE_4K)                  # lower GPA, added before the first is full
+    pt.map(0x80_0000_0000, 0, 2 * PAGE_4K)              # PDPT, PD, PT: fills the first pool
+    pt.map(0x100_0000_0000, 0, 2 * PAGE_4K)             # 3 more: only the lower pool has them
+    assert 0x10000 <= pt.translate(0x100_0000_0000).pte_gpa < 0x20000
+    assert pt.pages_used == 7
+    # and after an exhaustion by map(), a lower pool added then
+    pt = PageTableBuilder(FlatMemory(0x200000), 0x100000, 4 * PAGE_4K, phys_bits=46)
+    with pytest.raises(PagingError, match="exhausted"):
+        pt.map(0, 0, 1 << 32)
+    pt.add_pool(0x10000, 16 * PAGE_4K)
+    pt.map(0x80_0000_0000, 0, PAGE_4K)
+    assert 0x10000 <= pt.translate(0x80_0000_0000).pte_gpa < 0x20000
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda pt: pt.tables_needed(0, 0x3000, 0x3000), "page size 0x3000 is not 4K, 2M or 1G"),
+    (lambda pt: pt.map(0x4000_0000, 0x4000_0000, 0x4000 / 2), "size 8192.0 is not an int"),
+    (lambda pt: pt.map_page(0x4000_0000, 0x4000_0000, extra=-1), "extra -0x1 has bits that are not entry flags"),
+    (lambda pt: pt.map(0x4000_0000, 0, PAGE_4K, extra=0x5000), "extra 0x5000 has bits that are not entry"),
+    (lambda pt: pt.map_page(0x4000_0000, 0, PAGE_4K, extra=1 << 12), "extra 0x1000 has bits"),  # PAT only in 2M/1G
+    (lambda pt: PageTableBuilder(pt.mem, POOL, PAGE_4K, phys_bits=64), "phys_bits 64 is not 13..52"),
+    (lambda pt: pt.add_pool(1 << 46, PAGE_4K), "beyond the 46-bit physical address space"),
+])
+def test_bad_arguments_are_paging_errors(call, match):
+    pt = builder()
+    with pytest.raises(PagingError, match=match):
+        call(pt)
+    assert pt.translate(0x4000_0000) is None and pt.pages_used == 1
+
+
+def test_extra_flag_bits_are_set_as_given():
+    pt = builder()
+    pt.map_page(0x4000_0000, 0x20_0000, PAGE_2M, extra=1 << 12 | 1 << 9 | 1 << 62)   # PAT, avail, PKE bit
+    t = pt.translate(0x4000_0000)
+    assert t.gpa == 0x20_0000 and t.pte & (1 << 12 | 1 << 9 | 1 << 62) == 1 << 12 | 1 << 9 | 1 << 62
+
+
+def test_first_in_use_finds_what_a_map_would_replace():
+    pt = builder()
+    assert pt.first_in_use(0x4000_0000, 1 << 30, PAGE_2M) is None
+    pt.map_page(0x4000_0000 + 5 * PAGE_2M + 7 * PAGE_4K, 0)           # one 4K page
+    assert pt.first_in_use(0x4000_0000, 1 << 30, PAGE_2M) == 0x4000_0000 + 5 * PAGE_2M
+    assert pt.first_in_use(0x4000_0000, 1 << 30, PAGE_4K) == 0x4000_0000 + 5 * PAGE_2M + 7 * PAGE_4K
+    pt.map_page(0x8000_0000, 0, PAGE_1G)
+    assert pt.first_in_use(0x8000_0000 + PAGE_2M, PAGE_2M, PAGE_2M) == 0x8000_0000 + PAGE_2M
+    assert pt.first_in_use(0xC000_0000, 1 << 30, PAGE_4K) is None

@@ -7,7 +7,9 @@ results after it, like the kernel selftests' sync_global_to_guest()).
 from __future__ import annotations
 
 import functools
+import itertools
 import struct
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,8 +73,9 @@ def _structs(e_type: str | None = None, e_machine: str | None = None, osabi: str
 
 # Programs parsed so far, by their bytes: a test builds a guest from the same ELF again and again,
 # and a parse costs ~0.7 ms here, ten times that in a test bed.
-_PARSED: dict[bytes, tuple[int, list[LoadSegment], dict[str, Symbol]]] = {}
+_PARSED: dict[bytes, tuple[int, list[LoadSegment], dict[str, Symbol], dict[str, tuple[Symbol, ...]]]] = {}
 _PARSED_MAX = 32
+_PARSED_LOCK = threading.Lock()     # threads build guests at once: eviction must not race
 
 
 class GuestElf:
@@ -84,14 +87,17 @@ class GuestElf:
             raw = self.path.read_bytes()
         except OSError as e:
             raise ElfError(path, f"cannot read: {e.strerror}") from None
-        parsed = _PARSED.get(raw)
+        with _PARSED_LOCK:
+            parsed = _PARSED.get(raw)
         if parsed is None:
-            self._parse(raw)
-            if len(_PARSED) >= _PARSED_MAX:
-                _PARSED.pop(next(iter(_PARSED)))
-            _PARSED[raw] = (self.entry, self.segments, self.symbols)
+            self._parse(raw)        # outside the lock: other threads need not wait for this parse
+            with _PARSED_LOCK:
+                while len(_PARSED) >= _PARSED_MAX:
+                    _PARSED.pop(next(iter(_PARSED)))
+                _PARSED[raw] = (self.entry, self.segments, self.symbols, self._ambiguous)
         else:       # the same bytes parse the same way: copies, so no instance shares mutable state
-            self.entry, self.segments, self.symbols = parsed[0], list(parsed[1]), dict(parsed[2])
+            self.entry, self.segments = parsed[0], list(parsed[1])
+            self.symbols, self._ambiguous = dict(parsed[2]), dict(parsed[3])
 
     def _fail(self, problem: str) -> ElfError:
         return ElfError(self.path, problem)
@@ -125,13 +131,19 @@ class GuestElf:
                                      f"runs past the end of the file ({len(raw):#x} bytes)")
                 if filesz > memsz:
                     raise self._fail(f"corrupt segment at {seg.p_paddr:#x}: filesz > memsz")
+                if seg.p_vaddr != seg.p_paddr:
+                    # Segments load at p_paddr but symbols and the entry are virtual addresses,
+                    # and the host maps guest memory GVA == GPA (guests/lib/guest.ld).
+                    raise self._fail(f"segment at p_vaddr {seg.p_vaddr:#x} loads at p_paddr {seg.p_paddr:#x}: "
+                                     "kvmpy guests must be linked with equal virtual and physical addresses")
                 segs.append(LoadSegment(seg.p_paddr, seg.p_vaddr, filesz, memsz, seg.p_flags,
                                         raw[off: off + filesz]))
             sections = self._table(raw, elf.Elf_Shdr, ehdr.e_shoff, ehdr.e_shnum, ehdr.e_shentsize, "section")
             symtab = self._section(raw, sections, ehdr.e_shstrndx, ".symtab")
             if symtab is not None and symtab.sh_link >= len(sections):
                 raise self._fail(f"corrupt .symtab: its string table is section {symtab.sh_link} of {len(sections)}")
-            self.symbols = {} if symtab is None else self._symbols(raw, symtab, sections[symtab.sh_link])
+            self.symbols, self._ambiguous = ({}, {}) if symtab is None else \
+                self._symbols(raw, symtab, sections[symtab.sh_link])
         except ElfError:
             raise
         except (_ParseError, struct.error, ValueError, KeyError, IndexError, AttributeError, OverflowError) as e:
@@ -165,9 +177,12 @@ class GuestElf:
         return next((s for s in sections if s.sh_name < names.sh_size
                      and raw.startswith(wanted, start + s.sh_name, end)), None)
 
-    def _symbols(self, raw: bytes, symtab, strtab) -> dict[str, Symbol]:
-        """The defined, named symbols of ``symtab``, read with struct: pyelftools' per-symbol parse
-        was most of a guest's set-up in a one-shot process (the ~140 symbols took 45 ms)."""
+    def _symbols(self, raw: bytes, symtab, strtab) -> tuple[dict[str, Symbol], dict[str, tuple[Symbol, ...]]]:
+        """The defined, named symbols of ``symtab`` (the last of each name), and every symbol of
+        each name that several addresses have (e.g. two ``static`` variables).
+
+        Read with struct: pyelftools' per-symbol parse was most of a guest's set-up in a
+        one-shot process (the ~140 symbols took 45 ms)."""
         off, size = symtab["sh_offset"], symtab["sh_size"]
         str_off, str_size = strtab["sh_offset"], strtab["sh_size"]
         if symtab["sh_entsize"] != _SYM.size or size % _SYM.size:
@@ -176,6 +191,7 @@ class GuestElf:
             raise self._fail("truncated ELF: .symtab or its string table runs past the end of the file")
         strings = raw[str_off: str_off + str_size]
         symbols: dict[str, Symbol] = {}
+        ambiguous: dict[str, tuple[Symbol, ...]] = {}
         for st_name, st_info, _other, st_shndx, st_value, st_size in _SYM.iter_unpack(raw[off: off + size]):
             if st_shndx == _SHN_UNDEF or not st_name:
                 continue
@@ -184,8 +200,12 @@ class GuestElf:
                 raise self._fail(f"corrupt .symtab: a name at {st_name:#x} outside its string table")
             name = strings[st_name:end].decode("utf-8", "replace")
             if name:
-                symbols[name] = Symbol(name, st_value, st_size, _STT.get(st_info & 0xF, st_info & 0xF))
-        return symbols
+                sym = Symbol(name, st_value, st_size, _STT.get(st_info & 0xF, st_info & 0xF))
+                old = symbols.get(name)
+                if old is not None and old.addr != sym.addr:
+                    ambiguous[name] = ambiguous.get(name, (old,)) + (sym,)
+                symbols[name] = sym
+        return symbols, ambiguous
 
     def __repr__(self) -> str:
         return f"GuestElf({str(self.path)!r}, entry={self.entry:#x})"
@@ -196,15 +216,20 @@ class GuestElf:
         return max(s.paddr + s.memsz for s in self.segments)
 
     def symbol(self, name: str) -> Symbol:
-        """The symbol ``name``; ElfError naming the file if it is missing."""
+        """The symbol ``name``; ElfError naming the file if it is missing, or if several
+        symbols of that name have different addresses (which one is meant is unknowable)."""
         try:
-            return self.symbols[name]
-        except KeyError:
+            sym = self.symbols[name]
+        except (KeyError, TypeError):
             raise self._fail(f"no symbol {name!r} in the symbol table") from None
+        if name in self._ambiguous:
+            where = ", ".join(f"{s.addr:#x} ({s.size} bytes)" for s in self._ambiguous[name])
+            raise self._fail(f"symbol {name!r} is ambiguous: the symbol table has it at {where}")
+        return sym
 
     def symbolize(self, addr: int) -> str:
         """``func+0xoff`` for an address inside a function symbol, else the hex address."""
-        for sym in self.symbols.values():
+        for sym in itertools.chain(self.symbols.values(), *self._ambiguous.values()):
             if sym.type == "STT_FUNC" and sym.addr <= addr < sym.addr + max(sym.size, 1):
                 return f"{sym.name}+{addr - sym.addr:#x}"
         return f"{addr:#x}"
@@ -224,6 +249,8 @@ class GuestElf:
 
     def _global_view(self, mem: PhysMemory, name: str, offset: int, length: int | None) -> memoryview:
         sym = self.symbol(name)
+        if not isinstance(offset, int) or not isinstance(length, (int, type(None))):
+            raise self._fail(f"access to {name!r}: offset {offset!r} and size {length!r} must be ints")
         length = sym.size - offset if length is None else length
         if offset < 0 or length <= 0 or offset + length > sym.size:
             raise self._fail(f"access {offset:#x}+{length:#x} is outside {name!r} ({sym.size} bytes)")
@@ -235,14 +262,22 @@ class GuestElf:
     def write_global(self, mem: PhysMemory, name: str, value: int | bytes, offset: int = 0) -> None:
         """Set guest global ``name`` (from ``offset``): an int fills the whole symbol (or the
         rest of it, up to 8 bytes), little endian; bytes are copied as they are."""
+        sym = self.symbol(name)
+        if not isinstance(offset, int) or not 0 <= offset < sym.size:
+            raise self._fail(f"offset {offset!r} is outside {name!r} ({sym.size} bytes)")
         if isinstance(value, int):
-            size = min(self.symbol(name).size - offset, 8)
+            size = min(sym.size - offset, 8)
             try:
                 data = value.to_bytes(size, "little", signed=value < 0)
             except OverflowError:
                 raise self._fail(f"value {value:#x} does not fit in {name!r} ({size} bytes)") from None
         else:
-            data = bytes(value)
+            try:
+                if isinstance(value, str):      # bytes(str) needs an encoding: say what is wrong instead
+                    raise TypeError("a str, encode it first")
+                data = bytes(value)
+            except (TypeError, ValueError) as e:
+                raise self._fail(f"value for {name!r} must be an int or bytes ({e})") from None
         self._global_view(mem, name, offset, len(data))[:] = data
 
     def read_global(self, mem: PhysMemory, name: str, offset: int = 0, size: int | None = None) -> int:

@@ -57,12 +57,16 @@ def build(names: list[str] | None = None, out: Path | None = None) -> None:
     if root is None:
         raise GuestProgramError("no guest sources here (build_guest.sh / guests/ not found)")
     out = out or build_dir()
-    out.mkdir(parents=True, exist_ok=True)
-    # Serialise concurrent builds (e.g. pytest-xdist workers) on one directory.
-    with open(out / ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        r = subprocess.run(["bash", str(root / "build_guest.sh"), str(out), *(names or [])],
-                           cwd=root, capture_output=True, text=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        # Serialise concurrent builds (e.g. pytest-xdist workers) on one directory.
+        with open(out / ".lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            r = subprocess.run(["bash", str(root / "build_guest.sh"), str(out), *(names or [])],
+                               cwd=root, capture_output=True, text=True)
+    except OSError as e:
+        raise GuestProgramError(f"cannot build guest programs into {out} (KVMPY_GUEST_BUILD_DIR or "
+                                f"build/guests): {e.strerror or e}") from None
     if r.returncode != 0:
         raise GuestProgramError(f"build_guest.sh failed (exit {r.returncode}):\n{r.stderr.strip() or r.stdout.strip()}")
 

@@ -117,6 +117,11 @@ class SteppedGuest:
         self._threads = self.g.start(on_sync=self._on_sync, on_exit=self._on_exit, on_stop=self._on_stop)
         return self.wait_parked(timeout)
 
+    def _started(self, what: str) -> VcpuThreads:
+        if self._threads is None:
+            raise KvmError(f"{self.name}: {what} before start(): no vCPU runs yet")
+        return self._threads
+
     def check(self) -> None:
         """Raise the first vCPU failure, if any."""
         if self._threads is not None and self._threads.errors:
@@ -128,6 +133,7 @@ class SteppedGuest:
 
     def release(self, cmd: dict[str, int] | None = None) -> None:
         """Write ``cmd`` (guest globals) while every vCPU is parked, then let them all run."""
+        self._started("release()")
         if not self.all_parked():
             raise KvmError(f"{self.name}: release() while vCPUs are running")
         for name, value in (cmd or {}).items():
@@ -143,11 +149,12 @@ class SteppedGuest:
         ``poll()``, if given, is called over and over while waiting (e.g. to collect
         a dirty ring that a vCPU needs harvested before it can reach its sync point).
         """
+        threads = self._started("wait_parked()")
         deadline = time.monotonic() + timeout
         while not self.all_parked():
             self.check()
             for i, st in enumerate(self._vcpus):
-                if not st.parked.is_set() and not self._threads.alive(i):
+                if not st.parked.is_set() and not threads.alive(i):
                     raise KvmError(f"{self.name}: vCPU {i} finished (GUEST_DONE) instead of parking")
             if time.monotonic() > deadline:
                 where = ", ".join(f"vCPU {i}: {'parked' if st.parked.is_set() else 'running'} at {self.g.where(i)}"
@@ -163,11 +170,13 @@ class SteppedGuest:
 
     def step(self, cmd: dict[str, int], timeout: float = 600.0) -> Park:
         """Send ``cmd`` to the parked guest and wait for its next park (vCPU 0's)."""
+        self._started("step()")
         self.release(cmd)
         return self.wait_parked(timeout)
 
     def park_by_kick(self) -> None:
         """Kick every vCPU: each parks at its next exit, wherever the guest was (wait_parked next)."""
+        self._started("park_by_kick()")
         self._kick_park = True
         for v in self.g.vcpus:
             v.kick()
@@ -175,6 +184,7 @@ class SteppedGuest:
     def kick_all(self, timeout: float = 1.0, give_up: Callable[[], bool] | None = None) -> None:
         """Kick every running vCPU and wait until each has left KVM_RUN once (it re-enters at once),
         or ``give_up()`` says a vCPU cannot (e.g. it waits for the host in a hook)."""
+        self._started("kick_all()")
         before = self.interrupts
         for v in self.g.vcpus:
             v.kick()
@@ -185,7 +195,13 @@ class SteppedGuest:
 
     def close(self) -> None:
         """Send ``stop`` to a guest parked at its sync points and let it finish; stop the vCPUs
-        (kick and join), close the VM; re-raise a vCPU failure not raised yet."""
+        (kick and join), close the VM; re-raise a vCPU failure not raised yet.
+
+        KvmError on a vCPU thread (from a hook): that thread cannot wait for the guest to finish.
+        """
+        if self._threads is not None and self._threads.on_vcpu_thread():
+            raise KvmError(f"{self.name}: close() called on a vCPU thread (from a hook): raise an exception "
+                           "in the hook to end the run, and close from the test thread")
         finished = True
         # Only a guest parked at its sync points reads a command; one parked by a kick is just stopped.
         at_sync = self.all_parked() and all(st.park is not None and st.park.stage is not None for st in self._vcpus)

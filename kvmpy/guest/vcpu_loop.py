@@ -76,6 +76,10 @@ class VcpuThreads:
         """Whether vCPU ``i``'s thread is still running (not done, failed or stopped)."""
         return self._threads[i].is_alive()
 
+    def on_vcpu_thread(self) -> bool:
+        """Whether the caller runs on one of these vCPU threads (in a hook)."""
+        return threading.current_thread() in self._threads
+
     @property
     def running(self) -> bool:
         return any(t.is_alive() for t in self._threads)
@@ -147,7 +151,13 @@ class VcpuThreads:
         return not self.running
 
     def stop(self) -> None:
-        """Stop every vCPU now: kick each until its thread has left KVM_RUN and joined."""
+        """Stop every vCPU now: kick each until its thread has left KVM_RUN and joined.
+
+        KvmError on a vCPU thread (from a hook), which cannot join itself.
+        """
+        if self.on_vcpu_thread():
+            raise KvmError(f"{threading.current_thread().name}: a vCPU thread cannot stop the vCPUs "
+                           "(it would wait for itself); raise an exception in the hook to end the run")
         self._set_stopping()
         for _ in range(100):
             alive = [i for i, t in enumerate(self._threads) if t.is_alive()]

@@ -14,7 +14,9 @@ Guest physical layout of memslot 0 (identity mapped, GVA == GPA):
 PT_POOL_SIZE holds the tables of about 480 MiB of 4K mappings. A :meth:`GuestVm.map`
 that needs more adds a page-table memslot (the highest memslot id) of PT_SLOT_SIZE
 bytes at PT_SLOT_GPA (1 GiB below the top of the guest physical address space, 47
-bits at most so that it can be identity mapped too) and takes table pages from it.
+bits at most so that it can be identity mapped too) and takes table pages from it; a
+KvmError if the test already uses that range (a fixed place a test can avoid, rather than
+one searched for that it cannot predict).
 
 A user-mode guest (``user_mode=True``) runs guest_main at CPL3: every mapping is
 user-accessible with the accessed/dirty bits preset, the vCPU starts with the user
@@ -32,6 +34,7 @@ not ucalls.
 """
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 from typing import Callable, Sequence
@@ -183,30 +186,67 @@ class GuestVm:
         vcpu.set_regs(r)
 
     # -- test-facing helpers ------------------------------------------------------------
+    def _live_vm(self) -> Vm:
+        """The VM; KvmError once :meth:`close` (or the end of the ``with`` block) has closed it."""
+        if self.vm is None:
+            raise KvmError(f"GuestVm({self.elf.path.name}) is closed: use it (e.g. read results) "
+                           "before close() or inside its with block")
+        return self.vm
+
     def add_memory(self, slot: int, gpa: int, size: int, backing: Backing | None = None) -> Memslot:
-        """Add a memslot (see ``Vm.add_memory``); map it with :meth:`map` to use it."""
-        return self.vm.add_memory(slot=slot, gpa=gpa, size=size, backing=backing)
+        """Add a memslot (see ``Vm.add_memory``); map it with :meth:`map` to use it.
+
+        KvmError if it would cover the ucall MMIO address, which must stay unbacked.
+        """
+        vm = self._live_vm()
+        mmio = self.ucall.mmio_gpa
+        if mmio is not None and isinstance(gpa, int) and isinstance(size, int) and gpa < mmio + 8 and mmio < gpa + size:
+            # Backed, the guest's ucall stores would become memory writes the host never sees.
+            raise KvmError(f"memslot {slot} at {gpa:#x}+{size:#x} would cover the ucall MMIO address {mmio:#x}, "
+                           "which no memslot may back")
+        return vm.add_memory(slot=slot, gpa=gpa, size=size, backing=backing)
 
     def map(self, gva: int, gpa: int, size: int, page_size: int = PAGE_4K, *, writable: bool = True,
             user: bool | None = None, nx: bool = False) -> None:
         """Map ``[gva, gva+size)`` to ``[gpa, gpa+size)`` (user-accessible if ``user``, by default
         in user mode); RequirementError if the vCPU's CPUID lacks 1G pages (pdpe1gb) or NX when
-        they are asked for."""
+        they are asked for; PagingError for arguments the builder refuses, checked before a
+        page-table memslot is added for them."""
         user = self.user_mode if user is None else user
+        self._live_vm()
+        self.pt.validate(gva, gpa, size, page_size)     # before a page-table memslot is added for it
         if page_size == PAGE_1G:
             cpu.require_feature(self.cpuid, cpu.FEATURE_GBPAGES, "1 GiB guest pages")
         if nx:
             cpu.require_feature(self.cpuid, cpu.FEATURE_NX, "non-executable mappings")
-        if self.pt.tables_needed(gva, size, page_size) > self.pt.pages_free:
-            self._add_page_table_slot(self.pt.tables_needed(gva, size, page_size))
+        need = self.pt.tables_needed(gva, size, page_size)
+        if need > self.pt.pages_free:
+            self._add_page_table_slot(need)
         self.pt.map(gva, gpa, size, page_size, writable=writable, user=user, nx=nx)
 
     def _add_page_table_slot(self, pages: int) -> None:
-        """Give the page-table builder a memslot of its own (once), identity mapped like memslot 0."""
+        """Give the page-table builder a memslot of its own (once), identity mapped like memslot 0.
+
+        The place is fixed (see the module docstring), not searched for, so that a test knows it;
+        KvmError, before anything changes, if the test already uses it (memory or mappings).
+        """
         if self.pt_slot is not None:
             return      # the builder says when it is full
         size = max(PT_SLOT_SIZE, -(-2 * pages * PAGE_4K // PAGE_2M) * PAGE_2M)
         gpa = min(1 << cpu.phys_bits(self.cpuid), 1 << 47) - PAGE_1G - size
+        what = f"the page-table memslot ({gpa:#x}+{size:#x}, for {pages} table pages)"
+        if gpa < self.mem_size:
+            raise KvmError(f"{what} does not fit in the guest physical address space")
+        for ms in self.vm.memslots.values():
+            if gpa < ms.gpa + ms.size and ms.gpa < gpa + size:
+                raise KvmError(f"{what} would overlap memslot {ms.slot} ({ms.gpa:#x}+{ms.size:#x})")
+        mmio = self.ucall.mmio_gpa
+        if mmio is not None and gpa < mmio + 8 and mmio < gpa + size:
+            raise KvmError(f"{what} would cover the ucall MMIO address {mmio:#x}")
+        used = self.pt.first_in_use(gpa, size, PAGE_2M)
+        if used is not None:
+            # Its identity map would silently replace the test's own mapping there.
+            raise KvmError(f"{what} cannot be identity mapped: GVA {used:#x} is already mapped")
         slot = self.vm.check_extension(lib.KVM_CAP_NR_MEMSLOTS) - 1
         self.pt_slot = self.vm.add_memory(slot=slot, gpa=gpa, size=size)
         self.pt.add_pool(gpa, size)
@@ -214,18 +254,19 @@ class GuestVm:
 
     def write_global(self, name: str, value: int | bytes, offset: int = 0) -> None:
         """Set a guest global before the run (see ``GuestElf.write_global``)."""
-        self.elf.write_global(self.vm, name, value, offset)
+        self.elf.write_global(self._live_vm(), name, value, offset)
 
     def read_global(self, name: str, offset: int = 0, size: int | None = None) -> int:
         """Read a guest global (int) after or during a run."""
-        return self.elf.read_global(self.vm, name, offset, size)
+        return self.elf.read_global(self._live_vm(), name, offset, size)
 
     def read_global_bytes(self, name: str) -> bytes:
-        return self.elf.read_global_bytes(self.vm, name)
+        """The whole of guest global ``name`` as bytes."""
+        return self.elf.read_global_bytes(self._live_vm(), name)
 
     def global_view(self, name: str) -> memoryview:
         """A live view of guest global ``name`` (see ``GuestElf.global_view``)."""
-        return self.elf.global_view(self.vm, name)
+        return self.elf.global_view(self._live_vm(), name)
 
     # -- running ----------------------------------------------------------------------
     def start(self, *, on_sync: SyncHook | None = None, on_print: PrintHook | None = None,
@@ -236,6 +277,7 @@ class GuestVm:
         """
         if self.threads is not None:
             raise KvmError("a GuestVm runs once: start()/run() was already called")
+        self._live_vm()
         self.threads = VcpuThreads(self.vcpus, self.vm, self.ucall, self.elf.symbolize,
                                    on_sync=on_sync, on_print=on_print, on_exit=on_exit, on_stop=on_stop)
         self.threads.start()
@@ -252,6 +294,8 @@ class GuestVm:
         GuestTimeoutError after ``timeout`` seconds, by which time every vCPU has
         been kicked out of KVM_RUN and its thread joined.
         """
+        if not isinstance(timeout, (int, float)) or math.isnan(timeout):
+            raise KvmError(f"run timeout must be a number of seconds, not {timeout!r}")
         start = time.monotonic()
         threads = self.start(on_sync=on_sync, on_print=on_print, on_exit=on_exit)
         try:
@@ -270,6 +314,8 @@ class GuestVm:
 
     def where(self, i: int) -> str:
         """vCPU ``i``'s RIP as symbol+offset ('?' if unreadable)."""
+        if not isinstance(i, int) or not 0 <= i < len(self.vcpus):
+            raise KvmError(f"no vCPU {i!r}: this GuestVm has {len(self.vcpus)}")
         try:
             return self.elf.symbolize(self.vcpus[i].get_regs().rip)
         except KvmError:
@@ -277,7 +323,14 @@ class GuestVm:
 
     # -- lifecycle --------------------------------------------------------------------
     def close(self) -> None:
-        """Stop any vCPU still running, close the VM (and the Kvm handle if this object opened it)."""
+        """Stop any vCPU still running, close the VM (and the Kvm handle if this object opened it).
+
+        KvmError if called on a vCPU thread (from a hook): that thread cannot wait for itself;
+        a hook ends the run by raising an exception.
+        """
+        if self.threads is not None and self.threads.on_vcpu_thread():
+            raise KvmError(f"GuestVm({self.elf.path.name}).close() called on a vCPU thread (from a hook): "
+                           "raise an exception in the hook to end the run, and close from the test thread")
         try:
             if self.threads is not None:
                 self.threads.stop()

@@ -27,8 +27,20 @@ TYPE_TSS_AVAILABLE = 0x9
 TYPE_TSS_BUSY = 0xB
 
 
+GDT_MAX_SIZE = 0x10000   # GDTR's limit is 16 bits
+IDT_ENTRIES = 256
+
+
 class DescriptorError(KvmError):
     """A descriptor table request that cannot be encoded."""
+
+
+def _field(name: str, value: object, bits: int) -> int:
+    """``value`` if it is an int that fits in ``bits`` unsigned bits, else DescriptorError:
+    a masked or struct-packed value would be silently altered or a raw struct.error."""
+    if not isinstance(value, int) or not 0 <= value < 1 << bits:
+        raise DescriptorError(f"{name} {value!r} is not an unsigned {bits}-bit value")
+    return value
 
 
 @dataclass(frozen=True)
@@ -50,9 +62,16 @@ class Segment:
 
     def descriptor(self) -> bytes:
         """The 8-byte GDT descriptor of a code/data segment (or the low half of a system one)."""
+        for name, bits in (("type", 4), ("s", 1), ("dpl", 2), ("present", 1), ("avl", 1), ("l", 1),
+                           ("db", 1), ("g", 1)):
+            _field(f"segment {name}", getattr(self, name), bits)
+        # A system descriptor (s=0) is 16 bytes: the high half holds base bits 32..63.
+        _field("segment base", self.base, 32 if self.s else 64)
+        _field("segment limit", self.limit, 32)
         limit = self.limit >> 12 if self.g else self.limit
-        if limit > 0xFFFFF:
-            raise DescriptorError(f"segment limit {self.limit:#x} does not fit (g={self.g})")
+        if limit > 0xFFFFF or self.g and self.limit & 0xFFF != 0xFFF:
+            raise DescriptorError(f"segment limit {self.limit:#x} does not fit (g={self.g}: "
+                                  f"{'4K units, the low 12 bits all ones' if self.g else 'at most 0xfffff'})")
         access = (self.type & 0xF) | (self.s & 1) << 4 | (self.dpl & 3) << 5 | (self.present & 1) << 7
         flags = (self.avl & 1) | (self.l & 1) << 1 | (self.db & 1) << 2 | (self.g & 1) << 3
         return struct.pack("<HHBBBB", limit & 0xFFFF, self.base & 0xFFFF, (self.base >> 16) & 0xFF,
@@ -84,6 +103,9 @@ def build_gdt(tss_bases: Sequence[int]) -> bytes:
     gdt = bytes(8) + CODE64.descriptor() + DATA.descriptor() + bytes(16) + USER_DATA.descriptor() \
         + USER_CODE64.descriptor()
     assert len(gdt) == SEL_TSS0
+    if SEL_TSS0 + 16 * len(tss_bases) > GDT_MAX_SIZE:
+        raise DescriptorError(f"{len(tss_bases)} TSS descriptors do not fit in a GDT of at most "
+                              f"{GDT_MAX_SIZE:#x} bytes")
     for i, base in enumerate(tss_bases):
         gdt += tss_descriptor(replace(tss_segment(i, base), type=TYPE_TSS_AVAILABLE))
     return gdt
@@ -92,22 +114,27 @@ def build_gdt(tss_bases: Sequence[int]) -> bytes:
 def build_tss(rsp0: int = 0, ist: Mapping[int, int] | None = None) -> bytes:
     """A 104-byte 64-bit TSS with ``rsp0`` and IST stacks ``{1..7: stack top}``; no I/O bitmap."""
     ist = dict(ist or {})
-    if any(not 1 <= k <= 7 for k in ist):
-        raise DescriptorError(f"IST indices must be 1..7, got {sorted(ist)}")
+    if any(not isinstance(k, int) or not 1 <= k <= 7 for k in ist):
+        raise DescriptorError(f"IST indices must be 1..7, got {sorted(ist, key=repr)}")
     tss = bytearray(TSS_SIZE)
-    struct.pack_into("<Q", tss, 4, rsp0)
+    struct.pack_into("<Q", tss, 4, _field("TSS rsp0", rsp0, 64))
     for k, top in ist.items():
-        struct.pack_into("<Q", tss, 36 + 8 * (k - 1), top)
+        struct.pack_into("<Q", tss, 36 + 8 * (k - 1), _field(f"TSS IST{k} stack", top, 64))
     struct.pack_into("<H", tss, 102, TSS_SIZE)  # I/O map base beyond the limit: no bitmap
     return bytes(tss)
 
 
 def idt_gate(handler: int, selector: int = SEL_CODE64, ist: int = 0, dpl: int = 0,
              gate_type: int = GATE_INTERRUPT) -> bytes:
-    """One 16-byte IDT gate."""
-    if not 0 <= ist <= 7:
-        raise DescriptorError(f"IST index {ist} is not 0..7")
-    attr = gate_type | (dpl & 3) << 5 | 1 << 7
+    """One 16-byte IDT gate (``gate_type`` GATE_INTERRUPT or GATE_TRAP: the only 64-bit ones)."""
+    if not isinstance(ist, int) or not 0 <= ist <= 7:
+        raise DescriptorError(f"IST index {ist!r} is not 0..7")
+    if gate_type not in (GATE_INTERRUPT, GATE_TRAP) or isinstance(gate_type, bool):
+        raise DescriptorError(f"gate type {gate_type!r} is not GATE_INTERRUPT ({GATE_INTERRUPT:#x}) "
+                              f"or GATE_TRAP ({GATE_TRAP:#x})")
+    _field("gate handler", handler, 64)
+    _field("gate selector", selector, 16)
+    attr = gate_type | _field("gate DPL", dpl, 2) << 5 | 1 << 7
     return struct.pack("<HHBBHII", handler & 0xFFFF, selector, ist, attr, (handler >> 16) & 0xFFFF,
                        (handler >> 32) & 0xFFFFFFFF, 0)
 
@@ -117,6 +144,8 @@ def build_idt(handlers: Sequence[int], ist: Mapping[int, int] | None = None, ent
 
     ``ist`` maps a vector to the IST stack it switches to (e.g. ``{8: 1}`` for #DF).
     """
+    if not isinstance(entries, int) or not 0 <= entries <= IDT_ENTRIES:
+        raise DescriptorError(f"an IDT has 0..{IDT_ENTRIES} entries, not {entries!r}")
     if len(handlers) > entries:
         raise DescriptorError(f"{len(handlers)} handlers for a {entries}-entry IDT")
     ist = ist or {}
@@ -126,5 +155,7 @@ def build_idt(handlers: Sequence[int], ist: Mapping[int, int] | None = None, ent
 
 def decode_gate(gate: bytes) -> tuple[int, int, int, int]:
     """(handler, selector, ist, attr) of a 16-byte gate; the inverse of :func:`idt_gate`."""
+    if len(gate) != 16:
+        raise DescriptorError(f"an IDT gate is 16 bytes, not {len(gate)}")
     lo, sel, ist, attr, mid, hi, _ = struct.unpack("<HHBBHII", gate)
     return lo | mid << 16 | hi << 32, sel, ist & 7, attr

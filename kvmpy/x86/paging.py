@@ -28,7 +28,10 @@ PTE_D = 1 << 6
 PTE_PS = 1 << 7
 PTE_G = 1 << 8
 PTE_NX = 1 << 63
+PTE_PAT_HUGE = 1 << 12      # PAT in a 2M/1G leaf; an address bit in a 4K one
 PTE_ADDR_MASK = 0x000F_FFFF_FFFF_F000
+PTE_FLAGS_MASK = ((1 << 64) - 1) & ~PTE_ADDR_MASK   # bits 0-11 and 52-63
+MAX_PHYS_BITS = 52          # the entries' address field ends at bit 51
 
 # Level 4 = PML4, 3 = PDPT, 2 = PD, 1 = PT; a leaf at level L maps _LEVEL_SIZE[L].
 _LEVEL_SIZE = {1: PAGE_4K, 2: PAGE_2M, 3: PAGE_1G}
@@ -37,6 +40,10 @@ _SIZE_LEVEL = {v: k for k, v in _LEVEL_SIZE.items()}
 
 class PagingError(KvmError):
     """A mapping request that cannot be honoured (alignment, overlap, pool exhausted...)."""
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _index(gva: int, level: int) -> int:
@@ -104,6 +111,9 @@ class PageTableBuilder:
 
     def __init__(self, mem: PhysMemory, pool_gpa: int, pool_size: int, phys_bits: int = 52, *,
                  preset_ad: bool = False) -> None:
+        if not _is_int(phys_bits) or not 12 < phys_bits <= MAX_PHYS_BITS:
+            raise PagingError(f"phys_bits {phys_bits!r} is not 13..{MAX_PHYS_BITS} (a leaf entry holds "
+                              f"a GPA of at most {MAX_PHYS_BITS} bits)")
         self.mem = mem
         self.phys_bits = phys_bits
         self._pools: list[tuple[int, int]] = []
@@ -128,8 +138,13 @@ class PageTableBuilder:
 
     def add_pool(self, gpa: int, size: int) -> None:
         """Take table pages from guest memory ``[gpa, gpa+size)`` once the pools before it are full."""
-        if gpa % PAGE_4K or size % PAGE_4K or size < PAGE_4K:
+        if not _is_int(gpa) or not _is_int(size):
+            raise PagingError(f"page-table pool {gpa!r}+{size!r}: GPA and size must be ints")
+        if gpa % PAGE_4K or size % PAGE_4K or size < PAGE_4K or gpa < 0:
             raise PagingError(f"page-table pool {gpa:#x}+{size:#x} must be page aligned and non-empty")
+        if gpa + size > 1 << self.phys_bits:
+            raise PagingError(f"page-table pool {gpa:#x}+{size:#x} is beyond the {self.phys_bits}-bit "
+                              "physical address space")
         for g, sz in self._pools:
             if gpa < g + sz and g < gpa + size:
                 raise PagingError(f"page-table pool {gpa:#x}+{size:#x} overlaps pool {g:#x}+{sz:#x}")
@@ -149,6 +164,10 @@ class PageTableBuilder:
     @staticmethod
     def tables_needed(gva: int, size: int, page_size: int = PAGE_4K) -> int:
         """At most how many new table pages mapping ``[gva, gva+size)`` with ``page_size`` pages takes."""
+        if not all(map(_is_int, (gva, size, page_size))):
+            raise PagingError(f"GVA {gva!r}, size {size!r} and page size {page_size!r} must be ints")
+        if page_size not in _SIZE_LEVEL:
+            raise PagingError(f"page size {page_size:#x} is not 4K, 2M or 1G")
         need = 0
         for level in range(_SIZE_LEVEL[page_size] + 1, 5):      # tables below the PML4
             span = 1 << (12 + 9 * (level - 1))
@@ -200,9 +219,21 @@ class PageTableBuilder:
             table = child
         return table
 
-    def _check(self, gva: int, gpa: int, size: int, page_size: int) -> None:
+    def validate(self, gva: int, gpa: int, size: int, page_size: int = PAGE_4K, extra: int = 0) -> None:
+        """PagingError if :meth:`map` would refuse these arguments; checks them only (no table is read)."""
+        # Floats pass the arithmetic below and then fail in struct/cffi with a TypeError.
+        for what, value in (("GVA", gva), ("GPA", gpa), ("size", size), ("page size", page_size),
+                            ("extra", extra)):
+            if not _is_int(value):
+                raise PagingError(f"{what} {value!r} is not an int")
         if page_size not in _SIZE_LEVEL:
             raise PagingError(f"page size {page_size:#x} is not 4K, 2M or 1G")
+        if size <= 0 or size % page_size:
+            raise PagingError(f"size {size:#x} is not a positive multiple of page size {page_size:#x}")
+        allowed = PTE_FLAGS_MASK | (PTE_PAT_HUGE if page_size != PAGE_4K else 0)
+        if extra < 0 or extra & ~allowed:
+            raise PagingError(f"extra {extra:#x} has bits that are not entry flags (allowed: {allowed:#x}); "
+                              "ORed in, they would change the mapped address")
         if gva % page_size or gpa % page_size:
             raise PagingError(f"GVA {gva:#x} / GPA {gpa:#x} not aligned to page size {page_size:#x}")
         if not is_canonical(gva) or not is_canonical(gva + size - 1) or (gva >> 47) != ((gva + size - 1) >> 47):
@@ -221,7 +252,7 @@ class PageTableBuilder:
         Re-mapping a page of the same size replaces it; a page that would
         overlap a different-size mapping raises PagingError.
         """
-        self._check(gva, gpa, page_size, page_size)
+        self.validate(gva, gpa, page_size, page_size, extra)
         level = _SIZE_LEVEL[page_size]
         table = self._table_for(gva, level, create=True)
         pte_gpa = table + 8 * _index(gva, level)
@@ -239,41 +270,98 @@ class PageTableBuilder:
         The flags are those of :meth:`map_page`. On an error (PagingError) the pages
         before the one named are mapped.
         """
-        if page_size not in _SIZE_LEVEL or size <= 0 or size % page_size:
-            raise PagingError(f"size {size:#x} is not a positive multiple of page size {page_size:#x}")
-        self._check(gva, gpa, size, page_size)
+        self.validate(gva, gpa, size, page_size, extra)
         leaf = self._leaf(page_size, writable, user, nx, global_, extra)
         done = self._map_bulk(gva, gpa, size // page_size, page_size, leaf)
         for off in range(done * page_size, size, page_size):    # tables the C path does not know
             self.map_page(gva + off, gpa + off, page_size, writable=writable, user=user, nx=nx,
                           global_=global_, extra=extra)
 
+    def _pool_buffers(self) -> list:
+        """cffi buffers over each pool's guest memory, for C to write the tables into.
+
+        PagingError (nothing held) if a pool's view is read-only or shorter than the pool:
+        C writes anywhere in ``size`` bytes of it.
+        """
+        bufs = []
+        try:
+            for g, sz in self._pools:
+                view = memoryview(self.mem.gpa_view(g, sz))
+                if view.nbytes != sz:
+                    raise PagingError(f"page-table pool {g:#x}+{sz:#x}: guest memory gave a view of "
+                                      f"{view.nbytes:#x} bytes, not the pool's {sz:#x}")
+                try:
+                    bufs.append(ffi.from_buffer(view, require_writable=True))
+                except (BufferError, TypeError) as e:
+                    raise PagingError(f"page-table pool {g:#x}+{sz:#x}: guest memory is not writable ({e})") from None
+        except BaseException:
+            for buf in bufs:
+                ffi.release(buf)
+            raise
+        return bufs
+
     def _map_bulk(self, gva: int, gpa: int, npages: int, page_size: int, leaf: int) -> int:
         """Map in C; returns how many pages it mapped before reaching a table outside the pools."""
-        req = ffi.new("struct kvmpy_pt_req *", {
-            "cr3": self.cr3, "gva": gva, "gpa": gpa, "npages": npages, "page_size": page_size,
-            "leaf_bits": leaf, "table_bits": self._table_bits, "npools": len(self._pools),
-            "pool": self._pool, "next": self._next})
-        pools = ffi.new("struct kvmpy_pt_pool[]", len(self._pools))
-        views = [self.mem.gpa_view(g, sz) for g, sz in self._pools]
-        bufs = [ffi.from_buffer(v) for v in views]
-        try:
-            for p, (g, sz), buf in zip(pools, self._pools, bufs):
-                p.gpa, p.size, p.hva = g, sz, int(ffi.cast("uintptr_t", buf))
-            rc = lib.kvmpy_pt_map(req, pools)       # holds the buffers: no unmap under it
+        bufs = self._pool_buffers()
+        done = 0
+        try:       # C holds the buffers: no unmap under it
+            while True:
+                # C moves on to a following pool without going back to its start (so a lower
+                # pool would be skipped) and leaves `pool` past the last one when all are full:
+                # it gets only the current pool to allocate from (the last one it is passed),
+                # and moving on is done here, as _alloc_table does.
+                order = [i for i in range(len(self._pools)) if i != self._pool] + [self._pool]
+                pools = ffi.new("struct kvmpy_pt_pool[]", len(order))
+                for p, i in zip(pools, order):
+                    (p.gpa, p.size), p.hva = self._pools[i], int(ffi.cast("uintptr_t", bufs[i]))
+                req = ffi.new("struct kvmpy_pt_req *", {
+                    "cr3": self.cr3, "gva": gva + done * page_size, "gpa": gpa + done * page_size,
+                    "npages": npages - done, "page_size": page_size, "leaf_bits": leaf,
+                    "table_bits": self._table_bits, "npools": len(order), "pool": len(order) - 1,
+                    "next": self._next})
+                rc = lib.kvmpy_pt_map(req, pools)
+                self._used += req.allocated
+                done += req.done
+                if rc != lib.KVMPY_PT_EXHAUSTED:
+                    self._next = req.next
+                    break
+                self._next = sum(self._pools[self._pool])      # this pool is full
+                if self._pool + 1 == len(self._pools):
+                    raise self._exhausted()
+                self._pool += 1
+                self._next = self._pools[self._pool][0]
         finally:
             for buf in bufs:
                 ffi.release(buf)
-        self._used += req.allocated
-        self._pool, self._next = req.pool, req.next
-        if rc == lib.KVMPY_PT_EXHAUSTED:
-            raise self._exhausted()
         if rc == lib.KVMPY_PT_IN_HUGE:
             raise PagingError(f"GVA {req.fail_gva:#x} is already inside a bigger page")
         if rc == lib.KVMPY_PT_OVER_TABLE:
             raise PagingError(f"GVA {req.fail_gva:#x}: a {page_size >> 20} MiB page would replace a page table "
                               "of smaller mappings")
-        return req.done
+        return done
+
+    def first_in_use(self, gva: int, size: int, page_size: int = PAGE_4K) -> int | None:
+        """The first page of ``[gva, gva+size)`` that mapping it with ``page_size`` pages would
+        replace or be refused at (an entry present at that size's level, or a bigger page); None
+        if there is none. Skips what a missing table leaves unmapped."""
+        if not all(map(_is_int, (gva, size))) or page_size not in _SIZE_LEVEL or size < 0:
+            raise PagingError(f"GVA {gva!r}, size {size!r} or page size {page_size!r} is not valid")
+        if size and not (is_canonical(gva) and is_canonical(gva + size - 1)):
+            raise PagingError(f"GVA range {gva:#x}+{size:#x} is not canonical")
+        leaf_level = _SIZE_LEVEL[page_size]
+        end = gva + size
+        while gva < end:
+            table, skip = self.cr3, page_size
+            for level in range(4, leaf_level - 1, -1):
+                pte = self._read(table + 8 * _index(gva, level))
+                if not pte & PTE_P:
+                    skip = 1 << (12 + 9 * (level - 1))     # what this entry would map
+                    break
+                if level == leaf_level or level in (2, 3) and pte & PTE_PS:
+                    return gva
+                table = pte & PTE_ADDR_MASK
+            gva = (gva & ~(skip - 1)) + skip
+        return None
 
     def unmap_page(self, gva: int) -> Translation:
         """Clear the leaf entry mapping ``gva`` (of any size); returns what it mapped.
