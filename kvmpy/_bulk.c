@@ -298,14 +298,18 @@ static uint64_t *pt_table(const struct kvmpy_pt_req *req, const struct kvmpy_pt_
 	return NULL;
 }
 
+/*
+ * The next table page: from pools[pool] at next, moving on to the start of the
+ * following pool (which may lie below) when it is full.  When all are full: 0,
+ * with pool and next left at the end of the last one, so the caller's state
+ * stays a valid position.
+ */
 static uint64_t pt_alloc(struct kvmpy_pt_req *req, const struct kvmpy_pt_pool *pools)
 {
 	while (req->pool < req->npools) {
 		const struct kvmpy_pt_pool *p = &pools[req->pool];
 
-		if (req->next < p->gpa)
-			req->next = p->gpa;
-		if (req->next + 4096 <= p->gpa + p->size) {
+		if (req->next >= p->gpa && req->next + 4096 <= p->gpa + p->size) {
 			uint64_t gpa = req->next;
 
 			req->next += 4096;
@@ -313,7 +317,12 @@ static uint64_t pt_alloc(struct kvmpy_pt_req *req, const struct kvmpy_pt_pool *p
 			memset((void *)(uintptr_t)(p->hva + (gpa - p->gpa)), 0, 4096);
 			return gpa;
 		}
+		if (req->pool + 1 == req->npools) {
+			req->next = p->gpa + p->size;
+			return 0;
+		}
 		req->pool++;
+		req->next = pools[req->pool].gpa;
 	}
 	return 0;
 }

@@ -302,43 +302,30 @@ class PageTableBuilder:
 
     def _map_bulk(self, gva: int, gpa: int, npages: int, page_size: int, leaf: int) -> int:
         """Map in C; returns how many pages it mapped before reaching a table outside the pools."""
+        req = ffi.new("struct kvmpy_pt_req *", {
+            "cr3": self.cr3, "gva": gva, "gpa": gpa, "npages": npages, "page_size": page_size,
+            "leaf_bits": leaf, "table_bits": self._table_bits, "npools": len(self._pools),
+            "pool": self._pool, "next": self._next})
+        pools = ffi.new("struct kvmpy_pt_pool[]", len(self._pools))
         bufs = self._pool_buffers()
-        done = 0
-        try:       # C holds the buffers: no unmap under it
-            while True:
-                # C moves on to a following pool without going back to its start (so a lower
-                # pool would be skipped) and leaves `pool` past the last one when all are full:
-                # it gets only the current pool to allocate from (the last one it is passed),
-                # and moving on is done here, as _alloc_table does.
-                order = [i for i in range(len(self._pools)) if i != self._pool] + [self._pool]
-                pools = ffi.new("struct kvmpy_pt_pool[]", len(order))
-                for p, i in zip(pools, order):
-                    (p.gpa, p.size), p.hva = self._pools[i], int(ffi.cast("uintptr_t", bufs[i]))
-                req = ffi.new("struct kvmpy_pt_req *", {
-                    "cr3": self.cr3, "gva": gva + done * page_size, "gpa": gpa + done * page_size,
-                    "npages": npages - done, "page_size": page_size, "leaf_bits": leaf,
-                    "table_bits": self._table_bits, "npools": len(order), "pool": len(order) - 1,
-                    "next": self._next})
-                rc = lib.kvmpy_pt_map(req, pools)
-                self._used += req.allocated
-                done += req.done
-                if rc != lib.KVMPY_PT_EXHAUSTED:
-                    self._next = req.next
-                    break
-                self._next = sum(self._pools[self._pool])      # this pool is full
-                if self._pool + 1 == len(self._pools):
-                    raise self._exhausted()
-                self._pool += 1
-                self._next = self._pools[self._pool][0]
+        try:
+            for p, (g, sz), buf in zip(pools, self._pools, bufs):
+                p.gpa, p.size, p.hva = g, sz, int(ffi.cast("uintptr_t", buf))
+            rc = lib.kvmpy_pt_map(req, pools)       # holds the buffers: no unmap under it
         finally:
             for buf in bufs:
                 ffi.release(buf)
+        # C moves through the pools as _alloc_table does, and stops at the end of the last one.
+        self._used += req.allocated
+        self._pool, self._next = req.pool, req.next
+        if rc == lib.KVMPY_PT_EXHAUSTED:
+            raise self._exhausted()
         if rc == lib.KVMPY_PT_IN_HUGE:
             raise PagingError(f"GVA {req.fail_gva:#x} is already inside a bigger page")
         if rc == lib.KVMPY_PT_OVER_TABLE:
             raise PagingError(f"GVA {req.fail_gva:#x}: a {page_size >> 20} MiB page would replace a page table "
                               "of smaller mappings")
-        return done
+        return req.done
 
     def first_in_use(self, gva: int, size: int, page_size: int = PAGE_4K) -> int | None:
         """The first page of ``[gva, gva+size)`` that mapping it with ``page_size`` pages would
