@@ -23,3 +23,17 @@ def test_find_builds_missing_program_once(tmp_path, monkeypatch):
 def test_unknown_program_lists_available():
     with pytest.raises(programs.GuestProgramError, match="no guest program 'no_such_prog'.*available: .*hello"):
         programs.find("no_such_prog")
+
+
+@pytest.mark.parametrize("where", ["file", "proc"])
+def test_an_unusable_build_dir_is_a_guest_program_error(tmp_path, monkeypatch, where):
+    if programs.source_root() is None:
+        pytest.skip("needs the guest sources")
+    if where == "file":
+        (tmp_path / "f").write_text("")
+        target = tmp_path / "f" / "guests"          # a file where a directory is expected
+    else:
+        target = "/proc/kvmpy_guests"                # cannot be created, even by root
+    monkeypatch.setenv("KVMPY_GUEST_BUILD_DIR", str(target))
+    with pytest.raises(programs.GuestProgramError, match=r"cannot build guest programs into .*guests"):
+        programs.find("hello")
