@@ -18,10 +18,9 @@ def _cmd_info(args: argparse.Namespace) -> int:
     from kvmpy import hostinfo
 
     facts = hostinfo.gather(probe=not args.no_probe)
-    if args.json:
-        print(json.dumps(facts.to_dict(), indent=1))
-    else:
-        print(hostinfo.format_facts(facts))
+    _emit(json.dumps(facts.to_dict(), indent=1) if args.json else hostinfo.format_facts(facts))
+    if facts.usage_error:       # e.g. KVMPY_FAULTS names no fault: the input, not KVM
+        return 2
     return 0 if not (facts.error or facts.mmu_probe_error) else 1
 
 
@@ -30,13 +29,16 @@ def _add_selftest(sub) -> None:
                        description="Run kvmpy's selftests against this host's KVM (or inside the test bed) "
                                    "and print one table. Exit 0: tested, and everything passed, skipped with "
                                    "a reason or failed as a listed known issue; 1: a failure or an unexplained "
-                                   "kernel splat; 2: not tested (no usable /dev/kvm), harness or usage error; "
+                                   "kernel splat; 2: not tested (no usable /dev/kvm, no test ran to a verdict: "
+                                   "e.g. every selected test skipped, or the kernel log could not be watched "
+                                   "for splats), harness or usage error; "
                                    "128+N: stopped by signal N (130 Ctrl-C, 143 SIGTERM), partial results.")
     p.add_argument("-k", dest="keyword", help="only tests matching this pytest -k expression")
     p.add_argument("--junit", metavar="FILE", help="write JUnit XML here (relative to the current directory; "
                                                    "its directory must exist)")
-    p.add_argument("--ktap", action="store_true", help="print KTAP instead of the table")
-    p.add_argument("--json", action="store_true", help="print the report as JSON instead of the table")
+    out = p.add_mutually_exclusive_group()
+    out.add_argument("--ktap", action="store_true", help="print KTAP instead of the table")
+    out.add_argument("--json", action="store_true", help="print the report as JSON instead of the table")
     p.add_argument("--bed", action="store_true", help="run inside the nested test bed instead of on this host")
     bed = p.add_argument_group("test bed options (need --bed)")
     bed_only = [
@@ -51,7 +53,7 @@ def _add_selftest(sub) -> None:
                          help="with QEMU: kvm where the host has nested virtualization (default tcg)"),
         bed.add_argument("--param", action="append", metavar="MODULE.PARAM=VALUE",
                          help="a module parameter (repeatable)"),
-        bed.add_argument("--timeout", type=float, help="seconds per boot"),
+        bed.add_argument("--timeout", type=_positive_seconds, help="seconds per boot (default 1500)"),
         bed.add_argument("--jobs", type=_jobs, metavar="N|auto",
                          help="boot up to N rows at once, one emulator each (bounded by CPUs and free "
                               "memory; the report is the same as with --jobs 1); a run of one row "
@@ -61,12 +63,62 @@ def _add_selftest(sub) -> None:
                          help="run only the K-th of N slices of the rows (kernel x configuration x backend), "
                               "for a CI matrix; join the --json reports with `kvmpy report merge`"),
     ]
-    p.add_argument("pytest_args", nargs="*", help="extra pytest arguments (after --)")
+    p.add_argument("pytest_args", nargs="*",
+                   help="extra pytest arguments (after --); options that make pytest run no test "
+                        "(--collect-only, --setup-plan...), kvmpy's internal ones (--kvmpy-part...) and "
+                        "those that switch a kvmpy plugin off (--no-splat-watch, -p no:kvmpy...) are refused")
     p.set_defaults(func=_cmd_selftest, bed_only=bed_only)
 
 
 class UsageError(Exception):
     """Bad command-line input, found before anything ran (exit 2)."""
+
+
+class OutputError(UsageError):
+    """The report (or a file asked for) could not be written: no verdict reached its reader (exit 2)."""
+
+
+def _emit(text: str, end: str = "\n") -> None:
+    """``text`` on stdout, flushed: OutputError if it cannot be written (a full disk, /dev/full)."""
+    try:
+        sys.stdout.write(text + end)
+        sys.stdout.flush()
+    except OSError as e:
+        _drop_stdout()
+        raise OutputError(f"cannot write the output to stdout: {e.strerror or e}") from None
+
+
+def _drop_stdout() -> None:
+    """Point stdout at /dev/null, so that what is still buffered does not fail again at exit."""
+    import os
+
+    try:
+        fd = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(fd, sys.stdout.fileno())
+        os.close(fd)
+    except (OSError, ValueError):
+        pass
+
+
+def _write_output(path: Path, data: bytes, option: str) -> None:
+    """Write an output file asked for (``--junit``): OutputError saying why it could not be."""
+    try:
+        path.write_bytes(data)
+    except OSError as e:
+        raise OutputError(f"{option} {path}: cannot write: {e.strerror or e}") from None
+
+
+def _positive_seconds(text: str) -> float:
+    """``--timeout``: a positive, finite number of seconds."""
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"{text!r}: a positive number of seconds")
+    return value
 
 
 def _positive_int(text: str) -> int:
@@ -112,12 +164,40 @@ def _check_selftest_args(args: argparse.Namespace) -> None:
         faults.enabled()
     except faults.FaultError as e:
         raise UsageError(str(e)) from None
+    _check_pytest_side(args)
     if args.junit:
-        args.junit = str(_writable_file(args.junit, "--junit"))
+        args.junit = str(_writable_file(args.junit, "--junit", fresh=True))
 
 
-def _writable_file(text: str, option: str) -> Path:
-    """``text`` as an absolute path that can be written now, or UsageError saying why not."""
+def _check_pytest_side(args: argparse.Namespace) -> None:
+    """What pytest would be given (the arguments after --, PYTEST_ADDOPTS, KVMPY_SCALE,
+    KVMPY_KNOWN_ISSUES), checked here: one usage error rather than a run that errs in every
+    test, tests nothing, or runs without a safety check (kvmpy.selftest.options)."""
+    import os
+
+    from kvmpy.selftest import options
+
+    try:
+        options.check_pytest_args(list(args.pytest_args or []))
+        options.check_environment()
+        path = options.known_issues_path()
+    except options.OptionError as e:
+        raise UsageError(str(e)) from None
+    if path is not None:
+        from kvmpy.selftest import known_issues
+
+        try:
+            known_issues.load(path)
+        except known_issues.KnownIssueFileError as e:
+            raise UsageError(f"{options.KNOWN_ISSUES_ENV}: {e}") from None
+        # pytest runs in the source tree: it gets the file the user named from here.
+        os.environ[options.KNOWN_ISSUES_ENV] = str(path)
+
+
+def _writable_file(text: str, option: str, fresh: bool = False) -> Path:
+    """``text`` as an absolute path that can be written now, or UsageError saying why not.
+    ``fresh``: a file already there is removed, so that no earlier run's file is left to be
+    read as this run's."""
     path = Path(text).expanduser().absolute()
     if not path.parent.is_dir():
         raise UsageError(f"{option} {text}: directory {path.parent} does not exist")
@@ -127,7 +207,7 @@ def _writable_file(text: str, option: str) -> Path:
             pass
     except OSError as e:
         raise UsageError(f"{option} {text}: cannot write {path}: {e.strerror}") from None
-    if not existed:
+    if not existed or (fresh and path.is_file()):
         path.unlink()
     return path
 
@@ -142,11 +222,11 @@ def _cmd_selftest(args: argparse.Namespace) -> int:
     header = facts.to_dict()
     machine = args.json or args.ktap
     if not machine:
-        print(hostinfo.format_facts(facts), flush=True)
+        _emit(hostinfo.format_facts(facts))
         if faults.enabled():
-            print(f"FAULTS INJECTED ({faults.ENV}): {', '.join(sorted(faults.enabled()))} -- this run tests "
-                  f"the tests: it must fail", flush=True)
-        print(flush=True)
+            _emit(f"FAULTS INJECTED ({faults.ENV}): {', '.join(sorted(faults.enabled()))} -- this run tests "
+                  f"the tests: it must fail")
+        _emit("")
     if args.bed:
         from kvmpy.selftest import bed_runner
 
@@ -156,8 +236,24 @@ def _cmd_selftest(args: argparse.Namespace) -> int:
     else:
         runs = [runner.run_host(args.junit, args.keyword, args.pytest_args,
                                 config=f"host {facts.vendor_module or ''}".strip(), machine_output=machine)]
+        if args.junit:
+            _finish_host_junit(Path(args.junit), runs)
     return _print_report(args, header, runs, {"shard": shard.to_dict()} if shard else {},
                          shard.describe() if shard else "")
+
+
+def _finish_host_junit(path: Path, runs) -> None:
+    """The host run's JUnit file, which pytest writes, made to fail where `kvmpy selftest` does:
+    a harness error, a stop or a run that tested nothing is added as an error case (the whole file
+    from the report when pytest wrote none, e.g. killed)."""
+    from kvmpy.selftest import junit
+
+    try:
+        data = junit.with_verdict(path.read_bytes() if path.is_file() else None, runs)
+    except OSError as e:
+        raise OutputError(f"--junit {path}: cannot read back pytest's file: {e.strerror or e}") from None
+    if data is not None:
+        _write_output(path, data, "--junit")
 
 
 def _bed_plan(args: argparse.Namespace):
@@ -180,18 +276,17 @@ def _print_report(args: argparse.Namespace, header: dict, runs, extra: dict, not
     from kvmpy.selftest import report
 
     if args.json:
-        print(report.to_json(header, runs, extra))
+        _emit(report.to_json(header, runs, extra))
     elif args.ktap:
-        print(report.format_ktap(runs), end="")
+        _emit(report.format_ktap(runs), end="")
     else:
-        print()
+        text = "\n"
         if note:
-            print(note)
+            text += note + "\n"
         setting = report.format_setting(runs)
         if setting:  # the bed's facts, per configuration: what was tested
-            print(setting)
-            print()
-        print(report.format_table(runs))
+            text += setting + "\n\n"
+        _emit(text + report.format_table(runs))
     return report.exit_status(runs)
 
 
@@ -199,14 +294,26 @@ def _cmd_report_merge(args: argparse.Namespace) -> int:
     from kvmpy.selftest import merge
     from kvmpy.selftest.junit import format_junit
 
-    junit = _writable_file(args.junit, "--junit") if args.junit else None
+    if args.junit:
+        inputs = {Path(r).expanduser().absolute() for r in args.reports}
+        target = Path(args.junit).expanduser().absolute()
+        if target in inputs or (target.exists() and any(_same_file(target, i) for i in inputs)):
+            raise UsageError(f"--junit {args.junit}: is one of the reports to merge; it would be overwritten")
+    junit = _writable_file(args.junit, "--junit", fresh=True) if args.junit else None
     try:
         header, runs, extra = merge.merge([merge.load(path) for path in args.reports])
     except merge.MergeError as e:
         raise UsageError(str(e)) from None
     if junit:
-        junit.write_bytes(format_junit(runs))
+        _write_output(junit, format_junit(runs), "--junit")
     return _print_report(args, header, runs, extra, f"merged {len(args.reports)} report(s): {' '.join(args.reports)}")
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.samefile(b)
+    except OSError:
+        return False
 
 
 def _add_report(sub) -> None:
@@ -276,7 +383,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except UsageError as e:
         from kvmpy.selftest.report import EXIT_NOT_TESTED
-        print(f"kvmpy {args.command}: error: {e}", file=sys.stderr)
+        command = args.command if args.command != "report" else f"report {args.report_command}"
+        print(f"kvmpy {command}: error: {e}", file=sys.stderr)
         return EXIT_NOT_TESTED
     except KeyboardInterrupt as e:
         signo = e.signo if isinstance(e, _Stopped) else signal.SIGINT

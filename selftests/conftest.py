@@ -36,6 +36,7 @@ from kvmpy import bed_mark, hostinfo
 from kvmpy.errors import RequirementError
 from kvmpy.kvm import Kvm
 from kvmpy.mmu_params import MmuFlavour, param_on
+from kvmpy.selftest.options import MAX_SCALE, SCALE_ENV, OptionError, parse_scale
 
 from . import bed_config, privilege
 
@@ -48,23 +49,35 @@ pytest_plugins = ["kvmpy.selftest.guard", "kvmpy.selftest.fixtures", "kvmpy.self
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("kvmpy")
-    group.addoption("--kvmpy-scale", type=int, default=None, metavar="N",
-                    help="multiply test sizes (pages, writes, rounds) by N for real hardware "
-                         "(default 1, sized for an instruction-emulated guest; env KVMPY_SCALE)")
+    group.addoption("--kvmpy-scale", default=None, metavar="N",
+                    help=f"multiply test sizes (pages, writes, rounds) by N (1 to {MAX_SCALE}) for real "
+                         f"hardware (default 1, sized for an instruction-emulated guest; env KVMPY_SCALE)")
+
+
+_SCALE = pytest.StashKey[int]()
+
+
+def _scale_of(config: pytest.Config) -> int:
+    """The size multiplier from --kvmpy-scale or KVMPY_SCALE (default 1); pytest.UsageError,
+    once for the run, if it is not a whole number 1..MAX_SCALE."""
+    opt = config.getoption("--kvmpy-scale")
+    try:
+        if opt is not None:
+            return parse_scale(opt, "--kvmpy-scale")
+        return parse_scale(os.environ.get(SCALE_ENV, "1"), SCALE_ENV)
+    except OptionError as e:
+        raise pytest.UsageError(str(e)) from None
 
 
 @pytest.fixture
 def scale(request: pytest.FixtureRequest) -> int:
-    """The size multiplier from --kvmpy-scale or KVMPY_SCALE (default 1)."""
-    opt = request.config.getoption("--kvmpy-scale")
-    value = opt if opt is not None else int(os.environ.get("KVMPY_SCALE", "1"))
-    if value < 1:
-        raise pytest.UsageError("--kvmpy-scale must be >= 1")
-    return value
+    """The size multiplier from --kvmpy-scale or KVMPY_SCALE (default 1; checked at start)."""
+    return request.config.stash[_SCALE]
 
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "every_write_path: run at every privilege.write_levels() level")
+    config.stash[_SCALE] = _scale_of(config)
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:

@@ -124,3 +124,12 @@ def test_unknown_fault_is_reported_by_kvmpy_info_as_a_usage_error(monkeypatch):
     text = hostinfo.format_facts(facts)
     assert "usage error   KVMPY_FAULTS: unknown fault(s) bogus" in text
     assert "MMU probe" not in text and "/dev/kvm" not in text
+
+
+def test_kvmpy_info_exits_2_for_an_unknown_fault(monkeypatch, capsys):
+    from kvmpy import cli
+
+    monkeypatch.setenv(faults.ENV, "bogus")
+    monkeypatch.setattr(faults, "_enabled", None)
+    assert cli.main(["info", "--no-probe"]) == 2
+    assert "unknown fault(s) bogus" in capsys.readouterr().out

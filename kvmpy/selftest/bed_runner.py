@@ -52,7 +52,7 @@ def bed_options(args) -> BedOptions:
     return BedOptions.parse(
         backend=args.backend or "qemu", kernel_line=args.kernel_version, kernel=args.kernel,
         modules=args.modules, accel=args.accel, mem=BOCHS_MEM if bochs else BED_MEM, smp=2,
-        timeout=args.timeout or BED_TIMEOUT, params=args.param,
+        timeout=BED_TIMEOUT if args.timeout is None else args.timeout, params=args.param,
         hugepages=BOCHS_HUGEPAGES if bochs else BED_HUGEPAGES)
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import xml.etree.ElementTree as ET
 
-from kvmpy.selftest.report import FAILING, NOT_TESTED, RunResults, stop_note
+from kvmpy.selftest.report import FAILING, NOT_TESTED, RunResults, not_tested_note, stop_note
 
 
 def setting_properties(label: str, setting: dict) -> dict[str, str]:
@@ -71,4 +71,41 @@ def format_junit(runs: list[RunResults]) -> bytes:
                 ET.SubElement(case, "system-out").text = reason
         for key, value in counts.items():
             suite.set(key, str(value))
+    note = not_tested_note(runs)
+    if note:
+        _error_suite(root, [("(verdict)", f"NOT TESTED: {note}")])
+    return ET.tostring(root, encoding="utf-8", xml_declaration=True)
+
+
+def _error_suite(root: ET.Element, errors: list[tuple[str, str]]) -> None:
+    """A testsuite "kvmpy" of one error case per (name, message), added to ``root``."""
+    suite = ET.SubElement(root, "testsuite", name="kvmpy", tests=str(len(errors)), failures="0",
+                          errors=str(len(errors)), skipped="0")
+    for name, message in errors:
+        ET.SubElement(_case(suite, "kvmpy", name), "error", message=message)
+
+
+def with_verdict(xml: bytes | None, runs: list[RunResults]) -> bytes | None:
+    """The host run's JUnit document (``xml``, as pytest wrote it; None: it wrote none) made to
+    fail where the report does: each harness error, stop and the reason nothing was tested
+    (:func:`~kvmpy.selftest.report.not_tested_note`) added as an error case. None when pytest's
+    document needs nothing added."""
+    errors = [("(harness)", f"{r.config}: {r.harness_error}") for r in runs if r.harness_error]
+    errors += [("(run)", f"{r.config}: {stop_note(r)}") for r in runs if r.interrupted]
+    note = not_tested_note(runs)
+    if note:
+        errors.append(("(verdict)", f"NOT TESTED: {note}"))
+    if xml is None:
+        return format_junit(runs)
+    if not errors:
+        return None
+    try:
+        root = ET.fromstring(xml)
+    except ET.ParseError:
+        return format_junit(runs)   # cut short (pytest killed while writing it): the report's own
+    if root.tag != "testsuites":
+        wrapper = ET.Element("testsuites")
+        wrapper.append(root)
+        root = wrapper
+    _error_suite(root, errors)
     return ET.tostring(root, encoding="utf-8", xml_declaration=True)

@@ -79,21 +79,50 @@ class KnownIssueFileError(Exception):
     pass
 
 
-def load(path: Path) -> list[KnownIssue]:
-    """Parse the known-issues file; every entry needs test, reason and evidence."""
+# An entry's keys: the text ones (``test``, ``reason``, ``evidence`` required), then the others.
+_TEXT_KEYS = ("test", "reason", "evidence", "kernel_release", "module", "match")
+_KEYS = set(_TEXT_KEYS) | {"intermittent", "splats"}
+
+
+def load(path: Path, missing_ok: bool = True) -> list[KnownIssue]:
+    """Parse the known-issues file; every entry needs test, reason and evidence.
+
+    KnownIssueFileError for anything that is not such a file (unreadable, a directory, not
+    UTF-8, not TOML, an entry of the wrong shape); a missing file is none (``missing_ok``,
+    the default file beside the selftests) or an error.
+    """
     if not path.exists():
-        return []
-    with open(path, "rb") as f:
-        data = tomllib.load(f)
+        if missing_ok:
+            return []
+        raise KnownIssueFileError(f"{path}: no such file")
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except IsADirectoryError:
+        raise KnownIssueFileError(f"{path}: is a directory, not a TOML file") from None
+    except OSError as e:
+        raise KnownIssueFileError(f"{path}: cannot read: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise KnownIssueFileError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except tomllib.TOMLDecodeError as e:
+        raise KnownIssueFileError(f"{path}: not valid TOML: {e}") from None
+    entries = data.get("issue", [])
+    if not isinstance(entries, list) or not all(isinstance(raw, dict) for raw in entries):
+        raise KnownIssueFileError(f"{path}: 'issue' must be an array of tables, one [[issue]] per entry")
+    unknown_top = set(data) - {"issue"}
+    if unknown_top:
+        raise KnownIssueFileError(f"{path}: unknown top-level keys {sorted(unknown_top)} (entries are [[issue]])")
     out = []
-    for i, raw in enumerate(data.get("issue", [])):
-        missing = [k for k in ("test", "reason", "evidence") if not str(raw.get(k, "")).strip()]
-        if missing:
-            raise KnownIssueFileError(f"{path}: entry {i + 1} lacks {', '.join(missing)}")
-        unknown = set(raw) - {"test", "reason", "evidence", "kernel_release", "module", "match", "intermittent",
-                              "splats"}
+    for i, raw in enumerate(entries):
+        unknown = set(raw) - _KEYS
         if unknown:
             raise KnownIssueFileError(f"{path}: entry {i + 1} has unknown keys {sorted(unknown)}")
+        wrong = [k for k in _TEXT_KEYS if k in raw and not isinstance(raw[k], str)]
+        if wrong:
+            raise KnownIssueFileError(f"{path}: entry {i + 1}: {', '.join(wrong)} must be text (a quoted string)")
+        missing = [k for k in ("test", "reason", "evidence") if not raw.get(k, "").strip()]
+        if missing:
+            raise KnownIssueFileError(f"{path}: entry {i + 1} lacks {', '.join(missing)}")
         if not isinstance(raw.get("intermittent", False), bool):
             raise KnownIssueFileError(f"{path}: entry {i + 1}: intermittent must be true or false")
         splats = raw.get("splats", [])
@@ -104,7 +133,7 @@ def load(path: Path) -> list[KnownIssue]:
                 re.compile(pattern)
             except re.error as e:
                 raise KnownIssueFileError(f"{path}: entry {i + 1}: bad regex {pattern!r}: {e}") from None
-        fields = {k: str(v) for k, v in raw.items() if k not in ("intermittent", "splats")}
+        fields = {k: v for k, v in raw.items() if k not in ("intermittent", "splats")}
         out.append(KnownIssue(**fields, intermittent=raw.get("intermittent", False), splats=tuple(splats)))
     return out
 
@@ -112,7 +141,8 @@ def load(path: Path) -> list[KnownIssue]:
 def known_issues_file(config: pytest.Config) -> Path:
     env = os.environ.get("KVMPY_KNOWN_ISSUES")
     if env:
-        return Path(env)
+        # `kvmpy selftest` makes it absolute (pytest runs in the source tree); plain pytest: its cwd.
+        return Path(env).expanduser().absolute()
     local = Path(str(config.rootpath)) / "known_issues.toml"
     for candidate in (Path(__file__).resolve().parent.parent / "selftests" / "known_issues.toml", DEFAULT_FILE, local):
         if candidate.exists():
@@ -123,8 +153,9 @@ def known_issues_file(config: pytest.Config) -> Path:
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     path = known_issues_file(config)
     try:
-        issues = [k for k in load(path) if k.applies_to_host()]
-    except (KnownIssueFileError, tomllib.TOMLDecodeError) as e:
+        # A file the user named must be there: a typo would quietly drop every entry.
+        issues = [k for k in load(path, missing_ok="KVMPY_KNOWN_ISSUES" not in os.environ) if k.applies_to_host()]
+    except KnownIssueFileError as e:
         raise pytest.UsageError(f"known-issues file is invalid: {e}") from None
     for item in items:
         for k in issues:

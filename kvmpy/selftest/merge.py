@@ -14,8 +14,9 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from kvmpy.selftest.report import RunResults, runs_from_json
+from kvmpy.selftest.report import OUTCOMES, RunResults, runs_from_json
 from kvmpy.selftest.shard import Shard, slice_of
+from kvmpy.stop import signal_number
 
 
 class MergeError(ValueError):
@@ -33,12 +34,14 @@ class ShardReport:
 
 
 def load(path: str) -> ShardReport:
-    """A shard report from ``path`` (MergeError naming the file if it is not one)."""
+    """A shard report from ``path`` (MergeError naming the file, and the field, if it is not one)."""
     try:
-        doc = json.loads(Path(path).read_text())
+        doc = json.loads(Path(path).read_bytes())
     except OSError as e:
         raise MergeError(f"{path}: cannot read: {e.strerror}") from None
-    except ValueError as e:
+    except RecursionError:
+        raise MergeError(f"{path}: not a kvmpy selftest report (JSON nested too deeply)") from None
+    except ValueError as e:     # also not UTF-8
         raise MergeError(f"{path}: not JSON ({e})") from None
     if not isinstance(doc, dict) or "runs" not in doc:
         raise MergeError(f"{path}: not a kvmpy selftest report (no 'runs'; made by `kvmpy selftest --json`)")
@@ -47,10 +50,92 @@ def load(path: str) -> ShardReport:
                          f"`kvmpy selftest --bed [--matrix] --shard K/N --json`)")
     try:
         shard = Shard.from_dict(doc["shard"])
+        check_report(doc)
         runs = runs_from_json(doc)
     except (KeyError, TypeError, ValueError) as e:
-        raise MergeError(f"{path}: malformed report ({e})") from None
+        raise MergeError(f"{path}: malformed report: {e}") from None
     return ShardReport(path, doc.get("host", {}), shard, runs)
+
+
+def _kind(value) -> str:
+    return "null" if value is None else f"{type(value).__name__} {value!r}"
+
+
+def _expect(where: str, value, kinds: tuple, what: str) -> None:
+    if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
+        raise ValueError(f"{where}: {what} expected, not {_kind(value)}"[:300])
+
+
+def check_report(doc: dict) -> None:
+    """ValueError naming the first field of ``doc`` that `kvmpy selftest --json` would not have
+    written: each run a config, its row, counts, signal and tests; each test a node id and one of
+    the outcomes a run records."""
+    _expect("host", doc.get("host", {}), (dict,), "an object")
+    _expect("runs", doc["runs"], (list,), "a list")
+    for i, run in enumerate(doc["runs"]):
+        at = f"runs[{i}]"
+        _expect(at, run, (dict,), "an object")
+        for key in ("config", "tests"):
+            if key not in run:
+                raise ValueError(f"{at}.{key}: missing")
+        _expect(f"{at}.config", run["config"], (str,), "text")
+        for key in ("row", "harness_error", "interrupted", "stop_detail", "splat_watch"):
+            if run.get(key) is not None or key != "splat_watch":
+                _expect(f"{at}.{key}", run.get(key, ""), (str,), "text")
+        if run.get("interrupted"):
+            try:
+                signal_number(run["interrupted"])
+            except (KeyError, ValueError, IndexError):
+                raise ValueError(f"{at}.interrupted: {run['interrupted']!r} names no signal") from None
+        for key in ("exitstatus", "collected"):
+            if run.get(key) is not None:
+                _expect(f"{at}.{key}", run[key], (int,), "a whole number or null")
+        _expect(f"{at}.seconds", run.get("seconds", 0.0), (int, float), "a number")
+        _expect(f"{at}.bed", run.get("bed", {}), (dict,), "an object")
+        _expect(f"{at}.tests", run["tests"], (list,), "a list")
+        for j, test in enumerate(run["tests"]):
+            tat = f"{at}.tests[{j}]"
+            _expect(tat, test, (dict,), "an object")
+            for key in ("nodeid", "outcome"):
+                if key not in test:
+                    raise ValueError(f"{tat}.{key}: missing")
+                _expect(f"{tat}.{key}", test[key], (str,), "text")
+            if not test["nodeid"]:
+                raise ValueError(f"{tat}.nodeid: empty")
+            if test["outcome"] not in OUTCOMES:
+                raise ValueError(f"{tat}.outcome: {test['outcome']!r} is no outcome of a run "
+                                 f"({', '.join(sorted(OUTCOMES))})")
+            if test.get("reason") is not None:
+                _expect(f"{tat}.reason", test["reason"], (str,), "text")
+            _expect(f"{tat}.duration", test.get("duration", 0.0), (int, float), "a number")
+            _expect(f"{tat}.stats", test.get("stats", {}), (dict,), "an object")
+
+
+def _check_coverage(r: ShardReport) -> None:
+    """MergeError unless ``r``'s runs are its rows: one run per row it claims, each run of one of
+    them, each with its tests. Only a stop, or a harness error, leaves rows without a run (the
+    report says which were not run) or a run of no row."""
+    cut = any(run.interrupted or run.harness_error for run in r.runs)
+    seen: dict[str, int] = {}
+    for i, run in enumerate(r.runs):
+        if not run.row:
+            if not (run.interrupted or run.harness_error):
+                raise MergeError(f"{r.path}: runs[{i}] ({run.config}) names no row: which of shard "
+                                 f"{r.shard.name}'s rows ({', '.join(r.shard.rows)}) it ran is unknown")
+            continue
+        if run.row not in r.shard.rows:
+            raise MergeError(f"{r.path}: shard {r.shard.name} reports rows outside its slice: {run.row} "
+                             f"(runs[{i}]; its rows: {', '.join(r.shard.rows)})")
+        if run.row in seen:
+            raise MergeError(f"{r.path}: row {run.row} has two runs (runs[{seen[run.row]}] and runs[{i}])")
+        seen[run.row] = i
+        if not run.tests and not (run.interrupted or run.harness_error):
+            raise MergeError(f"{r.path}: runs[{i}] (row {run.row}) has no tests, and no harness error or "
+                             f"stop that would say why")
+    missing = [row for row in r.shard.rows if row not in seen]
+    if missing and not cut:
+        raise MergeError(f"{r.path}: shard {r.shard.name} claims row{'s' if len(missing) > 1 else ''} "
+                         f"{', '.join(missing)} but has no run of {'them' if len(missing) > 1 else 'it'}")
 
 
 def _check_group(group: list[ShardReport]) -> list[ShardReport]:
@@ -72,6 +157,7 @@ def _check_group(group: list[ShardReport]) -> list[ShardReport]:
         stray = [run.row for run in r.runs if run.row and run.row not in r.shard.rows]
         if stray:
             raise MergeError(f"{r.path}: shard {r.shard.name} reports rows outside its slice: {', '.join(stray)}")
+        _check_coverage(r)
         by_index[r.shard.index] = r
     missing = [f"{k}/{n}" for k in range(1, n + 1) if k not in by_index]
     if missing:

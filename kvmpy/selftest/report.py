@@ -22,6 +22,14 @@ EXIT_NOT_TESTED = 2    # nothing (or not what was asked) was tested: no usable K
 FAILING = {"failed", "error", "xpassed"}
 # The outcome of the row that says the run tested nothing (kvmpy.selftest.guard).
 NOT_TESTED = "not-tested"
+# Outcomes of a test that ran to a verdict: something of KVM was checked. A run with none of
+# them (every test skipped, or pytest told not to run them: --collect-only, --setup-plan) tested
+# nothing and is never green.
+EXECUTED = {"passed", "failed", "error", "xfailed", "xpassed", "known-absent"}
+# Every outcome a run records (kvmpy.selftest.results, progress); anything else is not a result.
+OUTCOMES = EXECUTED | {"skipped", "interrupted", NOT_TESTED}
+# RunResults.splat_watch of a run whose kernel log nobody watched starts with this.
+WATCH_OFF = "OFF"
 RESULT_LABEL = {"passed": "PASS", "failed": "FAIL", "error": "ERROR", "skipped": "SKIP",
                 "xfailed": "XFAIL(known)", "xpassed": "XPASS(strict)",
                 "known-absent": "PASS(known issue absent)", NOT_TESTED: "NOT TESTED",
@@ -48,12 +56,15 @@ class RunResults:
     bed: dict = field(default_factory=dict)
     # Inside the bed: the row of the run this configuration is (``qemu/6.12/tdp+split``, see --shard).
     row: str = ""
+    # The kernel log the splat watch read ("/dev/kmsg"), or "OFF: why" when none was watched
+    # (kvmpy.selftest.results records it); None when not known (no results from pytest).
+    splat_watch: str | None = None
 
     @classmethod
     def from_json(cls, config: str, text: str) -> "RunResults":
         data = json.loads(text)
         return cls(config, data.get("tests", []), data.get("exitstatus"), seconds=data.get("seconds", 0.0),
-                   collected=data.get("collected"))
+                   collected=data.get("collected"), splat_watch=data.get("splat_watch"))
 
     def counts(self) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -67,7 +78,9 @@ def exit_status(runs: list[RunResults]) -> int:
 
     128+N: stopped by signal N (the results are partial); 2: not tested (no usable
     KVM) or a harness error; 1: a failure, an unexplained kernel splat, a strict
-    known issue that did not reproduce, or a skip without a reason; 0 otherwise.
+    known issue that did not reproduce, or a skip without a reason; 2: nothing was
+    tested after all (:func:`not_tested_note`: no test ran to a verdict, a test without
+    one, a kernel log nobody watched for splats); 0 otherwise.
     """
     for r in runs:
         if r.interrupted:
@@ -78,7 +91,71 @@ def exit_status(runs: list[RunResults]) -> int:
         return EXIT_FAILED
     if any(t["outcome"] == "skipped" and not t.get("reason") for r in runs for t in r.tests):
         return EXIT_FAILED  # a skip without a reason hides something
+    if not_tested_note(runs):
+        return EXIT_NOT_TESTED
     return EXIT_OK
+
+
+def _reasons(tests: list[dict], most: int = 3) -> str:
+    """The commonest skip reasons of ``tests``, with counts: ``"no nested (x12); no 1G pool (x6)"``."""
+    counts: dict[str, int] = {}
+    for t in tests:
+        text = (t.get("reason") or "").strip()
+        reason = text.splitlines()[0][:160] if text else "no reason"
+        counts[reason] = counts.get(reason, 0) + 1
+    top = sorted(counts.items(), key=lambda kv: -kv[1])
+    text = "; ".join(f"{reason} (x{n})" if n > 1 else reason for reason, n in top[:most])
+    return text + (f"; and {len(top) - most} other reason(s)" if len(top) > most else "")
+
+
+def row_not_tested(r: RunResults) -> str:
+    """Why the one run ``r`` checked nothing ('' if a test of it ran to a verdict, or it stopped or
+    failed to run: those say so themselves). In a matrix, a row whose selected tests all skip (tests
+    that apply to other rows, e.g. ``-k splitting`` in a shadow-paging row) is shown, not failed:
+    see :func:`not_tested_note`."""
+    if r.harness_error or r.interrupted or any(t["outcome"] in EXECUTED for t in r.tests):
+        return ""
+    tests = [t for t in r.tests if "::" in t["nodeid"]]
+    skipped = [t for t in tests if t["outcome"] == "skipped"]
+    if skipped and len(skipped) == len(tests):
+        return f"all {len(tests)} selected test{'s' if len(tests) != 1 else ''} skipped ({_reasons(skipped)})"
+    return f"no test ran ({len(tests)} recorded, none with a verdict)"
+
+
+def not_tested_note(runs: list[RunResults]) -> str:
+    """Why a run with no failure is still not green (exit 2), or '' if it tested what it claims.
+
+    - A kernel log nobody watched (``RunResults.splat_watch`` OFF: no root, ``KVMPY_KMSG``
+      unreadable): a run that cannot see a kernel splat cannot say there was none.
+    - A test without a verdict while nothing stopped the run (pytest told not to run the tests:
+      --collect-only, --setup-plan, --setup-only; or an outcome no kvmpy run records).
+    - No test ran to a verdict anywhere: every selected test skipped, or none ran. A row of a
+      matrix whose tests all skip is shown in the table but fails nothing while other rows
+      tested something: a matrix row runs the tests that apply to its configuration.
+    """
+    notes = []
+    off = [f"{r.config} ({r.splat_watch})" for r in runs
+           if r.splat_watch is not None and r.splat_watch.startswith(WATCH_OFF)]
+    if off:
+        notes.append(f"the kernel log was not watched for splats in {', '.join(off)}: a run that "
+                     f"cannot see a kernel splat cannot pass")
+    stray = [t for r in runs if not r.interrupted for t in r.tests if t["outcome"] not in OUTCOMES
+             or t["outcome"] == "interrupted"]
+    if stray:
+        outcomes = sorted({t["outcome"] or "none" for t in stray})
+        notes.append(f"{len(stray)} test{'s' if len(stray) != 1 else ''} never ran to a verdict (outcome "
+                     f"{', '.join(outcomes)}, e.g. {_short_id(stray[0]['nodeid'])}): pytest did not run "
+                     f"{'them' if len(stray) != 1 else 'it'}")
+    if not any(t["outcome"] in EXECUTED for r in runs for t in r.tests):
+        tests = [t for r in runs for t in r.tests if "::" in t["nodeid"]]
+        skipped = [t for t in tests if t["outcome"] == "skipped"]
+        if tests and len(skipped) == len(tests):
+            notes.append(f"nothing was tested: all {len(tests)} selected test{'s' if len(tests) != 1 else ''} "
+                         f"{'were' if len(tests) != 1 else 'was'} skipped (reasons: {_reasons(skipped)})")
+        elif not any(r.harness_error or r.interrupted or any(t["outcome"] == NOT_TESTED for t in r.tests)
+                     for r in runs):
+            notes.append("nothing was tested: no test ran to a verdict")
+    return "; ".join(notes)
 
 
 def stop_note(r: RunResults) -> str:
@@ -118,6 +195,9 @@ def format_table(runs: list[RunResults], width: int | None = None) -> str:
             rows.append(("(harness)", r.config, "ERROR", r.harness_error, ""))
         if r.interrupted:
             rows.append(("(run)", r.config, "INTERRUPTED", stop_note(r), ""))
+        nothing = row_not_tested(r)
+        if nothing and len(runs) > 1:
+            rows.append(("(nothing tested)", r.config, "NOT TESTED", nothing, ""))
         for t in r.tests:
             rows.append((_short_id(t["nodeid"]), r.config, RESULT_LABEL.get(t["outcome"], t["outcome"]),
                          t.get("reason", "") or "", _fmt_stats(t.get("stats", {}))))
@@ -140,8 +220,25 @@ def format_table(runs: list[RunResults], width: int | None = None) -> str:
         for k, v in r.counts().items():
             totals[k] = totals.get(k, 0) + v
     lines.append("")
-    lines.append(summary_line(totals))
+    lines += [f"kernel splat watch: {w}" for w in watch_lines(runs)]
+    # The verdict last: why nothing (or not enough) was tested, then the counts.
+    note = not_tested_note(runs)
+    summary = summary_line(totals)
+    if note:
+        lines.append(note)
+        summary = summary if summary.startswith("NOT TESTED") else f"NOT TESTED: {summary}"
+    lines.append(summary)
     return "\n".join(lines)
+
+
+def watch_lines(runs: list[RunResults]) -> list[str]:
+    """What the splat watch read, once if the same for every run, else per configuration."""
+    known = [(r.config, r.splat_watch) for r in runs if r.splat_watch is not None]
+    if not known:
+        return []
+    if len({w for _, w in known}) == 1:
+        return [known[0][1]]
+    return [f"{config}: {w}" for config, w in known]
 
 
 def summary_line(totals: dict[str, int]) -> str:
@@ -161,12 +258,17 @@ def format_ktap(runs: list[RunResults]) -> str:
     """KTAP v1: one line per test and configuration, SKIP/XFAIL directives with reasons."""
     entries = [(r.config, t) for r in runs for t in r.tests]
     notes = [(r.config, r.harness_error or stop_note(r)) for r in runs if r.harness_error or r.interrupted]
+    verdict = not_tested_note(runs)
+    if verdict:
+        notes.append(("verdict", f"NOT TESTED: {verdict}"))
     out = ["KTAP version 1", f"1..{len(entries) + len(notes)}"]
     out += [f"# {r.config}: {r.bed['summary']}" for r in runs if r.bed.get("summary")]
+    out += [f"# kernel splat watch: {w}" for w in watch_lines(runs)]
+    out += [f"# {r.config}: nothing tested: {row_not_tested(r)}" for r in runs if len(runs) > 1 and row_not_tested(r)]
     n = 0
     for config, note in notes:
         n += 1
-        out.append(f"not ok {n} harness {config} # {note}")
+        out.append(f"not ok {n} harness {config} # {note}".replace("\n", " "))
     for config, t in entries:
         n += 1
         name = f"{_short_id(t['nodeid'])} {config}".replace("#", "")
@@ -190,10 +292,12 @@ def to_json(header: dict, runs: list[RunResults], extra: dict | None = None) -> 
     return json.dumps({
         "host": header,
         "exit_status": exit_status(runs),
+        "not_tested": not_tested_note(runs),
         **(extra or {}),
         "runs": [{"config": r.config, **({"row": r.row} if r.row else {}), "exitstatus": r.exitstatus,
                   "harness_error": r.harness_error, "interrupted": signal_name(r.interrupted) if r.interrupted else "",
                   "stop_detail": r.stop_detail, "collected": r.collected, "seconds": r.seconds,
+                  **({"splat_watch": r.splat_watch} if r.splat_watch is not None else {}),
                   **({"bed": r.bed} if r.bed else {}), "tests": r.tests} for r in runs],
     }, indent=1)
 
@@ -202,5 +306,5 @@ def runs_from_json(doc: dict) -> list[RunResults]:
     """The runs of a report :func:`to_json` wrote (KeyError/TypeError/ValueError if it is not one)."""
     return [RunResults(r["config"], list(r["tests"]), r.get("exitstatus"), r.get("harness_error", ""),
                        r.get("seconds", 0.0), signal_number(r.get("interrupted", "")), r.get("collected"),
-                       r.get("stop_detail", ""), dict(r.get("bed", {})), r.get("row", ""))
+                       r.get("stop_detail", ""), dict(r.get("bed", {})), r.get("row", ""), r.get("splat_watch"))
             for r in doc["runs"]]

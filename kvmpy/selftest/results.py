@@ -59,6 +59,19 @@ def _first_line(text: str) -> str:
     return ""
 
 
+def splat_watch_state(config: pytest.Config) -> str:
+    """The kernel log the splat watch (kvmpy.selftest.splat) read this session, or "OFF: why"
+    (the report's verdict: a run whose kernel log nobody watched cannot be green)."""
+    from kvmpy.selftest.report import WATCH_OFF
+
+    watch = config.pluginmanager.get_plugin("kvmpy-splat-watch")
+    if watch is None:
+        return f"{WATCH_OFF}: the splat watch was not loaded (--no-splat-watch or -p no:kvmpy.selftest.splat)"
+    if watch.unavailable or watch.reader is None:
+        return f"{WATCH_OFF}: {watch.unavailable or 'no kernel log reader'}"
+    return str(watch.reader.path)
+
+
 class _Recorder:
     def __init__(self, path: str, progress_path: str | None = None) -> None:
         self.path = path
@@ -144,7 +157,8 @@ class _Recorder:
             if not e["outcome"]:
                 e["outcome"], e["reason"] = STOPPED_TEST
         data = {"exitstatus": int(session.exitstatus), "seconds": round(time.time() - self.started, 2),
-                "collected": session.testscollected, "tests": list(self.tests.values())}
+                "collected": session.testscollected, "splat_watch": splat_watch_state(session.config),
+                "tests": list(self.tests.values())}
         try:
             os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
             with open(self.path, "w") as f:

@@ -65,12 +65,30 @@ class Shard:
 
     @classmethod
     def from_dict(cls, data: dict) -> "Shard":
-        """A report's ``shard`` object (ValueError if malformed)."""
-        try:
-            shard = cls(int(data["index"]), int(data["count"]), tuple(map(str, data["rows"])),
-                        tuple(map(str, data["all_rows"])))
-        except (KeyError, TypeError, ValueError) as e:
-            raise ValueError(f"malformed shard object ({e!r})") from None
+        """A report's ``shard`` object (ValueError naming the bad field if malformed): whole numbers
+        1 <= index <= count, ``all_rows`` the run's rows (each once, at least one) and ``rows`` the
+        shard's (at least one, all of them rows of the run)."""
+        if not isinstance(data, dict):
+            raise ValueError(f"shard: an object expected, not {type(data).__name__}")
+        for key in ("index", "count"):
+            if key not in data:
+                raise ValueError(f"shard.{key}: missing")
+            if not isinstance(data[key], int) or isinstance(data[key], bool):
+                raise ValueError(f"shard.{key}: a whole number expected, not {data[key]!r}")
+        for key in ("rows", "all_rows"):
+            if key not in data:
+                raise ValueError(f"shard.{key}: missing")
+            value = data[key]
+            if not isinstance(value, list) or not all(isinstance(x, str) and x for x in value):
+                raise ValueError(f"shard.{key}: a list of row names expected, not {value!r}")
+            if not value:
+                raise ValueError(f"shard.{key}: empty (a shard runs at least one row)")
+            if len(set(value)) != len(value):
+                raise ValueError(f"shard.{key}: a row given twice")
+        shard = cls(data["index"], data["count"], tuple(data["rows"]), tuple(data["all_rows"]))
         if not 1 <= shard.index <= shard.count:
             raise ValueError(f"shard {shard.name}: index out of range")
+        stray = [r for r in shard.rows if r not in shard.all_rows]
+        if stray:
+            raise ValueError(f"shard.rows: {', '.join(stray)} not in shard.all_rows")
         return shard
