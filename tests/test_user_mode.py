@@ -214,7 +214,7 @@ def test_not_observable_inside_the_bed_is_a_failure(tmp_path):
 @needs_kvm
 def test_not_observable_outside_the_bed_is_a_skip(tmp_path):
     rc, tests = _selftest(tmp_path, "unsync and not nested", S15_PROBE="blind")
-    assert rc == 0
+    assert rc == 2          # its one test skipped: nothing was tested (kvmpy.selftest.report)
     (t,) = tests.values()
     assert t["outcome"] == "skipped" and "SPTE stats not observable at CPL0" in t["reason"]
 
@@ -263,3 +263,37 @@ def test_a_step_without_native_work_is_not_checked(native_steps, probe_result):
     steps.mark()                           # kernel calls: ~60 emulated instructions, not checked
     steps.check("writing PTEs")            # +1
     assert steps.checked == 1
+
+
+@pytest.mark.parametrize("emulated_ring0", [True, False])
+def test_a_step_whose_emulation_is_the_defect_fails_even_where_ring0_is_emulated(native_steps, probe_result,
+                                                                                  monkeypatch, emulated_ring0):
+    """test_unsync's PTE writes at CPL3 on kvm_pvm: emulated, they are what the test looks for."""
+    probe_result(MmuProbe(ring0() if emulated_ring0 else ring0(spte_4k=16, emulated=0), cpl3()))
+    monkeypatch.setattr(hostinfo, "loaded_vendor_module", lambda: "kvm_pvm" if emulated_ring0 else "kvm_amd")
+    steps = native_steps(_Vcpu(10, 11, 40, 41), 3)
+    steps.check("writing PTEs", "PTE writes emulated instead of unsynced")        # +1: the report
+    with pytest.raises(Exception) as ei:
+        steps.check("writing PTEs", "PTE writes emulated instead of unsynced")    # +29
+    assert type(ei.value) is AssertionError, repr(ei.value)
+    assert str(ei.value).startswith("PTE writes emulated instead of unsynced (writing PTEs: insn_emulation +29 at CPL3")
+    steps.check("writing PTEs", "PTE writes emulated instead of unsynced")        # +1 again: fine
+    assert steps.checked == 3
+
+
+def test_only_a_probe_that_saw_emulation_makes_a_level_a_skip(probe_result):
+    """No SPTEs at a level is "not observable" (a skip) only where the probe saw KVM emulate the
+    guest there; no SPTEs from accesses KVM did not emulate means broken stats: an error."""
+    assert ring0().emulated and not ring0(emulated=3).emulated and not ring0(spte_4k=16, emulated=0).emulated
+    assert cpl3(emulated=2).emulated and not cpl3(emulated=1).emulated
+    blind = MmuProbe(ring0(emulated=3), cpl3())    # ring 0 ran natively (3 of 49 emulated), no SPTEs
+    assert "the SPTE stats are broken" in blind.ring0.meaning()
+    probe_result(blind)
+    assert hostinfo.require_mmu_visible(3).levels == (3,)
+    with pytest.raises(Exception) as ei:           # by hand: an escaping RequirementError would be a skip
+        hostinfo.require_mmu_visible(0)
+    assert type(ei.value) is MmuProbeError, repr(ei.value)
+    assert "SPTE stats broken at CPL0" in str(ei.value) and "ran natively" in str(ei.value)
+    probe_result(MmuProbe(ring0(spte_4k=16, emulated=0), cpl3(emulated=5)))   # CPL3 emulated: a skip
+    with pytest.raises(RequirementError, match="not observable at CPL3 .*KVM emulated the guest's writes"):
+        hostinfo.require_mmu_visible(3)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from kvmpy import cli
-from kvmpy.selftest import bed_runner, known_issues, merge, options, report
+from kvmpy.selftest import bed_runner, known_issues, options, report
 from kvmpy.selftest.shard import Shard
 
 from bed_fakes import bed_args
@@ -69,7 +69,7 @@ def test_pytest_addopts_is_checked_like_the_arguments(capsys, monkeypatch):
 def test_a_bad_scale_is_one_usage_error(capsys, monkeypatch, value, error):
     monkeypatch.setenv("KVMPY_SCALE", value)
     rc, err = _selftest(capsys, "-k", "hello")
-    assert rc == 2 and f"KVMPY_SCALE" in err and error in err
+    assert rc == 2 and "KVMPY_SCALE" in err and error in err
 
 
 def test_a_bad_scale_stops_pytest_before_any_test(tmp_path):
