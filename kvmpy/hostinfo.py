@@ -134,8 +134,10 @@ def probe_error(e: Exception) -> MmuProbeError:
 def require_mmu_visible(cpl: int = 0) -> MmuProbe:
     """The probe, if guest memory accesses at ``cpl`` create SPTEs that KVM's stats count.
 
-    RequirementError when they do not; MmuProbeError when the probe failed, however it
-    failed (a requirement can only be judged from a probe that ran).
+    RequirementError when they do not because KVM emulated them (the probe saw it do so:
+    kvm_pvm's ring 0); MmuProbeError when they created no SPTEs although KVM did not
+    emulate them (the stats are broken: a failure, never a skip), and when the probe
+    failed, however it failed (a requirement can only be judged from a probe that ran).
     """
     try:
         p = probe_mmu()
@@ -143,6 +145,11 @@ def require_mmu_visible(cpl: int = 0) -> MmuProbe:
         raise probe_error(e) from e
     if cpl not in p.levels:
         mod = loaded_vendor_module() or "no vendor module"
+        level = p.ring0 if cpl == 0 else p.cpl3
+        if not level.emulated:
+            raise MmuProbeError(f"SPTE stats broken at CPL{cpl} on this host ({mod}): the probe guest's "
+                                f"accesses ran natively (KVM did not emulate them) yet the stats show no SPTEs "
+                                f"for them: {p.meaning()}")
         raise RequirementError(f"SPTE stats not observable at CPL{cpl} on this host ({mod}): {p.meaning()}")
     return p
 

@@ -63,6 +63,13 @@ class LevelProbe:
         """No SPTEs at all, and KVM emulated at least as many instructions as the guest ran."""
         return self.pages_mapped == 0 and self.insn_emulation >= max(self.guest_insns, self.pages)
 
+    @property
+    def emulated(self) -> bool:
+        """The probe saw KVM emulate the guest's accesses (so no SPTEs are expected of them):
+        at ring 0 every instruction (:attr:`instruction_emulated`), at CPL3 more than the
+        reports. Not through KVM's MMU and not emulated either means the SPTE stats are broken."""
+        return self.instruction_emulated if self.cpl == 0 else self.insn_emulation > self.reports
+
     def check_consistent(self) -> None:
         """MmuProbeError when CPL3 writes ran natively yet the new SPTEs map fewer pages than
         were written: native writes fault in every page they touch, so such stats are misread
@@ -81,7 +88,7 @@ class LevelProbe:
                 return (f"ring 0: the guest is run by KVM's instruction emulator (insn_emulation={self.insn_emulation} "
                         f"for {self.guest_insns} guest instructions, no SPTEs after touching {self.pages} pages)")
             return (f"ring 0: no SPTEs after touching {self.pages} pages, but only {self.insn_emulation} of "
-                    f"{self.guest_insns} instructions emulated: SPTE stats are not observable")
+                    f"{self.guest_insns} instructions emulated: the guest ran natively, the SPTE stats are broken")
         what = (f"{spte} SPTEs after one write per 4K over {self.pages * PAGE_4K >> 20} MiB of {self.backing}, "
                 f"insn_emulation +{self.insn_emulation} for {self.reports} report")
         if self.through_mmu:

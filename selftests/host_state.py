@@ -25,6 +25,7 @@ from kvmpy.mmu_params import param_on
 from kvmpy.stop import STOP_SIGNALS
 
 from . import bed_config
+from .kernel_changes import TDP_EAGER_SPLIT
 
 EAGER_PARAM = "/sys/module/kvm/parameters/eager_page_split"
 DROP_CACHES = "/proc/sys/vm/drop_caches"
@@ -207,7 +208,8 @@ def eager_page_split(want: bool, fs: HostFs = HOST):
     boot fixed it (a matrix row, or --param: selftests/bed_config.py).
     """
     value = fs.read(EAGER_PARAM)
-    require(value is not None, f"{EAGER_PARAM} is missing (kernel older than 6.0 or kvm not loaded)")
+    require(value is not None, f"{EAGER_PARAM} is missing (kvm not loaded, or a kernel older than "
+                               f"{TDP_EAGER_SPLIT.first}, which added it with {TDP_EAGER_SPLIT})")
     cur = param_on(value)
     if cur == want:
         yield

@@ -15,7 +15,11 @@ The audit behind this table (every stats assertion in selftests/, read in Debian
     refault over a zapped range, shadow MMU    differs with kvm.nx_huge_pages=Y: NX_HUGE_PAGE_CHECK
     KVM_CLEAR_DIRTY_LOG split                  whole 64-page words: same; a single page at the
                                                start of a huge page: CLEAR_SPLIT_OFF_BY_ONE
-    eager split at enable (TDP MMU, nested)    same (a3fe5dbda0a4 v5.18, ada51a9de737 v6.0)
+    eager split at enable, TDP MMU             same in 6.1 and 6.12; from TDP_EAGER_SPLIT (with the
+                                               kvm.eager_page_split parameter) and, at
+                                               KVM_CLEAR_DIRTY_LOG, CLEAR_EAGER_SPLIT
+    eager split at enable, nested MMU          same in 6.1 and 6.12; from NESTED_EAGER_SPLIT (before
+                                               it the nested MMU split only lazily)
     lazy split, shadow MMU flavours            same (never split: drop the huge SPTE, map 4K)
     nested MMU (test_nested_*.py), unsync      same, but for L1's own huge TDP SPTE under its
                                                edited tables (split meets unsync): SPLIT_ON_FAULT
@@ -44,6 +48,11 @@ class Change:
         return f'{self.commit} "{self.subject}" ({self.first})'
 
 
+TDP_EAGER_SPLIT = Change("a3fe5dbda0a4", "KVM: x86/mmu: Split huge pages mapped by the TDP MMU when dirty logging "
+                                         "is enabled", (5, 18))
+CLEAR_EAGER_SPLIT = Change("cb00a70bd4b7", "KVM: x86/mmu: Split huge pages mapped by the TDP MMU during "
+                                           "KVM_CLEAR_DIRTY_LOG", (5, 18))
+NESTED_EAGER_SPLIT = Change("ada51a9de737", "KVM: x86/mmu: Extend Eager Page Splitting to nested MMUs", (6, 0))
 SPLIT_ON_FAULT = Change("c4b33d28ea51", "KVM: x86/mmu: Split huge pages mapped by the TDP MMU on fault", (6, 2))
 NX_HUGE_PAGE_CHECK = Change("76901e56fb51", "KVM: x86/mmu: explicitly check nx_hugepage in "
                                             "disallowed_hugepage_adjust()", (6, 2))

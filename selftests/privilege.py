@@ -21,7 +21,9 @@ store, or an OUT skipped by the emulator where the CPU gives no next RIP) and
 nothing else, so ``insn_emulation`` may rise by at most one. More means KVM
 emulated guest code: where the host emulates guest code by design (the probe
 saw ring 0 emulated: kvm_pvm), that is a skip naming the step; anywhere else it
-is a failure.
+is a failure. A step whose emulation is itself the defect a test looks for (the
+unsync test's PTE writes: KVM emulates them when it write-protects instead of
+unsyncing) is checked with ``defect=``: a failure everywhere.
 """
 from __future__ import annotations
 
@@ -107,8 +109,13 @@ class NativeSteps:
         """A step whose native execution does not matter ended here (e.g. kernel calls only)."""
         self.last = insn_emulation(self.vcpu)
 
-    def check(self, step: str) -> None:
-        """The step that just ended in a report ran natively: a skip (kvm_pvm) or failure if not."""
+    def check(self, step: str, defect: str | None = None) -> None:
+        """The step that just ended in a report ran natively: a skip (kvm_pvm) or failure if not.
+
+        ``defect``: what KVM emulating this step means for the test, where that emulation is the
+        very behaviour the test checks for (e.g. KVM emulating writes to a shadowed guest page
+        table instead of unsyncing it): then it is a failure saying so on every host, never a
+        skip -- the test runs only at levels the probe showed native."""
         now = insn_emulation(self.vcpu)
         delta, self.last = now - self.last, now
         self.checked += 1
@@ -116,6 +123,8 @@ class NativeSteps:
             return
         what = (f"{step}: insn_emulation +{delta} at CPL{self.cpl}, where only the step's report "
                 f"(<= {self.REPORT_EMULATIONS}) may be emulated")
+        if defect is not None:
+            raise AssertionError(f"{defect} ({what})")
         probe = hostinfo.probe_mmu()
         if probe.emulates_ring0:
             raise RequirementError(f"{hostinfo.loaded_vendor_module()} emulated this step ({what}): "

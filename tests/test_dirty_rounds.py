@@ -153,7 +153,7 @@ def test_on_stop_runs_once_when_a_vcpu_fails_and_stop_follows():
 def test_the_writer_wakes_a_vcpu_waiting_for_a_harvest_when_the_run_ends():
     d = bare_writer(EmptyCollector())
     d.guest = SimpleNamespace(stopping=threading.Event())
-    d.ring_full_resumes, d._ring_full, d._unharvested_resumes, d._reentry_rip = 0, [0], [0], [None]
+    d.ring_full_resumes, d._ring_full, d._unharvested_resumes, d._reentry_stop = 0, [0], [0], [None]
     from kvmpy.exits import DirtyRingFullExit
 
     waiter = threading.Thread(target=d._on_exit, args=(0, DirtyRingFullExit(31)), daemon=True)
@@ -164,3 +164,91 @@ def test_the_writer_wakes_a_vcpu_waiting_for_a_harvest_when_the_run_ends():
     waiter.join(30)
     assert not waiter.is_alive(), "the vCPU kept waiting for a harvest after the run ended"
 
+
+
+class FakeRingVcpu:
+    """A vCPU stopped at the writer's store: what _on_exit reads at a RING_FULL exit."""
+
+    def __init__(self):
+        self.rip, self.rdi = 0x401000, 0x1_0000_5000
+
+    def get_regs(self):
+        return SimpleNamespace(rip=self.rip, rdi=self.rdi)
+
+
+class FakeRing:
+    """A dirty ring's state as the collector reports it between harvests."""
+
+    def __init__(self):
+        self.fetch_index, self.published = 192, 193
+
+    def ring_state(self, vcpu):
+        return self.fetch_index, self.published
+
+
+def reentering_writer():
+    """A DirtyWriterVm that re-enters KVM_RUN once after each RING_FULL exit, over fakes."""
+    import struct
+
+    d = bare_writer(EmptyCollector())
+    d.guest = SimpleNamespace(stopping=threading.Event())
+    d.ring_full_resumes, d._ring_full, d._unharvested_resumes, d._reentry_stop = 1, [0], [0], [None]
+    d.unreset_reentries = d.refused_reentries = d.harvested_reentries = 0
+    d.ran_reentries = []
+    d.collector = FakeRing()
+    vcpu = FakeRingVcpu()
+    d.g = SimpleNamespace(vcpus=[vcpu])
+    d._nr_writes, d._nr_writes_fmt = bytearray(8), struct.Struct("<1Q")
+    return d, vcpu
+
+
+def set_writes(d, n):
+    d._nr_writes_fmt.pack_into(d._nr_writes, 0, n)
+
+
+@pytest.mark.parametrize("ran", ["none", "store-retired", "entry-pushed", "other-page", "other-exit"])
+def test_a_reentry_into_a_full_ring_is_refused_only_if_nothing_of_the_guest_moved(ran):
+    """At every RING_FULL exit the guest stops at its store, so the RIP alone would pass a KVM
+    that ran it on: its write counter, the store's target and the ring's entries must not move."""
+    from kvmpy.exits import DirtyRingFullExit, MmioExit
+
+    d, vcpu = reentering_writer()
+    set_writes(d, 4000)
+    assert d._on_exit(0, DirtyRingFullExit(31)) is True      # re-entered, unreset
+    assert d._reentry_stop[0] is not None
+    if ran == "store-retired":       # the store retired, the next one stopped at the same RIP
+        set_writes(d, 4001)
+        vcpu.rdi += 0x3000
+    elif ran == "entry-pushed":
+        d.collector.published += 1
+    elif ran == "other-page":
+        vcpu.rdi += 0x1000
+    if ran == "other-exit":          # the guest ran up to a ucall: the hook sees that exit too
+        set_writes(d, 4001)
+        assert d._on_exit(0, MmioExit(6, 0xF000_0000, 8, True)) is False
+    else:
+        waiter = threading.Thread(target=d._on_exit, args=(0, DirtyRingFullExit(31)), daemon=True)
+        waiter.start()
+        assert d.harvest_needed.wait(30)  # the second exit waits for the harvest
+        d.guest.stopping.set()
+        d._wake_on_stop()
+        waiter.join(30)
+    assert d.unreset_reentries == 1
+    if ran == "none":
+        assert d.refused_reentries == 1 and not d.ran_reentries
+    else:
+        assert d.refused_reentries == 0 and len(d.ran_reentries) == 1, d.ran_reentries
+        assert "KVM_RUN into its full, unreset ring" in d.ran_reentries[0]
+
+
+def test_a_reentry_overtaken_by_a_harvest_proves_nothing():
+    from kvmpy.exits import DirtyRingFullExit
+
+    d, vcpu = reentering_writer()
+    assert d._on_exit(0, DirtyRingFullExit(31)) is True
+    d.collector.fetch_index += 193     # harvested and reset before KVM_RUN: KVM may run the guest
+    d.collector.published = 3
+    set_writes(d, 57)
+    d.guest.stopping.set()
+    d._on_exit(0, DirtyRingFullExit(31))
+    assert (d.unreset_reentries, d.refused_reentries, d.harvested_reentries, d.ran_reentries) == (0, 0, 1, [])

@@ -233,9 +233,11 @@ def test_eager_page_split_write_failing_restores(host):
 
 def test_a_value_that_cannot_be_read_is_not_written(host):
     os.unlink(host.path(hs.EAGER_PARAM))
-    with pytest.raises(RequirementError, match="eager_page_split is missing"):
+    with pytest.raises(RequirementError, match="eager_page_split is missing") as ei:
         with hs.eager_page_split(False, fs=host):
             pass
+    # The parameter came with the TDP MMU's eager splitting in v5.18: the message names that commit.
+    assert "older than v5.18, which added it with a3fe5dbda0a4" in str(ei.value)
     changes = hs.HostChanges(host)
     with pytest.raises(KvmError, match="cannot read .*: not writing a value it could not restore"):
         changes.set(hs.EAGER_PARAM, "N")

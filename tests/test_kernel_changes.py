@@ -41,3 +41,29 @@ def test_neither_behaviour_names_both_and_the_commit():
     assert f"expected {SINCE} on 6.12.9" in msg
     assert f"before c4b33d28ea51 \"KVM: x86/mmu: Split huge pages mapped by the TDP MMU on fault\" (v6.2) " \
            f"KVM gives {BEFORE}, since it {SINCE}" in msg
+
+
+def test_eager_split_changes_name_their_commits_and_releases():
+    from kvmpy.selftests.kernel_changes import CLEAR_EAGER_SPLIT, NESTED_EAGER_SPLIT, TDP_EAGER_SPLIT
+
+    assert (TDP_EAGER_SPLIT.commit, TDP_EAGER_SPLIT.first) == ("a3fe5dbda0a4", "v5.18")
+    assert (CLEAR_EAGER_SPLIT.commit, CLEAR_EAGER_SPLIT.first) == ("cb00a70bd4b7", "v5.18")
+    assert (NESTED_EAGER_SPLIT.commit, NESTED_EAGER_SPLIT.first) == ("ada51a9de737", "v6.0")
+    assert has(TDP_EAGER_SPLIT, "5.18.0") and not has(TDP_EAGER_SPLIT, "5.17.15")
+    # The beds' kernels (Debian 6.1 and 6.12) both split the nested MMU eagerly; 5.19 did not.
+    assert has(NESTED_EAGER_SPLIT, "6.1.0-57-amd64") and has(NESTED_EAGER_SPLIT, "6.12.117+deb12-amd64")
+    assert not has(NESTED_EAGER_SPLIT, "5.19.17")
+
+
+def test_a_kernel_without_nested_eager_split_fails_naming_the_commit():
+    """test_nested_split's expectation at enable: a 5.19 kernel that split the nested MMU eagerly
+    fails naming ada51a9de737; one that did not passes; 6.1 must split."""
+    from kvmpy.selftests.kernel_changes import NESTED_EAGER_SPLIT
+
+    lazy, eager = {"pages_4k": 0, "pages_2m": 0}, {"pages_4k": 512 * 8, "pages_2m": -8}
+    expect("enable", lazy, NESTED_EAGER_SPLIT, before=lazy, since=eager, release="5.19.17")
+    with pytest.raises(AssertionError, match=r'behaves as if it lacks ada51a9de737 "KVM: x86/mmu: Extend Eager '
+                                             r'Page Splitting to nested MMUs" \(v6.0\)'):
+        expect("enable", lazy, NESTED_EAGER_SPLIT, before=lazy, since=eager, release="6.1.0-57-amd64")
+    with pytest.raises(AssertionError, match="behaves as if it has ada51a9de737"):
+        expect("enable", eager, NESTED_EAGER_SPLIT, before=lazy, since=eager, release="5.19.17")

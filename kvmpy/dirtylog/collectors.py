@@ -162,6 +162,12 @@ class DirtyRingCollector(Collector):
     def pending(self, vm):
         return sum(v.dirty_ring.published() for v in list(vm.vcpus.values()))
 
+    def ring_state(self, vcpu) -> tuple[int, int]:
+        """(fetch index, entries published and not harvested) of ``vcpu``'s ring, between
+        harvests (a harvest marks entries as it goes and moves the index at its end)."""
+        with self._lock:
+            return vcpu.dirty_ring.fetch_index, vcpu.dirty_ring.published()
+
     def summary(self, first_collection: int, ring_full_exits: int, limit: int = 24) -> str:
         """The ring's fill levels since collection ``first_collection``, for a failure message.
 

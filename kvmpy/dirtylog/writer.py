@@ -48,6 +48,28 @@ MID_STORE_DELAY = 0.002
 FUTILE_RING_FULL_STALL = 100
 
 
+@dataclass(frozen=True)
+class RingFullStop:
+    """Where a vCPU stood at a KVM_EXIT_DIRTY_RING_FULL: what stays the same while KVM refuses
+    to run it. At such an exit the guest is at its (unretired) store (``rip``) to the page at
+    ``rdi``; ``writes`` is its write counter (nr_writes[vcpu], bumped after each store) and
+    ``published`` the entries of its ring KVM published and the host has not harvested.
+    ``fetch_index``: the host's harvest position in that ring (a change means a harvest, and
+    with it a reset, came in between: KVM may then run the guest)."""
+
+    rip: int
+    rdi: int
+    writes: int
+    published: int
+    fetch_index: int
+
+    def changes(self, later: "RingFullStop") -> list[str]:
+        """What differs at ``later`` (the fetch index aside): evidence that the guest ran."""
+        return [f"{name} {old:#x} -> {new:#x}" if name in ("rip", "rdi") else f"{name} {old} -> {new}"
+                for name in ("rip", "rdi", "writes", "published")
+                if (old := getattr(self, name)) != (new := getattr(later, name))]
+
+
 @dataclass
 class SlotSpec:
     """A test memslot: ``npages`` 4K pages at ``gpa``; ``logged`` turns on KVM_MEM_LOG_DIRTY_PAGES."""
@@ -63,9 +85,13 @@ class DirtyWriterVm:
 
     ``label`` prefixes every failure message (mode, backing, test).
     ``ring_full_resumes``: after a KVM_EXIT_DIRTY_RING_FULL, re-enter KVM_RUN that
-    many times before waiting for the harvest (a misbehaving VMM's re-entry);
-    ``unreset_reentries`` counts them, ``refused_reentries`` those KVM answered
-    with RING_FULL again without running the guest (same RIP).
+    many times before waiting for the harvest (a misbehaving VMM's re-entry).
+    Each re-entry is judged by the vCPU's :class:`RingFullStop` before it and at its
+    next exit: ``refused_reentries`` counts those KVM answered with RING_FULL again
+    and nothing of the guest moved (RIP, the store's target, its write counter, the
+    ring's published entries); ``ran_reentries`` describes those where something did
+    (KVM ran the guest into the full ring); ``unreset_reentries`` counts both;
+    ``harvested_reentries`` those a harvest (and reset) overtook, which prove nothing.
     ``stride``/``burst``/``random_run``/``vcpu_ranges``: how the guest writes (see
     guests/dirty_writer.c); :meth:`set_ranges` changes the ranges between rounds.
     ``sync_every``: the guest reports its progress (an exit to this process) every that many
@@ -97,9 +123,11 @@ class DirtyWriterVm:
         self._harvest_cv = threading.Condition()
         self._ring_full = [0] * nr_vcpus
         self._unharvested_resumes = [0] * nr_vcpus   # KVM_RUNs since the last RING_FULL without a harvest
-        self._reentry_rip: list[int | None] = [None] * nr_vcpus
+        self._reentry_stop: list[RingFullStop | None] = [None] * nr_vcpus
         self.unreset_reentries = 0
         self.refused_reentries = 0
+        self.ran_reentries: list[str] = []
+        self.harvested_reentries = 0
         self.pending_stores = 0   # kicked vCPUs stopped between loading a stamp and storing it
         self.futile_ring_full = 0  # RING_FULL exits in a row whose harvest found nothing
         self._started = False
@@ -142,20 +170,21 @@ class DirtyWriterVm:
 
     # -- the vCPU side: exits that are not ucalls ------------------------------------------
     def _on_exit(self, i: int, ex: Exit) -> bool:
-        if not isinstance(ex, DirtyRingFullExit):
+        ring_full = isinstance(ex, DirtyRingFullExit)
+        before = self._reentry_stop[i]
+        if before is not None:
+            # The first exit after a KVM_RUN into a full, unreset ring.
+            self._reentry_stop[i] = None
+            self._judge_reentry(i, before, ex, ring_full)
+        if not ring_full:
             return False
         # KVM stops a vCPU whose ring is (soft) full; it may only run on after a reset.
         self._ring_full[i] += 1
-        rip = self.g.vcpus[i].get_regs().rip if self.ring_full_resumes else None
-        if self._reentry_rip[i] is not None and rip == self._reentry_rip[i]:
-            self.refused_reentries += 1
-        self._reentry_rip[i] = None
         if self._unharvested_resumes[i] < self.ring_full_resumes:
             # A VMM may re-enter by mistake (upstream's dirty_log_test does, after a
             # stray wakeup): KVM must refuse to run the guest into a full ring.
             self._unharvested_resumes[i] += 1
-            self.unreset_reentries += 1
-            self._reentry_rip[i] = rip
+            self._reentry_stop[i] = self._ring_full_stop(i)
             return True
         self._unharvested_resumes[i] = 0
         with self._harvest_cv:
@@ -165,6 +194,28 @@ class DirtyWriterVm:
             while self._harvest_gen == gen and not self.guest.stopping.is_set():
                 self._harvest_cv.wait()
         return True
+
+    def _ring_full_stop(self, i: int) -> RingFullStop:
+        """vCPU ``i``'s RingFullStop (it is out of KVM_RUN: only a harvest can change it)."""
+        vcpu = self.g.vcpus[i]
+        regs = vcpu.get_regs()
+        writes = self._nr_writes_fmt.unpack_from(self._nr_writes)[i]
+        fetch_index, published = self.collector.ring_state(vcpu)
+        return RingFullStop(regs.rip, regs.rdi, writes, published, fetch_index)
+
+    def _judge_reentry(self, i: int, before: RingFullStop, ex: Exit, ring_full: bool) -> None:
+        """Whether KVM ran vCPU ``i`` on its KVM_RUN into a full ring (``before``: its stop then)."""
+        now = self._ring_full_stop(i)
+        if now.fetch_index != before.fetch_index:
+            self.harvested_reentries += 1   # harvested and reset meanwhile: KVM could run it
+            return
+        self.unreset_reentries += 1
+        changed = before.changes(now)
+        if ring_full and not changed:
+            self.refused_reentries += 1
+            return
+        self.ran_reentries.append(f"vCPU {i}: KVM_RUN into its full, unreset ring ended in {type(ex).__name__}: "
+                                  f"{', '.join(changed) or 'nothing of the guest changed'}")
 
     def _wake_on_stop(self) -> None:
         with self._harvest_cv:
