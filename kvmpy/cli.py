@@ -84,20 +84,21 @@ def _emit(text: str, end: str = "\n") -> None:
         sys.stdout.write(text + end)
         sys.stdout.flush()
     except OSError as e:
-        _drop_stdout()
+        drop_stdout()
         raise OutputError(f"cannot write the output to stdout: {e.strerror or e}") from None
 
 
-def _drop_stdout() -> None:
-    """Point stdout at /dev/null, so that what is still buffered does not fail again at exit."""
+def drop_stdout() -> None:
+    """After a failed write: point stdout at /dev/null, so that what is still buffered does not
+    fail again at exit (also used by ``kvmpy perf``)."""
     import os
 
     try:
         fd = os.open(os.devnull, os.O_WRONLY)
         os.dup2(fd, sys.stdout.fileno())
         os.close(fd)
-    except (OSError, ValueError):
-        pass
+    except (OSError, ValueError, AttributeError):
+        pass       # not a real file (e.g. captured): nothing buffered will reach a device
 
 
 def _write_output(path: Path, data: bytes, option: str) -> None:

@@ -44,9 +44,21 @@ def real_mode_vm(code, ds_base=0, mem=1 << 20):
 """
 
 
+# The window a big munmap opens in close(), made certain: each unmap first sleeps (GIL released).
+SLOW_UNMAPS = """
+def slow_unmaps(seconds):
+    from kvmpy import memory
+    unmap = memory.Mapping.close
+    def slow_unmap(self):
+        time.sleep(seconds)
+        unmap(self)
+    memory.Mapping.close = slow_unmap
+"""
+
+
 def run_child(body: str, env: dict | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
     """Run PRELUDE + ``body`` in a fresh interpreter; fail the test if it died of a signal."""
-    p = subprocess.run([sys.executable, "-X", "dev", "-c", PRELUDE + textwrap.dedent(body)],
+    p = subprocess.run([sys.executable, "-X", "dev", "-c", PRELUDE + SLOW_UNMAPS + textwrap.dedent(body)],
                        capture_output=True, text=True, timeout=timeout, env=dict(os.environ, **(env or {})))
     if p.returncode < 0:
         pytest.fail(f"the child died of {signal.Signals(-p.returncode).name}:\n{p.stdout}\n{p.stderr}")
@@ -237,13 +249,8 @@ def test_a_dirty_log_on_another_thread_never_reaches_a_reused_fd():
     that VM's (larger) slot 0 bitmap into one sized for ours: heap corruption."""
     out = expect_ok("""
         import os
-        from kvmpy import memory
         from kvmpy.abi import lib
-        unmap = memory.Mapping.close
-        def slow_unmap(self):           # the window a big unmap opens, made certain
-            time.sleep(0.2)
-            unmap(self)
-        memory.Mapping.close = slow_unmap
+        slow_unmaps(0.2)
         kvm = Kvm()
         vm = kvm.create_vm()
         vm.add_memory(0, 0, PAGE_4K, flags=lib.KVM_MEM_LOG_DIRTY_PAGES)     # an 8-byte bitmap
@@ -280,12 +287,7 @@ def test_two_threads_closing_one_vm_release_it_once():
     """Both passed the "still open" check; the second cleared the memslots while the first
     was unmapping them: RuntimeError, and the slots not reached yet stayed mapped."""
     out = expect_ok("""
-        from kvmpy import memory
-        unmap = memory.Mapping.close
-        def slow_unmap(self):           # the window a big unmap opens, made certain
-            time.sleep(0.05)
-            unmap(self)
-        memory.Mapping.close = slow_unmap
+        slow_unmaps(0.05)
         vm = Kvm().create_vm()
         vm.create_vcpu(0)
         hvas = {f"{vm.add_memory(s, s << 30, 1 << 20).hva:x}" for s in range(4)}

@@ -139,16 +139,21 @@ def files_from_tar(data: bytes, limit: int = MAX_FILE_BYTES, total: int = MAX_TO
     return files, dropped
 
 
-def prepare_results_dir(outdir: Path, option: str = "--results") -> Path:
-    """Create ``outdir`` (with its parents) if need be and check that files can be written in it,
-    before anything boots; BedError saying why not (not a directory, no permission, read-only...)."""
-    outdir = Path(outdir)
+def _make_dir(outdir: Path, what: str) -> Path:
+    """``outdir`` created with its parents if need be; BedError naming ``what`` if it cannot be."""
     try:
         outdir.mkdir(parents=True, exist_ok=True)
     except FileExistsError:
-        raise BedError(f"{option} {outdir}: exists and is not a directory") from None
+        raise BedError(f"{what} {outdir}: exists and is not a directory") from None
     except OSError as exc:
-        raise BedError(f"{option} {outdir}: cannot create the directory: {exc.strerror or exc}") from None
+        raise BedError(f"{what} {outdir}: cannot create the directory: {exc.strerror or exc}") from None
+    return outdir
+
+
+def prepare_results_dir(outdir: Path, option: str = "--results") -> Path:
+    """Create ``outdir`` (with its parents) if need be and check that files can be written in it,
+    before anything boots; BedError saying why not (not a directory, no permission, read-only...)."""
+    outdir = _make_dir(Path(outdir), option)
     try:
         fd, probe = tempfile.mkstemp(prefix=".kvmpy-write-check-", dir=outdir)
         os.close(fd)
@@ -165,13 +170,7 @@ def save_files(files: Mapping[str, bytes], outdir: Path) -> List[Path]:
     ``outdir`` (absolute, ``..``, or through a symbolic link already there); BedError
     too for a directory or file that cannot be created or written.
     """
-    outdir = Path(outdir)
-    try:
-        outdir.mkdir(parents=True, exist_ok=True)
-    except FileExistsError:
-        raise BedError(f"results directory {outdir}: exists and is not a directory") from None
-    except OSError as exc:
-        raise BedError(f"results directory {outdir}: cannot create it: {exc.strerror or exc}") from None
+    outdir = _make_dir(Path(outdir), "results directory")
     top = os.path.realpath(outdir)
     written = []
     for name, data in files.items():

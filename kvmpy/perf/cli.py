@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import sys
 
@@ -116,16 +115,6 @@ def _writer(stream):
     return write
 
 
-def _drop_stdout() -> None:
-    """After a failed write: point stdout at /dev/null, so that the exit does not fail again flushing it."""
-    try:
-        fd = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(fd, sys.stdout.fileno())
-        os.close(fd)
-    except (OSError, ValueError, AttributeError):
-        pass       # not a real file (e.g. captured): nothing buffered will reach a device
-
-
 def _cmd_dirty_log(args: argparse.Namespace) -> int:
     from kvmpy.perf import dirty_log
 
@@ -146,7 +135,9 @@ def _cmd_dirty_log(args: argparse.Namespace) -> int:
         if args.json:
             _writer(sys.stdout)(json.dumps(report.to_dict(), indent=1))
     except OutputError as e:
-        _drop_stdout()
+        from kvmpy.cli import drop_stdout
+
+        drop_stdout()
         print(f"{name}: {e}; the results are lost", file=sys.stderr)
         return EXIT_ERROR
     except RequirementError as e:

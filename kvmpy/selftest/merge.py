@@ -61,6 +61,13 @@ def _kind(value) -> str:
     return "null" if value is None else f"{type(value).__name__} {value!r}"
 
 
+def _present(at: str, obj: dict, keys: tuple[str, ...]) -> None:
+    """ValueError naming the first of ``keys`` missing from ``obj`` (the object at ``at``)."""
+    for key in keys:
+        if key not in obj:
+            raise ValueError(f"{at}.{key}: missing")
+
+
 def _expect(where: str, value, kinds: tuple, what: str) -> None:
     if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
         raise ValueError(f"{where}: {what} expected, not {_kind(value)}"[:300])
@@ -75,9 +82,7 @@ def check_report(doc: dict) -> None:
     for i, run in enumerate(doc["runs"]):
         at = f"runs[{i}]"
         _expect(at, run, (dict,), "an object")
-        for key in ("config", "tests"):
-            if key not in run:
-                raise ValueError(f"{at}.{key}: missing")
+        _present(at, run, ("config", "tests"))
         _expect(f"{at}.config", run["config"], (str,), "text")
         for key in ("row", "harness_error", "interrupted", "stop_detail", "splat_watch"):
             if run.get(key) is not None or key != "splat_watch":
@@ -96,9 +101,8 @@ def check_report(doc: dict) -> None:
         for j, test in enumerate(run["tests"]):
             tat = f"{at}.tests[{j}]"
             _expect(tat, test, (dict,), "an object")
+            _present(tat, test, ("nodeid", "outcome"))
             for key in ("nodeid", "outcome"):
-                if key not in test:
-                    raise ValueError(f"{tat}.{key}: missing")
                 _expect(f"{tat}.{key}", test[key], (str,), "text")
             if not test["nodeid"]:
                 raise ValueError(f"{tat}.nodeid: empty")
