@@ -178,7 +178,7 @@ def row_exit_bare(batch: int) -> None:
     """The floor of row_exit: KVM_RUN through the binding alone, no exit object."""
     with GuestVm("exit_loop") as g:
         v = g.vcpus[0]
-        fd, rs, run = v.fd, v.run_struct, lib.kvmpy_vcpu_run_reason
+        fd, rs, run = v.fd, v._kvm_run, lib.kvmpy_vcpu_run_reason     # the raw page: a floor, not API
         for _ in samples():
             t0 = now()
             for _ in range(batch):
