@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Sequence
 
 from kvmpy import faults
+from kvmpy.output import OutputError, emit, write_file
 from kvmpy.stop import exit_for_signal, signal_name, stop_signals
 
 
@@ -18,7 +19,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
     from kvmpy import hostinfo
 
     facts = hostinfo.gather(probe=not args.no_probe)
-    _emit(json.dumps(facts.to_dict(), indent=1) if args.json else hostinfo.format_facts(facts))
+    emit(json.dumps(facts.to_dict(), indent=1) if args.json else hostinfo.format_facts(facts))
     if facts.usage_error:       # e.g. KVMPY_FAULTS names no fault: the input, not KVM
         return 2
     return 0 if not (facts.error or facts.mmu_probe_error) else 1
@@ -72,41 +73,6 @@ def _add_selftest(sub) -> None:
 
 class UsageError(Exception):
     """Bad command-line input, found before anything ran (exit 2)."""
-
-
-class OutputError(UsageError):
-    """The report (or a file asked for) could not be written: no verdict reached its reader (exit 2)."""
-
-
-def _emit(text: str, end: str = "\n") -> None:
-    """``text`` on stdout, flushed: OutputError if it cannot be written (a full disk, /dev/full)."""
-    try:
-        sys.stdout.write(text + end)
-        sys.stdout.flush()
-    except OSError as e:
-        drop_stdout()
-        raise OutputError(f"cannot write the output to stdout: {e.strerror or e}") from None
-
-
-def drop_stdout() -> None:
-    """After a failed write: point stdout at /dev/null, so that what is still buffered does not
-    fail again at exit (also used by ``kvmpy perf``)."""
-    import os
-
-    try:
-        fd = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(fd, sys.stdout.fileno())
-        os.close(fd)
-    except (OSError, ValueError, AttributeError):
-        pass       # not a real file (e.g. captured): nothing buffered will reach a device
-
-
-def _write_output(path: Path, data: bytes, option: str) -> None:
-    """Write an output file asked for (``--junit``): OutputError saying why it could not be."""
-    try:
-        path.write_bytes(data)
-    except OSError as e:
-        raise OutputError(f"{option} {path}: cannot write: {e.strerror or e}") from None
 
 
 def _positive_seconds(text: str) -> float:
@@ -223,11 +189,11 @@ def _cmd_selftest(args: argparse.Namespace) -> int:
     header = facts.to_dict()
     machine = args.json or args.ktap
     if not machine:
-        _emit(hostinfo.format_facts(facts))
+        emit(hostinfo.format_facts(facts))
         if faults.enabled():
-            _emit(f"FAULTS INJECTED ({faults.ENV}): {', '.join(sorted(faults.enabled()))} -- this run tests "
+            emit(f"FAULTS INJECTED ({faults.ENV}): {', '.join(sorted(faults.enabled()))} -- this run tests "
                   f"the tests: it must fail")
-        _emit("")
+        emit("")
     if args.bed:
         from kvmpy.selftest import bed_runner
 
@@ -254,7 +220,7 @@ def _finish_host_junit(path: Path, runs) -> None:
     except OSError as e:
         raise OutputError(f"--junit {path}: cannot read back pytest's file: {e.strerror or e}") from None
     if data is not None:
-        _write_output(path, data, "--junit")
+        write_file(path, data, "--junit")
 
 
 def _bed_plan(args: argparse.Namespace):
@@ -277,9 +243,9 @@ def _print_report(args: argparse.Namespace, header: dict, runs, extra: dict, not
     from kvmpy.selftest import report
 
     if args.json:
-        _emit(report.to_json(header, runs, extra))
+        emit(report.to_json(header, runs, extra))
     elif args.ktap:
-        _emit(report.format_ktap(runs), end="")
+        emit(report.format_ktap(runs), end="")
     else:
         text = "\n"
         if note:
@@ -287,7 +253,7 @@ def _print_report(args: argparse.Namespace, header: dict, runs, extra: dict, not
         setting = report.format_setting(runs)
         if setting:  # the bed's facts, per configuration: what was tested
             text += setting + "\n\n"
-        _emit(text + report.format_table(runs))
+        emit(text + report.format_table(runs))
     return report.exit_status(runs)
 
 
@@ -306,7 +272,7 @@ def _cmd_report_merge(args: argparse.Namespace) -> int:
     except merge.MergeError as e:
         raise UsageError(str(e)) from None
     if junit:
-        _write_output(junit, format_junit(runs), "--junit")
+        write_file(junit, format_junit(runs), "--junit")
     return _print_report(args, header, runs, extra, f"merged {len(args.reports)} report(s): {' '.join(args.reports)}")
 
 
@@ -382,13 +348,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         signal.signal(signo, signal.default_int_handler if signo == signal.SIGINT else _terminate)
     try:
         return int(args.func(args) or 0)
-    except UsageError as e:
+    except (UsageError, OutputError) as e:
         from kvmpy.selftest.report import EXIT_NOT_TESTED
         command = args.command if args.command != "report" else f"report {args.report_command}"
         print(f"kvmpy {command}: error: {e}", file=sys.stderr)
         return EXIT_NOT_TESTED
     except KeyboardInterrupt as e:
         signo = e.signo if isinstance(e, _Stopped) else signal.SIGINT
+        # Stopping already: another Ctrl-C now would kill us by the signal, not exit 128+N.
+        for other in stop_signals():
+            signal.signal(other, signal.SIG_IGN)
         print(f"kvmpy: interrupted by {signal_name(signo)}", file=sys.stderr)
         return exit_for_signal(signo)
 

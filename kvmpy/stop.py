@@ -5,7 +5,10 @@ can install its stop handlers without importing them.
 """
 from __future__ import annotations
 
+import contextlib
 import signal
+import threading
+from typing import Iterator
 
 # Signals that stop a run: forwarded to a child pytest, which then unwinds (kvmpy.selftest.guard).
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
@@ -41,3 +44,23 @@ def signal_number(name: str) -> int:
 def exit_for_signal(signo: int) -> int:
     """The exit status of a run stopped by ``signo``."""
     return EXIT_SIGNAL_BASE + signo
+
+
+@contextlib.contextmanager
+def stop_signals_deferred() -> Iterator[None]:
+    """Stop signals that arrive in the block are acted on after it (main thread only): for
+    the writes that put host state back, which a second Ctrl-C must not cut in half."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    got: list[int] = []
+    saved = {}
+    try:
+        for signo in STOP_SIGNALS:
+            saved[signo] = signal.signal(signo, lambda n, _f: got.append(n))
+        yield
+    finally:
+        for signo, handler in saved.items():
+            signal.signal(signo, handler)
+        for signo in dict.fromkeys(got):
+            signal.raise_signal(signo)

@@ -15,14 +15,12 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
-import threading
 
 from kvmpy.bed_mark import in_bed
 from kvmpy.errors import KvmError, RequirementError, require
 from kvmpy.memory import Hugetlb, hugetlb_pool, hugetlb_pool_dir, hugetlb_shortfall
 from kvmpy.mmu_params import param_on
-from kvmpy.stop import STOP_SIGNALS
+from kvmpy.stop import stop_signals_deferred
 
 from . import bed_config
 from .kernel_changes import TDP_EAGER_SPLIT
@@ -71,25 +69,6 @@ class HostFs:
 HOST = HostFs()
 
 
-@contextlib.contextmanager
-def _stop_signals_wait():
-    """Stop signals that arrive in the block are acted on after it (main thread only)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    got: list[int] = []
-    saved = {}
-    try:
-        for signo in STOP_SIGNALS:
-            saved[signo] = signal.signal(signo, lambda n, _f: got.append(n))
-        yield
-    finally:
-        for signo, handler in saved.items():
-            signal.signal(signo, handler)
-        for signo in dict.fromkeys(got):
-            signal.raise_signal(signo)
-
-
 class HostChanges:
     """A journal of host file writes, undone newest first when the ``with`` block ends.
 
@@ -122,7 +101,7 @@ class HostChanges:
     def restore(self) -> None:
         """Write every old value back, newest first; KvmError naming those that failed."""
         failed = []
-        with _stop_signals_wait():
+        with stop_signals_deferred():
             while self._old:
                 path, old = next(reversed(self._old.items()))
                 try:

@@ -27,6 +27,7 @@ from typing import Iterator
 
 from kvmpy.bed_mark import in_bed
 from kvmpy.errors import RequirementError, require
+from kvmpy.stop import stop_signals_deferred
 
 from .host_state import HostChanges
 
@@ -142,10 +143,12 @@ def memory_cgroup() -> Iterator[MemoryCgroup]:
     home = _own_cgroup()
     path = f"{CGROUP_ROOT}/kvmpy-{os.getpid()}"
     with HostChanges() as changes:                  # restores oom_score_adj last
-        os.mkdir(path)
         lifter = None
-        moved = False
+        made = moved = False
         try:
+            with stop_signals_deferred():           # a Ctrl-C now comes after `made` is set
+                os.mkdir(path)
+                made = True
             # Started before this process moves, so it stays outside the group it will rescue.
             lifter = start_lifter(f"{path}/memory.max")
             changes.set("/proc/self/oom_score_adj", "-1000")
@@ -153,12 +156,14 @@ def memory_cgroup() -> Iterator[MemoryCgroup]:
             moved = True
             yield MemoryCgroup(path, lifter)
         finally:
-            try:
-                with contextlib.suppress(OSError):
-                    _write(f"{path}/memory.max", "max")
-                if moved:
-                    _write(f"{home}/cgroup.procs", str(os.getpid()))
-            finally:
-                if lifter is not None:
-                    stop_lifter(lifter)
-                os.rmdir(path)
+            with stop_signals_deferred():           # a second Ctrl-C must not cut the clean-up short
+                try:
+                    with contextlib.suppress(OSError):
+                        _write(f"{path}/memory.max", "max")
+                    if moved:
+                        _write(f"{home}/cgroup.procs", str(os.getpid()))
+                finally:
+                    if lifter is not None:
+                        stop_lifter(lifter)
+                    if made:
+                        os.rmdir(path)

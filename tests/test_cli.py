@@ -5,6 +5,7 @@ import json
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -137,3 +138,36 @@ def test_every_lazy_command_parses_when_named():
     assert build_parser(["perf", "dirty-log", "-b64M"]).parse_args(["perf", "dirty-log", "-b64M"]).bytes == 64 << 20
     args = build_parser(["bed", "run", "--", "true"]).parse_args(["bed", "run", "--", "true"])
     assert args.bed_command == "run" and args.cmd[-1] == "true"
+
+
+def test_a_stop_signal_in_a_deferred_block_is_acted_on_after_it():
+    from kvmpy.stop import stop_signals_deferred
+
+    done = []
+    with pytest.raises(KeyboardInterrupt):
+        with stop_signals_deferred():
+            os.kill(os.getpid(), signal.SIGINT)
+            done.append("the block finished")
+    assert done == ["the block finished"]
+
+
+def test_a_second_ctrl_c_while_stopping_still_exits_130():
+    """The first Ctrl-C makes main() return 130; one more right after it (the user pressing
+    again) killed the process by the signal instead (status -2)."""
+    code = ("import os, signal, sys\n"
+            "from kvmpy import cli\n"
+            "def stopped(args):\n"
+            "    raise KeyboardInterrupt\n"
+            "cli._cmd_info = stopped\n"
+            "rc = cli.main(['info'])\n"
+            "os.kill(os.getpid(), signal.SIGINT)\n"
+            "sys.exit(rc)\n")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 130, (p.returncode, p.stderr)
+
+
+@pytest.mark.parametrize("argv", [["info", "--no-probe"], ["perf", "dirty-log", "-b", "4M", "-i", "2"]])
+def test_a_closed_stdout_is_an_error_not_a_silent_success(argv):
+    p = subprocess.run([sys.executable, "-c", "import sys; from kvmpy.cli import main; sys.exit(main())", *argv],
+                       stderr=subprocess.PIPE, text=True, timeout=120, preexec_fn=lambda: os.close(1))
+    assert p.returncode == 2 and "closed" in p.stderr, (p.returncode, p.stderr)

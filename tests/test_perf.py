@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 
 import pytest
 
@@ -69,6 +71,31 @@ def test_module_param_is_set_for_the_block_and_restored(tmp_path):
     with pytest.raises(RequirementError, match="no such module parameter"):
         with module_param("kvm", "nope", True, lines.append, root=str(tmp_path)):
             pass
+
+
+def test_module_param_is_restored_when_its_printout_fails_or_a_stop_comes(tmp_path):
+    """The change was printed before the restore's try: a printout that failed (stdout a
+    closed pipe) or a Ctrl-C while it printed left the parameter changed."""
+    param = tmp_path / "kvm" / "parameters" / "eager_page_split"
+    param.parent.mkdir(parents=True)
+    param.write_text("Y\n")
+
+    def broken_stdout(line: str) -> None:
+        raise OSError(32, "Broken pipe")
+
+    with pytest.raises(OSError, match="Broken pipe"):
+        with module_param("kvm", "eager_page_split", False, broken_stdout, root=str(tmp_path)):
+            raise AssertionError("the block ran although the printout failed")
+    assert param.read_text() == "Y"
+
+    def ctrl_c_while_printing(line: str) -> None:
+        if "back to" not in line:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(KeyboardInterrupt):
+        with module_param("kvm", "eager_page_split", False, ctrl_c_while_printing, root=str(tmp_path)):
+            raise AssertionError("the block ran although Ctrl-C came first")
+    assert param.read_text() == "Y"
 
 
 def test_dirty_bitmap_run_reports_every_written_page(kvm):

@@ -254,7 +254,7 @@ def test_merge_output_to_a_full_device_is_an_error(capsys, tmp_path):
             p = subprocess.run([sys.executable, "-m", "kvmpy.cli", *argv], stdout=full, stderr=subprocess.PIPE,
                                text=True, timeout=120, cwd=str(ROOT), env=dict(os.environ, PYTHONPATH=str(ROOT)))
         assert p.returncode == 2, p.stderr
-        assert "cannot write the output to stdout: No space left on device" in p.stderr
+        assert "cannot write to standard output: No space left on device" in p.stderr
         assert "Traceback" not in p.stderr and "Exception ignored" not in p.stderr
 
 

@@ -9,6 +9,7 @@ import sys
 from kvmpy import faults
 from kvmpy.errors import KvmError, RequirementError
 from kvmpy.memory import Backing, backing_by_name
+from kvmpy.output import OutputError, emit
 from kvmpy.perf.memstress import MemstressConfig
 
 # dirty_log_perf_test's -s names, next to kvmpy's own backing names.
@@ -101,20 +102,6 @@ def check_args(args: argparse.Namespace) -> None:
                              f"the seed would change nothing; drop -r, or add -a or such a -w")
 
 
-class OutputError(KvmError):
-    """The printout or the JSON report could not be written (stdout full, closed...)."""
-
-
-def _writer(stream):
-    """A line printer that raises OutputError when ``stream`` cannot take the line."""
-    def write(line: str) -> None:
-        try:
-            print(line, file=stream, flush=True)
-        except OSError as e:
-            raise OutputError(f"cannot write to standard output: {e.strerror or e}") from None
-    return write
-
-
 def _cmd_dirty_log(args: argparse.Namespace) -> int:
     from kvmpy.perf import dirty_log
 
@@ -127,17 +114,17 @@ def _cmd_dirty_log(args: argparse.Namespace) -> int:
     except KvmError as e:      # FaultError, OptionConflict, a value out of range: usage errors
         print(f"{name}: error: {e}", file=sys.stderr)
         return EXIT_ERROR
+    if sys.stdout is None:
+        print(f"{name}: cannot write to standard output: it is closed", file=sys.stderr)
+        return EXIT_ERROR
     banner = dirty_log.faults_banner()
     if banner and args.json:   # the printout carries it; with --json also say it where a person looks
         print(f"{name}: {banner}", file=sys.stderr, flush=True)
     try:
-        report = dirty_log.run(opts, out=(lambda line: None) if args.json else _writer(sys.stdout))
+        report = dirty_log.run(opts, out=(lambda line: None) if args.json else emit)
         if args.json:
-            _writer(sys.stdout)(json.dumps(report.to_dict(), indent=1))
+            emit(json.dumps(report.to_dict(), indent=1))
     except OutputError as e:
-        from kvmpy.cli import drop_stdout
-
-        drop_stdout()
         print(f"{name}: {e}; the results are lost", file=sys.stderr)
         return EXIT_ERROR
     except RequirementError as e:

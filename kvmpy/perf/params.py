@@ -1,11 +1,13 @@
 """A kernel module parameter set for the length of a measurement, and put back after it."""
 from __future__ import annotations
 
+import errno
 import os
 from contextlib import contextmanager
 from typing import Callable, Iterator
 
 from kvmpy.errors import RequirementError
+from kvmpy.stop import stop_signals_deferred
 
 
 @contextmanager
@@ -29,13 +31,21 @@ def module_param(module: str, name: str, value: bool | None, out: Callable[[str]
     if old == new:
         yield
         return
-    _write(path, new, f"{module}.{name}")
-    out(f"{module}.{name}: {old} -> {new} for this run")
+    what = f"{module}.{name}"
+    changed = False
     try:
+        # A stop signal during a write is acted on after it, inside this try: once the new
+        # value is written, nothing (a Ctrl-C, a failed printout) skips the restore.
+        with stop_signals_deferred():
+            _write(path, new, what)
+            changed = True
+        out(f"{what}: {old} -> {new} for this run")
         yield
     finally:
-        _write(path, old, f"{module}.{name}")
-        out(f"{module}.{name}: back to {old}")
+        if changed:
+            with stop_signals_deferred():
+                _write(path, old, what)
+            out(f"{what}: back to {old}")
 
 
 def _write(path: str, value: str, what: str) -> None:
@@ -46,4 +56,10 @@ def _write(path: str, value: str, what: str) -> None:
         finally:
             os.close(fd)
     except OSError as e:
-        raise RequirementError(f"{what}: cannot write {value} to {path}: {e.strerror} (needs root)") from None
+        if e.errno not in (errno.EACCES, errno.EPERM):
+            why = ""
+        elif os.geteuid():
+            why = " (needs root)"
+        else:
+            why = " (read-only on this kernel: set it when the module is loaded)"
+        raise RequirementError(f"{what}: cannot write {value} to {path}: {e.strerror}{why}") from None
