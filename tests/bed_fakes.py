@@ -213,3 +213,22 @@ def run_until_stopped(args, procs: list) -> list:
     with sigterm_stops(procs):
         return bed_runner.run(args, quiet=True)
 
+
+
+def printed(console_lines) -> str:
+    """What a ConsolePrinter (no --console) shows of ``console_lines``."""
+    from kvmpy.bed.machine import ConsolePrinter
+
+    out: list[str] = []
+
+    class Out:
+        def write(self, s):
+            out.append(s)
+
+        def flush(self):
+            pass
+
+    p = ConsolePrinter(False, Out())
+    for line in console_lines:
+        p(line)
+    return "".join(out)

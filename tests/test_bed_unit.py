@@ -12,13 +12,12 @@ import pytest
 from kvmpy.bed import backend as bk
 from kvmpy.bed import debian, initramfs, job, kernel, matrix, qemu
 from kvmpy.bed import request as rq
-from kvmpy.bed.machine import ConsolePrinter
 from kvmpy.bed.options import BedOptions
 from kvmpy.bed.protocol import INSIDE_RESULTS, BedError
 from kvmpy.bed.request import BedRequest, BedResult, Job
 from kvmpy.bed.testbed import Bed
 
-from bed_fakes import BUILTIN, MODULES_DEP, busybox_sh, bzimage, fake_kernel, module_tree, run_init_load
+from bed_fakes import BUILTIN, MODULES_DEP, busybox_sh, bzimage, fake_kernel, module_tree, printed, run_init_load
 
 # --- module closure -------------------------------------------------------
 
@@ -202,10 +201,11 @@ def test_hugepages_at_boot():
 
 
 def test_parse_console_markers():
-    console = ("[ 1.0] booting\nKVMPY-BED: param kvm.tdp_mmu=N\n"
+    console = ("[ 1.0] booting\nKVMPY-BED: param kvm.tdp_mmu=N\r\n"
                "garbage KVMPY-BED: param kvm_amd.npt=N\nKVMPY-BED: ready\nhello\nKVMPY-BED: exit 7\n")
     r = rq.parse_console(console)
-    assert r.status == 7 and r.params == {"kvm.tdp_mmu": "N", "kvm_amd.npt": "N"}
+    # Markers start a line: one after other output on its line is the command's text.
+    assert r.status == 7 and r.params == {"kvm.tdp_mmu": "N"}
     assert rq.parse_console("KVMPY-BED: ready\n").status is None
 
 
@@ -288,27 +288,10 @@ def test_qemu_command_line(tmp_path):
         qemu.QemuBackend(k, accel="hvf")
 
 
-def test_inner_timeout_leaves_headroom():
-    assert job.inner_timeout(600) == 570
-    assert job.inner_timeout(40) == 30
-    assert job.inner_timeout(1) == 1
-
-
 def test_console_printer_shows_only_command_output():
-    lines = []
-
-    class Out:
-        def write(self, s):
-            lines.append(s)
-
-        def flush(self):
-            pass
-
-    p = ConsolePrinter(False, Out())
-    for line in ["[ 0.1] Linux", "KVMPY-BED: param kvm.tdp_mmu=Y", "KVMPY-BED: ready",
-                 "hello", "KVMPY-BED: exit 0", "[ 5.0] reboot: Power down"]:
-        p(line)
-    assert "".join(lines) == "hello\n"
+    n = "0123456789abcdef0123456789abcdef"
+    assert printed(["[ 0.1] Linux", f"KVMPY-BED: {n} nonce", f"KVMPY-BED: {n} param kvm.tdp_mmu=Y",
+                    f"KVMPY-BED: {n} ready", "hello", f"KVMPY-BED: {n} exit 0", "[ 5.0] reboot: Power down"]) == "hello\n"
 
 
 # --- matrix ---------------------------------------------------------------------
@@ -331,15 +314,21 @@ def test_param_mismatches():
     assert matrix.param_mismatches({"kvm_intel.ept": "0"}, eff) == []
 
 
+def AMD():
+    """The facts of a bed whose kvm_amd loaded (one without a vendor module is an error)."""
+    from kvmpy.bed.request import BedFacts
+    return BedFacts(vendor_module="kvm_amd")
+
+
 def test_evaluate_and_table():
     cfgs = matrix.AMD_MATRIX
     ok = BedResult(0, "", files={"junit.xml": JUNIT.replace(b'<failure message="boom"/>', b"")},
-                   params={"kvm.tdp_mmu": "Y", "kvm.eager_page_split": "Y"}, seconds=12)
+                   params={"kvm.tdp_mmu": "Y", "kvm.eager_page_split": "Y"}, seconds=12, facts=AMD())
     bad = BedResult(1, "", files={"junit.xml": JUNIT},
-                    params={"kvm.tdp_mmu": "Y", "kvm.eager_page_split": "N"}, seconds=13)
-    splat = BedResult(0, "", params={"kvm.tdp_mmu": "N"}, seconds=9,
+                    params={"kvm.tdp_mmu": "Y", "kvm.eager_page_split": "N"}, seconds=13, facts=AMD())
+    splat = BedResult(0, "", params={"kvm.tdp_mmu": "N"}, seconds=9, facts=AMD(),
                       kernel_log="[ 3.1] WARNING: CPU: 0 PID: 9 at arch/x86/kvm/mmu/mmu.c:1 f\n")
-    ignored = BedResult(0, "", params={"kvm_amd.npt": "Y"}, seconds=8)
+    ignored = BedResult(0, "", params={"kvm_amd.npt": "Y"}, seconds=8, facts=AMD())
     rows = [matrix.evaluate(c, r) for c, r in zip(cfgs, [ok, bad, splat, ignored])]
     assert [r.verdict for r in rows] == ["PASS", "FAIL", "FAIL", "ERROR"]
     assert rows[1].junit.failed == ["selftests.test_a::test_bad"]
@@ -366,7 +355,8 @@ def test_crashed_bed_reports_the_oops_from_the_console():
     assert row.detail == "bed kernel crashed: BUG: unable to handle page fault for address: 0000000000001000"
     # A bed that finished is judged by its kernel log only, not by console text.
     done = BedResult(0, "WARNING: printed by the command\n", params={"kvm.tdp_mmu": "Y",
-                                                                       "kvm.eager_page_split": "Y"})
+                                                                       "kvm.eager_page_split": "Y"},
+                     facts=AMD())
     assert matrix.evaluate(matrix.AMD_MATRIX[0], done).verdict == "PASS"
 
 
@@ -384,7 +374,8 @@ class FakeBackend(bk.Backend):
 
     def run(self, request):
         self.seen.append(dict(request.params))
-        return BedResult(0, "", params={k: matrix.normalize(v) for k, v in request.params.items()})
+        return BedResult(0, "", params={k: matrix.normalize(v) for k, v in request.params.items()},
+                         facts=AMD())
 
 
 def test_run_matrix_merges_params_per_config(tmp_path):

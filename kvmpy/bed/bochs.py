@@ -32,21 +32,21 @@ import re
 import shlex
 import shutil
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 from kvmpy.bed import carry
-from kvmpy.bed.backend import Backend
+from kvmpy.bed.backend import Backend, boot_dir, kill_sessions, wrapped_sessions
 from kvmpy.bed.console_files import RESULTS_BEGIN, RESULTS_END, extract_files, followed_files, followers_script
 from kvmpy.bed.initramfs import KVM_MODULES, build_initramfs, busybox
-from kvmpy.bed.job import inner_timeout, job_script
+from kvmpy.bed.job import job_script
 from kvmpy.bed.kernel import Kernel, cache_dir
 from kvmpy.bed.machine import ConsoleLog, boot_failure, exit_on_sigterm, kill_machine, settle, start_machine
 from kvmpy.bed.media import append_archive, make_iso, write_cpio
 from kvmpy.bed.protocol import INSIDE_RESULTS, INSIDE_SHARE, BedError
 from kvmpy.bed.request import BedFacts, BedRequest, BedResult, kernel_cmdline, megabytes, parse_console
+from kvmpy.stop import stop_signals_deferred
 
 BOCHS = "bochs-bin"
 BIOS_DIR = Path("/usr/share/bochs")
@@ -204,6 +204,9 @@ class BochsBackend(Backend):
     """Boot the bed in Bochs (emulated Intel CPU with VMX + EPT)."""
 
     name = "bochs"
+    # A boot takes 60-100 s before the command starts (more with --jobs rows sharing the CPUs),
+    # and the files block (results.json, JUnit, status) then drains over the emulated serial line.
+    headroom = 240.0
     vendor = "intel"
 
     def __init__(self, kernel: Kernel, payload: str = "initramfs", bochs: str = BOCHS,
@@ -257,7 +260,7 @@ class BochsBackend(Backend):
         job = job_script(request)
         payload = (PAYLOAD.replace("@DISC@", "1" if disc else "")
                    .replace("@RESULTS@", INSIDE_RESULTS).replace("@INSIDE@", INSIDE_SHARE)
-                   .replace("@TIMEOUT@", str(inner_timeout(request.timeout)))
+                   .replace("@TIMEOUT@", str(self.inner_timeout(request.timeout)))
                    .replace("@FOLLOWERS@", followers_script(request.follow)))
         files = {"etc/kvmpy/job.sh": (job.encode(), 0o755)}
         modules = KVM_MODULES + (DISC_MODULES + ("overlay",) if disc else ())
@@ -309,8 +312,7 @@ class BochsBackend(Backend):
             # The checkout is carried in; make `import kvmpy` find it from any cwd.
             request = dataclasses.replace(
                 request, env={**request.env, "PYTHONPATH": str(carried_roots(request)[0])})
-        with exit_on_sigterm(), tempfile.TemporaryDirectory(prefix="kvmpy-bochs-") as tmp_name:
-            tmp = Path(tmp_name)
+        with exit_on_sigterm(), boot_dir("kvmpy-bochs-") as tmp:
             boot_iso, disc_iso, _ = self.prepare(request, tmp)
             serial = tmp / "serial.out"
             serial.touch()
@@ -345,11 +347,13 @@ def _run_machine(argv: List[str], serial: Path, request: BedRequest, start: floa
     Returns (console text, followed file lines, seconds to 'ready' or None, timed_out, pid,
     why Bochs stopped or None).
     """
-    deadline = start + request.timeout
     pty_out, pty_seen, stopped = cwd / "bochs.out", 0, None
     with open(pty_out, "wb") as out:
         # script dies with us; Bochs gets SIGHUP when its pty closes
         proc = start_machine(argv, stdout=out, stderr=subprocess.STDOUT, cwd=cwd)
+    # The timeout counts from the emulator's start, not from staging and xorriso (prepare): the
+    # command's own timeout inside is sized from there (Backend.headroom).
+    deadline = time.monotonic() + request.timeout
     # The base64 block of result files is not console output worth echoing.
     log = ConsoleLog(request, start, hide=(RESULTS_BEGIN, RESULTS_END))
     timed_out = False
@@ -375,5 +379,12 @@ def _run_machine(argv: List[str], serial: Path, request: BedRequest, start: floa
                 time.sleep(0.1)
             log.feed(f.read())
     finally:
-        kill_machine(proc)
+        # ``script`` setsid()s its command: Bochs is in a session of its own, which killing
+        # script's process group does not reach (and a Bochs that ignores SIGHUP outlives it).
+        with stop_signals_deferred():   # a second stop signal must not cut the kill short
+            sessions = wrapped_sessions(proc.pid, cwd)
+            try:
+                kill_machine(proc)
+            finally:
+                kill_sessions(sessions | wrapped_sessions(proc.pid, cwd))
     return log.text(), log.followed, log.boot, timed_out, proc.pid, stopped

@@ -190,14 +190,16 @@ def cmd_run(args) -> int:
     mismatches = param_mismatches(bed.options.params, result.params) if result.status is not None else []
     for problem in mismatches:
         _err(f"module parameter not applied: {problem}")
-    if mismatches or not saved:
+    for problem in result.bed_problems:     # a timeout, an init error, no KVM: nothing trustworthy ran
+        _err(f"bed: {problem}")
+    if mismatches or not saved or result.bed_problems:
         return 2
     code = result.exit_code
     return 1 if code == 0 and splats else code
 
 
 def cmd_matrix(args) -> int:
-    from kvmpy.bed import matrix
+    from kvmpy.bed import matrix, parallel
 
     try:
         bed = _prepared_bed(args)
@@ -221,7 +223,8 @@ def cmd_matrix(args) -> int:
     _err(f"matrix of {len(configs)} configurations on {bed.describe()}: {' '.join(command)}")
     t0 = time.monotonic()
     try:
-        rows = matrix.run_matrix([(bed, config) for config in configs], job, progress)
+        # A boot that fails is its row's result: one row's failure keeps the others.
+        rows = matrix.run_matrix(parallel.guard([(bed, config) for config in configs]), job, progress)
     except BedError as exc:
         _err(str(exc))
         return 2

@@ -20,7 +20,7 @@ import tarfile
 import zlib
 from typing import Dict, List, Sequence, Tuple
 
-from kvmpy.bed.protocol import FOLLOW, MARKER
+from kvmpy.bed.protocol import FOLLOW, MARKER, marker_reader
 from kvmpy.bed.results import MAX_FILE_BYTES, MAX_TOTAL_BYTES, Collected, files_from_tar
 
 RESULTS_BEGIN = f"{MARKER} files-begin"
@@ -49,25 +49,46 @@ def followers_script(follow) -> str:
     return FOLLOWERS.replace("@FOLLOW@", " ".join(follow)).replace("@FOLLOW_MARKER@", FOLLOW)
 
 
+_BEGIN_KIND = RESULTS_BEGIN[len(MARKER):].strip()
+_END_KIND = RESULTS_END[len(MARKER):].strip()
+
+
 def extract_files(console: str) -> Tuple[Dict[str, bytes], str, List[str]]:
     """(results files, kernel log, dropped files) from the base64 tarball in the console.
 
-    Anything that can print to the console can forge this block, so the
-    archive is read through :func:`kvmpy.bed.results.files_from_tar`: regular
-    files with safe names and bounded sizes only.  Returns empty results when
-    the block is missing or truncated.
+    The block is the lines between the last begin marker before the last end marker and
+    that end marker, both read as the init's markers (line start, the boot's nonce:
+    :class:`kvmpy.bed.protocol.MarkerReader`), so that marker text the command printed
+    neither starts a block nor swallows the real one. Anything that can print to the console
+    can still forge a block's content, so the archive is read through
+    :func:`kvmpy.bed.results.files_from_tar`: regular files with safe names and bounded sizes
+    only. Returns empty results when the block is missing or damaged; for a machine's console
+    (:class:`kvmpy.bed.protocol.ConsoleText`) ``dropped`` then says why: no result is lost
+    without a word.
     """
-    m = re.search(re.escape(RESULTS_BEGIN) + r"\s*\n(.*?)\n[^\n]*" + re.escape(RESULTS_END),
-                  console, re.S)
-    if not m:
-        return {}, "", []
+    reader = marker_reader(console)
+    lines = console.splitlines()
+    begin, block = None, None
+    for i, line in enumerate(lines):
+        marker = reader.read(line)
+        if marker is None:
+            continue
+        if marker[0] == _BEGIN_KIND:
+            begin = i
+        elif marker[0] == _END_KIND and begin is not None:
+            block = lines[begin + 1:i]
+            begin = None
+    say = reader.strict
+    if block is None:
+        return {}, "", (["no results came back: the bed's files block is missing from the console"
+                         + (" (it began but never ended)" if begin is not None else "")] if say else [])
     # Whole base64 lines only: a stray kernel message is a line of its own.
-    data = "".join(line.strip() for line in m.group(1).splitlines()
-                   if re.fullmatch(r"[A-Za-z0-9+/=]+", line.strip()))
+    data = "".join(line.strip() for line in block if re.fullmatch(r"[A-Za-z0-9+/=]+", line.strip()))
     try:
         members, dropped = files_from_tar(base64.b64decode(data))
-    except (tarfile.TarError, ValueError, EOFError, OSError, zlib.error):
-        return {}, "", []
+    except (tarfile.TarError, ValueError, EOFError, OSError, zlib.error) as e:
+        return {}, "", ([f"no results came back: the bed's files block is damaged ({type(e).__name__}: {e})"]
+                        if say else [])
     files = {name[len("results/"):]: content for name, content in members.items()
              if name.startswith("results/")}
     dropped += [f"{name}: not in results/" for name in members

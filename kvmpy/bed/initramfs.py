@@ -9,7 +9,8 @@ The init (see :data:`INIT_SCRIPT`) is the same for every machine backend:
    passing each one the ``<module>.<param>=<value>`` words of /proc/cmdline,
    because busybox insmod, unlike modprobe, ignores the kernel command line;
    ``kvm_amd``/``kvm_intel`` are only loaded on a CPU with svm/vmx;
-3. prints the bed's facts (release, CPU, vendor module, hugetlb pools,
+3. makes this boot's nonce (every marker carries it: :mod:`kvmpy.bed.protocol`) and
+   prints the bed's facts (release, CPU, vendor module, hugetlb pools,
    effective KVM module parameters) and ``ready`` on the console, in the
    protocol of :mod:`kvmpy.bed.protocol`;
 4. sources the backend's payload ``/etc/kvmpy/payload.sh``, which leaves the
@@ -54,7 +55,26 @@ INSMOD=${KVMPY_INSMOD:-insmod}
 MOUNT=${KVMPY_MOUNT:-mount}
 BOOT_ID=${KVMPY_BOOT_ID:-@BOOT_ID@}
 
-say() { echo "@MARKER@ $*"; }
+# Every marker carries this boot's nonce (see kvmpy.bed.protocol): made here, by PID 1, from
+# the kernel's RNG, announced as the first marker, kept in an unexported variable only (never
+# in a file, an argv, the environment or the kernel command line, which the job could read).
+# Without it (the unit tests' KVMPY_INIT_TEST) the markers are the plain ones.  A marker
+# counts only at the start of a line: once the job may have run (after ready), or before the
+# first one (the firmware's output ends without a newline), each starts with a newline of its
+# own, in case what came before did not end its line.
+say() {
+    [ -n "$kvmpy_fresh_line" ] && echo
+    echo "@MARKER@ ${kvmpy_nonce:+$kvmpy_nonce }$*"
+}
+
+new_nonce() {
+    unset kvmpy_nonce   # an inherited one would be exported: this one never is
+    read -r n < /proc/sys/kernel/random/uuid
+    kvmpy_nonce=${n//-/}
+    n=
+    echo
+    say nonce
+}
 
 # insmod module file $1 (module name $2) with the "<module>.<param>=<value>"
 # words of the command line addressed to it (dashes and underscores are the
@@ -152,6 +172,7 @@ main() {
     /bin/busybox --install -s /bin
     export PATH=/bin
     mount -t proc proc /proc
+    new_nonce
     mount -t sysfs sysfs /sys
     mount -t devtmpfs devtmpfs /dev
     mount_cgroup2 ""
@@ -160,6 +181,7 @@ main() {
     load_modules
     report_facts
     say ready
+    kvmpy_fresh_line=1
     status=2
     . /etc/kvmpy/payload.sh
     say "exit $status"

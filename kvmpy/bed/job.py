@@ -1,9 +1,9 @@
 """The job script: the command, its environment and working directory, run chrooted inside.
 
 Both backends write the same script and run it in the bed's root with a
-timeout a little shorter than the machine's (:func:`inner_timeout`), so the
-bed still reports an exit status and brings the results back when the
-command hangs.
+timeout shorter than the machine's (``Backend.inner_timeout``: room for the boot and
+for bringing the results back), so the bed still reports an exit status and brings
+the results back when the command hangs.
 """
 
 from __future__ import annotations
@@ -50,8 +50,3 @@ def job_script(request: BedRequest, inherit_env: Optional[dict] = None) -> str:
     lines.append(f"cd {shlex.quote(cwd)} || {{ echo {complaint} >&2; exit 2; }}")
     lines.append("exec " + " ".join(shlex.quote(a) for a in request.command))
     return "\n".join(lines) + "\n"
-
-
-def inner_timeout(timeout: float) -> int:
-    """The command's own timeout inside: the outer one minus boot headroom."""
-    return max(1, int(timeout - min(30.0, timeout * 0.25)))

@@ -19,8 +19,8 @@ import threading
 import time
 from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
-from kvmpy.bed.protocol import FOLLOW, MARKER, BedError
-from kvmpy.bed.request import BedFacts, BedRequest, BedResult
+from kvmpy.bed.protocol import FOLLOW, MARKER, BedError, ConsoleText, MarkerReader
+from kvmpy.bed.request import BedFacts, BedRequest, BedResult, parse_console
 from kvmpy.child import die_with_parent
 
 
@@ -54,9 +54,13 @@ def exit_on_sigterm():
 class ConsoleLog:
     """A machine's console, fed in chunks: whole lines, echoed, with the bed's markers noted.
 
+    Markers are read strictly (:class:`kvmpy.bed.protocol.MarkerReader`: at the start of a
+    line, with the boot's nonce), so what the command prints cannot end the boot early.
     ``hide`` is an optional (begin, end) pair of markers whose lines, inclusive,
     are kept but not echoed (e.g. a base64 block of result files). Lines of followed
     results files (:data:`FOLLOW`) are neither kept nor echoed but collected in ``followed``.
+    An echo (``on_console``) that raises (a closed pipe: ``kvmpy bed run ... | head``) is
+    dropped, the error kept in ``echo_error``: the boot and its results go on.
     """
 
     def __init__(self, request: BedRequest, start: float, hide: Optional[Tuple[str, str]] = None) -> None:
@@ -65,11 +69,13 @@ class ConsoleLog:
         self.followed: Dict[str, List[str]] = {}
         self.boot: Optional[float] = None        # seconds from start to the 'ready' marker
         self.exit_seen_at: Optional[float] = None
+        self.echo_error: Optional[BaseException] = None
         self._pending = ""
         self._start = start
         self._echo = request.on_console
-        self._hide = hide
+        self._hide = tuple(_kind(m) for m in hide) if hide else None
         self._hiding = False
+        self._markers = MarkerReader(strict=True)
 
     def feed(self, data: bytes) -> None:
         self._pending += data.decode("utf-8", "replace").replace("\r", "")
@@ -83,32 +89,48 @@ class ConsoleLog:
                 if not line:
                     continue
             self.lines.append(line)
-            if self._hide and self._hide[0] in line:
+            marker = self._markers.read(line)
+            kind = marker[0] if marker else None
+            if self._hide and kind == self._hide[0]:
                 self._hiding = True
             if self._echo and not self._hiding:
-                self._echo(line)
-            if self._hide and self._hide[1] in line:
+                self._say(line)
+            if self._hide and kind == self._hide[1]:
                 self._hiding = False
-            if MARKER in line:
-                if self.boot is None and line.rstrip().endswith(f"{MARKER} ready"):
-                    self.boot = time.monotonic() - self._start
-                if f"{MARKER} exit " in line:
-                    self.exit_seen_at = time.monotonic()
+            if kind == "ready" and self.boot is None:
+                self.boot = time.monotonic() - self._start
+            elif kind == "exit" and self.exit_seen_at is None:
+                self.exit_seen_at = time.monotonic()
+
+    def _say(self, line: str) -> None:
+        try:
+            self._echo(line)
+        except Exception as exc:   # noqa: BLE001 - an echo is a convenience, the results are not
+            self.echo_error = exc
+            self._echo = None
 
     def text(self) -> str:
-        """Everything received, the unterminated last line included."""
-        return "\n".join(self.lines + ([self._pending] if self._pending else [])) + "\n"
+        """Everything received, the unterminated last line included (read strictly)."""
+        return ConsoleText("\n".join(self.lines + ([self._pending] if self._pending else [])) + "\n")
+
+
+def _kind(marker: str) -> str:
+    """``KVMPY-BED: files-begin`` -> ``files-begin``."""
+    return marker[len(MARKER):].strip() if marker.startswith(MARKER) else marker.strip()
 
 
 class ConsolePrinter:
-    """Echo console lines: everything, or only the command's own output; each line after
-    ``prefix`` (which bed it came from, when several run at once) and written whole."""
+    """Echo console lines: everything, or only the command's own output (with the init's
+    errors); each line after ``prefix`` (which bed it came from, when several run at once)
+    and written whole."""
 
     def __init__(self, everything: bool, stream=None, prefix: str = "") -> None:
         self.everything = everything
         self.stream = stream or sys.stdout
         self.prefix = prefix
         self.inside = False
+        self._markers = MarkerReader(strict=True)
+        self._blank = False   # an empty line held back: the init's own before a marker
 
     def _print(self, line: str) -> None:
         self.stream.write(f"{self.prefix}{line}\n")
@@ -118,13 +140,22 @@ class ConsolePrinter:
         if self.everything:
             self._print(line)
             return
-        if MARKER in line:
-            if line.rstrip().endswith(f"{MARKER} ready"):
+        marker = self._markers.read(line)
+        if self._blank and marker is None and self.inside:
+            self._print("")
+        self._blank = False
+        if marker is None and self.inside and not line:
+            self._blank = True
+            return
+        if marker is not None:
+            if marker[0] == "ready":
                 self.inside = True
-            elif f"{MARKER} exit " in line:
+            elif marker[0] == "exit":
                 self.inside = False
-            elif f"{MARKER} error" in line:
+            elif marker[0] == "error":
                 self._print(line)
+            return
+        if line.startswith(MARKER) and not self.inside:
             return
         if self.inside:
             self._print(line)
@@ -192,9 +223,9 @@ def kill_machine(proc: subprocess.Popen) -> None:
 
 def boot_failure(console: str) -> str:
     """The most telling line of a console log that never reached the exit marker."""
-    for line in console.splitlines():
-        if f"{MARKER} error" in line:
-            return line[line.index(MARKER) + len(MARKER):].strip()
+    errors = parse_console(console).bed_errors
+    if errors:
+        return f"error {errors[0]}"
     for pattern in ("Kernel panic", "qemu-system", "BUG:", "not syncing"):
         for line in console.splitlines():
             if pattern in line:

@@ -176,7 +176,7 @@ class Row:
     @property
     def verdict(self) -> str:
         """PASS, FAIL (the command or the kernel) or ERROR (the bed itself)."""
-        if self.result.status is None or self.mismatches:
+        if self.result.status is None or self.mismatches or self.result.bed_problems:
             return "ERROR"
         if self.result.status != 0 or self.splats:
             return "FAIL"
@@ -190,6 +190,8 @@ class Row:
             return self.result.error or "no exit status"
         if self.mismatches:
             return "; ".join(self.mismatches)
+        if self.result.bed_problems:
+            return "; ".join(self.result.bed_problems)
         if self.splats:
             return "kernel splat: " + self.splats[0].splitlines()[0]
         if self.junit and self.junit.failed:
@@ -214,6 +216,9 @@ def evaluate(config: Config, result: BedResult, requested: Optional[Mapping[str,
     if result.status is not None:
         row.mismatches = param_mismatches(config.params if requested is None else requested,
                                           result.params)
+        # A bed that timed out, reported an error or had no KVM vendor module tested nothing:
+        # named with the mismatches, which every consumer of a row treats as the bed's error.
+        row.mismatches += result.bed_problems
     row.boot_splats, row.splats = kernel_splats(result)
     xmls = [data for name, data in sorted(result.files.items()) if name.endswith(".xml")]
     if xmls:

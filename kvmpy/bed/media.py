@@ -44,20 +44,34 @@ def write_cpio(out: Path, tree: Path) -> Path:
     """
     # Private to this thread too: rows of --jobs may write the same cached archive at once.
     tmp = out.with_name(out.name + f".{os.getpid()}.{threading.get_ident()}.tmp")
-    with open(tmp, "wb") as raw:
-        find = subprocess.Popen(["find", ".", "-mindepth", "1"], cwd=tree, stdout=subprocess.PIPE)
-        cpio = subprocess.Popen(["cpio", "-o", "-H", "newc", "--quiet"], cwd=tree,
-                                stdin=find.stdout, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        find.stdout.close()
-        with cpio.stdout, cpio.stderr:
-            # Level 1: as small as level 6 give or take 10%, several times faster.
-            with gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=1, mtime=0) as gz:
-                shutil.copyfileobj(cpio.stdout, gz, 1 << 20)
-            err = cpio.stderr.read()
-        if cpio.wait(timeout=600) != 0 or find.wait(timeout=600) != 0:
-            tmp.unlink()
-            raise BedError(f"cpio failed: {err.decode(errors='replace').strip()}")
-    os.replace(tmp, out)
+    procs: List[subprocess.Popen] = []
+    try:
+        with open(tmp, "wb") as raw:
+            find = subprocess.Popen(["find", ".", "-mindepth", "1"], cwd=tree, stdout=subprocess.PIPE)
+            procs.append(find)
+            cpio = subprocess.Popen(["cpio", "-o", "-H", "newc", "--quiet"], cwd=tree,
+                                    stdin=find.stdout, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            procs.append(cpio)
+            find.stdout.close()
+            with cpio.stdout, cpio.stderr:
+                # Level 1: as small as level 6 give or take 10%, several times faster.
+                with gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=1, mtime=0) as gz:
+                    shutil.copyfileobj(cpio.stdout, gz, 1 << 20)
+                err = cpio.stderr.read()
+            if cpio.wait(timeout=600) != 0 or find.wait(timeout=600) != 0:
+                raise BedError(f"cpio failed: {err.decode(errors='replace').strip()}")
+        os.replace(tmp, out)
+    except BaseException:
+        # A failed or interrupted write (a full disk, Ctrl-C) leaves no part archive in the cache
+        # and no find or cpio running.
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+            if proc.stdout:
+                proc.stdout.close()
+        tmp.unlink(missing_ok=True)
+        raise
     return out
 
 

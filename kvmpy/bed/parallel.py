@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import os
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from typing import Callable, Dict, Tuple, TypeVar
+from typing import Any, Callable, Dict, List, Mapping, Sequence, Tuple, TypeVar
 
 from kvmpy.bed import machine
+from kvmpy.bed.protocol import BedError
+from kvmpy.bed.request import BedFacts, BedResult
 
 T = TypeVar("T")
 
@@ -68,7 +70,8 @@ def run_in_order(count: int, work: Callable[[int], T], jobs: int,
                  commit: Callable[[int, T], None]) -> None:
     """Run ``work(0..count-1)`` on ``jobs`` threads; ``commit(i, result)`` on this thread in index order.
 
-    A worker's exception stops the others' emulators and is raised here. On a
+    A worker's exception stops the others' emulators and is raised here, once the results
+    that had finished are committed (a bed's boot should not raise: see :class:`GuardedBed`). On a
     KeyboardInterrupt every emulator is killed, the results finished before it are
     committed (in index order, skipping those that had not finished), and the
     interrupt is re-raised with ``running``: the indices whose work it cut short, and
@@ -94,15 +97,24 @@ def run_in_order(count: int, work: Callable[[int], T], jobs: int,
                     next_i += 1
     except KeyboardInterrupt as e:
         # What had finished before the stop is kept; what ran then comes back as its emulator left it.
+        # Running first, then finished: work that ends between the two looks is in both (and kept
+        # as finished), never in neither.
+        started = {i for f, i in futures.items() if f.running()}
         done = {i: f.result() for f, i in futures.items() if i >= next_i and _returned(f)}
-        e.running = sorted(i for f, i in futures.items() if f.running() and i not in done)
         _stop(pool)
+        # Work that started after the first look and was not cancelled by the stop ran too.
+        e.running = sorted(i for f, i in futures.items()
+                           if i >= next_i and i not in done and (i in started or not f.cancelled()))
         e.cut = {i: f.result() for f, i in futures.items() if i in e.running and _returned(f)}
         for i in sorted(done):
             commit(i, done[i])
         raise
     except BaseException:
         _stop(pool)
+        # The work that finished is kept all the same (committed in order, skipping the rest).
+        done = {i: f.result() for f, i in futures.items() if i >= next_i and _returned(f)}
+        for i in sorted(done):
+            commit(i, done[i])
         raise
     finally:
         pool.shutdown(wait=True)
@@ -119,3 +131,39 @@ def _stop(pool: ThreadPoolExecutor) -> None:
     pool.shutdown(wait=False, cancel_futures=True)
     machine.stop_machines()
     pool.shutdown(wait=True)
+
+
+def error_result(bed: Any, exc: BaseException) -> BedResult:
+    """A boot that raised ``exc``, as that boot's result: no exit status, the error said."""
+    why = str(exc) if isinstance(exc, BedError) else f"{type(exc).__name__}: {exc}"
+    facts = BedFacts()
+    backend = getattr(bed, "backend", None)
+    if backend is not None:
+        try:
+            facts = backend.machine_facts()
+        except Exception:
+            pass
+    return BedResult(None, "", error=f"the bed failed: {why}", facts=facts)
+
+
+class GuardedBed:
+    """A :class:`kvmpy.bed.testbed.Bed` whose :meth:`run` never raises an Exception: a boot that
+    fails (a BedError, an OSError such as a full disk) is that row's result (no exit status, the
+    error said), so that one row's failure keeps every other row. Everything else is the bed's."""
+
+    def __init__(self, bed: Any) -> None:
+        self.bed = bed
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.bed, name)
+
+    def run(self, job: Any, params: Mapping[str, str] = {}) -> BedResult:
+        try:
+            return self.bed.run(job, params)
+        except Exception as exc:
+            return error_result(self.bed, exc)
+
+
+def guard(pairs: Sequence[Tuple[Any, Any]]) -> List[Tuple[GuardedBed, Any]]:
+    """``pairs`` of (bed, configuration) with each bed a :class:`GuardedBed`."""
+    return [(bed if isinstance(bed, GuardedBed) else GuardedBed(bed), config) for bed, config in pairs]

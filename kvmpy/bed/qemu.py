@@ -14,19 +14,19 @@ import os
 import selectors
 import shutil
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 from typing import List
 
-from kvmpy.bed.backend import Backend
+from kvmpy.bed.backend import Backend, boot_dir
 from kvmpy.bed.initramfs import KVM_MODULES, SHARE_MODULES, build_initramfs, busybox
-from kvmpy.bed.job import inner_timeout, job_script
+from kvmpy.bed.job import job_script
 from kvmpy.bed.kernel import Kernel
 from kvmpy.bed.machine import ConsoleLog, boot_failure, exit_on_sigterm, kill_machine, settle, start_machine
 from kvmpy.bed.protocol import INSIDE_SHARE, BedError
 from kvmpy.bed.request import BedFacts, BedRequest, BedResult, kernel_cmdline, megabytes, parse_console
 from kvmpy.bed.results import files_from_dir, read_log
+from kvmpy.stop import stop_signals_deferred
 
 QEMU = "qemu-system-x86_64"
 HOST_ROOT_TAG = "kvmpyroot"
@@ -75,6 +75,9 @@ class QemuBackend(Backend):
     """Boot the bed with qemu-system-x86_64."""
 
     name = "qemu"
+    # TCG boots in about 30 s alone, much slower with --jobs rows sharing the CPUs; the results
+    # come back through the shared directory, then the machine powers off (POWEROFF_GRACE).
+    headroom = 90.0
     vendor = "amd"
 
     def __init__(self, kernel: Kernel, accel: str = "tcg", qemu: str = QEMU,
@@ -138,11 +141,11 @@ class QemuBackend(Backend):
     def run(self, request: BedRequest) -> BedResult:
         self.check()
         start = time.monotonic()
-        with exit_on_sigterm(), tempfile.TemporaryDirectory(prefix="kvmpy-bed-") as tmp:
+        with exit_on_sigterm(), boot_dir("kvmpy-bed-") as tmp:
             share = Path(tmp) / "share"
             (share / "results").mkdir(parents=True)
             (share / "job.sh").write_text(job_script(request))
-            (share / "timeout").write_text(f"{inner_timeout(request.timeout)}\n")
+            (share / "timeout").write_text(f"{self.inner_timeout(request.timeout)}\n")
             initrd = build_initramfs(self.kernel, Path(tmp) / "initrd.cpio", PAYLOAD,
                                      SHARE_MODULES + KVM_MODULES)
             argv = self.command_line(initrd, share, request)
@@ -183,8 +186,10 @@ def _run_machine(argv: List[str], request: BedRequest, start: float):
     Returns (console text, seconds to the 'ready' marker or None, timed_out,
     the machine's pid).
     """
-    deadline = start + request.timeout
     proc = start_machine(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    # The timeout counts from the emulator's start (not from building its initramfs): the
+    # command's own timeout inside is sized from there (Backend.headroom).
+    deadline = time.monotonic() + request.timeout
     log = ConsoleLog(request, start)
     timed_out = False
     sel = selectors.DefaultSelector()
@@ -203,6 +208,7 @@ def _run_machine(argv: List[str], request: BedRequest, start: float):
                 break
             log.feed(data)
     finally:
-        sel.close()
-        kill_machine(proc)
+        with stop_signals_deferred():   # a second stop signal must not cut the kill short
+            sel.close()
+            kill_machine(proc)
     return log.text(), log.boot, timed_out, proc.pid

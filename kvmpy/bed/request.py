@@ -13,7 +13,7 @@ import dataclasses
 import re
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
-from kvmpy.bed.protocol import BOOT_DONE, MARKER, STATUS_HARNESS_ERROR, BedError
+from kvmpy.bed.protocol import BOOT_DONE, MARKER, STATUS_HARNESS_ERROR, BedError, marker_reader
 from kvmpy.bed_mark import CMDLINE_WORD
 from kvmpy.kernel_log import find_splats_in_text
 from kvmpy.mmu_params import TDP_PARAM, flavour_of
@@ -169,6 +169,28 @@ class BedResult:
     pid: Optional[int] = None
     facts: BedFacts = dataclasses.field(default_factory=BedFacts)
     dropped: List[str] = dataclasses.field(default_factory=list)
+    # What the bed's init said went wrong (``KVMPY-BED: error ...``: a module that would not
+    # load, a mount that failed): the bed was not what was asked for.
+    bed_errors: List[str] = dataclasses.field(default_factory=list)
+
+    @property
+    def kvm_missing(self) -> bool:
+        """The command finished, but no KVM vendor module (kvm_amd, kvm_intel) was loaded:
+        whatever it tested, it was not KVM."""
+        return self.status is not None and not self.facts.vendor_module
+
+    @property
+    def bed_problems(self) -> List[str]:
+        """Why this boot tested nothing trustworthy, whatever its exit status (empty if none):
+        a timeout, an error the init reported, no KVM vendor module. Any of them makes the boot
+        an error (ERROR, exit status 2), never a pass."""
+        problems = []
+        if self.timed_out:
+            problems.append(self.error or "timed out")
+        problems += [f"bed error: {e}" for e in self.bed_errors]
+        if self.kvm_missing:
+            problems.append("no KVM vendor module (kvm_amd or kvm_intel) was loaded in the bed")
+        return problems
 
     @property
     def ok(self) -> bool:
@@ -181,7 +203,6 @@ class BedResult:
         return self.status if self.status is not None else STATUS_HARNESS_ERROR
 
 
-_MARKER_RE = re.compile(re.escape(MARKER) + r" (\w+)(?: (.*))?$")
 _FILE_NAME_RE = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
 
 
@@ -198,27 +219,27 @@ def _pool_name(text: str) -> str:
 
 
 def parse_console(console: str) -> BedResult:
-    """Extract status, effective parameters and the inside facts from a console log.
+    """Extract status, effective parameters, the init's errors and the inside facts from a console log.
 
-    Returns a partial BedResult (status None if no exit marker was printed).
-    Markers may be preceded by other output on the same line (the serial line
-    is shared with the kernel), so they are searched anywhere in a line.
+    Returns a partial BedResult (status None if no exit marker counted). Only markers
+    that start a line and carry the boot's nonce count, facts before ``ready``, ``exit``
+    after it (:class:`kvmpy.bed.protocol.MarkerReader`): the command shares the console.
     """
     result = BedResult(status=None, console=console)
     facts = result.facts
+    reader = marker_reader(console)
     for line in console.splitlines():
-        idx = line.find(MARKER)
-        if idx < 0:
+        marker = reader.read(line)
+        if marker is None:
             continue
-        m = _MARKER_RE.match(line[idx:].rstrip("\r"))
-        if not m:
-            continue
-        kind, arg = m.group(1), (m.group(2) or "").strip()
+        kind, arg = marker
         if kind == "exit":
             try:
                 result.status = int(arg)
             except ValueError:
-                pass
+                result.bed_errors.append(f"unreadable exit status {arg!r}")
+        elif kind == "error":
+            result.bed_errors.append(arg)
         elif kind == "param" and "=" in arg:
             key, _, value = arg.partition("=")
             result.params[key.strip()] = value.strip()
@@ -313,16 +334,28 @@ def megabytes(mem: str) -> int:
     return n * 1024 if m.group(2).lower() == "g" else n
 
 
+_PRINTK_RE = re.compile(r"\s*\[\s*\d+\.\d+\]")
+
+
 def kernel_splats(result: BedResult) -> Tuple[List[str], List[str]]:
     """(splats while booting, splats from loading KVM on) in a result's kernel log.
 
     Boot-time splats come from the kernel meeting the emulated CPU before any KVM
-    code ran; they are reported, but only the later ones fail a run. A bed that
-    crashed brought no kernel log back, so its console (printed at full verbosity
-    for an oops or panic) is scanned instead.
+    code ran; they are reported, but only the later ones fail a run. Without a kernel
+    log (a bed that crashed, or one whose log did not come back: dropped by the size
+    bound, a damaged files block) the console is scanned instead: it shows an oops or
+    panic even at the quiet log level. The console of a command that finished also holds
+    the command's output, so there only the kernel's own (timestamped) lines are read.
     """
-    text = result.kernel_log if result.kernel_log or result.status is not None else result.console
-    head, sep, tail = text.partition(BOOT_DONE)
-    if not sep:
-        return [], find_splats_in_text(text)
-    return find_splats_in_text(head), find_splats_in_text(tail)
+    if result.kernel_log:
+        head, sep, tail = result.kernel_log.partition(BOOT_DONE)
+        if not sep:
+            return [], find_splats_in_text(result.kernel_log)
+        return find_splats_in_text(head), find_splats_in_text(tail)
+    lines = result.console.splitlines()
+    if result.status is not None:
+        lines = [line for line in lines if _PRINTK_RE.match(line) or line.startswith(MARKER)]
+    # BOOT_DONE goes to the kernel log at a level a quiet console does not show: the init's
+    # first marker (printed just before it) tells boot from KVM there.
+    cut = next((i for i, line in enumerate(lines) if BOOT_DONE in line or line.startswith(MARKER)), 0)
+    return find_splats_in_text("\n".join(lines[:cut])), find_splats_in_text("\n".join(lines[cut:]))

@@ -148,10 +148,12 @@ def run(args, quiet: bool = False, pairs: List[Pair] | None = None) -> List[RunR
     t0 = time.monotonic()
     log(f"bed: {'; '.join(b.describe() for b in beds)}, {len(pairs)} configuration(s)")
     stopped: List[RunResults] = []
+    harness: List[RunResults] = []
     try:
-        matrix.run_matrix(pairs, job, progress, name_rows=args.matrix, jobs=jobs, console=console)
-    except BedError as e:
-        return _harness_error(args, str(e))
+        # A boot that fails is its row's result (parallel.GuardedBed): one row's failure keeps the others.
+        matrix.run_matrix(parallel.guard(pairs), job, progress, name_rows=args.matrix, jobs=jobs, console=console)
+    except Exception as e:  # the rows that finished are kept, and the error said beside them
+        harness = _harness_error(args, _what_failed(e), junit=not done)
     except KeyboardInterrupt as e:  # SIGINT, or SIGTERM/SIGHUP as the CLI raises them
         stopped = bed_results.stopped_runs(pairs, sorted(done), getattr(e, "running", None) or [],
                                            getattr(e, "signo", signal.SIGINT), args.matrix, getattr(e, "cut", {}))
@@ -160,7 +162,7 @@ def run(args, quiet: bool = False, pairs: List[Pair] | None = None) -> List[RunR
     several_rows = args.matrix or len(pairs) > 1
     runs = [_finished_run(pairs[i][0], done[i], args, several_kernels, several_rows) for i in sorted(done)]
     _write_stopped_junit(args, pairs, stopped, several_kernels, several_rows)
-    runs += stopped
+    runs += stopped + harness
     if not quiet and args.matrix and done:
         kernels = ", ".join(b.kernel.release for b in beds if b.kernel)
         print(matrix.format_table([done[i] for i in sorted(done)],
@@ -169,13 +171,28 @@ def run(args, quiet: bool = False, pairs: List[Pair] | None = None) -> List[RunR
     return runs
 
 
-def _harness_error(args, message: str) -> List[RunResults]:
+def _harness_error(args, message: str, junit: bool = True) -> List[RunResults]:
     """The run when the bed could not be set up or run, written to ``--junit`` too (one file at
-    the name given): a CI system reading it finds the error, not a missing file."""
+    the name given, unless not ``junit``): a CI system reading it finds the error, not a missing file."""
     runs = [RunResults("bed", harness_error=message)]
-    if args.junit:
-        Path(args.junit).write_bytes(format_junit(runs))
+    if junit and args.junit:
+        _write_junit(Path(args.junit), format_junit(runs), runs[0])
     return runs
+
+
+def _what_failed(e: BaseException) -> str:
+    return str(e) if isinstance(e, BedError) else f"the bed failed: {type(e).__name__}: {e}"
+
+
+def _write_junit(path: Path, data: bytes, run: RunResults) -> None:
+    """Write a ``--junit`` file; a write that fails (a full disk) is ``run``'s harness error, not
+    a traceback that loses every other run."""
+    try:
+        path.write_bytes(data)
+    except OSError as e:
+        why = f"JUnit file {path} not written: {e}"
+        _note(why)
+        run.harness_error = f"{run.harness_error}; {why}" if run.harness_error else why
 
 
 def _log_row(log: Callable[[str], None], row: matrix.Row, line: str) -> None:
@@ -198,12 +215,13 @@ def _run_parts(args, pair: Pair, nparts: int, stream, log: Callable[[str], None]
     from kvmpy.selftest.parts import merge_parts   # a pytest plugin too: pytest only when parts run
 
     bed, config = pair
+    guarded = parallel.GuardedBed(bed)     # a part that fails is its result: the others are kept
     requested = {**bed.options.params, **config.params}
     done: Dict[int, matrix.Row] = {}
 
     def boot(k: int) -> matrix.Row:
         echo = ConsolePrinter(False, stream, prefix=f"[part {k + 1}/{nparts}] ")
-        return matrix.evaluate(config, bed.run(suite_job(args, echo, (k + 1, nparts)), config.params), requested)
+        return matrix.evaluate(config, guarded.run(suite_job(args, echo, (k + 1, nparts)), config.params), requested)
 
     def commit(k: int, row: matrix.Row) -> None:
         done[k] = row
@@ -211,11 +229,11 @@ def _run_parts(args, pair: Pair, nparts: int, stream, log: Callable[[str], None]
                            f"({row.result.seconds:.0f}s)")
 
     log(f"bed: {bed.describe()}, 1 configuration, its tests in {nparts} parts (one boot each)")
-    stop, cut = 0, {}
+    stop, cut, harness = 0, {}, ""
     try:
         parallel.run_in_order(nparts, boot, nparts, commit)
-    except BedError as e:
-        return _harness_error(args, str(e))
+    except Exception as e:      # the parts that finished are kept, the error said in the run
+        harness = _what_failed(e)
     except KeyboardInterrupt as e:
         stop, cut = getattr(e, "signo", signal.SIGINT), getattr(e, "cut", {})
     # A part the stop cut short keeps the tests its progress file shows finished.
@@ -230,10 +248,14 @@ def _run_parts(args, pair: Pair, nparts: int, stream, log: Callable[[str], None]
             run.interrupted = stop
             run.stop_detail = bed_results.parts_stop_detail(nparts, done, {k: c[1] for k, c in cut_runs.items()})
         runs = [run]
+    elif harness:
+        return _harness_error(args, harness)
     else:       # stopped before any part finished or had a test to show
         runs = bed_results.stopped_runs([pair], [], [0], stop, args.matrix)
+    if harness:
+        runs[0].harness_error = f"{runs[0].harness_error}; {harness}" if runs[0].harness_error else harness
     if args.junit:
-        Path(args.junit).write_bytes(format_junit(runs))
+        _write_junit(Path(args.junit), format_junit(runs), runs[0])
     return runs
 
 
@@ -280,7 +302,7 @@ def _finished_run(bed: Bed, row: matrix.Row, args, several_kernels: bool, severa
                 data = row.result.files["junit.xml"]
         else:   # pytest never wrote one (the boot failed first): the run's error, as JUnit
             data = format_junit([run])
-        _junit_path(args, bed, row.config, several_kernels, several_rows).write_bytes(data)
+        _write_junit(_junit_path(args, bed, row.config, several_kernels, several_rows), data, run)
     return run
 
 
@@ -304,4 +326,4 @@ def _write_stopped_junit(args, pairs: List[Pair], stopped: List[RunResults], sev
     for run in stopped:
         if run.row in by_row:
             bed, config = by_row[run.row]
-            _junit_path(args, bed, config, several_kernels, several_rows).write_bytes(format_junit([run]))
+            _write_junit(_junit_path(args, bed, config, several_kernels, several_rows), format_junit([run]), run)
