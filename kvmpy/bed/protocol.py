@@ -5,8 +5,10 @@ them: the constants the init (:mod:`kvmpy.bed.initramfs`), the backends and
 the result parser (:mod:`kvmpy.bed.request`) share have one home.
 
 Console protocol, printed by the shared init so that every backend can parse
-a boot's outcome from the serial log alone::
+a boot's outcome from the serial log alone (each marker after the first carries the
+nonce the first announces: ``KVMPY-BED: <nonce> kernel ...``; see "reading markers")::
 
+    KVMPY-BED: <nonce> nonce               (first: this boot's nonce)
     KVMPY-BED: kernel 6.12.9+bpo-amd64     (uname -r)
     KVMPY-BED: cpu AMD EPYC ...             (the emulated CPU's model name)
     KVMPY-BED: module kvm_amd               (vendor module loaded, or built in)
@@ -19,6 +21,9 @@ a boot's outcome from the serial log alone::
 """
 
 from __future__ import annotations
+
+import re
+from typing import Optional, Tuple
 
 #: Prefix of every line the bed's init prints for the host.
 MARKER = "KVMPY-BED:"
@@ -68,13 +73,10 @@ class BedError(RuntimeError):
 # nonce) may have no announcement: there, line-start markers without a nonce are read
 # (``strict=False``).  A machine's console is always read strictly (:class:`ConsoleText`).
 
-import re as _re
-from typing import Optional as _Optional, Tuple as _Tuple
-
 #: The kind of the init's first marker: ``KVMPY-BED: <nonce> nonce``.
 NONCE_KIND = "nonce"
-_NONCE_RE = _re.compile(r"[0-9a-f]{32}")
-_KIND_RE = _re.compile(r"[A-Za-z0-9_-]+")
+_NONCE_RE = re.compile(r"[0-9a-f]{32}")
+_KIND_RE = re.compile(r"[A-Za-z0-9_-]+")
 #: Markers that report the bed's facts: they count before ``ready`` only.
 FACT_KINDS = ("kernel", "cpu", "module", "hugepages", "param")
 
@@ -94,12 +96,12 @@ class MarkerReader:
 
     def __init__(self, strict: bool = True) -> None:
         self.strict = strict
-        self.nonce: _Optional[str] = None
+        self.nonce: Optional[str] = None
         self.ready = False
         self.exited = False
         self._first = True
 
-    def read(self, line: str) -> _Optional[_Tuple[str, str]]:
+    def read(self, line: str) -> Optional[Tuple[str, str]]:
         line = line.rstrip("\r")
         if not line.startswith(MARKER):
             return None
