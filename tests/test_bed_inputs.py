@@ -399,6 +399,9 @@ def test_matrix_goes_on_when_a_row_cannot_be_saved(tmp_path, monkeypatch, capsys
         return rows
 
     monkeypatch.setattr(cli, "_prepared_bed", lambda args: _FakeBed())
+    import kvmpy.bed.results as results
+    monkeypatch.setattr(results.tempfile, "mkdtemp",      # the fallback: not a real /tmp directory
+                        lambda prefix="": (tmp_path / "kept").mkdir() or str(tmp_path / "kept"))
     monkeypatch.setattr(matrix, "run_matrix", run_matrix)
     monkeypatch.setattr(matrix, "format_table", lambda rows, title: "TABLE " + " ".join(r.config.name for r in rows))
     monkeypatch.setattr(matrix, "exit_status", lambda rows: 0)
