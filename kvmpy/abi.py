@@ -44,7 +44,10 @@ _FITS: set[tuple[int, object]] = set()
 
 def ioctl_arg_size(name: str) -> int:
     """Bytes ioctl ``name`` copies through its pointer argument (0 for an ``_IO`` ioctl)."""
-    request = _request(name)
+    return _arg_size(_request(name))
+
+
+def _arg_size(request: int) -> int:
     return (request >> _IOC_SIZE_SHIFT) & _IOC_SIZE_MASK if request >> _IOC_DIR_SHIFT else 0
 
 
@@ -58,7 +61,7 @@ def _check_arg(name: str, request: int, arg, target: str) -> None:
     EFAULT. Counts inside the argument (nmsrs, nent) and pointers it holds (a dirty
     bitmap) are the caller's: the typed methods (Vcpu.get_msrs, Vm.get_dirty_log) size them.
     """
-    size = (request >> _IOC_SIZE_SHIFT) & _IOC_SIZE_MASK
+    size = _arg_size(request)
     where = f"{name} on {target}"
     if not isinstance(arg, ffi.CData):
         raise KvmError(f"{where}: the argument must be a cffi pointer to the {size}-byte argument "
@@ -131,22 +134,24 @@ def ioctl_int(fd: int, name: str, arg: int = 0, target: str = "", context: str =
     """Issue ioctl ``name`` with an integer argument; IoctlError on failure, KvmError for an
     argument that is not an unsigned long or an ioctl that takes a pointer (the kernel
     would copy through the integer as an address)."""
-    if _request(name) >> _IOC_DIR_SHIFT:
-        raise KvmError(f"{name} on {target or f'fd {fd}'}: it copies {ioctl_arg_size(name)} bytes through "
+    request = _request(name)
+    target = target or f"fd {fd}"
+    if request >> _IOC_DIR_SHIFT:
+        raise KvmError(f"{name} on {target}: it copies {_arg_size(request)} bytes through "
                        f"a pointer; pass a cffi pointer to ioctl()")
     try:
-        ret = lib.kvmpy_ioctl_int(fd, getattr(lib, name), arg)
+        ret = lib.kvmpy_ioctl_int(fd, request, arg)
     except (OverflowError, TypeError):
-        raise KvmError(f"{name} on {target or f'fd {fd}'}: argument {arg!r} is not an unsigned long"
+        raise KvmError(f"{name} on {target}: argument {arg!r} is not an unsigned long"
                        + (f" [{context}]" if context else "")) from None
     if ret < 0:
-        raise _closed(name, target) if fd == -1 else IoctlError(name, ffi.errno, target or f"fd {fd}", context)
+        raise _closed(name, target) if fd == -1 else IoctlError(name, ffi.errno, target, context)
     return ret
 
 
 def _closed(name: str, target: str) -> KvmError:
     # kvmpy's objects set their fd to -1 when closed: say so rather than "EBADF on fd -1".
-    return KvmError(f"{name} on {target or 'fd -1'}: it is closed")
+    return KvmError(f"{name} on {target}: it is closed")
 
 
 def new_struct(ctype: str, what: str, **fields):

@@ -84,7 +84,6 @@ class Vm:
             p = ffi.new("uint64_t *", addr)
         except (OverflowError, TypeError):
             raise KvmError(f"{self.name}: identity map address {addr!r} is not a u64") from None
-        check_ints(f"{self.name}: KVM_SET_IDENTITY_MAP_ADDR", addr=addr)      # not a float that fitted
         ioctl(self.fd, "KVM_SET_IDENTITY_MAP_ADDR", p, self.name, f"addr {addr:#x}")
 
     # -- memslots ---------------------------------------------------------------
