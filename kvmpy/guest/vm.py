@@ -199,12 +199,16 @@ class GuestVm:
         KvmError if it would cover the ucall MMIO address, which must stay unbacked.
         """
         vm = self._live_vm()
-        mmio = self.ucall.mmio_gpa
-        if mmio is not None and isinstance(gpa, int) and isinstance(size, int) and gpa < mmio + 8 and mmio < gpa + size:
+        if isinstance(gpa, int) and isinstance(size, int) and self._covers_ucall(gpa, size):
             # Backed, the guest's ucall stores would become memory writes the host never sees.
-            raise KvmError(f"memslot {slot} at {gpa:#x}+{size:#x} would cover the ucall MMIO address {mmio:#x}, "
-                           "which no memslot may back")
+            raise KvmError(f"memslot {slot} at {gpa:#x}+{size:#x} would cover the ucall MMIO address "
+                           f"{self.ucall.mmio_gpa:#x}, which no memslot may back")
         return vm.add_memory(slot=slot, gpa=gpa, size=size, backing=backing)
+
+    def _covers_ucall(self, gpa: int, size: int) -> bool:
+        """Whether ``[gpa, gpa+size)`` holds the ucall MMIO address (user mode's ucall port)."""
+        mmio = self.ucall.mmio_gpa
+        return mmio is not None and gpa < mmio + 8 and mmio < gpa + size
 
     def map(self, gva: int, gpa: int, size: int, page_size: int = PAGE_4K, *, writable: bool = True,
             user: bool | None = None, nx: bool = False) -> None:
@@ -240,9 +244,8 @@ class GuestVm:
         for ms in self.vm.memslots.values():
             if gpa < ms.gpa + ms.size and ms.gpa < gpa + size:
                 raise KvmError(f"{what} would overlap memslot {ms.slot} ({ms.gpa:#x}+{ms.size:#x})")
-        mmio = self.ucall.mmio_gpa
-        if mmio is not None and gpa < mmio + 8 and mmio < gpa + size:
-            raise KvmError(f"{what} would cover the ucall MMIO address {mmio:#x}")
+        if self._covers_ucall(gpa, size):
+            raise KvmError(f"{what} would cover the ucall MMIO address {self.ucall.mmio_gpa:#x}")
         used = self.pt.first_in_use(gpa, size, PAGE_2M)
         if used is not None:
             # Its identity map would silently replace the test's own mapping there.
