@@ -15,6 +15,7 @@ KVM_EXIT_DIRTY_RING_FULL by the vCPU's thread, and by the host each iteration).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
@@ -28,6 +29,7 @@ from kvmpy.errors import IoctlError, KvmError, RequirementError
 from kvmpy.exits import DirtyRingFullExit, Exit
 from kvmpy.kvm import Kvm
 from kvmpy.memory import read_sysfs
+from kvmpy.mmu_params import param_on
 from kvmpy.perf.memstress import Memstress, MemstressConfig
 from kvmpy.perf.params import module_param
 from kvmpy.stats import Snapshot
@@ -120,7 +122,7 @@ def ring_min_entries(sysfs: str = "/sys/module") -> tuple[int, str]:
     """The smallest dirty ring KVM accepts here, in entries, and why (kvm_vm_ioctl_enable_dirty_log_ring:
     a page, and room for KVM's reserved entries, which include the PML log when PML is on)."""
     page = os.sysconf("SC_PAGE_SIZE") // GFN_BYTES
-    pml = [m for m in ("kvm_intel", "kvm_amd") if read_sysfs(f"{sysfs}/{m}/parameters/pml") in ("Y", "1")]
+    pml = [m for m in ("kvm_intel", "kvm_amd") if param_on(read_sysfs(f"{sysfs}/{m}/parameters/pml"))]
     reserved = RING_RSVD_ENTRIES + (PML_ENTRIES if pml else 0)
     need = 1 << (reserved - 1).bit_length()
     if need > page:
@@ -246,64 +248,66 @@ def run(opts: DirtyLogOptions, out: Callable[[str], None] = print) -> DirtyLogRe
     """
     opts.check()
     banner = faults_banner()       # FaultError (a KvmError) for an unknown name, before anything runs
-    with Kvm() as kvm:
-        opts.check_host(kvm)
-    if banner:
-        out(banner)
     log = _DirtyLog(opts)
     now = time.perf_counter
-    with module_param("kvm", "eager_page_split", opts.eager_split, out):
-        with Memstress(opts.memstress, before_vcpus=log.before_vcpus, on_exit=log.on_exit) as ms:
-            log.setup(ms)
-            rep = DirtyLogReport(opts, ms.gpa_range, log.mode, faults=sorted(faults.enabled()))
-            m = opts.memstress
-            out(f"Test iterations: {opts.iterations}")
-            out(f"Guest: {m.vcpus} vCPU(s) at {'CPL3 (user mode)' if m.user_mode else 'ring 0'}"
-                f"{', in L2 (nested)' if m.nested else ''}, 4K guest pages, {m.backing or 'anonymous'} backing, "
-                f"{m.slots} memslot(s), {log.mode}")
-            out(f"guest physical test memory: [{ms.gpa_range[0]:#x}, {ms.gpa_range[1]:#x})")
-            stats = _StatsDeltas(ms.vm, rep.stats)
+    with contextlib.ExitStack() as stack:
+        kvm = stack.enter_context(Kvm())        # one /dev/kvm: the host checks, then the VM
+        opts.check_host(kvm)
+        if banner:
+            out(banner)
+        stack.enter_context(module_param("kvm", "eager_page_split", opts.eager_split, out))
+        ms = stack.enter_context(Memstress(opts.memstress, kvm=kvm, before_vcpus=log.before_vcpus,
+                                           on_exit=log.on_exit))
+        log.setup(ms)
+        rep = DirtyLogReport(opts, ms.gpa_range, log.mode, faults=sorted(faults.enabled()))
+        m = opts.memstress
+        out(f"Test iterations: {opts.iterations}")
+        out(f"Guest: {m.vcpus} vCPU(s) at {'CPL3 (user mode)' if m.user_mode else 'ring 0'}"
+            f"{', in L2 (nested)' if m.nested else ''}, 4K guest pages, {m.backing or 'anonymous'} backing, "
+            f"{m.slots} memslot(s), {log.mode}")
+        out(f"guest physical test memory: [{ms.gpa_range[0]:#x}, {ms.gpa_range[1]:#x})")
+        stats = _StatsDeltas(ms.vm, rep.stats)
 
+        t0 = now()
+        ms.start(opts.timeout)
+        rep.populate = now() - t0
+        out(f"Populate memory time: {_secs(rep.populate)}")
+        stats.take("populate")
+
+        t0 = now()
+        for s in ms.slots:
+            ms.vm.enable_dirty_logging(s.slot)
+        rep.enable = now() - t0
+        out(f"Enabling dirty logging time: {_secs(rep.enable)}\n")
+        stats.take("enable")
+
+        ms.set_access(opts.write_percent, opts.random_access)
+        for i in range(1, opts.iterations + 1):
+            it = Iteration()
             t0 = now()
-            ms.start(opts.timeout)
-            rep.populate = now() - t0
-            out(f"Populate memory time: {_secs(rep.populate)}")
-            stats.take("populate")
-
+            ms.run_pass(opts.timeout)
+            it.dirty = now() - t0
+            out(f"Iteration {i} dirty memory time: {_secs(it.dirty)}")
             t0 = now()
-            for s in ms.slots:
-                ms.vm.enable_dirty_logging(s.slot)
-            rep.enable = now() - t0
-            out(f"Enabling dirty logging time: {_secs(rep.enable)}\n")
-            stats.take("enable")
-
-            ms.set_access(opts.write_percent, opts.random_access)
-            for i in range(1, opts.iterations + 1):
-                it = Iteration()
+            n = log.get(ms)
+            it.get_log = now() - t0
+            out(f"Iteration {i} get dirty log time: {_secs(it.get_log)}")
+            it.dirty_pages = n if n >= 0 else sum(bm.count() for bm in log.bitmaps.values())
+            if log.manual:
                 t0 = now()
-                ms.run_pass(opts.timeout)
-                it.dirty = now() - t0
-                out(f"Iteration {i} dirty memory time: {_secs(it.dirty)}")
-                t0 = now()
-                n = log.get(ms)
-                it.get_log = now() - t0
-                out(f"Iteration {i} get dirty log time: {_secs(it.get_log)}")
-                it.dirty_pages = n if n >= 0 else sum(bm.count() for bm in log.bitmaps.values())
-                if log.manual:
-                    t0 = now()
-                    log.clear(ms)
-                    it.clear_log = now() - t0
-                    out(f"Iteration {i} clear dirty log time: {_secs(it.clear_log)}")
-                rep.iterations.append(it)
-                stats.take(f"iteration {i}")
+                log.clear(ms)
+                it.clear_log = now() - t0
+                out(f"Iteration {i} clear dirty log time: {_secs(it.clear_log)}")
+            rep.iterations.append(it)
+            stats.take(f"iteration {i}")
 
-            t0 = now()
-            for s in ms.slots:
-                ms.vm.enable_dirty_logging(s.slot, False)
-            rep.disable = now() - t0
-            out(f"Disabling dirty logging time: {_secs(rep.disable)}")
-            stats.take("disable")
-            rep.ring_full_harvested = log.ring_full_harvested
+        t0 = now()
+        for s in ms.slots:
+            ms.vm.enable_dirty_logging(s.slot, False)
+        rep.disable = now() - t0
+        out(f"Disabling dirty logging time: {_secs(rep.disable)}")
+        stats.take("disable")
+        rep.ring_full_harvested = log.ring_full_harvested
 
     get_total = sum(it.get_log for it in rep.iterations)
     out(f"Get dirty log over {opts.iterations} iterations took {_secs(get_total)}. "

@@ -18,7 +18,7 @@ from kvmpy.guest.stepper import SteppedGuest
 from kvmpy.guest.vcpu_loop import ExitHook
 from kvmpy.guest.vm import MAX_VCPUS, GuestVm
 from kvmpy.kvm import Kvm
-from kvmpy.memory import PAGE_1G, PAGE_2M, PAGE_4K, Backing, Memslot
+from kvmpy.memory import PAGE_1G, PAGE_2M, PAGE_4K, Backing, Hugetlb, Memslot
 from kvmpy.vm import Vm
 from kvmpy.x86 import cpu
 
@@ -95,7 +95,7 @@ class MemstressConfig:
         """RequirementError when this host's free memory cannot hold the test memory, which the
         guest writes in full (anonymous, THP and shared-memfd backings; the hugetlb backing checks
         its pool when it allocates)."""
-        if self.backing is not None and self.backing.name.startswith("hugetlb"):
+        if isinstance(self.backing, Hugetlb):
             return
         available = mem_available(meminfo)
         if available is None:
