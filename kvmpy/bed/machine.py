@@ -22,6 +22,7 @@ from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 from kvmpy.bed.protocol import FOLLOW, MARKER, BedError, ConsoleText, MarkerReader
 from kvmpy.bed.request import BedFacts, BedRequest, BedResult, parse_console
 from kvmpy.child import die_with_parent
+from kvmpy.stop import stop_signals_deferred
 
 
 @contextlib.contextmanager
@@ -210,15 +211,17 @@ def _killpg(proc: subprocess.Popen) -> None:
 
 
 def kill_machine(proc: subprocess.Popen) -> None:
-    """Stop a machine and everything it started, by its process group; reap it."""
-    _killpg(proc)
-    try:
-        proc.wait(timeout=30)
-    finally:
-        with _machines_lock:
-            _machines.discard(proc)
-        if proc.stdout:
-            proc.stdout.close()
+    """Stop a machine and everything it started, by its process group; reap it. A second stop
+    signal meanwhile is acted on after it: it must not cut the kill short."""
+    with stop_signals_deferred():
+        _killpg(proc)
+        try:
+            proc.wait(timeout=30)
+        finally:
+            with _machines_lock:
+                _machines.discard(proc)
+            if proc.stdout:
+                proc.stdout.close()
 
 
 def boot_failure(console: str) -> str:

@@ -93,8 +93,9 @@ def run_in_order(count: int, work: Callable[[int], T], jobs: int,
                 for f in sorted(finished, key=futures.get):
                     results[futures[f]] = f.result()
                 while next_i in results:
-                    commit(next_i, results.pop(next_i))
-                    next_i += 1
+                    i = next_i
+                    next_i += 1         # first: a commit that raises is not made again below
+                    commit(i, results.pop(i))
     except KeyboardInterrupt as e:
         # What had finished before the stop is kept; what ran then comes back as its emulator left it.
         # Running first, then finished: work that ends between the two looks is in both (and kept

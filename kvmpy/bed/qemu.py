@@ -26,7 +26,6 @@ from kvmpy.bed.machine import ConsoleLog, boot_failure, exit_on_sigterm, kill_ma
 from kvmpy.bed.protocol import INSIDE_SHARE, BedError
 from kvmpy.bed.request import BedFacts, BedRequest, BedResult, kernel_cmdline, megabytes, parse_console
 from kvmpy.bed.results import files_from_dir, read_log
-from kvmpy.stop import stop_signals_deferred
 
 QEMU = "qemu-system-x86_64"
 HOST_ROOT_TAG = "kvmpyroot"
@@ -208,7 +207,8 @@ def _run_machine(argv: List[str], request: BedRequest, start: float):
                 break
             log.feed(data)
     finally:
-        with stop_signals_deferred():   # a second stop signal must not cut the kill short
+        try:
             sel.close()
+        finally:
             kill_machine(proc)
     return log.text(), log.boot, timed_out, proc.pid

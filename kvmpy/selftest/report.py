@@ -264,7 +264,7 @@ def format_ktap(runs: list[RunResults]) -> str:
     out = ["KTAP version 1", f"1..{len(entries) + len(notes)}"]
     out += [f"# {r.config}: {r.bed['summary']}" for r in runs if r.bed.get("summary")]
     out += [f"# kernel splat watch: {w}" for w in watch_lines(runs)]
-    out += [f"# {r.config}: nothing tested: {row_not_tested(r)}" for r in runs if len(runs) > 1 and row_not_tested(r)]
+    out += [f"# {r.config}: nothing tested: {why}" for r in runs if len(runs) > 1 and (why := row_not_tested(r))]
     n = 0
     for config, note in notes:
         n += 1
