@@ -1,6 +1,8 @@
 """setuptools glue that pyproject.toml cannot express.
 
 - cffi_modules: builds the out-of-line API-mode extension kvmpy._kvm_abi.
+- ext_modules: kvmpy._stats_snapshot, Stats.snapshot() with the C API (cffi cannot
+  make Python objects; see the file's comment).
 - build_py: also runs build_guest.sh so the wheel ships prebuilt guest ELFs in
   kvmpy/_guests/, found by kvmpy.guest.programs when there is no source tree.
 """
@@ -11,7 +13,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from setuptools import setup
+from setuptools import Extension, setup
 from setuptools.command.build_py import build_py
 
 ROOT = Path(__file__).resolve().parent
@@ -38,4 +40,6 @@ class BuildPyWithGuests(build_py):
 setup(
     cmdclass={"build_py": BuildPyWithGuests},
     cffi_modules=["kvmpy/_ffi_build.py:ffibuilder"],
+    ext_modules=[Extension("kvmpy._stats_snapshot", ["kvmpy/_stats_snapshot.c"],
+                           extra_compile_args=["-O2", "-std=gnu11"])],
 )

@@ -37,7 +37,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 # Reinstall only when the build inputs changed since the last install.
 stamp=.venv/.kvmpy-installed
-inputs=$(cat pyproject.toml setup.py kvmpy/_ffi_build.py kvmpy/_bulk.c 2>/dev/null | sha256sum | cut -d' ' -f1)
+inputs=$(cat pyproject.toml setup.py kvmpy/_ffi_build.py kvmpy/_bulk.c kvmpy/_stats_snapshot.c 2>/dev/null | sha256sum | cut -d' ' -f1)
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$inputs" ] || ! .venv/bin/python -c "import kvmpy.abi" 2>/dev/null; then
 	.venv/bin/python -m pip install -q --upgrade pip
 	.venv/bin/python -m pip install -q -e .

@@ -9,7 +9,8 @@ those listed before it (tests/test_structure.py checks there is no import cycle)
     faults            named faults injected on purpose (KVMPY_FAULTS) to test the tests
     bed_mark, child   in_bed() (the bed's own marks); die_with_parent(sig) for child processes
     kernel objects    kvm (/dev/kvm), vm (VM fd: memslots, dirty log, dirty ring), vcpu
-                      (KVM_RUN, kicks), dirty_ring (a vCPU's ring), exits, stats, bitmap,
+                      (KVM_RUN, kicks), dirty_ring (a vCPU's ring), exits, stats (and
+                      stats_layout, the fd's format; Stats.snapshot in _stats_snapshot.c), bitmap,
                       memory (backings, and the page sizes PAGE_4K/2M/1G)
     x86/              page tables, descriptor tables, CPUID, long-mode vCPU setup
     guest/            guest programs: ELF, ucall, GuestVm, the one vCPU loop, SteppedGuest

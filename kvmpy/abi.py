@@ -15,7 +15,7 @@ except ImportError as exc:  # pragma: no cover - only without a build
     raise ImportError(
         "kvmpy's compiled KVM binding (kvmpy._kvm_abi) is missing: install kvmpy with "
         "`pip install .` (needs the Debian packages gcc, libffi-dev, python3-dev, linux-libc-dev), "
-        "or build it in place with `python3 kvmpy/_ffi_build.py` from the source tree"
+        "or `pip install -e .` in the source tree"
     ) from exc
 
 from kvmpy.errors import IoctlError, KvmError, RequirementError

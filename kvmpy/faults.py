@@ -60,7 +60,7 @@ FAULTS: dict[str, Fault] = {f.name: f for f in (
     Fault("probe-fails", "the MMU probe fails before its guest runs", "kvmpy.hostinfo.probe_mmu",
           host="splitting or unsync", bed="splitting or unsync"),
     Fault("stats-names-swapped", "the stats parser gives pages_4k the value of pages_2m and vice versa",
-          "kvmpy.stats._read_as", host="splitting", bed="splitting", unit=("tests/test_stats_parse.py",)),
+          "kvmpy.stats_layout._read_as", host="splitting", bed="splitting", unit=("tests/test_stats_parse.py",)),
 )}
 
 _enabled: frozenset[str] | None = None

@@ -1,8 +1,6 @@
-"""KVM binary statistics (KVM_GET_STATS_FD): parse the descriptors once, read values by name.
+"""KVM binary statistics (KVM_GET_STATS_FD): read a VM's or vCPU's values by name, or all at once.
 
-The layout is documented in Documentation/virt/kvm/api.rst ("KVM_GET_STATS_FD"):
-a header, an id string, an array of descriptors (each followed by ``name_size``
-bytes of NUL-padded name) and a data block of u64 values.
+The fd's format (header, id, descriptors) is parsed by kvmpy.stats_layout, once per kernel.
 """
 from __future__ import annotations
 
@@ -10,236 +8,32 @@ import errno
 import os
 import struct
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
-from typing import Iterator, Union
+from typing import Callable, Iterator
 
-from kvmpy import faults
 from kvmpy.abi import ffi, lib
 from kvmpy.errors import KvmError
+from kvmpy.stats_layout import HEADER_SIZE, StatDesc, StatsFormatError, StatsLayout, Value, meta_size, value_at
 
-# Parsed with struct from the bytes themselves: a cffi pointer over a temporary slice
-# would read freed memory once the slice is gone (tests/test_memory_safety.py).
-_HEADER = struct.Struct("<6I")     # flags, name_size, num_desc, id_offset, desc_offset, data_offset
-_DESC = struct.Struct("<IhHII")    # flags, exponent, size, offset, bucket_size (then the name)
-HEADER_SIZE = ffi.sizeof("struct kvm_stats_header")
-DESC_SIZE = ffi.sizeof("struct kvm_stats_desc")
-assert (_HEADER.size, _DESC.size) == (HEADER_SIZE, DESC_SIZE), "struct kvm_stats_* changed layout"
-
-TYPE_NAMES = {
-    lib.KVM_STATS_TYPE_CUMULATIVE: "cumulative",
-    lib.KVM_STATS_TYPE_INSTANT: "instant",
-    lib.KVM_STATS_TYPE_PEAK: "peak",
-    lib.KVM_STATS_TYPE_LINEAR_HIST: "linear_hist",
-    lib.KVM_STATS_TYPE_LOG_HIST: "log_hist",
-}
-UNIT_NAMES = {
-    lib.KVM_STATS_UNIT_NONE: "none",
-    lib.KVM_STATS_UNIT_BYTES: "bytes",
-    lib.KVM_STATS_UNIT_SECONDS: "seconds",
-    lib.KVM_STATS_UNIT_CYCLES: "cycles",
-    lib.KVM_STATS_UNIT_BOOLEAN: "boolean",
-}
-BASE_NAMES = {lib.KVM_STATS_BASE_POW10: 10, lib.KVM_STATS_BASE_POW2: 2}
-_HISTOGRAMS = (lib.KVM_STATS_TYPE_LINEAR_HIST, lib.KVM_STATS_TYPE_LOG_HIST)
-_TYPE_MASK, _UNIT_MASK, _BASE_MASK = lib.KVM_STATS_TYPE_MASK, lib.KVM_STATS_UNIT_MASK, lib.KVM_STATS_BASE_MASK
-
-Value = Union[int, tuple]
+try:
+    from kvmpy._stats_snapshot import SnapshotBase, SnapshotReader
+except ImportError as exc:  # pragma: no cover - only without a build
+    raise ImportError(
+        "kvmpy's compiled stats reader (kvmpy._stats_snapshot) is missing: install kvmpy with "
+        "`pip install .`, or `pip install -e .` in the source tree") from exc
 
 
-class StatsFormatError(KvmError):
-    """The stats fd content does not follow the documented layout."""
-
-
-@dataclass(frozen=True)
-class StatDesc:
-    """One statistic's descriptor."""
-
-    name: str
-    type: str       # cumulative, instant, peak, linear_hist, log_hist
-    unit: str       # none, bytes, seconds, cycles, boolean
-    base: int       # 10 or 2: value * base**exponent is in ``unit``
-    exponent: int
-    size: int       # number of u64 values (buckets for histograms)
-    offset: int     # byte offset of the values inside the data block
-    bucket_size: int
-    flags: int
-
-    @property
-    def is_histogram(self) -> bool:
-        return self.type in ("linear_hist", "log_hist")
-
-
-class StatsLayout:
-    """Parsed header, id and descriptors of a stats fd (``buf``: its bytes from offset 0).
-
-    The constructor checks the header only; a descriptor is checked when it is first
-    used (:meth:`locate`), all of them by :attr:`descs` (and :meth:`parse`). Lookups by
-    name scan the raw descriptors in C (kvmpy_stats_locate), as the C selftests do.
-    """
-
-    def __init__(self, buf: bytes) -> None:
-        buf = bytes(buf)
-        if lib.kvmpy_stats_check_header(buf, len(buf)):
-            _raise_header_error(buf)
-        self._buf = buf
-        _flags, self.name_size, self.num_desc, self.id_offset, self.desc_offset, self.data_offset = \
-            _HEADER.unpack_from(buf)
-        self.desc_end = self.desc_offset + self.num_desc * (DESC_SIZE + self.name_size)
-        self.desc_block = buf[self.desc_offset: self.desc_end]
-        self._descs: dict[str, StatDesc] | None = None
-        self._data_size = 0
-        # name -> (offset, number of u64s, value is a tuple), filled by locate()
-        self.locs: dict[str, tuple[int, int, bool]] = {}
-
-    @classmethod
-    def parse(cls, buf: bytes) -> "StatsLayout":
-        """Parse ``buf`` and check every descriptor now."""
-        layout = cls(buf)
-        layout.descs
-        return layout
-
-    @property
-    def id(self) -> str:
-        return _cstr(self._buf[self.id_offset: self.id_offset + self.name_size], "id")
-
-    @property
-    def descs(self) -> dict[str, StatDesc]:
-        """Every descriptor by name (parsed and checked on first use)."""
-        if self._descs is None:
-            fmt = struct.Struct(f"<IhHII{self.name_size}s")
-            descs: dict[str, StatDesc] = {}
-            block = self._buf[self.desc_offset: self.desc_offset + self.num_desc * fmt.size]
-            for i, (flags, exponent, size, offset, bucket, raw) in enumerate(fmt.iter_unpack(block)):
-                d = _checked_desc(i, flags, exponent, size, offset, bucket, raw)
-                if d.name in descs:
-                    raise StatsFormatError(f"stat {d.name!r} described twice")
-                descs[d.name] = d
-            for name, other in _SWAPPABLE.items():
-                if _read_as(name) == other and {name, other} <= descs.keys():
-                    descs[name] = replace(descs[name], offset=descs[other].offset)
-            self._data_size = max((d.offset + 8 * d.size for d in descs.values()), default=0)
-            self._descs = descs
-        return self._descs
-
-    @property
-    def data_size(self) -> int:
-        self.descs
-        return self._data_size
-
-    def locate(self, name: str) -> tuple[int, int, bool] | None:
-        """(offset in the data block, number of u64 values, value is a tuple) of stat ``name``, or None."""
-        loc = self.locs.get(name)
-        if loc is None:
-            try:
-                key = _read_as(name).encode("ascii")
-            except (UnicodeEncodeError, AttributeError):
-                return None
-            if b"\0" in key:
-                return None
-            found = lib.kvmpy_stats_locate(self._buf, len(self._buf), key)
-            if found < 0:
-                if found == lib.KVMPY_STATS_NOT_FOUND:
-                    return None
-                self._descs = None
-                self.descs              # raises the descriptor's error
-                raise StatsFormatError(f"stat {name!r}: descriptor out of the ABI")
-            loc = self.locs[name] = (found & 0xFFFFFFFF, found >> 32 & 0xFFFF, bool(found >> 48))
-        return loc
-
-    @staticmethod
-    def _value(d: StatDesc, data: bytes) -> Value:
-        """The value of stat ``d`` in the data block ``data``."""
-        return _value(d.offset, d.size, d.is_histogram or d.size > 1, data)
-
-    def decode(self, data: bytes) -> dict[str, Value]:
-        """Values of every stat from the data block ``data``."""
-        if len(data) < self.data_size:
-            raise StatsFormatError(f"stats data truncated: {len(data)} < {self.data_size} bytes")
-        return {name: _value(d.offset, d.size, d.is_histogram or d.size > 1, data)
-                for name, d in self.descs.items()}
-
-
-_SWAPPABLE = {"pages_4k": "pages_2m", "pages_2m": "pages_4k"}
-
-
-def _read_as(name: str) -> str:
-    """The stat whose value a lookup of ``name`` gives: ``name`` itself (unless a fault is injected)."""
-    if faults.active("stats-names-swapped") and name in _SWAPPABLE:   # FAULT: stats-names-swapped
-        return _SWAPPABLE[name]
-    return name
-
-
-def _raise_header_error(buf: bytes) -> None:
-    """Raise the StatsFormatError that says what is wrong with the header of ``buf``."""
-    if len(buf) < HEADER_SIZE:
-        raise StatsFormatError(f"stats header truncated: {len(buf)} < {HEADER_SIZE} bytes")
-    _flags, name_size, num_desc, id_off, desc_off, data_off = _HEADER.unpack_from(buf)
-    if name_size == 0:
-        raise StatsFormatError("stats header: name_size is 0")
-    if id_off < HEADER_SIZE or id_off + name_size > len(buf):
-        raise StatsFormatError(f"stats header: id_offset {id_off} (name_size {name_size}) outside the buffer")
-    desc_end = desc_off + num_desc * (DESC_SIZE + name_size)
-    if desc_off < HEADER_SIZE or desc_end > len(buf):
-        raise StatsFormatError(
-            f"stats header: {num_desc} descriptors at offset {desc_off} run past the buffer ({len(buf)} bytes)")
-    if data_off < desc_end and num_desc:
-        raise StatsFormatError(f"stats header: data_offset {data_off} overlaps the descriptors (end {desc_end})")
-    raise StatsFormatError("stats header: id string overlaps the descriptors")
-
-
-def _value(offset: int, size: int, as_tuple: bool, data: bytes, base: int = 0) -> Value:
-    if not as_tuple:
-        return int.from_bytes(data[offset - base: offset - base + 8], "little")
-    return struct.unpack_from(f"<{size}Q", data, offset - base)
-
-
-def _checked_desc(i: int, flags: int, exponent: int, size: int, offset: int, bucket_size: int,
-                  raw_name: bytes) -> StatDesc:
-    """Descriptor ``i`` as a StatDesc; StatsFormatError if any field is out of the ABI."""
-    name = _cstr(raw_name, f"descriptor {i} name")
-    stype = _check_flags(name, flags, size, bucket_size)
-    return StatDesc(name, TYPE_NAMES[stype], UNIT_NAMES[flags & lib.KVM_STATS_UNIT_MASK],
-                    BASE_NAMES[flags & lib.KVM_STATS_BASE_MASK], exponent, size, offset, bucket_size, flags)
-
-
-def _check_flags(name: str, flags: int, size: int, bucket_size: int) -> int:
-    """The type bits of stat ``name``'s flags; StatsFormatError if a field is out of the ABI."""
-    stype = flags & _TYPE_MASK
-    if stype not in TYPE_NAMES:
-        raise StatsFormatError(f"stat {name!r}: unknown type {stype >> lib.KVM_STATS_TYPE_SHIFT}")
-    if flags & _UNIT_MASK not in UNIT_NAMES:
-        raise StatsFormatError(f"stat {name!r}: unknown unit {(flags & _UNIT_MASK) >> lib.KVM_STATS_UNIT_SHIFT}")
-    if flags & _BASE_MASK not in BASE_NAMES:
-        raise StatsFormatError(f"stat {name!r}: unknown base {(flags & _BASE_MASK) >> lib.KVM_STATS_BASE_SHIFT}")
-    if size == 0:
-        raise StatsFormatError(f"stat {name!r}: size 0")
-    if stype == lib.KVM_STATS_TYPE_LINEAR_HIST and bucket_size == 0:
-        raise StatsFormatError(f"stat {name!r}: linear histogram with bucket_size 0")
-    return stype
-
-
-def _cstr(raw: bytes, what: str) -> str:
-    end = raw.find(b"\0")
-    if end < 0:
-        raise StatsFormatError(f"stats {what} is not NUL-terminated within name_size")
-    if end == 0:
-        raise StatsFormatError(f"stats {what} is empty")
-    return raw[:end].decode("ascii", "replace")
-
-
-class Snapshot(Mapping):
+class Snapshot(SnapshotBase, Mapping):
     """Stat name → value at one moment. ``b - a`` gives per-stat deltas (histograms per bucket).
 
     A snapshot read from a stats fd keeps the raw data block and decodes a value when
     it is looked up (all of them on the first iteration), so taking one costs one pread.
+    Its fields live in C (kvmpy/_stats_snapshot.c), which makes the read ones.
     """
 
-    __slots__ = ("_values", "_layout", "_data")
+    __slots__ = ()
 
     def __init__(self, values: Mapping[str, Value] | None = None) -> None:
-        self._values: dict[str, Value] | None = dict(values or {})
-        self._layout: StatsLayout | None = None
-        self._data = b""
+        self._values = dict(values or {})
 
     def _all(self) -> dict[str, Value]:
         try:
@@ -255,7 +49,7 @@ class Snapshot(Mapping):
             loc = self._layout.locate(name) if isinstance(name, str) else None
             if loc is None:
                 raise KeyError(name) from None
-            return _value(*loc, self._data)
+            return value_at(*loc, self._data)
         return values[name]
 
     def __iter__(self) -> Iterator[str]:
@@ -267,6 +61,10 @@ class Snapshot(Mapping):
     def __repr__(self) -> str:
         return f"Snapshot({self._all()!r})"
 
+    def __reduce__(self):
+        """Copies and pickles carry the values (not the fd's layout and raw block)."""
+        return Snapshot, (self._all(),)
+
     def __sub__(self, other: Mapping[str, Value]) -> dict[str, Value]:
         out: dict[str, Value] = {}
         for name, v in self._all().items():
@@ -277,10 +75,13 @@ class Snapshot(Mapping):
         return out
 
 
-class _ReadSnapshot(Snapshot):
-    """``Stats.snapshot``'s: the raw data block and its layout; decoded on use."""
-
-    __slots__ = ()
+def _snapshot_failed(owner: str, closed: bool, err: int, got: int, size: int) -> None:
+    """Raise the error of a failed ``Stats.snapshot()`` read (called by its C reader)."""
+    if closed:
+        raise KvmError(f"{owner}: stats read after close")
+    if err:
+        raise KvmError(f"{owner}: reading the stats: {os.strerror(err)}")
+    raise StatsFormatError(f"{owner}: stats data truncated: {got} < {size} bytes")
 
 
 class Stats:
@@ -290,27 +91,31 @@ class Stats:
     per name) and a pread; ``snapshot()`` one pread. The descriptors are parsed once per
     kernel: a fd whose header and descriptors are byte for byte those of one parsed before
     shares its ``layout`` (and the lookups made through it).
+
+    ``snapshot()`` returns every stat as a :class:`Snapshot`, read with one pread so the
+    values are mutually consistent as far as KVM allows. It is a C callable
+    (kvmpy/_stats_snapshot.c): a stats poll's cost is then the pread's.
     """
 
-    __slots__ = ("fd", "owner", "layout", "_meta", "_locs", "_data_offset", "_data_size")
+    __slots__ = ("fd", "owner", "layout", "snapshot", "_meta", "_locs", "_data_offset")
+
+    snapshot: Callable[[], Snapshot]
 
     def __init__(self, fd: int, owner: str) -> None:
         self.fd = fd
         self.owner = owner
-        self._data_size = 0         # of the data block, once a snapshot needs it
         try:
             # Header, id and descriptors (and the data block) usually fit in the first read.
             meta = _pread(fd, _FIRST_READ, 0)
             known = _LAYOUTS.get(meta[:HEADER_SIZE])
             if known is None or not meta.startswith(known.desc_block, known.desc_offset):
                 if len(meta) == _FIRST_READ and lib.kvmpy_stats_check_header(meta, _FIRST_READ):
-                    _flags, name_size, num_desc, id_off, desc_off, data_off = _HEADER.unpack_from(meta)
-                    meta = _pread(fd, max(data_off, desc_off + num_desc * (DESC_SIZE + name_size),
-                                          id_off + name_size), 0)
+                    meta = _pread(fd, meta_size(meta), 0)
                 known = _LAYOUTS[meta[:HEADER_SIZE]] = StatsLayout(meta)
             self.layout = known
             self._meta = meta
             self._locs, self._data_offset = known.locs, known.data_offset
+            self.snapshot = SnapshotReader(fd, known.data_offset, known, Snapshot, owner, _snapshot_failed)
         except StatsFormatError as e:
             self.close()
             raise StatsFormatError(f"{owner}: {e}") from None
@@ -321,8 +126,7 @@ class Stats:
     @property
     def id(self) -> str:
         """The fd's id string (e.g. kvm-PID/VMFD)."""
-        off, size = self.layout.id_offset, self.layout.name_size
-        return _cstr(self._meta[off: off + size], "id")
+        return self.layout.id_in(self._meta)
 
     @property
     def names(self) -> list[str]:
@@ -361,24 +165,12 @@ class Stats:
                 return struct.unpack(f"<{size}Q", raw)
         raise StatsFormatError(f"{self.owner}: stat {name!r}: a short read (fewer than {8 * size} bytes)")
 
-    def snapshot(self) -> Snapshot:
-        """All stats, read with one pread so they are mutually consistent as far as KVM allows."""
-        size = self._data_size
-        if not size:
-            size = self._data_size = self.layout.data_size
-        try:
-            data = _pread(self.fd, size, self._data_offset)
-        except OSError as e:
-            why = "stats read after close" if self.fd < 0 else f"reading the stats: {e.strerror}"
-            raise KvmError(f"{self.owner}: {why}") from None
-        if len(data) != size:
-            raise StatsFormatError(f"{self.owner}: stats data truncated: {len(data)} < {size} bytes")
-        snap = _new_object(_ReadSnapshot)   # no __init__ call: the hot path of a stats poll
-        snap._layout, snap._data = self.layout, data
-        return snap
-
     def close(self, _close=os.close) -> None:
         fd, self.fd = self.fd, -1
+        try:
+            self.snapshot.close()
+        except AttributeError:      # __init__ failed before making it
+            pass
         if fd >= 0:
             _close(fd)
 
@@ -392,7 +184,6 @@ class Stats:
 
 
 _pread = os.pread
-_new_object = object.__new__
 _read_u64 = lib.kvmpy_stats_read_u64
 _U64_MAX = (1 << 64) - 1
 _FIRST_READ = 4096

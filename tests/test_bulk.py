@@ -9,7 +9,7 @@ import pytest
 from kvmpy.abi import ffi, lib
 from kvmpy.bitmap import DirtyBitmap
 from kvmpy.memory import PAGE_1G, PAGE_2M, PAGE_4K
-from kvmpy.stats import DESC_SIZE, HEADER_SIZE, StatsLayout
+from kvmpy.stats_layout import DESC_SIZE, HEADER_SIZE, StatsLayout
 from kvmpy.x86.paging import PageTableBuilder, PagingError, walk
 from kvmpy.x86.physmem import FlatMemory
 

@@ -339,7 +339,7 @@ def test_stats_parse_reads_no_freed_memory():
     out = expect_ok("""
         import struct
         from kvmpy.abi import lib
-        from kvmpy.stats import DESC_SIZE, HEADER_SIZE, StatsLayout
+        from kvmpy.stats_layout import DESC_SIZE, HEADER_SIZE, StatsLayout
         names = [f"stat_{i}" for i in range(64)]
         name_size, desc_off = 48, HEADER_SIZE + 48
         data_off = desc_off + len(names) * (DESC_SIZE + name_size)

@@ -8,7 +8,8 @@ import pytest
 from kvmpy.abi import ioctl_int
 from kvmpy.errors import KvmError
 from kvmpy.guest.vm import GuestVm
-from kvmpy.stats import Snapshot, Stats, StatsLayout
+from kvmpy.stats import Snapshot, Stats
+from kvmpy.stats_layout import StatsLayout
 
 
 def _open(obj) -> Stats:

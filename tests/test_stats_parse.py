@@ -6,7 +6,8 @@ import struct
 import pytest
 
 from kvmpy.abi import lib
-from kvmpy.stats import DESC_SIZE, HEADER_SIZE, Snapshot, StatsFormatError, StatsLayout
+from kvmpy.stats import Snapshot
+from kvmpy.stats_layout import DESC_SIZE, HEADER_SIZE, StatsFormatError, StatsLayout
 
 NAME_SIZE = 48
 

@@ -17,7 +17,7 @@ from kvmpy.guest.vm import GuestVm
 from kvmpy.hostinfo import MmuProbe
 from kvmpy.memory import PAGE_2M, PAGE_4K
 from kvmpy.mmu_probe import LevelProbe, MmuProbeError
-from kvmpy.stats import StatsFormatError
+from kvmpy.stats_layout import StatsFormatError
 from kvmpy.x86.paging import PTE_A, PTE_D, PTE_P, PTE_RW, PTE_US, PageTableBuilder
 from kvmpy.x86.physmem import FlatMemory
 
@@ -164,7 +164,7 @@ def test_info_reports_a_failed_probe_and_exits_1(probe_result, capsys):
 PLUGIN = '''
 import os
 from kvmpy import hostinfo
-from kvmpy.stats import StatsFormatError
+from kvmpy.stats_layout import StatsFormatError
 from kvmpy.mmu_probe import LevelProbe
 
 def _probe():
