@@ -342,10 +342,17 @@ def _terminate(signo: int, _frame) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one kvmpy command (``argv``: default ``sys.argv[1:]``) and return its exit status.
+
+    While it runs, a stop signal unwinds it (host state restored) to the exit status 128+N.
+    The handlers it installs for that are put back when it returns, except after a stop:
+    the process is exiting then, and one more Ctrl-C must not kill it by the signal.
+    """
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser(argv).parse_args(argv)
-    for signo in stop_signals():
-        signal.signal(signo, signal.default_int_handler if signo == signal.SIGINT else _terminate)
+    saved = {signo: signal.signal(signo, signal.default_int_handler if signo == signal.SIGINT else _terminate)
+             for signo in stop_signals()}
+    stopped = False
     try:
         return int(args.func(args) or 0)
     except (UsageError, OutputError) as e:
@@ -354,12 +361,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"kvmpy {command}: error: {e}", file=sys.stderr)
         return EXIT_NOT_TESTED
     except KeyboardInterrupt as e:
+        stopped = True
         signo = e.signo if isinstance(e, _Stopped) else signal.SIGINT
         # Stopping already: another Ctrl-C now would kill us by the signal, not exit 128+N.
         for other in stop_signals():
             signal.signal(other, signal.SIG_IGN)
         print(f"kvmpy: interrupted by {signal_name(signo)}", file=sys.stderr)
         return exit_for_signal(signo)
+    finally:
+        if not stopped:
+            for signo, handler in saved.items():
+                signal.signal(signo, signal.SIG_DFL if handler is None else handler)
 
 
 if __name__ == "__main__":

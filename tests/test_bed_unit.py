@@ -270,6 +270,42 @@ def test_job_script_quotes_and_exports(tmp_path):
         job.job_script(dataclasses.replace(req, cwd="/run/foo"), inherit_env={})
 
 
+def test_the_scale_and_known_issues_the_user_set_reach_the_suite_inside_the_bed(tmp_path, monkeypatch):
+    """The bed inherits no environment: KVMPY_SCALE and KVMPY_KNOWN_ISSUES must be passed on
+    (silently dropped, a bed run tested another size, or judged with other known issues, than
+    asked), and the known-issues file carried in for a backend that cannot share the host's /."""
+    import argparse
+
+    from kvmpy.bed import bochs
+    from kvmpy.bed.carry import Stage
+    from kvmpy.bed.job import job_script
+    from kvmpy.bed.testbed import Bed
+    from kvmpy.selftest import bed_runner
+
+    args = argparse.Namespace(backend="qemu", accel="tcg", kernel_version=None, kernel=None, modules=None,
+                              timeout=None, param=[], keyword=None, pytest_args=[])
+    bed = Bed(bed_runner.bed_options(args))
+    monkeypatch.delenv("KVMPY_SCALE", raising=False)
+    monkeypatch.delenv("KVMPY_KNOWN_ISSUES", raising=False)
+    request = bed.request(bed_runner.suite_job(args))
+    assert "KVMPY_SCALE" not in request.env and "KVMPY_KNOWN_ISSUES" not in request.env and not request.carry
+    issues = tmp_path / "mine.toml"
+    issues.write_text("")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("KVMPY_SCALE", " 3")
+    monkeypatch.setenv("KVMPY_KNOWN_ISSUES", "mine.toml")
+    request = bed.request(bed_runner.suite_job(args))
+    script = job_script(request, inherit_env={})
+    assert "export KVMPY_SCALE=3\n" in script and f"export KVMPY_KNOWN_ISSUES={issues}\n" in script
+    assert request.carry == (str(issues),)
+    stage = Stage(tmp_path / "stage")
+    bochs.carry_file(stage, issues)
+    assert stage.inside(issues).read_text() == ""
+    for bad in (tmp_path, Path("mine.toml"), tmp_path / "gone.toml"):
+        with pytest.raises(BedError, match="cannot carry"):
+            bochs.carry_file(stage, bad)
+
+
 def test_qemu_command_line(tmp_path):
     k = kernel.Kernel("6.99", Path("/k/vmlinuz"), Path("/k/mods"), "test", tmp_path)
     be = qemu.QemuBackend(k)

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from kvmpy import cli
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -149,6 +151,22 @@ def test_a_stop_signal_in_a_deferred_block_is_acted_on_after_it():
             os.kill(os.getpid(), signal.SIGINT)
             done.append("the block finished")
     assert done == ["the block finished"]
+
+
+def test_main_puts_back_the_signal_handlers_it_installed(monkeypatch):
+    """Called in-process (a test, a wrapper script), main() left its SIGTERM handler behind:
+    a later test's default SIGTERM then unwound instead of killing (a test-order failure)."""
+    from kvmpy.stop import stop_signals
+
+    def raises(args):
+        raise cli.UsageError("no")
+
+    before = {signo: signal.getsignal(signo) for signo in stop_signals()}
+    assert cli.main(["info", "--no-probe"]) == 0
+    assert {signo: signal.getsignal(signo) for signo in stop_signals()} == before
+    monkeypatch.setattr(cli, "_cmd_info", raises)
+    assert cli.main(["info"]) == 2
+    assert {signo: signal.getsignal(signo) for signo in stop_signals()} == before
 
 
 def test_a_second_ctrl_c_while_stopping_still_exits_130():

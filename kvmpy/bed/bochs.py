@@ -200,6 +200,13 @@ def carried_roots(request: BedRequest) -> List[Path]:
     return roots
 
 
+def carry_file(stage: carry.Stage, path: Path) -> None:
+    """Copy host file ``path`` (a Job.carry entry) into ``stage``; BedError if it is not a file."""
+    if not path.is_absolute() or not path.is_file():
+        raise BedError(f"cannot carry {path} into the bed: not an absolute path to a file")
+    stage.add_file(path)
+
+
 class BochsBackend(Backend):
     """Boot the bed in Bochs (emulated Intel CPU with VMX + EPT)."""
 
@@ -247,6 +254,8 @@ class BochsBackend(Backend):
         stage = carry.Stage(stage_dir)
         for root in carried_roots(request):
             carry.stage_tree(stage, root)
+        for path in request.carry:
+            carry_file(stage, Path(path))
         carry.stage_guests(stage)
         cwd = Path(request.cwd or os.getcwd()).resolve()
         stage.inside(cwd).mkdir(parents=True, exist_ok=True)

@@ -30,7 +30,9 @@ class Job:
     files in ``$KVMPY_BED_RESULTS`` that come back even from a machine that
     never finishes (stopped, or past its timeout): what they held when it
     ended (a backend without a shared directory sends their lines over the
-    console as they are written).
+    console as they are written). ``carry`` names host files the command
+    reads besides the kvmpy checkout and ``cwd`` (a backend that cannot share
+    the host's ``/`` copies them in, at the same paths).
     """
 
     command: Sequence[str]
@@ -39,6 +41,7 @@ class Job:
     on_console: Optional[Callable[[str], None]] = None
     append: Sequence[str] = ()
     follow: Sequence[str] = ()
+    carry: Sequence[str] = ()
 
     def __post_init__(self) -> None:
         check_follow(self.follow)
@@ -71,6 +74,8 @@ class BedRequest:
     hugepages: Mapping[str, int] = dataclasses.field(default_factory=dict)
     # Results files (plain names) to bring back even from a machine that never finishes (Job.follow).
     follow: Sequence[str] = ()
+    # Host files to copy in where the host's / is not shared (Job.carry).
+    carry: Sequence[str] = ()
 
     def __post_init__(self) -> None:
         check_follow(self.follow)

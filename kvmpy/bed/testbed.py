@@ -90,7 +90,8 @@ class Bed:
         return BedRequest(command=list(job.command), params=params, mem=o.mem,
                           smp=o.smp, timeout=o.timeout, cwd=job.cwd, env=env,
                           on_console=job.on_console, append=tuple(job.append),
-                          hugepages=dict(o.hugepages), follow=tuple(job.follow))
+                          hugepages=dict(o.hugepages), follow=tuple(job.follow),
+                          carry=tuple(job.carry))
 
     def run(self, job: Job, params: Mapping[str, str] = {}) -> BedResult:
         """Boot once, run ``job`` inside, power off; ``params`` add to the options' own."""

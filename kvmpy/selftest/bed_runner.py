@@ -32,6 +32,7 @@ from kvmpy.bed.testbed import Bed
 from kvmpy.selftest import bed_results, bytecode
 from kvmpy.selftest.bed_results import Pair
 from kvmpy.selftest.junit import format_junit
+from kvmpy.selftest.options import KNOWN_ISSUES_ENV, bed_environment
 from kvmpy.selftest.report import RunResults
 from kvmpy.selftest.runner import pytest_command
 from kvmpy.selftest.shard import Shard
@@ -102,10 +103,13 @@ def suite_job(args, on_console: Callable[[str], None] | None = None, part: Tuple
     extra = list(args.pytest_args or []) + ([f"--kvmpy-part={part[0]}/{part[1]}"] if part else [])
     inner = pytest_command(f"$KVMPY_BED_RESULTS/{bed_results.RESULTS_FILE}", None, args.keyword, extra)
     script = " ".join(shlex.quote(a) if not a.startswith("--kvmpy-results=") else f'"{a}"' for a in inner)
-    # The bed passes on no environment of ours but the job's: injected faults go in it.
+    # The bed passes on no environment of ours but the job's: injected faults go in it, and
+    # the size multiplier and known-issues file the user set (that file carried in, for Bochs).
     # The progress file comes back even from a machine stopped or past its timeout.
-    return Job(["sh", "-c", script], env=faults.env(), on_console=on_console,
-               follow=(bed_results.PROGRESS_FILE,))
+    env = {**faults.env(), **bed_environment()}
+    carry = (env[KNOWN_ISSUES_ENV],) if KNOWN_ISSUES_ENV in env else ()
+    return Job(["sh", "-c", script], env=env, on_console=on_console,
+               follow=(bed_results.PROGRESS_FILE,), carry=carry)
 
 
 def run(args, quiet: bool = False, pairs: List[Pair] | None = None) -> List[RunResults]:

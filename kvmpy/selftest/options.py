@@ -123,6 +123,19 @@ def parse_scale(text: str, name: str = "--kvmpy-scale") -> int:
     return value
 
 
+def bed_environment(environ: dict[str, str] | None = None) -> dict[str, str]:
+    """The variables of this module that are set, for the suite inside the bed (which inherits no
+    environment): ``KVMPY_SCALE``, and ``KVMPY_KNOWN_ISSUES`` as an absolute path."""
+    env = os.environ if environ is None else environ
+    out = {}
+    if env.get(SCALE_ENV) is not None:
+        out[SCALE_ENV] = str(parse_scale(env[SCALE_ENV], SCALE_ENV))
+    path = known_issues_path(env)
+    if path is not None:
+        out[KNOWN_ISSUES_ENV] = str(path)
+    return out
+
+
 def known_issues_path(environ: dict[str, str] | None = None, cwd: str | None = None) -> Path | None:
     """``KVMPY_KNOWN_ISSUES`` as an absolute path (relative: against ``cwd``, default the current
     directory), None when unset; OptionError if it names no readable file."""
