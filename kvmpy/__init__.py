@@ -8,6 +8,7 @@ those listed before it (tests/test_structure.py checks there is no import cycle)
                       work in C (_bulk.c: dirty-ring harvest, bitmaps, stats, page tables)
     faults            named faults injected on purpose (KVMPY_FAULTS) to test the tests
     bed_mark, child   in_bed() (the bed's own marks); die_with_parent(sig) for child processes
+    hostmem           the host's memory from /proc and sysfs: MemAvailable, THP mode, hugetlb pools
     kernel objects    kvm (/dev/kvm), vm (VM fd: memslots, dirty log, dirty ring), vcpu
                       (KVM_RUN, kicks), dirty_ring (a vCPU's ring), exits, stats (and
                       stats_layout, the fd's format; Stats.snapshot in _stats_snapshot.c), bitmap,

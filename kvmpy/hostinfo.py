@@ -19,7 +19,8 @@ from kvmpy import faults, mmu_probe
 from kvmpy.abi import lib
 from kvmpy.errors import RequirementError
 from kvmpy.kvm import Kvm
-from kvmpy.memory import PAGE_1G, PAGE_2M, hugetlb_pool, read_sysfs, thp_mode
+from kvmpy.hostmem import hugetlb_pool, read_sysfs, thp_mode
+from kvmpy.memory import PAGE_1G, PAGE_2M
 from kvmpy.mmu_probe import LevelProbe, MmuProbeError
 from kvmpy.mmu_params import MmuFlavour, flavour_of, param_on
 from kvmpy.x86 import cpu

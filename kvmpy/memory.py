@@ -16,61 +16,12 @@ from dataclasses import dataclass
 
 from kvmpy.abi import ffi, lib
 from kvmpy.errors import KvmError, RequirementError
+from kvmpy.hostmem import THP_ENABLED, hugetlb_shortfall, thp_mode
 
 # The x86 page sizes, for host backings and guest mappings alike (the one definition).
 PAGE_4K = 1 << 12
 PAGE_2M = 1 << 21
 PAGE_1G = 1 << 30
-
-THP_ENABLED = "/sys/kernel/mm/transparent_hugepage/enabled"
-
-
-def read_sysfs(path: str) -> str | None:
-    """Stripped contents of a sysfs/procfs file, None if it cannot be read."""
-    try:
-        with open(path) as f:
-            return f.read().strip()
-    except OSError:
-        return None
-
-
-def thp_mode() -> str | None:
-    """The bracketed THP mode ('always', 'madvise', 'never'), or None if THP is absent."""
-    raw = read_sysfs(THP_ENABLED)
-    if raw is None or "[" not in raw:
-        return None
-    return raw[raw.index("[") + 1 : raw.index("]")]
-
-
-def hugetlb_pool_dir(page_size: int, root: str = "/") -> str:
-    """The sysfs directory of the hugetlb pool of ``page_size`` pages (under ``root``)."""
-    return os.path.join(root, f"sys/kernel/mm/hugepages/hugepages-{page_size // 1024}kB")
-
-
-def hugetlb_pool(page_size: int, root: str = "/") -> dict[str, int] | None:
-    """Counters of the hugetlb pool for ``page_size`` (total/free/resv), None if absent."""
-    base = hugetlb_pool_dir(page_size, root)
-    if not os.path.isdir(base):
-        return None
-    out = {}
-    for key, name in (("total", "nr_hugepages"), ("free", "free_hugepages"), ("resv", "resv_hugepages")):
-        val = read_sysfs(os.path.join(base, name))
-        out[key] = int(val) if val is not None and val.isdigit() else 0
-    return out
-
-
-def hugetlb_shortfall(page_size: int, count: int, root: str = "/") -> str | None:
-    """Why the host cannot provide ``count`` huge pages of ``page_size`` now (None: it can)."""
-    pool = hugetlb_pool(page_size, root)
-    kb = page_size // 1024
-    if pool is None:
-        return f"no hugetlb pool of {kb}kB pages on this host"
-    available = pool["free"] - pool["resv"]
-    if available >= count:
-        return None
-    return (f"needs {count} free {kb}kB huge pages, the pool has {available} available ({pool['total']} total); "
-            f"reserve them with `echo N > /sys/kernel/mm/hugepages/hugepages-{kb}kB/nr_hugepages`")
-
 
 def thp_backed_chunks(addr: int, size: int) -> list[bool] | None:
     """For each 2M chunk of the host range [addr, addr+size): is a transparent huge page behind it?

@@ -19,7 +19,8 @@ from kvmpy.exits import HltExit
 from kvmpy.guest import stages
 from kvmpy.guest.vm import GuestVm
 from kvmpy.kvm import Kvm
-from kvmpy.memory import PAGE_2M, PAGE_4K, Anonymous, Thp, thp_mode
+from kvmpy.hostmem import thp_mode
+from kvmpy.memory import PAGE_2M, PAGE_4K, Anonymous, Thp
 from kvmpy.vcpu import Vcpu
 from kvmpy.vm import Vm
 

@@ -18,7 +18,8 @@ import os
 
 from kvmpy.bed_mark import in_bed
 from kvmpy.errors import KvmError, RequirementError, require
-from kvmpy.memory import Hugetlb, hugetlb_pool, hugetlb_pool_dir, hugetlb_shortfall
+from kvmpy.hostmem import hugetlb_pool, hugetlb_pool_dir, hugetlb_shortfall
+from kvmpy.memory import Hugetlb
 from kvmpy.mmu_params import param_on
 from kvmpy.stop import stop_signals_deferred
 

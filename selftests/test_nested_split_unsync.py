@@ -21,7 +21,8 @@ import pytest
 from kvmpy.errors import require
 from kvmpy.guest import stages
 from kvmpy.hostinfo import module_params
-from kvmpy.memory import PAGE_1G, PAGE_2M, PAGE_4K, Hugetlb, hugetlb_pool
+from kvmpy.hostmem import hugetlb_pool
+from kvmpy.memory import PAGE_1G, PAGE_2M, PAGE_4K, Hugetlb
 from kvmpy.mmu_params import param_on
 from kvmpy.x86.paging import ENTRIES_PER_TABLE
 

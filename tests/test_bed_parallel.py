@@ -30,12 +30,6 @@ def test_jobs_are_bounded_by_cpus_memory_and_rows_saying_why(asked, rows, cpus, 
     assert parallel.bound_jobs(asked, rows, 4 * GiB, cpus, avail) == (want, why)
 
 
-def test_available_memory_reads_meminfo(tmp_path):
-    (tmp_path / "meminfo").write_text("MemTotal:       24000000 kB\nMemAvailable:   15000000 kB\n")
-    assert parallel.available_memory(str(tmp_path / "meminfo")) == 15000000 * 1024
-    assert parallel.available_memory(str(tmp_path / "none")) == 0
-
-
 def test_rows_are_committed_in_order_whatever_order_they_finish_in():
     first_may_finish = threading.Event()
     committed = []

@@ -107,7 +107,7 @@ def test_one_row_with_jobs_2_boots_twice_and_reports_one_run(beds, tmp_path, mon
     seen, opts = beds
     opts["hook"] = _part_results
     monkeypatch.setattr(parallel, "cpus", lambda: 2)
-    monkeypatch.setattr(parallel, "available_memory", lambda: 64 << 30)
+    monkeypatch.setattr(bed_runner, "mem_available", lambda: 64 << 30)
     runs = bed_runner.run(bed_args(tmp_path, matrix=False, jobs=2), quiet=True)
     assert sorted(re.search(r"--kvmpy-part=\S+", " ".join(r.command)).group() for r in seen) == \
         ["--kvmpy-part=1/2", "--kvmpy-part=2/2"]
@@ -130,12 +130,12 @@ def test_without_jobs_one_row_boots_once_per_cpu_that_memory_holds(beds, tmp_pat
     seen, opts = beds
     opts["hook"] = _part_results
     monkeypatch.setattr(parallel, "cpus", lambda: 2)
-    monkeypatch.setattr(parallel, "available_memory", lambda: 64 << 30)
+    monkeypatch.setattr(bed_runner, "mem_available", lambda: 64 << 30)
     runs = bed_runner.run(bed_args(tmp_path, matrix=False, jobs=None, junit=None), quiet=True)
     assert len(seen) == 2 and [t["nodeid"][-1] for t in runs[0].tests] == list("abcde")
     # Memory for one bed only: one boot, and the note says why.
     seen.clear()
-    monkeypatch.setattr(parallel, "available_memory", lambda: 4 << 30)
+    monkeypatch.setattr(bed_runner, "mem_available", lambda: 4 << 30)
     runs = bed_runner.run(bed_args(tmp_path, matrix=False, jobs="auto", junit=None), quiet=True)
     assert len(seen) == 1 and "--kvmpy-part" not in " ".join(seen[0].command) and len(runs[0].tests) == 5
     assert "--jobs auto (2 CPUs): running 1 at once (4.0 GiB of available memory holds 1 bed(s)" \
@@ -146,7 +146,7 @@ def test_auto_splits_one_row_in_at_most_auto_parts_but_runs_matrix_rows_by_cpu(b
     seen, opts = beds
     opts["hook"] = _part_results
     monkeypatch.setattr(parallel, "cpus", lambda: 64)
-    monkeypatch.setattr(parallel, "available_memory", lambda: 1 << 40)
+    monkeypatch.setattr(bed_runner, "mem_available", lambda: 1 << 40)
     runs = bed_runner.run(bed_args(tmp_path, matrix=False, jobs=None, junit=None), quiet=True)
     assert len(seen) == bed_runner.AUTO_PARTS == 4 and [t["nodeid"][-1] for t in runs[0].tests] == list("abcde")
     # Matrix rows are no parts: auto runs as many as the CPUs (and memory) hold.
@@ -161,7 +161,7 @@ def test_a_stop_while_the_parts_boot_kills_both_machines(beds, tmp_path, monkeyp
     lost (exit 143)."""
     _, opts = beds
     monkeypatch.setattr(parallel, "cpus", lambda: 2)
-    monkeypatch.setattr(parallel, "available_memory", lambda: 64 << 30)
+    monkeypatch.setattr(bed_runner, "mem_available", lambda: 64 << 30)
     procs = []
     opts["hook"] = lambda bed, request: machine_until_stopped(procs, lambda started: len(started) == 2)
     runs = run_until_stopped(bed_args(tmp_path, matrix=False, jobs=None), procs)
@@ -179,7 +179,7 @@ def test_a_stop_keeps_the_parts_that_had_finished(beds, tmp_path, monkeypatch):
     says part 2's results are lost (as a matrix keeps its finished rows)."""
     _, opts = beds
     monkeypatch.setattr(parallel, "cpus", lambda: 2)
-    monkeypatch.setattr(parallel, "available_memory", lambda: 64 << 30)
+    monkeypatch.setattr(bed_runner, "mem_available", lambda: 64 << 30)
     committed = threading.Event()
 
     def note(msg):

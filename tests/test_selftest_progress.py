@@ -136,7 +136,7 @@ def _stopped_run(beds, monkeypatch, args, marker: str):
     or row names ``marker`` brings back its progress file."""
     _, opts = beds
     monkeypatch.setattr(parallel, "cpus", lambda: 2)
-    monkeypatch.setattr(parallel, "available_memory", lambda: 64 << 30)
+    monkeypatch.setattr(bed_runner, "mem_available", lambda: 64 << 30)
     procs = []
     opts["hook"] = _stopped_with_progress(procs, marker)
     return run_until_stopped(args, procs)

@@ -25,18 +25,6 @@ T = TypeVar("T")
 EMULATOR_OVERHEAD = 1 << 30
 
 
-def available_memory(meminfo: str = "/proc/meminfo") -> int:
-    """MemAvailable in bytes (0 if unknown)."""
-    try:
-        with open(meminfo) as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return 0
-
-
 def cpus() -> int:
     """CPUs this process may run on."""
     try:

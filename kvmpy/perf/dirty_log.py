@@ -28,7 +28,7 @@ from kvmpy.bitmap import DirtyBitmap
 from kvmpy.errors import IoctlError, KvmError, RequirementError
 from kvmpy.exits import DirtyRingFullExit, Exit
 from kvmpy.kvm import Kvm
-from kvmpy.memory import read_sysfs
+from kvmpy.hostmem import read_sysfs
 from kvmpy.mmu_params import param_on
 from kvmpy.perf.memstress import Memstress, MemstressConfig
 from kvmpy.perf.params import module_param

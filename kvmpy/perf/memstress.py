@@ -17,6 +17,7 @@ from kvmpy.guest import stages
 from kvmpy.guest.stepper import SteppedGuest
 from kvmpy.guest.vcpu_loop import ExitHook
 from kvmpy.guest.vm import MAX_VCPUS, GuestVm
+from kvmpy.hostmem import MEMINFO, mem_available
 from kvmpy.kvm import Kvm
 from kvmpy.memory import PAGE_1G, PAGE_2M, PAGE_4K, Backing, Hugetlb, Memslot
 from kvmpy.vm import Vm
@@ -30,7 +31,6 @@ MEM_SIZE = 64 << 20          # memslot 0: runtime, program, L1's nested tables
 # top 1 GiB (and room for the page-table memslot below it, GuestVm) are not test memory.
 MAX_GPA = (1 << 47) - 2 * PAGE_1G
 MAX_SLOT_PAGES = (1 << 31) - 1   # KVM_MEM_MAX_NR_PAGES: the most pages one memslot may have
-MEMINFO = "/proc/meminfo"
 
 
 def _size(n: int) -> str:
@@ -38,19 +38,6 @@ def _size(n: int) -> str:
         if n >= 1 << shift:
             return f"{n / (1 << shift):.1f} {unit}"
     return f"{n} bytes"
-
-
-def mem_available(meminfo: str = MEMINFO) -> int | None:
-    """MemAvailable of ``meminfo`` in bytes (None if it does not say)."""
-    try:
-        with open(meminfo) as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                if key == "MemAvailable":
-                    return int(value.split()[0]) * 1024
-    except (OSError, ValueError, IndexError):
-        return None
-    return None
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,7 @@ from kvmpy.bed.options import BedOptions
 from kvmpy.bed.protocol import BedError
 from kvmpy.bed.request import Job, megabytes
 from kvmpy.bed.testbed import Bed
+from kvmpy.hostmem import mem_available
 from kvmpy.selftest import bed_results, bytecode
 from kvmpy.selftest.bed_results import Pair
 from kvmpy.selftest.junit import format_junit
@@ -283,7 +284,7 @@ def _at_once(args, pairs: List[Pair], units: int | None, log: Callable[[str], No
     if asked <= 1:
         return 1
     guest = max(megabytes(bed.options.mem) for bed, _ in pairs) << 20
-    n, why = parallel.bound_jobs(asked, units or asked, guest, ncpus, parallel.available_memory(), label)
+    n, why = parallel.bound_jobs(asked, units or asked, guest, ncpus, mem_available() or 0, label)
     if why:
         log(why)
     return n
