@@ -21,7 +21,7 @@ except ImportError as exc:  # pragma: no cover - only without a build
 from kvmpy.errors import IoctlError, KvmError, RequirementError
 
 __all__ = ["ffi", "lib", "IoctlResult", "ioctl", "ioctl_int", "ioctl_unchecked", "ioctl_arg_size", "cap_name",
-           "require_cap", "new_struct", "check_ints", "check_u32"]
+           "require_cap", "new_struct", "check_ints", "check_unsigned"]
 
 
 class IoctlResult(NamedTuple):
@@ -174,10 +174,11 @@ def check_ints(what: str, **values: object) -> None:
             raise KvmError(f"{what}: {name} must be an int, not {value!r}")
 
 
-def check_u32(value: int, what: str) -> int:
-    """``value`` if it is an int in [0, 2**32); KvmError naming ``what`` otherwise."""
-    if not isinstance(value, int) or not 0 <= value < 1 << 32:
-        raise KvmError(f"{what} {value!r} is not a u32 (0 to {(1 << 32) - 1})")
+def check_unsigned(value: object, bits: int, what: str, error: type[KvmError] = KvmError) -> int:
+    """``value`` if it is an int in [0, 2**bits); ``error`` naming ``what`` otherwise (a value
+    masked or packed into the field would be silently altered, or fail as a raw cffi or struct error)."""
+    if not isinstance(value, int) or not 0 <= value < 1 << bits:
+        raise error(f"{what} {value!r} is not an unsigned {bits}-bit value (0 to {(1 << bits) - 1:#x})")
     return value
 
 

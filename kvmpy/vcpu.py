@@ -11,7 +11,7 @@ import weakref
 from typing import Callable, Iterable
 
 from kvmpy import exits
-from kvmpy.abi import check_u32, ffi, ioctl, ioctl_int, lib
+from kvmpy.abi import check_unsigned, ffi, ioctl, ioctl_int, lib
 from kvmpy.dirty_ring import DirtyRing
 from kvmpy.errors import IoctlError, KvmError, release_all
 from kvmpy.memory import Mapping, map_memory
@@ -148,7 +148,7 @@ class Vcpu:
         idx = list(indices)
         msrs = self._msr_buf(len(idx))
         for i, m in enumerate(idx):
-            msrs.entries[i].index = check_u32(m, f"{self.name}: get_msrs: MSR index")
+            msrs.entries[i].index = check_unsigned(m, 32, f"{self.name}: get_msrs: MSR index")
         n = ioctl(self.fd, "KVM_GET_MSRS", msrs, self.name)
         if n != len(idx):
             raise KvmError(f"{self.name}: KVM_GET_MSRS read {n} of {len(idx)} MSRs; MSR {idx[n]:#x} refused")
@@ -159,10 +159,8 @@ class Vcpu:
         items = list(values.items())
         msrs = self._msr_buf(len(items))
         for i, (m, v) in enumerate(items):
-            msrs.entries[i].index = check_u32(m, f"{self.name}: set_msrs: MSR index")
-            if not isinstance(v, int) or not 0 <= v < 1 << 64:
-                raise KvmError(f"{self.name}: set_msrs: MSR {m:#x} = {v!r} is not a u64")
-            msrs.entries[i].data = v
+            msrs.entries[i].index = check_unsigned(m, 32, f"{self.name}: set_msrs: MSR index")
+            msrs.entries[i].data = check_unsigned(v, 64, f"{self.name}: set_msrs: MSR {m:#x} value")
         n = ioctl(self.fd, "KVM_SET_MSRS", msrs, self.name)
         if n != len(items):
             raise KvmError(f"{self.name}: KVM_SET_MSRS wrote {n} of {len(items)} MSRs; "

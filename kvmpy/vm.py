@@ -14,7 +14,7 @@ import threading
 import weakref
 
 from kvmpy import faults
-from kvmpy.abi import (IoctlResult, cap_name, check_ints, check_u32, ffi, ioctl, ioctl_int, ioctl_unchecked, lib,
+from kvmpy.abi import (IoctlResult, cap_name, check_ints, check_unsigned, ffi, ioctl, ioctl_int, ioctl_unchecked, lib,
                        new_struct, require_cap)
 from kvmpy.bitmap import DirtyBitmap
 from kvmpy.errors import IoctlError, KvmError, RequirementError, release_all
@@ -107,7 +107,7 @@ class Vm:
         check_ints(f"{self.name}: add_memory", slot=slot, gpa=gpa, size=size, flags=flags)
         if slot in self.memslots:
             raise KvmError(f"{self.name}: slot {slot} is already in use")
-        check_u32(slot, "memslot id")
+        check_unsigned(slot, 32, "memslot id")
         backing = backing or Anonymous()
         mapping = backing.allocate(size)
         try:
@@ -310,7 +310,7 @@ class Vm:
         """KVM_CREATE_VCPU; the vCPU maps its kvm_run (and dirty ring, if enabled)."""
         if vcpu_id in self.vcpus:
             raise KvmError(f"{self.name}: vCPU {vcpu_id} already exists")
-        check_u32(vcpu_id, "vCPU id")
+        check_unsigned(vcpu_id, 32, "vCPU id")
         fd = ioctl_int(self.fd, "KVM_CREATE_VCPU", vcpu_id, self.name, f"vcpu {vcpu_id}")
         vcpu = Vcpu(vcpu_id, fd, self.vcpu_mmap_size, self.dirty_ring_size, self._require_stats)
         self.vcpus[vcpu_id] = vcpu

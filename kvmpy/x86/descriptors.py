@@ -9,6 +9,7 @@ import struct
 from dataclasses import dataclass, replace
 from typing import Mapping, Sequence
 
+from kvmpy.abi import check_unsigned
 from kvmpy.errors import KvmError
 
 # Fixed GDT layout used by kvmpy guests. The user (DPL3) selectors are Linux's __USER_DS and
@@ -36,11 +37,7 @@ class DescriptorError(KvmError):
 
 
 def _field(name: str, value: object, bits: int) -> int:
-    """``value`` if it is an int that fits in ``bits`` unsigned bits, else DescriptorError:
-    a masked or struct-packed value would be silently altered or a raw struct.error."""
-    if not isinstance(value, int) or not 0 <= value < 1 << bits:
-        raise DescriptorError(f"{name} {value!r} is not an unsigned {bits}-bit value")
-    return value
+    return check_unsigned(value, bits, name, DescriptorError)
 
 
 @dataclass(frozen=True)
