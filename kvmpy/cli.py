@@ -191,8 +191,7 @@ def _cmd_selftest(args: argparse.Namespace) -> int:
     if not machine:
         emit(hostinfo.format_facts(facts))
         if faults.enabled():
-            emit(f"FAULTS INJECTED ({faults.ENV}): {', '.join(sorted(faults.enabled()))} -- this run tests "
-                  f"the tests: it must fail")
+            emit(faults.banner("this run tests the tests: it must fail"))
         emit("")
     if args.bed:
         from kvmpy.selftest import bed_runner

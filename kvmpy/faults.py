@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import os
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterable, Iterator
 
 from kvmpy.errors import KvmError
 
@@ -94,6 +94,13 @@ def check(name: str) -> None:
     """A hook that fails: raise FaultError if fault ``name`` is on."""
     if active(name):
         raise FaultError(f"injected fault {name}: {FAULTS[name].breaks}")
+
+
+def banner(consequence: str, names: Iterable[str] | None = None) -> str | None:
+    """The loud line of a run with faults injected (``names``, default: this process's), saying
+    ``consequence``; None without faults."""
+    names = sorted(enabled() if names is None else names)
+    return f"FAULTS INJECTED ({ENV}={','.join(names)}): {consequence}" if names else None
 
 
 def env() -> dict[str, str]:

@@ -44,13 +44,12 @@ class OptionConflict(KvmError):
     """Two options that cannot both apply (one of them would silently do nothing): a usage error."""
 
 
+NOT_A_MEASUREMENT = "kvmpy is deliberately broken for this run; these results are not a measurement"
+
+
 def faults_banner() -> str | None:
     """The loud line of a run with faults injected (None without): its times measure a broken kvmpy."""
-    names = faults.enabled()
-    if not names:
-        return None
-    return (f"FAULTS INJECTED ({faults.ENV}={','.join(sorted(names))}): kvmpy is deliberately broken for this "
-            f"run; these results are not a measurement")
+    return faults.banner(NOT_A_MEASUREMENT)
 
 
 @dataclass(frozen=True)
@@ -157,7 +156,7 @@ class DirtyLogReport:
         o, m = self.options, self.options.memstress
         marks = {"faults": self.faults}
         if self.faults:
-            marks["warning"] = faults_banner() or "FAULTS INJECTED: these results are not a measurement"
+            marks["warning"] = faults.banner(NOT_A_MEASUREMENT, self.faults)
         return {
             **marks,
             "config": {"vcpus": m.vcpus, "vcpu_bytes": m.vcpu_bytes, "slots": m.slots,

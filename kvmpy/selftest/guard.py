@@ -69,8 +69,8 @@ _saved = pytest.StashKey[dict]()
 
 
 def pytest_report_header(config: pytest.Config) -> str | None:
-    names = faults.enabled()
-    return f"kvmpy FAULTS INJECTED ({faults.ENV}): {', '.join(sorted(names))}" if names else None
+    line = faults.banner("this run tests the tests")
+    return f"kvmpy {line}" if line else None
 
 
 def pytest_configure(config: pytest.Config) -> None:
