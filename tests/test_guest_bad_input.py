@@ -102,10 +102,12 @@ def test_stepper_calls_before_start_say_so():
     assert g.vm is None
 
 
-def test_closing_from_a_hook_ends_the_run_with_a_clear_error():
+@pytest.mark.parametrize("call, name", [(lambda g: g.close(), r"GuestVm\(hello.elf\).close\(\)"),
+                                        (lambda g: g.threads.stop(), r"stop\(\)")])
+def test_closing_from_a_hook_ends_the_run_with_a_clear_error(call, name):
     g = GuestVm("hello")
-    with pytest.raises(KvmError, match=r"close\(\) called on a vCPU thread"):
-        g.run(timeout=10, on_sync=lambda i, stage, args: g.close())
+    with pytest.raises(KvmError, match=name + r" called on a vCPU thread \(kvmpy-vcpu0, from a hook\): it would wait"):
+        g.run(timeout=10, on_sync=lambda i, stage, args: call(g))
     assert g.vm is not None          # the hook's close did nothing
     g.close()
     assert g.vm is None

@@ -199,9 +199,8 @@ class SteppedGuest:
 
         KvmError on a vCPU thread (from a hook): that thread cannot wait for the guest to finish.
         """
-        if self._threads is not None and self._threads.on_vcpu_thread():
-            raise KvmError(f"{self.name}: close() called on a vCPU thread (from a hook): raise an exception "
-                           "in the hook to end the run, and close from the test thread")
+        if self._threads is not None:
+            self._threads.refuse_on_vcpu_thread(f"{self.name}: close()")
         finished = True
         # Only a guest parked at its sync points reads a command; one parked by a kick is just stopped.
         at_sync = self.all_parked() and all(st.park is not None and st.park.stage is not None for st in self._vcpus)

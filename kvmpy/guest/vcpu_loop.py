@@ -76,9 +76,13 @@ class VcpuThreads:
         """Whether vCPU ``i``'s thread is still running (not done, failed or stopped)."""
         return self._threads[i].is_alive()
 
-    def on_vcpu_thread(self) -> bool:
-        """Whether the caller runs on one of these vCPU threads (in a hook)."""
-        return threading.current_thread() in self._threads
+    def refuse_on_vcpu_thread(self, what: str) -> None:
+        """KvmError if the caller runs on one of these vCPU threads (in a hook): ``what`` waits
+        for the vCPU threads, so it would wait for itself."""
+        if threading.current_thread() in self._threads:
+            raise KvmError(f"{what} called on a vCPU thread ({threading.current_thread().name}, from a hook): "
+                           "it would wait for itself; raise an exception in the hook to end the run, and call "
+                           "it from the test thread")
 
     @property
     def running(self) -> bool:
@@ -155,9 +159,7 @@ class VcpuThreads:
 
         KvmError on a vCPU thread (from a hook), which cannot join itself.
         """
-        if self.on_vcpu_thread():
-            raise KvmError(f"{threading.current_thread().name}: a vCPU thread cannot stop the vCPUs "
-                           "(it would wait for itself); raise an exception in the hook to end the run")
+        self.refuse_on_vcpu_thread("stop()")
         self._set_stopping()
         for _ in range(100):
             alive = [i for i, t in enumerate(self._threads) if t.is_alive()]

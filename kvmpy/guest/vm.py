@@ -331,9 +331,8 @@ class GuestVm:
         KvmError if called on a vCPU thread (from a hook): that thread cannot wait for itself;
         a hook ends the run by raising an exception.
         """
-        if self.threads is not None and self.threads.on_vcpu_thread():
-            raise KvmError(f"GuestVm({self.elf.path.name}).close() called on a vCPU thread (from a hook): "
-                           "raise an exception in the hook to end the run, and close from the test thread")
+        if self.threads is not None:
+            self.threads.refuse_on_vcpu_thread(f"GuestVm({self.elf.path.name}).close()")
         try:
             if self.threads is not None:
                 self.threads.stop()
