@@ -5,13 +5,44 @@ entries (``Vm.reset_dirty_rings``); each vCPU maps its own ring at creation.
 """
 from __future__ import annotations
 
+import os
 from array import array
 
 from kvmpy.abi import ffi, lib
 from kvmpy.errors import KvmError
+from kvmpy.hostmem import read_sysfs
 from kvmpy.memory import PAGE_4K, Mapping, map_memory
+from kvmpy.mmu_params import param_on
 
 GFN_SIZE = ffi.sizeof("struct kvm_dirty_gfn")
+RSVD_ENTRIES = 64       # KVM_DIRTY_RING_RSVD_ENTRIES
+PML_ENTRIES = 512       # a vCPU's PML log, which KVM also keeps free in the ring when PML is on
+
+
+def min_entries(sysfs: str = "/sys/module") -> tuple[int, str]:
+    """The smallest dirty ring KVM accepts here, in entries, and why (kvm_vm_ioctl_enable_dirty_log_ring:
+    a page, and room for KVM's reserved entries, which include the PML log when PML is on)."""
+    page = os.sysconf("SC_PAGE_SIZE") // GFN_SIZE
+    pml = [m for m in ("kvm_intel", "kvm_amd") if param_on(read_sysfs(f"{sysfs}/{m}/parameters/pml"))]
+    reserved = RSVD_ENTRIES + (PML_ENTRIES if pml else 0)
+    need = 1 << (reserved - 1).bit_length()
+    if need > page:
+        return need, (f"{reserved} reserved entries with {pml[0]}.pml=Y, rounded up to a power of two")
+    return page, f"one {page * GFN_SIZE}-byte page of {GFN_SIZE}-byte entries"
+
+
+def size_problem(size_bytes: int, limit: int) -> str | None:
+    """Why KVM would refuse a ring of ``size_bytes`` per vCPU (None: it would take it); ``limit``
+    is its KVM_CHECK_EXTENSION(KVM_CAP_DIRTY_LOG_RING{,_ACQ_REL}) value, the largest in bytes."""
+    entries, rest = divmod(size_bytes, GFN_SIZE)
+    if rest or entries <= 0 or entries & (entries - 1):
+        return f"{size_bytes} bytes is not a power-of-two number of {GFN_SIZE}-byte entries"
+    low, why = min_entries()
+    if entries < low:
+        return f"KVM needs a ring of at least {low} entries ({why})"
+    if size_bytes > limit:
+        return f"KVM's maximum is {limit // GFN_SIZE} entries ({limit} bytes, KVM_CHECK_EXTENSION)"
+    return None
 
 
 class Harvest:

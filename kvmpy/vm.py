@@ -13,7 +13,7 @@ import struct
 import threading
 import weakref
 
-from kvmpy import faults
+from kvmpy import dirty_ring, faults
 from kvmpy.abi import (IoctlResult, cap_name, check_ints, check_unsigned, ffi, ioctl, ioctl_int, ioctl_unchecked, lib,
                        new_struct, require_cap)
 from kvmpy.bitmap import DirtyBitmap
@@ -293,6 +293,9 @@ class Vm:
             raise RequirementError(f"KVM lacks {cap_name(cap)}")
         if size_bytes > limit:
             raise RequirementError(f"{cap_name(cap)}: ring of {size_bytes} bytes exceeds KVM's maximum {limit}")
+        why = dirty_ring.size_problem(size_bytes, limit)
+        if why:
+            raise KvmError(f"{self.name}: {cap_name(cap)}: {why}")
         self.enable_cap(cap, size_bytes)
         self.dirty_ring_size = size_bytes
         self.dirty_ring_acq_rel = acq_rel

@@ -169,3 +169,16 @@ def test_dropped_objects_release_their_fds_and_memory(kvm):
     for _ in range(20):
         Kvm()
     assert proc.num_fds() == fds       # no cycle: released at once
+
+
+@pytest.mark.parametrize("size, why", [(4096 + 16, "not a power-of-two number of 16-byte entries"),
+                                       (1000, "not a power-of-two"),
+                                       (64 * 16, "KVM needs a ring of at least 256 entries")])
+def test_a_dirty_ring_kvm_would_refuse_is_a_clear_error_not_einval(kvm, size, why):
+    if not (kvm.check_extension(lib.KVM_CAP_DIRTY_LOG_RING) or kvm.check_extension(lib.KVM_CAP_DIRTY_LOG_RING_ACQ_REL)):
+        pytest.skip("KVM offers no dirty ring")
+    with kvm.create_vm() as vm:
+        with pytest.raises(KvmError, match=why) as ei:
+            vm.enable_dirty_ring(size)
+        assert type(ei.value) is KvmError and vm.dirty_ring_size == 0
+        vm.enable_dirty_ring(4096 * 16)     # the VM is still usable

@@ -16,7 +16,8 @@ from kvmpy.cli import main
 from kvmpy.errors import KvmError, RequirementError
 from kvmpy.memory import PAGE_4K
 from kvmpy.perf import dirty_log
-from kvmpy.perf.dirty_log import DirtyLogOptions, OptionConflict, ring_min_entries
+from kvmpy.dirty_ring import min_entries
+from kvmpy.perf.dirty_log import DirtyLogOptions, OptionConflict
 from kvmpy.perf.memstress import MAX_SLOT_PAGES, MemstressConfig
 
 SMALL = MemstressConfig(vcpus=2, vcpu_bytes=128 * PAGE_4K, user_mode=True)
@@ -130,11 +131,11 @@ def test_ring_limits_from_kvm_and_pml(tmp_path):
         DirtyLogOptions(memstress=SMALL, dirty_ring=1 << 17).check_host(FakeKvm(**RING_KVM))
     with pytest.raises(RequirementError, match="no dirty ring"):
         DirtyLogOptions(memstress=SMALL, dirty_ring=256).check_host(FakeKvm())
-    assert ring_min_entries(str(tmp_path))[0] == 256
+    assert min_entries(str(tmp_path))[0] == 256
     pml = tmp_path / "kvm_intel" / "parameters" / "pml"
     pml.parent.mkdir(parents=True)
     pml.write_text("Y\n")
-    low, why = ring_min_entries(str(tmp_path))
+    low, why = min_entries(str(tmp_path))
     assert low == 1024 and "kvm_intel.pml" in why     # 64 + 512 reserved entries
 
 

@@ -17,27 +17,22 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from kvmpy import faults
+from kvmpy import dirty_ring, faults
 from kvmpy.abi import lib
 from kvmpy.bitmap import DirtyBitmap
 from kvmpy.errors import IoctlError, KvmError, RequirementError
+from kvmpy.dirty_ring import GFN_SIZE
 from kvmpy.exits import DirtyRingFullExit, Exit
 from kvmpy.kvm import Kvm
-from kvmpy.hostmem import read_sysfs
-from kvmpy.mmu_params import param_on
 from kvmpy.perf.memstress import Memstress, MemstressConfig
 from kvmpy.perf.params import module_param
 from kvmpy.stats import Snapshot
 from kvmpy.vm import Vm
 
-GFN_BYTES = 16     # sizeof(struct kvm_dirty_gfn)
-RING_RSVD_ENTRIES = 64     # KVM_DIRTY_RING_RSVD_ENTRIES
-PML_ENTRIES = 512          # a vCPU's PML log, which KVM also keeps free in the ring when PML is on
 
 
 class OptionConflict(KvmError):
@@ -104,29 +99,13 @@ class DirtyLogOptions:
                      or kvm.check_extension(lib.KVM_CAP_DIRTY_LOG_RING))
             if not limit:
                 raise RequirementError("--dirty-ring: KVM offers no dirty ring (KVM_CAP_DIRTY_LOG_RING is 0)")
-            low, why = ring_min_entries()
-            if self.dirty_ring < low:
-                raise KvmError(f"--dirty-ring {self.dirty_ring}: KVM needs a ring of at least {low} entries "
-                               f"({why})")
-            if self.dirty_ring * GFN_BYTES > limit:
-                raise KvmError(f"--dirty-ring {self.dirty_ring}: KVM's maximum is {limit // GFN_BYTES} entries "
-                               f"({limit} bytes, KVM_CHECK_EXTENSION(KVM_CAP_DIRTY_LOG_RING))")
+            why = dirty_ring.size_problem(self.dirty_ring * GFN_SIZE, limit)
+            if why:
+                raise KvmError(f"--dirty-ring {self.dirty_ring}: {why}")
         elif self.clear_chunk is not None and not kvm.check_extension(lib.KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2):
             raise RequirementError("--clear-chunk: KVM lacks KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, so no "
                                    "KVM_CLEAR_DIRTY_LOG would be issued")
         self.memstress.check_host()
-
-
-def ring_min_entries(sysfs: str = "/sys/module") -> tuple[int, str]:
-    """The smallest dirty ring KVM accepts here, in entries, and why (kvm_vm_ioctl_enable_dirty_log_ring:
-    a page, and room for KVM's reserved entries, which include the PML log when PML is on)."""
-    page = os.sysconf("SC_PAGE_SIZE") // GFN_BYTES
-    pml = [m for m in ("kvm_intel", "kvm_amd") if param_on(read_sysfs(f"{sysfs}/{m}/parameters/pml"))]
-    reserved = RING_RSVD_ENTRIES + (PML_ENTRIES if pml else 0)
-    need = 1 << (reserved - 1).bit_length()
-    if need > page:
-        return need, (f"{reserved} reserved entries with {pml[0]}.pml=Y, rounded up to a power of two")
-    return page, f"one {page * GFN_BYTES}-byte page of {GFN_BYTES}-byte entries"
 
 
 @dataclass
@@ -198,10 +177,10 @@ class _DirtyLog:
     def before_vcpus(self, vm: Vm) -> None:
         if self.opts.dirty_ring:
             try:
-                vm.enable_dirty_ring(self.opts.dirty_ring * GFN_BYTES)
+                vm.enable_dirty_ring(self.opts.dirty_ring * GFN_SIZE)
             except IoctlError as e:
                 raise KvmError(f"--dirty-ring {self.opts.dirty_ring}: KVM refused a ring of "
-                               f"{self.opts.dirty_ring * GFN_BYTES} bytes ({e})") from None
+                               f"{self.opts.dirty_ring * GFN_SIZE} bytes ({e})") from None
 
     def on_exit(self, i: int, ex: Exit) -> bool:
         """On vCPU ``i``'s thread: a full ring is harvested there and reset (KVM_RESET_DIRTY_RINGS)."""
