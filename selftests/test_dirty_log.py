@@ -21,6 +21,7 @@ import pytest
 
 from kvmpy import faults
 from kvmpy.abi import lib
+from kvmpy.dirty_ring import GFN_SIZE
 from kvmpy.dirtylog import (MODE_NAMES, DirtyLogMismatch, DirtyWriterVm, RoundPlan, RoundReport, SlotSpec,
                             collector_by_name, read_stamps)
 from kvmpy.memory import PAGE_2M, PAGE_4K, backing_by_name
@@ -232,7 +233,7 @@ def test_dirty_ring_full(mode, resumes, writer_cpl, scale):
     with make_writer(mode, writer_cpl, [SlotSpec(1, TEST_GPA, npages)], ring_bytes=4096,
                      ring_full_resumes=resumes) as d:
         path = WritePath(d.g.vcpus, writer_cpl)
-        ring_entries = d.collector.ring_bytes // 16
+        ring_entries = d.collector.ring_bytes // GFN_SIZE
         run_rounds(d, 5, RoundPlan(min_writes=4000 * scale, collect_every=None))
         print(path.check(d.writes()))
         print(f"{d.ring_full_exits} KVM_EXIT_DIRTY_RING_FULL exits, {d.collector.harvested} entries harvested, "
@@ -308,7 +309,7 @@ def test_dirty_ring_full_1g_slot(mode, writer_cpl, scale):
     pages are checked."""
     npages = 262144
     ring_entries = 65536
-    with make_writer(mode, writer_cpl, [SlotSpec(1, TEST_GPA, npages)], ring_bytes=ring_entries * 16, stride=1,
+    with make_writer(mode, writer_cpl, [SlotSpec(1, TEST_GPA, npages)], ring_bytes=ring_entries * GFN_SIZE, stride=1,
                      burst=4096, page_size=PAGE_2M, populate=True) as d:
         path = WritePath(d.g.vcpus, writer_cpl)
         # Four rounds: on kvm_pvm the overfill depends on timing (the ACQ_REL variant

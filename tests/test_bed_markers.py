@@ -251,3 +251,28 @@ def test_an_echo_that_raises_does_not_lose_a_machine_run():
     finally:
         qemu.POWEROFF_GRACE = saved
     assert not timed_out and parse_console(console).status == 0
+
+
+def test_a_console_past_its_bound_keeps_the_markers_and_makes_the_boot_an_error():
+    """A kernel printing in a loop filled the host's memory (every line was kept); now past the
+    bound only the init's markers are kept, and the unkept, unscanned rest is a bed problem."""
+    log = ConsoleLog(BedRequest(command=["x"]), time.monotonic(), max_bytes=4096)
+    flood = "".join(f"[ {i}.0] kvm: printk storm line {i:05d} " + "x" * 40 + "\n" for i in range(1000))
+    text = boot(flood + "------------[ cut here ]------------\n", status=0)
+    for i in range(0, len(text), 777):                  # chunks that split lines and markers
+        log.feed(text[i:i + 777].encode())
+    console = log.text()
+    assert len(console) < 4096 + 200 and log.dropped_lines > 900 and "cut here" not in console
+    r = parse_console(console)
+    assert r.status == 0 and r.facts.vendor_module == "kvm_amd"       # the markers are all there
+    assert any(f"{log.dropped_lines} later lines" in p and "not kept" in p for p in r.bed_problems)
+    small = ConsoleLog(BedRequest(command=["x"]), time.monotonic())
+    small.feed(boot("fine\n").encode())
+    assert small.text().dropped is None and parse_console(small.text()).bed_problems == []
+
+
+def test_output_without_newlines_is_cut_into_bounded_lines():
+    log = ConsoleLog(BedRequest(command=["x"]), time.monotonic())
+    for _ in range(5):
+        log.feed(b"y" * (1 << 20))
+    assert [len(line) for line in log.lines] == [1 << 20] * 4 and len(log.text()) == 5 * (1 << 20) + 5

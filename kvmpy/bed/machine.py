@@ -52,6 +52,13 @@ def exit_on_sigterm():
             signal.signal(sig, old)
 
 
+#: Console text a ConsoleLog keeps (the init's markers are kept past it): a kernel printing in a
+#: loop must not fill the host's memory. Past it the boot is an error (BedResult.bed_problems).
+MAX_CONSOLE_BYTES = 512 << 20
+#: Longest line: output with no newline is cut into lines of this size (one split, not one per chunk).
+MAX_LINE_BYTES = 1 << 20
+
+
 class ConsoleLog:
     """A machine's console, fed in chunks: whole lines, echoed, with the bed's markers noted.
 
@@ -61,11 +68,17 @@ class ConsoleLog:
     are kept but not echoed (e.g. a base64 block of result files). Lines of followed
     results files (:data:`FOLLOW`) are neither kept nor echoed but collected in ``followed``.
     An echo (``on_console``) that raises (a closed pipe: ``kvmpy bed run ... | head``) is
-    dropped, the error kept in ``echo_error``: the boot and its results go on.
+    dropped, the error kept in ``echo_error``: the boot and its results go on. Past
+    ``max_bytes`` of text only marker lines are kept; :meth:`text` says what was dropped.
     """
 
-    def __init__(self, request: BedRequest, start: float, hide: Optional[Tuple[str, str]] = None) -> None:
+    def __init__(self, request: BedRequest, start: float, hide: Optional[Tuple[str, str]] = None,
+                 max_bytes: int = MAX_CONSOLE_BYTES) -> None:
         self.lines: List[str] = []
+        self.kept_bytes = 0
+        self.dropped_lines = 0
+        self.dropped_bytes = 0
+        self._max_bytes = max_bytes
         #: Followed results file name -> its lines, as they came over the console.
         self.followed: Dict[str, List[str]] = {}
         self.boot: Optional[float] = None        # seconds from start to the 'ready' marker
@@ -81,6 +94,9 @@ class ConsoleLog:
     def feed(self, data: bytes) -> None:
         self._pending += data.decode("utf-8", "replace").replace("\r", "")
         *lines, self._pending = self._pending.split("\n")
+        while len(self._pending) > MAX_LINE_BYTES:
+            lines.append(self._pending[:MAX_LINE_BYTES])
+            self._pending = self._pending[MAX_LINE_BYTES:]
         for line in lines:
             at = line.find(FOLLOW)
             if at >= 0:
@@ -89,9 +105,14 @@ class ConsoleLog:
                 line = line[:at]        # what the kernel printed before it, if anything
                 if not line:
                     continue
-            self.lines.append(line)
             marker = self._markers.read(line)
             kind = marker[0] if marker else None
+            if marker or not self.dropped_lines and self.kept_bytes + len(line) < self._max_bytes:
+                self.lines.append(line)
+                self.kept_bytes += len(line) + 1
+            else:
+                self.dropped_lines += 1
+                self.dropped_bytes += len(line) + 1
             if self._hide and kind == self._hide[0]:
                 self._hiding = True
             if self._echo and not self._hiding:
@@ -111,8 +132,12 @@ class ConsoleLog:
             self._echo = None
 
     def text(self) -> str:
-        """Everything received, the unterminated last line included (read strictly)."""
-        return ConsoleText("\n".join(self.lines + ([self._pending] if self._pending else [])) + "\n")
+        """Everything received and kept, the unterminated last line included (read strictly)."""
+        text = ConsoleText("\n".join(self.lines + ([self._pending] if self._pending else [])) + "\n")
+        if self.dropped_lines:
+            text.dropped = (f"the console printed more than {self._max_bytes >> 20} MiB: {self.dropped_lines} "
+                            f"later lines ({self.dropped_bytes} bytes) were not kept (nor scanned for splats)")
+        return text
 
 
 def _kind(marker: str) -> str:

@@ -83,9 +83,11 @@ FACT_KINDS = ("kernel", "cpu", "module", "hugepages", "param")
 
 class ConsoleText(str):
     """A machine's console text (:meth:`kvmpy.bed.machine.ConsoleLog.text`): its markers are
-    read strictly, i.e. only with the nonce the init announced first."""
+    read strictly, i.e. only with the nonce the init announced first. ``dropped`` says how
+    much of the console was not kept (None: all of it)."""
 
     strict = True
+    dropped: Optional[str] = None
 
 
 class MarkerReader:

@@ -177,6 +177,8 @@ class BedResult:
     # What the bed's init said went wrong (``KVMPY-BED: error ...``: a module that would not
     # load, a mount that failed): the bed was not what was asked for.
     bed_errors: List[str] = dataclasses.field(default_factory=list)
+    # How much of the console was not kept (ConsoleText.dropped), None if nothing.
+    console_dropped: Optional[str] = None
 
     @property
     def kvm_missing(self) -> bool:
@@ -187,12 +189,15 @@ class BedResult:
     @property
     def bed_problems(self) -> List[str]:
         """Why this boot tested nothing trustworthy, whatever its exit status (empty if none):
-        a timeout, an error the init reported, no KVM vendor module. Any of them makes the boot
-        an error (ERROR, exit status 2), never a pass."""
+        a timeout, an error the init reported, no KVM vendor module, console output not kept
+        (unscanned for splats). Any of them makes the boot an error (ERROR, exit status 2),
+        never a pass."""
         problems = []
         if self.timed_out:
             problems.append(self.error or "timed out")
         problems += [f"bed error: {e}" for e in self.bed_errors]
+        if self.console_dropped:
+            problems.append(self.console_dropped)
         if self.kvm_missing:
             problems.append("no KVM vendor module (kvm_amd or kvm_intel) was loaded in the bed")
         return problems
@@ -230,7 +235,7 @@ def parse_console(console: str) -> BedResult:
     that start a line and carry the boot's nonce count, facts before ``ready``, ``exit``
     after it (:class:`kvmpy.bed.protocol.MarkerReader`): the command shares the console.
     """
-    result = BedResult(status=None, console=console)
+    result = BedResult(status=None, console=console, console_dropped=getattr(console, "dropped", None))
     facts = result.facts
     reader = marker_reader(console)
     for line in console.splitlines():
