@@ -5,8 +5,6 @@ import json
 import textwrap
 from pathlib import Path
 
-import pytest
-
 from kvmpy.selftest import known_issues
 from kvmpy.selftest.report import RunResults, exit_status, format_table
 
