@@ -28,15 +28,13 @@ known to be observable, "not observable" is a failure.
 """
 from __future__ import annotations
 
-import os
-
 import pytest
 
 from kvmpy import bed_mark, hostinfo
 from kvmpy.errors import RequirementError
 from kvmpy.kvm import Kvm
 from kvmpy.mmu_params import MmuFlavour, param_on
-from kvmpy.selftest.options import MAX_SCALE, SCALE_ENV, OptionError, parse_scale
+from kvmpy.selftest.options import MAX_SCALE, OptionError, scale_of
 
 from . import bed_config, privilege
 
@@ -60,11 +58,8 @@ _SCALE = pytest.StashKey[int]()
 def _scale_of(config: pytest.Config) -> int:
     """The size multiplier from --kvmpy-scale or KVMPY_SCALE (default 1); pytest.UsageError,
     once for the run, if it is not a whole number 1..MAX_SCALE."""
-    opt = config.getoption("--kvmpy-scale")
     try:
-        if opt is not None:
-            return parse_scale(opt, "--kvmpy-scale")
-        return parse_scale(os.environ.get(SCALE_ENV, "1"), SCALE_ENV)
+        return scale_of(config.getoption("--kvmpy-scale"))
     except OptionError as e:
         raise pytest.UsageError(str(e)) from None
 

@@ -82,6 +82,19 @@ def test_a_bad_scale_stops_pytest_before_any_test(tmp_path):
     assert options.parse_scale("10") == 10 and options.parse_scale(" 100 ") == 100
 
 
+def test_the_report_says_which_scale_a_run_used(tmp_path, capfd, monkeypatch):
+    """A KVMPY_SCALE left in a shell silently made every run larger: the report now says so."""
+    monkeypatch.setenv("KVMPY_SCALE", "2")
+    rc = cli.main(["selftest", "-k", "test_hello_syncs_prints_and_finishes", "--json"])
+    doc = json.loads(capfd.readouterr().out)
+    assert rc == 0 and doc["runs"][0]["scale"] == 2, doc
+    runs = report.runs_from_json(doc)
+    assert runs[0].scale == 2 and "sizes multiplied by 2 (--kvmpy-scale or KVMPY_SCALE)" in report.format_table(runs)
+    assert "# sizes multiplied by 2" in report.format_ktap(runs)
+    runs[0].scale = 1
+    assert "multiplied" not in report.format_table(runs)
+
+
 # --- 8: KVMPY_KNOWN_ISSUES -------------------------------------------------------------
 
 @pytest.mark.parametrize("content, error", [

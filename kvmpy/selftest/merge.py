@@ -87,6 +87,8 @@ def check_report(doc: dict) -> None:
         for key in ("row", "harness_error", "interrupted", "stop_detail", "splat_watch"):
             if run.get(key) is not None or key != "splat_watch":
                 _expect(f"{at}.{key}", run.get(key, ""), (str,), "text")
+        if run.get("scale") is not None:
+            _expect(f"{at}.scale", run["scale"], (int,), "a whole number")
         if run.get("interrupted"):
             try:
                 signal_number(run["interrupted"])

@@ -111,6 +111,15 @@ def check_environment(environ: dict[str, str] | None = None) -> None:
         parse_scale(env[SCALE_ENV], SCALE_ENV)
 
 
+def scale_of(option: str | None, environ: dict[str, str] | None = None) -> int:
+    """The size multiplier of a run: ``option`` (``--kvmpy-scale``) if given, else ``KVMPY_SCALE``,
+    else 1; OptionError if the one that applies is malformed."""
+    if option is not None:
+        return parse_scale(option, "--kvmpy-scale")
+    env = os.environ if environ is None else environ
+    return parse_scale(env.get(SCALE_ENV, "1"), SCALE_ENV)
+
+
 def parse_scale(text: str, name: str = "--kvmpy-scale") -> int:
     """A size multiplier: a whole number 1..MAX_SCALE (OptionError saying what is wrong)."""
     try:

@@ -59,12 +59,14 @@ class RunResults:
     # The kernel log the splat watch read ("/dev/kmsg"), or "OFF: why" when none was watched
     # (kvmpy.selftest.results records it); None when not known (no results from pytest).
     splat_watch: str | None = None
+    # The size multiplier the run used (--kvmpy-scale / KVMPY_SCALE); None when not known.
+    scale: int | None = None
 
     @classmethod
     def from_json(cls, config: str, text: str) -> "RunResults":
         data = json.loads(text)
         return cls(config, data.get("tests", []), data.get("exitstatus"), seconds=data.get("seconds", 0.0),
-                   collected=data.get("collected"), splat_watch=data.get("splat_watch"))
+                   collected=data.get("collected"), splat_watch=data.get("splat_watch"), scale=data.get("scale"))
 
     def counts(self) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -221,6 +223,7 @@ def format_table(runs: list[RunResults], width: int | None = None) -> str:
             totals[k] = totals.get(k, 0) + v
     lines.append("")
     lines += [f"kernel splat watch: {w}" for w in watch_lines(runs)]
+    lines += scale_lines(runs)
     # The verdict last: why nothing (or not enough) was tested, then the counts.
     note = not_tested_note(runs)
     summary = summary_line(totals)
@@ -239,6 +242,14 @@ def watch_lines(runs: list[RunResults]) -> list[str]:
     if len({w for _, w in known}) == 1:
         return [known[0][1]]
     return [f"{config}: {w}" for config, w in known]
+
+
+def scale_lines(runs: list[RunResults]) -> list[str]:
+    """The size multiplier when a run used one other than 1 (a setting easily left in a shell)."""
+    scales = sorted({r.scale for r in runs if r.scale is not None})
+    if scales in ([], [1]):
+        return []
+    return [f"sizes multiplied by {' / '.join(map(str, scales))} (--kvmpy-scale or KVMPY_SCALE)"]
 
 
 def summary_line(totals: dict[str, int]) -> str:
@@ -264,6 +275,7 @@ def format_ktap(runs: list[RunResults]) -> str:
     out = ["KTAP version 1", f"1..{len(entries) + len(notes)}"]
     out += [f"# {r.config}: {r.bed['summary']}" for r in runs if r.bed.get("summary")]
     out += [f"# kernel splat watch: {w}" for w in watch_lines(runs)]
+    out += [f"# {line}" for line in scale_lines(runs)]
     out += [f"# {r.config}: nothing tested: {why}" for r in runs if len(runs) > 1 and (why := row_not_tested(r))]
     n = 0
     for config, note in notes:
@@ -298,6 +310,7 @@ def to_json(header: dict, runs: list[RunResults], extra: dict | None = None) -> 
                   "harness_error": r.harness_error, "interrupted": signal_name(r.interrupted) if r.interrupted else "",
                   "stop_detail": r.stop_detail, "collected": r.collected, "seconds": r.seconds,
                   **({"splat_watch": r.splat_watch} if r.splat_watch is not None else {}),
+                  **({"scale": r.scale} if r.scale is not None else {}),
                   **({"bed": r.bed} if r.bed else {}), "tests": r.tests} for r in runs],
     }, indent=1)
 
@@ -306,5 +319,6 @@ def runs_from_json(doc: dict) -> list[RunResults]:
     """The runs of a report :func:`to_json` wrote (KeyError/TypeError/ValueError if it is not one)."""
     return [RunResults(r["config"], list(r["tests"]), r.get("exitstatus"), r.get("harness_error", ""),
                        r.get("seconds", 0.0), signal_number(r.get("interrupted", "")), r.get("collected"),
-                       r.get("stop_detail", ""), dict(r.get("bed", {})), r.get("row", ""), r.get("splat_watch"))
+                       r.get("stop_detail", ""), dict(r.get("bed", {})), r.get("row", ""), r.get("splat_watch"),
+                       r.get("scale"))
             for r in doc["runs"]]

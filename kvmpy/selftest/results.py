@@ -14,6 +14,7 @@ import time
 
 import pytest
 
+from kvmpy.selftest.options import OptionError, scale_of
 from kvmpy.selftest.progress import PROGRESS_SUFFIX, STOPPED_TEST
 
 RESULTS_OPTION = "--kvmpy-results"
@@ -57,6 +58,14 @@ def _first_line(text: str) -> str:
         if line:
             return line[:300]
     return ""
+
+
+def _scale(config: pytest.Config) -> int | None:
+    """The run's size multiplier (kvmpy.selftest.options.scale_of), None if malformed."""
+    try:
+        return scale_of(config.getoption("--kvmpy-scale", None))
+    except OptionError:
+        return None
 
 
 def splat_watch_state(config: pytest.Config) -> str:
@@ -158,6 +167,7 @@ class _Recorder:
                 e["outcome"], e["reason"] = STOPPED_TEST
         data = {"exitstatus": int(session.exitstatus), "seconds": round(time.time() - self.started, 2),
                 "collected": session.testscollected, "splat_watch": splat_watch_state(session.config),
+                "scale": _scale(session.config),
                 "tests": list(self.tests.values())}
         try:
             os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
