@@ -199,7 +199,7 @@ def cmd_run(args) -> int:
 
 
 def cmd_matrix(args) -> int:
-    from kvmpy.bed import matrix, parallel
+    from kvmpy.bed import matrix
 
     try:
         bed = _prepared_bed(args)
@@ -223,8 +223,7 @@ def cmd_matrix(args) -> int:
     _err(f"matrix of {len(configs)} configurations on {bed.describe()}: {' '.join(command)}")
     t0 = time.monotonic()
     try:
-        # A boot that fails is its row's result: one row's failure keeps the others.
-        rows = matrix.run_matrix(parallel.guard([(bed, config) for config in configs]), job, progress)
+        rows = matrix.run_matrix([(bed, config) for config in configs], job, progress)
     except BedError as exc:
         _err(str(exc))
         return 2

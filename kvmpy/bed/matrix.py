@@ -22,7 +22,7 @@ from typing import Callable, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 from kvmpy.bed.debian import KERNEL_LINES
 from kvmpy.bed.options import BedOptions
-from kvmpy.bed.parallel import run_in_order
+from kvmpy.bed.parallel import run_guarded, run_in_order
 from kvmpy.bed.protocol import BedError
 from kvmpy.bed.request import BedResult, Job, kernel_splats
 from kvmpy.bed.testbed import Bed
@@ -255,7 +255,8 @@ def run_matrix(
         bed, config = pairs[i]
         env = {**job.env, CONFIG_ENV: config.name} if name_rows else dict(job.env)
         this = dataclasses.replace(job, env=env, **({"on_console": console(i)} if console else {}))
-        return evaluate(config, bed.run(this, config.params), {**bed.options.params, **config.params})
+        # A boot that fails is its row's result: one row's failure keeps the others.
+        return evaluate(config, run_guarded(bed, this, config.params), {**bed.options.params, **config.params})
 
     def commit(i: int, row: Row) -> None:
         result = row.result

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from typing import Any, Callable, Dict, List, Mapping, Sequence, Tuple, TypeVar
+from typing import Any, Callable, Dict, Mapping, Tuple, TypeVar
 
 from kvmpy.bed import machine
 from kvmpy.bed.protocol import BedError
@@ -59,7 +59,7 @@ def run_in_order(count: int, work: Callable[[int], T], jobs: int,
     """Run ``work(0..count-1)`` on ``jobs`` threads; ``commit(i, result)`` on this thread in index order.
 
     A worker's exception stops the others' emulators and is raised here, once the results
-    that had finished are committed (a bed's boot should not raise: see :class:`GuardedBed`). On a
+    that had finished are committed (a bed's boot should not raise: see :func:`run_guarded`). On a
     KeyboardInterrupt every emulator is killed, the results finished before it are
     committed (in index order, skipping those that had not finished), and the
     interrupt is re-raised with ``running``: the indices whose work it cut short, and
@@ -135,24 +135,11 @@ def error_result(bed: Any, exc: BaseException) -> BedResult:
     return BedResult(None, "", error=f"the bed failed: {why}", facts=facts)
 
 
-class GuardedBed:
-    """A :class:`kvmpy.bed.testbed.Bed` whose :meth:`run` never raises an Exception: a boot that
-    fails (a BedError, an OSError such as a full disk) is that row's result (no exit status, the
-    error said), so that one row's failure keeps every other row. Everything else is the bed's."""
-
-    def __init__(self, bed: Any) -> None:
-        self.bed = bed
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.bed, name)
-
-    def run(self, job: Any, params: Mapping[str, str] = {}) -> BedResult:
-        try:
-            return self.bed.run(job, params)
-        except Exception as exc:
-            return error_result(self.bed, exc)
-
-
-def guard(pairs: Sequence[Tuple[Any, Any]]) -> List[Tuple[GuardedBed, Any]]:
-    """``pairs`` of (bed, configuration) with each bed a :class:`GuardedBed`."""
-    return [(bed if isinstance(bed, GuardedBed) else GuardedBed(bed), config) for bed, config in pairs]
+def run_guarded(bed: Any, job: Any, params: Mapping[str, str] = {}) -> BedResult:
+    """``bed.run(job, params)``, except that a boot that fails with an Exception (a BedError, an
+    OSError such as a full disk) is that row's result (no exit status, the error said), so that
+    one row's failure keeps every other row."""
+    try:
+        return bed.run(job, params)
+    except Exception as exc:
+        return error_result(bed, exc)

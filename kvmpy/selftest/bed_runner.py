@@ -155,8 +155,7 @@ def run(args, quiet: bool = False, pairs: List[Pair] | None = None) -> List[RunR
     stopped: List[RunResults] = []
     harness: List[RunResults] = []
     try:
-        # A boot that fails is its row's result (parallel.GuardedBed): one row's failure keeps the others.
-        matrix.run_matrix(parallel.guard(pairs), job, progress, name_rows=args.matrix, jobs=jobs, console=console)
+        matrix.run_matrix(pairs, job, progress, name_rows=args.matrix, jobs=jobs, console=console)
     except Exception as e:  # the rows that finished are kept, and the error said beside them
         harness = _harness_error(args, _what_failed(e), junit=not done)
     except KeyboardInterrupt as e:  # SIGINT, or SIGTERM/SIGHUP as the CLI raises them
@@ -220,13 +219,14 @@ def _run_parts(args, pair: Pair, nparts: int, stream, log: Callable[[str], None]
     from kvmpy.selftest.parts import merge_parts   # a pytest plugin too: pytest only when parts run
 
     bed, config = pair
-    guarded = parallel.GuardedBed(bed)     # a part that fails is its result: the others are kept
     requested = {**bed.options.params, **config.params}
     done: Dict[int, matrix.Row] = {}
 
     def boot(k: int) -> matrix.Row:
         echo = ConsolePrinter(False, stream, prefix=f"[part {k + 1}/{nparts}] ")
-        return matrix.evaluate(config, guarded.run(suite_job(args, echo, (k + 1, nparts)), config.params), requested)
+        # A part that fails is its result: the others are kept.
+        part = parallel.run_guarded(bed, suite_job(args, echo, (k + 1, nparts)), config.params)
+        return matrix.evaluate(config, part, requested)
 
     def commit(k: int, row: matrix.Row) -> None:
         done[k] = row
