@@ -92,6 +92,21 @@ def test_parts_on_different_configurations_are_a_harness_error():
     assert report.exit_status([run]) == 2
 
 
+def test_merged_parts_keep_what_the_splat_watch_read_and_the_scale():
+    """Merging dropped both: a part whose kernel log nobody watched then made a green run, and
+    the report did not say the size multiplier the parts ran at."""
+    def part(watch, scale=2):
+        return RunResults("bed", [_t("a")], 0, collected=1, bed=_facts(), splat_watch=watch, scale=scale)
+
+    run = merge_parts([part("/dev/kmsg"), part("/dev/kmsg")])
+    assert (run.splat_watch, run.scale, run.harness_error) == ("/dev/kmsg", 2, "")
+    off = "OFF: no root to read /dev/kmsg"
+    run = merge_parts([part("/dev/kmsg"), part(off)])
+    assert run.splat_watch == off and report.not_tested_note([run])
+    run = merge_parts([part("/dev/kmsg", 2), part("/dev/kmsg", 3)])
+    assert run.scale is None and "different size multipliers (2, 3)" in run.harness_error
+
+
 def _part_results(backend, request):
     """A fake boot that runs its part of tests a..e (the part read from the job's command; all without one)."""
     part = re.search(r"--kvmpy-part=(\d+)/(\d+)", " ".join(request.command))

@@ -13,7 +13,7 @@ from itertools import zip_longest
 
 import pytest
 
-from kvmpy.selftest.report import RunResults
+from kvmpy.selftest.report import WATCH_OFF, RunResults
 
 NO_TESTS = 5   # pytest's exit status when it collected nothing
 
@@ -68,11 +68,25 @@ def merge_parts(parts: list[RunResults | None]) -> RunResults:
     if len({_ran_on(p) for p in ran if p.bed.get("facts", {}).get("params")}) > 1:
         errors.append("the parts ran on different configurations (kernel or parameters differ)")
     collected = [p.collected for p in ran]
+    scales = {p.scale for p in ran}
+    if len(scales) > 1:
+        errors.append(f"the parts ran at different size multipliers ({', '.join(map(str, sorted(scales, key=str)))})")
     return RunResults(
         ran[0].config, tests,
         exitstatus=None if None in statuses else max(statuses, key=lambda s: (s != 0, s)),
         harness_error="; ".join(errors), seconds=max(p.seconds for p in ran),
-        collected=None if None in collected else sum(collected), bed=ran[0].bed, row=ran[0].row)
+        collected=None if None in collected else sum(collected), bed=ran[0].bed, row=ran[0].row,
+        splat_watch=_merged_watch([p.splat_watch for p in ran]), scale=scales.pop() if len(scales) == 1 else None)
+
+
+def _merged_watch(watches: list[str | None]) -> str | None:
+    """What the splat watch read in a run of parts: a part's OFF (its kernel log unwatched) if any,
+    else each kernel log read, once (None when no part said)."""
+    off = [w for w in watches if w is not None and w.startswith(WATCH_OFF)]
+    if off:
+        return off[0]
+    read = list(dict.fromkeys(w for w in watches if w is not None))
+    return "; ".join(read) if read else None
 
 
 def _ran_on(run: RunResults) -> tuple:
