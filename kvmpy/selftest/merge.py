@@ -14,6 +14,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from kvmpy.selftest.json_fields import expect, require
 from kvmpy.selftest.report import OUTCOMES, RunResults, runs_from_json
 from kvmpy.selftest.shard import Shard, slice_of
 from kvmpy.stop import signal_number
@@ -57,38 +58,22 @@ def load(path: str) -> ShardReport:
     return ShardReport(path, doc.get("host", {}), shard, runs)
 
 
-def _kind(value) -> str:
-    return "null" if value is None else f"{type(value).__name__} {value!r}"
-
-
-def _present(at: str, obj: dict, keys: tuple[str, ...]) -> None:
-    """ValueError naming the first of ``keys`` missing from ``obj`` (the object at ``at``)."""
-    for key in keys:
-        if key not in obj:
-            raise ValueError(f"{at}.{key}: missing")
-
-
-def _expect(where: str, value, kinds: tuple, what: str) -> None:
-    if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
-        raise ValueError(f"{where}: {what} expected, not {_kind(value)}"[:300])
-
-
 def check_report(doc: dict) -> None:
     """ValueError naming the first field of ``doc`` that `kvmpy selftest --json` would not have
     written: each run a config, its row, counts, signal and tests; each test a node id and one of
     the outcomes a run records."""
-    _expect("host", doc.get("host", {}), (dict,), "an object")
-    _expect("runs", doc["runs"], (list,), "a list")
+    expect("host", doc.get("host", {}), (dict,), "an object")
+    expect("runs", doc["runs"], (list,), "a list")
     for i, run in enumerate(doc["runs"]):
         at = f"runs[{i}]"
-        _expect(at, run, (dict,), "an object")
-        _present(at, run, ("config", "tests"))
-        _expect(f"{at}.config", run["config"], (str,), "text")
+        expect(at, run, (dict,), "an object")
+        require(at, run, ("config", "tests"))
+        expect(f"{at}.config", run["config"], (str,), "text")
         for key in ("row", "harness_error", "interrupted", "stop_detail", "splat_watch"):
             if run.get(key) is not None or key != "splat_watch":
-                _expect(f"{at}.{key}", run.get(key, ""), (str,), "text")
+                expect(f"{at}.{key}", run.get(key, ""), (str,), "text")
         if run.get("scale") is not None:
-            _expect(f"{at}.scale", run["scale"], (int,), "a whole number")
+            expect(f"{at}.scale", run["scale"], (int,), "a whole number")
         if run.get("interrupted"):
             try:
                 signal_number(run["interrupted"])
@@ -96,25 +81,25 @@ def check_report(doc: dict) -> None:
                 raise ValueError(f"{at}.interrupted: {run['interrupted']!r} names no signal") from None
         for key in ("exitstatus", "collected"):
             if run.get(key) is not None:
-                _expect(f"{at}.{key}", run[key], (int,), "a whole number or null")
-        _expect(f"{at}.seconds", run.get("seconds", 0.0), (int, float), "a number")
-        _expect(f"{at}.bed", run.get("bed", {}), (dict,), "an object")
-        _expect(f"{at}.tests", run["tests"], (list,), "a list")
+                expect(f"{at}.{key}", run[key], (int,), "a whole number or null")
+        expect(f"{at}.seconds", run.get("seconds", 0.0), (int, float), "a number")
+        expect(f"{at}.bed", run.get("bed", {}), (dict,), "an object")
+        expect(f"{at}.tests", run["tests"], (list,), "a list")
         for j, test in enumerate(run["tests"]):
             tat = f"{at}.tests[{j}]"
-            _expect(tat, test, (dict,), "an object")
-            _present(tat, test, ("nodeid", "outcome"))
+            expect(tat, test, (dict,), "an object")
+            require(tat, test, ("nodeid", "outcome"))
             for key in ("nodeid", "outcome"):
-                _expect(f"{tat}.{key}", test[key], (str,), "text")
+                expect(f"{tat}.{key}", test[key], (str,), "text")
             if not test["nodeid"]:
                 raise ValueError(f"{tat}.nodeid: empty")
             if test["outcome"] not in OUTCOMES:
                 raise ValueError(f"{tat}.outcome: {test['outcome']!r} is no outcome of a run "
                                  f"({', '.join(sorted(OUTCOMES))})")
             if test.get("reason") is not None:
-                _expect(f"{tat}.reason", test["reason"], (str,), "text")
-            _expect(f"{tat}.duration", test.get("duration", 0.0), (int, float), "a number")
-            _expect(f"{tat}.stats", test.get("stats", {}), (dict,), "an object")
+                expect(f"{tat}.reason", test["reason"], (str,), "text")
+            expect(f"{tat}.duration", test.get("duration", 0.0), (int, float), "a number")
+            expect(f"{tat}.stats", test.get("stats", {}), (dict,), "an object")
 
 
 def _check_coverage(r: ShardReport) -> None:

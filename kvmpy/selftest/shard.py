@@ -12,6 +12,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from kvmpy.selftest.json_fields import describe, expect, require
+
 
 class ShardError(ValueError):
     """A --shard that cannot be run (malformed, or a slice with no rows): a usage error."""
@@ -68,19 +70,14 @@ class Shard:
         """A report's ``shard`` object (ValueError naming the bad field if malformed): whole numbers
         1 <= index <= count, ``all_rows`` the run's rows (each once, at least one) and ``rows`` the
         shard's (at least one, all of them rows of the run)."""
-        if not isinstance(data, dict):
-            raise ValueError(f"shard: an object expected, not {type(data).__name__}")
+        expect("shard", data, (dict,), "an object")
+        require("shard", data, ("index", "count", "rows", "all_rows"))
         for key in ("index", "count"):
-            if key not in data:
-                raise ValueError(f"shard.{key}: missing")
-            if not isinstance(data[key], int) or isinstance(data[key], bool):
-                raise ValueError(f"shard.{key}: a whole number expected, not {data[key]!r}")
+            expect(f"shard.{key}", data[key], (int,), "a whole number")
         for key in ("rows", "all_rows"):
-            if key not in data:
-                raise ValueError(f"shard.{key}: missing")
             value = data[key]
             if not isinstance(value, list) or not all(isinstance(x, str) and x for x in value):
-                raise ValueError(f"shard.{key}: a list of row names expected, not {value!r}")
+                raise ValueError(f"shard.{key}: a list of row names expected, not {describe(value)}"[:300])
             if not value:
                 raise ValueError(f"shard.{key}: empty (a shard runs at least one row)")
             if len(set(value)) != len(value):
