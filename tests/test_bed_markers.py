@@ -136,7 +136,7 @@ def test_an_init_error_or_a_missing_vendor_module_is_an_error(tmp_path):
     assert parse_console(machine(boot())).bed_problems == []
     # The command cannot add an error either (nor hide one).
     assert parse_console(machine(boot("KVMPY-BED: error x\n"))).bed_errors == []
-    assert boot_failure(machine(say("nonce", "error cannot mount the job share"))) == \
+    assert boot_failure(parse_console(machine(say("nonce", "error cannot mount the job share")))) == \
         "error cannot mount the job share"
 
 

@@ -343,9 +343,9 @@ class BochsBackend(Backend):
 
         def why_no_status() -> str:
             if stopped:
-                return f"{stopped}; {boot_failure(console)}"
+                return f"{stopped}; {boot_failure(result)}"
             panic = [line for line in bochs_log.splitlines() if "PANIC" in line and "power off" not in line]
-            return panic[-1].strip() if panic else boot_failure(console)
+            return panic[-1].strip() if panic else boot_failure(result)
 
         return settle(result, request, self.machine_facts(), start, boot, timed_out, pid, why_no_status)
 

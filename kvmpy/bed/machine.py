@@ -20,7 +20,7 @@ import time
 from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 from kvmpy.bed.protocol import FOLLOW, MARKER, BedError, ConsoleText, MarkerReader
-from kvmpy.bed.request import BedFacts, BedRequest, BedResult, parse_console
+from kvmpy.bed.request import BedFacts, BedRequest, BedResult
 from kvmpy.child import die_with_parent
 from kvmpy.stop import stop_signals_deferred
 
@@ -249,11 +249,12 @@ def kill_machine(proc: subprocess.Popen) -> None:
                 proc.stdout.close()
 
 
-def boot_failure(console: str) -> str:
-    """The most telling line of a console log that never reached the exit marker."""
-    errors = parse_console(console).bed_errors
-    if errors:
-        return f"error {errors[0]}"
+def boot_failure(result: BedResult) -> str:
+    """The most telling line of a boot that never reached the exit marker (``result``: its
+    :func:`parse_console`): the init's first error, else a console line."""
+    if result.bed_errors:
+        return f"error {result.bed_errors[0]}"
+    console = result.console
     for pattern in ("Kernel panic", "qemu-system", "BUG:", "not syncing"):
         for line in console.splitlines():
             if pattern in line:

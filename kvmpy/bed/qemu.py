@@ -153,7 +153,7 @@ class QemuBackend(Backend):
             result.files, result.dropped = files_from_dir(share / "results")
             result.kernel_log = read_log(share / "dmesg.txt", result.dropped)
         return settle(result, request, self.machine_facts(), start, boot, timed_out, pid,
-                      lambda: boot_failure(console))
+                      lambda: boot_failure(result))
 
 
 def host_vendor() -> str:
