@@ -24,15 +24,14 @@ from typing import Callable
 from kvmpy import dirty_ring, faults
 from kvmpy.abi import lib
 from kvmpy.bitmap import DirtyBitmap
-from kvmpy.errors import IoctlError, KvmError, RequirementError
 from kvmpy.dirty_ring import GFN_SIZE
+from kvmpy.errors import IoctlError, KvmError, RequirementError
 from kvmpy.exits import DirtyRingFullExit, Exit
 from kvmpy.kvm import Kvm
 from kvmpy.perf.memstress import Memstress, MemstressConfig
 from kvmpy.perf.params import module_param
 from kvmpy.stats import Snapshot
 from kvmpy.vm import Vm
-
 
 
 class OptionConflict(KvmError):
