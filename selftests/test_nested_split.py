@@ -18,12 +18,13 @@ from __future__ import annotations
 import pytest
 
 from kvmpy.hostinfo import module_params
+from kvmpy.memory import PAGE_2M, PAGE_4K
 from kvmpy.mmu_params import param_on
 from kvmpy.x86.paging import ENTRIES_PER_TABLE
 
 from .drivers import DATA_SIZE, DATA_SLOT, NestedDirtyGuest
 from .host_state import eager_page_split
-from .kernel_changes import NESTED_EAGER_SPLIT, expect, has
+from .kernel_changes import NESTED_EAGER_SPLIT, NX_HUGE_PAGE_CHECK, expect, has
 from .sptes import delta, sized
 
 
@@ -89,3 +90,48 @@ def test_nested_mmu_split_on_dirty_logging(kvm, nested, kvmpy_stats, scale, eage
     else:
         # Nothing at enable; this much once L2 wrote every third page.
         kvmpy_stats(when="L2 wrote every 3rd page", pages_2m=-n, pages_4k=sparse_pages)
+
+
+def test_nested_huge_pages_recovered_after_dirty_logging(kvm, nested, kvmpy_stats):
+    """Disabling dirty logging zaps the nested MMU's 4K SPTEs of each split 2M; L2's next access
+    into a 2M maps it with one 2M SPTE again.
+
+    The split 4K SPTEs sit in *direct* shadow pages (eager split: shadow_mmu_get_sp_for_split();
+    lazy: FNAME(fetch) under a guest 2M mapping), which kvm_mmu_zap_collapsible_sptes() ->
+    kvm_mmu_zap_collapsible_spte() zaps when their level is below the slot's mapping level (an
+    indirect page, one that shadows an L1 table, it must keep). The 2M SPTE above each stays a
+    link to the emptied shadow page; L2's refault installs a 2M leaf over that link
+    (FNAME(fetch) -> mmu_set_spte() drops the child). No upstream selftest runs this for L2.
+    With kvm.nx_huge_pages=Y, kernels before v6.2 (NX_HUGE_PAGE_CHECK) refuse a huge mapping over
+    any linked table and map 4K (plus up to 8 prefetched pages) instead.
+    """
+    with NestedDirtyGuest(kvm, nested, DATA_SIZE) as guest:
+        huge = guest.map_huge()
+        n = guest.huge
+        guest.vm.enable_dirty_logging(DATA_SLOT)
+        guest.write()                   # every page: all 4K now, whether split eagerly or lazily
+        dirty = guest.counts()
+        split = sized(pages_4k=n * ENTRIES_PER_TABLE, pages_2m=-n)
+        assert delta(dirty, huge) == split, f"L2 wrote every page under dirty logging: before {huge}, after {dirty}"
+
+        guest.vm.enable_dirty_logging(DATA_SLOT, False)
+        off = guest.counts()
+        assert delta(off, huge) == sized(pages_2m=-n), (
+            f"disabling dirty logging should zap the 4K SPTEs of all {n} collapsible 2M regions (direct "
+            f"shadow pages): with 2M SPTEs {huge}, split {dirty}, after disabling {off}")
+
+        pages = guest.write(stride=PAGE_2M // PAGE_4K)     # one write per 2M refaults it
+        back = guest.counts()
+        what = f"after L2 wrote one page per 2M: {back}, with 2M SPTEs: {huge}, after disabling: {off}"
+        if param_on((module_params("kvm") or {}).get("nx_huge_pages")):
+            added_4k = back["pages_4k"] - off["pages_4k"]
+            mapped_4k = back["pages_2m"] == off["pages_2m"] and n <= added_4k <= 8 * n
+            refaulted = "huge again" if back == huge else "mapped 4K, not huge" if mapped_4k else back
+            expect(what, refaulted, NX_HUGE_PAGE_CHECK, before="mapped 4K, not huge", since="huge again")
+        else:
+            assert back == huge, what
+        # The 2M leaves map the right memory: this pass's stamps where L2 wrote, the full pass's elsewhere.
+        guest.check_data(pages, guest.pass_no - 1)
+        guest.check_data(sorted(set(range(guest.npages)) - set(pages)), guest.pass_no - 2)
+    kvmpy_stats(when="dirty logging disabled, then L2 wrote one page per 2M",
+                pages_4k=off["pages_4k"] - dirty["pages_4k"], pages_2m=back["pages_2m"] - off["pages_2m"])
