@@ -14,7 +14,9 @@ The audit behind this table (every stats assertion in selftests/, read in Debian
     recovery after dirty logging, TDP MMU      zap in 6.1 and 6.12; in place from RECOVER_IN_PLACE
     refault over a zapped range, shadow MMU    differs with kvm.nx_huge_pages=Y: NX_HUGE_PAGE_CHECK
     KVM_CLEAR_DIRTY_LOG split                  whole 64-page words: same; a single page at the
-                                               start of a huge page: CLEAR_SPLIT_OFF_BY_ONE
+                                               start of a huge page: CLEAR_SPLIT_OFF_BY_ONE (TDP MMU);
+                                               the nested MMU splits it in 6.1 and 6.12 alike (its
+                                               rmap walk visits the first rmap of an empty range)
     eager split at enable, TDP MMU             same in 6.1 and 6.12; from TDP_EAGER_SPLIT (with the
                                                kvm.eager_page_split parameter) and, at
                                                KVM_CLEAR_DIRTY_LOG, CLEAR_EAGER_SPLIT
