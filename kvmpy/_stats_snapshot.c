@@ -20,6 +20,24 @@
 #include <errno.h>
 #include <unistd.h>
 
+#if PY_VERSION_HEX < 0x030A0000		/* pyproject.toml allows 3.9 */
+static inline PyObject *Py_NewRef(PyObject *obj)
+{
+	Py_INCREF(obj);
+	return obj;
+}
+
+static int PyModule_AddObjectRef(PyObject *module, const char *name, PyObject *value)
+{
+	Py_INCREF(value);
+	if (PyModule_AddObject(module, name, value) < 0) {
+		Py_DECREF(value);
+		return -1;
+	}
+	return 0;
+}
+#endif
+
 typedef struct {
 	PyObject_HEAD
 	PyObject *layout;
