@@ -189,9 +189,7 @@ static PyObject *reader_call(SnapshotReader *self, PyObject *args, PyObject *kwd
 		PyErr_SetString(PyExc_ValueError, "SnapshotReader: not initialised");
 		return NULL;
 	}
-	if (self->fd < 0)
-		return reader_fail(self, 1, EBADF, 0);
-	if (!self->size) {	/* parses the descriptors: once per layout, not per fd */
+	if (!self->size && self->fd >= 0) {	/* parses the descriptors: once per layout, not per fd */
 		PyObject *size = PyObject_GetAttrString(self->layout, "data_size");
 
 		if (!size)
@@ -209,9 +207,15 @@ static PyObject *reader_call(SnapshotReader *self, PyObject *args, PyObject *kwd
 	if (!data)
 		return NULL;
 	/*
-	 * The GIL stays held: a stats read copies counters and does not block, and
-	 * holding it means no other thread can close (and reuse) the fd meanwhile.
+	 * Checked last: data_size and the allocation (a GC pass) can run Python code, and
+	 * another thread with it. From here to the pread the GIL stays held: a stats read
+	 * copies counters and does not block, and no other thread can close (and reuse)
+	 * the fd meanwhile.
 	 */
+	if (self->fd < 0) {
+		Py_DECREF(data);
+		return reader_fail(self, 1, EBADF, 0);
+	}
 	got = pread(self->fd, PyBytes_AS_STRING(data), self->size, self->offset);
 	if (got != self->size) {
 		int err = got < 0 ? errno : 0;
