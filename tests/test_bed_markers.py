@@ -14,7 +14,7 @@ import time
 import pytest
 
 from kvmpy.bed import initramfs, matrix
-from kvmpy.bed.console_files import RESULTS_BEGIN, RESULTS_END, extract_files
+from kvmpy.bed.console_files import BEGIN_KIND, END_KIND, RESULTS_BEGIN, RESULTS_END, extract_files
 from kvmpy.bed.machine import ConsoleLog, boot_failure
 from kvmpy.bed.protocol import ConsoleText
 from kvmpy.bed.request import BedRequest, kernel_splats, parse_console
@@ -189,7 +189,7 @@ def test_a_stray_begin_marker_neither_loses_the_results_nor_stops_the_echo():
     legacy = f"{RESULTS_BEGIN}\nnoise\n{RESULTS_BEGIN}\n{_block({'results/a': b'1'})}{RESULTS_END}\n"
     assert extract_files(legacy)[0] == {"a": b"1"}
     shown = []
-    log = ConsoleLog(BedRequest(command=["x"], on_console=shown.append), 0, hide=(RESULTS_BEGIN, RESULTS_END))
+    log = ConsoleLog(BedRequest(command=["x"], on_console=shown.append), 0, hide=(BEGIN_KIND, END_KIND))
     log.feed(text.encode())
     assert "test_a PASSED" in shown and not any(line.startswith("H4sI") for line in shown)
     assert shown[-1].endswith("Power down")

@@ -38,7 +38,7 @@ from typing import Dict, List, Optional, Tuple
 
 from kvmpy.bed import carry
 from kvmpy.bed.backend import Backend, boot_dir, kill_sessions, wrapped_sessions
-from kvmpy.bed.console_files import RESULTS_BEGIN, RESULTS_END, extract_files, followed_files, followers_script
+from kvmpy.bed.console_files import BEGIN_KIND, END_KIND, extract_files, followed_files, followers_script
 from kvmpy.bed.initramfs import KVM_MODULES, build_initramfs, busybox
 from kvmpy.bed.job import job_script
 from kvmpy.bed.kernel import Kernel, cache_dir
@@ -126,9 +126,9 @@ run_job() {
     stop_followers
     dmesg > $R@INSIDE@/dmesg.txt 2>/dev/null
     dmesg -n 1  # keep kernel messages out of the block below
-    say "files-begin"
+    say "@BEGIN_KIND@"
     (cd $R@INSIDE@ && tar -cz results dmesg.txt) | base64
-    say "files-end"
+    say "@END_KIND@"
     # The tty drains at the emulated baud rate; power off only once the
     # UART's transmit count stops moving, or the tail of the files is lost.
     a=; while :; do b=$(grep -o 'tx:[0-9]*' /proc/tty/driver/serial | head -n 1); [ "$a" = "$b" ] && break; a=$b; sleep 0.2; done
@@ -270,7 +270,8 @@ class BochsBackend(Backend):
         payload = (PAYLOAD.replace("@DISC@", "1" if disc else "")
                    .replace("@RESULTS@", INSIDE_RESULTS).replace("@INSIDE@", INSIDE_SHARE)
                    .replace("@TIMEOUT@", str(self.inner_timeout(request.timeout)))
-                   .replace("@FOLLOWERS@", followers_script(request.follow)))
+                   .replace("@FOLLOWERS@", followers_script(request.follow))
+                   .replace("@BEGIN_KIND@", BEGIN_KIND).replace("@END_KIND@", END_KIND))
         files = {"etc/kvmpy/job.sh": (job.encode(), 0o755)}
         modules = KVM_MODULES + (DISC_MODULES + ("overlay",) if disc else ())
         initrd = build_initramfs(self.kernel, tmp / "initrd.img", payload, modules, files,
@@ -364,7 +365,7 @@ def _run_machine(argv: List[str], serial: Path, request: BedRequest, start: floa
     # command's own timeout inside is sized from there (Backend.headroom).
     deadline = time.monotonic() + request.timeout
     # The base64 block of result files is not console output worth echoing.
-    log = ConsoleLog(request, start, hide=(RESULTS_BEGIN, RESULTS_END))
+    log = ConsoleLog(request, start, hide=(BEGIN_KIND, END_KIND))
     timed_out = False
     try:
         with open(serial, "rb") as f:

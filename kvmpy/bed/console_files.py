@@ -23,8 +23,11 @@ from typing import Dict, List, Sequence, Tuple
 from kvmpy.bed.protocol import FOLLOW, MARKER, marker_reader
 from kvmpy.bed.results import MAX_FILE_BYTES, MAX_TOTAL_BYTES, Collected, files_from_tar
 
-RESULTS_BEGIN = f"{MARKER} files-begin"
-RESULTS_END = f"{MARKER} files-end"
+#: The init's markers around the files block: their kinds (what MarkerReader.read gives), and the
+#: lines without the nonce.
+BEGIN_KIND, END_KIND = "files-begin", "files-end"
+RESULTS_BEGIN = f"{MARKER} {BEGIN_KIND}"
+RESULTS_END = f"{MARKER} {END_KIND}"
 
 #: Shell functions that send the followed results files (``BedRequest.follow``) to the console
 #: line by line as they are written: the payload's files block comes only at the end, which a
@@ -49,10 +52,6 @@ def followers_script(follow) -> str:
     return FOLLOWERS.replace("@FOLLOW@", " ".join(follow)).replace("@FOLLOW_MARKER@", FOLLOW)
 
 
-_BEGIN_KIND = RESULTS_BEGIN[len(MARKER):].strip()
-_END_KIND = RESULTS_END[len(MARKER):].strip()
-
-
 def extract_files(console: str) -> Tuple[Dict[str, bytes], str, List[str]]:
     """(results files, kernel log, dropped files) from the base64 tarball in the console.
 
@@ -73,9 +72,9 @@ def extract_files(console: str) -> Tuple[Dict[str, bytes], str, List[str]]:
         marker = reader.read(line)
         if marker is None:
             continue
-        if marker[0] == _BEGIN_KIND:
+        if marker[0] == BEGIN_KIND:
             begin = i
-        elif marker[0] == _END_KIND and begin is not None:
+        elif marker[0] == END_KIND and begin is not None:
             block = lines[begin + 1:i]
             begin = None
     say = reader.strict

@@ -64,7 +64,7 @@ class ConsoleLog:
 
     Markers are read strictly (:class:`kvmpy.bed.protocol.MarkerReader`: at the start of a
     line, with the boot's nonce), so what the command prints cannot end the boot early.
-    ``hide`` is an optional (begin, end) pair of markers whose lines, inclusive,
+    ``hide`` is an optional (begin, end) pair of marker kinds whose lines, inclusive,
     are kept but not echoed (e.g. a base64 block of result files). Lines of followed
     results files (:data:`FOLLOW`) are neither kept nor echoed but collected in ``followed``.
     An echo (``on_console``) that raises (a closed pipe: ``kvmpy bed run ... | head``) is
@@ -87,7 +87,7 @@ class ConsoleLog:
         self._pending = ""
         self._start = start
         self._echo = request.on_console
-        self._hide = tuple(_kind(m) for m in hide) if hide else None
+        self._hide = hide
         self._hiding = False
         self._markers = MarkerReader(strict=True)
 
@@ -138,11 +138,6 @@ class ConsoleLog:
             text.dropped = (f"the console printed more than {self._max_bytes >> 20} MiB: {self.dropped_lines} "
                             f"later lines ({self.dropped_bytes} bytes) were not kept (nor scanned for splats)")
         return text
-
-
-def _kind(marker: str) -> str:
-    """``KVMPY-BED: files-begin`` -> ``files-begin``."""
-    return marker[len(MARKER):].strip() if marker.startswith(MARKER) else marker.strip()
 
 
 class ConsolePrinter:
