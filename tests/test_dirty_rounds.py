@@ -193,7 +193,7 @@ def reentering_writer():
     d = bare_writer(EmptyCollector())
     d.guest = SimpleNamespace(stopping=threading.Event())
     d.ring_full_resumes, d._ring_full, d._unharvested_resumes, d._reentry_stop = 1, [0], [0], [None]
-    d.unreset_reentries = d.refused_reentries = d.harvested_reentries = 0
+    d.refused_reentries = d.harvested_reentries = 0
     d.ran_reentries = []
     d.collector = FakeRing()
     vcpu = FakeRingVcpu()

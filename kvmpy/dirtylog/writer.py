@@ -124,7 +124,6 @@ class DirtyWriterVm:
         self._ring_full = [0] * nr_vcpus
         self._unharvested_resumes = [0] * nr_vcpus   # KVM_RUNs since the last RING_FULL without a harvest
         self._reentry_stop: list[RingFullStop | None] = [None] * nr_vcpus
-        self.unreset_reentries = 0
         self.refused_reentries = 0
         self.ran_reentries: list[str] = []
         self.harvested_reentries = 0
@@ -209,13 +208,17 @@ class DirtyWriterVm:
         if now.fetch_index != before.fetch_index:
             self.harvested_reentries += 1   # harvested and reset meanwhile: KVM could run it
             return
-        self.unreset_reentries += 1
         changed = before.changes(now)
         if ring_full and not changed:
             self.refused_reentries += 1
             return
         self.ran_reentries.append(f"vCPU {i}: KVM_RUN into its full, unreset ring ended in {type(ex).__name__}: "
                                   f"{', '.join(changed) or 'nothing of the guest changed'}")
+
+    @property
+    def unreset_reentries(self) -> int:
+        """KVM_RUNs into a full ring no harvest overtook: refused, or run (``ran_reentries``)."""
+        return self.refused_reentries + len(self.ran_reentries)
 
     def _wake_on_stop(self) -> None:
         with self._harvest_cv:
