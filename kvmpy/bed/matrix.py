@@ -176,7 +176,7 @@ class Row:
     @property
     def verdict(self) -> str:
         """PASS, FAIL (the command or the kernel) or ERROR (the bed itself)."""
-        if self.result.status is None or self.mismatches or self.result.bed_problems:
+        if self.result.status is None or self.mismatches:     # bed problems are mismatches (evaluate)
             return "ERROR"
         if self.result.status != 0 or self.splats:
             return "FAIL"
@@ -190,8 +190,6 @@ class Row:
             return self.result.error or "no exit status"
         if self.mismatches:
             return "; ".join(self.mismatches)
-        if self.result.bed_problems:
-            return "; ".join(self.result.bed_problems)
         if self.splats:
             return "kernel splat: " + self.splats[0].splitlines()[0]
         if self.junit and self.junit.failed:
