@@ -18,7 +18,7 @@ from kvmpy.selftest.junit import setting_properties
 from kvmpy.selftest.progress import (PROGRESS_SUFFIX, STOPPED_TEST, add_unfinished, progress_note,
                                      unfinished_tests)
 from kvmpy.selftest.report import RunResults
-from kvmpy.selftest.runner import PYTEST_HARNESS_ERRORS
+from kvmpy.selftest.runner import pytest_harness_error
 
 # What pytest writes in the bed's results directory (and the progress file beside it).
 RESULTS_FILE = "results.json"
@@ -63,8 +63,7 @@ def boot_run(config_label: str, row: matrix.Row) -> RunResults:
         add_unfinished(run, progress_text(result), "failed", f"did not finish: running when {_ended(result)}")
     else:
         run = RunResults.from_json(config_label, raw.decode())
-        if run.exitstatus in PYTEST_HARNESS_ERRORS:
-            run.harness_error = f"pytest: {PYTEST_HARNESS_ERRORS[run.exitstatus]} (exit {run.exitstatus})"
+        run.harness_error = pytest_harness_error(run.exitstatus)
     # A splat the per-test watch could not pin on a test still fails the run.
     for splat in row.splats:
         first = splat.splitlines()[0] if splat else "kernel splat"

@@ -196,7 +196,7 @@ def _write_junit(path: Path, data: bytes, run: RunResults) -> None:
     except OSError as e:
         why = f"JUnit file {path} not written: {e}"
         _note(why)
-        run.harness_error = f"{run.harness_error}; {why}" if run.harness_error else why
+        run.add_harness_error(why)
 
 
 def _log_row(log: Callable[[str], None], row: matrix.Row, line: str) -> None:
@@ -258,7 +258,7 @@ def _run_parts(args, pair: Pair, nparts: int, stream, log: Callable[[str], None]
     else:       # stopped before any part finished or had a test to show
         runs = bed_results.stopped_runs([pair], [], [0], stop, args.matrix)
     if harness:
-        runs[0].harness_error = f"{runs[0].harness_error}; {harness}" if runs[0].harness_error else harness
+        runs[0].add_harness_error(harness)
     if args.junit:
         _write_junit(Path(args.junit), format_junit(runs), runs[0])
     return runs

@@ -68,6 +68,10 @@ class RunResults:
         return cls(config, data.get("tests", []), data.get("exitstatus"), seconds=data.get("seconds", 0.0),
                    collected=data.get("collected"), splat_watch=data.get("splat_watch"), scale=data.get("scale"))
 
+    def add_harness_error(self, why: str) -> None:
+        """Add ``why`` to the run's harness error (after what it already says)."""
+        self.harness_error = f"{self.harness_error}; {why}" if self.harness_error else why
+
     def counts(self) -> dict[str, int]:
         out: dict[str, int] = {}
         for t in self.tests:

@@ -33,6 +33,14 @@ RESULTS_WAIT_SECONDS = 10.0
 KILL_WAIT_SECONDS = 10.0
 
 
+def pytest_harness_error(exitstatus: int | None) -> str:
+    """The harness error of a pytest that exited ``exitstatus`` with its results written ('' for
+    an exit status of tests: 0 or 1)."""
+    if exitstatus not in PYTEST_HARNESS_ERRORS:
+        return ""
+    return f"pytest: {PYTEST_HARNESS_ERRORS[exitstatus]} (exit {exitstatus})"
+
+
 def selftests_dir() -> Path:
     """The selftests: the source tree's ``selftests/`` or the installed ``kvmpy/selftests``."""
     pkg = Path(__file__).resolve().parent.parent
@@ -205,8 +213,8 @@ def run_host(junit: str | None = None, keyword: str | None = None, extra: list[s
     run.interrupted = signo
     if problem:
         run.harness_error = problem
-    elif not signo and run.exitstatus in PYTEST_HARNESS_ERRORS:
-        run.harness_error = f"pytest: {PYTEST_HARNESS_ERRORS[run.exitstatus]} (exit {run.exitstatus})"
+    elif not signo:
+        run.harness_error = pytest_harness_error(run.exitstatus)
     return run
 
 
