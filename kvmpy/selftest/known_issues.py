@@ -25,6 +25,8 @@ from pathlib import Path
 
 import pytest
 
+from kvmpy.selftest.options import KNOWN_ISSUES_ENV
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
@@ -139,7 +141,7 @@ def load(path: Path, missing_ok: bool = True) -> list[KnownIssue]:
 
 
 def known_issues_file(config: pytest.Config) -> Path:
-    env = os.environ.get("KVMPY_KNOWN_ISSUES")
+    env = os.environ.get(KNOWN_ISSUES_ENV)
     if env:
         # `kvmpy selftest` makes it absolute (pytest runs in the source tree); plain pytest: its cwd.
         return Path(env).expanduser().absolute()
@@ -154,7 +156,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     path = known_issues_file(config)
     try:
         # A file the user named must be there: a typo would quietly drop every entry.
-        issues = [k for k in load(path, missing_ok="KVMPY_KNOWN_ISSUES" not in os.environ) if k.applies_to_host()]
+        issues = [k for k in load(path, missing_ok=KNOWN_ISSUES_ENV not in os.environ) if k.applies_to_host()]
     except KnownIssueFileError as e:
         raise pytest.UsageError(f"known-issues file is invalid: {e}") from None
     for item in items:

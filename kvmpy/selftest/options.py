@@ -107,8 +107,7 @@ def check_environment(environ: dict[str, str] | None = None) -> None:
         except ValueError as e:
             raise OptionError(f"PYTEST_ADDOPTS={addopts!r}: {e}") from None
         check_pytest_args(words, "PYTEST_ADDOPTS: ")
-    if env.get(SCALE_ENV) is not None:
-        parse_scale(env[SCALE_ENV], SCALE_ENV)
+    scale_of(None, env)
 
 
 def scale_of(option: str | None, environ: dict[str, str] | None = None) -> int:
@@ -138,7 +137,7 @@ def bed_environment(environ: dict[str, str] | None = None) -> dict[str, str]:
     env = os.environ if environ is None else environ
     out = {}
     if env.get(SCALE_ENV) is not None:
-        out[SCALE_ENV] = str(parse_scale(env[SCALE_ENV], SCALE_ENV))
+        out[SCALE_ENV] = str(scale_of(None, env))
     path = known_issues_path(env)
     if path is not None:
         out[KNOWN_ISSUES_ENV] = str(path)
