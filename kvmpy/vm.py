@@ -203,9 +203,7 @@ class Vm:
         ms = self.memslots.get(slot) or self._slot(slot)
         if not ms.flags & _LOG_DIRTY:
             raise KvmError(f"{self.name}: slot {slot} does not have KVM_MEM_LOG_DIRTY_PAGES set")
-        bm = into if into is not None else DirtyBitmap(ms.npages)
-        if not isinstance(bm, DirtyBitmap):
-            raise KvmError(f"{self.name}: get_dirty_log into a DirtyBitmap, not {type(bm).__name__}")
+        bm = self._bitmap(into if into is not None else DirtyBitmap(ms.npages), "get_dirty_log into")
         if bm.npages != ms.npages:
             raise KvmError(f"bitmap has {bm.npages} pages, slot {slot} has {ms.npages}")
         # One C call with the struct on its stack (kvmpy_get_dirty_log): the per-round path.
@@ -224,9 +222,8 @@ class Vm:
         must cover the slot when it is one of ours.
         """
         ms = self.memslots.get(slot)
-        bm = into if into is not None else DirtyBitmap(ms.npages if ms else 64)
-        if not isinstance(bm, DirtyBitmap):
-            raise KvmError(f"{self.name}: get_dirty_log_unchecked into a DirtyBitmap, not {type(bm).__name__}")
+        bm = self._bitmap(into if into is not None else DirtyBitmap(ms.npages if ms else 64),
+                          "get_dirty_log_unchecked into")
         if ms is not None and bm.npages < ms.npages:
             raise KvmError(f"bitmap of {bm.npages} pages cannot hold slot {slot}'s {ms.npages}")
         log = new_struct("struct kvm_dirty_log *", "KVM_GET_DIRTY_LOG", slot=slot)
@@ -234,6 +231,12 @@ class Vm:
         log.dirty_bitmap = buf
         with self._lock:
             return ioctl_unchecked(self.fd, "KVM_GET_DIRTY_LOG", log)
+
+    def _bitmap(self, bm: object, what: str) -> DirtyBitmap:
+        # Anything else would hand KVM a buffer whose size nothing checked.
+        if not isinstance(bm, DirtyBitmap):
+            raise KvmError(f"{self.name}: {what} a DirtyBitmap, not {type(bm).__name__}")
+        return bm
 
     def clear_dirty_log(self, slot: int, bitmap: DirtyBitmap, first_page: int = 0, num_pages: int | None = None) -> None:
         """KVM_CLEAR_DIRTY_LOG: write-protect again the pages set in ``bitmap`` within
@@ -250,8 +253,7 @@ class Vm:
     def clear_dirty_log_unchecked(self, slot: int, bitmap: DirtyBitmap, first_page: int,
                                   num_pages: int) -> IoctlResult:
         """KVM_CLEAR_DIRTY_LOG as asked; the kernel's answer (e.g. EINVAL), never raised."""
-        if not isinstance(bitmap, DirtyBitmap):
-            raise KvmError(f"{self.name}: clear_dirty_log takes a DirtyBitmap, not {type(bitmap).__name__}")
+        self._bitmap(bitmap, "clear_dirty_log takes")
         ms = self.memslots.get(slot)
         if ms is not None and bitmap.npages < ms.npages:
             raise KvmError(f"bitmap of {bitmap.npages} pages cannot hold slot {slot}'s {ms.npages}")
