@@ -18,12 +18,11 @@ from __future__ import annotations
 import pytest
 
 from kvmpy.bitmap import DirtyBitmap
-from kvmpy.errors import require
-from kvmpy.hostinfo import module_params
+from kvmpy.hostinfo import mmu_flavour
 from kvmpy.memory import PAGE_2M, PAGE_4K
-from kvmpy.mmu_params import param_on
 from kvmpy.x86.paging import ENTRIES_PER_TABLE
 
+from .bed_config import require_tdp_mmu
 from .drivers import DATA_SIZE, DATA_SLOT, NestedDirtyGuest
 from .host_state import eager_page_split
 from .kernel_changes import NESTED_EAGER_SPLIT, NX_HUGE_PAGE_CHECK, expect, has
@@ -42,7 +41,7 @@ def test_nested_mmu_split_on_dirty_logging(kvm, nested, kvmpy_stats, scale, eage
     eager_page_split=Y splits lazily; and so does a kernel before v6.0 (NESTED_EAGER_SPLIT: the TDP
     MMU split only its own SPTEs eagerly), whose result the test expects there.
     """
-    tdp_mmu = param_on((module_params("kvm") or {}).get("tdp_mmu"))
+    tdp_mmu = mmu_flavour().tdp_mmu
     eager_wanted = eager and tdp_mmu
     with eager_page_split(eager), NestedDirtyGuest(kvm, nested, DATA_SIZE * scale) as guest:
         huge = guest.map_huge()
@@ -125,7 +124,7 @@ def test_nested_huge_pages_recovered_after_dirty_logging(kvm, nested, kvmpy_stat
         pages = guest.write(stride=PAGE_2M // PAGE_4K)     # one write per 2M refaults it
         back = guest.counts()
         what = f"after L2 wrote one page per 2M: {back}, with 2M SPTEs: {huge}, after disabling: {off}"
-        if param_on((module_params("kvm") or {}).get("nx_huge_pages")):
+        if mmu_flavour().nx_huge_pages:
             added_4k = back["pages_4k"] - off["pages_4k"]
             mapped_4k = back["pages_2m"] == off["pages_2m"] and n <= added_4k <= 8 * n
             refaulted = "huge again" if back == huge else "mapped 4K, not huge" if mapped_4k else back
@@ -153,8 +152,7 @@ def test_nested_clear_dirty_log_splits_only_cleared_range(kvm, nested, kvmpy_sta
     kvm_mmu_try_split_huge_pages() returns without the TDP MMU, so the test needs kvm.tdp_mmu=Y
     (and sets eager_page_split=Y).
     """
-    require(param_on((module_params("kvm") or {}).get("tdp_mmu")),
-            "needs kvm.tdp_mmu=Y: without the TDP MMU KVM_CLEAR_DIRTY_LOG never splits the nested MMU")
+    require_tdp_mmu(mmu_flavour(), "without the TDP MMU KVM_CLEAR_DIRTY_LOG never splits the nested MMU")
     one = sized(pages_4k=ENTRIES_PER_TABLE, pages_2m=-1)
     with eager_page_split(True), NestedDirtyGuest(kvm, nested, 2 * DATA_SIZE) as guest:
         huge = guest.map_huge()

@@ -9,12 +9,11 @@ the test moves its own process into a memory cgroup (selftests/memcg.py).
 """
 from __future__ import annotations
 
-from kvmpy.errors import require
-from kvmpy.hostinfo import module_params
+from kvmpy.hostinfo import mmu_flavour
 from kvmpy.memory import PAGE_2M, PAGE_4K
-from kvmpy.mmu_params import param_on
 from kvmpy.x86.paging import ENTRIES_PER_TABLE
 
+from .bed_config import require_tdp_mmu
 from .drivers import DATA_SLOT, NestedDirtyGuest
 from .host_state import eager_page_split
 from .kernel_changes import NESTED_EAGER_SPLIT, expect, has
@@ -52,8 +51,7 @@ def test_nested_eager_split_stops_part_way_under_memory_limit(kvm, nested, kvmpy
     ({4k:+1, 2m:-1} each), the split ones only get writable; the dirty log is exactly those
     pages, and no 2M SPTE of the slot is left.
     """
-    require(param_on((module_params("kvm") or {}).get("tdp_mmu")),
-            "needs kvm.tdp_mmu=Y: without the TDP MMU KVM never splits the nested MMU eagerly")
+    require_tdp_mmu(mmu_flavour(), "without the TDP MMU KVM never splits the nested MMU eagerly")
     with eager_page_split(True), memory_cgroup() as cg, NestedDirtyGuest(kvm, nested, size=SIZE) as guest:
         huge = guest.huge
         populated = guest.map_huge()

@@ -20,12 +20,12 @@ import pytest
 
 from kvmpy.errors import require
 from kvmpy.guest import stages
-from kvmpy.hostinfo import module_params
+from kvmpy.hostinfo import mmu_flavour
 from kvmpy.hostmem import hugetlb_pool
 from kvmpy.memory import PAGE_1G, PAGE_2M, PAGE_4K, Hugetlb
-from kvmpy.mmu_params import param_on
 from kvmpy.x86.paging import ENTRIES_PER_TABLE
 
+from .bed_config import require_tdp_mmu
 from .drivers import StageLog, nested_guest
 from .kernel_changes import NESTED_EAGER_SPLIT, SPLIT_ON_FAULT, expect, has, running_release
 from .host_state import eager_page_split, hugetlb_pages
@@ -67,10 +67,8 @@ def test_eager_split_meets_unsync_shadow_pages(kvm, nested, kvmpy_stats, huge):
     writable gfn dirty cannot show here). Nested eager splitting came with v6.0
     (kernel_changes.NESTED_EAGER_SPLIT): before it, enabling logging changes none of these stats.
     """
-    flavour = module_params("kvm") or {}
-    require(param_on(flavour.get("tdp_mmu")),
-            f"needs kvm.tdp_mmu=Y (it has {flavour.get('tdp_mmu')}): without the TDP MMU KVM never splits "
-            "the nested MMU eagerly (kvm_mmu_slot_try_split_huge_pages returns early)")
+    require_tdp_mmu(mmu_flavour(), "without the TDP MMU KVM never splits the nested MMU eagerly "
+                                   "(kvm_mmu_slot_try_split_huge_pages returns early)")
     if huge == PAGE_1G:
         pool = hugetlb_pool(PAGE_1G) or {}
         # Only found at boot: growing the pool later means compacting all of memory, which the
