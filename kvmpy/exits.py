@@ -2,10 +2,10 @@
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from kvmpy.abi import ffi, lib
+from kvmpy.record import Record
 
 if TYPE_CHECKING:
     from kvmpy.memory import Mapping
@@ -22,8 +22,7 @@ def exit_name(reason: int) -> str:
     return _EXIT_NAMES.get(reason, f"reason {reason}")
 
 
-@dataclass
-class Exit:
+class Exit(Record):
     """Base class: ``reason`` is the raw KVM_EXIT_* value."""
 
     reason: int
@@ -61,10 +60,10 @@ class RunPage:
 
 class _PageData(Exit):
     """An exit whose ``data`` is a view of the run page, made on first use (most exits are
-    handled without it). Built once per exit: plain attributes, no dataclass machinery."""
+    handled without it). Built once per exit: plain attributes, no generated __init__."""
 
     __slots__ = ("_data", "_page")
-    _fields_names: tuple = ()
+    _fields_names = ()
 
     @property
     def data(self) -> memoryview:
@@ -165,17 +164,14 @@ class MmioExit(_PageData):
         return _MMIO_DATA, min(self.length, 8)
 
 
-@dataclass
 class HltExit(Exit):
     """HLT with no interrupt to wake the vCPU (KVM_EXIT_HLT)."""
 
 
-@dataclass
 class ShutdownExit(Exit):
     """Triple fault (or another shutdown condition) in the guest."""
 
 
-@dataclass
 class FailEntryExit(Exit):
     """VM entry failed (KVM_EXIT_FAIL_ENTRY): the hardware's reason, on ``cpu``."""
 
@@ -183,7 +179,6 @@ class FailEntryExit(Exit):
     cpu: int
 
 
-@dataclass
 class InternalErrorExit(Exit):
     """KVM could not go on (KVM_EXIT_INTERNAL_ERROR): ``suberror`` (e.g. EMULATION) and its data words."""
 
@@ -201,7 +196,6 @@ class InternalErrorExit(Exit):
         return names.get(self.suberror, str(self.suberror))
 
 
-@dataclass
 class SystemEventExit(Exit):
     """KVM_EXIT_SYSTEM_EVENT: shutdown, reset or crash (``type``) with its data words."""
 
@@ -209,17 +203,14 @@ class SystemEventExit(Exit):
     data: tuple
 
 
-@dataclass
 class DirtyRingFullExit(Exit):
     """The vCPU's dirty ring is full: harvest and reset it before running again."""
 
 
-@dataclass
 class InterruptedExit(Exit):
     """KVM_RUN returned EINTR: a kick (immediate_exit + signal) or another signal."""
 
 
-@dataclass
 class UnknownExit(Exit):
     """An exit reason kvmpy has no type for (KVM_EXIT_UNKNOWN's ``hardware_exit_reason`` if it was that)."""
 

@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import contextlib
 import os
-from dataclasses import dataclass
 from typing import Iterable, Iterator
 
 from kvmpy.errors import KvmError
+from kvmpy.record import Record
 
 ENV = "KVMPY_FAULTS"
 
@@ -28,8 +28,7 @@ class FaultError(KvmError):
     """An unknown fault name (in ``KVMPY_FAULTS`` or a hook), or an injected failure."""
 
 
-@dataclass(frozen=True)
-class Fault:
+class Fault(Record, frozen=True):
     """A named fault: what it breaks, where its hook is, and which runs must fail with it on.
 
     ``host``: a ``kvmpy selftest -k`` expression whose run on any KVM host must fail;

@@ -12,11 +12,11 @@ import os
 import sys
 import threading
 import warnings
-from dataclasses import dataclass
 
 from kvmpy.abi import ffi, lib
 from kvmpy.errors import KvmError, RequirementError
 from kvmpy.hostmem import THP_ENABLED, hugetlb_shortfall, thp_mode
+from kvmpy.record import Record
 
 # The x86 page sizes, for host backings and guest mappings alike (the one definition).
 PAGE_4K = 1 << 12
@@ -317,8 +317,7 @@ def backing_by_name(name: str) -> Backing:
     return table[name]()
 
 
-@dataclass
-class Memslot:
+class Memslot(Record):
     """One KVM memory slot and the host mapping behind it."""
 
     slot: int

@@ -5,8 +5,9 @@ bed's facts (:mod:`kvmpy.bed.request`) name the MMU of the parameters its kernel
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Mapping
+
+from kvmpy.record import Record
 
 # The vendor modules that can use two-dimensional paging, and the parameter that turns it on.
 TDP_PARAM = {"kvm_amd": "npt", "kvm_intel": "ept"}
@@ -17,8 +18,7 @@ def param_on(value: str | None) -> bool:
     return value in ("Y", "y", "1")
 
 
-@dataclass(frozen=True)
-class MmuFlavour:
+class MmuFlavour(Record, frozen=True):
     """Which of KVM's MMUs backs a VM created now, from the module parameters."""
 
     vendor_module: str

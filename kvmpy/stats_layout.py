@@ -7,12 +7,12 @@ bytes of NUL-padded name) and a data block of u64 values. kvmpy.stats reads fds 
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass, replace
 from typing import Union
 
 from kvmpy import faults
 from kvmpy.abi import ffi, lib
 from kvmpy.errors import KvmError
+from kvmpy.record import Record, replace
 
 # Parsed with struct from the bytes themselves: a cffi pointer over a temporary slice
 # would read freed memory once the slice is gone (tests/test_memory_safety.py).
@@ -47,8 +47,7 @@ class StatsFormatError(KvmError):
     """The stats fd content does not follow the documented layout."""
 
 
-@dataclass(frozen=True)
-class StatDesc:
+class StatDesc(Record, frozen=True):
     """One statistic's descriptor."""
 
     name: str

@@ -10,13 +10,13 @@ import functools
 import itertools
 import struct
 import threading
-from dataclasses import dataclass
 from pathlib import Path
 
 from elftools.construct import ConstructError as _ParseError
 from elftools.elf.structs import ELFStructs
 
 from kvmpy.errors import KvmError
+from kvmpy.record import Record
 from kvmpy.x86.physmem import PhysMemory
 
 _SYM = struct.Struct("<IBBHQQ")    # Elf64_Sym: st_name, st_info, st_other, st_shndx, st_value, st_size
@@ -35,8 +35,7 @@ class ElfError(KvmError):
         super().__init__(f"{path}: {problem}")
 
 
-@dataclass(frozen=True)
-class LoadSegment:
+class LoadSegment(Record, frozen=True):
     """One PT_LOAD segment."""
 
     paddr: int
@@ -47,8 +46,7 @@ class LoadSegment:
     data: bytes
 
 
-@dataclass(frozen=True)
-class Symbol:
+class Symbol(Record, frozen=True):
     """A symbol from .symtab: ``addr`` is its (identity-mapped) guest address."""
 
     name: str

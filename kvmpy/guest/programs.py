@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import fcntl
 import os
-import subprocess
 from pathlib import Path
 
 from kvmpy.errors import KvmError
@@ -56,6 +55,7 @@ def build(names: list[str] | None = None, out: Path | None = None) -> None:
     root = source_root()
     if root is None:
         raise GuestProgramError("no guest sources here (build_guest.sh / guests/ not found)")
+    import subprocess               # only when a guest is (re)built: most runs find theirs built
     out = out or build_dir()
     try:
         out.mkdir(parents=True, exist_ok=True)

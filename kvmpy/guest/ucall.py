@@ -9,10 +9,10 @@ reads outside guest memory.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
 
 from kvmpy.errors import KvmError
 from kvmpy.exits import Exit, IoExit, MmioExit
+from kvmpy.record import Record
 from kvmpy.x86.physmem import PhysMemory
 
 # Mirrors guests/lib/ucall_abi.h (tests/test_ucall.py checks they agree).
@@ -46,14 +46,12 @@ class BadUcallError(KvmError):
     """The guest's ucall pointer or contents are invalid (outside memory, bad magic, bad length)."""
 
 
-@dataclass(frozen=True)
-class Ucall:
+class Ucall(Record, frozen=True):
     """Base of decoded ucalls; ``gpa`` is where the struct was."""
 
     gpa: int
 
 
-@dataclass(frozen=True)
 class SyncCall(Ucall):
     """GUEST_SYNC(stage, values...): the guest reached ``stage`` (guests/lib/stages.h)."""
 
@@ -61,12 +59,10 @@ class SyncCall(Ucall):
     args: tuple[int, ...]
 
 
-@dataclass(frozen=True)
 class DoneCall(Ucall):
     """GUEST_DONE() (or a return from guest_main): the program finished."""
 
 
-@dataclass(frozen=True)
 class PrintfCall(Ucall):
     """GUEST_PRINTF's formatted ``text`` (``truncated`` if it did not fit the ucall buffer)."""
 
@@ -74,7 +70,6 @@ class PrintfCall(Ucall):
     truncated: bool
 
 
-@dataclass(frozen=True)
 class AssertCall(Ucall):
     """A failed GUEST_ASSERT*: where, what, and for _EQ/_NE the two values."""
 
@@ -96,7 +91,6 @@ class AssertCall(Ucall):
         return s
 
 
-@dataclass(frozen=True)
 class ExceptionCall(Ucall):
     """An exception the guest had no handler for: vector, error code and the state at it."""
 
@@ -112,8 +106,7 @@ class ExceptionCall(Ucall):
         return VECTOR_NAMES.get(self.vector, f"vector {self.vector}")
 
 
-@dataclass(frozen=True)
-class UcallTransport:
+class UcallTransport(Record, frozen=True):
     """How a guest hands over the GPA of its ``struct ucall``.
 
     ``port``: a 32-bit OUT of the GPA to this I/O port (the runtime's way, ring 0);

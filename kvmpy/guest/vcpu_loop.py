@@ -16,10 +16,8 @@ until its thread has left KVM_RUN and joined) is the one way threads end early.
 """
 from __future__ import annotations
 
-import logging
 import threading
 import time
-from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 from kvmpy.errors import KvmError
@@ -27,9 +25,16 @@ from kvmpy.exits import Exit, InterruptedExit
 from kvmpy.guest.errors import GuestAssertError, GuestCrashError, GuestError, GuestExceptionError, format_regs
 from kvmpy.guest.ucall import (AssertCall, BadUcallError, DoneCall, ExceptionCall, PrintfCall, SyncCall,
                                UcallTransport, ucall_of)
+from kvmpy.record import Factory, Record
 from kvmpy.x86.physmem import PhysMemory
 
-log = logging.getLogger(__name__)
+
+def _log_print(vcpu: int, text: str) -> None:
+    """A guest's printf to the ``kvmpy.guest.vcpu_loop`` logger (INFO). logging is imported on
+    the first print: most runs print nothing, and its import is a tenth of kvmpy's start-up."""
+    import logging
+    logging.getLogger(__name__).info("guest vCPU %d: %s", vcpu, text)
+
 
 ExitHook = Callable[[int, Exit], bool]      # (vCPU, exit) -> True if handled (the loop runs on)
 SyncHook = Callable[[int, int, tuple], None]
@@ -37,12 +42,11 @@ PrintHook = Callable[[int, str], None]
 StopHook = Callable[[], None]
 
 
-@dataclass
-class RunResult:
+class RunResult(Record):
     """What a run produced: syncs as (vcpu_id, stage, args), prints as (vcpu_id, text)."""
 
-    syncs: list[tuple[int, int, tuple]] = field(default_factory=list)
-    prints: list[tuple[int, str]] = field(default_factory=list)
+    syncs: list[tuple[int, int, tuple]] = Factory(list)
+    prints: list[tuple[int, str]] = Factory(list)
     elapsed: float = 0.0
 
 
@@ -124,7 +128,7 @@ class VcpuThreads:
                         self._on_sync(i, call.stage, call.args)
                 elif isinstance(call, PrintfCall):
                     text = call.text + (" [truncated]" if call.truncated else "")
-                    log.info("guest vCPU %d: %s", i, text)
+                    _log_print(i, text)
                     with self._lock:
                         self.result.prints.append((i, text))
                     if self._on_print is not None:

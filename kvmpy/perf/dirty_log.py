@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from dataclasses import dataclass, field
 from typing import Callable
 
 from kvmpy import dirty_ring, faults
@@ -30,6 +29,7 @@ from kvmpy.exits import DirtyRingFullExit, Exit
 from kvmpy.kvm import Kvm
 from kvmpy.perf.memstress import Memstress, MemstressConfig
 from kvmpy.perf.params import module_param
+from kvmpy.record import Factory, Record
 from kvmpy.stats import Snapshot
 from kvmpy.vm import Vm
 
@@ -46,11 +46,10 @@ def faults_banner() -> str | None:
     return faults.banner(NOT_A_MEASUREMENT)
 
 
-@dataclass(frozen=True)
-class DirtyLogOptions:
+class DirtyLogOptions(Record, frozen=True):
     """One run of the dirty-log performance test."""
 
-    memstress: MemstressConfig = field(default_factory=MemstressConfig)
+    memstress: MemstressConfig = Factory(MemstressConfig)
     iterations: int = 2
     write_percent: int = 100
     random_access: bool = False
@@ -107,16 +106,14 @@ class DirtyLogOptions:
         self.memstress.check_host()
 
 
-@dataclass
-class Iteration:
+class Iteration(Record):
     dirty: float = 0.0        # s: every vCPU's pass
     get_log: float = 0.0      # s: KVM_GET_DIRTY_LOG of every slot, or harvest + reset of every ring
     clear_log: float = 0.0    # s: KVM_CLEAR_DIRTY_LOG of every slot (manual protect)
     dirty_pages: int = 0      # pages the log reported (bits set, or ring entries of this fetch)
 
 
-@dataclass
-class DirtyLogReport:
+class DirtyLogReport(Record):
     """The times of every phase (seconds) and the VM stats deltas of each."""
 
     options: DirtyLogOptions
@@ -124,11 +121,11 @@ class DirtyLogReport:
     mode: str
     populate: float = 0.0
     enable: float = 0.0
-    iterations: list[Iteration] = field(default_factory=list)
+    iterations: list[Iteration] = Factory(list)
     disable: float = 0.0
     ring_full_harvested: int = 0
-    stats: dict[str, dict] = field(default_factory=dict)
-    faults: list[str] = field(default_factory=list)     # KVMPY_FAULTS of the run: not a measurement
+    stats: dict[str, dict] = Factory(dict)
+    faults: list[str] = Factory(list)     # KVMPY_FAULTS of the run: not a measurement
 
     def to_dict(self) -> dict:
         o, m = self.options, self.options.memstress

@@ -9,7 +9,6 @@ releases the next one and waits for every vCPU to finish it.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Callable
 
 from kvmpy.errors import KvmError, RequirementError
@@ -20,6 +19,7 @@ from kvmpy.guest.vm import MAX_VCPUS, GuestVm
 from kvmpy.hostmem import MEMINFO, mem_available
 from kvmpy.kvm import Kvm
 from kvmpy.memory import PAGE_1G, PAGE_2M, PAGE_4K, Backing, Hugetlb, Memslot
+from kvmpy.record import Record
 from kvmpy.vm import Vm
 from kvmpy.x86 import cpu
 
@@ -40,8 +40,7 @@ def _size(n: int) -> str:
     return f"{n} bytes"
 
 
-@dataclass(frozen=True)
-class MemstressConfig:
+class MemstressConfig(Record, frozen=True):
     """What the memstress VM looks like (the dirty_log_perf_test options that shape the VM)."""
 
     vcpus: int = 1

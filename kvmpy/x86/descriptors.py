@@ -6,11 +6,11 @@ into a vCPU (struct kvm_segment) is :mod:`kvmpy.x86.cpu`'s job.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass, replace
 from typing import Mapping, Sequence
 
 from kvmpy.abi import check_unsigned
 from kvmpy.errors import KvmError
+from kvmpy.record import Record, replace
 
 # Fixed GDT layout used by kvmpy guests. The user (DPL3) selectors are Linux's __USER_DS and
 # __USER_CS: kvm_pvm runs CPL3 code natively only with those.
@@ -40,8 +40,7 @@ def _field(name: str, value: object, bits: int) -> int:
     return check_unsigned(value, bits, name, DescriptorError)
 
 
-@dataclass(frozen=True)
-class Segment:
+class Segment(Record, frozen=True):
     """A segment register's hidden state, with the fields of struct kvm_segment."""
 
     selector: int

@@ -9,11 +9,11 @@ reads tables back the way the CPU does and combines the bits of every level.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
 
 from kvmpy.abi import ffi, lib
 from kvmpy.errors import KvmError
 from kvmpy.memory import PAGE_1G, PAGE_2M, PAGE_4K
+from kvmpy.record import Record
 from kvmpy.x86.physmem import PhysMemory
 
 ENTRIES_PER_TABLE = 512     # a split of one page makes 512 mappings of the next size down
@@ -56,8 +56,7 @@ def is_canonical(gva: int) -> bool:
     return top == 0 or top == (1 << 17) - 1
 
 
-@dataclass(frozen=True)
-class Translation:
+class Translation(Record, frozen=True):
     """Result of a walk: where ``gva`` lands and with which effective permissions."""
 
     gva: int
