@@ -202,3 +202,18 @@ def test_full_stdout_is_a_clear_error(monkeypatch, capsys, json_out):
     assert code == 2
     err = capsys.readouterr().err
     assert "cannot write to standard output: No space left on device" in err and "Traceback" not in err
+
+
+def test_sizes_are_checked_against_the_guests_maxphyaddr(kvm, monkeypatch):
+    """A CPU with fewer physical address bits has less room for test memory: the bound is the
+    guest's own MAXPHYADDR (GuestVm.gpa_limit), checked before any test memory is added."""
+    from kvmpy.guest import vm as guest_vm
+    from kvmpy.perf.memstress import Memstress, RESERVED_TOP
+
+    config = MemstressConfig(vcpu_bytes=62 << 30)      # 4 GiB + 62 GiB: fits 47 bits, not 36
+    config.check()
+    monkeypatch.setattr(guest_vm.cpu, "phys_bits", lambda cpuid: 36)
+    with pytest.raises(KvmError, match=r"must end by 0xf80000000 \(at most 58 GiB in all, in a "
+                                       r"36-bit guest physical address space\)"):
+        Memstress(config, kvm=kvm)
+    assert (1 << 36) - RESERVED_TOP == 0xF80000000

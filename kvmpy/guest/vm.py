@@ -13,8 +13,9 @@ Guest physical layout of memslot 0 (identity mapped, GVA == GPA):
 
 PT_POOL_SIZE holds the tables of about 480 MiB of 4K mappings. A :meth:`GuestVm.map`
 that needs more adds a page-table memslot (the highest memslot id) of PT_SLOT_SIZE
-bytes at PT_SLOT_GPA (1 GiB below the top of the guest physical address space, 47
-bits at most so that it can be identity mapped too) and takes table pages from it; a
+bytes (or more, as needed) ending 1 GiB below ``gpa_limit``, the top of the guest physical
+address space (MAXPHYADDR, 47 bits at most so that it can be identity mapped too), and takes
+table pages from it; a
 KvmError if the test already uses that range (a fixed place a test can avoid, rather than
 one searched for that it cannot predict).
 
@@ -67,6 +68,7 @@ KSTACK_TOP = 0x7000
 STACK_OFFSET = 0x8000    # main stack from here to the end of the block
 GUARD_OFFSETS = (0, IST_OFFSET + PAGE_4K, KSTACK_TOP)
 MAX_VCPUS = 16
+IDENTITY_MAP_BITS = 47       # GVA == GPA through 4-level tables: the canonical lower half
 PT_SLOT_SIZE = 64 << 20      # NORESERVE: only the table pages used take memory; 32 GiB of 4K mappings
 ELF_MIN_GPA = 0x200000
 DF_VECTOR = 8
@@ -228,6 +230,12 @@ class GuestVm:
             self._add_page_table_slot(need)
         self.pt.map(gva, gpa, size, page_size, writable=writable, user=user, nx=nx)
 
+    @property
+    def gpa_limit(self) -> int:
+        """End of the guest physical addresses this VM can use and identity map: MAXPHYADDR of
+        its vCPUs' CPUID, at most IDENTITY_MAP_BITS (the page-table memslot's place is below it)."""
+        return min(1 << cpu.phys_bits(self.cpuid), 1 << IDENTITY_MAP_BITS)
+
     def _add_page_table_slot(self, pages: int) -> None:
         """Give the page-table builder a memslot of its own (once), identity mapped like memslot 0.
 
@@ -237,7 +245,7 @@ class GuestVm:
         if self.pt_slot is not None:
             return      # the builder says when it is full
         size = max(PT_SLOT_SIZE, -(-2 * pages * PAGE_4K // PAGE_2M) * PAGE_2M)
-        gpa = min(1 << cpu.phys_bits(self.cpuid), 1 << 47) - PAGE_1G - size
+        gpa = self.gpa_limit - PAGE_1G - size
         what = f"the page-table memslot ({gpa:#x}+{size:#x}, for {pages} table pages)"
         if gpa < self.mem_size:
             raise KvmError(f"{what} does not fit in the guest physical address space")

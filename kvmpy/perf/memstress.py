@@ -15,7 +15,7 @@ from kvmpy.errors import KvmError, RequirementError
 from kvmpy.guest import stages
 from kvmpy.guest.stepper import SteppedGuest
 from kvmpy.guest.vcpu_loop import ExitHook
-from kvmpy.guest.vm import MAX_VCPUS, GuestVm
+from kvmpy.guest.vm import IDENTITY_MAP_BITS, MAX_VCPUS, GuestVm
 from kvmpy.hostmem import MEMINFO, mem_available
 from kvmpy.kvm import Kvm
 from kvmpy.memory import PAGE_1G, PAGE_2M, PAGE_4K, Backing, Hugetlb, Memslot
@@ -27,9 +27,9 @@ TEST_GPA = 4 << 30           # 1 GiB aligned (1G hugetlb), above the runtime's m
 FIRST_SLOT = 1
 NESTED_RANGES = 4            # guests/memstress.c: nested_gpa/nested_size
 MEM_SIZE = 64 << 20          # memslot 0: runtime, program, L1's nested tables
-# The guest identity-maps its memory (GVA == GPA) with 4-level tables: 47 bits of address, of which the
-# top 1 GiB (and room for the page-table memslot below it, GuestVm) are not test memory.
-MAX_GPA = (1 << 47) - 2 * PAGE_1G
+# The top 1 GiB of the guest's physical address space (GuestVm.gpa_limit), and room for the
+# page-table memslot below it, are not test memory.
+RESERVED_TOP = 2 * PAGE_1G
 MAX_SLOT_PAGES = (1 << 31) - 1   # KVM_MEM_MAX_NR_PAGES: the most pages one memslot may have
 
 
@@ -52,17 +52,20 @@ class MemstressConfig(Record, frozen=True):
     nested: bool = False                # run the loop in an L2 (SVM+NPT or VMX+EPT)
     seed: int = 1
 
-    def check(self) -> None:
-        """KvmError for a shape the guest cannot run (sizes, counts)."""
+    def check(self, gpa_limit: int = 1 << IDENTITY_MAP_BITS) -> None:
+        """KvmError for a shape the guest cannot run (sizes, counts). ``gpa_limit`` is where the
+        guest's physical address space ends (``GuestVm.gpa_limit``: MAXPHYADDR, which may be as
+        low as 36 bits); without it, the most any x86-64 guest of kvmpy's can have."""
         if not 1 <= self.vcpus <= MAX_VCPUS:
             raise KvmError(f"vCPUs: {self.vcpus} is not 1..{MAX_VCPUS}")
         if self.vcpu_bytes <= 0 or self.vcpu_bytes % PAGE_4K:
             raise KvmError(f"per-vCPU memory {self.vcpu_bytes:#x} is not a positive multiple of 4 KiB")
-        top = TEST_GPA + self.vcpus * self.vcpu_bytes
-        if top > MAX_GPA:
+        top, end = TEST_GPA + self.vcpus * self.vcpu_bytes, gpa_limit - RESERVED_TOP
+        if top > end:
             raise KvmError(f"{self.vcpus} x {_size(self.vcpu_bytes)} of guest memory does not fit: the test memory "
-                           f"starts at {TEST_GPA:#x} and must end by {MAX_GPA:#x} (at most "
-                           f"{(MAX_GPA - TEST_GPA) >> 30} GiB in all)")
+                           f"starts at {TEST_GPA:#x} and must end by {end:#x} (at most "
+                           f"{max(end - TEST_GPA, 0) >> 30} GiB in all, in a {gpa_limit.bit_length() - 1}-bit "
+                           f"guest physical address space)")
         if self.slots < 1 or self.total_pages % self.slots:
             raise KvmError(f"{self.total_pages} guest pages cannot be divided evenly into {self.slots} memslots")
         page = self.backing.page_size if self.backing is not None else PAGE_4K
@@ -117,6 +120,7 @@ class Memstress:
         self.g = GuestVm("memstress", nr_vcpus=config.vcpus, mem_size=MEM_SIZE, kvm=kvm,
                          user_mode=config.user_mode, before_vcpus=before_vcpus)
         try:
+            config.check(self.g.gpa_limit)      # this CPU's MAXPHYADDR, before any test memory
             self.slots = self._add_test_memory()
             self._set_globals()
         except BaseException:
