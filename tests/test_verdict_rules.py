@@ -62,7 +62,7 @@ def test_all_selected_tests_skipped_is_not_tested():
     run = RunResults("host kvm_pvm", tests)
     assert exit_status([run]) == EXIT_NOT_TESTED
     note = not_tested_note([run])
-    assert note.startswith("nothing was tested: all 18 selected tests were skipped (reasons: ")
+    assert note.startswith("nothing was tested: all 18 selected tests skipped (")
     assert "CPU exposes no svm (x9)" in note and "needs kvm_intel (x9)" in note
     table = format_table([run], width=200).splitlines()
     assert table[-2] == note and table[-1] == "NOT TESTED: 0 passed, 0 failed, 18 skipped"
@@ -151,3 +151,23 @@ def test_host_junit_is_never_a_stale_green_file(tmp_path):
     text = target.read_text()
     assert 'name="green"' not in text
     assert "no tests collected" in text and "<error" in text
+
+
+def test_every_output_lists_the_same_problems():
+    """KTAP, the merged JUnit and the host's JUnit all fail on each harness error, stop and the
+    not-tested note (report.run_problems), each once: a run with a harness error that was also
+    stopped used to show only the harness error in KTAP."""
+    import re
+    import xml.etree.ElementTree as ET
+
+    runs = [RunResults("row-a", [_t("a", "interrupted")], harness_error="bed: QEMU died", interrupted=2),
+            RunResults("row-b", [_t("b", "skipped", "no nested")], splat_watch="OFF (no root)")]
+    ktap = [line for line in format_ktap(runs).splitlines() if " harness " in line]
+    assert [re.sub(r"not ok \d+ harness ", "", line).split(" # ")[0] for line in ktap] == ["row-a", "row-a", "verdict"]
+    assert "QEMU died" in ktap[0] and "stopped by SIGINT" in ktap[1] and "NOT TESTED" in ktap[2]
+    merged = ET.fromstring(junit.format_junit(runs))
+    host = ET.fromstring(junit.with_verdict(PYTEST_JUNIT, runs))
+    for doc in (merged, host):
+        errors = sorted((case.get("name"), case.find("error").get("message").split(": ", 1)[-1][:20])
+                        for case in doc.iter("testcase") if case.get("classname") == "kvmpy")
+        assert [name for name, _ in errors] == ["(harness)", "(run)", "(verdict)"], errors

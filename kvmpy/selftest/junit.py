@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import xml.etree.ElementTree as ET
 
-from kvmpy.selftest.report import FAILING, NOT_TESTED, RunResults, not_tested_note, stop_note
+from kvmpy.selftest.report import FAILING, NOT_TESTED, VERDICT_CASE, RunResults, run_problems
 
 
 def setting_properties(label: str, setting: dict) -> dict[str, str]:
@@ -39,20 +39,18 @@ def format_junit(runs: list[RunResults]) -> bytes:
     """One testsuite per run (its setting as properties), one testcase per test; harness errors
     and stops as error cases, so that a JUnit reader fails exactly where `kvmpy selftest` does."""
     root = ET.Element("testsuites", name="kvmpy selftest")
+    problems = run_problems(runs)
     for r in runs:
         suite = ET.SubElement(root, "testsuite", name=r.config)
         props = ET.SubElement(suite, "properties")
         for name, value in setting_properties(r.config, r.bed).items():
             ET.SubElement(props, "property", name=name, value=value)
         counts = {"tests": 0, "failures": 0, "errors": 0, "skipped": 0}
-        if r.harness_error:
-            ET.SubElement(_case(suite, "kvmpy", "(harness)"), "error", message=r.harness_error)
-            counts["tests"] += 1
-            counts["errors"] += 1
-        if r.interrupted:
-            ET.SubElement(_case(suite, "kvmpy", "(run)"), "error", message=stop_note(r))
-            counts["tests"] += 1
-            counts["errors"] += 1
+        for case, config, text in problems:
+            if case != VERDICT_CASE and config == r.config:     # this run's harness error or stop
+                ET.SubElement(_case(suite, "kvmpy", case), "error", message=text)
+                counts["tests"] += 1
+                counts["errors"] += 1
         for t in r.tests:
             case = _case(suite, *_split(t["nodeid"]), float(t.get("duration", 0.0)))
             reason, outcome = t.get("reason") or "", t["outcome"]
@@ -71,9 +69,9 @@ def format_junit(runs: list[RunResults]) -> bytes:
                 ET.SubElement(case, "system-out").text = reason
         for key, value in counts.items():
             suite.set(key, str(value))
-    note = not_tested_note(runs)
-    if note:
-        _error_suite(root, [("(verdict)", f"NOT TESTED: {note}")])
+    verdict = [(case, text) for case, _config, text in problems if case == VERDICT_CASE]
+    if verdict:
+        _error_suite(root, verdict)
     return ET.tostring(root, encoding="utf-8", xml_declaration=True)
 
 
@@ -87,14 +85,10 @@ def _error_suite(root: ET.Element, errors: list[tuple[str, str]]) -> None:
 
 def with_verdict(xml: bytes | None, runs: list[RunResults]) -> bytes | None:
     """The host run's JUnit document (``xml``, as pytest wrote it; None: it wrote none) made to
-    fail where the report does: each harness error, stop and the reason nothing was tested
-    (:func:`~kvmpy.selftest.report.not_tested_note`) added as an error case. None when pytest's
+    fail where the report does: each of :func:`~kvmpy.selftest.report.run_problems` added as an
+    error case. None when pytest's
     document needs nothing added."""
-    errors = [("(harness)", f"{r.config}: {r.harness_error}") for r in runs if r.harness_error]
-    errors += [("(run)", f"{r.config}: {stop_note(r)}") for r in runs if r.interrupted]
-    note = not_tested_note(runs)
-    if note:
-        errors.append(("(verdict)", f"NOT TESTED: {note}"))
+    errors = [(case, text if case == VERDICT_CASE else f"{config}: {text}") for case, config, text in run_problems(runs)]
     if xml is None:
         return format_junit(runs)
     if not errors:

@@ -114,6 +114,16 @@ def _reasons(tests: list[dict], most: int = 3) -> str:
     return text + (f"; and {len(top) - most} other reason(s)" if len(top) > most else "")
 
 
+def _all_skipped(tests: list[dict]) -> str:
+    """"all N selected tests skipped (commonest reasons)" when every selected test of ``tests``
+    skipped, else ''."""
+    tests = [t for t in tests if "::" in t["nodeid"]]
+    skipped = [t for t in tests if t["outcome"] == "skipped"]
+    if skipped and len(skipped) == len(tests):
+        return f"all {len(tests)} selected test{'s' if len(tests) != 1 else ''} skipped ({_reasons(skipped)})"
+    return ""
+
+
 def row_not_tested(r: RunResults) -> str:
     """Why the one run ``r`` checked nothing ('' if a test of it ran to a verdict, or it stopped or
     failed to run: those say so themselves). In a matrix, a row whose selected tests all skip (tests
@@ -121,11 +131,8 @@ def row_not_tested(r: RunResults) -> str:
     see :func:`not_tested_note`."""
     if r.harness_error or r.interrupted or any(t["outcome"] in EXECUTED for t in r.tests):
         return ""
-    tests = [t for t in r.tests if "::" in t["nodeid"]]
-    skipped = [t for t in tests if t["outcome"] == "skipped"]
-    if skipped and len(skipped) == len(tests):
-        return f"all {len(tests)} selected test{'s' if len(tests) != 1 else ''} skipped ({_reasons(skipped)})"
-    return f"no test ran ({len(tests)} recorded, none with a verdict)"
+    recorded = sum(1 for t in r.tests if "::" in t["nodeid"])
+    return _all_skipped(r.tests) or f"no test ran ({recorded} recorded, none with a verdict)"
 
 
 def not_tested_note(runs: list[RunResults]) -> str:
@@ -153,15 +160,30 @@ def not_tested_note(runs: list[RunResults]) -> str:
                      f"{', '.join(outcomes)}, e.g. {_short_id(stray[0]['nodeid'])}): pytest did not run "
                      f"{'them' if len(stray) != 1 else 'it'}")
     if not any(t["outcome"] in EXECUTED for r in runs for t in r.tests):
-        tests = [t for r in runs for t in r.tests if "::" in t["nodeid"]]
-        skipped = [t for t in tests if t["outcome"] == "skipped"]
-        if tests and len(skipped) == len(tests):
-            notes.append(f"nothing was tested: all {len(tests)} selected test{'s' if len(tests) != 1 else ''} "
-                         f"{'were' if len(tests) != 1 else 'was'} skipped (reasons: {_reasons(skipped)})")
+        skipped = _all_skipped([t for r in runs for t in r.tests])
+        if skipped:
+            notes.append(f"nothing was tested: {skipped}")
         elif not any(r.harness_error or r.interrupted or any(t["outcome"] == NOT_TESTED for t in r.tests)
-                     for r in runs):
+                     for r in runs):     # (those say so themselves)
             notes.append("nothing was tested: no test ran to a verdict")
     return "; ".join(notes)
+
+
+VERDICT_CASE = "(verdict)"
+PROBLEM_LABEL = {"(harness)": "ERROR", "(run)": "INTERRUPTED"}     # the table's result column
+
+
+def run_problems(runs: list[RunResults]) -> list[tuple[str, str, str]]:
+    """What fails ``runs`` besides their tests, in the order every output lists it, as (case,
+    config, text): "(harness)" for a run's harness error, "(run)" for a stop (partial results),
+    then "(verdict)" (config '') for why nothing counts as tested (:func:`not_tested_note`).
+    The KTAP, JUnit and merged outputs all show these; :func:`exit_status` is the rule."""
+    out = [("(harness)", r.config, r.harness_error) for r in runs if r.harness_error]
+    out += [("(run)", r.config, stop_note(r)) for r in runs if r.interrupted]
+    note = not_tested_note(runs)
+    if note:
+        out.append((VERDICT_CASE, "", f"NOT TESTED: {note}"))
+    return out
 
 
 def stop_note(r: RunResults) -> str:
@@ -196,11 +218,10 @@ def format_table(runs: list[RunResults], width: int | None = None) -> str:
     """One row per test and configuration: test, config, result, reason, stats deltas."""
     width = width or max(shutil.get_terminal_size((160, 20)).columns, 120)
     rows = [("test", "config", "result", "reason / first failure line", "stats deltas")]
+    problems = run_problems(runs)
     for r in runs:
-        if r.harness_error:
-            rows.append(("(harness)", r.config, "ERROR", r.harness_error, ""))
-        if r.interrupted:
-            rows.append(("(run)", r.config, "INTERRUPTED", stop_note(r), ""))
+        rows += [(case, config, PROBLEM_LABEL[case], text, "") for case, config, text in problems
+                 if case != VERDICT_CASE and config == r.config]
         nothing = row_not_tested(r)
         if nothing and len(runs) > 1:
             rows.append(("(nothing tested)", r.config, "NOT TESTED", nothing, ""))
@@ -272,10 +293,7 @@ def summary_line(totals: dict[str, int]) -> str:
 def format_ktap(runs: list[RunResults]) -> str:
     """KTAP v1: one line per test and configuration, SKIP/XFAIL directives with reasons."""
     entries = [(r.config, t) for r in runs for t in r.tests]
-    notes = [(r.config, r.harness_error or stop_note(r)) for r in runs if r.harness_error or r.interrupted]
-    verdict = not_tested_note(runs)
-    if verdict:
-        notes.append(("verdict", f"NOT TESTED: {verdict}"))
+    notes = [("verdict" if case == VERDICT_CASE else config, text) for case, config, text in run_problems(runs)]
     out = ["KTAP version 1", f"1..{len(entries) + len(notes)}"]
     out += [f"# {r.config}: {r.bed['summary']}" for r in runs if r.bed.get("summary")]
     out += [f"# kernel splat watch: {w}" for w in watch_lines(runs)]
