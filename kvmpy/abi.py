@@ -166,11 +166,16 @@ def new_struct(ctype: str, what: str, **fields):
     return obj
 
 
+def is_int(value: object) -> bool:
+    """An int that is not a bool: an address, size or count (``True`` as a GPA is a bug)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def check_ints(what: str, **values: object) -> None:
-    """KvmError naming the first of ``values`` that is not an int: a float GPA would
-    otherwise fail deep inside, often in an error message's own ``:#x`` formatting."""
+    """KvmError naming the first of ``values`` that is not an int (:func:`is_int`): a float GPA
+    would otherwise fail deep inside, often in an error message's own ``:#x`` formatting."""
     for name, value in values.items():
-        if not isinstance(value, int):
+        if not is_int(value):
             raise KvmError(f"{what}: {name} must be an int, not {value!r}")
 
 

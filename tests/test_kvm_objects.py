@@ -80,6 +80,14 @@ def test_slot_add_move_delete(kvm):
         assert ms.mapping.closed
 
 
+@pytest.mark.parametrize("kwargs, name", [({"gpa": True}, "gpa"), ({"size": 4096.0}, "size"), ({"slot": False}, "slot")])
+def test_memslot_numbers_must_be_ints_not_bools_or_floats(kvm, kwargs, name):
+    with kvm.create_vm() as vm:
+        with pytest.raises(KvmError, match=f"add_memory: {name} must be an int, not {kwargs[name]!r}"):
+            vm.add_memory(**{"slot": 1, "gpa": 0x100000, "size": PAGE_4K, **kwargs})
+        assert not vm.memslots
+
+
 def test_ioctl_error_message(kvm):
     with kvm.create_vm() as vm:
         vm.add_memory(1, 0, 64 * PAGE_4K, flags=lib.KVM_MEM_LOG_DIRTY_PAGES)

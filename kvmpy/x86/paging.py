@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import struct
 
-from kvmpy.abi import ffi, lib
+from kvmpy.abi import ffi, is_int, lib
 from kvmpy.errors import KvmError
 from kvmpy.memory import PAGE_1G, PAGE_2M, PAGE_4K
 from kvmpy.record import Record
@@ -40,10 +40,6 @@ _SIZE_LEVEL = {v: k for k, v in _LEVEL_SIZE.items()}
 
 class PagingError(KvmError):
     """A mapping request that cannot be honoured (alignment, overlap, pool exhausted...)."""
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _index(gva: int, level: int) -> int:
@@ -110,7 +106,7 @@ class PageTableBuilder:
 
     def __init__(self, mem: PhysMemory, pool_gpa: int, pool_size: int, phys_bits: int = 52, *,
                  preset_ad: bool = False) -> None:
-        if not _is_int(phys_bits) or not 12 < phys_bits <= MAX_PHYS_BITS:
+        if not is_int(phys_bits) or not 12 < phys_bits <= MAX_PHYS_BITS:
             raise PagingError(f"phys_bits {phys_bits!r} is not 13..{MAX_PHYS_BITS} (a leaf entry holds "
                               f"a GPA of at most {MAX_PHYS_BITS} bits)")
         self.mem = mem
@@ -137,7 +133,7 @@ class PageTableBuilder:
 
     def add_pool(self, gpa: int, size: int) -> None:
         """Take table pages from guest memory ``[gpa, gpa+size)`` once the pools before it are full."""
-        if not _is_int(gpa) or not _is_int(size):
+        if not is_int(gpa) or not is_int(size):
             raise PagingError(f"page-table pool {gpa!r}+{size!r}: GPA and size must be ints")
         if gpa % PAGE_4K or size % PAGE_4K or size < PAGE_4K or gpa < 0:
             raise PagingError(f"page-table pool {gpa:#x}+{size:#x} must be page aligned and non-empty")
@@ -163,7 +159,7 @@ class PageTableBuilder:
     @staticmethod
     def tables_needed(gva: int, size: int, page_size: int = PAGE_4K) -> int:
         """At most how many new table pages mapping ``[gva, gva+size)`` with ``page_size`` pages takes."""
-        if not all(map(_is_int, (gva, size, page_size))):
+        if not all(map(is_int, (gva, size, page_size))):
             raise PagingError(f"GVA {gva!r}, size {size!r} and page size {page_size!r} must be ints")
         if page_size not in _SIZE_LEVEL:
             raise PagingError(f"page size {page_size:#x} is not 4K, 2M or 1G")
@@ -223,7 +219,7 @@ class PageTableBuilder:
         # Floats pass the arithmetic below and then fail in struct/cffi with a TypeError.
         for what, value in (("GVA", gva), ("GPA", gpa), ("size", size), ("page size", page_size),
                             ("extra", extra)):
-            if not _is_int(value):
+            if not is_int(value):
                 raise PagingError(f"{what} {value!r} is not an int")
         if page_size not in _SIZE_LEVEL:
             raise PagingError(f"page size {page_size:#x} is not 4K, 2M or 1G")
@@ -330,7 +326,7 @@ class PageTableBuilder:
         """The first page of ``[gva, gva+size)`` that mapping it with ``page_size`` pages would
         replace or be refused at (an entry present at that size's level, or a bigger page); None
         if there is none. Skips what a missing table leaves unmapped."""
-        if not all(map(_is_int, (gva, size))) or page_size not in _SIZE_LEVEL or size < 0:
+        if not all(map(is_int, (gva, size))) or page_size not in _SIZE_LEVEL or size < 0:
             raise PagingError(f"GVA {gva!r}, size {size!r} or page size {page_size!r} is not valid")
         if size and not (is_canonical(gva) and is_canonical(gva + size - 1)):
             raise PagingError(f"GVA range {gva:#x}+{size:#x} is not canonical")
