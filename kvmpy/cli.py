@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib
 import importlib.util
 import json
@@ -347,8 +348,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     The handlers it installs for that are put back when it returns, except after a stop:
     the process is exiting then, and one more Ctrl-C must not kill it by the signal.
     """
+    command_line = argv is None         # this process is the kvmpy command (not a caller's main([...]))
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser(argv).parse_args(argv)
+    if command_line:
+        # What start-up made (modules, classes) lives until exit: move it out of the cyclic
+        # collector's way, so that neither the run's collections nor the interpreter's exit walk
+        # it again (some 7 ms of a `kvmpy perf` process, issue 16).
+        gc.freeze()
     saved = {signo: signal.signal(signo, signal.default_int_handler if signo == signal.SIGINT else _terminate)
              for signo in stop_signals()}
     stopped = False

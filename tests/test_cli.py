@@ -134,6 +134,23 @@ def test_a_command_line_loads_only_the_command_it_names(argv, loaded, not_loaded
     assert out == [str(sorted(loaded)), "True"]
 
 
+def test_only_the_command_line_freezes_its_start_up_objects():
+    """`kvmpy` itself moves start-up's objects out of the collector's way (gc.freeze); a caller's
+    main([...]) leaves its process's collector alone."""
+    import gc
+
+    before = gc.get_freeze_count()
+    assert cli.main(["info", "--no-probe", "--json"]) in (0, 1)
+    assert gc.get_freeze_count() == before
+    code = ("import gc, sys; from kvmpy.cli import main\n"
+            "sys.argv = ['kvmpy', 'info', '--no-probe', '--json']\n"
+            "main()\n"
+            "print(gc.get_freeze_count() > 1000, file=sys.stderr)")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=str(ROOT),
+                       env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert p.stderr.strip().splitlines()[-1] == "True"
+
+
 def test_every_lazy_command_parses_when_named():
     from kvmpy.cli import build_parser
 
