@@ -25,6 +25,9 @@ The audit behind this table (every stats assertion in selftests/, read in Debian
     lazy split, shadow MMU flavours            same (never split: drop the huge SPTE, map 4K)
     nested MMU (test_nested_*.py), unsync      same, but for L1's own huge TDP SPTE under its
                                                edited tables (split meets unsync): SPLIT_ON_FAULT
+    memslot replaced under the nested MMU      same (all zapped); with KVM_X86_QUIRK_SLOT_ZAP_ALL
+                                               off, which SLOT_ZAP_QUIRK added, the slot's shadow
+                                               pages go since SLOT_ZAP_SHADOW_FIX (both v6.12)
 """
 from __future__ import annotations
 
@@ -60,6 +63,9 @@ NX_HUGE_PAGE_CHECK = Change("76901e56fb51", "KVM: x86/mmu: explicitly check nx_h
                                             "disallowed_hugepage_adjust()", (6, 2))
 CLEAR_SPLIT_OFF_BY_ONE = Change("1aa4bb916808", "KVM: x86/mmu: Fix off-by-1 when splitting huge pages during CLEAR",
                                 (6, 8))
+SLOT_ZAP_QUIRK = Change("aa8d1f48d353", "KVM: x86/mmu: Introduce a quirk to control memslot zap behavior", (6, 12))
+# Same release (v6.12-rc2): with the quirk disabled, a deleted memslot's shadow pages went unzapped.
+SLOT_ZAP_SHADOW_FIX = Change("fcd1ec9cb59c", "KVM: x86/mmu: fix KVM_X86_QUIRK_SLOT_ZAP_ALL for shadow MMU", (6, 12))
 RECOVER_IN_PLACE = Change("13e2e4f62a4b", "KVM: x86/mmu: Recover TDP MMU huge page mappings in-place instead "
                                           "of zapping", (6, 13))
 

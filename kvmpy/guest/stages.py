@@ -78,6 +78,10 @@ KVM_WRITES_READ = 24  # the page L2 reads, then ...
 KVM_WRITES_WRITE = 25  # ... the page L2 writes, through entries with A/D clear
 KVM_WRITES_L2_GPA = 0x80000000  # L2 GPA (= L2 GVA) of the test pages: a PDPT entry of their own
 
+# nested_memslot.c: L1's last-level NPT/EPT table for L2's data in a memslot the host replaces
+NESTED_MEMSLOT_START = 1  # GUEST_SYNC(START): L1 built its tables, L2 has not run yet
+NESTED_MEMSLOT_PASS = 2  # GUEST_SYNC(PASS, pass, pages written): L2 stamped every data page
+
 # exit_loop.c: exits forever (the KVM_RUN round-trip benchmark)
 EXIT_LOOP_PORT = 0xe0  # the port of its OUTs at CPL0
 
