@@ -7,7 +7,8 @@
  * while it is parked the VM is quiescent, so the host can read the stats,
  * toggle dirty logging and set up the next pass:
  *
- *   op        MMU_TOUCH_OP_READ, _WRITE or _QUIT (lib/stages.h)
+ *   op        MMU_TOUCH_OP_READ, _WRITE or _QUIT (lib/stages.h); _RELOAD_CR3
+ *             instead of a pass, after the host changed the guest's page tables
  *   start     byte offset of the first page touched, from test_gva
  *   length    bytes covered by the pass
  *   stride    bytes between touched addresses (a multiple of 8)
@@ -60,6 +61,10 @@ void guest_main(uint32_t vcpu_id, uint64_t arg)
 
 		if (o == MMU_TOUCH_OP_QUIT)
 			break;
+		if (o == MMU_TOUCH_OP_RELOAD_CR3) {
+			guest_reload_cr3();
+			continue;
+		}
 		GUEST_ASSERT(o == MMU_TOUCH_OP_READ || o == MMU_TOUCH_OP_WRITE);
 		GUEST_ASSERT(step >= 8 && step % 8 == 0);
 		GUEST_ASSERT(first + len <= test_size && first + len >= first);

@@ -37,8 +37,8 @@ class SteppedDriver:
     """A guest program stepped pass by pass: ``g`` (the GuestVm), ``guest`` (its SteppedGuest)."""
 
     def __init__(self, kvm: Kvm, program: str, *, stop: dict[str, int], park_stage: int | None = None,
-                 user_mode: bool = False) -> None:
-        self.g = GuestVm(program, kvm=kvm, user_mode=user_mode)
+                 user_mode: bool = False, before_vcpus: Callable[[Vm], None] | None = None) -> None:
+        self.g = GuestVm(program, kvm=kvm, user_mode=user_mode, before_vcpus=before_vcpus)
         self.vm = self.g.vm
         self.guest = SteppedGuest(self.g, stop=stop, park_stage=park_stage)
 
@@ -70,19 +70,22 @@ class TouchGuest(SteppedDriver):
     from the test thread.
 
     The test region is slot ``TEST_SLOT`` (``size`` bytes of ``backing``),
-    identity-mapped in the guest with ``guest_page``-sized pages.  Slot 0 (the
+    identity-mapped in the guest with ``guest_page``-sized pages (``map_region=False``: by the
+    caller, before the first pass, e.g. through a page table it placed).  Slot 0 (the
     runtime) is anonymous memory with THP off, so it never contributes 2M/1G
     SPTEs.  Every pass is checked to have run natively (:class:`NativeSteps`).
     """
 
-    def __init__(self, kvm: Kvm, backing: Backing, size: int, guest_page: int = PAGE_2M, cpl: int = 0) -> None:
+    def __init__(self, kvm: Kvm, backing: Backing, size: int, guest_page: int = PAGE_2M, cpl: int = 0, *,
+                 map_region: bool = True, before_vcpus: Callable[[Vm], None] | None = None) -> None:
         super().__init__(kvm, "mmu_touch", stop={"op": stages.MMU_TOUCH_OP_QUIT}, park_stage=stages.MMU_TOUCH_PARKED,
-                         user_mode=cpl == 3)
+                         user_mode=cpl == 3, before_vcpus=before_vcpus)
         self.size = size
 
         def setup() -> None:
             self.slot = self.g.add_memory(TEST_SLOT, TEST_GPA, size, backing)
-            self.g.map(TEST_GPA, TEST_GPA, size, guest_page)
+            if map_region:
+                self.g.map(TEST_GPA, TEST_GPA, size, guest_page)
             self.g.write_global("test_gva", TEST_GPA)
             self.g.write_global("test_size", size)
 
@@ -104,6 +107,11 @@ class TouchGuest(SteppedDriver):
 
     def read(self, start: int = 0, length: int | None = None, stride: int = PAGE_4K) -> int:
         return self.touch(stages.MMU_TOUCH_OP_READ, start, length, stride)
+
+    def reload_cr3(self, timeout: float = 600.0) -> None:
+        """The guest reloads CR3 (a kernel call at CPL3), as after a change of its page tables."""
+        self.guest.step({"op": stages.MMU_TOUCH_OP_RELOAD_CR3}, timeout)
+        self.native.mark()
 
 
 # nested.h's vendors: the value of the program's global nested_vendor.

@@ -244,3 +244,30 @@ def test_first_in_use_finds_what_a_map_would_replace():
     pt.map_page(0x8000_0000, 0, PAGE_1G)
     assert pt.first_in_use(0x8000_0000 + PAGE_2M, PAGE_2M, PAGE_2M) == 0x8000_0000 + PAGE_2M
     assert pt.first_in_use(0xC000_0000, 1 << 30, PAGE_4K) is None
+
+
+def test_set_table_puts_a_table_where_the_caller_says():
+    """A last-level table at a chosen GPA outside the pools: map() fills it (the C path hands
+    such tables to the Python one), the walk goes through it, and a re-map after the page was
+    replaced by new, zeroed memory (a memslot replaced under the guest) fills it again."""
+    mem = FlatMemory(0x80_0000)
+    pt = PageTableBuilder(mem, POOL, 16 * PAGE_4K, phys_bits=46)
+    table = 0x40_0000
+    mem.write(table, b"\xff" * PAGE_4K)                      # set_table zeroes it
+    pt.set_table(0x7000_0000, 1, table)
+    pt.map(0x7000_0000, 0x20_0000, 8 * PAGE_4K)
+    t = pt.translate(0x7000_0000 + 3 * PAGE_4K + 5)
+    assert (t.gpa, t.pte_gpa) == (0x20_3005, table + 3 * 8)
+    assert struct.unpack_from("<Q", mem.read(table + 8 * 8, 8))[0] == 0    # the rest stays empty
+    assert pt.pages_used == 3                                 # PML4, PDPT, PD: not the table
+    mem.write(table, bytes(PAGE_4K))                          # new memory behind the table
+    pt.map(0x7000_0000, 0x30_0000, 8 * PAGE_4K)
+    assert pt.translate(0x7000_0000 + 7 * PAGE_4K).gpa == 0x30_7000
+    with pytest.raises(PagingError, match="already has a level-1 table"):
+        pt.set_table(0x7000_1000, 1, 0x41_0000)
+    with pytest.raises(PagingError, match="inside a page-table pool"):
+        pt.set_table(0x9000_0000, 1, POOL + PAGE_4K)
+    with pytest.raises(PagingError, match="is not valid"):
+        pt.set_table(0x9000_0000, 4, 0x42_0000)
+    with pytest.raises(PagingError, match="not a page"):
+        pt.set_table(0x9000_0000, 1, 0x42_0008)

@@ -18,6 +18,7 @@
 #define MMU_TOUCH_OP_QUIT   0  /* values of the global `op` */
 #define MMU_TOUCH_OP_READ   1
 #define MMU_TOUCH_OP_WRITE  2
+#define MMU_TOUCH_OP_RELOAD_CR3  3  /* no pass: reload CR3 (the host changed the guest's page tables) */
 
 /* svm_l2_smoke.c, vmx_probe.c: L1 reports each exit of its L2 in a GUEST_SYNC of this stage */
 #define NESTED_SMOKE_SETUP      0  /* vmx_probe.c only: (EPT in use, VMCS revision id) */

@@ -13,6 +13,7 @@ MMU_TOUCH_PARKED = 1  # GUEST_SYNC(PARKED, passes, sum): between passes
 MMU_TOUCH_OP_QUIT = 0  # values of the global `op`
 MMU_TOUCH_OP_READ = 1
 MMU_TOUCH_OP_WRITE = 2
+MMU_TOUCH_OP_RELOAD_CR3 = 3  # no pass: reload CR3 (the host changed the guest's page tables)
 
 # svm_l2_smoke.c, vmx_probe.c: L1 reports each exit of its L2 in a GUEST_SYNC of this stage
 NESTED_SMOKE_SETUP = 0  # vmx_probe.c only: (EPT in use, VMCS revision id)

@@ -214,6 +214,31 @@ class PageTableBuilder:
             table = child
         return table
 
+    def set_table(self, gva: int, level: int, table_gpa: int) -> None:
+        """Make the page at ``table_gpa`` the level-``level`` table (1 = the last level, 2 or 3)
+        that translates ``gva``: zeroed and linked from the table above, which is created as
+        needed; later :meth:`map` calls there fill it. For a test that needs a guest page table
+        at a GPA of its choosing (e.g. in a memslot of its own); the page is guest memory
+        outside the pools, and no table may translate ``gva`` at that level yet (PagingError).
+        """
+        if not all(map(is_int, (gva, level, table_gpa))) or level not in (1, 2, 3):
+            raise PagingError(f"set_table: GVA {gva!r}, level {level!r} (1..3) or table GPA {table_gpa!r} is not valid")
+        if table_gpa % PAGE_4K or table_gpa < 0 or table_gpa + PAGE_4K > 1 << self.phys_bits:
+            raise PagingError(f"table GPA {table_gpa:#x} is not a page of the {self.phys_bits}-bit physical address space")
+        if not is_canonical(gva):
+            raise PagingError(f"GVA {gva:#x} is not canonical")
+        if any(g <= table_gpa < g + sz for g, sz in self._pools):
+            raise PagingError(f"table GPA {table_gpa:#x} is inside a page-table pool, whose pages the builder hands out")
+        span = 1 << (12 + 9 * level)        # what one entry of the table above covers
+        key = (level, gva & ~(span - 1) & ((1 << 48) - 1))
+        parent = self._table_for(gva, level + 1, create=True)
+        pte_gpa = parent + 8 * _index(gva, level + 1)
+        if key in self._tables or self._read(pte_gpa) & PTE_P:
+            raise PagingError(f"GVA {gva:#x} already has a level-{level} table or a page there")
+        self.mem.write(table_gpa, bytes(PAGE_4K))
+        self._write(pte_gpa, table_gpa | self._table_bits)
+        self._tables[key] = table_gpa
+
     def validate(self, gva: int, gpa: int, size: int, page_size: int = PAGE_4K, extra: int = 0) -> None:
         """PagingError if :meth:`map` would refuse these arguments; checks them only (no table is read)."""
         # Floats pass the arithmetic below and then fail in struct/cffi with a TypeError.
