@@ -4,7 +4,8 @@ Deleting a memslot must take with it every shadow page whose gfn is in it: the s
 guest page table lives only as long as KVM write-protects (write-tracks) that table, and the
 tracking is per memslot. Each test keeps a last-level page table in a memslot of its own.
 After the guest has written its data through it (so KVM holds an indirect shadow page of the
-table), the host replaces that memslot: deletes it and adds new memory at the same GPA. The
+table), the host replaces that memslot: deletes it (or moves it elsewhere, KVM_MR_MOVE) and
+adds new memory at the table's GPA. The
 table is then filled anew to map the data to other memory, the guest flushes, and writes
 again. A shadow page of the old table that survived would still translate the data to the
 old frames: the second writes would land in the old data memslot instead of the new one.
@@ -35,11 +36,15 @@ from .drivers import TEST_GPA, StageLog, TouchGuest, nested_guest
 from .kernel_changes import SLOT_ZAP_QUIRK, SLOT_ZAP_SHADOW_FIX, running_release
 
 TABLE_SLOT, TABLE_L1 = 2, 0x8000_0000   # the last-level table for the data (one page)
+MOVED_L1, SPARE_SLOT = 0x8020_0000, 5   # where "move" puts it; the new memory's memslot then
 OLD_SLOT, OLD_L1 = 3, 0xC000_0000       # what the data maps to first ...
 NEW_SLOT, NEW_L1 = 4, 0xC020_0000       # ... and after the table's memslot was replaced
 DATA_L2 = 0x4000_0000
 PAGES = 64                              # nested faults are slow in the Bochs bed
-ZAPS = pytest.mark.parametrize("zap", ["all", "slot"], ids=["zap-all", "zap-slot"])
+# How the table's memslot goes: deleted, or moved away (KVM_MR_MOVE: the quirk covers both);
+# with the quirk (zap-all) or without it (zap-slot).
+REPLACEMENTS = pytest.mark.parametrize("how, zap", [(h, z) for h in ("delete", "move") for z in ("all", "slot")],
+                                       ids=lambda v: v if v in ("delete", "move") else f"zap-{v}")
 
 
 def disable_slot_zap_all(vm: Vm) -> None:
@@ -51,19 +56,24 @@ def disable_slot_zap_all(vm: Vm) -> None:
     vm.enable_cap(lib.KVM_CAP_DISABLE_QUIRKS2, lib.KVM_X86_QUIRK_SLOT_ZAP_ALL)
 
 
-def _replace(g, slot: int, gpa: int) -> None:
-    """Delete memslot ``slot`` (one page at ``gpa``) and add new, zeroed memory in its place."""
-    g.vm.delete_memory(slot)
-    g.add_memory(slot, gpa, PAGE_4K, Anonymous())
+def _replace(g, how: str) -> None:
+    """Take the table's memslot away from TABLE_L1 (``how``: "delete" it, or "move" it to
+    MOVED_L1) and put new, zeroed memory there."""
+    if how == "delete":
+        g.vm.delete_memory(TABLE_SLOT)
+        g.add_memory(TABLE_SLOT, TABLE_L1, PAGE_4K, Anonymous())
+    else:
+        g.vm.move_memory(TABLE_SLOT, MOVED_L1)
+        g.add_memory(SPARE_SLOT, TABLE_L1, PAGE_4K, Anonymous())
 
 
-def _check_writes(old: list[int], new: list[int], first, second, zap: str) -> None:
+def _check_writes(old: list[int], new: list[int], first, second, how: str, zap: str) -> None:
     """The first pass's stamps (``first(page)``) are all in the old data, the second's all in
     the new: one of them in the old data means a shadow page of the replaced table survived."""
     stale = [p for p in range(PAGES) if old[p] == second(p)]
     assert not stale, (
         f"{len(stale)} of the {PAGES} writes after the table's memslot was replaced landed in the OLD data "
-        f"memslot (pages {stale[:8]}...): a shadow page of the deleted table survived (zap={zap}, kernel "
+        f"memslot (pages {stale[:8]}...): a shadow page of the old table survived ({how}, zap={zap}, kernel "
         f"{running_release()}; with the quirk disabled, see {SLOT_ZAP_SHADOW_FIX})")
     lost = [p for p in range(PAGES) if old[p] != first(p)]
     assert not lost, f"the old data lost the first pass's stamps: pages {lost[:8]}"
@@ -75,8 +85,8 @@ def _stamps(slot, pages: int = PAGES) -> list[int]:
     return [int.from_bytes(slot.view[p * PAGE_4K: p * PAGE_4K + 8], "little") for p in range(pages)]
 
 
-@ZAPS
-def test_replaced_table_memslot_drops_shadow_pages(kvm, cpl, shadow_paging, kvmpy_stats, zap):
+@REPLACEMENTS
+def test_replaced_table_memslot_drops_shadow_pages(kvm, cpl, shadow_paging, kvmpy_stats, how, zap):
     """The guest's writes after its page table's memslot was replaced go where the new table maps them.
 
     zap-slot: kvm_mmu_zap_memslot must zap the indirect shadow page of the table at TABLE_L1
@@ -91,17 +101,17 @@ def test_replaced_table_memslot_drops_shadow_pages(kvm, cpl, shadow_paging, kvmp
         g.pt.set_table(TEST_GPA, 1, TABLE_L1)
         g.map(TEST_GPA, TEST_GPA, size, PAGE_4K)         # the data: TouchGuest's slot, first
         assert t.write(stamp=0x1111 << 32) == PAGES
-        _replace(g, TABLE_SLOT, TABLE_L1)
+        _replace(g, how)
         g.map(TEST_GPA, NEW_L1, size, PAGE_4K)           # into the new table: the new data
         t.reload_cr3()
         assert t.write(stamp=0x2222 << 32) == PAGES
         old_stamps, new_stamps = _stamps(t.slot), _stamps(new)
     _check_writes(old_stamps, new_stamps, lambda p: 0x1111 << 32 ^ p * PAGE_4K,
-                  lambda p: 0x2222 << 32 ^ p * PAGE_4K, zap)
+                  lambda p: 0x2222 << 32 ^ p * PAGE_4K, how, zap)
 
 
-@ZAPS
-def test_replaced_table_memslot_drops_nested_shadow_pages(kvm, nested, kvmpy_stats, zap):
+@REPLACEMENTS
+def test_replaced_table_memslot_drops_nested_shadow_pages(kvm, nested, kvmpy_stats, how, zap):
     """L2's writes after its NPT/EPT table's memslot was replaced go where L1's new table maps them.
 
     Runs once per vendor: SVM+NPT in the AMD bed (QEMU), VMX+EPT in the Intel bed (Bochs).
@@ -111,7 +121,7 @@ def test_replaced_table_memslot_drops_nested_shadow_pages(kvm, nested, kvmpy_sta
     def replace_table_slot(rec) -> None:
         if rec.args[0] == 1:
             replaced["before"] = rec.stats
-            _replace(g, TABLE_SLOT, TABLE_L1)
+            _replace(g, how)
             g.write_global("cmd_target", NEW_L1)
         else:
             g.write_global("cmd_stop", 1)
@@ -137,4 +147,4 @@ def test_replaced_table_memslot_drops_nested_shadow_pages(kvm, nested, kvmpy_sta
     start = log.at(stages.NESTED_MEMSLOT_START).stats
     grown = replaced["before"]["pages_4k"] - start["pages_4k"]
     assert grown >= PAGES, f"L2's first pass added {grown} 4K SPTEs, fewer than its {PAGES} data pages"
-    _check_writes(old_stamps, new_stamps, lambda p: 1 << 32 | p, lambda p: 2 << 32 | p, zap)
+    _check_writes(old_stamps, new_stamps, lambda p: 1 << 32 | p, lambda p: 2 << 32 | p, how, zap)
