@@ -64,7 +64,8 @@ NX_HUGE_PAGE_CHECK = Change("76901e56fb51", "KVM: x86/mmu: explicitly check nx_h
 CLEAR_SPLIT_OFF_BY_ONE = Change("1aa4bb916808", "KVM: x86/mmu: Fix off-by-1 when splitting huge pages during CLEAR",
                                 (6, 8))
 SLOT_ZAP_QUIRK = Change("aa8d1f48d353", "KVM: x86/mmu: Introduce a quirk to control memslot zap behavior", (6, 12))
-# Same release (v6.12-rc2): with the quirk disabled, a deleted memslot's shadow pages went unzapped.
+# v6.12-rc2, so no release lacks it: in -rc1, with the quirk disabled, a deleted memslot's shadow
+# pages went unzapped.
 SLOT_ZAP_SHADOW_FIX = Change("fcd1ec9cb59c", "KVM: x86/mmu: fix KVM_X86_QUIRK_SLOT_ZAP_ALL for shadow MMU", (6, 12))
 RECOVER_IN_PLACE = Change("13e2e4f62a4b", "KVM: x86/mmu: Recover TDP MMU huge page mappings in-place instead "
                                           "of zapping", (6, 13))

@@ -17,10 +17,11 @@ old frames: the second writes would land in the old data memslot instead of the 
 
 With KVM_X86_QUIRK_SLOT_ZAP_ALL (the default) KVM zaps all shadow pages at a memslot deletion
 (kvm_mmu_zap_all_fast). With the quirk disabled, which SLOT_ZAP_QUIRK made possible, it zaps
-only the memslot's (kvm_mmu_zap_memslot); as first released that missed the shadow pages of
-tables in the slot, fixed by SLOT_ZAP_SHADOW_FIX in the same release (without it the VM's
-teardown also oopsed, which the splat watch would catch). No upstream selftest replaces a
-memslot that holds a shadowed guest page table.
+only the memslot's (kvm_mmu_zap_memslot); in v6.12-rc1 that zapped the slot's leaf SPTEs but
+not the shadow pages of tables in it, fixed by SLOT_ZAP_SHADOW_FIX before v6.12 (without it the VM's
+teardown also oopsed, which the splat watch would catch). Upstream's set_memory_region_test
+deletes and moves memslots of guest data; kvm_util keeps guest page tables in memslot 0, which
+no upstream selftest replaces.
 """
 from __future__ import annotations
 
