@@ -15,9 +15,8 @@ PT_POOL_SIZE holds the tables of about 480 MiB of 4K mappings. A :meth:`GuestVm.
 that needs more adds a page-table memslot (the highest memslot id) of PT_SLOT_SIZE
 bytes (or more, as needed) ending 1 GiB below ``gpa_limit``, the top of the guest physical
 address space (MAXPHYADDR, 47 bits at most so that it can be identity mapped too), and takes
-table pages from it; a
-KvmError if the test already uses that range (a fixed place a test can avoid, rather than
-one searched for that it cannot predict).
+table pages from it; a KvmError if the test already uses that range (a fixed place a test
+can avoid, rather than one searched for that it cannot predict).
 
 A user-mode guest (``user_mode=True``) runs guest_main at CPL3: every mapping is
 user-accessible with the accessed/dirty bits preset, the vCPU starts with the user
