@@ -35,6 +35,7 @@ from kvmpy.vm import Vm
 
 from .drivers import TEST_GPA, StageLog, TouchGuest, nested_guest
 from .kernel_changes import SLOT_ZAP_QUIRK, SLOT_ZAP_SHADOW_FIX, running_release
+from .sptes import SIZES, counts, delta, sized
 
 TABLE_SLOT, TABLE_L1 = 2, 0x8000_0000   # the last-level table for the data (one page)
 MOVED_L1, SPARE_SLOT = 0x8020_0000, 5   # where "move" puts it; the new memory's memslot then
@@ -82,6 +83,21 @@ def _check_writes(old: list[int], new: list[int], first, second, how: str, zap: 
     assert not wrong, f"{len(wrong)} pages of the new data lack the second pass's stamps, e.g. {wrong[:8]}"
 
 
+def _check_zap(before: dict[str, int], after: dict[str, int], zap: str, own: int) -> None:
+    """What the replacement dropped: with the quirk disabled exactly ``own`` 4K SPTEs (those
+    below the table's shadow page, and any that maps the table's page itself), every other
+    kept; with the quirk, every shadow page goes, so more than ``own``."""
+    got = delta(after, before)
+    if zap == "slot":
+        assert got == sized(pages_4k=-own), (
+            f"replacing the table's memslot with KVM_X86_QUIRK_SLOT_ZAP_ALL disabled: SPTE counts before "
+            f"{before}, after {after}: {got}, want exactly the {own} 4K SPTEs of the slot's pages")
+    else:
+        assert got["pages_4k"] < -own, (
+            f"replacing the table's memslot (zap all): SPTE counts before {before}, after {after}: {got}, "
+            f"want every shadow page gone, more than the slot's {own} 4K SPTEs")
+
+
 def _stamps(slot, pages: int = PAGES) -> list[int]:
     return [int.from_bytes(slot.view[p * PAGE_4K: p * PAGE_4K + 8], "little") for p in range(pages)]
 
@@ -102,13 +118,16 @@ def test_replaced_table_memslot_drops_shadow_pages(kvm, cpl, shadow_paging, kvmp
         g.pt.set_table(TEST_GPA, 1, TABLE_L1)
         g.map(TEST_GPA, TEST_GPA, size, PAGE_4K)         # the data: TouchGuest's slot, first
         assert t.write(stamp=0x1111 << 32) == PAGES
+        before = counts(g.vm)
         _replace(g, how)
+        after = counts(g.vm)
         g.map(TEST_GPA, NEW_L1, size, PAGE_4K)           # into the new table: the new data
         t.reload_cr3()
         assert t.write(stamp=0x2222 << 32) == PAGES
         old_stamps, new_stamps = _stamps(t.slot), _stamps(new)
     _check_writes(old_stamps, new_stamps, lambda p: 0x1111 << 32 ^ p * PAGE_4K,
                   lambda p: 0x2222 << 32 ^ p * PAGE_4K, how, zap)
+    _check_zap(before, after, zap, own=PAGES)       # the guest never reads its table as data
 
 
 @REPLACEMENTS
@@ -123,6 +142,7 @@ def test_replaced_table_memslot_drops_nested_shadow_pages(kvm, nested, kvmpy_sta
         if rec.args[0] == 1:
             replaced["before"] = rec.stats
             _replace(g, how)
+            replaced["after"] = counts(g.vm)
             g.write_global("cmd_target", NEW_L1)
         else:
             g.write_global("cmd_stop", 1)
@@ -149,3 +169,5 @@ def test_replaced_table_memslot_drops_nested_shadow_pages(kvm, nested, kvmpy_sta
     grown = replaced["before"]["pages_4k"] - start["pages_4k"]
     assert grown >= PAGES, f"L2's first pass added {grown} 4K SPTEs, fewer than its {PAGES} data pages"
     _check_writes(old_stamps, new_stamps, lambda p: 1 << 32 | p, lambda p: 2 << 32 | p, how, zap)
+    # L1 wrote its table: L1's own MMU maps that page too.
+    _check_zap({k: replaced["before"][k] for k in SIZES}, replaced["after"], zap, own=PAGES + 1)
