@@ -39,9 +39,9 @@ from .sptes import SIZES, counts, delta, sized
 
 TABLE_SLOT, TABLE_L1 = 2, 0x8000_0000   # the last-level table for the data (one page)
 MOVED_L1, SPARE_SLOT = 0x8020_0000, 5   # where "move" puts it; the new memory's memslot then
-OLD_SLOT, OLD_L1 = 3, 0xC000_0000       # what the data maps to first ...
+OLD_SLOT, OLD_L1 = 3, 0xC000_0000       # what the data maps to first (L1's own table: TouchGuest's slot) ...
 NEW_SLOT, NEW_L1 = 4, 0xC020_0000       # ... and after the table's memslot was replaced
-DATA_L2 = 0x4000_0000
+DATA_L2 = 0x4000_0000                   # L2 GPAs (and GVAs) of the nested test's data
 PAGES = 64                              # nested faults are slow in the Bochs bed
 # How the table's memslot goes: deleted, or moved away (KVM_MR_MOVE: the quirk covers both);
 # with the quirk (zap-all) or without it (zap-slot).
