@@ -86,8 +86,7 @@ def _error_suite(root: ET.Element, errors: list[tuple[str, str]]) -> None:
 def with_verdict(xml: bytes | None, runs: list[RunResults]) -> bytes | None:
     """The host run's JUnit document (``xml``, as pytest wrote it; None: it wrote none) made to
     fail where the report does: each of :func:`~kvmpy.selftest.report.run_problems` added as an
-    error case. None when pytest's
-    document needs nothing added."""
+    error case. None when pytest's document needs nothing added."""
     errors = [(case, text if case == VERDICT_CASE else f"{config}: {text}") for case, config, text in run_problems(runs)]
     if xml is None:
         return format_junit(runs)

@@ -42,6 +42,13 @@ class PagingError(KvmError):
     """A mapping request that cannot be honoured (alignment, overlap, pool exhausted...)."""
 
 
+def _table_key(gva: int, level: int) -> tuple[int, int]:
+    """The builder's key of the level-``level`` table translating ``gva``: (level, the first GVA
+    it covers, in 48 bits)."""
+    span = 1 << (12 + 9 * level)        # what one entry of the table above covers
+    return level, gva & ~(span - 1) & ((1 << 48) - 1)
+
+
 def _index(gva: int, level: int) -> int:
     return (gva >> (12 + 9 * (level - 1))) & 511
 
@@ -195,15 +202,15 @@ class PageTableBuilder:
         """GPA of the level-``leaf_level`` table covering ``gva``, descending from the PML4."""
         table = self.cr3
         for level in range(4, leaf_level, -1):
-            span = 1 << (12 + 9 * (level - 1))  # bytes one entry at `level` covers
-            key = (level - 1, (gva & ~(span - 1)) & ((1 << 48) - 1))
+            key = _table_key(gva, level - 1)
             child = self._tables.get(key)
             if child is None:
                 pte_gpa = table + 8 * _index(gva, level)
                 pte = self._read(pte_gpa)
                 if pte & PTE_P:
                     if level in (2, 3) and pte & PTE_PS:
-                        raise PagingError(f"GVA {gva:#x} is already inside a {span >> 20} MiB page")
+                        raise PagingError(f"GVA {gva:#x} is already inside a "
+                                          f"{1 << (12 + 9 * (level - 1)) >> 20} MiB page")
                     child = pte & PTE_ADDR_MASK
                 elif not create:
                     return None
@@ -229,8 +236,7 @@ class PageTableBuilder:
             raise PagingError(f"GVA {gva:#x} is not canonical")
         if any(g <= table_gpa < g + sz for g, sz in self._pools):
             raise PagingError(f"table GPA {table_gpa:#x} is inside a page-table pool, whose pages the builder hands out")
-        span = 1 << (12 + 9 * level)        # what one entry of the table above covers
-        key = (level, gva & ~(span - 1) & ((1 << 48) - 1))
+        key = _table_key(gva, level)
         parent = self._table_for(gva, level + 1, create=True)
         pte_gpa = parent + 8 * _index(gva, level + 1)
         if key in self._tables or self._read(pte_gpa) & PTE_P:
