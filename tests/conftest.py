@@ -1,7 +1,12 @@
 """Fixtures for kvmpy's own unit tests."""
 from __future__ import annotations
 
+import os
+
 import pytest
+
+# Unit tests leave the user's guest-layout cache alone (test_elf's cache tests give it a tmp_path).
+os.environ["KVMPY_ELF_CACHE"] = ""
 
 from bed_fakes import install_fake_beds
 

@@ -290,3 +290,121 @@ def test_the_parse_cache_is_safe_across_threads(tmp_path, globals_elf, monkeypat
         t.join()
     assert not errors, f"{len(errors)} errors, e.g. {type(errors[0]).__name__}: {str(errors[0])[:200]}"
     assert len(full) == elf_module._PARSED_MAX and all(p.read_bytes() in full for p in paths)
+
+
+def _layout_fields(elf: GuestElf) -> tuple:
+    return (elf.entry, [(s.paddr, s.vaddr, s.filesz, s.memsz, s.flags, s.data) for s in elf.segments],
+            elf.symbols, elf._ambiguous)
+
+
+@pytest.fixture
+def layout_cache_dir(tmp_path, monkeypatch):
+    """The guest-layout cache in a directory of its own, and the in-process parse cache empty."""
+    from kvmpy.guest import elf as elf_module
+
+    where = tmp_path / "layouts"
+    monkeypatch.setenv("KVMPY_ELF_CACHE", str(where))
+    monkeypatch.setattr(elf_module, "_PARSED", {})
+    return where
+
+
+def test_every_guest_program_loads_the_same_from_the_layout_cache(tmp_path, globals_elf, layout_cache_dir):
+    from kvmpy.guest import elf as elf_module
+
+    paths = sorted(programs.find("globals").parent.glob("*.elf"))
+    fresh = {p.name: _layout_fields(GuestElf(p)) for p in paths}
+    assert len(list(layout_cache_dir.glob("*.json"))) == len(paths)
+    elf_module._PARSED.clear()
+    read = []
+    real_read = GuestElf._read_layout
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(GuestElf, "_read_layout", lambda self, raw: read.append(self.path) or real_read(self, raw))
+        cached = {p.name: _layout_fields(GuestElf(p)) for p in paths}
+    assert read == [], "a cached layout was read from the headers again"
+    assert cached == fresh
+
+
+def test_a_cached_layout_spares_the_pyelftools_import(tmp_path, globals_elf, layout_cache_dir):
+    import subprocess
+    import sys
+
+    path = write(tmp_path, globals_elf)
+    code = ("import sys; from kvmpy.guest.elf import GuestElf; e = GuestElf(sys.argv[1]); "
+            "print(e.symbol('in_value').addr, 'elftools' in sys.modules)")
+    env = {**__import__("os").environ, "KVMPY_ELF_CACHE": str(layout_cache_dir)}
+    first, second = (subprocess.run([sys.executable, "-c", code, str(path)], env=env, capture_output=True,
+                                    text=True, check=True).stdout.split() for _ in range(2))
+    assert first[1] == "True" and second == [first[0], "False"]
+
+
+@pytest.mark.parametrize("damage", [
+    b"", b"{not json", b'{"entry": 1}', b'{"entry": -1, "loads": [], "symtab": null, "strtab": null}',
+    b'{"entry": 1, "loads": [[1, 2, 3]], "symtab": null, "strtab": null}',
+    b'{"entry": 1, "loads": [], "symtab": [1, 2, 3], "strtab": null}',
+    b'{"entry": true, "loads": [], "symtab": null, "strtab": null}',
+])
+def test_a_damaged_cache_entry_is_read_again_and_replaced(tmp_path, globals_elf, layout_cache_dir, damage):
+    from kvmpy.guest import elf as elf_module
+
+    path = write(tmp_path, globals_elf)
+    want = _layout_fields(GuestElf(path))
+    (entry,) = layout_cache_dir.glob("*.json")
+    good = entry.read_bytes()
+    entry.write_bytes(damage)
+    elf_module._PARSED.clear()
+    assert _layout_fields(GuestElf(path)) == want
+    assert entry.read_bytes() == good
+
+
+def test_a_cached_layout_that_points_past_the_file_is_refused(tmp_path, globals_elf, layout_cache_dir):
+    import json
+
+    from kvmpy.guest import elf as elf_module
+
+    path = write(tmp_path, globals_elf)
+    GuestElf(path)
+    (entry,) = layout_cache_dir.glob("*.json")
+    layout = json.loads(entry.read_text())
+    layout["loads"][0][3] = len(globals_elf) * 2       # filesz: the checks run on cached layouts too
+    entry.write_text(json.dumps(layout))
+    elf_module._PARSED.clear()
+    with pytest.raises(ElfError, match="truncated ELF: segment at offset"):
+        GuestElf(path)
+
+
+def test_a_corrupt_elf_leaves_no_cache_entry_and_an_empty_setting_turns_the_cache_off(
+        tmp_path, globals_elf, layout_cache_dir, monkeypatch):
+    bad = bytearray(globals_elf)
+    struct.pack_into("<H", bad, 62, 999)                # e_shstrndx
+    with pytest.raises(ElfError):
+        GuestElf(write(tmp_path, bytes(bad), "bad.elf"))
+    assert not layout_cache_dir.exists() or not list(layout_cache_dir.iterdir())
+    monkeypatch.setenv("KVMPY_ELF_CACHE", "")
+    GuestElf(write(tmp_path, globals_elf))
+    assert not layout_cache_dir.exists()
+
+
+def test_an_unwritable_cache_is_no_error(tmp_path, globals_elf, monkeypatch):
+    from kvmpy.guest import elf as elf_module
+
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    monkeypatch.setenv("KVMPY_ELF_CACHE", str(blocker / "cache"))    # below a file: mkdir fails
+    monkeypatch.setattr(elf_module, "_PARSED", {})
+    assert GuestElf(write(tmp_path, globals_elf)).symbol("in_value")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "g.elf"]
+
+
+def test_the_cache_keeps_its_newest_entries(tmp_path, layout_cache_dir, monkeypatch):
+    import os
+
+    from kvmpy.guest import layout_cache
+
+    monkeypatch.setattr(layout_cache, "MAX_ENTRIES", 3)
+    for i in range(5):
+        layout_cache.put(b"elf%d" % i, {"i": i})
+        for p in layout_cache_dir.glob("*.json"):       # distinct mtimes, oldest first
+            st = p.stat()
+            os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns - 1_000_000))
+    assert [layout_cache.get(b"elf%d" % i) for i in range(5)] == [None, None, {"i": 2}, {"i": 3}, {"i": 4}]
+    assert not list(layout_cache_dir.glob("*.tmp"))

@@ -3,6 +3,11 @@
 PT_LOAD segments go to their physical addresses; the symbol table gives
 access to guest globals (the host writes parameters before a run and reads
 results after it, like the kernel selftests' sync_global_to_guest()).
+
+pyelftools reads the headers into an :class:`ElfLayout` (the entry, the PT_LOAD table and
+where .symtab is); :mod:`kvmpy.guest.layout_cache` keeps each layout on disk under the
+ELF's content hash, so a later process loading the same program need not import
+pyelftools (18 ms, most of a ``kvmpy perf`` run's excess over the kernel's C tool).
 """
 from __future__ import annotations
 
@@ -12,10 +17,8 @@ import struct
 import threading
 from pathlib import Path
 
-from elftools.construct import ConstructError as _ParseError
-from elftools.elf.structs import ELFStructs
-
 from kvmpy.errors import KvmError
+from kvmpy.guest import layout_cache
 from kvmpy.record import Record
 from kvmpy.x86.physmem import PhysMemory
 
@@ -46,6 +49,39 @@ class LoadSegment(Record, frozen=True):
     data: bytes
 
 
+class ElfLayout(Record, frozen=True):
+    """What a guest ELF's headers say, as pyelftools read them: the entry point, each
+    PT_LOAD's ``(paddr, vaddr, file offset, filesz, memsz, flags)``, and .symtab's
+    ``(offset, size, entry size)`` with its string table's ``(offset, size)`` (None
+    without one). The bytes they point at are read from the file itself."""
+
+    entry: int
+    loads: tuple
+    symtab: tuple | None
+    strtab: tuple | None
+
+    def to_json(self) -> dict:
+        return {"entry": self.entry, "loads": [list(t) for t in self.loads],
+                "symtab": None if self.symtab is None else list(self.symtab),
+                "strtab": None if self.strtab is None else list(self.strtab)}
+
+    @classmethod
+    def from_json(cls, obj: object) -> ElfLayout:
+        """The layout ``to_json`` gave; ValueError if ``obj`` is not one (a damaged cache file)."""
+        def ints(value: object, n: int) -> tuple:
+            if not isinstance(value, list) or len(value) != n or \
+                    not all(type(v) is int and v >= 0 for v in value):
+                raise ValueError(f"expected {n} non-negative ints, got {value!r:.80}")
+            return tuple(value)
+        if not isinstance(obj, dict) or set(obj) != {"entry", "loads", "symtab", "strtab"} \
+                or not isinstance(obj["loads"], list) or (obj["symtab"] is None) != (obj["strtab"] is None):
+            raise ValueError(f"not an ElfLayout: {obj!r:.80}")
+        (entry,) = ints([obj["entry"]], 1)
+        return cls(entry, tuple(ints(t, 6) for t in obj["loads"]),
+                   None if obj["symtab"] is None else ints(obj["symtab"], 3),
+                   None if obj["strtab"] is None else ints(obj["strtab"], 2))
+
+
 class Symbol(Record, frozen=True):
     """A symbol from .symtab: ``addr`` is its (identity-mapped) guest address."""
 
@@ -56,12 +92,14 @@ class Symbol(Record, frozen=True):
 
 
 @functools.lru_cache(maxsize=8)
-def _structs(e_type: str | None = None, e_machine: str | None = None, osabi: str | None = None) -> ELFStructs:
+def _structs(e_type: str | None = None, e_machine: str | None = None, osabi: str | None = None):
     """pyelftools' structs of a little-endian ELF64 (its header alone without arguments; all of them
     for a header's type, machine and OS ABI). Built once: building them costs more than a parse.
 
     These, not pyelftools' ELFFile, which imports its DWARF and ehabi readers too: that tripled
     the import cost of every guest-loading process."""
+    from elftools.elf.structs import ELFStructs     # only when the layout is not in the cache
+
     structs = ELFStructs(little_endian=True, elfclass=64)
     structs.create_basic_structs()
     if e_type is not None:
@@ -113,42 +151,71 @@ class GuestElf:
         if machine != 62:
             name = _EM_NAMES.get(machine, f"e_machine {machine}")
             raise self._fail(f"wrong architecture: {name}, expected EM_X86_64")
+        layout = None
+        cached = layout_cache.get(raw)
+        if cached is not None:
+            try:
+                layout = ElfLayout.from_json(cached)
+            except ValueError:
+                layout = None           # a damaged entry: read the headers again, and replace it
+        try:
+            fresh = layout is None
+            if fresh:
+                layout = self._read_layout(raw)
+            self._use_layout(raw, layout)
+        except ElfError:
+            raise
+        except (struct.error, ValueError, KeyError, IndexError, AttributeError, OverflowError) as e:
+            raise self._fail(f"truncated or corrupt ELF: {e}") from None
+        if fresh:       # only a layout that loaded: a corrupt file leaves no entry behind
+            layout_cache.put(raw, layout.to_json())
+
+    def _read_layout(self, raw: bytes) -> ElfLayout:
+        """The headers' layout, read by pyelftools; ElfError naming what is corrupt."""
+        from elftools.construct import ConstructError
+
         try:
             ehdr = _structs().Elf_Ehdr.parse(raw)
             if ehdr.e_type != "ET_EXEC":
                 raise self._fail(f"not a static executable (e_type {ehdr.e_type})")
             elf = _structs(ehdr.e_type, ehdr.e_machine, ehdr.e_ident.EI_OSABI)
-            self.entry = ehdr.e_entry
-            segs = []
-            for seg in self._table(raw, elf.Elf_Phdr, ehdr.e_phoff, ehdr.e_phnum, ehdr.e_phentsize, "program"):
-                if seg.p_type != "PT_LOAD":
-                    continue
-                off, filesz, memsz = seg.p_offset, seg.p_filesz, seg.p_memsz
-                if off + filesz > len(raw):
-                    raise self._fail(f"truncated ELF: segment at offset {off:#x}+{filesz:#x} "
-                                     f"runs past the end of the file ({len(raw):#x} bytes)")
-                if filesz > memsz:
-                    raise self._fail(f"corrupt segment at {seg.p_paddr:#x}: filesz > memsz")
-                if seg.p_vaddr != seg.p_paddr:
-                    # Segments load at p_paddr but symbols and the entry are virtual addresses,
-                    # and the host maps guest memory GVA == GPA (guests/lib/guest.ld).
-                    raise self._fail(f"segment at p_vaddr {seg.p_vaddr:#x} loads at p_paddr {seg.p_paddr:#x}: "
-                                     "kvmpy guests must be linked with equal virtual and physical addresses")
-                segs.append(LoadSegment(seg.p_paddr, seg.p_vaddr, filesz, memsz, seg.p_flags,
-                                        raw[off: off + filesz]))
+            loads = tuple((seg.p_paddr, seg.p_vaddr, seg.p_offset, seg.p_filesz, seg.p_memsz, seg.p_flags)
+                          for seg in self._table(raw, elf.Elf_Phdr, ehdr.e_phoff, ehdr.e_phnum,
+                                                 ehdr.e_phentsize, "program")
+                          if seg.p_type == "PT_LOAD")
             sections = self._table(raw, elf.Elf_Shdr, ehdr.e_shoff, ehdr.e_shnum, ehdr.e_shentsize, "section")
             symtab = self._section(raw, sections, ehdr.e_shstrndx, ".symtab")
-            if symtab is not None and symtab.sh_link >= len(sections):
+            if symtab is None:
+                return ElfLayout(ehdr.e_entry, loads, None, None)
+            if symtab.sh_link >= len(sections):
                 raise self._fail(f"corrupt .symtab: its string table is section {symtab.sh_link} of {len(sections)}")
-            self.symbols, self._ambiguous = ({}, {}) if symtab is None else \
-                self._symbols(raw, symtab, sections[symtab.sh_link])
-        except ElfError:
-            raise
-        except (_ParseError, struct.error, ValueError, KeyError, IndexError, AttributeError, OverflowError) as e:
+            strtab = sections[symtab.sh_link]
+            return ElfLayout(ehdr.e_entry, loads, (symtab.sh_offset, symtab.sh_size, symtab.sh_entsize),
+                             (strtab.sh_offset, strtab.sh_size))
+        except ConstructError as e:
             raise self._fail(f"truncated or corrupt ELF: {e}") from None
+
+    def _use_layout(self, raw: bytes, layout: ElfLayout) -> None:
+        """Take the entry, the segments' bytes and the symbols from ``raw`` where ``layout``
+        says they are, checking that they are there (a fresh layout and a cached one alike)."""
+        segs = []
+        for paddr, vaddr, off, filesz, memsz, flags in layout.loads:
+            if off + filesz > len(raw):
+                raise self._fail(f"truncated ELF: segment at offset {off:#x}+{filesz:#x} "
+                                 f"runs past the end of the file ({len(raw):#x} bytes)")
+            if filesz > memsz:
+                raise self._fail(f"corrupt segment at {paddr:#x}: filesz > memsz")
+            if vaddr != paddr:
+                # Segments load at p_paddr but symbols and the entry are virtual addresses,
+                # and the host maps guest memory GVA == GPA (guests/lib/guest.ld).
+                raise self._fail(f"segment at p_vaddr {vaddr:#x} loads at p_paddr {paddr:#x}: "
+                                 "kvmpy guests must be linked with equal virtual and physical addresses")
+            segs.append(LoadSegment(paddr, vaddr, filesz, memsz, flags, raw[off: off + filesz]))
         if not segs:
             raise self._fail("no PT_LOAD segments")
-        self.segments = segs
+        self.symbols, self._ambiguous = ({}, {}) if layout.symtab is None else \
+            self._symbols(raw, layout.symtab, layout.strtab)
+        self.entry, self.segments = layout.entry, segs
 
     def _table(self, raw: bytes, entry, offset: int, count: int, entsize: int, what: str) -> list:
         """The ``count`` headers (``entry``, a pyelftools struct) ``entsize`` bytes apart from ``offset``."""
@@ -175,16 +242,16 @@ class GuestElf:
         return next((s for s in sections if s.sh_name < names.sh_size
                      and raw.startswith(wanted, start + s.sh_name, end)), None)
 
-    def _symbols(self, raw: bytes, symtab, strtab) -> tuple[dict[str, Symbol], dict[str, tuple[Symbol, ...]]]:
+    def _symbols(self, raw: bytes, symtab: tuple, strtab: tuple) -> tuple[dict[str, Symbol],
+                                                                          dict[str, tuple[Symbol, ...]]]:
         """The defined, named symbols of ``symtab`` (the last of each name), and every symbol of
         each name that several addresses have (e.g. two ``static`` variables).
 
         Read with struct: pyelftools' per-symbol parse was most of a guest's set-up in a
         one-shot process (the ~140 symbols took 45 ms)."""
-        off, size = symtab["sh_offset"], symtab["sh_size"]
-        str_off, str_size = strtab["sh_offset"], strtab["sh_size"]
-        if symtab["sh_entsize"] != _SYM.size or size % _SYM.size:
-            raise self._fail(f"corrupt .symtab: entry size {symtab['sh_entsize']}, section size {size}")
+        (off, size, entsize), (str_off, str_size) = symtab, strtab
+        if entsize != _SYM.size or size % _SYM.size:
+            raise self._fail(f"corrupt .symtab: entry size {entsize}, section size {size}")
         if off + size > len(raw) or str_off + str_size > len(raw):
             raise self._fail("truncated ELF: .symtab or its string table runs past the end of the file")
         strings = raw[str_off: str_off + str_size]
