@@ -356,20 +356,27 @@ def test_a_damaged_cache_entry_is_read_again_and_replaced(tmp_path, globals_elf,
     assert entry.read_bytes() == good
 
 
-def test_a_cached_layout_that_points_past_the_file_is_refused(tmp_path, globals_elf, layout_cache_dir):
+@pytest.mark.parametrize("field,value", [
+    ("loads", []),                          # "no PT_LOAD segments"
+    ("loads", [[0x400000, 0x400000, 0, 1 << 30, 1 << 30, 5]]),     # a segment past the end of the file
+    ("symtab", [0, 24 * 1000, 8]),          # a wrong entry size
+])
+def test_a_cached_layout_that_does_not_fit_its_file_is_read_again_and_replaced(
+        tmp_path, globals_elf, layout_cache_dir, field, value):
     import json
 
     from kvmpy.guest import elf as elf_module
 
     path = write(tmp_path, globals_elf)
-    GuestElf(path)
+    want = _layout_fields(GuestElf(path))
     (entry,) = layout_cache_dir.glob("*.json")
-    layout = json.loads(entry.read_text())
-    layout["loads"][0][3] = len(globals_elf) * 2       # filesz: the checks run on cached layouts too
+    good = entry.read_bytes()
+    layout = json.loads(good)
+    layout[field] = value                   # well-formed, but the checks on the file's bytes fail
     entry.write_text(json.dumps(layout))
     elf_module._PARSED.clear()
-    with pytest.raises(ElfError, match="truncated ELF: segment at offset"):
-        GuestElf(path)
+    assert _layout_fields(GuestElf(path)) == want
+    assert entry.read_bytes() == good
 
 
 def test_a_corrupt_elf_leaves_no_cache_entry_and_an_empty_setting_turns_the_cache_off(

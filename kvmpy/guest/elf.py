@@ -26,6 +26,8 @@ _SYM = struct.Struct("<IBBHQQ")    # Elf64_Sym: st_name, st_info, st_other, st_s
 _SHN_UNDEF = 0
 _STT = {0: "STT_NOTYPE", 1: "STT_OBJECT", 2: "STT_FUNC", 3: "STT_SECTION", 4: "STT_FILE", 5: "STT_COMMON",
         6: "STT_TLS", 10: "STT_LOOS"}    # pyelftools' names (st_info's low nibble)
+# What reading a corrupt file's headers or tables raises besides ElfError.
+_CORRUPT = (struct.error, ValueError, KeyError, IndexError, AttributeError, OverflowError)
 _EM_NAMES = {3: "EM_386 (i386)", 40: "EM_ARM", 62: "EM_X86_64", 183: "EM_AARCH64", 243: "EM_RISCV"}
 
 
@@ -151,24 +153,21 @@ class GuestElf:
         if machine != 62:
             name = _EM_NAMES.get(machine, f"e_machine {machine}")
             raise self._fail(f"wrong architecture: {name}, expected EM_X86_64")
-        layout = None
         cached = layout_cache.get(raw)
         if cached is not None:
             try:
-                layout = ElfLayout.from_json(cached)
-            except ValueError:
-                layout = None           # a damaged entry: read the headers again, and replace it
+                self._use_layout(raw, ElfLayout.from_json(cached))
+                return
+            except (ElfError, *_CORRUPT):
+                pass        # a damaged entry, or one that does not fit its file: read the headers again
         try:
-            fresh = layout is None
-            if fresh:
-                layout = self._read_layout(raw)
+            layout = self._read_layout(raw)
             self._use_layout(raw, layout)
         except ElfError:
             raise
-        except (struct.error, ValueError, KeyError, IndexError, AttributeError, OverflowError) as e:
+        except _CORRUPT as e:
             raise self._fail(f"truncated or corrupt ELF: {e}") from None
-        if fresh:       # only a layout that loaded: a corrupt file leaves no entry behind
-            layout_cache.put(raw, layout.to_json())
+        layout_cache.put(raw, layout.to_json())     # only a layout that loaded: a corrupt file leaves none
 
     def _read_layout(self, raw: bytes) -> ElfLayout:
         """The headers' layout, read by pyelftools; ElfError naming what is corrupt."""
