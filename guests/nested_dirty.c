@@ -16,7 +16,9 @@
  * pass); while the vCPU is stopped there the host reads stats, toggles dirty
  * logging and sets the next pass in `cmd_*`.  With cmd_stop set L2 finishes.
  * A pass writes the u64 (pass << 32 | page) at the start of pages first,
- * first + stride, ... of the region.
+ * first + stride, ... of the region; with cmd_exec set it calls them instead,
+ * at exec_offset, where the host has put a RET (an instruction fetch through
+ * the nested MMU, for the kvm.nx_huge_pages tests).
  */
 #include "lib/guest.h"
 #include "lib/nested.h"
@@ -26,8 +28,11 @@ uint64_t data_l1_gpa = 0xc0000000ul;
 uint64_t data_size = 64ul << 20;
 uint64_t l1_mem_size = 64ul << 20;
 
+uint64_t exec_offset = 2048;
+
 volatile uint64_t cmd_first;
 volatile uint64_t cmd_stride = 1;
+volatile uint64_t cmd_exec;
 volatile uint64_t cmd_stop;
 
 static struct nested n;
@@ -42,12 +47,18 @@ static void l2_main(uint64_t arg)
 		nested_l2_sync(pass, written, 0, 0);
 		if (cmd_stop)
 			break;
-		uint64_t stride = cmd_stride, first = cmd_first;
+		uint64_t stride = cmd_stride, first = cmd_first, exec = cmd_exec;
 
-		GUEST_ASSERT(stride > 0);
+		GUEST_ASSERT(stride > 0 && exec_offset < PAGE_SIZE_4K);
 		written = 0;
-		for (uint64_t i = first; i < npages; i += stride, written++)
-			WRITE_ONCE(*(volatile uint64_t *)(data_l2_gpa + i * PAGE_SIZE_4K), pass << 32 | i);
+		for (uint64_t i = first; i < npages; i += stride, written++) {
+			uint64_t page = data_l2_gpa + i * PAGE_SIZE_4K;
+
+			if (exec)
+				((void (*)(void))(page + exec_offset))();
+			else
+				WRITE_ONCE(*(volatile uint64_t *)page, pass << 32 | i);
+		}
 	}
 	nested_l2_done();
 }

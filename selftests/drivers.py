@@ -9,7 +9,8 @@ finish and releases the VM.
     SteppedDriver     a program's GuestVm + SteppedGuest, its SPTE counts, close (the base)
     TouchGuest        guests/mmu_touch.c at CPL0 or CPL3: read/write passes over a test
                       memslot, each checked to have run natively (selftests/privilege.py)
-    NestedDirtyGuest  guests/nested_dirty.c: L2 writes a region L1 maps with NPT/EPT 2M pages
+    NestedDirtyGuest  guests/nested_dirty.c: L2 writes (or executes) a region L1 maps with
+                      NPT/EPT 2M pages
 
 and, for nested programs (guests/lib/nested.h) run in one go, :func:`nested_guest` and
 :class:`StageLog` (what the guest reported at each stage, with the VM's stats then).
@@ -30,6 +31,7 @@ from .privilege import NativeSteps
 from .sptes import counts, delta, sized
 
 TEST_SLOT = 1
+RET = 0xC3                      # the x86 near return, what NestedDirtyGuest.execute() calls
 TEST_GPA = 1 << 30              # 1 GiB aligned, so 1G mappings are possible
 
 
@@ -227,9 +229,24 @@ class NestedDirtyGuest(SteppedDriver):
 
     def write(self, first: int = 0, stride: int = 1) -> list[int]:
         """One L2 pass writing pages first, first+stride, ... of the region; returns them."""
-        self.pass_no, written = self._pass(self.guest.step({"cmd_first": first, "cmd_stride": stride}))
+        return self._pass_over(first, stride, execute=False)
+
+    def execute(self, first: int = 0, stride: int = 1) -> list[int]:
+        """One L2 pass calling a RET in pages first, first+stride, ... of the region (at the
+        guest's exec_offset, written here first); returns them. Their stamps stay as they were."""
+        offset = self.g.read_global("exec_offset")
         pages = list(range(first, self.npages, stride))
-        assert written == len(pages), f"L2 reports {written} pages written in pass {self.pass_no - 1}"
+        view = self.slot.view
+        for p in pages:
+            view[p * PAGE_4K + offset] = RET
+        return self._pass_over(first, stride, execute=True)
+
+    def _pass_over(self, first: int, stride: int, execute: bool) -> list[int]:
+        self.pass_no, done = self._pass(self.guest.step({"cmd_first": first, "cmd_stride": stride,
+                                                         "cmd_exec": int(execute)}))
+        pages = list(range(first, self.npages, stride))
+        assert done == len(pages), \
+            f"L2 reports {done} pages {'executed' if execute else 'written'} in pass {self.pass_no - 1}"
         return pages
 
     def check_data(self, pages: list[int], pass_no: int) -> None:

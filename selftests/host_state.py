@@ -1,4 +1,5 @@
-"""Host state that only the test bed may change, always restored: hugetlb pools, eager page split.
+"""Host state that only the test bed may change, always restored: hugetlb pools, eager page split,
+NX huge pages and their recovery.
 
 On a normal host nothing here changes anything: a pool that is too small or a
 module parameter with the wrong value is a RequirementError (a skip) naming the
@@ -27,6 +28,9 @@ from . import bed_config
 from .kernel_changes import TDP_EAGER_SPLIT
 
 EAGER_PARAM = "/sys/module/kvm/parameters/eager_page_split"
+NX_PARAM = "/sys/module/kvm/parameters/nx_huge_pages"
+NX_RATIO_PARAM = "/sys/module/kvm/parameters/nx_huge_pages_recovery_ratio"
+NX_PERIOD_PARAM = "/sys/module/kvm/parameters/nx_huge_pages_recovery_period_ms"
 DROP_CACHES = "/proc/sys/vm/drop_caches"
 COMPACT_MEMORY = "/proc/sys/vm/compact_memory"
 
@@ -202,3 +206,31 @@ def eager_page_split(want: bool, fs: HostFs = HOST):
     with HostChanges(fs) as changes:
         changes.set(EAGER_PARAM, "Y" if want else "N")
         yield
+
+
+@contextlib.contextmanager
+def nx_huge_pages(fs: HostFs = HOST):
+    """Run with kvm.nx_huge_pages=Y and its recovery worker stopped (ratio 0); yields
+    ``start_recovery(period_ms)``, which makes the worker zap every NX-split shadow page each
+    ``period_ms`` (ratio 1). Bed only, and not in a boot that fixed these parameters: the
+    test must see the split before the worker can undo it, so it changes them as it goes.
+    Everything is restored afterwards.
+    """
+    params = {NX_PARAM: "kvm.nx_huge_pages", NX_RATIO_PARAM: "kvm.nx_huge_pages_recovery_ratio",
+              NX_PERIOD_PARAM: "kvm.nx_huge_pages_recovery_period_ms"}
+    for path in params:
+        require(fs.read(path) is not None, f"{path} is missing (kvm not loaded, or a kernel without it)")
+    require(fs.in_bed(), "needs kvm.nx_huge_pages=Y and its recovery worker started and stopped by the "
+                         "test; kvmpy changes them only inside `kvmpy bed`: run `kvmpy selftest --bed`")
+    fixed = [name for name in params.values() if bed_config.boot_fixes(name)]
+    require(not fixed, f"changes {', '.join(params.values())} as it runs, which {bed_config.setting()} "
+                       "fixes: one default boot (`kvmpy selftest --bed`) runs it")
+    with HostChanges(fs) as changes:
+        changes.set(NX_RATIO_PARAM, "0")        # first: no recovery while the test splits
+        if not param_on(fs.read(NX_PARAM)):
+            changes.set(NX_PARAM, "Y")          # zaps every VM's SPTEs: before the test's VM exists
+
+        def start_recovery(period_ms: int) -> None:
+            changes.set(NX_PERIOD_PARAM, str(period_ms))
+            changes.set(NX_RATIO_PARAM, "1")    # wakes the worker (recovery was off)
+        yield start_recovery

@@ -28,6 +28,9 @@ The audit behind this table (every stats assertion in selftests/, read in Debian
     memslot replaced under the nested MMU      same (all zapped); with KVM_X86_QUIRK_SLOT_ZAP_ALL
                                                off, which SLOT_ZAP_QUIRK added, the slot's shadow
                                                pages go since SLOT_ZAP_SHADOW_FIX (both v6.12)
+    NX huge page split and recovery, nested    same, but in a dirty-logged slot the recovery worker
+                                               zaps the split (6.1) or only unaccounts it:
+                                               NX_RECOVERY_SKIPS_DIRTY_LOGGED
 """
 from __future__ import annotations
 
@@ -61,6 +64,8 @@ NESTED_EAGER_SPLIT = Change("ada51a9de737", "KVM: x86/mmu: Extend Eager Page Spl
 SPLIT_ON_FAULT = Change("c4b33d28ea51", "KVM: x86/mmu: Split huge pages mapped by the TDP MMU on fault", (6, 2))
 NX_HUGE_PAGE_CHECK = Change("76901e56fb51", "KVM: x86/mmu: explicitly check nx_hugepage in "
                                             "disallowed_hugepage_adjust()", (6, 2))
+NX_RECOVERY_SKIPS_DIRTY_LOGGED = Change("eb298605705a", "KVM: x86/mmu: Do not recover dirty-tracked NX Huge Pages",
+                                        (6, 2))
 CLEAR_SPLIT_OFF_BY_ONE = Change("1aa4bb916808", "KVM: x86/mmu: Fix off-by-1 when splitting huge pages during CLEAR",
                                 (6, 8))
 SLOT_ZAP_QUIRK = Change("aa8d1f48d353", "KVM: x86/mmu: Introduce a quirk to control memslot zap behavior", (6, 12))

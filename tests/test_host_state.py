@@ -44,6 +44,7 @@ class FakeHost(hs.HostFs):
             "/proc/meminfo": "MemTotal:        4025924 kB\nMemFree: 1 kB",
             hs.DROP_CACHES: "0", hs.COMPACT_MEMORY: "0",
             hs.EAGER_PARAM: "Y",
+            hs.NX_PARAM: "N", hs.NX_RATIO_PARAM: "60", hs.NX_PERIOD_PARAM: "0",
         }
         for kb in (2048, 1048576):
             d = f"/sys/kernel/mm/hugepages/hugepages-{kb}kB/"
@@ -242,3 +243,47 @@ def test_a_value_that_cannot_be_read_is_not_written(host):
     with pytest.raises(KvmError, match="cannot read .*: not writing a value it could not restore"):
         changes.set(hs.EAGER_PARAM, "N")
     assert host.writes == []
+
+
+NX_DEFAULTS = [(hs.NX_PARAM, "N"), (hs.NX_RATIO_PARAM, "60"), (hs.NX_PERIOD_PARAM, "0")]
+
+
+def test_nx_huge_pages_on_with_recovery_stopped_then_started_and_all_restored(host):
+    with hs.nx_huge_pages(fs=host) as start_recovery:
+        assert host.writes == [(hs.NX_RATIO_PARAM, "0"), (hs.NX_PARAM, "Y")]   # no recovery before it is on
+        start_recovery(100)
+        assert host.writes[2:] == [(hs.NX_PERIOD_PARAM, "100"), (hs.NX_RATIO_PARAM, "1")]
+    assert [(p, host.value(p)) for p, _ in NX_DEFAULTS] == NX_DEFAULTS
+    # Newest first: the period, then kvm.nx_huge_pages, then the ratio (recovery off until the end).
+    assert host.writes[4:] == [(hs.NX_PERIOD_PARAM, "0"), (hs.NX_PARAM, "N"), (hs.NX_RATIO_PARAM, "60")]
+
+
+@pytest.mark.parametrize("stop", [AssertionError, KeyboardInterrupt])
+def test_nx_huge_pages_restored_when_the_test_fails(host, stop):
+    with pytest.raises(stop):
+        with hs.nx_huge_pages(fs=host) as start_recovery:
+            start_recovery(100)
+            raise stop()
+    assert [(p, host.value(p)) for p, _ in NX_DEFAULTS] == NX_DEFAULTS
+
+
+def test_nx_huge_pages_only_in_a_bed_boot_that_leaves_them_to_the_test(tmp_path, monkeypatch):
+    real_host = FakeHost(tmp_path / "host", bed=False)
+    with pytest.raises(RequirementError, match=r"kvmpy changes them only inside `kvmpy bed`: run `kvmpy selftest --bed`"):
+        with hs.nx_huge_pages(fs=real_host):
+            pass
+    bed = FakeHost(tmp_path / "bed")
+    import kvmpy.bed_mark
+    monkeypatch.setattr(kvmpy.bed_mark, "in_bed", lambda root="/": True)   # what the skip reason says
+    monkeypatch.setenv("KVMPY_BED_BACKEND", "qemu")
+    monkeypatch.setenv("KVMPY_BED_PARAMS", "kvm.nx_huge_pages=Y")
+    with pytest.raises(RequirementError, match=r"changes kvm.nx_huge_pages, kvm.nx_huge_pages_recovery_ratio, "
+                                               r"kvm.nx_huge_pages_recovery_period_ms as it runs, which this qemu "
+                                               r"bed boot \(--param kvm.nx_huge_pages=Y\) fixes: one default boot"):
+        with hs.nx_huge_pages(fs=bed):
+            pass
+    os.unlink(bed.path(hs.NX_PERIOD_PARAM))
+    with pytest.raises(RequirementError, match="nx_huge_pages_recovery_period_ms is missing"):
+        with hs.nx_huge_pages(fs=bed):
+            pass
+    assert real_host.writes == bed.writes == []
