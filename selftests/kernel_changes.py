@@ -28,6 +28,9 @@ The audit behind this table (every stats assertion in selftests/, read in Debian
     memslot replaced under the nested MMU      same (all zapped); with KVM_X86_QUIRK_SLOT_ZAP_ALL
                                                off, which SLOT_ZAP_QUIRK added, the slot's shadow
                                                pages go since SLOT_ZAP_SHADOW_FIX (both v6.12)
+    second eager split of a slot, nested MMU   same (the first split's orphaned pages are found
+                                               again); with kvm.nx_huge_pages=Y only from
+                                               NX_HUGE_PAGE_CHECK (before it, nothing is huge again)
     NX huge page split and recovery, nested    same, but in a dirty-logged slot the recovery worker
                                                zaps the split (6.1) or only unaccounts it:
                                                NX_RECOVERY_SKIPS_DIRTY_LOGGED

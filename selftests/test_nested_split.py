@@ -22,7 +22,7 @@ from kvmpy.hostinfo import mmu_flavour
 from kvmpy.memory import PAGE_2M, PAGE_4K
 from kvmpy.x86.paging import ENTRIES_PER_TABLE
 
-from .bed_config import require_tdp_mmu
+from .bed_config import require, require_tdp_mmu
 from .drivers import DATA_SIZE, DATA_SLOT, NestedDirtyGuest
 from .host_state import eager_page_split
 from .kernel_changes import NESTED_EAGER_SPLIT, NX_HUGE_PAGE_CHECK, expect, has
@@ -136,6 +136,60 @@ def test_nested_huge_pages_recovered_after_dirty_logging(kvm, nested, kvmpy_stat
         guest.check_data(sorted(set(range(guest.npages)) - set(pages)), guest.pass_no - 2)
     kvmpy_stats(when="dirty logging disabled, then L2 wrote one page per 2M",
                 pages_4k=off["pages_4k"] - dirty["pages_4k"], pages_2m=back["pages_2m"] - off["pages_2m"])
+
+
+def cache_misses(guest: NestedDirtyGuest) -> int:
+    """mmu_cache_miss: shadow pages kvm_mmu_find_shadow_page() did not find (and so allocated)."""
+    return int(guest.vm.stats.snapshot()["mmu_cache_miss"])
+
+
+def test_nested_second_dirty_logging_split_reuses_orphaned_shadow_pages(kvm, nested, kvmpy_stats):
+    """Dirty logging enabled a second time: the eager split finds the direct shadow pages the
+    first one made, orphaned since, fills them again, and the log is exact.
+
+    The first cycle leaves each split page in the shadow-page hash with no parent: disabling
+    logging empties it (kvm_mmu_zap_collapsible_sptes()), and L2's refault puts a 2M leaf over
+    its link (FNAME(fetch) -> mmu_set_spte() -> drop_parent_pte()). At the second enable,
+    shadow_mmu_get_sp_for_split() asks kvm_mmu_find_shadow_page() -- with a NULL vCPU -- for a
+    direct page of the same gfn and role: it finds the orphan and returns at the direct-page
+    check, before the unsync branch that would need the vCPU (mmu_cache_miss +0, against +1 per
+    2M at the first enable), and shadow_mmu_split_huge_page() refills its 512 SPTEs. No
+    upstream selftest splits a slot twice. Needs the TDP MMU (no eager split without it), and
+    before v6.2 kvm.nx_huge_pages=N (NX_HUGE_PAGE_CHECK: with it those kernels refault 4K over
+    the link, and nothing is huge to split again).
+    """
+    require_tdp_mmu(mmu_flavour(), "without the TDP MMU enabling dirty logging never splits the nested MMU eagerly")
+    require(not mmu_flavour().nx_huge_pages or has(NX_HUGE_PAGE_CHECK),
+            f"with kvm.nx_huge_pages=Y, kernels before {NX_HUGE_PAGE_CHECK} refault the slot 4K after "
+            "logging: nothing is huge to split a second time", {"kvm.nx_huge_pages": "N"})
+    with eager_page_split(True), NestedDirtyGuest(kvm, nested, DATA_SIZE) as guest:
+        huge = guest.map_huge()
+        n = guest.huge
+        split = sized(pages_4k=n * ENTRIES_PER_TABLE, pages_2m=-n)
+
+        missed = cache_misses(guest)
+        guest.vm.enable_dirty_logging(DATA_SLOT)
+        first = cache_misses(guest) - missed
+        assert delta(guest.counts(), huge) == split, f"first enable: {huge} -> {guest.counts()}"
+        assert first == n, f"the first split made {first} shadow pages, expected one per 2M ({n})"
+        guest.write()
+        guest.vm.enable_dirty_logging(DATA_SLOT, False)
+        guest.write(stride=PAGE_2M // PAGE_4K)      # huge again, over the emptied pages' links
+        assert guest.counts() == huge, f"after the first cycle L2's refault: {guest.counts()}, expected {huge}"
+
+        missed = cache_misses(guest)
+        guest.vm.enable_dirty_logging(DATA_SLOT)
+        again = guest.counts()
+        second = cache_misses(guest) - missed
+        assert second == 0, (f"the second split allocated {second} shadow pages: kvm_mmu_find_shadow_page() "
+                             f"did not find the {n} direct pages the first split left")
+        assert delta(again, huge) == split, f"second enable: {huge} -> {again}, expected {split}"
+
+        pages = guest.write(first=1, stride=3)
+        assert guest.counts() == again, f"L2's writes after the second split changed the SPTEs: {guest.counts()}"
+        assert list(guest.vm.get_dirty_log(DATA_SLOT).pages()) == pages, "the dirty log is not exactly L2's writes"
+        guest.check_data(pages, guest.pass_no - 1)
+    kvmpy_stats(when="dirty logging enabled again", mmu_cache_miss=second, **delta(again, huge))
 
 
 def test_nested_clear_dirty_log_splits_only_cleared_range(kvm, nested, kvmpy_stats):
