@@ -7,13 +7,15 @@
  * while it is parked the VM is quiescent, so the host can read the stats,
  * toggle dirty logging and set up the next pass:
  *
- *   op        MMU_TOUCH_OP_READ, _WRITE or _QUIT (lib/stages.h); _RELOAD_CR3
+ *   op        MMU_TOUCH_OP_READ, _WRITE, _EXEC or _QUIT (lib/stages.h); _RELOAD_CR3
  *             instead of a pass, after the host changed the guest's page tables
  *   start     byte offset of the first page touched, from test_gva
  *   length    bytes covered by the pass
  *   stride    bytes between touched addresses (a multiple of 8)
  *   stamp     a write pass stores stamp ^ offset in the first 8 bytes at each
- *             touched address; a read pass sums what it finds there into `sum`
+ *             touched address; a read pass sums what it finds there into `sum`;
+ *             an exec pass calls a RET the host put exec_offset bytes past each
+ *             touched address (an instruction fetch, for kvm.nx_huge_pages)
  *
  * The region itself holds nothing but test data: the counters live in this
  * program's .bss, in memslot 0.
@@ -28,6 +30,7 @@ uint64_t start;
 uint64_t length;
 uint64_t stride;
 uint64_t stamp;
+uint64_t exec_offset;	/* in .bss, whose page the counters keep mapped: no new SPTE at a first exec pass */
 
 /* Read by the host. */
 uint64_t passes;
@@ -43,6 +46,8 @@ static void touch(uint64_t o, uint64_t first, uint64_t len, uint64_t step, uint6
 		p = (volatile uint64_t *)(test_gva + off);
 		if (o == MMU_TOUCH_OP_WRITE)
 			*p = s ^ off;
+		else if (o == MMU_TOUCH_OP_EXEC)
+			((void (*)(void))(test_gva + off + exec_offset))();
 		else
 			acc += *p;
 	}
@@ -65,8 +70,9 @@ void guest_main(uint32_t vcpu_id, uint64_t arg)
 			guest_reload_cr3();
 			continue;
 		}
-		GUEST_ASSERT(o == MMU_TOUCH_OP_READ || o == MMU_TOUCH_OP_WRITE);
+		GUEST_ASSERT(o == MMU_TOUCH_OP_READ || o == MMU_TOUCH_OP_WRITE || o == MMU_TOUCH_OP_EXEC);
 		GUEST_ASSERT(step >= 8 && step % 8 == 0);
+		GUEST_ASSERT(o != MMU_TOUCH_OP_EXEC || exec_offset < step);
 		GUEST_ASSERT(first + len <= test_size && first + len >= first);
 		touch(o, first, len, step, READ_ONCE(stamp));
 		WRITE_ONCE(passes, passes + 1);

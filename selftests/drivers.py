@@ -31,7 +31,8 @@ from .privilege import NativeSteps
 from .sptes import counts, delta, sized
 
 TEST_SLOT = 1
-RET = 0xC3                      # the x86 near return, what NestedDirtyGuest.execute() calls
+RET = 0xC3                      # the x86 near return, what the drivers' execute() passes call
+EXEC_OFFSET = 2048              # where in each page TouchGuest.execute() puts it (clear of the stamps)
 TEST_GPA = 1 << 30              # 1 GiB aligned, so 1G mappings are possible
 
 
@@ -100,7 +101,7 @@ class TouchGuest(SteppedDriver):
         addresses it touched.  Returns with the guest parked again."""
         length = self.size - start if length is None else length
         self.guest.step({"op": op, "start": start, "length": length, "stride": stride, "stamp": stamp}, timeout)
-        kind = "write" if op == stages.MMU_TOUCH_OP_WRITE else "read"
+        kind = {stages.MMU_TOUCH_OP_WRITE: "write", stages.MMU_TOUCH_OP_EXEC: "exec"}.get(op, "read")
         self.native.check(f"{kind} pass over [{start:#x}, {start + length:#x}) of the region, stride {stride:#x}")
         return self.g.read_global("touched")
 
@@ -109,6 +110,14 @@ class TouchGuest(SteppedDriver):
 
     def read(self, start: int = 0, length: int | None = None, stride: int = PAGE_4K) -> int:
         return self.touch(stages.MMU_TOUCH_OP_READ, start, length, stride)
+
+    def execute(self, start: int = 0, length: int | None = None, stride: int = PAGE_4K) -> int:
+        """An instruction fetch at each address: a RET, written here EXEC_OFFSET bytes past it."""
+        length = self.size - start if length is None else length
+        self.g.write_global("exec_offset", EXEC_OFFSET)
+        for addr in range(start, start + length, stride):
+            self.slot.view[addr + EXEC_OFFSET] = RET
+        return self.touch(stages.MMU_TOUCH_OP_EXEC, start, length, stride)
 
     def reload_cr3(self, timeout: float = 600.0) -> None:
         """The guest reloads CR3 (a kernel call at CPL3), as after a change of its page tables."""

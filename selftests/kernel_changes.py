@@ -34,6 +34,8 @@ The audit behind this table (every stats assertion in selftests/, read in Debian
     NX huge page split and recovery, nested    same, but in a dirty-logged slot the recovery worker
                                                zaps the split (6.1) or only unaccounts it:
                                                NX_RECOVERY_SKIPS_DIRTY_LOGGED
+    NX huge page split, L1                     shadow MMU flavours the same; the TDP MMU maps the
+                                               fetched page alone (6.1) or splits: SPLIT_ON_FAULT
 """
 from __future__ import annotations
 

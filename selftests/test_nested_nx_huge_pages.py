@@ -15,8 +15,6 @@ the default bed boot runs it, once per vendor.
 """
 from __future__ import annotations
 
-import time
-
 import pytest
 
 from kvmpy.memory import PAGE_2M, PAGE_4K
@@ -24,25 +22,7 @@ from kvmpy.memory import PAGE_2M, PAGE_4K
 from .drivers import DATA_SIZE, DATA_SLOT, NestedDirtyGuest
 from .host_state import nx_huge_pages
 from .kernel_changes import NX_RECOVERY_SKIPS_DIRTY_LOGGED, expect
-from .sptes import delta, sized
-
-RECOVERY_PERIOD_MS = 100
-RECOVERY_DEADLINE = 60.0        # seconds; the worker's first pass comes one period after it starts
-PREFETCH = 8                    # PTE_PREFETCH_NUM: a direct shadow page's fault maps 8 4K SPTEs
-
-
-def nx_splits(guest: NestedDirtyGuest) -> int:
-    return int(guest.vm.stats.snapshot()["nx_lpage_splits"])
-
-
-def wait_recovered(guest: NestedDirtyGuest) -> float:
-    """Poll until nx_lpage_splits is 0 (the worker zapped or unaccounted every split); seconds taken."""
-    start = time.monotonic()
-    while (left := nx_splits(guest)) and time.monotonic() - start < RECOVERY_DEADLINE:
-        time.sleep(0.02)
-    assert not left, (f"the NX recovery worker (ratio 1, period {RECOVERY_PERIOD_MS} ms) left "
-                      f"nx_lpage_splits at {left} for {RECOVERY_DEADLINE:.0f} s")
-    return time.monotonic() - start
+from .sptes import NX_RECOVERY_PERIOD_MS, PREFETCH, delta, nx_splits, sized, wait_nx_recovered
 
 
 @pytest.mark.parametrize("logged", [False, True], ids=["recovered", "dirty-logged"])
@@ -55,7 +35,7 @@ def test_l2_fetch_splits_nx_huge_pages_and_recovery_restores_them(kvm, nested, k
     with nx_huge_pages() as start_recovery, NestedDirtyGuest(kvm, nested, DATA_SIZE) as guest:
         huge = guest.map_huge()     # data writes: 2M SPTEs (KVM makes them non-executable)
         n = guest.huge
-        assert nx_splits(guest) == 0, "NX huge page splits before L2 fetched from the region"
+        assert nx_splits(guest.vm) == 0, "NX huge page splits before L2 fetched from the region"
 
         guest.execute(stride=PAGE_2M // PAGE_4K)
         split = guest.counts()
@@ -65,15 +45,15 @@ def test_l2_fetch_splits_nx_huge_pages_and_recovery_restores_them(kvm, nested, k
         # shadow page; the slot is not dirty-logged and its memory present).
         assert split["pages_2m"] - huge["pages_2m"] == -n and mapped_4k == PREFETCH * n, what
         assert split["pages_1g"] == huge["pages_1g"], what
-        assert nx_splits(guest) == n, f"{what}; nx_lpage_splits {nx_splits(guest)}, expected {n}"
+        assert nx_splits(guest.vm) == n, f"{what}; nx_lpage_splits {nx_splits(guest.vm)}, expected {n}"
 
         if logged:
             guest.vm.enable_dirty_logging(DATA_SLOT)
             # No 2M SPTE of the slot is left for the eager split: nothing changes.
             assert guest.counts() == split, f"enabling dirty logging after the NX splits: {split} -> {guest.counts()}"
 
-        start_recovery(RECOVERY_PERIOD_MS)
-        took = wait_recovered(guest)
+        start_recovery(NX_RECOVERY_PERIOD_MS)
+        took = wait_nx_recovered(guest.vm)
         after = guest.counts()
         zapped = sized(pages_2m=-n)             # the 4K SPTEs under each split went, the rest stayed
         what = (f"after NX recovery ({took:.1f} s): SPTE counts with 2M SPTEs {huge}, NX-split {split}, "
@@ -91,6 +71,6 @@ def test_l2_fetch_splits_nx_huge_pages_and_recovery_restores_them(kvm, nested, k
         pages = guest.write(stride=PAGE_2M // PAGE_4K)
         back = guest.counts()
         assert back == huge, f"L2 wrote one page per 2M after recovery: {back}, with 2M SPTEs before: {huge}"
-        assert nx_splits(guest) == 0
+        assert nx_splits(guest.vm) == 0
         guest.check_data(pages, guest.pass_no - 1)      # the 2M leaves map the slot's memory
     kvmpy_stats(when="L2 fetched from one page per 2M", pages_2m=-n, pages_4k=mapped_4k)

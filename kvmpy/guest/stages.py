@@ -14,6 +14,7 @@ MMU_TOUCH_OP_QUIT = 0  # values of the global `op`
 MMU_TOUCH_OP_READ = 1
 MMU_TOUCH_OP_WRITE = 2
 MMU_TOUCH_OP_RELOAD_CR3 = 3  # no pass: reload CR3 (the host changed the guest's page tables)
+MMU_TOUCH_OP_EXEC = 4  # call the RET the host put at exec_offset past each address
 
 # svm_l2_smoke.c, vmx_probe.c: L1 reports each exit of its L2 in a GUEST_SYNC of this stage
 NESTED_SMOKE_SETUP = 0  # vmx_probe.c only: (EPT in use, VMCS revision id)
