@@ -28,7 +28,7 @@ uint64_t data_l1_gpa = 0xc0000000ul;
 uint64_t data_size = 64ul << 20;
 uint64_t l1_mem_size = 64ul << 20;
 
-uint64_t exec_offset = 2048;
+uint64_t exec_offset = 2048;	/* the host's before an exec pass; in .data, which L2 reads each pass */
 
 volatile uint64_t cmd_first;
 volatile uint64_t cmd_stride = 1;

@@ -32,7 +32,7 @@ from .sptes import counts, delta, sized
 
 TEST_SLOT = 1
 RET = 0xC3                      # the x86 near return, what the drivers' execute() passes call
-EXEC_OFFSET = 2048              # where in each page TouchGuest.execute() puts it (clear of the stamps)
+EXEC_OFFSET = 2048              # where in each page the execute() passes put it (clear of the stamps)
 TEST_GPA = 1 << 30              # 1 GiB aligned, so 1G mappings are possible
 
 
@@ -241,13 +241,13 @@ class NestedDirtyGuest(SteppedDriver):
         return self._pass_over(first, stride, execute=False)
 
     def execute(self, first: int = 0, stride: int = 1) -> list[int]:
-        """One L2 pass calling a RET in pages first, first+stride, ... of the region (at the
-        guest's exec_offset, written here first); returns them. Their stamps stay as they were."""
-        offset = self.g.read_global("exec_offset")
+        """One L2 pass calling a RET in pages first, first+stride, ... of the region (written here
+        first, EXEC_OFFSET bytes in); returns them. Their stamps stay as they were."""
+        self.g.write_global("exec_offset", EXEC_OFFSET)
         pages = list(range(first, self.npages, stride))
         view = self.slot.view
         for p in pages:
-            view[p * PAGE_4K + offset] = RET
+            view[p * PAGE_4K + EXEC_OFFSET] = RET
         return self._pass_over(first, stride, execute=True)
 
     def _pass_over(self, first: int, stride: int, execute: bool) -> list[int]:
