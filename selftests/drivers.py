@@ -17,7 +17,7 @@ and, for nested programs (guests/lib/nested.h) run in one go, :func:`nested_gues
 """
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from typing import Callable, Iterable, NamedTuple
 
 from kvmpy.errors import require
 from kvmpy.guest import stages
@@ -34,6 +34,14 @@ TEST_SLOT = 1
 RET = 0xC3                      # the x86 near return, what the drivers' execute() passes call
 EXEC_OFFSET = 2048              # where in each page the execute() passes put it (clear of the stamps)
 TEST_GPA = 1 << 30              # 1 GiB aligned, so 1G mappings are possible
+
+
+def plant_rets(g: GuestVm, view: memoryview, offsets: Iterable[int]) -> None:
+    """For an execute() pass: a RET EXEC_OFFSET bytes past each of ``offsets`` in ``view`` (the
+    test memslot), and the guest told where (its global exec_offset)."""
+    g.write_global("exec_offset", EXEC_OFFSET)
+    for off in offsets:
+        view[off + EXEC_OFFSET] = RET
 
 
 class SteppedDriver:
@@ -114,9 +122,7 @@ class TouchGuest(SteppedDriver):
     def execute(self, start: int = 0, length: int | None = None, stride: int = PAGE_4K) -> int:
         """An instruction fetch at each address: a RET, written here EXEC_OFFSET bytes past it."""
         length = self.size - start if length is None else length
-        self.g.write_global("exec_offset", EXEC_OFFSET)
-        for addr in range(start, start + length, stride):
-            self.slot.view[addr + EXEC_OFFSET] = RET
+        plant_rets(self.g, self.slot.view, range(start, start + length, stride))
         return self.touch(stages.MMU_TOUCH_OP_EXEC, start, length, stride)
 
     def reload_cr3(self, timeout: float = 600.0) -> None:
@@ -243,11 +249,7 @@ class NestedDirtyGuest(SteppedDriver):
     def execute(self, first: int = 0, stride: int = 1) -> list[int]:
         """One L2 pass calling a RET in pages first, first+stride, ... of the region (written here
         first, EXEC_OFFSET bytes in); returns them. Their stamps stay as they were."""
-        self.g.write_global("exec_offset", EXEC_OFFSET)
-        pages = list(range(first, self.npages, stride))
-        view = self.slot.view
-        for p in pages:
-            view[p * PAGE_4K + EXEC_OFFSET] = RET
+        plant_rets(self.g, self.slot.view, range(first * PAGE_4K, self.size, stride * PAGE_4K))
         return self._pass_over(first, stride, execute=True)
 
     def _pass_over(self, first: int, stride: int, execute: bool) -> list[int]:

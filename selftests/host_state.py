@@ -218,8 +218,9 @@ def nx_huge_pages(fs: HostFs = HOST):
     """
     params = {NX_PARAM: "kvm.nx_huge_pages", NX_RATIO_PARAM: "kvm.nx_huge_pages_recovery_ratio",
               NX_PERIOD_PARAM: "kvm.nx_huge_pages_recovery_period_ms"}
-    for path in params:
-        require(fs.read(path) is not None, f"{path} is missing (kvm not loaded, or a kernel without it)")
+    values = {path: fs.read(path) for path in params}
+    for path, value in values.items():
+        require(value is not None, f"{path} is missing (kvm not loaded, or a kernel without it)")
     require(fs.in_bed(), "needs kvm.nx_huge_pages=Y and its recovery worker started and stopped by the "
                          "test; kvmpy changes them only inside `kvmpy bed`: run `kvmpy selftest --bed`")
     fixed = [name for name in params.values() if bed_config.boot_fixes(name)]
@@ -227,7 +228,7 @@ def nx_huge_pages(fs: HostFs = HOST):
                        "fixes: one default boot (`kvmpy selftest --bed`) runs it")
     with HostChanges(fs) as changes:
         changes.set(NX_RATIO_PARAM, "0")        # first: no recovery while the test splits
-        if not param_on(fs.read(NX_PARAM)):
+        if not param_on(values[NX_PARAM]):
             changes.set(NX_PARAM, "Y")          # zaps every VM's SPTEs: before the test's VM exists
 
         def start_recovery(period_ms: int) -> None:

@@ -36,7 +36,7 @@ NX_RECOVERY_DEADLINE = 60.0     # seconds; the worker's first pass comes one per
 
 def nx_splits(vm: Vm) -> int:
     """nx_lpage_splits: shadow pages that replace a huge page only because of an instruction fetch."""
-    return int(vm.stats.snapshot()["nx_lpage_splits"])
+    return int(vm.stats.read("nx_lpage_splits"))
 
 
 def wait_nx_recovered(vm: Vm) -> float:

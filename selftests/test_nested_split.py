@@ -140,7 +140,7 @@ def test_nested_huge_pages_recovered_after_dirty_logging(kvm, nested, kvmpy_stat
 
 def cache_misses(guest: NestedDirtyGuest) -> int:
     """mmu_cache_miss: shadow pages kvm_mmu_find_shadow_page() did not find (and so allocated)."""
-    return int(guest.vm.stats.snapshot()["mmu_cache_miss"])
+    return int(guest.vm.stats.read("mmu_cache_miss"))
 
 
 def test_nested_second_dirty_logging_split_reuses_orphaned_shadow_pages(kvm, nested, kvmpy_stats):

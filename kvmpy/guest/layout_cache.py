@@ -10,9 +10,9 @@ or written is no error: loading goes on without it.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import os
-import threading
 
 try:    # the builtin, as random.py takes _sha512: hashlib's OpenSSL binding costs 3 ms to load
     from _blake2 import blake2b
@@ -21,8 +21,7 @@ except ImportError:
 
 FORMAT = 1                      # bumped when ElfLayout's JSON changes: old entries are ignored
 MAX_ENTRIES = 256
-_counter = 0
-_counter_lock = threading.Lock()
+_tmp_names = itertools.count()      # next() on it is atomic: threads never share a temporary file
 
 
 def directory() -> str | None:
@@ -54,14 +53,11 @@ def get(raw: bytes) -> object | None:
 def put(raw: bytes, value: object) -> None:
     """Store ``value`` (JSON) for the ELF whose bytes are ``raw``; silently nothing if the
     cache is off or cannot be written."""
-    global _counter
     where = directory()
     if where is None:
         return
     path = _entry(where, raw)
-    with _counter_lock:
-        _counter += 1
-        tmp = f"{path}.{os.getpid()}.{_counter}.tmp"    # one per writer: the rename is the commit
+    tmp = f"{path}.{os.getpid()}.{next(_tmp_names)}.tmp"    # one per writer: the rename is the commit
     try:
         os.makedirs(where, exist_ok=True)
         with open(tmp, "w") as f:
