@@ -65,8 +65,8 @@ def setting() -> str:
     given = " ".join(f"{k}={v}" for k, v in boot_params().items())
     if matrix_row():
         return f"matrix row {matrix_row()} ({given})"
-    backend = os.environ.get(BACKEND_ENV) or "the"
-    return f"this {backend} bed boot ({_options(boot_params()) or 'default parameters'})"
+    backend = os.environ.get(BACKEND_ENV)
+    return f"this {backend + ' ' if backend else ''}bed boot ({_options(boot_params()) or 'default parameters'})"
 
 
 def how_to_run(needs: Mapping[str, str]) -> str:

@@ -37,6 +37,8 @@ def test_single_boot_fixes_only_what_a_param_gave(bed):
     assert not bed_config.boot_fixes("kvm.eager_page_split")
     assert bed_config.boot_fixes("kvm.tdp_mmu")
     assert bed_config.setting() == "this qemu bed boot (--param kvm.tdp_mmu=N)"
+    bed.delenv("KVMPY_BED_BACKEND")
+    assert bed_config.setting() == "this bed boot (--param kvm.tdp_mmu=N)"
 
 
 def test_matrix_row_fixes_everything_and_names_the_row_that_runs_a_test(bed):

@@ -9,7 +9,8 @@ apt-get download, or your kernel tree; cached in ~/.cache/kvmpy/bench), then
 sets every row up in two processes -- the C peer (peer.c, linked with the
 selftests' kvm_util) and kvmpy (micro.py), both on one CPU -- and takes their samples in
 alternation (which goes first alternating too), so each pair sees the same
-machine load; it prints the medians and the median of the per-pair ratios, with
+machine load; it prints the medians and the median of the per-pair ratios (with their
+middle half, and a bootstrap 95 % interval of that median), with
 each row's target. The last row runs `dirty_log_perf_test` and
 `kvmpy perf dirty-log` with the same arguments as whole processes (wall time),
 both with the guest at ring 0, and adds their per-phase ratios.
@@ -22,6 +23,7 @@ import contextlib
 import json
 import os
 import platform
+import random
 import re
 import statistics
 import subprocess
@@ -46,6 +48,7 @@ class Row:
     unit: str = "us"
 
 
+BOOTSTRAP = 2000     # resamples for Result.interval
 TARGETS = {"per-exit": 1.1, "per-ioctl": 1.1, "bulk": 2.0, "whole run": 1.0}
 WARMUP = 2
 ROWS = (
@@ -87,6 +90,17 @@ class Result:
             return (ratios[0], ratios[0]) if ratios else (0.0, 0.0)
         q1, _, q3 = statistics.quantiles(ratios, n=4)
         return q1, q3
+
+    @property
+    def interval(self) -> tuple[float, float]:
+        """Where the median ratio itself lies, 95 % (percentile bootstrap of the pairs, fixed
+        seed): whether a ratio near its target is over or under it, or cannot be told apart."""
+        ratios = [p / c for p, c in self.pairs]
+        if len(ratios) < 2:
+            return self.spread
+        rng = random.Random(0)
+        medians = sorted(statistics.median(rng.choices(ratios, k=len(ratios))) for _ in range(BOOTSTRAP))
+        return medians[int(0.025 * BOOTSTRAP)], medians[int(0.975 * BOOTSTRAP) - 1]
 
     def summarize(self) -> None:
         """The medians and the median per-pair ratio, from ``pairs``."""
@@ -233,13 +247,17 @@ def format_table(results: list[Result], facts: dict, version: str, load_after: t
              f"machine: {facts['cpu']}, {facts['cpus']} CPUs, kernel {facts['kernel']} ({facts['kvm']}); "
              f"load {facts['load'][0]:.1f} before, {load_after[0]:.1f} after",
              "medians of interleaved samples (whole run: of interleaved processes); ratio = median of the per-pair kvmpy/C ratios,",
-             "middle half = their first to third quartile (how much the machine moved the row)", ""]
+             "middle half = their first to third quartile (how much the machine moved the row),",
+             "ratio's 95% = where the median ratio lies (bootstrap of the pairs)", ""]
     w = max(len(r.what) for r in results)
-    lines.append(f"{'what':<{w}}  {'kvmpy':>12}  {'C':>12}  {'ratio':>6}  {'middle half':>11}  {'target':>7}")
+    lines.append(f"{'what':<{w}}  {'kvmpy':>12}  {'C':>12}  {'ratio':>6}  {'middle half':>11}  {'ratio 95%':>9}  "
+                 f"{'target':>7}")
     for r in results:
         q1, q3 = r.spread
+        lo, hi = r.interval
         lines.append(f"{r.what:<{w}}  {_fmt(r.kvmpy, r.unit):>12}  {_fmt(r.c, r.unit):>12}  {r.ratio:6.2f}  "
-                     f"{f'{q1:.2f}-{q3:.2f}':>11}  {'<= ' + format(r.target, 'g'):>7}  {'ok' if r.ok else 'OVER'} ({r.kind})")
+                     f"{f'{q1:.2f}-{q3:.2f}':>11}  {f'{lo:.2f}-{hi:.2f}':>9}  {'<= ' + format(r.target, 'g'):>7}  "
+                     f"{'ok' if r.ok else 'OVER'} ({r.kind})")
         for k, ph in r.phases.items():
             ratio = f"{ph['ratio']:6.2f}" if ph["ratio"] is not None else f"{'-':>6}"
             lines.append(f"  {'phase ' + k:<{w - 2}}  {_fmt(ph['kvmpy'], 's'):>12}  {_fmt(ph['c'], 's'):>12}  {ratio}")
@@ -277,7 +295,8 @@ def main(argv: list[str] | None = None) -> int:
     print(format_table(results, facts, built.version, os.getloadavg()))
     if args.json:
         Path(args.json).write_text(json.dumps({"machine": facts, "kernel": built.version,
-                                               "rows": [asdict(r) | {"ok": r.ok, "spread": r.spread} for r in results]}, indent=1))
+                                               "rows": [asdict(r) | {"ok": r.ok, "spread": r.spread, "interval": r.interval}
+                                                        for r in results]}, indent=1))
     return 0 if all(r.ok for r in results) else 1
 
 
