@@ -35,6 +35,10 @@ fi
 # not whichever python3 PATH finds first: a pyenv build (no PGO/LTO, shared libpython) took
 # 25 ms to start against Debian's 11 here, and was slower on every Python-bound path.
 PY=${PYTHON:-/usr/bin/python3}
+if ! command -v "$PY" >/dev/null; then
+	echo "ci/setup.sh: no interpreter $PY (Debian's python3 package has it; PYTHON= names another)" >&2
+	exit 1
+fi
 want=$("$PY" -c 'import os, sys; print(os.path.realpath(sys.executable))')
 if [ -x .venv/bin/python ] && [ "$(realpath .venv/bin/python)" != "$want" ]; then
 	echo "ci/setup.sh: .venv is built on $(realpath .venv/bin/python), not $want: making it again"
