@@ -32,8 +32,8 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 
 # Debian's own interpreter, the one python3-venv and python3-dev are for (PYTHON= another),
-# not whichever python3 PATH finds first: a pyenv build (no PGO/LTO, shared libpython) took
-# 25 ms to start against Debian's 11 here, and was slower on every Python-bound path.
+# not whichever python3 PATH finds first: a pyenv build here (no PGO/LTO, shared libpython)
+# ran kvmpy's Python slower (`kvmpy perf` start and exit 76 ms against 65; see the README).
 PY=${PYTHON:-/usr/bin/python3}
 if ! command -v "$PY" >/dev/null; then
 	echo "ci/setup.sh: no interpreter $PY (Debian's python3 package has it; PYTHON= names another)" >&2
