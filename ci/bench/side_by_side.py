@@ -271,9 +271,10 @@ def main(argv: list[str] | None = None) -> int:
     src.add_argument("--deb", help="a linux-source-X.Y .deb already downloaded")
     ap.add_argument("--package", default="linux-source-6.12", help="the Debian package to fetch (default %(default)s)")
     ap.add_argument("--pairs", type=int, default=41, help="interleaved pairs of samples per row (default %(default)s)")
-    ap.add_argument("--perf-rounds", type=int, default=11,
-                    help="pairs of whole perf runs (default %(default)s: their ratios spread +-10%% on a shared "
-                         "2-CPU machine, and 5 pairs moved the median by 0.04 from run to run)")
+    ap.add_argument("--perf-rounds", type=int, default=41,
+                    help="pairs of whole perf runs (default %(default)s: one process took 1.9-2.8 s within a run "
+                         "on a 2-CPU machine, and 21 pairs moved the median from 0.99 to 1.07 between runs; "
+                         "41 put it within about +-0.03)")
     ap.add_argument("--rows", help="only these rows (comma-separated names; 'perf' for the whole run)")
     ap.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     args = ap.parse_args(argv)
