@@ -249,13 +249,14 @@ class NestedDirtyGuest(SteppedDriver):
     def execute(self, first: int = 0, stride: int = 1) -> list[int]:
         """One L2 pass calling a RET in pages first, first+stride, ... of the region (written here
         first, EXEC_OFFSET bytes in); returns them. Their stamps stay as they were."""
-        plant_rets(self.g, self.slot.view, range(first * PAGE_4K, self.size, stride * PAGE_4K))
         return self._pass_over(first, stride, execute=True)
 
     def _pass_over(self, first: int, stride: int, execute: bool) -> list[int]:
+        pages = list(range(first, self.npages, stride))
+        if execute:
+            plant_rets(self.g, self.slot.view, (page * PAGE_4K for page in pages))
         self.pass_no, done = self._pass(self.guest.step({"cmd_first": first, "cmd_stride": stride,
                                                          "cmd_exec": int(execute)}))
-        pages = list(range(first, self.npages, stride))
         assert done == len(pages), \
             f"L2 reports {done} pages {'executed' if execute else 'written'} in pass {self.pass_no - 1}"
         return pages

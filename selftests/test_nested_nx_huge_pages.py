@@ -45,7 +45,8 @@ def test_l2_fetch_splits_nx_huge_pages_and_recovery_restores_them(kvm, nested, k
         # shadow page; the slot is not dirty-logged and its memory present).
         assert split["pages_2m"] - huge["pages_2m"] == -n and mapped_4k == PREFETCH * n, what
         assert split["pages_1g"] == huge["pages_1g"], what
-        assert nx_splits(guest.vm) == n, f"{what}; nx_lpage_splits {nx_splits(guest.vm)}, expected {n}"
+        splits = nx_splits(guest.vm)
+        assert splits == n, f"{what}; nx_lpage_splits {splits}, expected {n}"
 
         if logged:
             guest.vm.enable_dirty_logging(DATA_SLOT)

@@ -30,7 +30,8 @@ def test_fetch_splits_nx_huge_pages_and_recovery_restores_them(kvm, cpl, mmu, kv
     with nx_huge_pages() as start_recovery, region("thp") as r, touch_guest(kvm, r, cpl) as t:
         pop, huge = populate(t, r)       # data writes: 2M SPTEs (KVM makes them non-executable)
         n = len(huge)
-        assert nx_splits(t.vm) == 0, f"NX huge page splits before the guest fetched from the region: {nx_splits(t.vm)}"
+        splits = nx_splits(t.vm)
+        assert splits == 0, f"NX huge page splits before the guest fetched from the region: {splits}"
 
         t.execute(stride=r.chunk)       # the chunks the kernel backs 4K are mapped 4K, executable
         split = t.counts()
@@ -40,7 +41,8 @@ def test_fetch_splits_nx_huge_pages_and_recovery_restores_them(kvm, cpl, mmu, kv
                    since=sized(pages_4k=n * ENTRIES_PER_TABLE, pages_2m=-n))
         else:
             assert delta(split, pop) == sized(pages_4k=PREFETCH * n, pages_2m=-n), what
-        assert nx_splits(t.vm) == n, f"{what}; nx_lpage_splits {nx_splits(t.vm)}, expected {n}"
+        splits = nx_splits(t.vm)
+        assert splits == n, f"{what}; nx_lpage_splits {splits}, expected {n}"
 
         start_recovery(NX_RECOVERY_PERIOD_MS)
         took = wait_nx_recovered(t.vm)
